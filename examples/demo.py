@@ -1,0 +1,229 @@
+"""Vela in a few seconds: four worker processes of one host share one cache.
+
+    pip install -e . && python examples/demo.py
+
+The parent creates the cache and forks 4 workers, as gunicorn or a multiprocessing
+pool would. Each worker attaches to the cache by name. Worker 0 computes a few
+values with a slow function; the others read them without recomputing, and time
+their gets. Then: get_or_fetch with all workers asking at once, a TTL running out,
+a tag invalidated by one worker and seen by all, and the stats of the whole host.
+The cache is destroyed at the end. Only the public API is used.
+"""
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+
+import vela
+
+NAME = f"vela-demo-{os.getpid()}"  # unique: never touches a cache of yours
+WORKERS = 4
+TIMED_GETS = 100_000
+PRODUCTS = {
+    "product:1": {"name": "desk lamp", "price": 25},
+    "product:2": {"name": "office chair", "price": 149},
+    "product:3": {"name": "notebook", "price": 3},
+}
+SESSION_TTL = 0.5  # seconds
+
+
+def expensive(key):
+    """Stands for a database query or a rendering: slow on purpose."""
+    time.sleep(0.15)
+    return PRODUCTS[key]
+
+
+def say(wid, message):
+    print(f"  [worker {wid}] {message}", flush=True)
+
+
+def heading(text):
+    print(f"\n{text}", flush=True)
+
+
+def ms_since(t0):
+    return (time.perf_counter() - t0) * 1000
+
+
+class Phases:
+    """Keeps the workers in step, and their output in order."""
+
+    def __init__(self, ctx):
+        self.barrier = ctx.Barrier(WORKERS, timeout=30)
+        self.fetch_runs = ctx.Value("i", 0)
+        self.lookups = ctx.Value("q", 0)  # gets made by all workers, for the stats check
+
+    def sync(self):
+        self.barrier.wait()
+
+    def in_turn(self, wid, fn):
+        """Runs fn in worker 0, then 1, ...: one after the other, never together."""
+        for turn in range(WORKERS):
+            if turn == wid:
+                fn()
+            self.sync()
+
+
+def worker(wid, phases):
+    cache = vela.Cache(NAME)  # attach: options come from the existing segment
+    lookups = 0
+    try:
+        # 1. Worker 0 computes and puts; the others wait for it.
+        if wid == 0:
+            heading(f"1. Worker 0 computes {len(PRODUCTS)} values with a slow function and puts them")
+            for key in PRODUCTS:
+                t0 = time.perf_counter()
+                value = expensive(key)
+                cache.put(key, value, tags=["products"])
+                say(wid, f"computed {key} in {ms_since(t0):.0f} ms, put it (tag 'products')")
+            cache.put("greeting", "hello from worker 0")
+        phases.sync()
+
+        # 2. The others read what worker 0 stored, and time their gets.
+        def read():
+            nonlocal lookups
+            if wid == 0:
+                heading("2. The other workers read them from shared memory, no recomputation")
+                return
+            t0 = time.perf_counter()
+            value = cache.get("product:2")
+            say(wid, f"get('product:2') -> {value!r} ({ms_since(t0):.3f} ms)")
+            get = cache.get
+            for key in ("greeting", "product:1"):
+                t0 = time.perf_counter_ns()
+                for _ in range(TIMED_GETS):
+                    get(key)
+                ns = (time.perf_counter_ns() - t0) / TIMED_GETS
+                say(wid, f"  {ns:6.0f} ns/get over {TIMED_GETS} gets of {key!r}")
+            lookups += 1 + 2 * TIMED_GETS
+
+        phases.in_turn(wid, read)
+
+        # 3. get_or_fetch: everybody asks for a missing key at the same moment.
+        if wid == 0:
+            heading("3. get_or_fetch('report'): all 4 workers ask at the same moment")
+        phases.sync()
+
+        def build_report(key):
+            with phases.fetch_runs.get_lock():
+                phases.fetch_runs.value += 1
+            say(wid, f"fetch_fn({key!r}) runs here (0.3 s)")
+            time.sleep(0.3)
+            return f"report built by worker {wid}"
+
+        t0 = time.perf_counter()
+        report = cache.get_or_fetch("report", build_report)
+        lookups += 1
+        say(wid, f"got {report!r} after {ms_since(t0):.0f} ms")
+        phases.sync()
+        if wid == 0:
+            runs = phases.fetch_runs.value
+            print(f"  -> fetch_fn ran {runs} time(s) for {WORKERS} callers", flush=True)
+
+        # 4. A TTL running out, seen by every worker.
+        if wid == 0:
+            heading(f"4. TTL: worker 0 puts 'session:42' with ttl={SESSION_TTL} s")
+            cache.put("session:42", "alice", ttl=SESSION_TTL)
+        phases.sync()
+
+        def peek_session():
+            nonlocal lookups
+            if wid == 0:
+                return
+            value = cache.get("session:42")
+            lookups += 1
+            remaining = cache.ttl("session:42")
+            say(wid, f"get('session:42') -> {value!r}, ttl() -> {remaining:.2f} s left")
+
+        phases.in_turn(wid, peek_session)
+        if wid == 0:
+            time.sleep(SESSION_TTL + 0.1)
+            print(f"  ... {SESSION_TTL + 0.1:.1f} s later", flush=True)
+        phases.sync()
+
+        def session_gone():
+            nonlocal lookups
+            value = cache.get("session:42")
+            lookups += 1
+            say(wid, f"get('session:42') -> {value!r}" + (" (expired)" if value is None else ""))
+
+        phases.in_turn(wid, session_gone)
+
+        # 5. One worker invalidates a tag; all of them see it at once.
+        def invalidate():
+            if wid == 0:
+                heading("5. Worker 2 invalidates the tag 'products'")
+            if wid == 2:
+                removed = cache.invalidate_tag("products")
+                say(wid, f"invalidate_tag('products') -> {removed} entries removed")
+
+        phases.in_turn(wid, invalidate)
+
+        def products_gone():
+            nonlocal lookups
+            seen = {key: cache.get(key) for key in PRODUCTS}
+            lookups += len(seen)
+            still = cache.get("greeting")
+            lookups += 1
+            say(wid, f"products: {seen}, 'greeting' (untagged) still there: {still is not None}")
+
+        phases.in_turn(wid, products_gone)
+
+        # 6. Bridge pair: PLANNED (later issue). Two hosts (a vela-bridge each)
+        #    replicating this cache will be shown here once the bridge exists.
+    finally:
+        with phases.lookups.get_lock():
+            phases.lookups.value += lookups
+        cache.close()
+
+
+def run_worker(wid, phases):
+    try:
+        worker(wid, phases)
+    except BaseException:
+        traceback.print_exc()
+        phases.barrier.abort()  # the other workers fail fast instead of waiting
+        sys.exit(1)
+
+
+def main():
+    ctx = mp.get_context("fork")
+    cache = vela.Cache(NAME, capacity="16MiB")
+    try:
+        st = cache.stats()
+        print(f"Vela demo: cache {NAME!r} in shared memory, capacity "
+              f"{st['capacity'] / 2**20:.0f} MiB, shared by {WORKERS} forked worker processes")
+        phases = Phases(ctx)
+        procs = [ctx.Process(target=run_worker, args=(wid, phases), name=f"worker-{wid}")
+                 for wid in range(WORKERS)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        failed = [p.name for p in procs if p.exitcode != 0]
+        if failed:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            print(f"\nFAILED: {', '.join(failed)} did not finish cleanly", flush=True)
+            return 1
+
+        heading("6. stats(): one set of counters in the segment, summed over all workers")
+        st = cache.stats()
+        print("  " + ", ".join(f"{k}={st[k]}" for k in
+                               ("hits", "misses", "writes", "invalidations", "expirations",
+                                "evictions", "fetches", "stampede_waits", "size")))
+        print(f"  hit_ratio={st['hit_ratio']:.4f}, memory_used={st['memory_used']} bytes", flush=True)
+        made = phases.lookups.value
+        counted = st["hits"] + st["misses"]
+        verdict = "match" if made == counted else "DO NOT MATCH"
+        print(f"  the workers made {made} lookups between them; hits + misses = {counted}: {verdict}")
+        return 0 if made == counted else 1
+    finally:
+        cache.destroy()
+        print(f"\nDestroyed cache {NAME!r}.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# tools/asan.sh: run the test suite against the C core built with AddressSanitizer.
+#
+#   bash tools/asan.sh              # whole suite
+#   bash tools/asan.sh -k tags -x   # arguments go to pytest
+#
+# What it does, from the project root, with the python of your environment (the
+# venv where you ran `pip install -e '.[test]'`; set PYTHON to choose another):
+#   1. rebuilds vela._native in place (vela/_native*.so) with VELA_SANITIZE=address,
+#      which setup.py turns into -fsanitize=address -fno-omit-frame-pointer -O1 -g;
+#   2. runs `python -m pytest -q "$@"` with
+#        LD_PRELOAD=$(gcc -print-file-name=libasan.so)  (python itself is not built
+#                                                       with ASan; the runtime must
+#                                                       be loaded first)
+#        ASAN_OPTIONS=detect_leaks=0                     (CPython leaks at exit by
+#                                                       design: leak reports would
+#                                                       be noise)
+#      so any out-of-bounds access or use-after-free in the C core aborts the test
+#      process with a report that names the source line;
+#   3. rebuilds vela._native normally (also when the tests fail or you press ^C),
+#      so your environment is left as it was.
+# The exit status is pytest's.
+#
+# The preload applies to every process the tests start (forked workers included,
+# which is what we want). Needs gcc's libasan (Debian: libasan8, pulled in by gcc).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=$(command -v python || command -v python3 || true)
+fi
+[ -n "$PYTHON" ] || { echo "asan.sh: no python found (set PYTHON)" >&2; exit 2; }
+"$PYTHON" -c 'import setuptools, pytest' 2>/dev/null || {
+    echo "asan.sh: $PYTHON lacks setuptools or pytest: run pip install -e '.[test]' first" >&2
+    exit 2
+}
+
+LIBASAN=$(gcc -print-file-name=libasan.so)
+if [ ! -e "$LIBASAN" ]; then
+    echo "asan.sh: gcc has no libasan.so (install libasan for your gcc)" >&2
+    exit 2
+fi
+
+build() {  # build [VELA_SANITIZE value]
+    # --force: sources did not change since the last build, only the flags did.
+    local log
+    log=$(mktemp)
+    if ! VELA_SANITIZE="${1:-}" "$PYTHON" setup.py -q build_ext --inplace --force >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        return 1
+    fi
+    rm -f "$log"
+}
+
+rebuild_normal() {
+    echo "==> rebuilding vela._native without sanitizer"
+    build "" || echo "asan.sh: normal rebuild FAILED: run pip install -e . again" >&2
+}
+
+echo "==> building vela._native with AddressSanitizer"
+trap rebuild_normal EXIT
+build address
+
+echo "==> python -m pytest -q $* (LD_PRELOAD=$LIBASAN, ASAN_OPTIONS=detect_leaks=0)"
+LD_PRELOAD="$LIBASAN" ASAN_OPTIONS="detect_leaks=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
+    "$PYTHON" -m pytest -q "$@"
