@@ -1,0 +1,210 @@
+/*
+ * lock.c -- robust process-shared mutexes and what happens when an owner dies.
+ *
+ * Lock order (the whole of it):
+ *   1. at most one stripe lock is taken by waiting;
+ *   2. then, optionally, the heap lock;
+ *   3. while holding the heap lock, other stripes may be TRY-locked (eviction);
+ *      a busy stripe is skipped, never waited for.
+ *   The admin lock is taken alone. check() takes every stripe in ascending
+ *   order, then the heap: it holds no heap lock while it waits for a stripe,
+ *   and everyone else only try-locks a second stripe, so no cycle can form.
+ *
+ * Every wait is bounded by the handle's lock timeout (VELA_ETIMEOUT names the
+ * holder), and releases the interpreter lock while it waits.
+ *
+ * EOWNERDEAD: the previous owner died holding the lock. The new owner repairs
+ * what the lock protects (repair.c for a stripe, heap.c for the heap), then
+ * marks the mutex consistent. If the repair fails the table is poisoned and
+ * the mutex left unrecoverable: every later call fails with VELA_EPOISONED
+ * instead of working on a broken table.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vela.h"
+
+int vela_debug_stall_phase = 0;
+
+void vela_debug_stall(int phase)
+{
+    if (vela_debug_stall_phase == phase)
+        for (;;)
+            pause();
+}
+
+vela_err vela_lock_init(vela_lock *l)
+{
+    pthread_mutexattr_t attr;
+    int rc = pthread_mutexattr_init(&attr);
+    if (rc == 0)
+        rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (rc == 0)
+        rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    if (rc == 0)
+        rc = pthread_mutex_init(&l->mutex, &attr);
+    pthread_mutexattr_destroy(&attr);
+    l->holder_pid = 0;
+    l->recoveries = 0;
+    if (rc != 0) {
+        errno = rc;
+        return vela_fail_sys("pthread_mutex_init", "making a robust process-shared mutex");
+    }
+    return VELA_OK;
+}
+
+/* Wait for l; returns 0, EOWNERDEAD, or an error code. */
+static int acquire(vela_table *t, vela_lock *l)
+{
+    int rc = pthread_mutex_trylock(&l->mutex);
+    if (rc != EBUSY)
+        return rc;
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += t->lock_timeout_ns / 1000000000LL;
+    deadline.tv_nsec += t->lock_timeout_ns % 1000000000LL;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    void *token = vela_wait_begin();
+    do
+        rc = pthread_mutex_timedlock(&l->mutex, &deadline);
+    while (rc == EINTR);
+    vela_wait_end(token);
+    return rc;
+}
+
+static vela_err lock_failed(vela_table *t, vela_lock *l, int rc, const char *what)
+{
+    if (rc == ETIMEDOUT)
+        return vela_fail(VELA_ETIMEOUT, "%s stayed locked by pid %u for more than %.1f s "
+                         "(is that process stopped?)", what, l->holder_pid, t->lock_timeout_ns / 1e9);
+    if (rc == ENOTRECOVERABLE) {
+        t->hdr->poisoned = 1;
+        return vela_fail(VELA_EPOISONED, "%s could not be repaired after a crash; "
+                         "destroy and recreate the cache", what);
+    }
+    errno = rc;
+    return vela_fail_sys("pthread_mutex_lock", what);
+}
+
+static vela_err check_poison(vela_table *t)
+{
+    if (t->hdr->poisoned)
+        return vela_fail(VELA_EPOISONED, "the table was marked broken after a failed repair; "
+                         "destroy and recreate the cache");
+    return VELA_OK;
+}
+
+/* The previous owner of stripe s died: repair, then mark consistent. */
+static vela_err recover_stripe(vela_table *t, uint32_t s, int heap_held)
+{
+    vela_lock *l = &t->stripes[s].lock;
+    vela_err err = vela_stripe_repair(t, s, heap_held);
+    if (err != VELA_OK) {
+        t->hdr->poisoned = 1;
+        pthread_mutex_unlock(&l->mutex); /* without consistent: unrecoverable */
+        return err;
+    }
+    pthread_mutex_consistent(&l->mutex);
+    l->recoveries++;
+    vela_count(t, VELA_STAT_LOCK_RECOVERIES, 1);
+    return VELA_OK;
+}
+
+vela_err vela_stripe_lock(vela_table *t, uint32_t s)
+{
+    vela_lock *l = &t->stripes[s].lock;
+    vela_err err = check_poison(t);
+    if (err != VELA_OK)
+        return err;
+    int rc = acquire(t, l);
+    if (rc == EOWNERDEAD) {
+        l->holder_pid = t->my_pid;
+        if ((err = recover_stripe(t, s, 0)) != VELA_OK)
+            return err;
+    } else if (rc != 0) {
+        return lock_failed(t, l, rc, "a stripe lock");
+    }
+    l->holder_pid = t->my_pid;
+    return VELA_OK;
+}
+
+int vela_stripe_trylock(vela_table *t, uint32_t s)
+{
+    vela_lock *l = &t->stripes[s].lock;
+    int rc = pthread_mutex_trylock(&l->mutex);
+    if (rc == EOWNERDEAD) {
+        l->holder_pid = t->my_pid;
+        if (recover_stripe(t, s, 1) != VELA_OK)
+            return 0;
+        rc = 0;
+    }
+    if (rc != 0)
+        return 0;
+    l->holder_pid = t->my_pid;
+    return 1;
+}
+
+void vela_stripe_unlock(vela_table *t, uint32_t s)
+{
+    vela_lock *l = &t->stripes[s].lock;
+    l->holder_pid = 0;
+    pthread_mutex_unlock(&l->mutex);
+}
+
+vela_err vela_heap_lock(vela_table *t)
+{
+    vela_lock *l = &t->hdr->heap.lock;
+    int rc = acquire(t, l);
+    if (rc == EOWNERDEAD) {
+        l->holder_pid = t->my_pid;
+        vela_err err = vela_heap_repair(t);
+        if (err != VELA_OK) {
+            t->hdr->poisoned = 1;
+            pthread_mutex_unlock(&l->mutex);
+            return err;
+        }
+        pthread_mutex_consistent(&l->mutex);
+        l->recoveries++;
+        vela_count(t, VELA_STAT_LOCK_RECOVERIES, 1);
+        return VELA_OK;
+    }
+    if (rc != 0)
+        return lock_failed(t, l, rc, "the heap lock");
+    l->holder_pid = t->my_pid;
+    return VELA_OK;
+}
+
+void vela_heap_unlock(vela_table *t)
+{
+    vela_lock *l = &t->hdr->heap.lock;
+    l->holder_pid = 0;
+    pthread_mutex_unlock(&l->mutex);
+}
+
+vela_err vela_admin_lock(vela_table *t)
+{
+    vela_lock *l = &t->hdr->admin;
+    int rc = acquire(t, l);
+    if (rc == EOWNERDEAD) {
+        /* The admin lock guards only the sweeper fields, each valid on its own. */
+        pthread_mutex_consistent(&l->mutex);
+        l->recoveries++;
+        rc = 0;
+    }
+    if (rc != 0)
+        return lock_failed(t, l, rc, "the admin lock");
+    l->holder_pid = t->my_pid;
+    return VELA_OK;
+}
+
+void vela_admin_unlock(vela_table *t)
+{
+    vela_lock *l = &t->hdr->admin;
+    l->holder_pid = 0;
+    pthread_mutex_unlock(&l->mutex);
+}

@@ -1,0 +1,629 @@
+/*
+ * module.c -- the CPython binding of the C core: the Table type, argument
+ * parsing, and the one place where C errors become Python exceptions.
+ * The work itself lives in the other files of native/.
+ */
+#include "binding.h"
+
+#include <pthread.h>
+#include <unistd.h>
+
+/* ---- C errors -> Python exceptions (the only place) ---------------------- */
+
+static PyObject *errors_module;
+
+static PyObject *error_class(vela_err err)
+{
+    static const char *const names[VELA_ERR_COUNT] = {
+        [VELA_EFULL] = "CacheFull",         [VELA_ETOOLARGE] = "ValueTooLarge",
+        [VELA_ELAYOUT] = "LayoutMismatch",  [VELA_EPOISONED] = "SegmentCorrupt",
+        [VELA_ECORRUPT] = "SegmentCorrupt", [VELA_ETIMEOUT] = "LockTimeout",
+        [VELA_EINVAL] = "OptionError",      [VELA_ESYS] = "VelaError",
+    };
+    if (err == VELA_ENOTINT)
+        return PyExc_TypeError;
+    if (err == VELA_EOVERFLOW)
+        return PyExc_OverflowError;
+    if (!errors_module && !(errors_module = PyImport_ImportModule("vela.errors")))
+        return NULL;
+    const char *name = (err > 0 && err < VELA_ERR_COUNT && names[err]) ? names[err] : "VelaError";
+    PyObject *cls = PyObject_GetAttrString(errors_module, name);
+    if (cls)
+        Py_DECREF(cls); /* the module keeps it alive */
+    return cls;
+}
+
+static PyObject *raise_vela(vela_err err)
+{
+    PyObject *cls = error_class(err);
+    if (cls)
+        PyErr_SetString(cls, vela_last_message());
+    return NULL;
+}
+
+/* Waits give the interpreter lock up (lock.c calls these). */
+void *vela_wait_begin(void)
+{
+    return PyGILState_Check() ? (void *)PyEval_SaveThread() : NULL;
+}
+
+void vela_wait_end(void *token)
+{
+    if (token)
+        PyEval_RestoreThread((PyThreadState *)token);
+}
+
+/* After fork() a child counts in a stats slot of its own. */
+static uint64_t fork_generation;
+static void after_fork_in_child(void) { fork_generation++; }
+
+/* ---- the Table type -------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    vela_table t;
+    int open;
+    uint64_t fork_generation;
+    PyObject *dumps;
+    int dumps_codec;
+    PyObject *loaders[VELA_CODEC_COUNT];
+} TableObject;
+
+static int ready(TableObject *self)
+{
+    if (!self->open) {
+        PyObject *cls = error_class(VELA_OK);
+        if (cls) {
+            PyObject *closed = PyObject_GetAttrString(errors_module, "CacheClosed");
+            PyErr_SetString(closed ? closed : cls, "the cache handle is closed");
+            Py_XDECREF(closed);
+        }
+        return 0;
+    }
+    if (self->fork_generation != fork_generation) {
+        vela_stats_attach(&self->t);
+        self->fork_generation = fork_generation;
+    }
+    return 1;
+}
+
+#define READY_OR_NULL(self) do { if (!ready(self)) return NULL; } while (0)
+
+static void table_release(TableObject *self)
+{
+    if (self->open) {
+        vela_close(&self->t);
+        self->open = 0;
+    }
+}
+
+static void Table_dealloc(TableObject *self)
+{
+    table_release(self);
+    Py_CLEAR(self->dumps);
+    for (int i = 0; i < VELA_CODEC_COUNT; i++)
+        Py_CLEAR(self->loaders[i]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Table(fd, backend, capacity, stripes, max_size, max_entry_size, eviction,
+ *       dumps, dumps_codec, loaders): -1 for an option means "adopt". */
+static int Table_init(TableObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", "backend", "capacity", "stripes", "max_size", "max_entry_size",
+                             "eviction", "dumps", "dumps_codec", "loaders", NULL};
+    int fd, backend, dumps_codec;
+    vela_options o;
+    PyObject *dumps, *loaders;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiLLLLLOiO", kwlist, &fd, &backend, &o.capacity,
+                                     &o.stripes, &o.max_size, &o.max_entry_size, &o.eviction, &dumps,
+                                     &dumps_codec, &loaders))
+        return -1;
+    if (self->open) {
+        PyErr_SetString(PyExc_RuntimeError, "Table is already open");
+        return -1;
+    }
+    if (!PyDict_Check(loaders)) {
+        PyErr_SetString(PyExc_TypeError, "loaders must be a dict codec -> callable");
+        return -1;
+    }
+    o.backend = backend;
+    vela_err err;
+    Py_BEGIN_ALLOW_THREADS
+    err = vela_open(fd, &o, &self->t);
+    Py_END_ALLOW_THREADS
+    if (err != VELA_OK) {
+        raise_vela(err);
+        return -1;
+    }
+    self->open = 1;
+    self->fork_generation = fork_generation;
+    Py_INCREF(dumps);
+    Py_XSETREF(self->dumps, dumps);
+    self->dumps_codec = dumps_codec;
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(loaders, &pos, &k, &v)) {
+        long c = PyLong_AsLong(k);
+        if (c >= VELA_CODEC_PICKLE && c < VELA_CODEC_COUNT) {
+            Py_INCREF(v);
+            Py_XSETREF(self->loaders[c], v);
+        }
+    }
+    return 0;
+}
+
+/* get(key, default=None): the hot path. Hash, lock one stripe, copy, unlock. */
+static PyObject *Table_get(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(key, default=None)");
+        return NULL;
+    }
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    if (vela_encode_key(args[0], &kb) < 0)
+        return NULL;
+    vela_table *t = &self->t;
+    uint32_t s = vela_stripe_of(t, kb.key.hash);
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    uint32_t ref = vela_find(t, s, &kb.key);
+    PyObject *raw = NULL;
+    uint8_t codec = 0;
+    if (ref) {
+        vela_block *b = (vela_block *)vela_at(t, ref);
+        vela_entry *e = vela_entry_of(b);
+        vela_mark_access(t, b);
+        codec = e->codec;
+        raw = vela_decode_raw(codec, vela_value_of(e), e->value_len);
+    }
+    vela_stripe_unlock(t, s);
+    if (!ref) {
+        VELA_COUNT(t, VELA_STAT_MISSES);
+        PyObject *dflt = nargs > 1 ? args[1] : Py_None;
+        Py_INCREF(dflt);
+        return dflt;
+    }
+    VELA_COUNT(t, VELA_STAT_HITS);
+    return vela_decode_finish(codec, raw, self->loaders);
+}
+
+static PyObject *Table_contains(TableObject *self, PyObject *key)
+{
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    if (vela_encode_key(key, &kb) < 0)
+        return NULL;
+    uint32_t s = vela_stripe_of(&self->t, kb.key.hash);
+    vela_err err = vela_stripe_lock(&self->t, s);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    uint32_t ref = vela_find(&self->t, s, &kb.key);
+    vela_stripe_unlock(&self->t, s);
+    return PyBool_FromLong(ref != 0);
+}
+
+static int64_t expire_at_for(vela_table *t, long long ttl_ns)
+{
+    return ttl_ns > 0 ? vela_now(t) + ttl_ns : 0;
+}
+
+/* put(key, value, ttl_ns=0, tags=None): ttl_ns 0 = never expires. */
+static PyObject *Table_put(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "put(key, value, ttl_ns=0, tags=None)");
+        return NULL;
+    }
+    READY_OR_NULL(self);
+    long long ttl_ns = 0;
+    if (nargs > 2 && (ttl_ns = PyLong_AsLongLong(args[2])) == -1 && PyErr_Occurred())
+        return NULL;
+    uint64_t tags[VELA_MAX_TAGS];
+    Py_ssize_t ntags = vela_encode_tags(nargs > 3 ? args[3] : NULL, tags);
+    if (ntags < 0)
+        return NULL;
+    vela_keybuf kb;
+    if (vela_encode_key(args[0], &kb) < 0)
+        return NULL;
+    vela_valbuf vb;
+    if (vela_encode_value(args[1], self->dumps, self->dumps_codec, &vb) < 0)
+        return NULL;
+    vela_put_args a = {.key = &kb.key, .value = vb.bytes, .value_len = vb.len, .codec = vb.codec,
+                       .expire_at = expire_at_for(&self->t, ttl_ns), .tags = tags, .ntags = (size_t)ntags};
+    vela_err err = vela_put(&self->t, &a);
+    vela_valbuf_release(&vb);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_delete(TableObject *self, PyObject *key)
+{
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    if (vela_encode_key(key, &kb) < 0)
+        return NULL;
+    vela_err err = VELA_OK;
+    int removed = vela_delete(&self->t, &kb.key, &err);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return PyBool_FromLong(removed);
+}
+
+static PyObject *Table_flush(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    uint64_t removed = 0;
+    vela_err err;
+    Py_BEGIN_ALLOW_THREADS
+    err = vela_flush(&self->t, &removed);
+    Py_END_ALLOW_THREADS
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return PyLong_FromUnsignedLongLong(removed);
+}
+
+static PyObject *Table_size(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    return PyLong_FromUnsignedLongLong(vela_size(&self->t));
+}
+
+static PyObject *Table_invalidate_tag(TableObject *self, PyObject *tag)
+{
+    READY_OR_NULL(self);
+    if (!PyUnicode_Check(tag)) {
+        PyErr_Format(PyExc_TypeError, "a tag must be str, not %.100s", Py_TYPE(tag)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t len;
+    const char *s = PyUnicode_AsUTF8AndSize(tag, &len);
+    if (!s)
+        return NULL;
+    uint64_t removed = 0, h = vela_hash_tag(s, (size_t)len);
+    vela_err err;
+    Py_BEGIN_ALLOW_THREADS
+    err = vela_invalidate_tag(&self->t, h, &removed);
+    Py_END_ALLOW_THREADS
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return PyLong_FromUnsignedLongLong(removed);
+}
+
+/* ttl(key) -> (found, remaining_ns or -1 for never) */
+static PyObject *Table_ttl(TableObject *self, PyObject *key)
+{
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    if (vela_encode_key(key, &kb) < 0)
+        return NULL;
+    int64_t remaining = 0;
+    int found = 0;
+    vela_err err = vela_ttl(&self->t, &kb.key, &remaining, &found);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return Py_BuildValue("(OL)", found ? Py_True : Py_False, (long long)remaining);
+}
+
+/* touch(key, ttl_ns) -> bool */
+static PyObject *Table_touch(TableObject *self, PyObject *args)
+{
+    PyObject *key;
+    long long ttl_ns;
+    if (!PyArg_ParseTuple(args, "OL", &key, &ttl_ns))
+        return NULL;
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    if (vela_encode_key(key, &kb) < 0)
+        return NULL;
+    int found = 0;
+    vela_err err = vela_touch(&self->t, &kb.key, expire_at_for(&self->t, ttl_ns), &found);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return PyBool_FromLong(found);
+}
+
+/* incr(key, delta, ttl_ns) -> int */
+static PyObject *Table_incr(TableObject *self, PyObject *args)
+{
+    PyObject *key;
+    long long delta, ttl_ns;
+    if (!PyArg_ParseTuple(args, "OLL", &key, &delta, &ttl_ns))
+        return NULL;
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    if (vela_encode_key(key, &kb) < 0)
+        return NULL;
+    int64_t result = 0;
+    vela_err err = vela_incr(&self->t, &kb.key, delta, expire_at_for(&self->t, ttl_ns), &result);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    VELA_COUNT(&self->t, VELA_STAT_WRITES);
+    return PyLong_FromLongLong(result);
+}
+
+static PyObject *Table_expire(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    uint64_t reclaimed = 0;
+    vela_err err;
+    Py_BEGIN_ALLOW_THREADS
+    err = vela_sweep(&self->t, 64, &reclaimed);
+    Py_END_ALLOW_THREADS
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return PyLong_FromUnsignedLongLong(reclaimed);
+}
+
+static PyObject *Table_sweeper_elect(TableObject *self, PyObject *arg)
+{
+    READY_OR_NULL(self);
+    long long stale_ns = PyLong_AsLongLong(arg);
+    if (stale_ns == -1 && PyErr_Occurred())
+        return NULL;
+    int elected = 0;
+    vela_err err = vela_sweeper_elect(&self->t, stale_ns, &elected);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return PyBool_FromLong(elected);
+}
+
+static const char *const stat_names[VELA_STAT_COUNT] = {
+    "hits", "misses", "writes", "deletes", "evictions", "expirations", "invalidations",
+    "fetches", "stampede_waits", "stampede_timeouts", "lock_recoveries",
+};
+
+/* bump(name, n=1): add to one of this process's counters (Python-level events
+ * such as fetches and stampede waits). */
+static PyObject *Table_bump(TableObject *self, PyObject *args)
+{
+    const char *name;
+    unsigned long long n = 1;
+    if (!PyArg_ParseTuple(args, "s|K", &name, &n))
+        return NULL;
+    READY_OR_NULL(self);
+    for (int i = 0; i < VELA_STAT_COUNT; i++)
+        if (strcmp(name, stat_names[i]) == 0) {
+            if (self->t.stats_enabled)
+                vela_count(&self->t, (enum vela_stat)i, n);
+            Py_RETURN_NONE;
+        }
+    PyErr_Format(PyExc_ValueError, "no counter named %s", name);
+    return NULL;
+}
+
+static PyObject *Table_stats(TableObject *self, PyObject *args)
+{
+    int reset = 0;
+    if (!PyArg_ParseTuple(args, "|p", &reset))
+        return NULL;
+    READY_OR_NULL(self);
+    uint64_t c[VELA_STAT_COUNT];
+    vela_stats_sum(&self->t, c);
+    if (reset)
+        vela_stats_reset(&self->t);
+    PyObject *d = PyDict_New();
+    if (!d)
+        return NULL;
+    for (int i = 0; i < VELA_STAT_COUNT; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(c[i]);
+        if (!v || PyDict_SetItemString(d, stat_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+/* Header fields and memory figures (the options that were agreed, for the
+ * Python layer and tools/inspect_shm.py). */
+static PyObject *Table_info(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    vela_header *h = self->t.hdr;
+    static const char *const evictions[] = {"lru", "lfu", "ttl_only"};
+    return Py_BuildValue(
+        "{s:I,s:s,s:K,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:L,s:I,s:I,s:k,s:I,s:I}",
+        "format", h->format, "eviction_policy", evictions[h->eviction % 3],
+        "capacity", (unsigned long long)h->capacity, "stripes", h->stripes, "buckets_per_stripe", h->buckets,
+        "tag_buckets_per_stripe", h->tagbuckets, "max_size", (unsigned long long)h->max_size,
+        "max_entry_size", (unsigned long long)h->max_entry_size, "heap_bytes",
+        (unsigned long long)(h->heap_end - h->heap_off), "memory_used",
+        (unsigned long long)__atomic_load_n(&h->heap.used_bytes, __ATOMIC_RELAXED), "entries",
+        (unsigned long long)vela_size(&self->t), "index_bytes", (unsigned long long)h->heap_off,
+        "created_ns", (long long)h->created_ns, "backend", h->backend, "sweeper_pid", h->sweeper_pid,
+        "version_clock", (unsigned long)h->version_clock, "poisoned", h->poisoned,
+        "heap_lock_holder", h->heap.lock.holder_pid);
+}
+
+static PyObject *Table_check(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    vela_report r = {0};
+    vela_err err;
+    Py_BEGIN_ALLOW_THREADS
+    err = vela_check(&self->t, &r);
+    Py_END_ALLOW_THREADS
+    if (err != VELA_OK) {
+        vela_report_free(&r);
+        return raise_vela(err);
+    }
+    PyObject *list = PyList_New(0);
+    for (size_t i = 0; list && i < r.count; i++) {
+        PyObject *line = PyUnicode_FromString(r.lines[i]);
+        if (!line || PyList_Append(list, line) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(line);
+    }
+    vela_report_free(&r);
+    return list;
+}
+
+static PyObject *Table_close(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    table_release(self);
+    Py_RETURN_NONE;
+}
+
+/* debug_stall(phase, key, value): a put that stops forever at `phase` while it
+ * holds its locks, so crash tests can SIGKILL it at a known point. */
+static PyObject *Table_debug_stall(TableObject *self, PyObject *args)
+{
+    int phase;
+    PyObject *key, *value;
+    if (!PyArg_ParseTuple(args, "iOO", &phase, &key, &value))
+        return NULL;
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    if (vela_encode_key(key, &kb) < 0)
+        return NULL;
+    vela_valbuf vb;
+    if (vela_encode_value(value, self->dumps, self->dumps_codec, &vb) < 0)
+        return NULL;
+    vela_put_args a = {.key = &kb.key, .value = vb.bytes, .value_len = vb.len, .codec = vb.codec};
+    vela_debug_stall_phase = phase;
+    vela_err err = vela_put(&self->t, &a);
+    vela_debug_stall_phase = 0;
+    vela_valbuf_release(&vb);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_get_stats_enabled(TableObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(self->t.stats_enabled);
+}
+
+static int Table_set_stats_enabled(TableObject *self, PyObject *v, void *Py_UNUSED(c))
+{
+    int on = v ? PyObject_IsTrue(v) : 0;
+    if (on < 0)
+        return -1;
+    self->t.stats_enabled = on;
+    return 0;
+}
+
+static PyObject *Table_get_lock_timeout(TableObject *self, void *Py_UNUSED(c))
+{
+    return PyFloat_FromDouble(self->t.lock_timeout_ns / 1e9);
+}
+
+static int Table_set_lock_timeout(TableObject *self, PyObject *v, void *Py_UNUSED(c))
+{
+    double secs = v ? PyFloat_AsDouble(v) : -1;
+    if (secs == -1 && PyErr_Occurred())
+        return -1;
+    if (!(secs > 0 && secs < 86400 * 365)) {
+        PyErr_SetString(PyExc_ValueError, "lock_timeout must be a positive number of seconds");
+        return -1;
+    }
+    self->t.lock_timeout_ns = (int64_t)(secs * 1e9);
+    return 0;
+}
+
+static PyObject *Table_get_closed(TableObject *self, void *Py_UNUSED(c))
+{
+    return PyBool_FromLong(!self->open);
+}
+
+static PyMethodDef Table_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))Table_get, METH_FASTCALL, "get(key, default=None)"},
+    {"contains", (PyCFunction)Table_contains, METH_O, "contains(key) -> bool (no stats)"},
+    {"put", (PyCFunction)(void (*)(void))Table_put, METH_FASTCALL, "put(key, value, ttl_ns=0, tags=None)"},
+    {"delete", (PyCFunction)Table_delete, METH_O, "delete(key) -> bool"},
+    {"flush", (PyCFunction)Table_flush, METH_NOARGS, "flush() -> entries removed"},
+    {"size", (PyCFunction)Table_size, METH_NOARGS, "size() -> entries stored"},
+    {"invalidate_tag", (PyCFunction)Table_invalidate_tag, METH_O, "invalidate_tag(tag) -> live entries removed"},
+    {"ttl", (PyCFunction)Table_ttl, METH_O, "ttl(key) -> (found, remaining_ns or -1)"},
+    {"touch", (PyCFunction)Table_touch, METH_VARARGS, "touch(key, ttl_ns) -> bool"},
+    {"incr", (PyCFunction)Table_incr, METH_VARARGS, "incr(key, delta, ttl_ns) -> int"},
+    {"expire", (PyCFunction)Table_expire, METH_NOARGS, "expire() -> expired entries reclaimed"},
+    {"sweeper_elect", (PyCFunction)Table_sweeper_elect, METH_O, "sweeper_elect(stale_ns) -> bool"},
+    {"bump", (PyCFunction)Table_bump, METH_VARARGS, "bump(counter, n=1)"},
+    {"stats", (PyCFunction)Table_stats, METH_VARARGS, "stats(reset=False) -> dict of counters"},
+    {"info", (PyCFunction)Table_info, METH_NOARGS, "info() -> dict of header fields"},
+    {"check", (PyCFunction)Table_check, METH_NOARGS, "check() -> list of problems ([] = sound)"},
+    {"close", (PyCFunction)Table_close, METH_NOARGS, "close()"},
+    {"debug_stall", (PyCFunction)Table_debug_stall, METH_VARARGS, "test hook: a put that stops at a phase"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Table_getset[] = {
+    {"stats_enabled", (getter)Table_get_stats_enabled, (setter)Table_set_stats_enabled, "count stats", NULL},
+    {"lock_timeout", (getter)Table_get_lock_timeout, (setter)Table_set_lock_timeout, "seconds", NULL},
+    {"closed", (getter)Table_get_closed, NULL, "closed?", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vela._native.Table",
+    .tp_basicsize = sizeof(TableObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A shared-memory table (internal; use vela.Cache).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Table_init,
+    .tp_dealloc = (destructor)Table_dealloc,
+    .tp_methods = Table_methods,
+    .tp_getset = Table_getset,
+};
+
+/* encode_key(key) -> bytes: the canonical encoding (the bridge routes by it). */
+static PyObject *mod_encode_key(PyObject *Py_UNUSED(m), PyObject *key)
+{
+    vela_keybuf kb;
+    if (vela_encode_key(key, &kb) < 0)
+        return NULL;
+    return PyBytes_FromStringAndSize((const char *)kb.bytes, (Py_ssize_t)kb.key.len);
+}
+
+static PyObject *mod_proc_start_time(PyObject *Py_UNUSED(m), PyObject *pid)
+{
+    long p = PyLong_AsLong(pid);
+    if (p == -1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromUnsignedLongLong(vela_proc_start_time((uint32_t)p));
+}
+
+static PyMethodDef module_methods[] = {
+    {"encode_key", mod_encode_key, METH_O, "encode_key(key) -> canonical bytes"},
+    {"proc_start_time", mod_proc_start_time, METH_O, "start time of a process (clock ticks), 0 if gone"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "vela._native", "Vela's C core.", -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    if (PyType_Ready(&TableType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&TableType);
+    if (PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0) {
+        Py_DECREF(&TableType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "MAX_KEY", VELA_MAX_KEY);
+    PyModule_AddIntConstant(m, "MAX_TAGS", VELA_MAX_TAGS);
+    PyModule_AddIntConstant(m, "ENTRY_OVERHEAD", (long)VELA_ENTRY_OVERHEAD);
+    PyModule_AddIntConstant(m, "CODEC_PICKLE", VELA_CODEC_PICKLE);
+    PyModule_AddIntConstant(m, "CODEC_JSON", VELA_CODEC_JSON);
+    PyModule_AddIntConstant(m, "CODEC_MSGPACK", VELA_CODEC_MSGPACK);
+    PyModule_AddIntConstant(m, "CODEC_CUSTOM", VELA_CODEC_CUSTOM);
+    PyModule_AddIntConstant(m, "BACKEND_SHM", VELA_BACKEND_SHM);
+    PyModule_AddIntConstant(m, "BACKEND_FILE", VELA_BACKEND_FILE);
+    pthread_atfork(NULL, NULL, after_fork_in_child);
+    return m;
+}

@@ -1,0 +1,443 @@
+/*
+ * table.c -- entries: find, put, remove, flush, tags, expiry, incr, touch.
+ *
+ * Convention (memcached's): a public vela_* function takes the stripe lock and
+ * calls a vela_do_* / static function that assumes it is held.
+ *
+ * Every change of an entry publishes a new block with one store (bucket head
+ * or predecessor's `next`) and only then retires the old one: incr and touch
+ * copy the entry rather than edit it in place, so an entry that a reader can
+ * reach is never being written.
+ */
+#define XXH_INLINE_ALL
+#include "xxhash.h"
+
+#include "vela.h"
+
+static inline vela_block *blk(const vela_table *t, uint32_t ref) { return (vela_block *)vela_at(t, ref); }
+
+uint64_t vela_entry_block_size(size_t key_len, size_t value_len, size_t ntags)
+{
+    uint64_t n = (uint64_t)VELA_ENTRY_OVERHEAD + (uint64_t)ntags * sizeof(vela_taglink) + key_len;
+    if (value_len > UINT32_MAX || n + value_len < n)
+        return 0;
+    n += value_len;
+    return (n + VELA_ALIGN - 1) & ~(uint64_t)(VELA_ALIGN - 1);
+}
+
+uint32_t vela_entry_checksum(const vela_entry *e)
+{
+    /* Not covered: `next` and the tag links' next/prev, which neighbours rewrite. */
+    uint64_t seed = e->hash ^ ((uint64_t)e->value_len << 32 | (uint64_t)e->key_len << 16 |
+                               (uint64_t)e->codec << 8 | e->ntags);
+    seed = XXH3_64bits_withSeed(&e->expire_at, sizeof e->expire_at + sizeof e->version, seed);
+    const vela_taglink *tl = (const vela_taglink *)(e + 1);
+    for (uint32_t i = 0; i < e->ntags; i++)
+        seed = XXH3_64bits_withSeed(&tl[i].tag, sizeof tl[i].tag, seed);
+    const uint8_t *key = (const uint8_t *)(tl + e->ntags);
+    return (uint32_t)XXH3_64bits_withSeed(key, (size_t)e->key_len + e->value_len, seed);
+}
+
+void vela_write_begin(vela_table *t, uint32_t s)
+{
+    vela_stripe *st = &t->stripes[s];
+    __atomic_store_n(&st->seq, st->seq + 1, __ATOMIC_RELEASE);
+}
+
+void vela_write_end(vela_table *t, uint32_t s)
+{
+    vela_stripe *st = &t->stripes[s];
+    st->pending[0] = st->pending[1] = 0;
+    __atomic_store_n(&st->seq, st->seq + 1, __ATOMIC_RELEASE);
+}
+
+int vela_is_expired(const vela_table *t, const vela_entry *e, int64_t now)
+{
+    return e->expire_at != 0 && (now ? now : vela_now(t)) >= e->expire_at;
+}
+
+static __thread uint32_t rng_state = 2463534242u;
+
+void vela_mark_access(vela_table *t, vela_block *b)
+{
+    if (t->hdr->eviction == VELA_EVICT_LFU) {
+        /* Logarithmic counter (as Redis' LFU): the busier, the rarer a bump. */
+        uint8_t c = b->access;
+        if (c < 255) {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 17;
+            rng_state ^= rng_state << 5;
+            if (rng_state % ((uint32_t)c * 2 + 1) == 0)
+                __atomic_store_n(&b->access, (uint8_t)(c + 1), __ATOMIC_RELAXED);
+        }
+    } else if (!b->access) {
+        __atomic_store_n(&b->access, 1, __ATOMIC_RELAXED);
+    }
+}
+
+uint64_t vela_size(const vela_table *t)
+{
+    return __atomic_load_n(&t->hdr->entries, __ATOMIC_RELAXED);
+}
+
+/* ---- tags ------------------------------------------------------------------- */
+
+void vela_tags_link(vela_table *t, uint32_t s, vela_entry *e)
+{
+    vela_taglink *tl = vela_tags_of(e);
+    for (uint32_t i = 0; i < e->ntags; i++) {
+        uint32_t *head = vela_tagbucket(t, s, tl[i].tag);
+        uint32_t me = vela_ref(t, &tl[i]);
+        tl[i].prev = 0;
+        tl[i].next = *head;
+        if (*head)
+            ((vela_taglink *)vela_at(t, *head))->prev = me;
+        *head = me;
+    }
+}
+
+void vela_tags_unlink(vela_table *t, uint32_t s, vela_entry *e)
+{
+    vela_taglink *tl = vela_tags_of(e);
+    for (uint32_t i = 0; i < e->ntags; i++) {
+        if (tl[i].prev)
+            ((vela_taglink *)vela_at(t, tl[i].prev))->next = tl[i].next;
+        else
+            *vela_tagbucket(t, s, tl[i].tag) = tl[i].next;
+        if (tl[i].next)
+            ((vela_taglink *)vela_at(t, tl[i].next))->prev = tl[i].prev;
+        tl[i].next = tl[i].prev = 0;
+    }
+}
+
+/* ---- removal ------------------------------------------------------------------- */
+
+/* Unlink the entry `ref` whose predecessor link is *pred, and free it. Stripe
+ * locked, inside a write. Returns the ref of the free block it became part of. */
+static uint32_t remove_at(vela_table *t, uint32_t s, uint32_t *pred, uint32_t ref, int heap_held,
+                          vela_err *err)
+{
+    vela_stripe *st = &t->stripes[s];
+    vela_block *b = blk(t, ref);
+    vela_entry *e = vela_entry_of(b);
+    st->pending[1] = ref;
+    __atomic_store_n(pred, e->next, __ATOMIC_RELEASE);
+    vela_tags_unlink(t, s, e);
+    st->entries--;
+    st->bytes -= vela_block_size(b);
+    __atomic_fetch_sub(&t->hdr->entries, 1, __ATOMIC_RELAXED);
+    uint32_t freed = 0;
+    if (!heap_held && (*err = vela_heap_lock(t)) != VELA_OK)
+        return 0; /* stays in pending: the block leaks rather than breaks */
+    freed = vela_heap_free(t, ref);
+    if (!heap_held)
+        vela_heap_unlock(t);
+    st->pending[1] = 0;
+    return freed;
+}
+
+/* Predecessor link of entry `ref` in its bucket chain, or NULL. */
+static uint32_t *pred_of(vela_table *t, uint32_t s, uint32_t ref)
+{
+    vela_entry *e = vela_entry_of(blk(t, ref));
+    uint32_t *link = vela_bucket(t, s, e->hash);
+    while (*link && *link != ref)
+        link = &vela_entry_of(blk(t, *link))->next;
+    return *link ? link : NULL;
+}
+
+uint32_t vela_remove_entry(vela_table *t, uint32_t s, uint32_t ref, int heap_held, vela_err *err)
+{
+    uint32_t *pred = pred_of(t, s, ref);
+    if (!pred)
+        return 0;
+    vela_write_begin(t, s);
+    uint32_t freed = remove_at(t, s, pred, ref, heap_held, err);
+    vela_write_end(t, s);
+    return freed;
+}
+
+/* ---- lookup --------------------------------------------------------------------- */
+
+uint32_t vela_find(vela_table *t, uint32_t s, const vela_key *k)
+{
+    uint32_t *link = vela_bucket(t, s, k->hash);
+    for (uint32_t ref = *link; ref; ref = *link) {
+        vela_entry *e = vela_entry_of(blk(t, ref));
+        if (e->hash == k->hash && e->key_len == k->len && memcmp(vela_key_of(e), k->bytes, k->len) == 0) {
+            if (e->expire_at && vela_is_expired(t, e, 0)) {
+                vela_err err = VELA_OK;
+                vela_write_begin(t, s);
+                remove_at(t, s, link, ref, 0, &err);
+                vela_write_end(t, s);
+                VELA_COUNT(t, VELA_STAT_EXPIRATIONS);
+                return 0;
+            }
+            return ref;
+        }
+        link = &e->next;
+    }
+    return 0;
+}
+
+/* ---- put --------------------------------------------------------------------------- */
+
+static void fill_entry(vela_table *t, vela_block *b, const vela_put_args *a, uint32_t next)
+{
+    vela_entry *e = vela_entry_of(b);
+    e->hash = a->key->hash;
+    e->next = next;
+    e->value_len = (uint32_t)a->value_len;
+    e->expire_at = a->expire_at;
+    e->version = __atomic_add_fetch(&t->hdr->version_clock, 1, __ATOMIC_RELAXED);
+    e->key_len = (uint16_t)a->key->len;
+    e->codec = a->codec;
+    e->ntags = (uint8_t)a->ntags;
+    vela_taglink *tl = vela_tags_of(e);
+    for (size_t i = 0; i < a->ntags; i++) {
+        tl[i].tag = (a->tags[i] & VELA_TAG_MASK) | i;
+        tl[i].next = tl[i].prev = 0;
+    }
+    memcpy(vela_key_of(e), a->key->bytes, a->key->len);
+    if (a->value_len)
+        memcpy(vela_value_of(e), a->value, a->value_len);
+    e->check = vela_entry_checksum(e);
+    b->access = t->hdr->eviction == VELA_EVICT_TTL_ONLY ? 0 : 1;
+}
+
+vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
+{
+    vela_stripe *st = &t->stripes[s];
+    vela_err err = VELA_OK;
+    uint64_t size = vela_entry_block_size(a->key->len, a->value_len, a->ntags);
+    if (size == 0 || size > t->hdr->max_entry_size)
+        return vela_fail(VELA_ETOOLARGE, "entry of %llu bytes (key %zu, value %zu, %zu tags) is larger "
+                         "than max_entry_size (%llu bytes)", (unsigned long long)size, a->key->len,
+                         a->value_len, a->ntags, (unsigned long long)t->hdr->max_entry_size);
+    uint32_t old = vela_find(t, s, a->key);
+    if (old && a->only_if_absent)
+        return VELA_OK;
+
+    if ((err = vela_heap_lock(t)) != VELA_OK)
+        return err;
+    if (!old && t->hdr->max_size && vela_size(t) >= t->hdr->max_size && !vela_evict_one(t, s)) {
+        vela_heap_unlock(t);
+        return vela_fail(VELA_EFULL, "the cache holds max_size=%llu entries and none may be evicted "
+                         "(eviction_policy=ttl_only and none expired)", (unsigned long long)t->hdr->max_size);
+    }
+    uint32_t ref = vela_heap_alloc(t, (uint32_t)size, s, 0);
+    if (!ref)
+        ref = vela_evict_alloc(t, s, (uint32_t)size, 0);
+    vela_heap_unlock(t);
+    if (!ref)
+        return VELA_EFULL; /* message set by the evictor */
+
+    /* Eviction may have removed the old entry: look again. */
+    old = vela_find(t, s, a->key);
+    vela_write_begin(t, s);
+    vela_block *b = blk(t, ref);
+    vela_debug_stall(1);
+    uint32_t *link = old ? pred_of(t, s, old) : vela_bucket(t, s, a->key->hash);
+    fill_entry(t, b, a, old ? vela_entry_of(blk(t, old))->next : *link);
+    vela_debug_stall(2);
+    if (old)
+        st->pending[1] = old;
+    __atomic_store_n(link, ref, __ATOMIC_RELEASE); /* publish */
+    vela_debug_stall(3);
+    vela_tags_link(t, s, vela_entry_of(b));
+    st->entries++;
+    st->bytes += vela_block_size(b);
+    if (old) {
+        vela_block *ob = blk(t, old);
+        vela_tags_unlink(t, s, vela_entry_of(ob));
+        st->entries--;
+        st->bytes -= vela_block_size(ob);
+        if ((err = vela_heap_lock(t)) == VELA_OK) {
+            vela_heap_free(t, old);
+            vela_heap_unlock(t);
+        }
+    } else {
+        __atomic_fetch_add(&t->hdr->entries, 1, __ATOMIC_RELAXED);
+    }
+    vela_write_end(t, s);
+    VELA_COUNT(t, VELA_STAT_WRITES);
+    return err;
+}
+
+vela_err vela_put(vela_table *t, const vela_put_args *a)
+{
+    uint32_t s = vela_stripe_of(t, a->key->hash);
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return err;
+    err = vela_do_put(t, s, a);
+    vela_stripe_unlock(t, s);
+    return err;
+}
+
+int vela_delete(vela_table *t, const vela_key *k, vela_err *err)
+{
+    uint32_t s = vela_stripe_of(t, k->hash);
+    if ((*err = vela_stripe_lock(t, s)) != VELA_OK)
+        return 0;
+    uint32_t ref = vela_find(t, s, k);
+    if (ref)
+        vela_remove_entry(t, s, ref, 0, err);
+    vela_stripe_unlock(t, s);
+    if (ref)
+        VELA_COUNT(t, VELA_STAT_DELETES);
+    return ref != 0;
+}
+
+vela_err vela_flush(vela_table *t, uint64_t *removed)
+{
+    *removed = 0;
+    for (uint32_t s = 0; s <= t->stripe_mask; s++) {
+        vela_err err = vela_stripe_lock(t, s);
+        if (err != VELA_OK)
+            return err;
+        if (t->stripes[s].entries) {
+            if ((err = vela_heap_lock(t)) != VELA_OK) {
+                vela_stripe_unlock(t, s);
+                return err;
+            }
+            vela_write_begin(t, s);
+            uint32_t *first = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];
+            for (uint32_t i = 0; i <= t->bucket_mask; i++)
+                while (first[i]) {
+                    remove_at(t, s, &first[i], first[i], 1, &err);
+                    (*removed)++;
+                }
+            vela_write_end(t, s);
+            vela_heap_unlock(t);
+        }
+        vela_stripe_unlock(t, s);
+    }
+    return VELA_OK;
+}
+
+vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t *removed)
+{
+    *removed = 0;
+    int64_t now = vela_now(t);
+    for (uint32_t s = 0; s <= t->stripe_mask; s++) {
+        uint32_t *head = vela_tagbucket(t, s, tag);
+        if (!__atomic_load_n(head, __ATOMIC_RELAXED))
+            continue; /* no tag of this bucket in the stripe */
+        vela_err err = vela_stripe_lock(t, s);
+        if (err != VELA_OK)
+            return err;
+        uint32_t link = *head;
+        while (link) {
+            vela_taglink *tl = (vela_taglink *)vela_at(t, link);
+            uint32_t next = tl->next;
+            if ((tl->tag & VELA_TAG_MASK) == (tag & VELA_TAG_MASK)) {
+                vela_entry *e = (vela_entry *)(tl - (tl->tag & 0xFF)) - 1;
+                {
+                    vela_taglink *mine = vela_tags_of(e);
+                    /* Removing e unlinks all its tag links: step past them. */
+                    while (next && (vela_taglink *)vela_at(t, next) >= mine &&
+                           (vela_taglink *)vela_at(t, next) < mine + e->ntags)
+                        next = ((vela_taglink *)vela_at(t, next))->next;
+                    int live = !vela_is_expired(t, e, now);
+                    vela_remove_entry(t, s, vela_ref(t, (vela_block *)e - 1), 0, &err);
+                    if (live)
+                        (*removed)++;
+                    else
+                        VELA_COUNT(t, VELA_STAT_EXPIRATIONS);
+                }
+            }
+            link = next;
+        }
+        vela_stripe_unlock(t, s);
+    }
+    if (t->stats_enabled)
+        vela_count(t, VELA_STAT_INVALIDATIONS, *removed);
+    return VELA_OK;
+}
+
+/* ---- read-modify-write: copy the entry with changes, publish the copy ------------ */
+
+vela_err vela_touch(vela_table *t, const vela_key *k, int64_t expire_at, int *found)
+{
+    uint32_t s = vela_stripe_of(t, k->hash);
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return err;
+    uint32_t ref = vela_find(t, s, k);
+    *found = ref != 0;
+    if (ref) {
+        vela_entry *e = vela_entry_of(blk(t, ref));
+        uint64_t tags[VELA_MAX_TAGS];
+        for (uint32_t i = 0; i < e->ntags; i++)
+            tags[i] = vela_tags_of(e)[i].tag;
+        /* The copy needs the bytes while the old entry may move: copy out first. */
+        size_t vlen = e->value_len;
+        uint8_t stackbuf[512];
+        uint8_t *buf = vlen <= sizeof stackbuf ? stackbuf : malloc(vlen);
+        if (!buf) {
+            vela_stripe_unlock(t, s);
+            return vela_fail(VELA_ESYS, "out of process memory copying a %zu-byte value", vlen);
+        }
+        memcpy(buf, vela_value_of(e), vlen);
+        vela_put_args a = {.key = k, .value = buf, .value_len = vlen, .codec = e->codec,
+                           .expire_at = expire_at, .tags = tags, .ntags = e->ntags};
+        err = vela_do_put(t, s, &a);
+        if (buf != stackbuf)
+            free(buf);
+    }
+    vela_stripe_unlock(t, s);
+    return err;
+}
+
+vela_err vela_ttl(vela_table *t, const vela_key *k, int64_t *remaining, int *found)
+{
+    uint32_t s = vela_stripe_of(t, k->hash);
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return err;
+    uint32_t ref = vela_find(t, s, k);
+    *found = ref != 0;
+    if (ref) {
+        vela_entry *e = vela_entry_of(blk(t, ref));
+        *remaining = e->expire_at ? e->expire_at - vela_now(t) : -1;
+        if (*remaining < 0 && e->expire_at)
+            *remaining = 0;
+    }
+    vela_stripe_unlock(t, s);
+    return VELA_OK;
+}
+
+vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t expire_at, int64_t *result)
+{
+    uint32_t s = vela_stripe_of(t, k->hash);
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return err;
+    uint32_t ref = vela_find(t, s, k);
+    int64_t value = 0;
+    uint64_t tags[VELA_MAX_TAGS];
+    vela_put_args a = {.key = k, .codec = VELA_CODEC_INT, .expire_at = expire_at, .tags = tags};
+    if (ref) {
+        vela_entry *e = vela_entry_of(blk(t, ref));
+        if (e->codec != VELA_CODEC_INT || e->value_len != 8) {
+            vela_stripe_unlock(t, s);
+            return vela_fail(VELA_ENOTINT, "the value stored under this key is not an integer");
+        }
+        memcpy(&value, vela_value_of(e), 8);
+        a.expire_at = e->expire_at; /* an existing counter keeps its expiry */
+        a.ntags = e->ntags;
+        for (uint32_t i = 0; i < e->ntags; i++)
+            tags[i] = vela_tags_of(e)[i].tag;
+    }
+    if (__builtin_add_overflow(value, delta, &value)) {
+        vela_stripe_unlock(t, s);
+        return vela_fail(VELA_EOVERFLOW, "the counter would leave the signed 64-bit range");
+    }
+    a.value = (const uint8_t *)&value;
+    a.value_len = 8;
+    err = vela_do_put(t, s, &a);
+    vela_stripe_unlock(t, s);
+    *result = value;
+    return err;
+}

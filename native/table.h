@@ -1,0 +1,219 @@
+/*
+ * table.h -- THE layout of a Vela segment. Every other file refers to it.
+ *
+ * A segment is one contiguous mapping (POSIX shm object or a file) that every
+ * process of a host maps MAP_SHARED, at whatever address it gets. Nothing in it
+ * is a pointer: a place in the segment is a "ref", its byte offset divided by 8
+ * (so 32 bits address 32 GiB), and ref 0 means "none" (offset 0 is the header,
+ * never a block).
+ *
+ *   +--------------------+ 0
+ *   | vela_header        |  magic, format, options that must agree, heap state,
+ *   |                    |  admin lock, sweeper, global counters   (4 KiB aligned)
+ *   +--------------------+ stripes_off
+ *   | vela_stripe[S]     |  one robust mutex + write sequence + counters each
+ *   +--------------------+ buckets_off
+ *   | u32 bucket[S][B]   |  head ref of each bucket chain
+ *   +--------------------+ tagbuckets_off
+ *   | u32 tagbucket[S][T]|  head ref of each tag-link chain
+ *   +--------------------+ slots_off
+ *   | vela_slot[N]       |  per-process stats counters (one writer each)
+ *   +--------------------+ heap_off
+ *   | heap: blocks ...   |  every entry is one block; free blocks in TLSF lists
+ *   | sentinel block     |  8 bytes, always "used": coalescing stops there
+ *   +--------------------+ capacity
+ *
+ * Why it is correct under SIGKILL at any instruction:
+ *   - A write builds its entry in a block no reader can reach, then publishes it
+ *     with ONE aligned 32-bit store (bucket head or predecessor's `next`). A
+ *     reader sees the old chain or the new one, never a half-built entry.
+ *   - Every block a write allocates or unlinks is first recorded in its stripe's
+ *     `pending` slots; the next locker of a stripe whose owner died (EOWNERDEAD)
+ *     frees pending blocks that no chain reaches, re-validates every entry of
+ *     the stripe, rebuilds its tag chains and recounts it. Nothing that was
+ *     published (acknowledged) is dropped.
+ *   - The heap's physical chain (block sizes) only changes by single stores
+ *     that keep it walkable (split: write the remainder header, then shrink;
+ *     merge: grow). A heap whose lock owner died is rebuilt by one walk.
+ *   - A header word `used` flips a block between free and used with one store.
+ *
+ * Lock order (see lock.c): stripe -> heap. Other stripes are only ever
+ * try-locked while holding the heap (eviction), so no cycle can form.
+ */
+#ifndef VELA_TABLE_H
+#define VELA_TABLE_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+/* "VELA" + a byte-order witness: a segment of the other endianness reads as
+ * another number and is refused as a layout mismatch. */
+#define VELA_MAGIC 0x56454C41A1B2C3D4ULL
+/* Layout version; bump on every change of this file. */
+#define VELA_FORMAT 1u
+#define VELA_READY 0x52454459u /* "REDY": set last by the creator */
+
+#define VELA_LINE 128         /* padding unit: two x86 lines (adjacent prefetch) */
+#define VELA_ALIGN 8          /* every block starts and ends on 8 bytes */
+#define VELA_MAX_KEY 1024     /* encoded key bytes */
+#define VELA_MAX_TAGS 32      /* tags per entry */
+#define VELA_STAT_SLOTS 256   /* processes with a private stats slot */
+#define VELA_MAX_STRIPES 4096
+
+enum vela_backend_kind { VELA_BACKEND_SHM = 0, VELA_BACKEND_FILE = 1 };
+enum vela_eviction { VELA_EVICT_LRU = 0, VELA_EVICT_LFU = 1, VELA_EVICT_TTL_ONLY = 2 };
+
+/* Value codecs: how the bytes of a value are to be read. 0-2 are stored
+ * without a serializer; >= 3 name the serializer that wrote them. */
+enum vela_codec {
+    VELA_CODEC_BYTES = 0,
+    VELA_CODEC_STR = 1,    /* UTF-8 */
+    VELA_CODEC_INT = 2,    /* int64, little endian */
+    VELA_CODEC_PICKLE = 3,
+    VELA_CODEC_JSON = 4,
+    VELA_CODEC_MSGPACK = 5,
+    VELA_CODEC_CUSTOM = 6,
+    VELA_CODEC_COUNT = 7
+};
+
+/* Counters in each process's stats slot. */
+enum vela_stat {
+    VELA_STAT_HITS,
+    VELA_STAT_MISSES,
+    VELA_STAT_WRITES,
+    VELA_STAT_DELETES,
+    VELA_STAT_EVICTIONS,
+    VELA_STAT_EXPIRATIONS,
+    VELA_STAT_INVALIDATIONS,
+    VELA_STAT_FETCHES,
+    VELA_STAT_STAMPEDE_WAITS,
+    VELA_STAT_STAMPEDE_TIMEOUTS,
+    VELA_STAT_LOCK_RECOVERIES,
+    VELA_STAT_COUNT
+};
+
+/* ---- heap allocator geometry (TLSF: two-level segregated fit) ----------- */
+#define VELA_SL_BITS 4                      /* 16 second-level lists per first level */
+#define VELA_SL_COUNT (1u << VELA_SL_BITS)
+#define VELA_SMALL_LIMIT 256u               /* below: first level 0, 16-byte classes */
+#define VELA_FL_COUNT 26u                   /* sizes up to 4 GiB */
+#define VELA_MIN_BLOCK 24u                  /* header + free links + footer */
+
+/* Every block starts with this header (8 bytes). */
+typedef struct vela_block {
+    uint32_t size_flags;  /* block bytes incl. header (multiple of 8) | flag bits */
+    uint16_t owner;       /* used entry block: index of the stripe that holds it */
+    uint8_t kind;         /* VELA_KIND_* */
+    uint8_t access;       /* lru: reference bit; lfu: saturating use counter */
+} vela_block;
+
+#define VELA_BLK_USED 1u       /* block is allocated */
+#define VELA_BLK_PREV_FREE 2u  /* physical predecessor is free; its size is in the
+                                  4 bytes before this header (its footer) */
+#define VELA_BLK_FLAGS 7u
+#define VELA_KIND_FREE 0
+#define VELA_KIND_ENTRY 1
+#define VELA_KIND_SENTINEL 2
+
+/* A free block: the header, then its list links, ..., footer = size. */
+typedef struct vela_free_block {
+    vela_block hdr;
+    uint32_t next;  /* ref of next free block in its size-class list */
+    uint32_t prev;  /* ref of previous one, 0 at the head */
+} vela_free_block;
+
+/* An entry block: header, this, then tag links, key bytes, value bytes. */
+typedef struct vela_entry {
+    uint64_t hash;       /* xxh3-64 of the encoded key */
+    uint32_t next;       /* ref of the next entry block in the bucket chain */
+    uint32_t value_len;
+    int64_t expire_at;   /* ns on the segment's clock; 0 = never */
+    uint64_t version;    /* write version (replication orders by it) */
+    uint16_t key_len;
+    uint8_t codec;       /* enum vela_codec */
+    uint8_t ntags;
+    uint32_t check;      /* low 32 bits of xxh3 over the fields above + tags + key + value */
+} vela_entry;
+
+/* One per tag of an entry: links all entries of a stripe that carry the tag
+ * (same tag bucket), doubly, so removing an entry is O(its tags). */
+typedef struct vela_taglink {
+    uint64_t tag;        /* xxh3-64 of the tag's UTF-8 */
+    uint32_t next;       /* ref of the next taglink in the tag bucket */
+    uint32_t prev;       /* ref of the previous taglink, 0 at the head */
+} vela_taglink;
+
+#define VELA_ENTRY_OVERHEAD (sizeof(vela_block) + sizeof(vela_entry))
+
+/* A process-shared robust mutex plus who holds it (for diagnostics). */
+typedef struct vela_lock {
+    pthread_mutex_t mutex;
+    uint32_t holder_pid;   /* written after locking, cleared before unlocking */
+    uint32_t recoveries;   /* times a dead owner's state was repaired */
+} vela_lock;
+
+typedef struct vela_stripe {
+    vela_lock lock;
+    uint32_t seq;          /* odd while a write is in progress */
+    uint32_t pending[2];   /* blocks allocated / unlinked by the write in flight */
+    uint32_t sweep_cursor; /* next bucket the sweeper looks at */
+    uint64_t entries;      /* entries linked in this stripe */
+    uint64_t bytes;        /* bytes of their blocks */
+} __attribute__((aligned(VELA_LINE))) vela_stripe;
+
+typedef struct vela_slot {
+    uint32_t pid;          /* 0 = free */
+    uint32_t pad_;
+    uint64_t start_time;   /* the process's start time (clock ticks since boot) */
+    uint64_t counter[VELA_STAT_COUNT];
+} __attribute__((aligned(VELA_LINE))) vela_slot;
+
+typedef struct vela_heap_state {
+    vela_lock lock;
+    uint32_t fl_bitmap;                   /* bit f: some list of level f non-empty */
+    uint32_t sl_bitmap[VELA_FL_COUNT];    /* bit s: list (f, s) non-empty */
+    uint32_t heads[VELA_FL_COUNT][VELA_SL_COUNT];
+    uint32_t hand;                        /* eviction clock hand: a block ref */
+    uint32_t pad_;
+    uint64_t used_bytes;                  /* bytes of used blocks */
+} vela_heap_state;
+
+typedef struct vela_header {
+    /* identity: checked before anything else is trusted */
+    uint64_t magic;
+    uint32_t format;
+    uint32_t header_size;     /* sizeof(vela_header) of the writer */
+    uint32_t ready;           /* VELA_READY once initialised */
+    uint32_t backend;         /* enum vela_backend_kind */
+    /* options every process must agree on */
+    uint32_t eviction;        /* enum vela_eviction */
+    uint32_t stripes;         /* power of two */
+    uint32_t buckets;         /* per stripe, power of two */
+    uint32_t tagbuckets;      /* per stripe, power of two */
+    uint64_t capacity;        /* bytes of the whole segment */
+    uint64_t max_size;        /* entries; 0 = unbounded */
+    uint64_t max_entry_size;  /* bytes of one entry block */
+    /* where the regions start (bytes) */
+    uint64_t stripes_off, buckets_off, tagbuckets_off, slots_off, heap_off, heap_end;
+    int64_t created_ns;       /* CLOCK_REALTIME at creation */
+    uint32_t poisoned;        /* nonzero: a repair failed; the table refuses work */
+    uint32_t pad0_;
+
+    uint8_t line1_[VELA_LINE];
+    /* global counters, on their own line */
+    uint64_t entries;         /* entries in all stripes (atomic) */
+    uint64_t version_clock;   /* last write version handed out (atomic) */
+    uint8_t line2_[VELA_LINE - 16];
+
+    /* rare operations: sweeper election */
+    vela_lock admin;
+    uint32_t sweeper_pid;
+    uint32_t pad1_;
+    uint64_t sweeper_start;   /* start time of the sweeper process */
+    int64_t sweeper_beat_ns;  /* CLOCK_MONOTONIC of its last round */
+    uint8_t line3_[VELA_LINE];
+
+    vela_heap_state heap;
+} vela_header;
+
+#endif /* VELA_TABLE_H */

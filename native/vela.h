@@ -1,0 +1,240 @@
+/*
+ * vela.h -- the internal API of the C core, shared by every file of native/.
+ * The segment layout itself is in table.h; this file is about the process-local
+ * handle, errors and the functions each file exports.
+ */
+#ifndef VELA_H
+#define VELA_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "table.h"
+
+/* ---- errors (error.c) ---------------------------------------------------- */
+typedef enum vela_err {
+    VELA_OK = 0,
+    VELA_ENOTFOUND,     /* no such key (not an error for most callers) */
+    VELA_EFULL,         /* no room, and the policy forbids evicting live entries */
+    VELA_ETOOLARGE,     /* entry bigger than max_entry_size */
+    VELA_ELAYOUT,       /* segment made with other options or another format */
+    VELA_ESYS,          /* a system call failed; the message names it and errno */
+    VELA_EPOISONED,     /* a repair failed; the table refuses work */
+    VELA_ETIMEOUT,      /* a lock stayed held past the lock timeout */
+    VELA_ECORRUPT,      /* the segment's contents are not a valid table */
+    VELA_EINVAL,        /* bad argument */
+    VELA_ENOTINT,       /* incr on a value that is not an integer counter */
+    VELA_EOVERFLOW,     /* incr left the int64 range */
+    VELA_ERR_COUNT
+} vela_err;
+
+/* Record an error for this thread and return it. The message starts with the
+ * code's symbol ("VELA_EFULL: ..."); the binding turns it into an exception. */
+vela_err vela_fail(vela_err err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Same, for a failed system call: appends strerror(errno). */
+vela_err vela_fail_sys(const char *call, const char *what);
+const char *vela_last_message(void);
+const char *vela_err_name(vela_err err);
+
+/* ---- the process-local handle (segment.c) -------------------------------- */
+typedef struct vela_table {
+    uint8_t *base;            /* start of the mapping */
+    uint64_t size;            /* bytes mapped */
+    int fd;                   /* the segment's file descriptor (owned) */
+    vela_header *hdr;
+    vela_stripe *stripes;
+    uint32_t *buckets;        /* [stripes][buckets] */
+    uint32_t *tagbuckets;     /* [stripes][tagbuckets] */
+    vela_slot *slots;
+    vela_slot *my_slot;       /* this process's stats slot */
+    uint32_t my_pid;          /* pid the slot was claimed for (fork changes it) */
+    uint64_t my_start;
+    uint32_t stripe_mask, bucket_mask, tagbucket_mask;
+    int clock_id;             /* CLOCK_MONOTONIC (shm) or CLOCK_REALTIME (file) */
+    int stats_enabled;
+    int64_t lock_timeout_ns;
+} vela_table;
+
+/* Options asked for by the opener. A field < 0 means "not given: adopt the
+ * segment's value (or the default when creating)". */
+typedef struct vela_options {
+    int64_t capacity;
+    int64_t stripes;
+    int64_t max_size;         /* 0 = unbounded */
+    int64_t max_entry_size;
+    int64_t eviction;
+    int backend;              /* enum vela_backend_kind; always given */
+} vela_options;
+
+#define VELA_DEFAULT_CAPACITY (64ull << 20)
+#define VELA_MIN_CAPACITY (1ull << 20)
+#define VELA_MAX_CAPACITY (32ull << 30)   /* refs are 32-bit units of 8 bytes */
+
+/* Map the segment behind `fd` (which the handle then owns), creating and
+ * initialising it if it is new or its creator died half-way. Race-safe: the
+ * initialisation runs under flock(fd). Fills *out. */
+vela_err vela_open(int fd, const vela_options *opts, vela_table *out);
+void vela_close(vela_table *t);
+/* Identity of a process: its start time in clock ticks since boot, 0 if gone. */
+uint64_t vela_proc_start_time(uint32_t pid);
+/* Nonzero when the process (pid, start) still runs. */
+int vela_proc_alive(uint32_t pid, uint64_t start);
+int64_t vela_now(const vela_table *t);
+int64_t vela_monotonic_ns(void);
+
+/* ---- refs ----------------------------------------------------------------- */
+static inline void *vela_at(const vela_table *t, uint32_t ref) { return t->base + ((uint64_t)ref << 3); }
+static inline uint32_t vela_ref(const vela_table *t, const void *p) {
+    return (uint32_t)(((const uint8_t *)p - t->base) >> 3);
+}
+static inline uint32_t vela_block_size(const vela_block *b) { return b->size_flags & ~VELA_BLK_FLAGS; }
+static inline vela_entry *vela_entry_of(vela_block *b) { return (vela_entry *)(b + 1); }
+/* A tag link stores the tag's hash with its low byte replaced by the link's
+ * index in the entry, so the entry can be found from the link. */
+#define VELA_TAG_MASK (~(uint64_t)0xFF)
+static inline vela_taglink *vela_tags_of(vela_entry *e) { return (vela_taglink *)(e + 1); }
+static inline uint8_t *vela_key_of(vela_entry *e) { return (uint8_t *)(vela_tags_of(e) + e->ntags); }
+static inline uint8_t *vela_value_of(vela_entry *e) { return vela_key_of(e) + e->key_len; }
+static inline uint32_t *vela_bucket(const vela_table *t, uint32_t s, uint64_t hash) {
+    return &t->buckets[(uint64_t)s * (t->bucket_mask + 1) + ((hash >> 32) & t->bucket_mask)];
+}
+static inline uint32_t *vela_tagbucket(const vela_table *t, uint32_t s, uint64_t tag) {
+    return &t->tagbuckets[(uint64_t)s * (t->tagbucket_mask + 1) + ((tag >> 32) & t->tagbucket_mask)];
+}
+static inline uint32_t vela_stripe_of(const vela_table *t, uint64_t hash) { return (uint32_t)(hash & t->stripe_mask); }
+/* Bytes of the block that holds an entry of these sizes (0 on overflow). */
+uint64_t vela_entry_block_size(size_t key_len, size_t value_len, size_t ntags);
+
+/* ---- locks (lock.c) -------------------------------------------------------- */
+vela_err vela_lock_init(vela_lock *l);
+/* Take stripe s; repairs it first when its previous owner died. */
+vela_err vela_stripe_lock(vela_table *t, uint32_t s);
+void vela_stripe_unlock(vela_table *t, uint32_t s);
+/* Try stripe s without waiting (eviction, while holding the heap). 1 = taken. */
+int vela_stripe_trylock(vela_table *t, uint32_t s);
+vela_err vela_heap_lock(vela_table *t);
+void vela_heap_unlock(vela_table *t);
+vela_err vela_admin_lock(vela_table *t);
+void vela_admin_unlock(vela_table *t);
+/* The binding provides these: give up / take back the interpreter lock around
+ * a wait (no-ops when the caller already runs without it). */
+void *vela_wait_begin(void);
+void vela_wait_end(void *token);
+
+/* ---- heap (heap.c) ---------------------------------------------------------- */
+void vela_heap_init(vela_table *t);
+/* Allocate `size` bytes (multiple of 8) for stripe s; records the block in
+ * stripes[s].pending[slot] before it is marked used. Heap lock held.
+ * Returns the block ref, 0 when no free block is big enough. */
+uint32_t vela_heap_alloc(vela_table *t, uint32_t size, uint32_t s, int slot);
+/* Allocate from the given free block (the evictor found it). */
+uint32_t vela_heap_take(vela_table *t, uint32_t ref, uint32_t size, uint32_t s, int slot);
+/* Free a used block; returns the ref of the (coalesced) free block. Heap lock held. */
+uint32_t vela_heap_free(vela_table *t, uint32_t ref);
+/* Rebuild free lists and flags from one physical walk (dead lock owner). */
+vela_err vela_heap_repair(vela_table *t);
+/* Nonzero when ref is the start of a block in the physical chain. O(blocks). */
+int vela_heap_is_block(vela_table *t, uint32_t ref);
+uint32_t vela_heap_first(const vela_table *t);
+uint32_t vela_heap_end(const vela_table *t);
+/* Append heap problems to the report (check.c's collector). */
+struct vela_report;
+void vela_heap_check(vela_table *t, struct vela_report *r, uint8_t *used_map);
+
+/* ---- entries (table.c) -------------------------------------------------------- */
+typedef struct vela_key {
+    const uint8_t *bytes;
+    size_t len;
+    uint64_t hash;
+} vela_key;
+
+typedef struct vela_put_args {
+    const vela_key *key;
+    const uint8_t *value;
+    size_t value_len;
+    uint8_t codec;
+    int64_t expire_at;        /* on the segment's clock; 0 = never expires */
+    const uint64_t *tags;
+    size_t ntags;
+    int only_if_absent;       /* do not replace an existing live entry */
+} vela_put_args;
+
+/* Find a live entry in stripe s (locked). Expired entries found on the way are
+ * reclaimed. Returns the entry block ref or 0. */
+uint32_t vela_find(vela_table *t, uint32_t s, const vela_key *k);
+/* Insert or replace (stripe s locked by the caller). */
+vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a);
+/* Unlink and free entry `ref` of stripe s (locked), inside a write of its own;
+ * heap_held: the caller holds the heap lock. Returns the ref of the free block
+ * it became part of (0 if it was not linked). */
+uint32_t vela_remove_entry(vela_table *t, uint32_t s, uint32_t ref, int heap_held, vela_err *err);
+/* Convenience wrappers that lock. */
+vela_err vela_put(vela_table *t, const vela_put_args *a);
+int vela_delete(vela_table *t, const vela_key *k, vela_err *err);
+vela_err vela_flush(vela_table *t, uint64_t *removed);
+vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t *removed);
+vela_err vela_touch(vela_table *t, const vela_key *k, int64_t expire_at, int *found);
+/* Remaining ns: -1 never expires; sets *found. */
+vela_err vela_ttl(vela_table *t, const vela_key *k, int64_t *remaining, int *found);
+vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t expire_at, int64_t *result);
+int vela_is_expired(const vela_table *t, const vela_entry *e, int64_t now);
+/* Set the access mark of an entry that was just read (one store). */
+void vela_mark_access(vela_table *t, vela_block *b);
+uint32_t vela_entry_checksum(const vela_entry *e);
+/* Begin / end a write on stripe s (locked): the sequence goes odd / even. */
+void vela_write_begin(vela_table *t, uint32_t s);
+void vela_write_end(vela_table *t, uint32_t s);
+uint64_t vela_size(const vela_table *t);
+void vela_tags_link(vela_table *t, uint32_t s, vela_entry *e);
+void vela_tags_unlink(vela_table *t, uint32_t s, vela_entry *e);
+
+/* ---- eviction (evict.c) ---------------------------------------------------------- */
+/* Make room for a block of `size` bytes for stripe s (locked) with the heap
+ * locked: evicts along the clock hand. Returns the allocated block or 0 with
+ * the error set (VELA_EFULL). */
+uint32_t vela_evict_alloc(vela_table *t, uint32_t s, uint32_t size, int slot);
+/* Evict one entry to honour max_size (heap locked). 1 when one was evicted. */
+int vela_evict_one(vela_table *t, uint32_t s);
+
+/* ---- repair (repair.c) ----------------------------------------------------------- */
+/* Repair stripe s after its lock owner died (stripe locked; heap_held tells
+ * whether the caller holds the heap lock). */
+vela_err vela_stripe_repair(vela_table *t, uint32_t s, int heap_held);
+/* Validate one entry block of stripe s: 0 when sound, else a static reason. */
+const char *vela_entry_problem(vela_table *t, uint32_t s, uint32_t ref);
+
+/* ---- integrity check (check.c) ----------------------------------------------------- */
+typedef struct vela_report {
+    char **lines;
+    size_t count, cap;
+    int truncated;
+} vela_report;
+void vela_report_add(vela_report *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void vela_report_free(vela_report *r);
+/* Stop the world (every stripe, then the heap) and verify every invariant. */
+vela_err vela_check(vela_table *t, vela_report *r);
+
+/* ---- sweep (sweep.c) ---------------------------------------------------------------- */
+/* Reclaim expired entries of every stripe, at most `chunk` buckets per lock hold. */
+vela_err vela_sweep(vela_table *t, uint32_t chunk, uint64_t *reclaimed);
+/* 1 when this process is (now) the host's sweeper; stale_ns: a silent sweeper
+ * is replaced after that long. */
+vela_err vela_sweeper_elect(vela_table *t, int64_t stale_ns, int *elected);
+
+/* ---- stats (stats.c) ---------------------------------------------------------------- */
+void vela_stats_attach(vela_table *t);
+static inline void vela_count(vela_table *t, enum vela_stat which, uint64_t n) {
+    if (t->my_slot)
+        __atomic_fetch_add(&t->my_slot->counter[which], n, __ATOMIC_RELAXED);
+}
+#define VELA_COUNT(t, which) do { if ((t)->stats_enabled) vela_count((t), (which), 1); } while (0)
+void vela_stats_sum(vela_table *t, uint64_t out[VELA_STAT_COUNT]);
+void vela_stats_reset(vela_table *t);
+
+/* ---- test hooks ----------------------------------------------------------------------- */
+/* Phase at which vela_do_put stops forever (crash tests), 0 = never. */
+extern int vela_debug_stall_phase;
+void vela_debug_stall(int phase);
+
+#endif /* VELA_H */

@@ -1,0 +1,1 @@
+"""Where a cache's segment lives. Backends differ only in how the memory is obtained."""

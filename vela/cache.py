@@ -1,0 +1,365 @@
+"""Cache: the public handle on a shared table."""
+
+import math
+import os
+import threading
+import time
+import weakref
+
+from . import _native, options, serializers, telemetry
+from .backends import shm
+from .errors import CacheFull, OptionError
+
+__all__ = ["Cache", "destroy"]
+
+_MISSING = object()
+_UNSET = object()
+
+_BACKENDS = {"shm": shm}
+_PLANNED = {
+    "backend": {"file": "the file backend", "redis": "the Redis backend"},
+    "topology": {"replicated": "the replicated topology (vela-bridge)",
+                 "partitioned": "the partitioned topology (vela-bridge)"},
+}
+
+# Handles whose sweeper thread must be restarted in a forked child.
+_live = weakref.WeakSet()
+
+
+def _backend_module(backend):
+    if isinstance(backend, str):
+        if backend in _BACKENDS:
+            return _BACKENDS[backend]
+        if backend in _PLANNED["backend"]:
+            raise OptionError(f"backend={backend!r}: {_PLANNED['backend'][backend]} is not available "
+                              "in this version")
+    raise OptionError(f"backend must be one of {', '.join(_BACKENDS)}, not {backend!r}")
+
+
+class Cache:
+    """A cache shared by every process of the host that opens the same name.
+
+    ``Cache(name, **options)`` attaches to the segment of that name, or creates
+    it. Options that shape the segment (capacity, stripes, max_size,
+    max_entry_size, eviction_policy, backend) must agree between processes: an
+    omitted one adopts the segment's value, a different one raises
+    :class:`vela.LayoutMismatch`. Every other option belongs to this handle.
+
+    :param capacity: bytes of the whole segment (int, or a string like "256MiB").
+    :param default_ttl: seconds an entry lives when put without ``ttl`` (None: forever).
+    :raises vela.OptionError: an unknown option or a bad value (the message names it).
+    """
+
+    def __init__(self, name, *, backend="shm", backend_opts=None, topology="local",
+                 topology_opts=None, capacity=_UNSET, stripes=_UNSET, max_size=_UNSET,
+                 max_entry_size=_UNSET, eviction_policy=_UNSET, default_ttl=None,
+                 stampede_protection=True, stampede_timeout=5.0, stats_enabled=True,
+                 telemetry_prefix=("vela", "cache"), sweep_interval=30.0, near_cache=False,
+                 near_cache_l1_ttl=60.0, serializer="pickle", lock_timeout=10.0, **unknown):
+        if unknown:
+            raise OptionError(f"unknown option{'s' if len(unknown) > 1 else ''}: "
+                              f"{', '.join(sorted(unknown))}")
+        self._table = None
+        self.name = options.check_name(name)
+        self._backend = _backend_module(backend)
+        if backend_opts not in (None, {}):
+            raise OptionError(f"backend_opts: the {backend} backend takes no options, got {backend_opts!r}")
+        if topology != "local":
+            what = _PLANNED["topology"].get(topology)
+            raise OptionError(f"topology={topology!r}: " + (f"{what} is not available in this version"
+                              if what else "must be one of local, replicated, partitioned"))
+        if topology_opts not in (None, {}):
+            raise OptionError(f"topology_opts: the local topology takes no options, got {topology_opts!r}")
+        if near_cache:
+            raise OptionError("near_cache=True needs a remote store (Redis or partitioned), "
+                              "which is not available in this version")
+        options.seconds("near_cache_l1_ttl", near_cache_l1_ttl, allow_none=False, allow_inf=False)
+        self.default_ttl = options.seconds("default_ttl", default_ttl)
+        self.stampede_protection = bool(stampede_protection)
+        self.stampede_timeout = options.seconds("stampede_timeout", stampede_timeout, allow_none=False,
+                                                allow_inf=False)
+        self.sweep_interval = options.seconds("sweep_interval", sweep_interval, allow_inf=False)
+        if (not isinstance(telemetry_prefix, (tuple, list)) or not telemetry_prefix
+                or not all(isinstance(p, str) for p in telemetry_prefix)):
+            raise OptionError(f"telemetry_prefix must be a non-empty tuple of str, not {telemetry_prefix!r}")
+        self.telemetry_prefix = tuple(telemetry_prefix)
+        self._events = {op: self.telemetry_prefix + (op, "stop")
+                        for op in ("get", "put", "fetch", "delete", "invalidate_tag", "flush")}
+        dumps, codec, loaders = serializers.resolve(serializer)
+        lock_timeout = options.seconds("lock_timeout", lock_timeout, allow_none=False, allow_inf=False)
+
+        fd = self._backend.open_fd(self.name)
+        try:
+            self._table = _native.Table(
+                fd=fd,
+                backend=self._backend.KIND,
+                capacity=-1 if capacity is _UNSET else options.parse_size("capacity", capacity),
+                stripes=-1 if stripes is _UNSET else options.stripes(stripes),
+                max_size=-1 if max_size is _UNSET else (options.positive_int("max_size", max_size,
+                                                                             allow_none=True) or 0),
+                max_entry_size=-1 if max_entry_size is _UNSET
+                else options.parse_size("max_entry_size", max_entry_size),
+                eviction=-1 if eviction_policy is _UNSET else options.eviction_policy(eviction_policy),
+                dumps=dumps, dumps_codec=codec, loaders=loaders,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        self._table.stats_enabled = bool(stats_enabled)
+        self._table.lock_timeout = lock_timeout
+        self._stop = None
+        self._start_sweeper()
+        _live.add(self)
+
+    # ---- reading ----------------------------------------------------------------
+
+    def get(self, key, default=None):
+        """The value stored under ``key``, or ``default`` when absent or expired."""
+        if telemetry.active:
+            return self._traced_get(key, default)
+        return self._table.get(key, default)
+
+    def _traced_get(self, key, default):
+        start = time.perf_counter_ns()
+        value = self._table.get(key, _MISSING)
+        telemetry.execute(self._events["get"], {"duration": time.perf_counter_ns() - start},
+                          {"cache": self.name, "key": key,
+                           "result": "miss" if value is _MISSING else "hit"})
+        return default if value is _MISSING else value
+
+    def __getitem__(self, key):
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def exists(self, key):
+        """True when a live entry is stored under ``key`` (not counted as a hit or miss)."""
+        return self._table.contains(key)
+
+    __contains__ = exists
+
+    def ttl(self, key):
+        """Remaining seconds of ``key``; None when it never expires.
+
+        :raises KeyError: when the key is absent.
+        """
+        found, remaining = self._table.ttl(key)
+        if not found:
+            raise KeyError(key)
+        return None if remaining < 0 else remaining / 1e9
+
+    # ---- writing ----------------------------------------------------------------
+
+    def put(self, key, value, ttl=None, tags=()):
+        """Store ``value`` under ``key``.
+
+        :param ttl: seconds to live; None uses ``default_ttl``; ``math.inf`` never expires.
+        :param tags: iterable of str; ``invalidate_tag`` removes every entry carrying one.
+        :raises TypeError: the key type is unsupported or the serializer rejects the value.
+        :raises vela.ValueTooLarge: the entry is bigger than ``max_entry_size``.
+        :raises vela.CacheFull: no room and ``eviction_policy="ttl_only"``.
+        """
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        if telemetry.active:
+            start = time.perf_counter_ns()
+            self._table.put(key, value, ns, tags)
+            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "key": key, "ttl": ttl})
+            return
+        self._table.put(key, value, ns, tags)
+
+    def __setitem__(self, key, value):
+        self.put(key, value)
+
+    def delete(self, key):
+        """Remove ``key``; True when something was removed."""
+        if telemetry.active:
+            start = time.perf_counter_ns()
+            removed = self._table.delete(key)
+            telemetry.execute(self._events["delete"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "key": key, "result": removed})
+            return removed
+        return self._table.delete(key)
+
+    def __delitem__(self, key):
+        if not self.delete(key):
+            raise KeyError(key)
+
+    def touch(self, key, ttl=None):
+        """Give ``key`` a new time to live (None: default_ttl); True when it exists."""
+        return self._table.touch(key, options.ttl_ns(ttl, self.default_ttl))
+
+    def incr(self, key, delta=1, ttl=None):
+        """Add ``delta`` to the integer under ``key`` atomically across processes.
+
+        A missing key starts at 0 and takes ``ttl``; an existing counter keeps its expiry.
+
+        :raises TypeError: the stored value is not an integer.
+        :raises OverflowError: the result leaves the signed 64-bit range.
+        """
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+        return self._table.incr(key, delta, options.ttl_ns(ttl, self.default_ttl))
+
+    def decr(self, key, delta=1, ttl=None):
+        """``incr(key, -delta, ttl)``."""
+        return self.incr(key, -delta, ttl)
+
+    def get_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
+        """The cached value of ``key``, or ``fetch_fn(key)`` stored and returned.
+
+        When the value cannot be stored (ttl_only and full), it is still returned.
+        """
+        value = self._table.get(key, _MISSING)
+        result = "hit"
+        start = time.perf_counter_ns() if telemetry.active else 0
+        if value is _MISSING:
+            result = "fetched"
+            value = fetch_fn(key)
+            self._table.bump("fetches")
+            try:
+                self._table.put(key, value, options.ttl_ns(ttl, self.default_ttl), tags)
+            except CacheFull:
+                pass
+        if telemetry.active:
+            telemetry.execute(self._events["fetch"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "key": key, "result": result})
+        return value
+
+    def invalidate_tag(self, tag):
+        """Remove every entry carrying ``tag``; returns how many live entries were removed."""
+        start = time.perf_counter_ns() if telemetry.active else 0
+        count = self._table.invalidate_tag(tag)
+        if telemetry.active:
+            telemetry.execute(self._events["invalidate_tag"],
+                              {"duration": time.perf_counter_ns() - start, "count": count},
+                              {"cache": self.name, "tag": tag})
+        return count
+
+    def flush(self):
+        """Remove every entry; returns how many were removed."""
+        start = time.perf_counter_ns() if telemetry.active else 0
+        count = self._table.flush()
+        if telemetry.active:
+            telemetry.execute(self._events["flush"],
+                              {"duration": time.perf_counter_ns() - start, "count": count},
+                              {"cache": self.name})
+        return count
+
+    def expire(self):
+        """Reclaim expired entries now; returns how many."""
+        return self._table.expire()
+
+    # ---- about the cache -----------------------------------------------------------
+
+    def size(self):
+        """Entries stored (an expired entry counts until it is reclaimed)."""
+        return self._table.size()
+
+    def __len__(self):
+        return self._table.size()
+
+    def stats(self, reset=False):
+        """Counters summed over every process of the host, plus size and memory.
+
+        :param reset: zero the counters after reading them.
+        """
+        counters = self._table.stats(reset)
+        info = self._table.info()
+        lookups = counters["hits"] + counters["misses"]
+        counters.update(size=info["entries"], memory_used=info["memory_used"],
+                        capacity=info["capacity"],
+                        hit_ratio=counters["hits"] / lookups if lookups else 0.0)
+        return counters
+
+    def reset_stats(self):
+        self._table.stats(True)
+
+    def info(self):
+        """The segment's layout (the options agreed between processes) and memory figures."""
+        return self._table.info()
+
+    def check(self):
+        """Verify every invariant of the table; [] when sound, else one line per problem."""
+        return self._table.check()
+
+    # ---- lifetime -----------------------------------------------------------------
+
+    @property
+    def closed(self):
+        return self._table is None or self._table.closed
+
+    def close(self):
+        """Release this handle (the cache itself stays for other processes)."""
+        if self._stop is not None:
+            self._stop.set()
+        if self._table is not None:
+            self._table.close()
+        _live.discard(self)
+
+    def destroy(self):
+        """Close this handle and remove the cache's segment."""
+        self.close()
+        return self._backend.destroy(self.name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"{self.size()} entries"
+        return f"<vela.Cache {self.name!r} ({state})>"
+
+    # ---- background sweep ----------------------------------------------------------
+
+    def _start_sweeper(self):
+        """One thread per handle; only the host's elected sweeper does the work."""
+        if self.sweep_interval is None:
+            return
+        stop = self._stop = threading.Event()
+        ref = weakref.ref(self)
+        interval = self.sweep_interval
+        thread = threading.Thread(target=_sweep_loop, args=(ref, stop, interval),
+                                  name=f"vela-sweep-{self.name}", daemon=True)
+        thread.start()
+
+
+def _sweep_loop(ref, stop, interval):
+    stale_ns = int(interval * 3e9)
+    while not stop.wait(interval):
+        cache = ref()
+        if cache is None or cache.closed:
+            return
+        try:
+            if cache._table.sweeper_elect(stale_ns):
+                cache._table.expire()
+        except Exception:  # a closed or broken handle: the sweep ends, calls report it
+            return
+        finally:
+            del cache
+
+
+def _restart_sweepers_after_fork():
+    for cache in list(_live):
+        if not cache.closed:
+            cache._start_sweeper()
+
+
+os.register_at_fork(after_in_child=_restart_sweepers_after_fork)
+
+
+def destroy(name, backend="shm", backend_opts=None, **_ignored):
+    """Remove the cache ``name`` from the host; True when it existed.
+
+    Takes the same backend options as :class:`Cache`. Handles still open keep
+    working on the removed segment until they close; new handles get a fresh one.
+    """
+    options.check_name(name)
+    return _backend_module(backend).destroy(name)

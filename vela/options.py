@@ -1,0 +1,92 @@
+"""Parsing and validation of Cache options. Every error names the option."""
+
+import math
+import re
+
+from .errors import OptionError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+
+EVICTION_POLICIES = ("lru", "lfu", "ttl_only")
+
+
+def parse_size(option, value):
+    """Bytes from an int or a string such as "64MiB", "1.5GB", "512k"."""
+    if isinstance(value, bool):
+        raise OptionError(f"{option} must be a number of bytes or a string like '64MiB', not {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise OptionError(f"{option} must be positive, not {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            if n > 0:
+                return n
+    raise OptionError(f"{option} must be a number of bytes or a string like '64MiB', not {value!r}")
+
+
+def check_name(name):
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise OptionError(
+            f"cache name {name!r} is not valid: use 1 to 200 letters, digits, '_', '-' or '.', "
+            "not starting with '.' or '-'"
+        )
+    return name
+
+
+def seconds(option, value, allow_none=True, allow_inf=True):
+    """A duration in seconds: positive, finite (or inf when allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{option} must be a number of seconds, not {value!r}")
+    if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
+        raise OptionError(f"{option} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def ttl_ns(ttl, default_ttl):
+    """Nanoseconds for the table (0 = never) from a ttl argument.
+
+    None means the cache's default_ttl; math.inf means never, whatever the default.
+    """
+    if ttl is None:
+        ttl = default_ttl
+        if ttl is None:
+            return 0
+    elif isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or math.isnan(ttl) or ttl <= 0:
+        raise ValueError(f"ttl must be a positive number of seconds or math.inf, not {ttl!r}")
+    if math.isinf(ttl):
+        return 0
+    return max(1, int(ttl * 1e9))
+
+
+def positive_int(option, value, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise OptionError(f"{option} must be a positive integer, not {value!r}")
+    return value
+
+
+def stripes(value):
+    value = positive_int("stripes", value)
+    if value & (value - 1) or value > 4096:
+        raise OptionError(f"stripes must be a power of two from 1 to 4096, not {value}")
+    return value
+
+
+def eviction_policy(value):
+    if value not in EVICTION_POLICIES:
+        raise OptionError(f"eviction_policy must be one of {', '.join(EVICTION_POLICIES)}, not {value!r}")
+    return EVICTION_POLICIES.index(value)

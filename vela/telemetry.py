@@ -1,0 +1,76 @@
+"""Telemetry events, in the manner of Elixir's :telemetry.
+
+    vela.telemetry.attach("log-gets", [("vela", "cache", "get", "stop")], handler)
+    def handler(event, measurements, metadata): ...
+
+Handlers run in the calling process and thread, after the cache call's work.
+A handler that raises is detached and logged; the cache call is not affected.
+With no handler attached, the cost to a cache call is one attribute check.
+"""
+
+import logging
+import threading
+
+__all__ = ["attach", "detach", "execute", "list_handlers"]
+
+log = logging.getLogger("vela.telemetry")
+
+# True while any handler is attached: the one check the hot path makes.
+active = False
+
+_lock = threading.Lock()
+_by_event = {}   # event tuple -> tuple of (handler_id, fn)
+_by_id = {}      # handler_id -> (events, fn)
+
+
+def _rebuild():
+    global active
+    by_event = {}
+    for handler_id, (events, fn) in _by_id.items():
+        for event in events:
+            by_event.setdefault(event, []).append((handler_id, fn))
+    _by_event.clear()
+    _by_event.update({e: tuple(h) for e, h in by_event.items()})
+    active = bool(_by_event)
+
+
+def attach(handler_id, events, fn):
+    """Call ``fn(event, measurements, metadata)`` for each event in ``events``.
+
+    :param handler_id: any hashable; attaching an id twice raises ValueError.
+    :param events: iterable of event tuples such as ``("vela", "cache", "get", "stop")``.
+    """
+    if not callable(fn):
+        raise TypeError("telemetry handler must be callable")
+    events = [tuple(e) for e in events]
+    if not events or not all(events):
+        raise ValueError("attach needs at least one non-empty event tuple")
+    with _lock:
+        if handler_id in _by_id:
+            raise ValueError(f"a telemetry handler with id {handler_id!r} is already attached")
+        _by_id[handler_id] = (events, fn)
+        _rebuild()
+
+
+def detach(handler_id):
+    """Remove a handler; True when it was attached."""
+    with _lock:
+        if _by_id.pop(handler_id, None) is None:
+            return False
+        _rebuild()
+        return True
+
+
+def list_handlers():
+    with _lock:
+        return {hid: list(events) for hid, (events, _) in _by_id.items()}
+
+
+def execute(event, measurements, metadata):
+    """Deliver an event to its handlers."""
+    for handler_id, fn in _by_event.get(event, ()):
+        try:
+            fn(event, measurements, metadata)
+        except Exception:
+            log.exception("telemetry handler %r raised and was detached", handler_id)
+            detach(handler_id)
