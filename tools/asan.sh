@@ -15,11 +15,13 @@
 #        ASAN_OPTIONS=detect_leaks=0                     (CPython leaks at exit by
 #                                                       design: leak reports would
 #                                                       be noise)
-#      so any out-of-bounds access or use-after-free in the C core aborts the test
-#      process with a report that names the source line;
+#      so any out-of-bounds access or use-after-free in the C core aborts the
+#      process with a report that names the source line. pytest would swallow
+#      the report (it captures stderr), so ASan writes it to a file (log_path)
+#      and the script prints every report after the run;
 #   3. rebuilds vela._native normally (also when the tests fail or you press ^C),
 #      so your environment is left as it was.
-# The exit status is pytest's.
+# The exit status is pytest's, and non-zero when any process wrote a report.
 #
 # The preload applies to every process the tests start (forked workers included,
 # which is what we want). Needs gcc's libasan (Debian: libasan8, pulled in by gcc).
@@ -63,6 +65,24 @@ echo "==> building vela._native with AddressSanitizer"
 trap rebuild_normal EXIT
 build address
 
+# pytest captures file descriptor 2, and a process that ASan aborts takes the
+# captured text with it: reports go to files instead, shown below.
+REPORTS=$(mktemp -d)
 echo "==> python -m pytest -q $* (LD_PRELOAD=$LIBASAN, ASAN_OPTIONS=detect_leaks=0)"
-LD_PRELOAD="$LIBASAN" ASAN_OPTIONS="detect_leaks=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
-    "$PYTHON" -m pytest -q "$@"
+rc=0
+LD_PRELOAD="$LIBASAN" \
+ASAN_OPTIONS="detect_leaks=0:log_path=$REPORTS/asan${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
+    "$PYTHON" -m pytest -q "$@" || rc=$?
+
+shopt -s nullglob
+reports=("$REPORTS"/asan.*)
+if [ "${#reports[@]}" -gt 0 ]; then
+    for f in "${reports[@]}"; do
+        printf '\n==> AddressSanitizer report (process %s)\n' "${f##*.}"
+        cat "$f"
+    done
+    echo "asan.sh: ${#reports[@]} AddressSanitizer report(s) above" >&2
+    [ "$rc" -ne 0 ] || rc=1
+fi
+rm -rf "$REPORTS"
+exit "$rc"
