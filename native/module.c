@@ -341,7 +341,6 @@ static PyObject *Table_incr(TableObject *self, PyObject *args)
     vela_err err = vela_incr(&self->t, &kb.key, delta, expire_at_for(&self->t, ttl_ns), &result);
     if (err != VELA_OK)
         return raise_vela(err);
-    VELA_COUNT(&self->t, VELA_STAT_WRITES);
     return PyLong_FromLongLong(result);
 }
 

@@ -131,7 +131,7 @@ static vela_err lay_out(vela_header *hdr, const vela_options *o, uint64_t cap)
     hdr->slots_off = off;
     off = align_up(off + VELA_STAT_SLOTS * sizeof(vela_slot), 4096);
     hdr->heap_off = off;
-    hdr->heap_end = cap;
+    hdr->heap_end = cap & ~(uint64_t)7;
     if (off + (64u << 10) > cap)
         return vela_fail(VELA_EINVAL, "capacity of %llu bytes is too small for %llu stripes "
                          "(the index alone takes %llu bytes)", (unsigned long long)cap,
@@ -233,7 +233,7 @@ static vela_err validate(const vela_header *h, uint64_t size)
              h->tagbuckets_off >= h->buckets_off + (uint64_t)h->stripes * h->buckets * 4 &&
              h->slots_off >= h->tagbuckets_off + (uint64_t)h->stripes * h->tagbuckets * 4 &&
              h->heap_off >= h->slots_off + VELA_STAT_SLOTS * sizeof(vela_slot) &&
-             h->heap_off % 8 == 0 && h->heap_end == size && h->heap_off + 4096 < h->heap_end &&
+             h->heap_off % 8 == 0 && h->heap_end == (size & ~(uint64_t)7) && h->heap_off + 4096 < h->heap_end &&
              h->eviction <= 2;
     if (!ok)
         return vela_fail(VELA_ECORRUPT, "segment header is inconsistent");
@@ -282,7 +282,6 @@ vela_err vela_open(int fd, const vela_options *o, vela_table *out)
                         VELA_MIN_CAPACITY, VELA_MAX_CAPACITY, (unsigned long long)cap);
         goto out;
     }
-    cap = cap / 4096 * 4096;
     vela_header probe;
     memset(&probe, 0, sizeof probe);
     if ((err = lay_out(&probe, o, cap)) != VELA_OK)

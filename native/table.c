@@ -260,7 +260,6 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
         __atomic_fetch_add(&t->hdr->entries, 1, __ATOMIC_RELAXED);
     }
     vela_write_end(t, s);
-    VELA_COUNT(t, VELA_STAT_WRITES);
     return err;
 }
 
@@ -272,6 +271,8 @@ vela_err vela_put(vela_table *t, const vela_put_args *a)
         return err;
     err = vela_do_put(t, s, a);
     vela_stripe_unlock(t, s);
+    if (err == VELA_OK)
+        VELA_COUNT(t, VELA_STAT_WRITES);
     return err;
 }
 
@@ -438,6 +439,8 @@ vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t expi
     a.value_len = 8;
     err = vela_do_put(t, s, &a);
     vela_stripe_unlock(t, s);
+    if (err == VELA_OK)
+        VELA_COUNT(t, VELA_STAT_WRITES);
     *result = value;
     return err;
 }

@@ -88,22 +88,23 @@ class Cache:
         dumps, codec, loaders = serializers.resolve(serializer)
         lock_timeout = options.seconds("lock_timeout", lock_timeout, allow_none=False, allow_inf=False)
 
-        fd = self._backend.open_fd(self.name)
+        layout = dict(
+            backend=self._backend.KIND,
+            capacity=-1 if capacity is _UNSET else options.capacity(capacity),
+            stripes=-1 if stripes is _UNSET else options.stripes(stripes),
+            max_size=-1 if max_size is _UNSET else (options.positive_int("max_size", max_size,
+                                                                         allow_none=True) or 0),
+            max_entry_size=-1 if max_entry_size is _UNSET
+            else options.parse_size("max_entry_size", max_entry_size),
+            eviction=-1 if eviction_policy is _UNSET else options.eviction_policy(eviction_policy),
+        )
+        fd, created = self._backend.open_fd(self.name)
         try:
-            self._table = _native.Table(
-                fd=fd,
-                backend=self._backend.KIND,
-                capacity=-1 if capacity is _UNSET else options.parse_size("capacity", capacity),
-                stripes=-1 if stripes is _UNSET else options.stripes(stripes),
-                max_size=-1 if max_size is _UNSET else (options.positive_int("max_size", max_size,
-                                                                             allow_none=True) or 0),
-                max_entry_size=-1 if max_entry_size is _UNSET
-                else options.parse_size("max_entry_size", max_entry_size),
-                eviction=-1 if eviction_policy is _UNSET else options.eviction_policy(eviction_policy),
-                dumps=dumps, dumps_codec=codec, loaders=loaders,
-            )
+            self._table = _native.Table(fd=fd, dumps=dumps, dumps_codec=codec, loaders=loaders, **layout)
         except BaseException:
             os.close(fd)
+            if created:  # nothing half-made stays behind
+                self._backend.discard_if_empty(self.name)
             raise
         self._table.stats_enabled = bool(stats_enabled)
         self._table.lock_timeout = lock_timeout

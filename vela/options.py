@@ -35,6 +35,17 @@ def parse_size(option, value):
     raise OptionError(f"{option} must be a number of bytes or a string like '64MiB', not {value!r}")
 
 
+MIN_CAPACITY = 1 << 20
+MAX_CAPACITY = 32 << 30
+
+
+def capacity(value):
+    n = parse_size("capacity", value)
+    if not MIN_CAPACITY <= n <= MAX_CAPACITY:
+        raise OptionError(f"capacity must be from 1 MiB to 32 GiB, not {value!r} ({n} bytes)")
+    return n
+
+
 def check_name(name):
     if not isinstance(name, str) or not _NAME.match(name):
         raise OptionError(
