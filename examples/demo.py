@@ -35,7 +35,9 @@ def expensive(key):
 
 
 def say(wid, message):
-    print(f"  [worker {wid}] {message}", flush=True)
+    # One write per line: lines of workers printing at the same moment stay whole.
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), f"  [worker {wid}] {message}\n".encode())
 
 
 def heading(text):
@@ -119,7 +121,12 @@ def worker(wid, phases):
         phases.sync()
         if wid == 0:
             runs = phases.fetch_runs.value
-            print(f"  -> fetch_fn ran {runs} time(s) for {WORKERS} callers", flush=True)
+            if runs == 1:
+                print(f"  -> fetch_fn ran once; the other {WORKERS - 1} callers waited for its result",
+                      flush=True)
+            else:
+                print(f"  -> fetch_fn ran {runs} times for {WORKERS} callers: this version has no "
+                      "stampede protection yet (planned)", flush=True)
 
         # 4. A TTL running out, seen by every worker.
         if wid == 0:
