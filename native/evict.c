@@ -66,8 +66,12 @@ static uint32_t walk(vela_table *t, uint32_t s, uint32_t need, int slot)
             continue;
         }
         if (!(b->size_flags & VELA_BLK_USED)) {
-            if (need && size >= need)
-                return vela_heap_take(t, ref, need, s, slot);
+            if (need && size >= need) {
+                uint32_t got = vela_heap_take(t, ref, need, s, slot);
+                /* Move on: the new entry must not be the next victim. */
+                h->hand = got + (vela_block_size(blk(t, got)) >> 3);
+                return got;
+            }
             h->hand = ref + (size >> 3);
             walked += size;
             continue;

@@ -153,6 +153,8 @@ static int Table_init(TableObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+static PyObject *read_and_unlock(TableObject *self, uint32_t s, uint32_t ref);
+
 /* get(key, default=None): the hot path. Hash, lock one stripe, copy, unlock. */
 static PyObject *Table_get(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -170,24 +172,15 @@ static PyObject *Table_get(TableObject *self, PyObject *const *args, Py_ssize_t 
     if (err != VELA_OK)
         return raise_vela(err);
     uint32_t ref = vela_find(t, s, &kb.key);
-    PyObject *raw = NULL;
-    uint8_t codec = 0;
     if (ref) {
-        vela_block *b = (vela_block *)vela_at(t, ref);
-        vela_entry *e = vela_entry_of(b);
-        vela_mark_access(t, b);
-        codec = e->codec;
-        raw = vela_decode_raw(codec, vela_value_of(e), e->value_len);
+        VELA_COUNT(t, VELA_STAT_HITS);
+        return read_and_unlock(self, s, ref);
     }
     vela_stripe_unlock(t, s);
-    if (!ref) {
-        VELA_COUNT(t, VELA_STAT_MISSES);
-        PyObject *dflt = nargs > 1 ? args[1] : Py_None;
-        Py_INCREF(dflt);
-        return dflt;
-    }
-    VELA_COUNT(t, VELA_STAT_HITS);
-    return vela_decode_finish(codec, raw, self->loaders);
+    VELA_COUNT(t, VELA_STAT_MISSES);
+    PyObject *dflt = nargs > 1 ? args[1] : Py_None;
+    Py_INCREF(dflt);
+    return dflt;
 }
 
 static PyObject *Table_contains(TableObject *self, PyObject *key)
@@ -238,6 +231,264 @@ static PyObject *Table_put(TableObject *self, PyObject *const *args, Py_ssize_t 
     if (err != VELA_OK)
         return raise_vela(err);
     Py_RETURN_NONE;
+}
+
+/* Decode the entry at `ref` of the locked stripe s, unlock, finish decoding. */
+static PyObject *read_and_unlock(TableObject *self, uint32_t s, uint32_t ref)
+{
+    vela_table *t = &self->t;
+    vela_block *b = (vela_block *)vela_at(t, ref);
+    vela_entry *e = vela_entry_of(b);
+    vela_mark_access(t, b);
+    uint8_t codec = e->codec;
+    PyObject *raw = vela_decode_raw(codec, vela_value_of(e), e->value_len);
+    vela_stripe_unlock(t, s);
+    return vela_decode_finish(codec, raw, self->loaders);
+}
+
+/* fetch_begin(key, budget_ns, poll_ns) -> (status, value, token, waited)
+ * status 0: hit (value); 1: this process fetches (token); 2: waited the whole
+ * budget; 3: fetch without a lease. See lease.c. */
+static PyObject *Table_fetch_begin(TableObject *self, PyObject *args)
+{
+    PyObject *key;
+    long long budget_ns, poll_ns;
+    if (!PyArg_ParseTuple(args, "OLL", &key, &budget_ns, &poll_ns))
+        return NULL;
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    if (vela_encode_key(key, &kb) < 0)
+        return NULL;
+    vela_fetch_status status;
+    vela_lease_token token;
+    uint32_t ref = 0;
+    int waited = 0;
+    vela_err err = vela_fetch_begin(&self->t, &kb.key, budget_ns, poll_ns, &status, &ref, &token, &waited);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    if (waited)
+        VELA_COUNT(&self->t, VELA_STAT_STAMPEDE_WAITS);
+    if (status == VELA_FETCH_HIT) {
+        VELA_COUNT(&self->t, VELA_STAT_HITS);
+        PyObject *value = read_and_unlock(self, token.stripe, ref);
+        if (!value)
+            return NULL;
+        return Py_BuildValue("(iNOO)", (int)status, value, Py_None, waited ? Py_True : Py_False);
+    }
+    VELA_COUNT(&self->t, VELA_STAT_MISSES);
+    if (status == VELA_FETCH_TIMEOUT)
+        VELA_COUNT(&self->t, VELA_STAT_STAMPEDE_TIMEOUTS);
+    if (status != VELA_FETCH_MINE)
+        return Py_BuildValue("(iOOO)", (int)status, Py_None, Py_None, waited ? Py_True : Py_False);
+    return Py_BuildValue("(iO(IIK)O)", (int)status, Py_None, token.stripe, token.slot,
+                         (unsigned long long)token.hash, waited ? Py_True : Py_False);
+}
+
+static int parse_token(PyObject *obj, vela_lease_token *token)
+{
+    unsigned long long hash;
+    if (!PyArg_ParseTuple(obj, "IIK", &token->stripe, &token->slot, &hash))
+        return -1;
+    token->hash = hash;
+    return 0;
+}
+
+/* fetch_complete(token, key, value, ttl_ns, tags): store and release the lease. */
+static PyObject *Table_fetch_complete(TableObject *self, PyObject *args)
+{
+    PyObject *tok, *key, *value, *tags;
+    long long ttl_ns;
+    if (!PyArg_ParseTuple(args, "OOOLO", &tok, &key, &value, &ttl_ns, &tags))
+        return NULL;
+    READY_OR_NULL(self);
+    vela_lease_token token;
+    vela_keybuf kb;
+    vela_valbuf vb;
+    uint64_t taghashes[VELA_MAX_TAGS];
+    Py_ssize_t ntags;
+    if (parse_token(tok, &token) < 0)
+        return NULL;
+    if ((ntags = vela_encode_tags(tags, taghashes)) < 0 || vela_encode_key(key, &kb) < 0 ||
+        vela_encode_value(value, self->dumps, self->dumps_codec, &vb) < 0) {
+        /* the value cannot be stored: release the lease so waiters fetch */
+        PyObject *type, *val, *tb;
+        PyErr_Fetch(&type, &val, &tb);
+        vela_fetch_complete(&self->t, &token, NULL);
+        PyErr_Restore(type, val, tb);
+        return NULL;
+    }
+    vela_put_args a = {.key = &kb.key, .value = vb.bytes, .value_len = vb.len, .codec = vb.codec,
+                       .expire_at = expire_at_for(&self->t, ttl_ns), .tags = taghashes,
+                       .ntags = (size_t)ntags};
+    vela_err err = vela_fetch_complete(&self->t, &token, &a);
+    vela_valbuf_release(&vb);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_fetch_abort(TableObject *self, PyObject *tok)
+{
+    READY_OR_NULL(self);
+    vela_lease_token token;
+    if (parse_token(tok, &token) < 0)
+        return NULL;
+    vela_err err = vela_fetch_complete(&self->t, &token, NULL);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_release_leases(TableObject *self, PyObject *pid)
+{
+    READY_OR_NULL(self);
+    long p = PyLong_AsLong(pid);
+    if (p == -1 && PyErr_Occurred())
+        return NULL;
+    uint32_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = vela_leases_release_pid(&self->t, (uint32_t)p);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLong(n);
+}
+
+/* get_many(keys) -> {key: value} for the keys present (one call, a lock per key). */
+static PyObject *Table_get_many(TableObject *self, PyObject *keys)
+{
+    READY_OR_NULL(self);
+    PyObject *seq = PySequence_Fast(keys, "get_many takes an iterable of keys");
+    if (!seq)
+        return NULL;
+    PyObject *out = PyDict_New();
+    vela_table *t = &self->t;
+    for (Py_ssize_t i = 0; out && i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(seq, i);
+        vela_keybuf kb;
+        vela_err err;
+        if (vela_encode_key(key, &kb) < 0) {
+            Py_CLEAR(out);
+            break;
+        }
+        uint32_t s = vela_stripe_of(t, kb.key.hash);
+        if ((err = vela_stripe_lock(t, s)) != VELA_OK) {
+            raise_vela(err);
+            Py_CLEAR(out);
+            break;
+        }
+        uint32_t ref = vela_find(t, s, &kb.key);
+        if (!ref) {
+            vela_stripe_unlock(t, s);
+            VELA_COUNT(t, VELA_STAT_MISSES);
+            continue;
+        }
+        VELA_COUNT(t, VELA_STAT_HITS);
+        PyObject *value = read_and_unlock(self, s, ref);
+        if (!value || PyDict_SetItem(out, key, value) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(value);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
+/* put_many(items, ttl_ns, tags): items is a sequence of (key, value). Every
+ * item is encoded before the first is stored, so a bad one stores nothing. */
+static PyObject *Table_put_many(TableObject *self, PyObject *args)
+{
+    PyObject *items, *tags;
+    long long ttl_ns;
+    if (!PyArg_ParseTuple(args, "OLO", &items, &ttl_ns, &tags))
+        return NULL;
+    READY_OR_NULL(self);
+    uint64_t taghashes[VELA_MAX_TAGS];
+    Py_ssize_t ntags = vela_encode_tags(tags, taghashes);
+    if (ntags < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(items, "put_many takes (key, value) pairs");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), done = 0;
+    vela_keybuf *kbs = PyMem_Malloc(sizeof(vela_keybuf) * (size_t)(n ? n : 1));
+    vela_valbuf *vbs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(vela_valbuf));
+    PyObject *result = NULL;
+    if (!kbs || !vbs) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (; done < n; done++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, done);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "put_many takes (key, value) pairs");
+            goto out;
+        }
+        if (vela_encode_key(PyTuple_GET_ITEM(pair, 0), &kbs[done]) < 0 ||
+            vela_encode_value(PyTuple_GET_ITEM(pair, 1), self->dumps, self->dumps_codec, &vbs[done]) < 0)
+            goto out;
+        kbs[done].key.bytes = kbs[done].bytes;
+        uint64_t size = vela_entry_block_size(kbs[done].key.len, vbs[done].len, (size_t)ntags);
+        if (size == 0 || size > self->t.hdr->max_entry_size) {
+            raise_vela(vela_fail(VELA_ETOOLARGE, "entry of %llu bytes for item %zd is larger than "
+                                 "max_entry_size (%llu bytes)", (unsigned long long)size, done,
+                                 (unsigned long long)self->t.hdr->max_entry_size));
+            done++;
+            goto out;
+        }
+    }
+    int64_t expire_at = expire_at_for(&self->t, ttl_ns);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        vela_put_args a = {.key = &kbs[i].key, .value = vbs[i].bytes, .value_len = vbs[i].len,
+                           .codec = vbs[i].codec, .expire_at = expire_at, .tags = taghashes,
+                           .ntags = (size_t)ntags};
+        vela_err err = vela_put(&self->t, &a);
+        if (err != VELA_OK) {
+            raise_vela(err);
+            goto out;
+        }
+    }
+    result = Py_None;
+    Py_INCREF(result);
+out:
+    for (Py_ssize_t i = 0; vbs && i < done && i < n; i++)
+        vela_valbuf_release(&vbs[i]);
+    PyMem_Free(kbs);
+    PyMem_Free(vbs);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* delete_many(keys) -> number removed */
+static PyObject *Table_delete_many(TableObject *self, PyObject *keys)
+{
+    READY_OR_NULL(self);
+    PyObject *seq = PySequence_Fast(keys, "delete_many takes an iterable of keys");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    vela_keybuf *kbs = PyMem_Malloc(sizeof(vela_keybuf) * (size_t)(n ? n : 1));
+    PyObject *result = NULL;
+    if (!kbs) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (vela_encode_key(PySequence_Fast_GET_ITEM(seq, i), &kbs[i]) < 0)
+            goto out;
+        kbs[i].key.bytes = kbs[i].bytes;
+    }
+    unsigned long long removed = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        vela_err err = VELA_OK;
+        removed += (unsigned long long)vela_delete(&self->t, &kbs[i].key, &err);
+        if (err != VELA_OK) {
+            raise_vela(err);
+            goto out;
+        }
+    }
+    result = PyLong_FromUnsignedLongLong(removed);
+out:
+    PyMem_Free(kbs);
+    Py_DECREF(seq);
+    return result;
 }
 
 static PyObject *Table_delete(TableObject *self, PyObject *key)
@@ -427,7 +678,7 @@ static PyObject *Table_info(TableObject *self, PyObject *Py_UNUSED(ignored))
     vela_header *h = self->t.hdr;
     static const char *const evictions[] = {"lru", "lfu", "ttl_only"};
     return Py_BuildValue(
-        "{s:I,s:s,s:K,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:L,s:I,s:I,s:k,s:I,s:I}",
+        "{s:I,s:s,s:K,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:L,s:I,s:I,s:k,s:I,s:I,s:I}",
         "format", h->format, "eviction_policy", evictions[h->eviction % 3],
         "capacity", (unsigned long long)h->capacity, "stripes", h->stripes, "buckets_per_stripe", h->buckets,
         "tag_buckets_per_stripe", h->tagbuckets, "max_size", (unsigned long long)h->max_size,
@@ -437,7 +688,7 @@ static PyObject *Table_info(TableObject *self, PyObject *Py_UNUSED(ignored))
         (unsigned long long)vela_size(&self->t), "index_bytes", (unsigned long long)h->heap_off,
         "created_ns", (long long)h->created_ns, "backend", h->backend, "sweeper_pid", h->sweeper_pid,
         "version_clock", (unsigned long)h->version_clock, "poisoned", h->poisoned,
-        "heap_lock_holder", h->heap.lock.holder_pid);
+        "heap_lock_holder", h->heap.lock.holder_pid, "leases_held", vela_leases_held(&self->t));
 }
 
 static PyObject *Table_check(TableObject *self, PyObject *Py_UNUSED(ignored))
@@ -536,6 +787,13 @@ static PyMethodDef Table_methods[] = {
     {"contains", (PyCFunction)Table_contains, METH_O, "contains(key) -> bool (no stats)"},
     {"put", (PyCFunction)(void (*)(void))Table_put, METH_FASTCALL, "put(key, value, ttl_ns=0, tags=None)"},
     {"delete", (PyCFunction)Table_delete, METH_O, "delete(key) -> bool"},
+    {"get_many", (PyCFunction)Table_get_many, METH_O, "get_many(keys) -> {key: value}"},
+    {"put_many", (PyCFunction)Table_put_many, METH_VARARGS, "put_many(pairs, ttl_ns, tags)"},
+    {"delete_many", (PyCFunction)Table_delete_many, METH_O, "delete_many(keys) -> removed"},
+    {"fetch_begin", (PyCFunction)Table_fetch_begin, METH_VARARGS, "fetch_begin(key, budget_ns, poll_ns)"},
+    {"fetch_complete", (PyCFunction)Table_fetch_complete, METH_VARARGS, "fetch_complete(token, key, value, ttl_ns, tags)"},
+    {"fetch_abort", (PyCFunction)Table_fetch_abort, METH_O, "fetch_abort(token)"},
+    {"release_leases", (PyCFunction)Table_release_leases, METH_O, "release_leases(pid) -> released"},
     {"flush", (PyCFunction)Table_flush, METH_NOARGS, "flush() -> entries removed"},
     {"size", (PyCFunction)Table_size, METH_NOARGS, "size() -> entries stored"},
     {"invalidate_tag", (PyCFunction)Table_invalidate_tag, METH_O, "invalidate_tag(tag) -> live entries removed"},

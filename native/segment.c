@@ -128,6 +128,8 @@ static vela_err lay_out(vela_header *hdr, const vela_options *o, uint64_t cap)
     off = align_up(off + stripes * buckets * 4, VELA_LINE);
     hdr->tagbuckets_off = off;
     off = align_up(off + stripes * tagbuckets * 4, VELA_LINE);
+    hdr->leases_off = off;
+    off = align_up(off + stripes * VELA_LEASES_PER_STRIPE * sizeof(vela_lease), VELA_LINE);
     hdr->slots_off = off;
     off = align_up(off + VELA_STAT_SLOTS * sizeof(vela_slot), 4096);
     hdr->heap_off = off;
@@ -162,6 +164,7 @@ static void bind_handle(vela_table *t, uint8_t *base, uint64_t size, int fd)
     t->buckets = (uint32_t *)(base + h->buckets_off);
     t->tagbuckets = (uint32_t *)(base + h->tagbuckets_off);
     t->slots = (vela_slot *)(base + h->slots_off);
+    t->leases = (vela_lease *)(base + h->leases_off);
     t->stripe_mask = h->stripes - 1;
     t->bucket_mask = h->buckets - 1;
     t->tagbucket_mask = h->tagbuckets - 1;
@@ -231,7 +234,8 @@ static vela_err validate(const vela_header *h, uint64_t size)
              !(h->tagbuckets & (h->tagbuckets - 1)) && h->stripes_off >= sizeof(vela_header) &&
              h->buckets_off >= h->stripes_off + (uint64_t)h->stripes * sizeof(vela_stripe) &&
              h->tagbuckets_off >= h->buckets_off + (uint64_t)h->stripes * h->buckets * 4 &&
-             h->slots_off >= h->tagbuckets_off + (uint64_t)h->stripes * h->tagbuckets * 4 &&
+             h->leases_off >= h->tagbuckets_off + (uint64_t)h->stripes * h->tagbuckets * 4 &&
+             h->slots_off >= h->leases_off + (uint64_t)h->stripes * VELA_LEASES_PER_STRIPE * sizeof(vela_lease) &&
              h->heap_off >= h->slots_off + VELA_STAT_SLOTS * sizeof(vela_slot) &&
              h->heap_off % 8 == 0 && h->heap_end == (size & ~(uint64_t)7) && h->heap_off + 4096 < h->heap_end &&
              h->eviction <= 2;

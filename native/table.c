@@ -202,7 +202,9 @@ static void fill_entry(vela_table *t, vela_block *b, const vela_put_args *a, uin
     if (a->value_len)
         memcpy(vela_value_of(e), a->value, a->value_len);
     e->check = vela_entry_checksum(e);
-    b->access = t->hdr->eviction == VELA_EVICT_TTL_ONLY ? 0 : 1;
+    /* CLOCK: a new entry has no reference yet (a read gives it its second
+     * chance); under lfu it starts with a count of 1 so it survives one aging. */
+    b->access = t->hdr->eviction == VELA_EVICT_LFU ? 1 : 0;
 }
 
 vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)

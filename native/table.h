@@ -16,6 +16,8 @@
  *   | u32 bucket[S][B]   |  head ref of each bucket chain
  *   +--------------------+ tagbuckets_off
  *   | u32 tagbucket[S][T]|  head ref of each tag-link chain
+ *   +--------------------+ leases_off
+ *   | vela_lease[S][L]   |  stampede leases: who fetches which key now
  *   +--------------------+ slots_off
  *   | vela_slot[N]       |  per-process stats counters (one writer each)
  *   +--------------------+ heap_off
@@ -59,6 +61,7 @@
 #define VELA_MAX_TAGS 32      /* tags per entry */
 #define VELA_STAT_SLOTS 256   /* processes with a private stats slot */
 #define VELA_MAX_STRIPES 4096
+#define VELA_LEASES_PER_STRIPE 8 /* fetches in flight per stripe with stampede protection */
 
 enum vela_backend_kind { VELA_BACKEND_SHM = 0, VELA_BACKEND_FILE = 1 };
 enum vela_eviction { VELA_EVICT_LRU = 0, VELA_EVICT_LFU = 1, VELA_EVICT_TTL_ONLY = 2 };
@@ -161,6 +164,21 @@ typedef struct vela_stripe {
     uint64_t bytes;        /* bytes of their blocks */
 } __attribute__((aligned(VELA_LINE))) vela_stripe;
 
+/* A stampede lease: while `hash` is set, process holder_pid runs the fetch of
+ * that key and other callers wait on `futex`. Guarded by the stripe lock,
+ * except `futex`, which waiters read and sleep on without it. */
+typedef struct vela_lease {
+    uint64_t hash;          /* key hash; 0 = free slot */
+    uint32_t holder_pid;
+    uint32_t futex;         /* bumped at every release; FUTEX_WAIT word */
+    uint64_t holder_start;  /* the holder's start time (pid reuse guard) */
+    int64_t since_ns;       /* CLOCK_MONOTONIC when it was taken */
+    uint32_t outcome;       /* how it was last released: enum vela_lease_outcome */
+    uint32_t pad_;
+} vela_lease;
+
+enum vela_lease_outcome { VELA_LEASE_STORED = 0, VELA_LEASE_FAILED = 1, VELA_LEASE_UNSTORED = 2 };
+
 typedef struct vela_slot {
     uint32_t pid;          /* 0 = free */
     uint32_t pad_;
@@ -194,7 +212,7 @@ typedef struct vela_header {
     uint64_t max_size;        /* entries; 0 = unbounded */
     uint64_t max_entry_size;  /* bytes of one entry block */
     /* where the regions start (bytes) */
-    uint64_t stripes_off, buckets_off, tagbuckets_off, slots_off, heap_off, heap_end;
+    uint64_t stripes_off, buckets_off, tagbuckets_off, leases_off, slots_off, heap_off, heap_end;
     int64_t created_ns;       /* CLOCK_REALTIME at creation */
     uint32_t poisoned;        /* nonzero: a repair failed; the table refuses work */
     uint32_t pad0_;

@@ -47,6 +47,7 @@ typedef struct vela_table {
     uint32_t *buckets;        /* [stripes][buckets] */
     uint32_t *tagbuckets;     /* [stripes][tagbuckets] */
     vela_slot *slots;
+    vela_lease *leases;       /* [stripes][VELA_LEASES_PER_STRIPE] */
     vela_slot *my_slot;       /* this process's stats slot */
     uint32_t my_pid;          /* pid the slot was claimed for (fork changes it) */
     uint64_t my_start;
@@ -231,6 +232,31 @@ static inline void vela_count(vela_table *t, enum vela_stat which, uint64_t n) {
 #define VELA_COUNT(t, which) do { if ((t)->stats_enabled) vela_count((t), (which), 1); } while (0)
 void vela_stats_sum(vela_table *t, uint64_t out[VELA_STAT_COUNT]);
 void vela_stats_reset(vela_table *t);
+
+/* ---- stampede leases (lease.c) ------------------------------------------------------ */
+typedef enum vela_fetch_status {
+    VELA_FETCH_HIT = 0,      /* the value is there: *ref is its entry, stripe still LOCKED */
+    VELA_FETCH_MINE = 1,     /* this process holds the lease: run the fetch, then complete */
+    VELA_FETCH_TIMEOUT = 2,  /* waited the whole budget: fetch without a lease */
+    VELA_FETCH_ALONE = 3,    /* no lease possible (slots full, or the last fetch could not be
+                                stored): fetch without a lease */
+} vela_fetch_status;
+
+typedef struct vela_lease_token {
+    uint32_t stripe, slot;
+    uint64_t hash;
+} vela_lease_token;
+
+/* Look the key up; on a miss take its lease or wait (without the stripe lock)
+ * for the holder to release it, for at most `budget_ns`. A holder that died
+ * is replaced within `poll_ns`. *waited tells whether it slept at all. */
+vela_err vela_fetch_begin(vela_table *t, const vela_key *k, int64_t budget_ns, int64_t poll_ns,
+                          vela_fetch_status *status, uint32_t *ref, vela_lease_token *token, int *waited);
+/* Store the fetched value (a NULL args: the fetch failed) and release the lease. */
+vela_err vela_fetch_complete(vela_table *t, const vela_lease_token *token, const vela_put_args *a);
+/* Release every lease held by a process (gunicorn's child_exit). Returns how many. */
+uint32_t vela_leases_release_pid(vela_table *t, uint32_t pid);
+uint32_t vela_leases_held(vela_table *t);
 
 /* ---- test hooks ----------------------------------------------------------------------- */
 /* Phase at which vela_do_put stops forever (crash tests), 0 = never. */

@@ -1,6 +1,6 @@
 """Cache: the public handle on a shared table."""
 
-import math
+import functools
 import os
 import threading
 import time
@@ -14,6 +14,11 @@ __all__ = ["Cache", "destroy"]
 
 _MISSING = object()
 _UNSET = object()
+
+# fetch_begin statuses (native/vela.h, vela_fetch_status)
+_HIT, _MINE, _TIMEOUT, _ALONE = 0, 1, 2, 3
+# A waiter checks at least this often that the lease holder still lives.
+_POLL_NS = 20_000_000
 
 _BACKENDS = {"shm": shm}
 _PLANNED = {
@@ -78,6 +83,7 @@ class Cache:
         self.stampede_protection = bool(stampede_protection)
         self.stampede_timeout = options.seconds("stampede_timeout", stampede_timeout, allow_none=False,
                                                 allow_inf=False)
+        self._budget_ns = int(self.stampede_timeout * 1e9)
         self.sweep_interval = options.seconds("sweep_interval", sweep_interval, allow_inf=False)
         if (not isinstance(telemetry_prefix, (tuple, list)) or not telemetry_prefix
                 or not all(isinstance(p, str) for p in telemetry_prefix)):
@@ -210,23 +216,144 @@ class Cache:
     def get_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
         """The cached value of ``key``, or ``fetch_fn(key)`` stored and returned.
 
-        When the value cannot be stored (ttl_only and full), it is still returned.
+        With stampede protection (the default), one caller on the host runs
+        ``fetch_fn`` for a key while every other caller, in any process or
+        thread, waits for its value. A fetch that raises reaches its caller and
+        one waiter retries; a waiter never waits past ``stampede_timeout``
+        (then it fetches itself); a holder that dies is replaced at once.
+        No lock is held while ``fetch_fn`` runs. A value that cannot be stored
+        (``ttl_only`` and full) is still returned.
         """
-        value = self._table.get(key, _MISSING)
-        result = "hit"
+        ns = options.ttl_ns(ttl, self.default_ttl)
         start = time.perf_counter_ns() if telemetry.active else 0
-        if value is _MISSING:
+        if self.stampede_protection:
+            status, value, token, waited = self._table.fetch_begin(key, self._budget_ns, _POLL_NS)
+        else:
+            value = self._table.get(key, _MISSING)
+            status, token, waited = (_HIT if value is not _MISSING else _ALONE), None, False
+        if status == _HIT:
+            result = "waited" if waited else "hit"
+        else:
+            value = self._fetch(key, fetch_fn, token, ns, tags)
             result = "fetched"
-            value = fetch_fn(key)
-            self._table.bump("fetches")
-            try:
-                self._table.put(key, value, options.ttl_ns(ttl, self.default_ttl), tags)
-            except CacheFull:
-                pass
         if telemetry.active:
             telemetry.execute(self._events["fetch"], {"duration": time.perf_counter_ns() - start},
                               {"cache": self.name, "key": key, "result": result})
         return value
+
+    def _fetch(self, key, fetch_fn, token, ns, tags):
+        """Run the fetch, store its value and release the lease (if we hold one)."""
+        try:
+            value = fetch_fn(key)
+        except BaseException:
+            if token is not None:
+                self._table.fetch_abort(token)
+            raise
+        self._table.bump("fetches")
+        try:
+            if token is not None:
+                self._table.fetch_complete(token, key, value, ns, tags)
+            else:
+                self._table.put(key, value, ns, tags)
+        except CacheFull:
+            pass
+        return value
+
+    async def aget_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
+        """``get_or_fetch`` for asyncio: ``fetch_fn(key)`` may be a coroutine function.
+
+        Waiting for another process's fetch happens in a worker thread, so the
+        event loop keeps running.
+        """
+        import asyncio
+        import inspect
+
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        if self.stampede_protection:
+            status, value, token, _ = self._table.fetch_begin(key, 0, _POLL_NS)
+            if status == _TIMEOUT:  # someone else fetches: wait off the loop
+                loop = asyncio.get_running_loop()
+                status, value, token, _ = await loop.run_in_executor(
+                    None, self._table.fetch_begin, key, self._budget_ns, _POLL_NS)
+        else:
+            value = self._table.get(key, _MISSING)
+            status, token = (_HIT if value is not _MISSING else _ALONE), None
+        if status == _HIT:
+            return value
+        try:
+            value = fetch_fn(key)
+            if inspect.isawaitable(value):
+                value = await value
+        except BaseException:
+            if token is not None:
+                self._table.fetch_abort(token)
+            raise
+        return self._fetch(key, lambda _key: value, token, ns, tags)
+
+    def memoize(self, ttl=None, tags=(), key=None):
+        """Decorator: cache a function's results with ``get_or_fetch``.
+
+        :param key: ``key(*args, **kwargs) -> cache key``; by default the
+            function's qualified name with its positional arguments and sorted
+            keyword arguments (all must be valid key parts: str, bytes, int, tuples).
+        """
+        def decorate(fn):
+            name = f"{fn.__module__}.{fn.__qualname__}"
+
+            def make_key(args, kwargs):
+                if key is not None:
+                    return key(*args, **kwargs)
+                return (name, tuple(args), tuple(sorted(kwargs.items())))
+
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                return self.get_or_fetch(make_key(args, kwargs), lambda _k: fn(*args, **kwargs),
+                                         ttl=ttl, tags=tags)
+
+            wrapper.cache_key = lambda *args, **kwargs: make_key(args, kwargs)
+            return wrapper
+
+        return decorate
+
+    # ---- batches: one native call each ------------------------------------------------
+
+    def get_many(self, keys):
+        """``{key: value}`` for the keys that are present (absent keys are left out)."""
+        keys = list(keys)
+        if telemetry.active:
+            start = time.perf_counter_ns()
+            found = self._table.get_many(keys)
+            telemetry.execute(self._events["get"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "keys": len(keys), "hits": len(found)})
+            return found
+        return self._table.get_many(keys)
+
+    def put_many(self, mapping, ttl=None, tags=()):
+        """Store every item of ``mapping`` (a dict or (key, value) pairs).
+
+        Every item is checked before the first is stored: a bad key or value stores nothing.
+        """
+        items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        self._table.put_many(items, ns, tags)
+        if telemetry.active:
+            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "keys": len(items), "ttl": ttl})
+
+    def delete_many(self, keys):
+        """Remove the keys; returns how many were removed."""
+        keys = list(keys)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        removed = self._table.delete_many(keys)
+        if telemetry.active:
+            telemetry.execute(self._events["delete"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "keys": len(keys), "result": removed})
+        return removed
+
+    def release_leases(self, pid):
+        """Release the stampede leases held by process ``pid`` (it died); returns how many."""
+        return self._table.release_leases(pid)
 
     def invalidate_tag(self, tag):
         """Remove every entry carrying ``tag``; returns how many live entries were removed."""
