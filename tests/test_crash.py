@@ -289,6 +289,10 @@ def test_sigkill_writers_while_readers_verify(cache_name):
         assert r["max_latency"] < 1.0
 
     v = run_in_child(_verify_after_crashes, cache_name, baseline, timeout=60)
+    print(f"kills={kills} stall_kills={stall_kills} "
+          f"lock_recoveries={v['stats']['lock_recoveries']} "
+          f"reads={[r['reads'] for r in results]} "
+          f"max_latency={max(r['max_latency'] for r in results):.4f}s")
     assert v["problems"] == []
     assert v["base_bad"] == []
     assert v["pool_torn"] == []
@@ -296,3 +300,44 @@ def test_sigkill_writers_while_readers_verify(cache_name):
     assert v["problems_after"] == []
     assert v["stats"]["evictions"] == 0
     assert v["stats"]["lock_recoveries"] >= stall_kills
+
+
+# --------------------------------------------------------------------------------------
+# a get_or_fetch lease held by a process that dies
+
+
+def _fetch_forever(name, in_fetch):
+    def fetch(key):
+        in_fetch.send(True)
+        time.sleep(3600)
+
+    with vela.Cache(name) as c:
+        return c.get_or_fetch("leased", fetch)
+
+
+def _fetch_after_holder_died(name):
+    # a waiter that waited out its whole stampede_timeout would count a stampede_timeout
+    with vela.Cache(name, stampede_timeout=10.0) as c:
+        value = c.get_or_fetch("leased", lambda key: "taken over")
+        return value, c.get("leased"), c.stats(), c.check()
+
+
+def test_lease_of_killed_fetcher_is_taken_over(cache_name):
+    with vela.Cache(cache_name, capacity="8MiB"):
+        pass
+    in_fetch_r, in_fetch_w = FORK.Pipe(duplex=False)
+    holder = Child(_fetch_forever, cache_name, in_fetch_w)
+    in_fetch_w.close()
+    try:
+        assert in_fetch_r.poll(20), "fetching child did not start its fetch"
+        holder.kill()
+        assert holder.proc.exitcode == -signal.SIGKILL
+    finally:
+        holder.close()
+        in_fetch_r.close()
+    value, stored, stats, problems = run_in_child(_fetch_after_holder_died, cache_name,
+                                                  timeout=30)
+    assert value == "taken over"
+    assert stored == "taken over"
+    assert stats["stampede_timeouts"] == 0
+    assert problems == []

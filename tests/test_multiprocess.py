@@ -225,3 +225,70 @@ def test_stampede_protection_across_processes(cache_name):
         assert s["stampede_waits"] == N - 1
         assert s["writes"] == 1
         assert parent.check() == []
+
+
+class Boom(Exception):
+    pass
+
+
+def _failing_fetch_child(name, barrier, calls):
+    def fetch(key):
+        with calls.get_lock():
+            calls.value += 1
+            first = calls.value == 1
+        if first:
+            time.sleep(0.5)
+            raise Boom(key)
+        time.sleep(0.2)
+        return "retried"
+
+    with vela.Cache(name) as c:
+        barrier.wait(BARRIER_TIMEOUT)
+        try:
+            return c.get_or_fetch("k", fetch)
+        except Boom:
+            return "boom"
+
+
+def test_stampede_failed_fetch_wakes_waiters_one_retries(cache_name):
+    calls = FORK.Value("i", 0)
+    with vela.Cache(cache_name, capacity="8MiB") as parent:
+        barrier = FORK.Barrier(N)
+        results = run_children(_failing_fetch_child,
+                               [(cache_name, barrier, calls) for _ in range(N)], timeout=60)
+        assert sorted(results) == ["boom"] + ["retried"] * (N - 1)
+        assert calls.value == 2
+        assert parent.get("k") == "retried"
+        s = parent.stats()
+        assert s["writes"] == 1
+        assert s["stampede_timeouts"] == 0
+        assert parent.check() == []
+
+
+def _slow_fetcher(name, in_fetch):
+    def fetch(key):
+        in_fetch.set()
+        time.sleep(2.0)
+        return "slow"
+
+    with vela.Cache(name) as c:
+        return c.get_or_fetch("k", fetch)
+
+
+def _impatient_waiter(name, in_fetch):
+    assert in_fetch.wait(BARRIER_TIMEOUT)
+    with vela.Cache(name, stampede_timeout=0.3) as c:
+        return c.get_or_fetch("k", lambda key: "impatient")
+
+
+def test_stampede_timeout_then_fetch_yourself(cache_name):
+    in_fetch = FORK.Event()
+    with vela.Cache(cache_name, capacity="8MiB") as parent:
+        from conftest import Child, collect
+        children = [Child(_slow_fetcher, cache_name, in_fetch),
+                    Child(_impatient_waiter, cache_name, in_fetch)]
+        assert collect(children, timeout=60) == ["slow", "impatient"]
+        s = parent.stats()
+        assert s["stampede_timeouts"] == 1
+        assert s["stampede_waits"] == 1
+        assert parent.check() == []
