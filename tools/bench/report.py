@@ -1,0 +1,115 @@
+"""Tables, ratios and targets from one run's results.
+
+results[workload][store][nprocs] -> {"ops_per_s", "ns_per_op", ...} or {"error": ...}
+"""
+
+from workloads import BY_NAME
+
+
+def _fig(results, workload, store, nprocs, key="ops_per_s"):
+    cell = results.get(workload, {}).get(store, {})
+    return cell.get(nprocs, {}).get(key) if "error" not in cell else None
+
+
+def _rate(x):
+    if x is None:
+        return "-"
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _ns(x):
+    if x is None:
+        return "-"
+    return f"{x / 1000:.1f}us" if x >= 10_000 else f"{x:.0f}"
+
+
+def _ratio(x):
+    if x is None:
+        return "-"
+    return f"{x:.1f}x" if x >= 10 else f"{x:.2f}x"
+
+
+def _table(title, results, stores, row_fn, fmt):
+    width = max(10, *(len(s) + 1 for s in stores))
+    print(f"\n== {title} ==")
+    print(f"{'workload':<14}" + "".join(f"{s:>{width}}" for s in stores))
+    for workload in results:
+        print(f"{workload:<14}" + "".join(f"{fmt(row_fn(workload, s)):>{width}}" for s in stores))
+
+
+def ratios(results, stores, procs_list):
+    """Vela ops/s / peer ops/s for every workload, peer and process count."""
+    out = {}
+    for nprocs in procs_list:
+        for workload in results:
+            vela = _fig(results, workload, "vela", nprocs)
+            for store in stores:
+                peer = _fig(results, workload, store, nprocs)
+                if store != "vela" and vela and peer:
+                    out.setdefault(str(nprocs), {}).setdefault(workload, {})[store] = vela / peer
+    return out
+
+
+def tables(results, stores, procs_list):
+    peers = [s for s in stores if s != "vela"]
+    for nprocs in procs_list:
+        what = "1 process" if nprocs == 1 else f"{nprocs} processes at once"
+        _table(f"ops/s, {what}" + ("" if nprocs == 1 else " (aggregate)"), results, stores,
+               lambda w, s: _fig(results, w, s, nprocs), _rate)
+        _table(f"ns/op, {what} (mean time of one call in one process)", results, stores,
+               lambda w, s: _fig(results, w, s, nprocs, "ns_per_op"), _ns)
+        r = ratios(results, stores, [nprocs]).get(str(nprocs), {})
+        _table(f"Vela / peer, ops/s (>1: Vela is faster), {what}", results, peers,
+               lambda w, s: r.get(w, {}).get(s), _ratio)
+    if len(procs_list) > 1:
+        lo, hi = min(procs_list), max(procs_list)
+        _table(f"scaling: ops/s with {hi} processes / with {lo}", results, stores,
+               lambda w, s: (_fig(results, w, s, hi) / _fig(results, w, s, lo))
+               if _fig(results, w, s, hi) and _fig(results, w, s, lo) else None, _ratio)
+    errors = [(w, s, cell["error"]) for w, row in results.items() for s, cell in row.items()
+              if "error" in cell]
+    for w, s, err in errors:
+        print(f"ERROR {s} / {w}: {err}")
+    print("\nworkloads: " + "; ".join(f"{name}: {BY_NAME[name].title}" for name in results))
+
+
+# (label, workload, peer, minimum ratio of Vela's ops/s to the peer's), 1 process
+RATIO_TARGETS = [
+    ("get-hit 100 B >= 0.5x the floor", "get_hit_100b", "floor", 0.5),
+    ("get-hit small dict >= 0.4x the floor", "get_hit_dict", "floor", 0.4),
+    ("get-hit 100 B >= 30x redis-py (unix socket)", "get_hit_100b", "redis-unix", 30),
+    ("get-hit 100 B >= 10x diskcache", "get_hit_100b", "diskcache", 10),
+    ("get-hit 100 B >= 1x lmdb", "get_hit_100b", "lmdb", 1),
+    ("put 100 B >= 10x diskcache", "put_100b", "diskcache", 10),
+    ("put 100 B >= 20x redis-py (unix socket)", "put_100b", "redis-unix", 20),
+]
+
+
+def targets(results, mem, tele):
+    """Print and return every target: met, NOT met, or not measured in this run."""
+    rows = []
+    for label, workload, peer, want in RATIO_TARGETS:
+        vela, other = _fig(results, workload, "vela", 1), _fig(results, workload, peer, 1)
+        value = vela / other if vela and other else None
+        rows.append((label, value, value is not None and value >= want, f"{_ratio(value)}"))
+    one, two = _fig(results, "get_hit_100b", "vela", 1), _fig(results, "get_hit_100b", "vela", 2)
+    value = two / one if one and two else None
+    rows.append(("get-hit 100 B, Vela: 2 processes >= 1.7x the ops/s of 1", value,
+                 value is not None and value >= 1.7, _ratio(value)))
+    value = mem["segment_overhead_per_entry"] if mem else None
+    rows.append(("per-entry overhead beyond key + value <= 64 B (whole segment)", value,
+                 value is not None and value <= 64,
+                 f"{value:.1f} B (heap only: {mem['heap_overhead_per_entry']:.1f} B)" if mem else "-"))
+    value = tele["ratio"] if tele else None
+    rows.append(("get with telemetry idle within 5 % of cache._table.get", value,
+                 value is not None and value <= 1.05, f"{value:.3f}x" if tele else "-"))
+    print("\n== targets (from this run) ==")
+    out = []
+    for label, value, met, shown in rows:
+        state = "not measured" if value is None else ("met" if met else "NOT met")
+        print(f"  {state:<12} {label}: {shown}")
+        out.append({"target": label, "value": value, "met": None if value is None else bool(met)})
+    return out
