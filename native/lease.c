@@ -96,6 +96,11 @@ vela_err vela_fetch_begin(vela_table *t, const vela_key *k, int64_t budget_ns, i
                 return VELA_OK;
             }
             int64_t left = budget_ns - (vela_monotonic_ns() - start);
+            if (budget_ns == 0) {
+                vela_stripe_unlock(t, s);
+                *status = VELA_FETCH_BUSY;
+                return VELA_OK;
+            }
             if (left <= 0) {
                 vela_stripe_unlock(t, s);
                 *status = VELA_FETCH_TIMEOUT;

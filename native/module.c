@@ -155,7 +155,66 @@ static int Table_init(TableObject *self, PyObject *args, PyObject *kwds)
 
 static PyObject *read_and_unlock(TableObject *self, uint32_t s, uint32_t ref);
 
-/* get(key, default=None): the hot path. Hash, lock one stripe, copy, unlock. */
+/* Find `k` and, with `value`, decode it: first without the lock (read.c),
+ * under the stripe lock when that cannot settle it. 1 found, 0 absent,
+ * -1 error. Counts a hit or a miss when `count` is set. */
+static int lookup(TableObject *self, const vela_key *k, PyObject **value, int count)
+{
+    vela_table *t = &self->t;
+    uint32_t s = vela_stripe_of(t, k->hash), ref = 0;
+    vela_view view;
+    int found = -1;
+    for (int attempt = 0; attempt < 3 && found < 0; attempt++) {
+        uint32_t seq = vela_read_begin(t, s);
+        if (seq & 1)
+            continue;
+        vela_read_result r = vela_find_unlocked(t, s, k, &view);
+        if (r == VELA_READ_LOCKED)
+            break;
+        if (r == VELA_READ_RETRY)
+            continue;
+        if (r == VELA_READ_ABSENT || !value) {
+            if (vela_read_valid(t, s, seq))
+                found = r == VELA_READ_FOUND;
+            continue;
+        }
+        PyObject *raw = vela_decode_raw(view.codec, view.value, view.value_len);
+        if (!vela_read_valid(t, s, seq)) { /* torn copy: throw it away */
+            if (raw)
+                Py_DECREF(raw);
+            else
+                PyErr_Clear();
+            continue;
+        }
+        if (!raw)
+            return -1;
+        if (count)
+            VELA_COUNT(t, VELA_STAT_HITS);
+        *value = vela_decode_finish(view.codec, raw, self->loaders);
+        return *value ? 1 : -1;
+    }
+    if (found < 0) {
+        vela_err err = vela_stripe_lock(t, s);
+        if (err != VELA_OK) {
+            raise_vela(err);
+            return -1;
+        }
+        ref = vela_find(t, s, k);
+        found = ref != 0;
+        if (found && value) {
+            if (count)
+                VELA_COUNT(t, VELA_STAT_HITS);
+            *value = read_and_unlock(self, s, ref);
+            return *value ? 1 : -1;
+        }
+        vela_stripe_unlock(t, s);
+    }
+    if (count)
+        VELA_COUNT(t, found ? VELA_STAT_HITS : VELA_STAT_MISSES);
+    return found;
+}
+
+/* get(key, default=None): the hot path. Hash, read the stripe, copy. */
 static PyObject *Table_get(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 1 || nargs > 2) {
@@ -166,18 +225,12 @@ static PyObject *Table_get(TableObject *self, PyObject *const *args, Py_ssize_t 
     vela_keybuf kb;
     if (vela_encode_key(args[0], &kb) < 0)
         return NULL;
-    vela_table *t = &self->t;
-    uint32_t s = vela_stripe_of(t, kb.key.hash);
-    vela_err err = vela_stripe_lock(t, s);
-    if (err != VELA_OK)
-        return raise_vela(err);
-    uint32_t ref = vela_find(t, s, &kb.key);
-    if (ref) {
-        VELA_COUNT(t, VELA_STAT_HITS);
-        return read_and_unlock(self, s, ref);
-    }
-    vela_stripe_unlock(t, s);
-    VELA_COUNT(t, VELA_STAT_MISSES);
+    PyObject *value = NULL;
+    int found = lookup(self, &kb.key, &value, 1);
+    if (found < 0)
+        return NULL;
+    if (found)
+        return value;
     PyObject *dflt = nargs > 1 ? args[1] : Py_None;
     Py_INCREF(dflt);
     return dflt;
@@ -189,13 +242,8 @@ static PyObject *Table_contains(TableObject *self, PyObject *key)
     vela_keybuf kb;
     if (vela_encode_key(key, &kb) < 0)
         return NULL;
-    uint32_t s = vela_stripe_of(&self->t, kb.key.hash);
-    vela_err err = vela_stripe_lock(&self->t, s);
-    if (err != VELA_OK)
-        return raise_vela(err);
-    uint32_t ref = vela_find(&self->t, s, &kb.key);
-    vela_stripe_unlock(&self->t, s);
-    return PyBool_FromLong(ref != 0);
+    int found = lookup(self, &kb.key, NULL, 0);
+    return found < 0 ? NULL : PyBool_FromLong(found);
 }
 
 static int64_t expire_at_for(vela_table *t, long long ttl_ns)
@@ -248,7 +296,7 @@ static PyObject *read_and_unlock(TableObject *self, uint32_t s, uint32_t ref)
 
 /* fetch_begin(key, budget_ns, poll_ns) -> (status, value, token, waited)
  * status 0: hit (value); 1: this process fetches (token); 2: waited the whole
- * budget; 3: fetch without a lease. See lease.c. */
+ * budget; 3: fetch without a lease; 4: busy (budget 0). See lease.c. */
 static PyObject *Table_fetch_begin(TableObject *self, PyObject *args)
 {
     PyObject *key;
@@ -275,6 +323,8 @@ static PyObject *Table_fetch_begin(TableObject *self, PyObject *args)
             return NULL;
         return Py_BuildValue("(iNOO)", (int)status, value, Py_None, waited ? Py_True : Py_False);
     }
+    if (status == VELA_FETCH_BUSY)
+        return Py_BuildValue("(iOOO)", (int)status, Py_None, Py_None, Py_False);
     VELA_COUNT(&self->t, VELA_STAT_MISSES);
     if (status == VELA_FETCH_TIMEOUT)
         VELA_COUNT(&self->t, VELA_STAT_STAMPEDE_TIMEOUTS);
@@ -360,30 +410,16 @@ static PyObject *Table_get_many(TableObject *self, PyObject *keys)
     if (!seq)
         return NULL;
     PyObject *out = PyDict_New();
-    vela_table *t = &self->t;
     for (Py_ssize_t i = 0; out && i < PySequence_Fast_GET_SIZE(seq); i++) {
         PyObject *key = PySequence_Fast_GET_ITEM(seq, i);
         vela_keybuf kb;
-        vela_err err;
         if (vela_encode_key(key, &kb) < 0) {
             Py_CLEAR(out);
             break;
         }
-        uint32_t s = vela_stripe_of(t, kb.key.hash);
-        if ((err = vela_stripe_lock(t, s)) != VELA_OK) {
-            raise_vela(err);
-            Py_CLEAR(out);
-            break;
-        }
-        uint32_t ref = vela_find(t, s, &kb.key);
-        if (!ref) {
-            vela_stripe_unlock(t, s);
-            VELA_COUNT(t, VELA_STAT_MISSES);
-            continue;
-        }
-        VELA_COUNT(t, VELA_STAT_HITS);
-        PyObject *value = read_and_unlock(self, s, ref);
-        if (!value || PyDict_SetItem(out, key, value) < 0)
+        PyObject *value = NULL;
+        int found = lookup(self, &kb.key, &value, 1);
+        if (found < 0 || (found && PyDict_SetItem(out, key, value) < 0))
             Py_CLEAR(out);
         Py_XDECREF(value);
     }

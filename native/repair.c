@@ -60,6 +60,8 @@ vela_err vela_stripe_repair(vela_table *t, uint32_t s, int heap_held)
     if (!heap_held && (err = vela_heap_lock(t)) != VELA_OK)
         return err;
 
+    if (!(st->seq & 1)) /* lock-free readers must not trust what repair changes */
+        vela_write_begin(t, s);
     size_t cap = (size_t)st->entries + 64, n = 0;
     uint32_t *refs = malloc(cap * sizeof *refs);
     if (!refs) {
@@ -122,9 +124,9 @@ vela_err vela_stripe_repair(vela_table *t, uint32_t s, int heap_held)
     __atomic_fetch_add(&t->hdr->entries, (uint64_t)delta, __ATOMIC_RELAXED);
     st->entries = n;
     st->bytes = bytes;
+out:
     if (st->seq & 1)
         __atomic_store_n(&st->seq, st->seq + 1, __ATOMIC_RELEASE);
-out:
     free(refs);
     if (!heap_held)
         vela_heap_unlock(t);

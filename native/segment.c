@@ -36,6 +36,8 @@ int64_t vela_now(const vela_table *t)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* Start time of a running process; 0 when it is gone or a zombie (killed,
+ * not yet reaped: it holds nothing any more). */
 uint64_t vela_proc_start_time(uint32_t pid)
 {
     char path[64], buf[1024];
@@ -51,7 +53,7 @@ uint64_t vela_proc_start_time(uint32_t pid)
     /* The command name may hold spaces and parentheses: fields restart after
      * the last ')'. Field 3 (state) follows; start time is field 22. */
     char *p = strrchr(buf, ')');
-    if (!p)
+    if (!p || p[1] != ' ' || p[2] == 'Z' || p[2] == 'X' || p[2] == 'x')
         return 0;
     p++;
     for (int field = 3; field < 22 && *p; field++) {
@@ -291,7 +293,17 @@ vela_err vela_open(int fd, const vela_options *o, vela_table *out)
     if ((err = lay_out(&probe, o, cap)) != VELA_OK)
         goto out;
     if (ftruncate(fd, 0) != 0 || ftruncate(fd, (off_t)cap) != 0) {
-        err = vela_fail_sys("ftruncate", "sizing the new segment (is /dev/shm or the disk full?)");
+        err = vela_fail_sys("ftruncate", "sizing the new segment");
+        goto out;
+    }
+    /* Reserve the memory now: a tmpfs that runs out later would kill a worker
+     * with SIGBUS on some put instead of failing here with a clear error. */
+    int rc = posix_fallocate(fd, 0, (off_t)cap);
+    if (rc != 0) {
+        errno = rc;
+        err = vela_fail_sys("posix_fallocate", "reserving the segment's memory (is /dev/shm or the "
+                            "disk too small for this capacity?)");
+        ftruncate(fd, 0);
         goto out;
     }
     size = cap;

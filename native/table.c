@@ -41,7 +41,9 @@ uint32_t vela_entry_checksum(const vela_entry *e)
 void vela_write_begin(vela_table *t, uint32_t s)
 {
     vela_stripe *st = &t->stripes[s];
-    __atomic_store_n(&st->seq, st->seq + 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&st->seq, st->seq + 1, __ATOMIC_RELAXED);
+    /* The odd sequence is visible before any store of the write (read.c). */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
 }
 
 void vela_write_end(vela_table *t, uint32_t s)
@@ -58,21 +60,29 @@ int vela_is_expired(const vela_table *t, const vela_entry *e, int64_t now)
 
 static __thread uint32_t rng_state = 2463534242u;
 
+int vela_access_due(const vela_table *t, uint8_t access)
+{
+    switch (t->hdr->eviction) {
+    case VELA_EVICT_LFU:
+        /* Logarithmic counter (as Redis' LFU): the busier, the rarer a bump. */
+        if (access == 255)
+            return 0;
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 17;
+        rng_state ^= rng_state << 5;
+        return rng_state % ((uint32_t)access * 2 + 1) == 0;
+    case VELA_EVICT_LRU:
+        return access == 0;
+    default:
+        return 0; /* ttl_only keeps no marks */
+    }
+}
+
 void vela_mark_access(vela_table *t, vela_block *b)
 {
-    if (t->hdr->eviction == VELA_EVICT_LFU) {
-        /* Logarithmic counter (as Redis' LFU): the busier, the rarer a bump. */
-        uint8_t c = b->access;
-        if (c < 255) {
-            rng_state ^= rng_state << 13;
-            rng_state ^= rng_state >> 17;
-            rng_state ^= rng_state << 5;
-            if (rng_state % ((uint32_t)c * 2 + 1) == 0)
-                __atomic_store_n(&b->access, (uint8_t)(c + 1), __ATOMIC_RELAXED);
-        }
-    } else if (!b->access) {
-        __atomic_store_n(&b->access, 1, __ATOMIC_RELAXED);
-    }
+    uint8_t c = b->access;
+    if (vela_access_due(t, c))
+        __atomic_store_n(&b->access, (uint8_t)(c + 1), __ATOMIC_RELAXED);
 }
 
 uint64_t vela_size(const vela_table *t)

@@ -180,6 +180,8 @@ vela_err vela_touch(vela_table *t, const vela_key *k, int64_t expire_at, int *fo
 vela_err vela_ttl(vela_table *t, const vela_key *k, int64_t *remaining, int *found);
 vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t expire_at, int64_t *result);
 int vela_is_expired(const vela_table *t, const vela_entry *e, int64_t now);
+/* Whether a read of an entry with this mark should update it (lfu rolls dice). */
+int vela_access_due(const vela_table *t, uint8_t access);
 /* Set the access mark of an entry that was just read (one store). */
 void vela_mark_access(vela_table *t, vela_block *b);
 uint32_t vela_entry_checksum(const vela_entry *e);
@@ -189,6 +191,25 @@ void vela_write_end(vela_table *t, uint32_t s);
 uint64_t vela_size(const vela_table *t);
 void vela_tags_link(vela_table *t, uint32_t s, vela_entry *e);
 void vela_tags_unlink(vela_table *t, uint32_t s, vela_entry *e);
+
+/* ---- lock-free reads (read.c) -------------------------------------------------------- */
+typedef enum vela_read_result {
+    VELA_READ_FOUND,   /* *out is the entry; valid only if the sequence is unchanged */
+    VELA_READ_ABSENT,  /* no such key; valid only if the sequence is unchanged */
+    VELA_READ_RETRY,   /* saw something impossible: the chain changed under us */
+    VELA_READ_LOCKED,  /* the read must store (expiry, access mark): use the lock */
+} vela_read_result;
+/* Sequence of stripe s to validate against (odd: a write is in progress). */
+uint32_t vela_read_begin(const vela_table *t, uint32_t s);
+int vela_read_valid(const vela_table *t, uint32_t s, uint32_t seq);
+/* What a lock-free lookup found: checked to lie inside the heap. */
+typedef struct vela_view {
+    uint32_t ref;
+    uint8_t codec;
+    const uint8_t *value;
+    uint32_t value_len;
+} vela_view;
+vela_read_result vela_find_unlocked(const vela_table *t, uint32_t s, const vela_key *k, vela_view *out);
 
 /* ---- eviction (evict.c) ---------------------------------------------------------- */
 /* Make room for a block of `size` bytes for stripe s (locked) with the heap
@@ -240,6 +261,8 @@ typedef enum vela_fetch_status {
     VELA_FETCH_TIMEOUT = 2,  /* waited the whole budget: fetch without a lease */
     VELA_FETCH_ALONE = 3,    /* no lease possible (slots full, or the last fetch could not be
                                 stored): fetch without a lease */
+    VELA_FETCH_BUSY = 4,     /* budget 0 and another live process holds the lease: nothing
+                                was counted; ask again with a budget to wait */
 } vela_fetch_status;
 
 typedef struct vela_lease_token {

@@ -16,7 +16,7 @@ _MISSING = object()
 _UNSET = object()
 
 # fetch_begin statuses (native/vela.h, vela_fetch_status)
-_HIT, _MINE, _TIMEOUT, _ALONE = 0, 1, 2, 3
+_HIT, _MINE, _TIMEOUT, _ALONE, _BUSY = 0, 1, 2, 3, 4
 # A waiter checks at least this often that the lease holder still lives.
 _POLL_NS = 20_000_000
 
@@ -271,7 +271,7 @@ class Cache:
         ns = options.ttl_ns(ttl, self.default_ttl)
         if self.stampede_protection:
             status, value, token, _ = self._table.fetch_begin(key, 0, _POLL_NS)
-            if status == _TIMEOUT:  # someone else fetches: wait off the loop
+            if status == _BUSY:  # someone else fetches: wait off the loop
                 loop = asyncio.get_running_loop()
                 status, value, token, _ = await loop.run_in_executor(
                     None, self._table.fetch_begin, key, self._budget_ns, _POLL_NS)

@@ -1,0 +1,68 @@
+/*
+ * read.c -- lock-free lookups: the stripe's write sequence used as a seqlock.
+ *
+ * Writers make the sequence odd before they touch a chain and even after
+ * (table.c); a reader notes an even sequence, walks the chain and copies
+ * what it needs, then checks the sequence is unchanged. Between the two
+ * reads the memory it looked at may have been freed and reused, so every
+ * offset and length is bounds-checked before use and the copy is thrown away
+ * if the sequence moved. A read that would have to write (an expired entry
+ * to reclaim, an access mark to set) returns VELA_READ_LOCKED and the caller
+ * takes the stripe lock instead: a lock-free reader never stores into the
+ * segment, so it cannot scribble on memory that changed hands.
+ */
+#include "vela.h"
+
+uint32_t vela_read_begin(const vela_table *t, uint32_t s)
+{
+    return __atomic_load_n(&t->stripes[s].seq, __ATOMIC_ACQUIRE);
+}
+
+int vela_read_valid(const vela_table *t, uint32_t s, uint32_t seq)
+{
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return __atomic_load_n(&t->stripes[s].seq, __ATOMIC_RELAXED) == seq;
+}
+
+#define ONCE(x) __atomic_load_n(&(x), __ATOMIC_RELAXED) /* read a field exactly once */
+
+vela_read_result vela_find_unlocked(const vela_table *t, uint32_t s, const vela_key *k, vela_view *out)
+{
+    const uint64_t heap_start = t->hdr->heap_off, heap_end = t->hdr->heap_end;
+    const uint64_t max_entry = t->hdr->max_entry_size;
+    uint32_t ref = ONCE(*vela_bucket(t, s, k->hash));
+    for (uint32_t steps = 0; ref; steps++) {
+        uint64_t off = (uint64_t)ref << 3;
+        if (off < heap_start || off + VELA_ENTRY_OVERHEAD > heap_end || steps > (1u << 20))
+            return VELA_READ_RETRY; /* a stale link: the sequence will have moved */
+        vela_block *b = (vela_block *)vela_at(t, ref);
+        vela_entry *e = (vela_entry *)(b + 1);
+        /* Every field is read once into a local and checked before use: the
+         * entry may change between two reads of the same field. */
+        uint64_t hash = ONCE(e->hash);
+        uint16_t key_len = ONCE(e->key_len);
+        uint32_t next = ONCE(e->next);
+        if (hash == k->hash && key_len == k->len) {
+            uint8_t ntags = ONCE(e->ntags), codec = ONCE(e->codec);
+            uint32_t value_len = ONCE(e->value_len);
+            int64_t expire_at = ONCE(e->expire_at);
+            uint64_t key_off = off + VELA_ENTRY_OVERHEAD + (uint64_t)ntags * sizeof(vela_taglink);
+            if (ntags > VELA_MAX_TAGS || codec >= VELA_CODEC_COUNT || value_len > max_entry ||
+                key_off + key_len + value_len > heap_end)
+                return VELA_READ_RETRY;
+            const uint8_t *key = t->base + key_off;
+            if (memcmp(key, k->bytes, k->len) == 0) {
+                if ((expire_at && vela_now(t) >= expire_at) || vela_access_due(t, ONCE(b->access)))
+                    return VELA_READ_LOCKED; /* needs a store: take the lock */
+                out->ref = ref;
+                out->codec = codec;
+                out->value = key + key_len;
+                out->value_len = value_len;
+                return VELA_READ_FOUND;
+            }
+        }
+        ref = next;
+    }
+    out->ref = 0;
+    return VELA_READ_ABSENT;
+}
