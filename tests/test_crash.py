@@ -98,10 +98,11 @@ def _after_stall(name, key, newer, neighbours):
     fresh_ok = all(is_valid(f"fresh{i}", c.get(("fresh", i))) for i in range(5))
     problems = c.check()
     stats = c.stats()
+    size = c.size()
     c.close()
     return dict(get_time=t1 - t0, put_time=t2 - t1, value=value, value2=value2,
                 damaged=damaged, fresh_ok=fresh_ok, problems=problems,
-                recoveries=stats["lock_recoveries"])
+                recoveries=stats["lock_recoveries"], size=size)
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new-key", "overwrite"])
@@ -129,6 +130,7 @@ def test_kill_inside_put(cache_name, phase, overwrite):
     assert r["value2"] == newer
     assert r["damaged"] == []
     assert r["fresh_ok"]
+    assert r["size"] == len(neighbours) + 1 + 5
     assert r["problems"] == []
     assert r["recoveries"] >= recoveries_before + 1
 
@@ -219,9 +221,10 @@ def _verify_after_crashes(name, baseline):
             unwritable.append(key)
     problems_after = c.check()
     stats = c.stats()
+    size = c.size()
     c.close()
     return dict(problems=problems, base_bad=base_bad, pool_torn=pool_torn,
-                unwritable=unwritable, problems_after=problems_after, stats=stats)
+                unwritable=unwritable, problems_after=problems_after, stats=stats, size=size)
 
 
 def test_sigkill_writers_while_readers_verify(cache_name):
@@ -298,6 +301,7 @@ def test_sigkill_writers_while_readers_verify(cache_name):
     assert v["pool_torn"] == []
     assert v["unwritable"] == []
     assert v["problems_after"] == []
+    assert v["size"] == len(baseline) + POOL      # every pool key was just written
     assert v["stats"]["evictions"] == 0
     assert v["stats"]["lock_recoveries"] >= stall_kills
 
