@@ -170,6 +170,67 @@ int vela_encode_value(PyObject *value, PyObject *dumps, int dumps_codec, vela_va
     return 0;
 }
 
+/* Inverse of encode_into for one item of `len` bytes at `p`. */
+static PyObject *decode_from(const uint8_t *p, size_t len, int depth)
+{
+    if (len == 0 || depth > MAX_DEPTH)
+        goto bad;
+    switch (p[0]) {
+    case 's':
+        return PyUnicode_DecodeUTF8((const char *)p + 1, (Py_ssize_t)len - 1, "strict");
+    case 'b':
+        return PyBytes_FromStringAndSize((const char *)p + 1, (Py_ssize_t)len - 1);
+    case 'i': {
+        if (len != 9)
+            goto bad;
+        uint64_t u = 0;
+        for (int i = 1; i < 9; i++)
+            u = u << 8 | p[i];
+        return PyLong_FromLongLong((long long)u);
+    }
+    case 'I': {
+        PyObject *digits = PyUnicode_DecodeASCII((const char *)p + 1, (Py_ssize_t)len - 1, "strict");
+        if (!digits)
+            return NULL;
+        PyObject *v = PyLong_FromUnicodeObject(digits, 10);
+        Py_DECREF(digits);
+        return v;
+    }
+    case 't': {
+        PyObject *items = PyList_New(0);
+        size_t pos = 1;
+        while (items && pos < len) {
+            if (pos + 4 > len)
+                break;
+            size_t n = (size_t)p[pos] << 24 | (size_t)p[pos + 1] << 16 | (size_t)p[pos + 2] << 8 | p[pos + 3];
+            pos += 4;
+            PyObject *item = pos + n <= len ? decode_from(p + pos, n, depth + 1) : NULL;
+            if (!item || PyList_Append(items, item) < 0)
+                Py_CLEAR(items);
+            Py_XDECREF(item);
+            pos += n;
+        }
+        if (!items)
+            return NULL;
+        if (pos != len) {
+            Py_DECREF(items);
+            goto bad;
+        }
+        PyObject *tuple = PyList_AsTuple(items);
+        Py_DECREF(items);
+        return tuple;
+    }
+    }
+bad:
+    PyErr_SetString(PyExc_ValueError, "not a Vela key encoding");
+    return NULL;
+}
+
+PyObject *vela_decode_key(const uint8_t *bytes, size_t len)
+{
+    return decode_from(bytes, len, 0);
+}
+
 void vela_valbuf_release(vela_valbuf *v)
 {
     Py_CLEAR(v->owned);

@@ -750,6 +750,93 @@ static PyObject *Table_check(TableObject *self, PyObject *Py_UNUSED(ignored))
     return list;
 }
 
+/* stripes_info() -> [(entries, bytes, seq, lock_holder_pid, recoveries)], without locking. */
+static PyObject *Table_stripes_info(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    PyObject *list = PyList_New(self->t.stripe_mask + 1);
+    for (uint32_t s = 0; list && s <= self->t.stripe_mask; s++) {
+        vela_stripe_snapshot_t snap;
+        vela_stripe_snapshot(&self->t, s, &snap);
+        PyObject *item = Py_BuildValue("(KKIII)", (unsigned long long)snap.entries,
+                                       (unsigned long long)snap.bytes, snap.seq, snap.holder_pid,
+                                       snap.recoveries);
+        if (!item)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, s, item);
+    }
+    return list;
+}
+
+/* leases_info() -> [(stripe, slot, hash, holder_pid, holder_start, age_s)], without locking. */
+static PyObject *Table_leases_info(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    PyObject *list = PyList_New(0);
+    int64_t now = vela_monotonic_ns();
+    uint32_t n = (self->t.stripe_mask + 1) * VELA_LEASES_PER_STRIPE;
+    for (uint32_t i = 0; list && i < n; i++) {
+        vela_lease l;
+        if (!vela_lease_snapshot(&self->t, i, &l))
+            continue;
+        PyObject *item = Py_BuildValue("(IIKIKd)", i / VELA_LEASES_PER_STRIPE, i % VELA_LEASES_PER_STRIPE,
+                                       (unsigned long long)l.hash, l.holder_pid,
+                                       (unsigned long long)l.holder_start, (now - l.since_ns) / 1e9);
+        if (!item || PyList_Append(list, item) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(item);
+    }
+    return list;
+}
+
+static int sample_one(void *ctx, vela_entry *e, int64_t now)
+{
+    PyObject *key = vela_decode_key(vela_key_of(e), e->key_len);
+    if (!key) { /* show what cannot be decoded as bytes */
+        PyErr_Clear();
+        key = PyBytes_FromStringAndSize((const char *)vela_key_of(e), e->key_len);
+    }
+    PyObject *ttl = e->expire_at ? PyFloat_FromDouble((e->expire_at - now) / 1e9) : Py_NewRef(Py_None);
+    PyObject *item = key && ttl ? Py_BuildValue("(OIOii)", key, e->value_len, ttl, e->codec, e->ntags) : NULL;
+    Py_XDECREF(key);
+    Py_XDECREF(ttl);
+    int rc = item ? PyList_Append((PyObject *)ctx, item) : -1;
+    Py_XDECREF(item);
+    return rc;
+}
+
+/* sample(max) -> ([(key, value_len, ttl_s or None, codec, ntags)], [busy stripes]).
+ * Try-locks each stripe; a stripe someone holds is skipped and listed. */
+static PyObject *Table_sample(TableObject *self, PyObject *arg)
+{
+    READY_OR_NULL(self);
+    long max = PyLong_AsLong(arg);
+    if (max < 0 && PyErr_Occurred())
+        return NULL;
+    PyObject *items = PyList_New(0), *busy = PyList_New(0);
+    if (!items || !busy)
+        goto fail;
+    for (uint32_t s = 0; s <= self->t.stripe_mask && PyList_GET_SIZE(items) < max; s++) {
+        int n = vela_sample_stripe(&self->t, s, (uint32_t)(max - PyList_GET_SIZE(items)), sample_one, items);
+        if (n == -2)
+            goto fail;
+        if (n == -1) {
+            PyObject *idx = PyLong_FromUnsignedLong(s);
+            if (!idx || PyList_Append(busy, idx) < 0) {
+                Py_XDECREF(idx);
+                goto fail;
+            }
+            Py_DECREF(idx);
+        }
+    }
+    return Py_BuildValue("(NN)", items, busy);
+fail:
+    Py_XDECREF(items);
+    Py_XDECREF(busy);
+    return NULL;
+}
+
 static PyObject *Table_close(TableObject *self, PyObject *Py_UNUSED(ignored))
 {
     table_release(self);
@@ -842,6 +929,9 @@ static PyMethodDef Table_methods[] = {
     {"stats", (PyCFunction)Table_stats, METH_VARARGS, "stats(reset=False) -> dict of counters"},
     {"info", (PyCFunction)Table_info, METH_NOARGS, "info() -> dict of header fields"},
     {"check", (PyCFunction)Table_check, METH_NOARGS, "check() -> list of problems ([] = sound)"},
+    {"stripes_info", (PyCFunction)Table_stripes_info, METH_NOARGS, "per-stripe figures, lock-free"},
+    {"leases_info", (PyCFunction)Table_leases_info, METH_NOARGS, "stampede leases held, lock-free"},
+    {"sample", (PyCFunction)Table_sample, METH_O, "sample(max) -> (entries, busy stripes)"},
     {"close", (PyCFunction)Table_close, METH_NOARGS, "close()"},
     {"debug_stall", (PyCFunction)Table_debug_stall, METH_VARARGS, "test hook: a put that stops at a phase"},
     {NULL, NULL, 0, NULL},
@@ -876,6 +966,15 @@ static PyObject *mod_encode_key(PyObject *Py_UNUSED(m), PyObject *key)
     return PyBytes_FromStringAndSize((const char *)kb.bytes, (Py_ssize_t)kb.key.len);
 }
 
+static PyObject *mod_decode_key(PyObject *Py_UNUSED(m), PyObject *data)
+{
+    if (!PyBytes_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "decode_key takes bytes");
+        return NULL;
+    }
+    return vela_decode_key((const uint8_t *)PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data));
+}
+
 static PyObject *mod_proc_start_time(PyObject *Py_UNUSED(m), PyObject *pid)
 {
     long p = PyLong_AsLong(pid);
@@ -886,6 +985,7 @@ static PyObject *mod_proc_start_time(PyObject *Py_UNUSED(m), PyObject *pid)
 
 static PyMethodDef module_methods[] = {
     {"encode_key", mod_encode_key, METH_O, "encode_key(key) -> canonical bytes"},
+    {"decode_key", mod_decode_key, METH_O, "decode_key(bytes) -> key (inverse of encode_key)"},
     {"proc_start_time", mod_proc_start_time, METH_O, "start time of a process (clock ticks), 0 if gone"},
     {NULL, NULL, 0, NULL},
 };

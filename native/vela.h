@@ -281,6 +281,19 @@ vela_err vela_fetch_complete(vela_table *t, const vela_lease_token *token, const
 uint32_t vela_leases_release_pid(vela_table *t, uint32_t pid);
 uint32_t vela_leases_held(vela_table *t);
 
+/* ---- inspection without waiting (inspect.c) -------------------------------------------- */
+typedef struct vela_stripe_snapshot_t {
+    uint64_t entries, bytes;
+    uint32_t seq, holder_pid, recoveries;
+} vela_stripe_snapshot_t;
+void vela_stripe_snapshot(const vela_table *t, uint32_t s, vela_stripe_snapshot_t *out);
+/* Copy lease slot i (of stripes * VELA_LEASES_PER_STRIPE); 1 when it is held. */
+int vela_lease_snapshot(const vela_table *t, uint32_t i, vela_lease *out);
+/* Call fn for up to `max` live entries of stripe s if it can be locked without
+ * waiting. Returns the count, -1 when the stripe is busy, -2 when fn failed. */
+typedef int (*vela_sample_fn)(void *ctx, vela_entry *e, int64_t now);
+int vela_sample_stripe(vela_table *t, uint32_t s, uint32_t max, vela_sample_fn fn, void *ctx);
+
 /* ---- test hooks ----------------------------------------------------------------------- */
 /* Phase at which vela_do_put stops forever (crash tests), 0 = never. */
 extern int vela_debug_stall_phase;

@@ -1,0 +1,53 @@
+/*
+ * inspect.c -- looking at a live table without ever waiting for a lock, for
+ * tools/inspect_shm.py and metrics: counters are read as they are (relaxed
+ * loads), key samples try-lock each stripe and skip the busy ones, and say so.
+ * It must work while every worker is frozen with a stripe locked.
+ */
+#include "vela.h"
+
+void vela_stripe_snapshot(const vela_table *t, uint32_t s, vela_stripe_snapshot_t *out)
+{
+    const vela_stripe *st = &t->stripes[s];
+    out->entries = __atomic_load_n(&st->entries, __ATOMIC_RELAXED);
+    out->bytes = __atomic_load_n(&st->bytes, __ATOMIC_RELAXED);
+    out->seq = __atomic_load_n(&st->seq, __ATOMIC_RELAXED);
+    out->holder_pid = __atomic_load_n(&st->lock.holder_pid, __ATOMIC_RELAXED);
+    out->recoveries = __atomic_load_n(&st->lock.recoveries, __ATOMIC_RELAXED);
+}
+
+int vela_lease_snapshot(const vela_table *t, uint32_t i, vela_lease *out)
+{
+    const vela_lease *l = &t->leases[i];
+    out->hash = __atomic_load_n(&l->hash, __ATOMIC_ACQUIRE);
+    if (!out->hash)
+        return 0;
+    out->holder_pid = l->holder_pid;
+    out->holder_start = l->holder_start;
+    out->since_ns = l->since_ns;
+    out->outcome = l->outcome;
+    return 1;
+}
+
+int vela_sample_stripe(vela_table *t, uint32_t s, uint32_t max, vela_sample_fn fn, void *ctx)
+{
+    if (!vela_stripe_trylock(t, s))
+        return -1;
+    int64_t now = vela_now(t);
+    uint32_t n = 0;
+    uint32_t *buckets = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];
+    for (uint32_t i = 0; i <= t->bucket_mask && n < max; i++)
+        for (uint32_t ref = buckets[i]; ref && n < max;) {
+            vela_entry *e = vela_entry_of((vela_block *)vela_at(t, ref));
+            if (!vela_is_expired(t, e, now)) {
+                if (fn(ctx, e, now) < 0) {
+                    vela_stripe_unlock(t, s);
+                    return -2;
+                }
+                n++;
+            }
+            ref = e->next;
+        }
+    vela_stripe_unlock(t, s);
+    return (int)n;
+}
