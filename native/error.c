@@ -23,6 +23,7 @@ static const char *const names[VELA_ERR_COUNT] = {
     [VELA_EINVAL] = "VELA_EINVAL",
     [VELA_ENOTINT] = "VELA_ENOTINT",
     [VELA_EOVERFLOW] = "VELA_EOVERFLOW",
+    [VELA_EFORMAT] = "VELA_EFORMAT",
 };
 
 static __thread char message[512];

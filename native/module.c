@@ -17,6 +17,7 @@ static PyObject *error_class(vela_err err)
     static const char *const names[VELA_ERR_COUNT] = {
         [VELA_EFULL] = "CacheFull",         [VELA_ETOOLARGE] = "ValueTooLarge",
         [VELA_ELAYOUT] = "LayoutMismatch",  [VELA_EPOISONED] = "SegmentCorrupt",
+        [VELA_EFORMAT] = "LayoutMismatch",
         [VELA_ECORRUPT] = "SegmentCorrupt", [VELA_ETIMEOUT] = "LockTimeout",
         [VELA_EINVAL] = "OptionError",      [VELA_ESYS] = "VelaError",
     };
@@ -33,11 +34,22 @@ static PyObject *error_class(vela_err err)
     return cls;
 }
 
+/* Raise the exception for err with this thread's message; Vela's own
+ * exceptions also carry the symbol as `.code` ("VELA_EFULL"). */
 static PyObject *raise_vela(vela_err err)
 {
     PyObject *cls = error_class(err);
-    if (cls)
-        PyErr_SetString(cls, vela_last_message());
+    if (!cls)
+        return NULL;
+    PyObject *exc = PyObject_CallFunction(cls, "s", vela_last_message());
+    if (!exc)
+        return NULL;
+    PyObject *code = PyUnicode_FromString(vela_err_name(err));
+    if (!code || PyObject_SetAttrString(exc, "code", code) < 0)
+        PyErr_Clear(); /* the message names the code too */
+    Py_XDECREF(code);
+    PyErr_SetObject(cls, exc);
+    Py_DECREF(exc);
     return NULL;
 }
 
@@ -107,18 +119,23 @@ static void Table_dealloc(TableObject *self)
 }
 
 /* Table(fd, backend, capacity, stripes, max_size, max_entry_size, eviction,
- *       dumps, dumps_codec, loaders): -1 for an option means "adopt". */
+ *       dumps, dumps_codec, loaders, lock_fd=fd, reinit_unready=True):
+ * -1 for a layout option means "adopt"; lock_fd -1: the caller serialises opens. */
 static int Table_init(TableObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "backend", "capacity", "stripes", "max_size", "max_entry_size",
-                             "eviction", "dumps", "dumps_codec", "loaders", NULL};
-    int fd, backend, dumps_codec;
+                             "eviction", "dumps", "dumps_codec", "loaders", "lock_fd",
+                             "reinit_unready", NULL};
+    int fd, backend, dumps_codec, lock_fd = -2, reinit = 1;
     vela_options o;
     PyObject *dumps, *loaders;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiLLLLLOiO", kwlist, &fd, &backend, &o.capacity,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiLLLLLOiO|ip", kwlist, &fd, &backend, &o.capacity,
                                      &o.stripes, &o.max_size, &o.max_entry_size, &o.eviction, &dumps,
-                                     &dumps_codec, &loaders))
+                                     &dumps_codec, &loaders, &lock_fd, &reinit))
         return -1;
+    if (lock_fd == -2)
+        lock_fd = fd;
+    o.reinit_unready = reinit;
     if (self->open) {
         PyErr_SetString(PyExc_RuntimeError, "Table is already open");
         return -1;
@@ -130,7 +147,7 @@ static int Table_init(TableObject *self, PyObject *args, PyObject *kwds)
     o.backend = backend;
     vela_err err;
     Py_BEGIN_ALLOW_THREADS
-    err = vela_open(fd, &o, &self->t);
+    err = vela_open(fd, lock_fd, &o, &self->t);
     Py_END_ALLOW_THREADS
     if (err != VELA_OK) {
         raise_vela(err);
@@ -837,6 +854,33 @@ fail:
     return NULL;
 }
 
+/* rebuild() -> (kept, dropped): see rebuild.c; only with the table to ourselves. */
+static PyObject *Table_rebuild(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    uint64_t kept = 0, dropped = 0;
+    vela_err err;
+    Py_BEGIN_ALLOW_THREADS
+    err = vela_rebuild(&self->t, &kept, &dropped);
+    Py_END_ALLOW_THREADS
+    if (err != VELA_OK)
+        return raise_vela(err);
+    vela_stats_attach(&self->t); /* the slots were cleared */
+    return Py_BuildValue("(KK)", (unsigned long long)kept, (unsigned long long)dropped);
+}
+
+static PyObject *Table_sync(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    vela_err err;
+    Py_BEGIN_ALLOW_THREADS
+    err = vela_sync(&self->t);
+    Py_END_ALLOW_THREADS
+    if (err != VELA_OK)
+        return raise_vela(err);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Table_close(TableObject *self, PyObject *Py_UNUSED(ignored))
 {
     table_release(self);
@@ -900,6 +944,45 @@ static int Table_set_lock_timeout(TableObject *self, PyObject *v, void *Py_UNUSE
     return 0;
 }
 
+static PyObject *Table_get_clean(TableObject *self, void *Py_UNUSED(c))
+{
+    if (!ready(self))
+        return NULL;
+    return PyBool_FromLong(self->t.hdr->clean);
+}
+
+static int Table_set_clean(TableObject *self, PyObject *v, void *Py_UNUSED(c))
+{
+    if (!ready(self))
+        return -1;
+    int on = v ? PyObject_IsTrue(v) : 0;
+    if (on < 0)
+        return -1;
+    self->t.hdr->clean = (uint32_t)on;
+    return 0;
+}
+
+static PyObject *Table_get_host(TableObject *self, void *Py_UNUSED(c))
+{
+    if (!ready(self))
+        return NULL;
+    return PyUnicode_DecodeUTF8(self->t.hdr->host, (Py_ssize_t)strnlen(self->t.hdr->host, sizeof self->t.hdr->host),
+                                "replace");
+}
+
+static int Table_set_host(TableObject *self, PyObject *v, void *Py_UNUSED(c))
+{
+    if (!ready(self))
+        return -1;
+    Py_ssize_t n;
+    const char *s = v ? PyUnicode_AsUTF8AndSize(v, &n) : NULL;
+    if (!s)
+        return -1;
+    memset(self->t.hdr->host, 0, sizeof self->t.hdr->host);
+    memcpy(self->t.hdr->host, s, (size_t)n < sizeof self->t.hdr->host - 1 ? (size_t)n : sizeof self->t.hdr->host - 1);
+    return 0;
+}
+
 static PyObject *Table_get_closed(TableObject *self, void *Py_UNUSED(c))
 {
     return PyBool_FromLong(!self->open);
@@ -932,6 +1015,8 @@ static PyMethodDef Table_methods[] = {
     {"stripes_info", (PyCFunction)Table_stripes_info, METH_NOARGS, "per-stripe figures, lock-free"},
     {"leases_info", (PyCFunction)Table_leases_info, METH_NOARGS, "stampede leases held, lock-free"},
     {"sample", (PyCFunction)Table_sample, METH_O, "sample(max) -> (entries, busy stripes)"},
+    {"rebuild", (PyCFunction)Table_rebuild, METH_NOARGS, "rebuild() -> (kept, dropped)"},
+    {"sync", (PyCFunction)Table_sync, METH_NOARGS, "sync(): msync the mapping"},
     {"close", (PyCFunction)Table_close, METH_NOARGS, "close()"},
     {"debug_stall", (PyCFunction)Table_debug_stall, METH_VARARGS, "test hook: a put that stops at a phase"},
     {NULL, NULL, 0, NULL},
@@ -940,6 +1025,8 @@ static PyMethodDef Table_methods[] = {
 static PyGetSetDef Table_getset[] = {
     {"stats_enabled", (getter)Table_get_stats_enabled, (setter)Table_set_stats_enabled, "count stats", NULL},
     {"lock_timeout", (getter)Table_get_lock_timeout, (setter)Table_set_lock_timeout, "seconds", NULL},
+    {"clean", (getter)Table_get_clean, (setter)Table_set_clean, "file: closed cleanly?", NULL},
+    {"host", (getter)Table_get_host, (setter)Table_set_host, "file: host that has it open", NULL},
     {"closed", (getter)Table_get_closed, NULL, "closed?", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

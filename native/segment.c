@@ -10,6 +10,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/file.h>
@@ -17,6 +18,9 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+
+#define XXH_INLINE_ALL
+#include "xxhash.h"
 
 #include "vela.h"
 
@@ -71,6 +75,11 @@ int vela_proc_alive(uint32_t pid, uint64_t start)
         return 0;
     uint64_t now_start = vela_proc_start_time(pid);
     return now_start != 0 && (start == 0 || now_start == start);
+}
+
+uint64_t vela_header_checksum(const vela_header *h)
+{
+    return XXH3_64bits(h, offsetof(vela_header, header_check));
 }
 
 static uint64_t pow2_floor(uint64_t x)
@@ -187,7 +196,9 @@ static vela_err initialise(vela_table *t)
         if ((err = vela_lock_init(&t->stripes[s].lock)) != VELA_OK)
             return err;
     vela_heap_init(t);
-    __atomic_store_n(&h->ready, VELA_READY, __ATOMIC_RELEASE);
+    h->ready = VELA_READY;
+    h->header_check = vela_header_checksum(h);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
     return VELA_OK;
 }
 
@@ -223,11 +234,13 @@ static vela_err check_agreement(const vela_header *h, const vela_options *o)
 static vela_err validate(const vela_header *h, uint64_t size)
 {
     if (h->magic != VELA_MAGIC)
-        return vela_fail(VELA_ELAYOUT, "not a Vela segment, or one of the other byte order "
+        return vela_fail(VELA_EFORMAT, "not a Vela segment, or one of the other byte order "
                          "(magic %016llx)", (unsigned long long)h->magic);
     if (h->format != VELA_FORMAT || h->header_size != sizeof(vela_header))
-        return vela_fail(VELA_ELAYOUT, "segment has layout format %u, this build reads format %u; "
+        return vela_fail(VELA_EFORMAT, "segment has layout format %u, this build reads format %u; "
                          "destroy it (vela.destroy) after the old workers stop", h->format, VELA_FORMAT);
+    if (h->header_check != vela_header_checksum(h))
+        return vela_fail(VELA_ECORRUPT, "segment header is damaged (checksum mismatch)");
     if (h->capacity != size)
         return vela_fail(VELA_ECORRUPT, "header says %llu bytes, the segment has %llu",
                          (unsigned long long)h->capacity, (unsigned long long)size);
@@ -246,7 +259,7 @@ static vela_err validate(const vela_header *h, uint64_t size)
     return VELA_OK;
 }
 
-vela_err vela_open(int fd, const vela_options *o, vela_table *out)
+vela_err vela_open(int fd, int lock_fd, const vela_options *o, vela_table *out)
 {
     vela_err err = VELA_OK;
     uint8_t *base = MAP_FAILED;
@@ -254,7 +267,7 @@ vela_err vela_open(int fd, const vela_options *o, vela_table *out)
     memset(out, 0, sizeof *out);
     out->fd = -1;
 
-    while (flock(fd, LOCK_EX) != 0)
+    while (lock_fd >= 0 && flock(lock_fd, LOCK_EX) != 0)
         if (errno != EINTR)
             return vela_fail_sys("flock", "locking the segment to open it");
 
@@ -264,6 +277,11 @@ vela_err vela_open(int fd, const vela_options *o, vela_table *out)
         goto out;
     }
     size = (uint64_t)st.st_size;
+    if (size > 0 && size < sizeof(vela_header) && !o->reinit_unready) {
+        err = vela_fail(VELA_ECORRUPT, "segment of %llu bytes is too short to be a Vela table",
+                        (unsigned long long)size);
+        goto out;
+    }
     if (size >= sizeof(vela_header)) {
         base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (base == MAP_FAILED) {
@@ -275,6 +293,11 @@ vela_err vela_open(int fd, const vela_options *o, vela_table *out)
             if ((err = validate(h, size)) != VELA_OK || (err = check_agreement(h, o)) != VELA_OK)
                 goto out;
             bind_handle(out, base, size, fd);
+            goto out;
+        }
+        if (!o->reinit_unready) {
+            err = vela_fail(VELA_ECORRUPT, "not a finished Vela table (no READY mark: another "
+                            "format, random bytes, or its creator died while laying it out)");
             goto out;
         }
         munmap(base, size);
@@ -318,7 +341,8 @@ vela_err vela_open(int fd, const vela_options *o, vela_table *out)
         memset(out, 0, sizeof *out);
 
 out:
-    flock(fd, LOCK_UN);
+    if (lock_fd >= 0)
+        flock(lock_fd, LOCK_UN);
     if (err != VELA_OK) {
         if (base != MAP_FAILED)
             munmap(base, size);

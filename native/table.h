@@ -214,8 +214,10 @@ typedef struct vela_header {
     /* where the regions start (bytes) */
     uint64_t stripes_off, buckets_off, tagbuckets_off, leases_off, slots_off, heap_off, heap_end;
     int64_t created_ns;       /* CLOCK_REALTIME at creation */
+    uint64_t header_check;    /* xxh3 of every field above: a damaged header is refused */
     uint32_t poisoned;        /* nonzero: a repair failed; the table refuses work */
-    uint32_t pad0_;
+    uint32_t clean;           /* file backend: 1 after the last process closed it cleanly */
+    char host[64];            /* file backend: host name of the processes that have it open */
 
     uint8_t line1_[VELA_LINE];
     /* global counters, on their own line */

@@ -26,6 +26,7 @@ typedef enum vela_err {
     VELA_EINVAL,        /* bad argument */
     VELA_ENOTINT,       /* incr on a value that is not an integer counter */
     VELA_EOVERFLOW,     /* incr left the int64 range */
+    VELA_EFORMAT,       /* not a Vela segment, or one of another layout format */
     VELA_ERR_COUNT
 } vela_err;
 
@@ -66,6 +67,7 @@ typedef struct vela_options {
     int64_t max_entry_size;
     int64_t eviction;
     int backend;              /* enum vela_backend_kind; always given */
+    int reinit_unready;       /* lay out a non-empty segment that never became READY */
 } vela_options;
 
 #define VELA_DEFAULT_CAPACITY (64ull << 20)
@@ -73,9 +75,14 @@ typedef struct vela_options {
 #define VELA_MAX_CAPACITY (32ull << 30)   /* refs are 32-bit units of 8 bytes */
 
 /* Map the segment behind `fd` (which the handle then owns), creating and
- * initialising it if it is new or its creator died half-way. Race-safe: the
- * initialisation runs under flock(fd). Fills *out. */
-vela_err vela_open(int fd, const vela_options *opts, vela_table *out);
+ * initialising it if it is empty. Race-safe: the initialisation runs under
+ * flock(lock_fd); lock_fd -1 means the caller holds its own lock. A segment
+ * that is not empty but not READY (its creator died half-way) is laid out
+ * afresh when opts->reinit_unready is set, else refused with VELA_ECORRUPT.
+ * Fills *out. */
+vela_err vela_open(int fd, int lock_fd, const vela_options *opts, vela_table *out);
+/* Header checksum over the fields that never change after creation. */
+uint64_t vela_header_checksum(const vela_header *h);
 void vela_close(vela_table *t);
 /* Identity of a process: its start time in clock ticks since boot, 0 if gone. */
 uint64_t vela_proc_start_time(uint32_t pid);
@@ -225,6 +232,15 @@ int vela_evict_one(vela_table *t, uint32_t s);
 vela_err vela_stripe_repair(vela_table *t, uint32_t s, int heap_held);
 /* Validate one entry block of stripe s: 0 when sound, else a static reason. */
 const char *vela_entry_problem(vela_table *t, uint32_t s, uint32_t ref);
+
+/* ---- rebuild (rebuild.c) ----------------------------------------------------------- */
+/* Rebuild every structure of a table from the entries that validate (bounds,
+ * checksum, no overlap, not expired): locks re-initialised, heap re-laid,
+ * chains and tags relinked, counters recounted. Only for a table no other
+ * process has open (the file backend's first opener). */
+vela_err vela_rebuild(vela_table *t, uint64_t *kept, uint64_t *dropped);
+/* Write dirty pages of the mapping to the file (msync). */
+vela_err vela_sync(vela_table *t);
 
 /* ---- integrity check (check.c) ----------------------------------------------------- */
 typedef struct vela_report {

@@ -7,7 +7,7 @@ import time
 import weakref
 
 from . import _native, options, serializers, telemetry
-from .backends import shm
+from .backends import file, shm
 from .errors import CacheFull, OptionError
 
 __all__ = ["Cache", "destroy"]
@@ -20,9 +20,9 @@ _HIT, _MINE, _TIMEOUT, _ALONE, _BUSY = 0, 1, 2, 3, 4
 # A waiter checks at least this often that the lease holder still lives.
 _POLL_NS = 20_000_000
 
-_BACKENDS = {"shm": shm}
+_BACKENDS = {"shm": shm, "file": file}
 _PLANNED = {
-    "backend": {"file": "the file backend", "redis": "the Redis backend"},
+    "backend": {"redis": "the Redis backend"},
     "topology": {"replicated": "the replicated topology (vela-bridge)",
                  "partitioned": "the partitioned topology (vela-bridge)"},
 }
@@ -67,8 +67,7 @@ class Cache:
         self._table = None
         self.name = options.check_name(name)
         self._backend = _backend_module(backend)
-        if backend_opts not in (None, {}):
-            raise OptionError(f"backend_opts: the {backend} backend takes no options, got {backend_opts!r}")
+        self._backend_opts = dict(backend_opts or {})
         if topology != "local":
             what = _PLANNED["topology"].get(topology)
             raise OptionError(f"topology={topology!r}: " + (f"{what} is not available in this version"
@@ -104,18 +103,27 @@ class Cache:
             else options.parse_size("max_entry_size", max_entry_size),
             eviction=-1 if eviction_policy is _UNSET else options.eviction_policy(eviction_policy),
         )
-        fd, created = self._backend.open_fd(self.name)
+        segment = self._backend.open_segment(self.name, self._backend_opts)
+
+        def make_table(fd, lock_fd, reinit_unready):
+            try:
+                return _native.Table(fd=fd, lock_fd=lock_fd, reinit_unready=reinit_unready, dumps=dumps,
+                                     dumps_codec=codec, loaders=loaders, **layout)
+            except BaseException:
+                os.close(fd)
+                raise
+
         try:
-            self._table = _native.Table(fd=fd, dumps=dumps, dumps_codec=codec, loaders=loaders, **layout)
+            self._table = segment.open_table(make_table)
         except BaseException:
-            os.close(fd)
-            if created:  # nothing half-made stays behind
-                self._backend.discard_if_empty(self.name)
+            segment.failed()  # nothing half-made stays behind
             raise
+        segment.attached(self._table)
+        self._segment = segment
         self._table.stats_enabled = bool(stats_enabled)
         self._table.lock_timeout = lock_timeout
         self._stop = None
-        self._start_sweeper()
+        self._start_maintenance()
         _live.add(self)
 
     # ---- reading ----------------------------------------------------------------
@@ -418,18 +426,25 @@ class Cache:
     def closed(self):
         return self._table is None or self._table.closed
 
+    def flush_to_disk(self):
+        """Make every write so far durable (file backend: msync; others: nothing to do)."""
+        self._segment.sync(self._table)
+
     def close(self):
         """Release this handle (the cache itself stays for other processes)."""
         if self._stop is not None:
             self._stop.set()
-        if self._table is not None:
-            self._table.close()
+        if self._table is not None and not self._table.closed:
+            try:
+                self._segment.closing(self._table)
+            finally:
+                self._table.close()
         _live.discard(self)
 
     def destroy(self):
         """Close this handle and remove the cache's segment."""
         self.close()
-        return self._backend.destroy(self.name)
+        return self._backend.destroy(self.name, self._backend_opts)
 
     def __enter__(self):
         return self
@@ -445,49 +460,62 @@ class Cache:
         state = "closed" if self.closed else f"{self.size()} entries"
         return f"<vela.Cache {self.name!r} ({state})>"
 
-    # ---- background sweep ----------------------------------------------------------
+    # ---- background work -----------------------------------------------------------
 
-    def _start_sweeper(self):
-        """One thread per handle; only the host's elected sweeper does the work."""
-        if self.sweep_interval is None:
+    def _start_maintenance(self):
+        """One thread per handle runs the periodic jobs: the sweep (only in the host's
+        elected sweeper) and the backend's own (the file backend's msync)."""
+        jobs = list(self._segment.periodic())
+        if self.sweep_interval is not None:
+            stale_ns = int(self.sweep_interval * 3e9)
+
+            def sweep(table):
+                if table.sweeper_elect(stale_ns):
+                    table.expire()
+
+            jobs.append((self.sweep_interval, sweep))
+        if not jobs:
             return
         stop = self._stop = threading.Event()
-        ref = weakref.ref(self)
-        interval = self.sweep_interval
-        thread = threading.Thread(target=_sweep_loop, args=(ref, stop, interval),
-                                  name=f"vela-sweep-{self.name}", daemon=True)
+        thread = threading.Thread(target=_maintenance_loop, args=(weakref.ref(self), stop, jobs),
+                                  name=f"vela-maintenance-{self.name}", daemon=True)
         thread.start()
 
 
-def _sweep_loop(ref, stop, interval):
-    stale_ns = int(interval * 3e9)
-    while not stop.wait(interval):
+def _maintenance_loop(ref, stop, jobs):
+    due = [time.monotonic() + interval for interval, _ in jobs]
+    while not stop.wait(max(0.0, min(due) - time.monotonic())):
         cache = ref()
         if cache is None or cache.closed:
             return
         try:
-            if cache._table.sweeper_elect(stale_ns):
-                cache._table.expire()
-        except Exception:  # a closed or broken handle: the sweep ends, calls report it
+            now = time.monotonic()
+            for i, (interval, job) in enumerate(jobs):
+                if now >= due[i]:
+                    job(cache._table)
+                    due[i] = time.monotonic() + interval
+        except Exception:  # a closed or broken handle: the jobs end, calls report it
             return
         finally:
             del cache
 
 
-def _restart_sweepers_after_fork():
+def _after_fork_in_child():
     for cache in list(_live):
         if not cache.closed:
-            cache._start_sweeper()
+            cache._segment.after_fork()
+            cache._start_maintenance()
 
 
-os.register_at_fork(after_in_child=_restart_sweepers_after_fork)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def destroy(name, backend="shm", backend_opts=None, **_ignored):
     """Remove the cache ``name`` from the host; True when it existed.
 
-    Takes the same backend options as :class:`Cache`. Handles still open keep
-    working on the removed segment until they close; new handles get a fresh one.
+    Takes the same backend options as :class:`Cache` (a file-backed cache needs its
+    ``data_dir``). Handles still open keep working on the removed segment until
+    they close; new handles get a fresh one.
     """
     options.check_name(name)
-    return _backend_module(backend).destroy(name)
+    return _backend_module(backend).destroy(name, backend_opts)

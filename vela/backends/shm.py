@@ -1,10 +1,15 @@
-"""SharedMemory backend: the segment is a POSIX shared-memory object /vela.<name>."""
+"""SharedMemory backend: the segment is a POSIX shared-memory object /vela.<name>.
+
+It lives until ``vela.destroy(name)`` or a reboot; a write is durable for as long.
+"""
 
 import os
 
 import posix_ipc
 
 from .. import _native
+from ..errors import OptionError
+from . import Segment
 
 KIND = _native.BACKEND_SHM
 
@@ -13,12 +18,34 @@ def segment_name(name):
     return f"/vela.{name}"
 
 
-def open_fd(name):
-    """(fd, created): the segment's file descriptor, created empty (mode 0600) if missing.
+class ShmSegment(Segment):
+    def __init__(self, name, fd, created):
+        super().__init__(fd, created=created)
+        self.name = name
+
+    def failed(self):
+        """Remove a segment this process created but could not lay out (bad options)."""
+        if not self.created:
+            return
+        try:
+            shm = posix_ipc.SharedMemory(segment_name(self.name))
+        except posix_ipc.ExistentialError:
+            return
+        try:
+            if os.fstat(shm.fd).st_size == 0:
+                shm.unlink()
+        finally:
+            shm.close_fd()
+
+
+def open_segment(name, backend_opts):
+    """The segment's file descriptor, created empty (mode 0600) if missing.
 
     The C core sizes and lays out an empty segment under flock, so processes
     racing to create the same cache end up with one table.
     """
+    if backend_opts:
+        raise OptionError(f"backend_opts: the shm backend takes no options, got {backend_opts!r}")
     try:
         shm = posix_ipc.SharedMemory(segment_name(name), posix_ipc.O_CREX, mode=0o600)
         created = True
@@ -26,25 +53,12 @@ def open_fd(name):
         shm = posix_ipc.SharedMemory(segment_name(name), posix_ipc.O_CREAT, mode=0o600)
         created = False
     try:
-        return os.dup(shm.fd), created
+        return ShmSegment(name, os.dup(shm.fd), created)
     finally:
         shm.close_fd()
 
 
-def discard_if_empty(name):
-    """Remove a segment this process created but could not lay out (bad options)."""
-    try:
-        shm = posix_ipc.SharedMemory(segment_name(name))
-    except posix_ipc.ExistentialError:
-        return
-    try:
-        if os.fstat(shm.fd).st_size == 0:
-            shm.unlink()
-    finally:
-        shm.close_fd()
-
-
-def destroy(name):
+def destroy(name, backend_opts=None):
     """Remove the segment; True when there was one. Open handles keep their mapping."""
     try:
         posix_ipc.unlink_shared_memory(segment_name(name))
