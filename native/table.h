@@ -160,6 +160,8 @@ typedef struct vela_stripe {
     uint32_t seq;          /* odd while a write is in progress */
     uint32_t pending[2];   /* blocks allocated / unlinked by the write in flight */
     uint32_t sweep_cursor; /* next bucket the sweeper looks at */
+    uint32_t inval_seq;    /* near cache: bumped by every invalidation in the stripe */
+    uint32_t pad0_;
     uint64_t entries;      /* entries linked in this stripe */
     uint64_t bytes;        /* bytes of their blocks */
 } __attribute__((aligned(VELA_LINE))) vela_stripe;

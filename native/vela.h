@@ -270,6 +270,18 @@ static inline void vela_count(vela_table *t, enum vela_stat which, uint64_t n) {
 void vela_stats_sum(vela_table *t, uint64_t out[VELA_STAT_COUNT]);
 void vela_stats_reset(vela_table *t);
 
+/* ---- near cache (near.c) ------------------------------------------------------------- */
+/* A reservation for filling `k` from the remote store: the stripe's
+ * invalidation sequence now. */
+vela_err vela_reserve(vela_table *t, const vela_key *k, uint32_t *token);
+/* Store the fill only if no invalidation hit the stripe since the reservation;
+ * *stored says whether it did. */
+vela_err vela_fill(vela_table *t, const vela_put_args *a, uint32_t token, int *stored);
+/* Drop `k` (if present) and void the reservations of its stripe; *removed. */
+vela_err vela_invalidate(vela_table *t, const vela_key *k, int *removed);
+/* Void every reservation (the remote store's notifications were lost). */
+void vela_invalidate_all_reservations(vela_table *t);
+
 /* ---- stampede leases (lease.c) ------------------------------------------------------ */
 typedef enum vela_fetch_status {
     VELA_FETCH_HIT = 0,      /* the value is there: *ref is its entry, stripe still LOCKED */

@@ -31,6 +31,15 @@ _PLANNED = {
 _live = weakref.WeakSet()
 
 
+def _implementation(kwargs):
+    """The Cache class that serves these options."""
+    if kwargs.get("backend") == "redis":
+        from .redis_cache import RedisCache  # imports redis-py only when used
+
+        return RedisCache
+    return Cache
+
+
 def _backend_module(backend):
     if isinstance(backend, str):
         if backend in _BACKENDS:
@@ -54,6 +63,13 @@ class Cache:
     :param default_ttl: seconds an entry lives when put without ``ttl`` (None: forever).
     :raises vela.OptionError: an unknown option or a bad value (the message names it).
     """
+
+    def __new__(cls, *args, **kwargs):
+        # A cache whose entries live elsewhere (Redis) is served by a subclass with
+        # the same API; vela.Cache(...) picks it from the options.
+        if cls is Cache:
+            cls = _implementation(kwargs)
+        return super().__new__(cls)
 
     def __init__(self, name, *, backend="shm", backend_opts=None, topology="local",
                  topology_opts=None, capacity=_UNSET, stripes=_UNSET, max_size=_UNSET,

@@ -235,21 +235,24 @@ def run_check(cache, snap, timeout):
     frozen = [lock for lock in snap["locks"] if lock["state"] == "stopped"]
     if frozen:
         held = ", ".join(f"{lock['lock']} by pid {lock['pid']}" for lock in frozen)
-        return dict(status="skipped", problems=[], seconds=0.0,
+        return dict(status="skipped", problems=[], seconds=0.0, repaired=0,
                     reason=f"not run: {held} (stopped); the check takes every lock, so it would "
                            "wait for that process while holding the others")
     cache._table.lock_timeout = timeout
+    # A lock left by a dead process is repaired by whoever takes it next: the check, here.
+    recoveries = sum(s[4] for s in cache._table.stripes_info())
     start = time.monotonic()
     try:
         problems = cache.check()
     except LockTimeout as e:
         return dict(status="timeout", problems=[], seconds=time.monotonic() - start,
-                    reason=f"not finished: {e}")
+                    reason=f"not finished: {e}", repaired=0)
     except VelaError as e:  # poisoned, corrupt: a real violation
         return dict(status="problems", problems=[f"{type(e).__name__}: {e}"],
-                    seconds=time.monotonic() - start, reason=None)
+                    seconds=time.monotonic() - start, reason=None, repaired=0)
+    repaired = sum(s[4] for s in cache._table.stripes_info()) - recoveries
     return dict(status="problems" if problems else "clean", problems=problems,
-                seconds=time.monotonic() - start, reason=None)
+                seconds=time.monotonic() - start, reason=None, repaired=repaired)
 
 
 # --------------------------------------------------------------------------------------
@@ -388,10 +391,12 @@ def _short(text, width=48):
 
 def _check_line(check):
     status = check["status"]
+    repaired = (f"; first repaired {check['repaired']} stripe(s) left locked by dead processes"
+                if check.get("repaired") else "")
     if status == "clean":
-        return f"clean (every invariant holds; checked in {check['seconds'] * 1000:.1f} ms)"
+        return f"clean (every invariant holds; checked in {check['seconds'] * 1000:.1f} ms{repaired})"
     if status == "problems":
-        return f"{len(check['problems'])} PROBLEM(S)"
+        return f"{len(check['problems'])} PROBLEM(S){repaired}"
     return check["reason"]
 
 
