@@ -951,6 +951,9 @@ def test_destroy(cache_name):
         assert fresh.get("k") is None
         assert fresh.size() == 0
     c.close()
+    # destroy takes the backend options of Cache
+    assert vela.destroy(cache_name, backend="shm") is True
+    assert vela.destroy(cache_name, backend="shm") is False
 
 
 def test_cache_destroy_method(cache_name):
