@@ -160,9 +160,6 @@ vela_err vela_check(vela_table *t, vela_report *r)
     uint64_t total = 0;
     for (uint32_t s = 0; s <= t->stripe_mask; s++)
         check_stripe(t, s, r, seen, &total);
-    if (total != vela_size(t))
-        vela_report_add(r, "header: entry counter says %llu, the stripes hold %llu",
-                        (unsigned long long)vela_size(t), (unsigned long long)total);
     uint64_t leaked = 0;
     for (size_t i = 0; i < map_bytes; i++)
         if (used[i] & ~seen[i])

@@ -172,7 +172,6 @@ vela_err vela_rebuild(vela_table *t, uint64_t *kept_out, uint64_t *dropped_out)
         if (e->version > top_version)
             top_version = e->version;
     }
-    h->entries = kept;
     if (h->version_clock < top_version)
         h->version_clock = top_version;
     *kept_out = kept;

@@ -120,8 +120,6 @@ vela_err vela_stripe_repair(vela_table *t, uint32_t s, int heap_held)
     for (size_t i = 0; i < n; i++)
         vela_tags_link(t, s, vela_entry_of(blk(t, refs[i])));
 
-    int64_t delta = (int64_t)n - (int64_t)st->entries;
-    __atomic_fetch_add(&t->hdr->entries, (uint64_t)delta, __ATOMIC_RELAXED);
     st->entries = n;
     st->bytes = bytes;
 out:

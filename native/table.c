@@ -85,9 +85,15 @@ void vela_mark_access(vela_table *t, vela_block *b)
         __atomic_store_n(&b->access, (uint8_t)(c + 1), __ATOMIC_RELAXED);
 }
 
+/* Entries of all stripes. Derived, not kept in a global counter: a counter
+ * updated apart from the stripe's could not be set right by a stripe repair.
+ * O(stripes), off the get path (put pays it only when max_size is set). */
 uint64_t vela_size(const vela_table *t)
 {
-    return __atomic_load_n(&t->hdr->entries, __ATOMIC_RELAXED);
+    uint64_t n = 0;
+    for (uint32_t s = 0; s <= t->stripe_mask; s++)
+        n += __atomic_load_n(&t->stripes[s].entries, __ATOMIC_RELAXED);
+    return n;
 }
 
 /* ---- tags ------------------------------------------------------------------- */
@@ -135,7 +141,6 @@ static uint32_t remove_at(vela_table *t, uint32_t s, uint32_t *pred, uint32_t re
     vela_tags_unlink(t, s, e);
     st->entries--;
     st->bytes -= vela_block_size(b);
-    __atomic_fetch_sub(&t->hdr->entries, 1, __ATOMIC_RELAXED);
     uint32_t freed = 0;
     if (!heap_held && (*err = vela_heap_lock(t)) != VELA_OK)
         return 0; /* stays in pending: the block leaks rather than breaks */
@@ -268,8 +273,6 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
             vela_heap_free(t, old);
             vela_heap_unlock(t);
         }
-    } else {
-        __atomic_fetch_add(&t->hdr->entries, 1, __ATOMIC_RELAXED);
     }
     vela_write_end(t, s);
     return err;

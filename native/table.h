@@ -223,9 +223,8 @@ typedef struct vela_header {
 
     uint8_t line1_[VELA_LINE];
     /* global counters, on their own line */
-    uint64_t entries;         /* entries in all stripes (atomic) */
     uint64_t version_clock;   /* last write version handed out (atomic) */
-    uint8_t line2_[VELA_LINE - 16];
+    uint8_t line2_[VELA_LINE - 8];
 
     /* rare operations: sweeper election */
     vela_lock admin;
