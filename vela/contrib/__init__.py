@@ -1,0 +1,1 @@
+"""Integrations of Vela with other frameworks (each imports its framework lazily)."""
