@@ -20,6 +20,9 @@ typedef struct vela_keybuf {
 /* 0 on success; -1 with TypeError (unsupported type) or ValueError (too long). */
 int vela_encode_key(PyObject *obj, vela_keybuf *out);
 
+/* A key already encoded (the bridge's): copied and hashed. */
+int vela_key_from_bytes(const uint8_t *bytes, size_t len, vela_keybuf *out);
+
 /* The key object of an encoding (inverse of vela_encode_key). */
 PyObject *vela_decode_key(const uint8_t *bytes, size_t len);
 

@@ -93,6 +93,17 @@ static int encode_into(PyObject *obj, uint8_t *buf, size_t *pos, int depth)
     return -1;
 }
 
+int vela_key_from_bytes(const uint8_t *bytes, size_t len, vela_keybuf *out)
+{
+    if (len > VELA_MAX_KEY)
+        return too_long();
+    memcpy(out->bytes, bytes, len);
+    out->key.bytes = out->bytes;
+    out->key.len = len;
+    out->key.hash = XXH3_64bits(out->bytes, len);
+    return 0;
+}
+
 int vela_encode_key(PyObject *obj, vela_keybuf *out)
 {
     size_t len = 0;

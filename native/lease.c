@@ -138,7 +138,15 @@ vela_err vela_fetch_complete(vela_table *t, const vela_lease_token *token, const
     vela_err err = vela_stripe_lock(t, token->stripe);
     if (err != VELA_OK)
         return err;
-    vela_err put_err = a ? vela_do_put(t, token->stripe, a) : VELA_OK;
+    uint64_t version = 0;
+    vela_put_args b;
+    if (a) {
+        b = *a;
+        b.version_out = &version;
+    }
+    vela_err put_err = a ? vela_do_put(t, token->stripe, &b) : VELA_OK;
+    if (a && put_err == VELA_OK)
+        vela_log_put(t, &b, version);
     vela_lease *l = &leases_of(t, token->stripe)[token->slot];
     int held = l->hash == token->hash && l->holder_pid == t->my_pid;
     if (held)

@@ -6,6 +6,9 @@
  *   2. then, optionally, the heap lock;
  *   3. while holding the heap lock, other stripes may be TRY-locked (eviction);
  *      a busy stripe is skipped, never waited for.
+ *   The change log's lock is taken with at most one stripe lock held (a
+ *   record is appended while its key's stripe is still locked), never with
+ *   the heap lock; nothing is locked while holding it.
  *   The admin lock is taken alone. check() takes every stripe in ascending
  *   order, then the heap: it holds no heap lock while it waits for a stripe,
  *   and everyone else only try-locks a second stripe, so no cycle can form.
@@ -182,6 +185,30 @@ vela_err vela_heap_lock(vela_table *t)
 void vela_heap_unlock(vela_table *t)
 {
     vela_lock *l = &t->hdr->heap.lock;
+    l->holder_pid = 0;
+    pthread_mutex_unlock(&l->mutex);
+}
+
+vela_err vela_log_lock(vela_table *t)
+{
+    vela_lock *l = &t->hdr->log_lock;
+    int rc = acquire(t, l);
+    if (rc == EOWNERDEAD) {
+        /* A writer died before publishing its record: log_head was not moved,
+         * so the half-written bytes are simply overwritten by the next one. */
+        pthread_mutex_consistent(&l->mutex);
+        l->recoveries++;
+        rc = 0;
+    }
+    if (rc != 0)
+        return lock_failed(t, l, rc, "the change log lock");
+    l->holder_pid = t->my_pid;
+    return VELA_OK;
+}
+
+void vela_log_unlock(vela_table *t)
+{
+    vela_lock *l = &t->hdr->log_lock;
     l->holder_pid = 0;
     pthread_mutex_unlock(&l->mutex);
 }

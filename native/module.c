@@ -125,14 +125,15 @@ static int Table_init(TableObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"fd", "backend", "capacity", "stripes", "max_size", "max_entry_size",
                              "eviction", "dumps", "dumps_codec", "loaders", "lock_fd",
-                             "reinit_unready", NULL};
-    int fd, backend, dumps_codec, lock_fd = -2, reinit = 1;
+                             "reinit_unready", "replicated", NULL};
+    int fd, backend, dumps_codec, lock_fd = -2, reinit = 1, replicated = -1;
     vela_options o;
     PyObject *dumps, *loaders;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiLLLLLOiO|ip", kwlist, &fd, &backend, &o.capacity,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiLLLLLOiO|ipi", kwlist, &fd, &backend, &o.capacity,
                                      &o.stripes, &o.max_size, &o.max_entry_size, &o.eviction, &dumps,
-                                     &dumps_codec, &loaders, &lock_fd, &reinit))
+                                     &dumps_codec, &loaders, &lock_fd, &reinit, &replicated))
         return -1;
+    o.replicated = replicated;
     if (lock_fd == -2)
         lock_fd = fd;
     o.reinit_unready = reinit;
@@ -618,18 +619,29 @@ static PyObject *Table_delete(TableObject *self, PyObject *key)
     return PyBool_FromLong(removed);
 }
 
-static PyObject *Table_flush(TableObject *self, PyObject *Py_UNUSED(ignored))
+/* flush() -> removed; flush_versioned() -> (removed, version) */
+static PyObject *do_flush(TableObject *self, int with_version)
 {
     READY_OR_NULL(self);
-    uint64_t removed = 0;
+    uint64_t removed = 0, version;
     vela_err err;
     Py_BEGIN_ALLOW_THREADS
-    err = vela_flush(&self->t, &removed);
+    /* Entries newer than the flush's version (applied from another host
+     * meanwhile) survive it here as they do everywhere else. */
+    version = vela_next_version(&self->t);
+    err = vela_flush(&self->t, version, &removed);
+    if (err == VELA_OK)
+        vela_log_append(&self->t, VELA_OP_FLUSH, NULL, 0, NULL, 0, NULL, 0, version, 0);
     Py_END_ALLOW_THREADS
     if (err != VELA_OK)
         return raise_vela(err);
+    if (with_version)
+        return Py_BuildValue("(KK)", (unsigned long long)removed, (unsigned long long)version);
     return PyLong_FromUnsignedLongLong(removed);
 }
+
+static PyObject *Table_flush(TableObject *self, PyObject *Py_UNUSED(ignored)) { return do_flush(self, 0); }
+static PyObject *Table_flush_versioned(TableObject *self, PyObject *Py_UNUSED(ignored)) { return do_flush(self, 1); }
 
 static PyObject *Table_size(TableObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -637,7 +649,8 @@ static PyObject *Table_size(TableObject *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromUnsignedLongLong(vela_size(&self->t));
 }
 
-static PyObject *Table_invalidate_tag(TableObject *self, PyObject *tag)
+/* invalidate_tag(tag) -> removed; invalidate_tag_versioned(tag) -> (removed, version, tag_id) */
+static PyObject *do_invalidate_tag(TableObject *self, PyObject *tag, int with_version)
 {
     READY_OR_NULL(self);
     if (!PyUnicode_Check(tag)) {
@@ -648,14 +661,26 @@ static PyObject *Table_invalidate_tag(TableObject *self, PyObject *tag)
     const char *s = PyUnicode_AsUTF8AndSize(tag, &len);
     if (!s)
         return NULL;
-    uint64_t removed = 0, h = vela_hash_tag(s, (size_t)len);
+    uint64_t removed = 0, h = vela_hash_tag(s, (size_t)len), version;
     vela_err err;
     Py_BEGIN_ALLOW_THREADS
-    err = vela_invalidate_tag(&self->t, h, &removed);
+    version = vela_next_version(&self->t);
+    err = vela_invalidate_tag(&self->t, h, version, &removed);
+    if (err == VELA_OK)
+        vela_log_append(&self->t, VELA_OP_TAG, NULL, 0, NULL, 0, &h, 1, version, 0);
     Py_END_ALLOW_THREADS
     if (err != VELA_OK)
         return raise_vela(err);
+    if (with_version)
+        return Py_BuildValue("(KKK)", (unsigned long long)removed, (unsigned long long)version,
+                             (unsigned long long)(h & VELA_TAG_MASK));
     return PyLong_FromUnsignedLongLong(removed);
+}
+
+static PyObject *Table_invalidate_tag(TableObject *self, PyObject *tag) { return do_invalidate_tag(self, tag, 0); }
+static PyObject *Table_invalidate_tag_versioned(TableObject *self, PyObject *tag)
+{
+    return do_invalidate_tag(self, tag, 1);
 }
 
 /* ttl(key) -> (found, remaining_ns or -1 for never) */
@@ -942,6 +967,330 @@ static PyObject *Table_sync(TableObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* ---- the bridge's side: change log, applying remote changes, snapshots ---- */
+
+static int raw_key(PyObject *obj, vela_keybuf *kb)
+{
+    if (!PyBytes_Check(obj) || PyBytes_GET_SIZE(obj) > VELA_MAX_KEY || PyBytes_GET_SIZE(obj) == 0) {
+        PyErr_SetString(PyExc_ValueError, "an encoded key is 1 to 1024 bytes");
+        return -1;
+    }
+    if (vela_key_from_bytes((const uint8_t *)PyBytes_AS_STRING(obj), (size_t)PyBytes_GET_SIZE(obj), kb) < 0)
+        return -1;
+    return 0;
+}
+
+static int64_t expire_from_remaining(vela_table *t, long long ttl_ns)
+{
+    return ttl_ns > 0 ? vela_now(t) + ttl_ns : 0;
+}
+
+/* Remaining ns of an expiry (0 = never, -1 = already expired). */
+static long long remaining_of(int64_t expire_at, int64_t now)
+{
+    if (!expire_at)
+        return 0;
+    return expire_at > now ? (long long)(expire_at - now) : -1;
+}
+
+static PyObject *tags_tuple(const uint64_t *tags, size_t n)
+{
+    PyObject *tup = PyTuple_New((Py_ssize_t)n);
+    for (size_t i = 0; tup && i < n; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(tags[i] & VELA_TAG_MASK);
+        if (!v) {
+            Py_CLEAR(tup);
+            break;
+        }
+        PyTuple_SET_ITEM(tup, (Py_ssize_t)i, v);
+    }
+    return tup;
+}
+
+/* log_read(pos, max_records) -> (records, next_pos, lapped)
+ * records: [(op, key_bytes, value_bytes, codec, ttl_ns, tags, version)];
+ * lapped: writers overwrote what was not read yet (resync needed). */
+static PyObject *Table_log_read(TableObject *self, PyObject *args)
+{
+    unsigned long long pos;
+    int max;
+    if (!PyArg_ParseTuple(args, "Ki", &pos, &max))
+        return NULL;
+    READY_OR_NULL(self);
+    vela_header *h = self->t.hdr;
+    uint64_t size = h->log_size, head = __atomic_load_n(&h->log_head, __ATOMIC_ACQUIRE);
+    if (!size)
+        return Py_BuildValue("([]KO)", (unsigned long long)head, Py_False);
+    /* A writer may be filling up to log_size / 4 bytes past the head. */
+    if (head - pos > size - size / 4 || pos > head)
+        return Py_BuildValue("([]KO)", (unsigned long long)head, Py_True);
+    PyObject *records = PyList_New(0);
+    int64_t now = vela_now(&self->t);
+    uint64_t start = pos;
+    while (records && pos < head && PyList_GET_SIZE(records) < max) {
+        vela_log_record r;
+        memcpy(&r, self->t.log + pos % size, sizeof r);
+        if (r.len < 8 || r.len % 8 || r.len > size - pos % size)
+            break; /* lapped while reading: caught below */
+        if (r.op != VELA_OP_PAD && (r.ntags > VELA_MAX_TAGS || r.len < sizeof r ||
+                                    sizeof r + (uint64_t)r.ntags * 8 + r.key_len + r.value_len > r.len))
+            break; /* the same */
+        if (r.op != VELA_OP_PAD) {
+            const uint8_t *p = self->t.log + pos % size + sizeof r;
+            uint64_t tags[VELA_MAX_TAGS];
+            size_t ntags = r.ntags <= VELA_MAX_TAGS ? r.ntags : 0;
+            memcpy(tags, p, ntags * 8);
+            p += (size_t)r.ntags * 8;
+            PyObject *tt = tags_tuple(tags, ntags);
+            PyObject *item = tt ? Py_BuildValue("(iy#y#iLNK)", r.op, p, (Py_ssize_t)r.key_len, p + r.key_len,
+                                                (Py_ssize_t)r.value_len, r.codec,
+                                                remaining_of(r.expire_at, now), tt,
+                                                (unsigned long long)r.version) : NULL;
+            if (!item || PyList_Append(records, item) < 0)
+                Py_CLEAR(records);
+            Py_XDECREF(item);
+        }
+        pos += r.len;
+    }
+    /* Writers may have come round while we copied: what we read is good only
+     * if the ring never came within a record's reach of where we started. */
+    uint64_t head2 = __atomic_load_n(&h->log_head, __ATOMIC_ACQUIRE);
+    int lapped = head2 - start > size - size / 4;
+    if (lapped) {
+        Py_CLEAR(records);
+        records = PyList_New(0);
+    }
+    if (!records)
+        return NULL;
+    return Py_BuildValue("(NKO)", records, (unsigned long long)pos, lapped ? Py_True : Py_False);
+}
+
+static PyObject *Table_log_state(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    vela_header *h = self->t.hdr;
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:I}", "head",
+                         (unsigned long long)__atomic_load_n(&h->log_head, __ATOMIC_ACQUIRE), "bridge_pos",
+                         (unsigned long long)h->log_bridge_pos, "dropped",
+                         (unsigned long long)__atomic_load_n(&h->log_dropped, __ATOMIC_ACQUIRE), "size",
+                         (unsigned long long)h->log_size, "replicated", h->replicated);
+}
+
+static PyObject *Table_log_commit(TableObject *self, PyObject *arg)
+{
+    READY_OR_NULL(self);
+    unsigned long long pos = PyLong_AsUnsignedLongLong(arg);
+    if (pos == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    __atomic_store_n(&self->t.hdr->log_bridge_pos, pos, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t parse_tag_ints(PyObject *tags, uint64_t out[VELA_MAX_TAGS])
+{
+    PyObject *seq = PySequence_Fast(tags, "tags must be a sequence of ints");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > VELA_MAX_TAGS) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "too many tags");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (out[i] == (uint64_t)-1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    return n;
+}
+
+/* apply_put(key_bytes, value_bytes, codec, ttl_ns, tags, version) -> applied? */
+static PyObject *Table_apply_put(TableObject *self, PyObject *args)
+{
+    PyObject *key, *tags;
+    const char *value;
+    Py_ssize_t vlen;
+    int codec;
+    long long ttl_ns;
+    unsigned long long version;
+    if (!PyArg_ParseTuple(args, "Oy#iLOK", &key, &value, &vlen, &codec, &ttl_ns, &tags, &version))
+        return NULL;
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    uint64_t taghashes[VELA_MAX_TAGS];
+    Py_ssize_t ntags;
+    if (raw_key(key, &kb) < 0 || (ntags = parse_tag_ints(tags, taghashes)) < 0)
+        return NULL;
+    if (codec < 0 || codec >= VELA_CODEC_COUNT || version == 0 || ttl_ns < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad codec, ttl or version");
+        return NULL;
+    }
+    vela_put_args a = {.key = &kb.key, .value = (const uint8_t *)value, .value_len = (size_t)vlen,
+                       .codec = (uint8_t)codec, .expire_at = expire_from_remaining(&self->t, ttl_ns),
+                       .tags = taghashes, .ntags = (size_t)ntags, .version = version};
+    int applied = 0;
+    vela_err err = vela_apply_put(&self->t, &a, &applied);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return PyBool_FromLong(applied);
+}
+
+static PyObject *Table_apply_delete(TableObject *self, PyObject *args)
+{
+    PyObject *key;
+    unsigned long long version;
+    if (!PyArg_ParseTuple(args, "OK", &key, &version))
+        return NULL;
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    if (raw_key(key, &kb) < 0)
+        return NULL;
+    int removed = 0;
+    vela_err err = vela_apply_delete(&self->t, &kb.key, version, &removed);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return PyBool_FromLong(removed);
+}
+
+static PyObject *Table_apply_flush(TableObject *self, PyObject *arg)
+{
+    READY_OR_NULL(self);
+    unsigned long long version = PyLong_AsUnsignedLongLong(arg);
+    if (version == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    uint64_t removed = 0;
+    vela_err err;
+    Py_BEGIN_ALLOW_THREADS
+    err = vela_flush(&self->t, version, &removed);
+    Py_END_ALLOW_THREADS
+    vela_observe_version(&self->t, version);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return PyLong_FromUnsignedLongLong(removed);
+}
+
+static PyObject *Table_apply_tag(TableObject *self, PyObject *args)
+{
+    unsigned long long tag, version;
+    if (!PyArg_ParseTuple(args, "KK", &tag, &version))
+        return NULL;
+    READY_OR_NULL(self);
+    uint64_t removed = 0;
+    vela_err err;
+    Py_BEGIN_ALLOW_THREADS
+    err = vela_invalidate_tag(&self->t, tag, version, &removed);
+    Py_END_ALLOW_THREADS
+    vela_observe_version(&self->t, version);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    if (self->t.stats_enabled)
+        vela_count(&self->t, VELA_STAT_INVALIDATIONS, 0);
+    return PyLong_FromUnsignedLongLong(removed);
+}
+
+static int scan_one(void *ctx, vela_entry *e, int64_t now)
+{
+    uint64_t tags[VELA_MAX_TAGS];
+    for (uint32_t i = 0; i < e->ntags; i++)
+        tags[i] = vela_tags_of(e)[i].tag;
+    PyObject *tt = tags_tuple(tags, e->ntags);
+    PyObject *item = tt ? Py_BuildValue("(y#y#iLNK)", vela_key_of(e), (Py_ssize_t)e->key_len, vela_value_of(e),
+                                        (Py_ssize_t)e->value_len, e->codec, remaining_of(e->expire_at, now), tt,
+                                        (unsigned long long)e->version) : NULL;
+    int rc = item ? PyList_Append((PyObject *)ctx, item) : -1;
+    Py_XDECREF(item);
+    return rc;
+}
+
+/* scan(cursor, max) -> (next_cursor or None, [(key_bytes, value_bytes, codec, ttl_ns, tags, version)]) */
+static PyObject *Table_scan(TableObject *self, PyObject *args)
+{
+    unsigned long long cursor;
+    unsigned int max;
+    if (!PyArg_ParseTuple(args, "KI", &cursor, &max))
+        return NULL;
+    READY_OR_NULL(self);
+    PyObject *items = PyList_New(0);
+    if (!items)
+        return NULL;
+    uint64_t c = cursor;
+    vela_err err = vela_scan(&self->t, &c, max, scan_one, items);
+    if (err != VELA_OK) {
+        Py_DECREF(items);
+        return PyErr_Occurred() ? NULL : raise_vela(err);
+    }
+    if (c == UINT64_MAX)
+        return Py_BuildValue("(ON)", Py_None, items);
+    return Py_BuildValue("(KN)", (unsigned long long)c, items);
+}
+
+static PyObject *Table_next_version(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    return PyLong_FromUnsignedLongLong(vela_next_version(&self->t));
+}
+
+/* set_cluster(json_bytes): the bridge publishes the cluster view. */
+static PyObject *Table_set_cluster(TableObject *self, PyObject *arg)
+{
+    READY_OR_NULL(self);
+    if (!PyBytes_Check(arg) || PyBytes_GET_SIZE(arg) > (Py_ssize_t)sizeof self->t.cluster->json) {
+        PyErr_Format(PyExc_ValueError, "the cluster view is bytes of at most %zu", sizeof self->t.cluster->json);
+        return NULL;
+    }
+    vela_cluster *c = self->t.cluster;
+    __atomic_store_n(&c->seq, c->seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    memcpy(c->json, PyBytes_AS_STRING(arg), (size_t)PyBytes_GET_SIZE(arg));
+    c->len = (uint32_t)PyBytes_GET_SIZE(arg);
+    __atomic_store_n(&c->seq, c->seq + 1, __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+/* cluster() -> bytes of the view (b"" when no bridge ever wrote one). */
+static PyObject *Table_cluster(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    vela_cluster *c = self->t.cluster;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        uint32_t seq = __atomic_load_n(&c->seq, __ATOMIC_ACQUIRE);
+        if (seq & 1)
+            continue;
+        uint32_t len = c->len < sizeof c->json ? c->len : 0;
+        PyObject *out = PyBytes_FromStringAndSize(c->json, len);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&c->seq, __ATOMIC_RELAXED) == seq)
+            return out;
+        Py_XDECREF(out);
+    }
+    return PyBytes_FromStringAndSize("", 0);
+}
+
+static PyObject *Table_get_node_id(TableObject *self, void *Py_UNUSED(c))
+{
+    if (!ready(self))
+        return NULL;
+    return PyLong_FromUnsignedLong(self->t.hdr->node_id);
+}
+
+static int Table_set_node_id(TableObject *self, PyObject *v, void *Py_UNUSED(c))
+{
+    if (!ready(self))
+        return -1;
+    long id = v ? PyLong_AsLong(v) : -1;
+    if (id < 0 || id > 0xFFF) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "node_id is 0 to 4095");
+        return -1;
+    }
+    self->t.hdr->node_id = (uint32_t)id;
+    return 0;
+}
+
 static PyObject *Table_close(TableObject *self, PyObject *Py_UNUSED(ignored))
 {
     table_release(self);
@@ -1066,6 +1415,9 @@ static PyMethodDef Table_methods[] = {
     {"fetch_abort", (PyCFunction)Table_fetch_abort, METH_O, "fetch_abort(token)"},
     {"release_leases", (PyCFunction)Table_release_leases, METH_O, "release_leases(pid) -> released"},
     {"flush", (PyCFunction)Table_flush, METH_NOARGS, "flush() -> entries removed"},
+    {"flush_versioned", (PyCFunction)Table_flush_versioned, METH_NOARGS, "-> (removed, version)"},
+    {"invalidate_tag_versioned", (PyCFunction)Table_invalidate_tag_versioned, METH_O,
+     "-> (removed, version, tag_id)"},
     {"size", (PyCFunction)Table_size, METH_NOARGS, "size() -> entries stored"},
     {"invalidate_tag", (PyCFunction)Table_invalidate_tag, METH_O, "invalidate_tag(tag) -> live entries removed"},
     {"ttl", (PyCFunction)Table_ttl, METH_O, "ttl(key) -> (found, remaining_ns or -1)"},
@@ -1082,6 +1434,17 @@ static PyMethodDef Table_methods[] = {
     {"sample", (PyCFunction)Table_sample, METH_O, "sample(max) -> (entries, busy stripes)"},
     {"rebuild", (PyCFunction)Table_rebuild, METH_NOARGS, "rebuild() -> (kept, dropped)"},
     {"sync", (PyCFunction)Table_sync, METH_NOARGS, "sync(): msync the mapping"},
+    {"log_read", (PyCFunction)Table_log_read, METH_VARARGS, "bridge: log_read(pos, max)"},
+    {"log_state", (PyCFunction)Table_log_state, METH_NOARGS, "bridge: change log positions"},
+    {"log_commit", (PyCFunction)Table_log_commit, METH_O, "bridge: log_commit(pos)"},
+    {"apply_put", (PyCFunction)Table_apply_put, METH_VARARGS, "bridge: last-writer-wins put"},
+    {"apply_delete", (PyCFunction)Table_apply_delete, METH_VARARGS, "bridge: apply_delete(key, version)"},
+    {"apply_flush", (PyCFunction)Table_apply_flush, METH_O, "bridge: apply_flush(version) -> removed"},
+    {"apply_tag", (PyCFunction)Table_apply_tag, METH_VARARGS, "bridge: apply_tag(tag, version) -> removed"},
+    {"scan", (PyCFunction)Table_scan, METH_VARARGS, "bridge: scan(cursor, max) for snapshots"},
+    {"next_version", (PyCFunction)Table_next_version, METH_NOARGS, "a new version (HLC)"},
+    {"set_cluster", (PyCFunction)Table_set_cluster, METH_O, "bridge: publish the cluster view"},
+    {"cluster", (PyCFunction)Table_cluster, METH_NOARGS, "the cluster view (bytes)"},
     {"close", (PyCFunction)Table_close, METH_NOARGS, "close()"},
     {"debug_stall", (PyCFunction)Table_debug_stall, METH_VARARGS, "test hook: a put that stops at a phase"},
     {NULL, NULL, 0, NULL},
@@ -1092,6 +1455,7 @@ static PyGetSetDef Table_getset[] = {
     {"lock_timeout", (getter)Table_get_lock_timeout, (setter)Table_set_lock_timeout, "seconds", NULL},
     {"clean", (getter)Table_get_clean, (setter)Table_set_clean, "file: closed cleanly?", NULL},
     {"host", (getter)Table_get_host, (setter)Table_set_host, "file: host that has it open", NULL},
+    {"node_id", (getter)Table_get_node_id, (setter)Table_set_node_id, "this host's node id", NULL},
     {"closed", (getter)Table_get_closed, NULL, "closed?", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -1118,6 +1482,18 @@ static PyObject *mod_encode_key(PyObject *Py_UNUSED(m), PyObject *key)
     return PyBytes_FromStringAndSize((const char *)kb.bytes, (Py_ssize_t)kb.key.len);
 }
 
+static PyObject *mod_tag_hash(PyObject *Py_UNUSED(m), PyObject *tag)
+{
+    Py_ssize_t len;
+    const char *s = PyUnicode_Check(tag) ? PyUnicode_AsUTF8AndSize(tag, &len) : NULL;
+    if (!s) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "a tag is str");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(vela_hash_tag(s, (size_t)len) & VELA_TAG_MASK);
+}
+
 static PyObject *mod_decode_key(PyObject *Py_UNUSED(m), PyObject *data)
 {
     if (!PyBytes_Check(data)) {
@@ -1137,6 +1513,7 @@ static PyObject *mod_proc_start_time(PyObject *Py_UNUSED(m), PyObject *pid)
 
 static PyMethodDef module_methods[] = {
     {"encode_key", mod_encode_key, METH_O, "encode_key(key) -> canonical bytes"},
+    {"tag_hash", mod_tag_hash, METH_O, "tag_hash(tag) -> the id entries store for it"},
     {"decode_key", mod_decode_key, METH_O, "decode_key(bytes) -> key (inverse of encode_key)"},
     {"proc_start_time", mod_proc_start_time, METH_O, "start time of a process (clock ticks), 0 if gone"},
     {NULL, NULL, 0, NULL},

@@ -143,6 +143,17 @@ static vela_err lay_out(vela_header *hdr, const vela_options *o, uint64_t cap)
     off = align_up(off + stripes * VELA_LEASES_PER_STRIPE * sizeof(vela_lease), VELA_LINE);
     hdr->slots_off = off;
     off = align_up(off + VELA_STAT_SLOTS * sizeof(vela_slot), 4096);
+    hdr->replicated = o->replicated ? 1 : 0;
+    hdr->log_off = off;
+    hdr->log_size = 0;
+    if (hdr->replicated) {
+        uint64_t mes = o->max_entry_size > 0 ? (uint64_t)o->max_entry_size : cap / 64;
+        uint64_t log = cap / 16 > 4 * mes + 65536 ? cap / 16 : 4 * mes + 65536;
+        hdr->log_size = align_up(log, 4096);
+    }
+    off = align_up(off + hdr->log_size, 4096);
+    hdr->cluster_off = off;
+    off = align_up(off + sizeof(vela_cluster), 4096);
     hdr->heap_off = off;
     hdr->heap_end = cap & ~(uint64_t)7;
     if (off + (64u << 10) > cap)
@@ -176,6 +187,8 @@ static void bind_handle(vela_table *t, uint8_t *base, uint64_t size, int fd)
     t->tagbuckets = (uint32_t *)(base + h->tagbuckets_off);
     t->slots = (vela_slot *)(base + h->slots_off);
     t->leases = (vela_lease *)(base + h->leases_off);
+    t->log = base + h->log_off;
+    t->cluster = (vela_cluster *)(base + h->cluster_off);
     t->stripe_mask = h->stripes - 1;
     t->bucket_mask = h->buckets - 1;
     t->tagbucket_mask = h->tagbuckets - 1;
@@ -191,6 +204,8 @@ static vela_err initialise(vela_table *t)
     if ((err = vela_lock_init(&h->admin)) != VELA_OK)
         return err;
     if ((err = vela_lock_init(&h->heap.lock)) != VELA_OK)
+        return err;
+    if ((err = vela_lock_init(&h->log_lock)) != VELA_OK)
         return err;
     for (uint32_t s = 0; s < h->stripes; s++)
         if ((err = vela_lock_init(&t->stripes[s].lock)) != VELA_OK)
@@ -223,6 +238,10 @@ static vela_err check_agreement(const vela_header *h, const vela_options *o)
         n += (size_t)snprintf(diff + n, n < sizeof diff ? sizeof diff - n : 0,
                               "%seviction_policy=%s (segment has %s)", n ? ", " : "",
                               eviction_names[o->eviction], eviction_names[h->eviction]);
+    if (o->replicated >= 0 && (uint32_t)o->replicated != h->replicated)
+        n += (size_t)snprintf(diff + n, n < sizeof diff ? sizeof diff - n : 0,
+                              "%stopology=%s (segment is %s)", n ? ", " : "",
+                              o->replicated ? "replicated" : "local", h->replicated ? "replicated" : "local");
     if ((uint32_t)o->backend != h->backend)
         n += (size_t)snprintf(diff + n, n < sizeof diff ? sizeof diff - n : 0,
                               "%sbackend differs", n ? ", " : "");
@@ -251,7 +270,9 @@ static vela_err validate(const vela_header *h, uint64_t size)
              h->tagbuckets_off >= h->buckets_off + (uint64_t)h->stripes * h->buckets * 4 &&
              h->leases_off >= h->tagbuckets_off + (uint64_t)h->stripes * h->tagbuckets * 4 &&
              h->slots_off >= h->leases_off + (uint64_t)h->stripes * VELA_LEASES_PER_STRIPE * sizeof(vela_lease) &&
-             h->heap_off >= h->slots_off + VELA_STAT_SLOTS * sizeof(vela_slot) &&
+             h->log_off >= h->slots_off + VELA_STAT_SLOTS * sizeof(vela_slot) &&
+             h->cluster_off >= h->log_off + h->log_size && h->log_size % 8 == 0 &&
+             h->heap_off >= h->cluster_off + sizeof(vela_cluster) &&
              h->heap_off % 8 == 0 && h->heap_end == (size & ~(uint64_t)7) && h->heap_off + 4096 < h->heap_end &&
              h->eviction <= 2;
     if (!ok)

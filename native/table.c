@@ -204,7 +204,9 @@ static void fill_entry(vela_table *t, vela_block *b, const vela_put_args *a, uin
     e->next = next;
     e->value_len = (uint32_t)a->value_len;
     e->expire_at = a->expire_at;
-    e->version = __atomic_add_fetch(&t->hdr->version_clock, 1, __ATOMIC_RELAXED);
+    e->version = a->version ? a->version : vela_next_version(t);
+    if (a->version_out)
+        *a->version_out = e->version;
     e->key_len = (uint16_t)a->key->len;
     e->codec = a->codec;
     e->ntags = (uint8_t)a->ntags;
@@ -278,13 +280,25 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
     return err;
 }
 
+/* Put and, for a replicated cache, log it while the stripe is still locked. */
+static vela_err put_logged(vela_table *t, uint32_t s, const vela_put_args *a)
+{
+    uint64_t version = 0;
+    vela_put_args b = *a;
+    b.version_out = &version;
+    vela_err err = vela_do_put(t, s, &b);
+    if (err == VELA_OK && version)
+        vela_log_put(t, &b, version);
+    return err;
+}
+
 vela_err vela_put(vela_table *t, const vela_put_args *a)
 {
     uint32_t s = vela_stripe_of(t, a->key->hash);
     vela_err err = vela_stripe_lock(t, s);
     if (err != VELA_OK)
         return err;
-    err = vela_do_put(t, s, a);
+    err = put_logged(t, s, a);
     vela_stripe_unlock(t, s);
     if (err == VELA_OK)
         VELA_COUNT(t, VELA_STAT_WRITES);
@@ -297,15 +311,17 @@ int vela_delete(vela_table *t, const vela_key *k, vela_err *err)
     if ((*err = vela_stripe_lock(t, s)) != VELA_OK)
         return 0;
     uint32_t ref = vela_find(t, s, k);
-    if (ref)
+    if (ref) {
         vela_remove_entry(t, s, ref, 0, err);
+        vela_log_append(t, VELA_OP_DELETE, k, 0, NULL, 0, NULL, 0, vela_next_version(t), 0);
+    }
     vela_stripe_unlock(t, s);
     if (ref)
         VELA_COUNT(t, VELA_STAT_DELETES);
     return ref != 0;
 }
 
-vela_err vela_flush(vela_table *t, uint64_t *removed)
+vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed)
 {
     *removed = 0;
     for (uint32_t s = 0; s <= t->stripe_mask; s++) {
@@ -320,8 +336,12 @@ vela_err vela_flush(vela_table *t, uint64_t *removed)
             vela_write_begin(t, s);
             uint32_t *first = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];
             for (uint32_t i = 0; i <= t->bucket_mask; i++)
-                while (first[i]) {
-                    remove_at(t, s, &first[i], first[i], 1, &err);
+                for (uint32_t *link = &first[i]; *link;) {
+                    if (vela_entry_of(blk(t, *link))->version >= below) {
+                        link = &vela_entry_of(blk(t, *link))->next; /* newer than the flush */
+                        continue;
+                    }
+                    remove_at(t, s, link, *link, 1, &err);
                     (*removed)++;
                 }
             vela_write_end(t, s);
@@ -332,7 +352,7 @@ vela_err vela_flush(vela_table *t, uint64_t *removed)
     return VELA_OK;
 }
 
-vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t *removed)
+vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t below, uint64_t *removed)
 {
     *removed = 0;
     int64_t now = vela_now(t);
@@ -349,7 +369,7 @@ vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t *removed)
             uint32_t next = tl->next;
             if ((tl->tag & VELA_TAG_MASK) == (tag & VELA_TAG_MASK)) {
                 vela_entry *e = (vela_entry *)(tl - (tl->tag & 0xFF)) - 1;
-                {
+                if (e->version < below) {
                     vela_taglink *mine = vela_tags_of(e);
                     /* Removing e unlinks all its tag links: step past them. */
                     while (next && (vela_taglink *)vela_at(t, next) >= mine &&
@@ -398,7 +418,7 @@ vela_err vela_touch(vela_table *t, const vela_key *k, int64_t expire_at, int *fo
         memcpy(buf, vela_value_of(e), vlen);
         vela_put_args a = {.key = k, .value = buf, .value_len = vlen, .codec = e->codec,
                            .expire_at = expire_at, .tags = tags, .ntags = e->ntags};
-        err = vela_do_put(t, s, &a);
+        err = put_logged(t, s, &a);
         if (buf != stackbuf)
             free(buf);
     }
@@ -452,7 +472,7 @@ vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t expi
     }
     a.value = (const uint8_t *)&value;
     a.value_len = 8;
-    err = vela_do_put(t, s, &a);
+    err = put_logged(t, s, &a);
     vela_stripe_unlock(t, s);
     if (err == VELA_OK)
         VELA_COUNT(t, VELA_STAT_WRITES);

@@ -20,6 +20,10 @@
  *   | vela_lease[S][L]   |  stampede leases: who fetches which key now
  *   +--------------------+ slots_off
  *   | vela_slot[N]       |  per-process stats counters (one writer each)
+ *   +--------------------+ log_off       (replicated caches only)
+ *   | change log ring    |  what workers changed, for the bridge to send
+ *   +--------------------+ cluster_off
+ *   | vela_cluster       |  the cluster view the bridge writes (members, epoch)
  *   +--------------------+ heap_off
  *   | heap: blocks ...   |  every entry is one block; free blocks in TLSF lists
  *   | sentinel block     |  8 bytes, always "used": coalescing stops there
@@ -61,7 +65,8 @@
 #define VELA_MAX_TAGS 32      /* tags per entry */
 #define VELA_STAT_SLOTS 256   /* processes with a private stats slot */
 #define VELA_MAX_STRIPES 4096
-#define VELA_LEASES_PER_STRIPE 8 /* fetches in flight per stripe with stampede protection */
+#define VELA_LEASES_PER_STRIPE 8
+#define VELA_CLUSTER_BYTES 16384  /* cluster view: JSON written by the bridge */ /* fetches in flight per stripe with stampede protection */
 
 enum vela_backend_kind { VELA_BACKEND_SHM = 0, VELA_BACKEND_FILE = 1 };
 enum vela_eviction { VELA_EVICT_LRU = 0, VELA_EVICT_LFU = 1, VELA_EVICT_TTL_ONLY = 2 };
@@ -215,6 +220,10 @@ typedef struct vela_header {
     uint64_t max_entry_size;  /* bytes of one entry block */
     /* where the regions start (bytes) */
     uint64_t stripes_off, buckets_off, tagbuckets_off, leases_off, slots_off, heap_off, heap_end;
+    uint64_t log_off, log_size; /* change log ring; size 0 unless replicated */
+    uint64_t cluster_off;
+    uint32_t replicated;      /* topology: 1 = workers log their changes for the bridge */
+    uint32_t pad2_;
     int64_t created_ns;       /* CLOCK_REALTIME at creation */
     uint64_t header_check;    /* xxh3 of every field above: a damaged header is refused */
     uint32_t poisoned;        /* nonzero: a repair failed; the table refuses work */
@@ -235,6 +244,37 @@ typedef struct vela_header {
     uint8_t line3_[VELA_LINE];
 
     vela_heap_state heap;
+    uint8_t line4_[VELA_LINE];
+
+    /* change log (log.c): appended under log_lock, read lock-free by the bridge */
+    vela_lock log_lock;
+    uint64_t log_head;        /* bytes ever appended; a record is visible once head passes it */
+    uint64_t log_bridge_pos;  /* how far the bridge has sent (survives a bridge restart) */
+    uint64_t log_dropped;     /* records too large for the ring (the bridge resyncs) */
+    uint32_t node_id;         /* this host's id in the cluster: low 12 bits of versions */
+    uint32_t pad3_;
 } vela_header;
+
+/* A change log record: this header, then u64 tags[ntags], key bytes, value bytes. */
+typedef struct vela_log_record {
+    uint32_t len;             /* whole record in bytes, multiple of 8 */
+    uint8_t op;               /* enum vela_log_op */
+    uint8_t codec;
+    uint16_t key_len;
+    uint32_t value_len;
+    uint8_t ntags;
+    uint8_t pad_[3];
+    uint64_t version;
+    int64_t expire_at;        /* segment clock; 0 = never */
+} vela_log_record;
+
+enum vela_log_op { VELA_OP_PUT = 1, VELA_OP_DELETE = 2, VELA_OP_FLUSH = 3, VELA_OP_TAG = 4, VELA_OP_PAD = 5 };
+
+/* The cluster view: JSON text under a sequence (odd while the bridge writes). */
+typedef struct vela_cluster {
+    uint32_t seq;
+    uint32_t len;
+    char json[VELA_CLUSTER_BYTES - 8];
+} vela_cluster;
 
 #endif /* VELA_TABLE_H */

@@ -49,6 +49,8 @@ typedef struct vela_table {
     uint32_t *tagbuckets;     /* [stripes][tagbuckets] */
     vela_slot *slots;
     vela_lease *leases;       /* [stripes][VELA_LEASES_PER_STRIPE] */
+    uint8_t *log;             /* change log ring (hdr->log_size bytes) */
+    vela_cluster *cluster;
     vela_slot *my_slot;       /* this process's stats slot */
     uint32_t my_pid;          /* pid the slot was claimed for (fork changes it) */
     uint64_t my_start;
@@ -68,6 +70,7 @@ typedef struct vela_options {
     int64_t eviction;
     int backend;              /* enum vela_backend_kind; always given */
     int reinit_unready;       /* lay out a non-empty segment that never became READY */
+    int replicated;           /* -1 adopt, 0 local, 1 replicated (workers keep a change log) */
 } vela_options;
 
 #define VELA_DEFAULT_CAPACITY (64ull << 20)
@@ -166,6 +169,8 @@ typedef struct vela_put_args {
     const uint64_t *tags;
     size_t ntags;
     int only_if_absent;       /* do not replace an existing live entry */
+    uint64_t version;         /* 0: a new local version; else the version to store (replication) */
+    uint64_t *version_out;    /* where to write the stored entry's version, or NULL */
 } vela_put_args;
 
 /* Find a live entry in stripe s (locked). Expired entries found on the way are
@@ -180,8 +185,10 @@ uint32_t vela_remove_entry(vela_table *t, uint32_t s, uint32_t ref, int heap_hel
 /* Convenience wrappers that lock. */
 vela_err vela_put(vela_table *t, const vela_put_args *a);
 int vela_delete(vela_table *t, const vela_key *k, vela_err *err);
-vela_err vela_flush(vela_table *t, uint64_t *removed);
-vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t *removed);
+/* Remove entries with a version below `below` (UINT64_MAX: all). */
+vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed);
+/* Remove entries carrying `tag` with a version below `below`; *removed counts live ones. */
+vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t below, uint64_t *removed);
 vela_err vela_touch(vela_table *t, const vela_key *k, int64_t expire_at, int *found);
 /* Remaining ns: -1 never expires; sets *found. */
 vela_err vela_ttl(vela_table *t, const vela_key *k, int64_t *remaining, int *found);
@@ -198,6 +205,28 @@ void vela_write_end(vela_table *t, uint32_t s);
 uint64_t vela_size(const vela_table *t);
 void vela_tags_link(vela_table *t, uint32_t s, vela_entry *e);
 void vela_tags_unlink(vela_table *t, uint32_t s, vela_entry *e);
+
+/* ---- versions and the change log (log.c) ---------------------------------------------- */
+/* A new version: hybrid logical clock (ms since 2020 << 20 | counter << 12 | node id),
+ * greater than every version this segment handed out or observed. */
+uint64_t vela_next_version(vela_table *t);
+void vela_observe_version(vela_table *t, uint64_t version);
+/* Append a change for the bridge (no-op unless the cache is replicated).
+ * Called with the key's stripe locked (per-key order = log order). */
+void vela_log_append(vela_table *t, uint8_t op, const vela_key *k, uint8_t codec, const uint8_t *value,
+                     size_t value_len, const uint64_t *tags, size_t ntags, uint64_t version, int64_t expire_at);
+void vela_log_put(vela_table *t, const vela_put_args *a, uint64_t version);
+vela_err vela_log_lock(vela_table *t);
+void vela_log_unlock(vela_table *t);
+
+/* ---- applying remote changes (replica.c) ----------------------------------------------- */
+/* Last writer wins: stored only when newer than what the table has. Not logged. */
+vela_err vela_apply_put(vela_table *t, const vela_put_args *a, int *applied);
+vela_err vela_apply_delete(vela_table *t, const vela_key *k, uint64_t version, int *removed);
+/* Snapshot: call fn for up to `max` live entries from *cursor on; *cursor becomes
+ * UINT64_MAX when the table is done. Takes one stripe lock at a time. */
+typedef int (*vela_scan_fn)(void *ctx, vela_entry *e, int64_t now);
+vela_err vela_scan(vela_table *t, uint64_t *cursor, uint32_t max, vela_scan_fn fn, void *ctx);
 
 /* ---- lock-free reads (read.c) -------------------------------------------------------- */
 typedef enum vela_read_result {

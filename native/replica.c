@@ -1,0 +1,78 @@
+/*
+ * replica.c -- what the bridge does to the table: apply changes that other
+ * hosts made, and read the whole table for a snapshot.
+ *
+ * Applying is last-writer-wins by version: a put is stored only if it is newer
+ * than the entry the table has, a delete removes only an older entry. So
+ * changes may arrive late, twice or out of order (a snapshot racing the
+ * stream) and every host still ends with the same contents. Applied changes
+ * are not written to the change log (they are not this host's changes).
+ * Tombstones of deletes, flushes and tag invalidations, which must also stop
+ * older puts that arrive late, are kept by the bridge.
+ */
+#include "vela.h"
+
+static inline vela_block *blk(const vela_table *t, uint32_t ref) { return (vela_block *)vela_at(t, ref); }
+
+vela_err vela_apply_put(vela_table *t, const vela_put_args *a, int *applied)
+{
+    uint32_t s = vela_stripe_of(t, a->key->hash);
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return err;
+    uint32_t ref = vela_find(t, s, a->key);
+    *applied = !ref || vela_entry_of(blk(t, ref))->version < a->version;
+    if (*applied)
+        err = vela_do_put(t, s, a);
+    vela_stripe_unlock(t, s);
+    vela_observe_version(t, a->version);
+    if (err != VELA_OK)
+        *applied = 0;
+    return err;
+}
+
+vela_err vela_apply_delete(vela_table *t, const vela_key *k, uint64_t version, int *removed)
+{
+    uint32_t s = vela_stripe_of(t, k->hash);
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return err;
+    uint32_t ref = vela_find(t, s, k);
+    *removed = ref && vela_entry_of(blk(t, ref))->version < version;
+    if (*removed)
+        vela_remove_entry(t, s, ref, 0, &err);
+    vela_stripe_unlock(t, s);
+    vela_observe_version(t, version);
+    return err;
+}
+
+vela_err vela_scan(vela_table *t, uint64_t *cursor, uint32_t max, vela_scan_fn fn, void *ctx)
+{
+    uint32_t s = (uint32_t)(*cursor >> 32), b = (uint32_t)*cursor, n = 0;
+    int64_t now = vela_now(t);
+    while (s <= t->stripe_mask && n < max) {
+        vela_err err = vela_stripe_lock(t, s);
+        if (err != VELA_OK)
+            return err;
+        uint32_t *buckets = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];
+        for (; b <= t->bucket_mask && n < max; b++)
+            for (uint32_t ref = buckets[b]; ref;) {
+                vela_entry *e = vela_entry_of(blk(t, ref));
+                if (!vela_is_expired(t, e, now)) {
+                    if (fn(ctx, e, now) < 0) {
+                        vela_stripe_unlock(t, s);
+                        return vela_fail(VELA_EINVAL, "snapshot callback failed");
+                    }
+                    n++;
+                }
+                ref = e->next;
+            }
+        vela_stripe_unlock(t, s);
+        if (b > t->bucket_mask) {
+            s++;
+            b = 0;
+        }
+    }
+    *cursor = s > t->stripe_mask ? UINT64_MAX : ((uint64_t)s << 32 | b);
+    return VELA_OK;
+}
