@@ -576,3 +576,22 @@ def test_get_or_set_callable_runs_once_per_host(cache):
     results = run_children(_child_django, [("fetch", start_at)] * 6, timeout=20)
     assert results == ["value"] * 6
     assert cache.vela_cache.get("runs") == 1
+
+
+def test_readme_example():
+    """README's settings and calls, run as they are (with a test cache name); every
+    value a comment announces is checked."""
+    from apps import readme
+
+    name = new_name()
+    settings_code = readme.files("Django")["settings.py"].replace('"shop"', f'"{name}"')
+    conf = {}
+    exec(settings_code, conf)
+    (usage,) = readme.python_blocks("Django")
+    try:
+        with override_settings(CACHES=conf["CACHES"]):
+            ns = readme.run_snippet(usage, {})
+            assert ns["cache"].vela_cache.name == name
+            assert ns["cache"].vela_cache.info()["capacity"] == 64 << 20
+    finally:
+        vela.destroy(name)

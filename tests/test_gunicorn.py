@@ -16,6 +16,7 @@ pytest.importorskip("gunicorn")
 
 import vela  # noqa: E402
 import vela.gunicorn  # noqa: E402
+from apps import readme  # noqa: E402
 from apps.server import get, get_all, gunicorn  # noqa: E402
 from conftest import Child, new_name  # noqa: E402
 
@@ -217,3 +218,29 @@ def test_a_bad_option_stops_the_master(cache_name):
     finally:
         vela.gunicorn._configured.pop(cache_name, None)
         vela.gunicorn._handles.pop(cache_name, None)
+
+
+def test_readme_example(tmp_path):
+    """README's gunicorn.conf.py and app.py, run as they are (with a test cache name)."""
+    name = new_name()
+    for file, code in readme.files("Running under gunicorn and uvicorn").items():
+        (tmp_path / file).write_text(code.replace('"shop"', f'"{name}"'))
+    server = gunicorn("app:app", tmp_path / "gunicorn.log", {}, config=str(tmp_path / "gunicorn.conf.py"),
+                      chdir=str(tmp_path))
+    try:
+        server.start(workers=WORKERS)
+        results = get_all([server.url("/")] * 8, timeout=15)
+        bodies = {body for status, body, _ in results if status == 200}
+        assert len(results) == 8 and all(status == 200 for status, _, _ in results), results
+        assert len(bodies) == 1, bodies  # built once, by one worker
+        (body,) = bodies
+        assert int(body.decode().rsplit(" ", 1)[1]) in server.workers()
+        cache = vela.Cache(name, sweep_interval=None)
+        try:
+            assert cache.info()["capacity"] == 64 << 20  # configured by the hooks
+            assert cache.stats()["fetches"] == 1
+        finally:
+            cache.close()
+    finally:
+        server.stop()
+        vela.destroy(name)

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -60,7 +61,7 @@ def test_human_output(filled):
     assert "eviction policy  lru" in out
     assert "none: every stripe lock and the heap lock are free" in out
     assert "Stampede leases (fetches in progress): 0" in out
-    assert "Sweeper: none elected" in out  # the fixture's handle sweeps every 30 s: not yet
+    assert "Sweeper: none elected yet" in out  # the fixture's handle sweeps every 30 s: not yet
     assert "tag names are not stored in the segment" in out  # said, not invented
     assert "Cluster view: none" in out
 
@@ -235,3 +236,74 @@ def test_units():
     assert human_seconds(12.34) == "12.3 s"
     assert human_seconds(245) == "4 min 05 s"
     assert human_seconds(7380) == "2 h 03 min"
+
+
+def _raw_segment(name, head):
+    import posix_ipc
+    seg = posix_ipc.SharedMemory(f"/vela.{name}", posix_ipc.O_CREX, mode=0o600, size=1 << 20)
+    try:
+        os.pwrite(seg.fd, head, 0)
+    finally:
+        seg.close_fd()
+
+
+@pytest.mark.parametrize("head, message", [
+    (b"NOTVELA!" * 2, "is not a Vela table (magic 0x21414c4556544f4e)"),
+    (struct.pack("<QIII", 0x56454C41A1B2C3D4, 1, 100, 0), "is not a finished Vela table (format 1, no READY"),
+    (struct.pack("<QIII", 0x56454C41A1B2C3D4, 0, 100, 0x52454459), "made by another version of Vela"),
+], ids=["foreign", "half-made", "other-format"])
+def test_a_segment_that_is_not_a_table_is_left_alone(cache_name, head, message):
+    """Opening such a segment as a Cache would lay a fresh table over it."""
+    _raw_segment(cache_name, head)
+    rc, out, err, _ = run_tool(cache_name)
+    assert rc == 1 and message in err, (rc, out, err)
+    import posix_ipc
+    seg = posix_ipc.SharedMemory(f"/vela.{cache_name}")
+    try:
+        assert os.fstat(seg.fd).st_size == 1 << 20
+        assert os.pread(seg.fd, len(head), 0) == head
+    finally:
+        seg.close_fd()
+
+
+def test_readme_commands(filled):
+    """Every command of the README's inspect_shm section, on a live cache."""
+    from apps import readme
+
+    (commands,) = [code for _, lang, code in readme.blocks(readme.section("Diagnostics with inspect_shm"))
+                   if lang == "sh"]
+    ran = 0
+    for line in commands.splitlines():
+        argv = line.split("#")[0].split()
+        if not argv:
+            continue
+        argv = [filled.name if a == "shop" else a for a in argv]
+        module = argv[:2] == ["vela", "inspect"]
+        args = argv[2:]
+        assert module or argv[:2] == ["python", "tools/inspect_shm.py"], line
+        if "--watch" in args:
+            args += ["--count", "1"]
+        rc, out, err, _ = run_tool(*args, module=module)
+        assert rc == 0, (line, out, err)
+        assert filled.name in out, line
+        ran += 1
+    assert ran == 6
+
+
+def test_cluster_view(filled):
+    """What the host's bridge publishes in the segment is shown (none without a bridge)."""
+    rc, out, _, _ = run_tool(filled.name)
+    assert "Cluster view: none" in out
+    if not hasattr(filled._table, "set_cluster"):
+        pytest.skip("this build of the table has no cluster view")
+    view = {"node_id": 3, "epoch": 7, "ready": True,
+            "members": [{"node_id": 3, "addr": "tcp://127.0.0.1:7700", "state": "alive"},
+                        {"node_id": 5, "addr": "tcp://127.0.0.1:7701", "state": "dead"}]}
+    filled._table.set_cluster(json.dumps(view).encode())
+    rc, out, err, _ = run_tool(filled.name)
+    assert rc == 0, err
+    members = section(out, "Cluster view (published by the host's vela-bridge)")
+    assert re.search(r"epoch\s+7$", "\n".join(members), re.M)
+    assert re.search(r"5\s+tcp://127\.0\.0\.1:7701\s+dead", "\n".join(members))
+    rc, out, _, _ = run_tool(filled.name, "--json")
+    assert json.loads(out)["cluster"]["epoch"] == 7

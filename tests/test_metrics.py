@@ -146,3 +146,34 @@ def test_a_scrape_never_waits_for_a_lock(cache):
     finally:
         staller.close()
         fetcher.close()
+
+
+def test_readme_examples(cache_name, tmp_path, monkeypatch):
+    from prometheus_client import values
+
+    from apps import readme
+
+    plain, with_client = (code.replace('"shop"', f'"{cache_name}"')
+                          for code in readme.python_blocks("Metrics"))
+    ns = readme.run_snippet(plain, {})
+    try:
+        assert f'vela_cache_up{{cache="{cache_name}"}} 1' in ns["text"]
+        sent = []
+        body = b"".join(ns["metrics_app"]({}, lambda status, headers: sent.append((status, headers))))
+        assert sent == [("200 OK", [("Content-Type", vela.metrics.CONTENT_TYPE)])]
+        assert parse(body.decode())[0][("vela_cache_up", cache_name)] == 1
+    finally:
+        ns["cache"].close()
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    values.ValueClass = values.get_value_class()
+    ns = {}
+    try:
+        readme.run_snippet(with_client, ns)
+        assert parse(ns["body"].decode())[0][("vela_cache_up", cache_name)] == 1
+    finally:
+        monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+        values.ValueClass = values.get_value_class()
+        for collector in list(getattr(ns.get("registry"), "_collector_to_names", ())):
+            if isinstance(collector, vela.metrics.VelaCollector):
+                collector.close()

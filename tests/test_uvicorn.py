@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("uvicorn")
 
 import vela  # noqa: E402
+from apps import readme  # noqa: E402
 from apps.server import get, get_all, uvicorn  # noqa: E402
 from conftest import new_name  # noqa: E402
 
@@ -131,3 +132,23 @@ def _get_or_error(url, timeout):
         return get(url, timeout)
     except Exception as e:  # noqa: BLE001 - the test looks at it
         return None, e, time.monotonic() - start
+
+
+def test_readme_example(tmp_path):
+    """README's asgi.py, run as it is (with a test cache name) by 2 uvicorn workers."""
+    name = new_name()
+    code = readme.files("Running under gunicorn and uvicorn")["asgi.py"]
+    (tmp_path / "asgi.py").write_text(code.replace('"shop"', f'"{name}"'))
+    server = uvicorn("asgi:app", tmp_path / "uvicorn.log", {}, workers=2, app_dir=str(tmp_path))
+    try:
+        server.start(workers=2, timeout=30)
+        results = get_all([server.url("/")] * 8, timeout=15)
+        assert all(status == 200 and body == b"report" for status, body, _ in results), results
+        cache = vela.Cache(name, sweep_interval=None)
+        try:
+            assert cache.stats()["fetches"] == 1
+        finally:
+            cache.close()
+    finally:
+        server.stop()
+        vela.destroy(name)

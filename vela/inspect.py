@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import struct
 import sys
 import time
 
@@ -27,7 +28,7 @@ from . import _native, options
 from .backends import shm
 from .errors import LayoutMismatch, LockTimeout, VelaError
 
-__all__ = ["NoSuchCache", "attach", "segment_exists", "snapshot", "render", "run_check", "main"]
+__all__ = ["NoSuchCache", "NotATable", "attach", "segment_exists", "peek_identity", "snapshot", "render", "run_check", "main"]
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_UNCHECKED = 0, 1, 2, 3
 
@@ -45,8 +46,20 @@ class NoSuchCache(VelaError, LookupError):
     """There is no segment of that name on this host (or it was never laid out)."""
 
 
+class NotATable(VelaError):
+    """The segment exists but is not a finished Vela table: it is left alone."""
+
+
 # --------------------------------------------------------------------------------------
 # attaching without creating
+
+
+# The identity fields that open native/table.h's vela_header (little-endian, at
+# offset 0): u64 magic, u32 format, u32 header_size, u32 ready. They are checked
+# before anything else of a segment is trusted, so they do not move between formats.
+_IDENTITY = struct.Struct("<QIII")
+_MAGIC = 0x56454C41A1B2C3D4
+_READY = 0x52454459
 
 
 def segment_exists(name):
@@ -61,6 +74,23 @@ def segment_exists(name):
         seg.close_fd()
 
 
+def peek_identity(name):
+    """(magic, format, ready) read from the segment's first bytes, without mapping it
+    for writing and without any lock; None when the segment is absent or too short."""
+    try:
+        seg = posix_ipc.SharedMemory(shm.segment_name(name))
+    except posix_ipc.ExistentialError:
+        return None
+    try:
+        data = os.pread(seg.fd, _IDENTITY.size, 0)
+    finally:
+        seg.close_fd()
+    if len(data) < _IDENTITY.size:
+        return None
+    magic, fmt, _, ready = _IDENTITY.unpack(data)
+    return magic, fmt, ready
+
+
 def attach(name, lock_timeout=10.0):
     """Open the existing cache ``name`` as an observer.
 
@@ -69,6 +99,7 @@ def attach(name, lock_timeout=10.0):
     layout option is passed) and does not take part in the background sweep.
 
     :raises NoSuchCache: no segment of that name, or an empty one.
+    :raises NotATable: the segment is not a finished Vela table (it is left alone).
     :raises vela.LayoutMismatch: the segment was made by another version of Vela.
     """
     from .cache import Cache
@@ -78,10 +109,26 @@ def attach(name, lock_timeout=10.0):
     if not found:
         raise NoSuchCache(f"no cache named {name!r} on this host "
                           f"(no shared-memory segment {shm.segment_name(name)})")
-    if size == 0:
-        raise NoSuchCache(f"the segment {shm.segment_name(name)} of cache {name!r} is empty: "
-                          "its creator is still laying it out, or died before it could")
-    return Cache(name, sweep_interval=None, lock_timeout=lock_timeout)
+    seg = shm.segment_name(name)
+    identity = peek_identity(name) if size else None
+    if identity is None:
+        raise NoSuchCache(f"the segment {seg} of cache {name!r} is empty or truncated "
+                          f"({size} bytes): its creator is laying it out, or died before it could")
+    magic, fmt, ready = identity
+    # Opening a segment that is not a finished table would lay a new table over it:
+    # a diagnostic must never do that.
+    if magic != _MAGIC:
+        raise NotATable(f"{seg} is not a Vela table (magic {magic:#018x}), or was made on a "
+                        "machine of the other byte order")
+    if ready != _READY:
+        raise NotATable(f"{seg} is not a finished Vela table (format {fmt}, no READY mark): its "
+                        "creator is laying it out, or died while doing so (the next worker that "
+                        "opens the cache lays it out afresh)")
+    try:
+        return Cache(name, sweep_interval=None, lock_timeout=lock_timeout)
+    except LayoutMismatch as e:
+        raise LayoutMismatch(f"{seg} was made by another version of Vela (segment format {fmt}): "
+                             f"{e}") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -170,7 +217,7 @@ def snapshot(cache, keys=0):
         sweeper=dict(pid=info["sweeper_pid"] or None,
                      state=process_state(info["sweeper_pid"]) if info["sweeper_pid"] else None),
         tags=dict(by_name=None, note=TAGS_NOTE),
-        cluster=None,
+        cluster=_cluster_view(t),
         warnings=_warnings(info, locks, leases),
     )
     if keys:
@@ -182,6 +229,21 @@ def snapshot(cache, keys=0):
                      for k, size, ttl, codec, ntags in items],
         )
     return snap
+
+
+def _cluster_view(t):
+    """The view the host's vela-bridge publishes in the segment (read lock-free), with
+    the state of the change log it ships; None when no bridge ever wrote one."""
+    raw = t.cluster() if hasattr(t, "cluster") else b""
+    if not raw:
+        return None
+    try:
+        view = json.loads(raw)
+    except ValueError:
+        view = {"unreadable": raw[:200].decode(errors="replace")}
+    if hasattr(t, "log_state") and isinstance(view, dict):
+        view["change_log"] = t.log_state()
+    return view
 
 
 def _fill(stripes):
@@ -364,8 +426,10 @@ def render(snap, check=None):
 
     sw = snap["sweeper"]
     out += ["", "Sweeper: " + (f"pid {sw['pid']} ({sw['state']})" if sw["pid"]
-                               else "none elected (no handle with sweep_interval is open)")]
-    out += [f"Tags: {snap['tags']['note']}", f"Cluster view: {snap['cluster'] or CLUSTER_NOTE}"]
+                               else "none elected yet (the first handle with a sweep_interval takes the role "
+                                    "at its first round)")]
+    out.append(f"Tags: {snap['tags']['note']}")
+    out += _render_cluster(snap["cluster"])
 
     if "sample" in snap:
         sm = snap["sample"]
@@ -383,6 +447,31 @@ def render(snap, check=None):
         out += ["", "Integrity check: " + _check_line(check)]
         out += [f"  - {p}" for p in check["problems"]]
     return "\n".join(out)
+
+
+def _render_cluster(view):
+    if not view:
+        return [f"Cluster view: {CLUSTER_NOTE}"]
+    if not isinstance(view, dict):
+        return [f"Cluster view: {view!r}"]
+    out = ["", "Cluster view (published by the host's vela-bridge)"]
+    scalars = [(k, v) for k, v in view.items() if not isinstance(v, (dict, list))]
+    out += table(("", ""), scalars)[1:]
+    log = view.get("change_log")
+    if isinstance(log, dict) and log.get("replicated"):
+        lag = log.get("head", 0) - log.get("bridge_pos", 0)
+        out.append(f"  change log: {human_bytes(log.get('size'))} ring, {human_bytes(lag)} not yet "
+                   f"shipped, {log.get('dropped', 0)} record(s) too large (resync)")
+    members = view.get("members")
+    if isinstance(members, list) and members and all(isinstance(m, dict) for m in members):
+        columns = list(dict.fromkeys(k for m in members for k in m))
+        out += ["  members:"] + ["  " + line for line in
+                                 table(columns, [[_cell(m.get(c)) for c in columns] for m in members])]
+    return out
+
+
+def _cell(value):
+    return "-" if value is None else value
 
 
 def _short(text, width=48):
@@ -447,7 +536,7 @@ def main(argv=None, prog="inspect_shm.py", out=None):
         return EXIT_USAGE
     try:
         cache = attach(args.name, lock_timeout=args.check_timeout)
-    except NoSuchCache as e:
+    except (NoSuchCache, NotATable) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_PROBLEM
     except LayoutMismatch as e:

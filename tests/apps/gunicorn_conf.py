@@ -12,4 +12,3 @@ preload_app = os.environ.get("VELA_TEST_PRELOAD") == "1"
 timeout = 30
 graceful_timeout = 3
 loglevel = "info"
-control_socket_disable = True  # gunicorn >= 24: no control socket in $HOME for a test server

@@ -128,14 +128,17 @@ def _cmdline(proc):
         return []
 
 
-def gunicorn(app, log_path, env, config=os.path.join(APPS, "gunicorn_conf.py")):
-    argv = [sys.executable, "-m", "gunicorn", "-c", config, "--bind", "127.0.0.1:0",
-            "--chdir", APPS, app]
-    return Server(argv, env, log_path, r"Listening at: http://127\.0\.0\.1:(\d+)")
+def gunicorn(app, log_path, env, config=os.path.join(APPS, "gunicorn_conf.py"), chdir=APPS):
+    from gunicorn.config import KNOWN_SETTINGS
+
+    argv = [sys.executable, "-m", "gunicorn", "-c", config, "--bind", "127.0.0.1:0", "--chdir", chdir]
+    if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS):
+        argv.append("--no-control-socket")  # gunicorn >= 24 would make one in $HOME
+    return Server(argv + [app], env, log_path, r"Listening at: http://127\.0\.0\.1:(\d+)")
 
 
-def uvicorn(app, log_path, env, workers):
-    argv = [sys.executable, "-m", "uvicorn", "--app-dir", APPS, "--host", "127.0.0.1", "--port", "0",
+def uvicorn(app, log_path, env, workers, app_dir=APPS):
+    argv = [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--host", "127.0.0.1", "--port", "0",
             "--workers", str(workers), "--log-level", "info", "--no-access-log",
             "--timeout-graceful-shutdown", "3", app]
     return Server(argv, env, log_path, r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
