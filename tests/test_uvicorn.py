@@ -141,7 +141,7 @@ def test_readme_example(tmp_path):
     (tmp_path / "asgi.py").write_text(code.replace('"shop"', f'"{name}"'))
     server = uvicorn("asgi:app", tmp_path / "uvicorn.log", {}, workers=2, app_dir=str(tmp_path))
     try:
-        server.start(workers=2, timeout=30)
+        server.start(workers=2, timeout=30, probe=None)  # any request would fetch the report
         results = get_all([server.url("/")] * 8, timeout=15)
         assert all(status == 200 and body == b"report" for status, body, _ in results), results
         cache = vela.Cache(name, sweep_interval=None)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -81,14 +82,19 @@ class Server:
                                      f"{self.log()}")
             time.sleep(0.05)
 
-    def start(self, workers, timeout=20.0):
-        """Wait until the port is known, ``workers`` workers run and a request succeeds."""
+    def start(self, workers, timeout=20.0, probe="/pid"):
+        """Wait until the port is known, ``workers`` workers run and a request to
+        ``probe`` succeeds (``probe=None``: until the port accepts a connection, for
+        an app whose every request has effects)."""
         self.port = int(self.wait_for_log(self.port_pattern.pattern, timeout)[0])
         self.wait_for_workers(workers, timeout)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                status, _, _ = get(self.url("/pid"), timeout=2)
+                if probe is None:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+                    return self
+                status, _, _ = get(self.url(probe), timeout=2)
                 if status == 200:
                     return self
             except OSError:
