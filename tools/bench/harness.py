@@ -83,17 +83,22 @@ def measure(store, workload, procs_list, seconds, repeats):
         n_ops = calibrate(store, workload, seconds)
     finally:
         store.disconnect()
+    # Repeats interleave the process counts (1, 2, 1, 2, ...), so a drift of the
+    # host during the measurement touches every count alike.
+    runs = {nprocs: [] for nprocs in procs_list}
+    for _ in range(repeats):
+        for nprocs in procs_list:
+            runs[nprocs].append(run_once(store, workload, nprocs, n_ops))
     out = {}
-    for nprocs in procs_list:
-        runs = [run_once(store, workload, nprocs, n_ops) for _ in range(repeats)]
-        rates = [nprocs * n_ops / (wall / 1e9) for wall, _ in runs]
-        per_op = [statistics.mean(each) / n_ops for _, each in runs]
+    for nprocs, done in runs.items():
+        rates = [nprocs * n_ops / (wall / 1e9) for wall, _ in done]
+        per_op = [statistics.mean(each) / n_ops for _, each in done]
         out[nprocs] = {
             "ops_per_proc": n_ops,
             "ops_per_s": statistics.median(rates),
             "ns_per_op": statistics.median(per_op),
             "repeats": [{"wall_ns": wall, "worker_ns": each, "ops_per_s": rate}
-                        for (wall, each), rate in zip(runs, rates)],
+                        for (wall, each), rate in zip(done, rates)],
         }
     return out
 
@@ -103,3 +108,29 @@ def cpu_count():
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count()
+
+
+def baselines(ops=300_000):
+    """Costs inside every figure, for reading them: the bare loop with a no-op call,
+    and the pickle.loads that the floor, redis, memcached and lmdb pay on a 100 B get."""
+    import pickle
+    keys = [f"k{i}" for i in range(1000)] * (ops // 1000)
+    blob = pickle.dumps(b"v" * 100)
+
+    def noop(key):
+        return None
+
+    def unpickle(key, loads=pickle.loads):
+        return loads(blob)
+
+    out = {}
+    for name, fn in (("loop_noop_call_ns", noop), ("loop_pickle_loads_100b_ns", unpickle)):
+        best = None
+        for _ in range(3):
+            start = time.perf_counter_ns()
+            for key in keys:
+                fn(key)
+            ns = (time.perf_counter_ns() - start) / len(keys)
+            best = ns if best is None else min(best, ns)
+        out[name] = best
+    return out

@@ -77,7 +77,8 @@ def report(m, out=sys.stdout):
           f"(overhead beyond key + value: {m['heap_overhead_per_entry']:.1f})", file=out)
     print(f"  whole segment per entry     {m['segment_bytes_per_entry']:8.1f}   "
           f"(overhead beyond key + value: {m['segment_overhead_per_entry']:.1f}; "
-          f"index {m['index_bytes_per_entry']:.1f} of it)", file=out)
+          f"fixed part {m['fixed_bytes'] / m['entries']:.1f} of it, "
+          f"of which info()['index_bytes'] {m['index_bytes_per_entry']:.1f})", file=out)
     print(f"  segment as sized, per entry {m['capacity_per_entry']:8.1f}   "
           f"(capacity / entries: includes the heap left free)", file=out)
 

@@ -163,6 +163,11 @@ def main():
         print(f"load average at start: {load_start:.2f}")
         if load_start > 0.5:  # other work on the host shares the cores with the workers
             print("  WARNING: the host is busy; figures (above all 2-process ones) will be low and noisy")
+        base = harness.baselines()
+        print(f"for reading the figures: the timed loop with a no-op Python call costs "
+              f"{base['loop_noop_call_ns']:.0f} ns/op (in every figure); pickle.loads of a 100 B bytes "
+              f"value {base['loop_pickle_loads_100b_ns'] - base['loop_noop_call_ns']:.0f} ns "
+              f"(in the floor's, redis', memcached's and lmdb's gets)")
         print("running:")
         results = run_workloads(args, stores)
     finally:
@@ -182,7 +187,7 @@ def main():
     targets = report.targets(results, mem, tele)
     load_end = os.getloadavg()[0]
     print(f"\ntotal {time.monotonic() - began:.0f} s; load average at start {load_start:.2f}, at end {load_end:.2f}")
-    doc = {"meta": dict(meta(args, skipped), load_average=[load_start, load_end]), "results": results,
+    doc = {"meta": dict(meta(args, skipped), load_average=[load_start, load_end], baselines=base), "results": results,
            "ratios": report.ratios(results, order, args.procs),
            "memory": mem, "telemetry_idle": tele, "targets": targets}
     with open(args.json, "w") as f:

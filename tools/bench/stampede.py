@@ -11,7 +11,9 @@
 2. Takeover after SIGKILL. A holder blocks inside its fetch_fn forever; a waiter
    blocks on the same key; the parent SIGKILLs the holder and reaps it at once
    (as a supervisor does), at a random point 3-28 ms after the waiter blocked.
-   Takeover = waiter's own fetch_fn start - kill.
+   Takeover = waiter's own fetch_fn start - kill. Then the same with the holder
+   left unreaped until the takeover (a zombie, still listed in /proc), as when a
+   supervisor is slow to reap: it must make no difference.
 
 Both clocks are time.perf_counter_ns, CLOCK_MONOTONIC: one clock for every
 process of the host, so times taken in different processes subtract.
@@ -42,6 +44,20 @@ SETTLE_S = 0.003
 # Longer than the period at which a waiter checks that the lease holder lives.
 KILL_SPREAD_S = 0.025
 VALUE = b"v" * 100
+
+
+def _recv(conn, timeout=30):
+    """conn.recv(), but a child that died or hangs is an error, not a hung benchmark."""
+    if not conn.poll(timeout):
+        raise RuntimeError(f"no answer from a child process in {timeout} s")
+    return conn.recv()
+
+
+def _tell_stop(conn):
+    try:
+        conn.send(None)
+    except OSError:  # the child is gone already
+        pass
 
 
 def _percentile(values, p):
@@ -96,19 +112,21 @@ def wakeup(cache, rounds):
              _ctx.Process(target=_serve, args=(_waiter_loop, cache, waiter), daemon=True)]
     for p in procs:
         p.start()
+    holder.close()
+    waiter.close()
     latencies, bad = [], 0
     try:
         for r in range(rounds):
             key = f"wake-{r}"
             before = cache.stats()["stampede_waits"]
             holder_end.send(key)
-            assert holder_end.recv() == "holding"
+            assert _recv(holder_end) == "holding"
             waiter_end.send(key)
-            assert waiter_end.recv() == "calling"
+            assert _recv(waiter_end) == "calling"
             time.sleep(SETTLE_S)  # the waiter is now asleep on the lease
             holder_end.send("release")
-            released = holder_end.recv()
-            done, fetched, same = waiter_end.recv()
+            released = _recv(holder_end)
+            done, fetched, same = _recv(waiter_end)
             waited = cache.stats()["stampede_waits"] - before
             if fetched or not same or waited != 1:  # not a wake-up: do not count it
                 bad += 1
@@ -116,7 +134,7 @@ def wakeup(cache, rounds):
             latencies.append(done - released)
     finally:
         for end in (holder_end, waiter_end):
-            end.send(None)
+            _tell_stop(end)
         for p in procs:
             p.join(5)
     us = [x / 1000 for x in latencies]
@@ -147,21 +165,23 @@ def _taking_waiter(cache, conn):
         conn.send(started[0] if started else None)
 
 
-def takeover(cache, kills):
+def takeover(cache, kills, reap=True):
     waiter_end, waiter = _ctx.Pipe()
     wproc = _ctx.Process(target=_serve, args=(_taking_waiter, cache, waiter), daemon=True)
     wproc.start()
+    waiter.close()
     times, bad = [], 0
     rng = random.Random(7)
     try:
         for r in range(kills):
-            key = f"kill-{r}"
+            key = f"kill-{'reaped' if reap else 'unreaped'}-{r}"  # never stored before
             holder_end, holder = _ctx.Pipe()
             hproc = _ctx.Process(target=_doomed_holder, args=(cache, key, holder), daemon=True)
             hproc.start()
-            assert holder_end.recv() == "holding"
+            holder.close()
+            assert _recv(holder_end) == "holding"
             waiter_end.send(key)
-            assert waiter_end.recv() == "calling"
+            assert _recv(waiter_end) == "calling"
             # A kill lands at any point of the waiter's liveness-poll period: spread
             # the kills over more than one period, else every round would measure
             # the same phase.
@@ -169,17 +189,21 @@ def takeover(cache, kills):
             timeouts = cache.stats()["stampede_timeouts"]
             killed = time.perf_counter_ns()
             os.kill(hproc.pid, signal.SIGKILL)
-            hproc.join()  # reap it: until then the dead holder is a zombie, still in /proc
-            started = waiter_end.recv()
+            if reap:
+                hproc.join()  # as a supervisor does at once
+            # Unreaped, the dead holder stays a zombie, still listed in /proc:
+            # the waiter must see it as dead all the same.
+            started = _recv(waiter_end)
+            hproc.join()
             if started is None or cache.stats()["stampede_timeouts"] != timeouts:
                 bad += 1  # the waiter got the value or gave up by timeout: not a takeover
                 continue
             times.append(started - killed)
     finally:
-        waiter_end.send(None)
+        _tell_stop(waiter_end)
         wproc.join(5)
     ms = [x / 1e6 for x in times]
-    return {"rounds": kills, "measured": len(ms), "discarded": bad,
+    return {"rounds": kills, "reaped": reap, "measured": len(ms), "discarded": bad,
             "p50_ms": statistics.median(ms) if ms else None,
             "max_ms": max(ms) if ms else None, "samples_ms": ms}
 
@@ -194,11 +218,13 @@ def main():
     args = p.parse_args()
     if args.quick:
         args.rounds, args.kills = 50, 5
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below runs
     cache = vela.Cache(f"bench-stampede-{os.getpid()}-{secrets.token_hex(3)}", capacity="16MiB",
                        stampede_timeout=10.0)  # far above any takeover: a timeout is never the cause
     try:
         wake = wakeup(cache, args.rounds)
         take = takeover(cache, args.kills)
+        zombie = takeover(cache, args.kills, reap=False)
     finally:
         cache.destroy()
     print(f"Vela {vela.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
@@ -206,12 +232,14 @@ def main():
           f"({wake['measured']} of {wake['rounds']} rounds measured):")
     if wake["measured"]:
         print(f"  p50 {wake['p50_us']:.1f} us   p99 {wake['p99_us']:.1f} us   max {wake['max_us']:.1f} us")
-    print(f"takeover after SIGKILL of the lease holder, kill to the waiter's own fetch "
-          f"({take['measured']} of {take['rounds']} rounds measured):")
-    if take["measured"]:
-        print(f"  p50 {take['p50_ms']:.2f} ms   max {take['max_ms']:.2f} ms")
+    for result, how in ((take, "reaped at once"), (zombie, "left unreaped, a zombie")):
+        print(f"takeover after SIGKILL of the lease holder ({how}), kill to the waiter's own fetch "
+              f"({result['measured']} of {result['rounds']} rounds measured):")
+        if result["measured"]:
+            print(f"  p50 {result['p50_ms']:.2f} ms   max {result['max_ms']:.2f} ms")
     with open(args.json, "w") as f:
-        json.dump({"vela": vela.__version__, "wakeup": wake, "takeover": take}, f, indent=1)
+        json.dump({"vela": vela.__version__, "wakeup": wake, "takeover": take,
+                   "takeover_unreaped": zombie}, f, indent=1)
     print(f"results written to {args.json}")
 
 
