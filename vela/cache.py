@@ -8,6 +8,7 @@ import weakref
 
 from . import _native, options, serializers, telemetry
 from .backends import file, shm
+from .bridge.client import BridgeClient
 from .errors import CacheFull, OptionError
 
 __all__ = ["Cache", "destroy"]
@@ -71,7 +72,7 @@ class Cache:
             cls = _implementation(kwargs)
         return super().__new__(cls)
 
-    def __init__(self, name, *, backend="shm", backend_opts=None, topology="local",
+    def __init__(self, name, *, backend="shm", backend_opts=None, topology=_UNSET,
                  topology_opts=None, capacity=_UNSET, stripes=_UNSET, max_size=_UNSET,
                  max_entry_size=_UNSET, eviction_policy=_UNSET, default_ttl=None,
                  stampede_protection=True, stampede_timeout=5.0, stats_enabled=True,
@@ -84,11 +85,20 @@ class Cache:
         self.name = options.check_name(name)
         self._backend = _backend_module(backend)
         self._backend_opts = dict(backend_opts or {})
-        if topology != "local":
+        if topology is _UNSET:
+            replicated = -1  # adopt the segment's (local when creating)
+            self._bridge = None
+        elif topology == "local":
+            replicated = 0
+            self._bridge = None
+        elif topology == "replicated":
+            replicated = 1
+            self._bridge = BridgeClient(self.name, topology_opts)
+        else:
             what = _PLANNED["topology"].get(topology)
             raise OptionError(f"topology={topology!r}: " + (f"{what} is not available in this version"
                               if what else "must be one of local, replicated, partitioned"))
-        if topology_opts not in (None, {}):
+        if topology in (_UNSET, "local") and topology_opts not in (None, {}):
             raise OptionError(f"topology_opts: the local topology takes no options, got {topology_opts!r}")
         if near_cache:
             raise OptionError("near_cache=True needs a remote store (Redis or partitioned), "
@@ -118,6 +128,7 @@ class Cache:
             max_entry_size=-1 if max_entry_size is _UNSET
             else options.parse_size("max_entry_size", max_entry_size),
             eviction=-1 if eviction_policy is _UNSET else options.eviction_policy(eviction_policy),
+            replicated=replicated,
         )
         segment = self._backend.open_segment(self.name, self._backend_opts)
 
@@ -375,14 +386,29 @@ class Cache:
                               {"cache": self.name, "keys": len(keys), "result": removed})
         return removed
 
+    def cluster(self):
+        """The cluster view the host's bridge publishes (members, epoch, ready), or None."""
+        import json
+
+        raw = self._table.cluster()
+        return json.loads(raw) if raw else None
+
     def release_leases(self, pid):
         """Release the stampede leases held by process ``pid`` (it died); returns how many."""
         return self._table.release_leases(pid)
 
     def invalidate_tag(self, tag):
-        """Remove every entry carrying ``tag``; returns how many live entries were removed."""
+        """Remove every entry carrying ``tag``; returns how many live entries were removed.
+
+        On a replicated cache the count is cluster-wide: the host's bridge asks
+        every live member to apply the invalidation now and adds their counts.
+        """
         start = time.perf_counter_ns() if telemetry.active else 0
-        count = self._table.invalidate_tag(tag)
+        if self._bridge is not None:
+            count, version, tag_id = self._table.invalidate_tag_versioned(tag)
+            count += self._bridge.total({"op": "tag", "tag": tag_id, "version": version})
+        else:
+            count = self._table.invalidate_tag(tag)
         if telemetry.active:
             telemetry.execute(self._events["invalidate_tag"],
                               {"duration": time.perf_counter_ns() - start, "count": count},
@@ -390,9 +416,13 @@ class Cache:
         return count
 
     def flush(self):
-        """Remove every entry; returns how many were removed."""
+        """Remove every entry; returns how many were removed (cluster-wide when replicated)."""
         start = time.perf_counter_ns() if telemetry.active else 0
-        count = self._table.flush()
+        if self._bridge is not None:
+            count, version = self._table.flush_versioned()
+            count += self._bridge.total({"op": "flush", "version": version})
+        else:
+            count = self._table.flush()
         if telemetry.active:
             telemetry.execute(self._events["flush"],
                               {"duration": time.perf_counter_ns() - start, "count": count},

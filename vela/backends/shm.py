@@ -15,7 +15,10 @@ KIND = _native.BACKEND_SHM
 
 
 def segment_name(name):
-    return f"/vela.{name}"
+    """The shm object's name. VELA_NAMESPACE (environment) keeps separate sets of
+    caches apart on one host: simulated hosts in tests, several demos."""
+    namespace = os.environ.get("VELA_NAMESPACE")
+    return f"/vela.{namespace}.{name}" if namespace else f"/vela.{name}"
 
 
 class ShmSegment(Segment):

@@ -1,0 +1,125 @@
+"""vela-bridge: command line.
+
+    vela-bridge run --cache shop --listen tcp://10.0.0.5:7700 --join tcp://10.0.0.6:7700 \\
+                    --secret-file /etc/vela/secret
+    vela-bridge run --config /etc/vela/bridge.toml
+    vela-bridge secret > /etc/vela/secret      # a new shared secret for the cluster
+    vela-bridge status --cache shop            # members, lag, counters (JSON)
+"""
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+
+_DEFAULTS = {"heartbeat": 1.0, "failure_timeout": 5.0, "tombstone_ttl": 300.0}
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="vela-bridge", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the bridge of this host (the default command)")
+    run.add_argument("--config", help="a TOML file with any of the options below (flags win)")
+    run.add_argument("--cache", action="append", default=None,
+                     help="a replicated cache this bridge carries (repeat for several)")
+    run.add_argument("--listen", help="where peers reach this bridge, e.g. tcp://0.0.0.0:7700")
+    run.add_argument("--advertise", help="the address peers should dial (default: --listen); "
+                                         "required when listening on 0.0.0.0")
+    run.add_argument("--join", action="append", default=None,
+                     help="a peer bridge to contact first (repeat); the others are learned from it")
+    run.add_argument("--node-id", type=int, help="this host's id, 1..4095 (default: from --advertise)")
+    run.add_argument("--secret-file", help="file holding the cluster's shared secret (HMAC of every message)")
+    run.add_argument("--insecure", action="store_true",
+                     help="allow a non-loopback --listen without a secret (trusted networks only)")
+    run.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1.0)")
+    run.add_argument("--failure-timeout", type=float,
+                     help="seconds of silence before a peer is dead (default 5.0; suspect at half)")
+    run.add_argument("--tombstone-ttl", type=float,
+                     help="seconds a delete/flush/tag invalidation keeps stopping older late puts (default 300)")
+    run.add_argument("--log-level", default="INFO")
+    st = sub.add_parser("status", help="ask the bridge of a cache on this host for its state")
+    st.add_argument("--cache", required=True)
+    st.add_argument("--timeout", type=float, default=3.0)
+    sub.add_parser("secret", help="print a new random shared secret")
+    return p
+
+
+def _load_config(path):
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        import tomli as tomllib
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    known = {"cache", "listen", "advertise", "join", "node_id", "secret_file", "insecure",
+             "heartbeat", "failure_timeout", "tombstone_ttl", "log_level"}
+    unknown = set(data) - known
+    if unknown:
+        raise SystemExit(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
+    return data
+
+
+def run(args):
+    conf = _load_config(args.config) if args.config else {}
+    def opt(name):
+        value = getattr(args, name, None)
+        return value if value not in (None, False) else conf.get(name, _DEFAULTS.get(name))
+    caches = opt("cache")
+    caches = [caches] if isinstance(caches, str) else caches
+    join = opt("join") or []
+    join = [join] if isinstance(join, str) else join
+    if not caches or not opt("listen"):
+        raise SystemExit("vela-bridge run: --cache and --listen are required (or give them in --config)")
+    logging.basicConfig(level=str(opt("log_level") or "INFO").upper(),
+                        format="%(asctime)s vela-bridge[%(process)d] %(levelname)s %(message)s")
+    secret = None
+    if opt("secret_file"):
+        with open(opt("secret_file"), "rb") as f:
+            secret = f.read().strip()
+        if len(secret) < 16:
+            raise SystemExit("the shared secret must be at least 16 bytes (vela-bridge secret makes one)")
+    from .node import Bridge
+
+    try:
+        bridge = Bridge(caches, opt("listen"), advertise=opt("advertise"), join=join, node_id=opt("node_id"),
+                        secret=secret, heartbeat=opt("heartbeat"), failure_timeout=opt("failure_timeout"),
+                        tombstone_ttl=opt("tombstone_ttl"), insecure=bool(opt("insecure")))
+    except ValueError as exc:
+        raise SystemExit(f"vela-bridge: {exc}")
+    logging.getLogger("vela.bridge").info("node %d listening on %s for %s", bridge.node_id, bridge.listen,
+                                          ", ".join(caches))
+    bridge.run()
+
+
+def status(args):
+    from .client import BridgeClient
+
+    from ..errors import BridgeUnavailable
+    try:
+        reply = BridgeClient(args.cache, {"bridge_timeout": args.timeout}).call({"op": "status"})
+    except BridgeUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "run")
+    args = _parser().parse_args(argv)
+    if args.command == "secret":
+        print(secrets.token_urlsafe(32))
+        return 0
+    if args.command == "status":
+        return status(args)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

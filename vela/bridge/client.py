@@ -1,0 +1,75 @@
+"""The worker's side of the bridge: cluster-wide totals for flush and invalidate_tag.
+
+Puts and deletes need no socket (they travel through the change log in the
+segment); only calls that must return a cluster-wide count ask the host's
+bridge, over a local ipc socket, with a bounded wait.
+"""
+
+import os
+import tempfile
+
+from ..errors import BridgeUnavailable, OptionError
+
+_OPTIONS = {"bridge", "bridge_timeout"}
+
+
+def control_endpoint(cache_name):
+    """Default address of the bridge's control socket for a cache (one host)."""
+    namespace = os.environ.get("VELA_NAMESPACE")
+    prefix = f"{namespace}." if namespace else ""
+    return f"ipc://{tempfile.gettempdir()}/vela-bridge.{prefix}{cache_name}.sock"
+
+
+class BridgeClient:
+    def __init__(self, cache_name, topology_opts):
+        opts = dict(topology_opts or {})
+        unknown = set(opts) - _OPTIONS
+        if unknown:
+            raise OptionError(f"topology_opts: unknown option(s) {', '.join(sorted(unknown))} for the "
+                              f"replicated topology (it takes {', '.join(sorted(_OPTIONS))})")
+        self.cache_name = cache_name
+        self.endpoint = opts.get("bridge") or control_endpoint(cache_name)
+        timeout = opts.get("bridge_timeout", 3.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 3600:
+            raise OptionError(f"topology_opts['bridge_timeout'] must be positive seconds, not {timeout!r}")
+        self.timeout_ms = int(timeout * 1000)
+        self._socket = None
+        self._pid = None
+
+    def _sock(self):
+        import zmq  # only replicated caches need pyzmq
+
+        if self._socket is None or self._pid != os.getpid():  # sockets do not survive fork
+            self._socket = zmq.Context.instance().socket(zmq.REQ)
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
+            self._socket.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+            self._socket.connect(self.endpoint)
+            self._pid = os.getpid()
+        return self._socket
+
+    def call(self, request):
+        """One request to the bridge; its reply (a dict)."""
+        import msgpack
+        import zmq
+
+        request = dict(request, cache=self.cache_name)
+        try:
+            sock = self._sock()
+            sock.send(msgpack.packb(request, use_bin_type=True))
+            reply = msgpack.unpackb(sock.recv(), raw=False)
+        except zmq.ZMQError as exc:
+            if self._socket is not None:  # a REQ socket that timed out is stuck: start afresh
+                self._socket.close(0)
+                self._socket = None
+            raise BridgeUnavailable(
+                f"the vela-bridge of this host did not answer at {self.endpoint} within "
+                f"{self.timeout_ms / 1000:g} s ({exc}); the change is in the change log and reaches the "
+                "other hosts when the bridge runs, but the cluster-wide count is unknown") from exc
+        if not isinstance(reply, dict) or "error" in reply:
+            raise BridgeUnavailable(f"the bridge refused the request: {reply!r}")
+        return reply
+
+    def total(self, request):
+        """The other members' count for a flush or tag invalidation this host just did."""
+        return int(self.call(request).get("removed", 0))

@@ -1,0 +1,464 @@
+"""The bridge process: sockets, membership, the event loop.
+
+Every bridge binds one ROUTER socket (``--listen``) where peers' messages
+arrive, and opens one DEALER socket to each peer it knows (``--join`` seeds
+first; the rest it learns from heartbeats, which carry the member list). All
+of a bridge's outgoing traffic goes through its DEALERs; a message for a peer
+that is not connected is dropped rather than queued (ZMQ_IMMEDIATE), and the
+peer notices the gap in the stream and resyncs from a snapshot.
+
+Membership: any authentic message from a peer marks it alive; silence for
+``failure_timeout / 2`` makes it suspect, for ``failure_timeout`` dead (no
+longer sent to, out of the cluster view). A dead peer that speaks again is
+alive again and resyncs. Workers reach the bridge on a local ipc socket per
+cache, only for calls that need cluster-wide totals.
+"""
+
+import itertools
+import json
+import logging
+import os
+import random
+import signal
+import time
+
+import msgpack
+import xxhash
+import zmq
+
+from ..errors import LayoutMismatch
+from . import protocol
+from .client import control_endpoint
+from .replica import Replica
+
+log = logging.getLogger("vela.bridge")
+
+ALIVE, SUSPECT, DEAD = "alive", "suspect", "dead"
+BATCH_DELAY = 0.002  # seconds a change may wait to travel with others
+
+
+class Member:
+    def __init__(self, node_id, addr):
+        self.node_id = node_id
+        self.addr = addr
+        self.inc = None
+        self.state = SUSPECT
+        self.last_seen = 0.0
+        self.received = 0
+
+
+class Bridge:
+    def __init__(self, caches, listen, advertise=None, join=(), node_id=None, secret=None,
+                 heartbeat=1.0, failure_timeout=5.0, tombstone_ttl=300.0, control=None, insecure=False):
+        self.listen = listen
+        self.advertise = advertise or listen
+        if ("0.0.0.0" in self.advertise or "*" in self.advertise):
+            raise ValueError("--advertise must be an address peers can connect to (not 0.0.0.0)")
+        if not secret and not insecure and not _loopback(listen):
+            raise ValueError(f"refusing to listen on {listen} without authentication: give --secret-file "
+                             "(a shared secret for every bridge of the cluster) or --insecure")
+        self.secret = secret or b""
+        self.node_id = node_id if node_id is not None else _node_id_of(self.advertise)
+        self.inc = random.getrandbits(63)
+        self.heartbeat = heartbeat
+        self.failure_timeout = failure_timeout
+        self.members = {}          # node id -> Member
+        self.dealers = {}          # address -> DEALER socket
+        self.seeds = list(join)
+        self.replicas = {}
+        self.controls = {}         # control socket -> cache name
+        self.rpc_waiting = {}      # rpc id -> dict(worker, socket, remaining, removed, deadline)
+        self.rpc_ids = itertools.count(1)
+        self.snap_ids = itertools.count(1)
+        self.epoch = 0
+        self.running = True
+        self.started = time.monotonic()
+        self.counters = {"messages_in": 0, "messages_out": 0, "bytes_in": 0, "bytes_out": 0,
+                         "dropped_out": 0, "malformed": 0, "unauthenticated": 0, "batches_out": 0,
+                         "batches_in": 0, "rpcs": 0}
+        self.ctx = zmq.Context.instance()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE + 4096)
+        self.router.bind(listen)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        for name in caches:
+            self._attach(name, tombstone_ttl, control)
+        for seed in self.seeds:
+            self._dealer(seed)
+
+    # ---- setup -----------------------------------------------------------------------
+
+    def _attach(self, name, tombstone_ttl, control):
+        import vela
+
+        cache = vela.Cache(name, sweep_interval=None)  # adopt the segment as it is
+        if not cache._table.log_state()["replicated"]:
+            raise LayoutMismatch(f"cache {name!r} exists but is not replicated: its workers must open it "
+                                 "with topology='replicated' (destroy it if it was made otherwise)")
+        cache._table.node_id = self.node_id
+        replica = Replica(name, cache._table, tombstone_ttl)
+        replica.cache = cache  # keep the handle alive
+        replica.ready_since = None if self.seeds else time.monotonic()
+        self.replicas[name] = replica
+        endpoint = (control or {}).get(name) or control_endpoint(name)
+        if endpoint.startswith("ipc://"):
+            try:
+                os.unlink(endpoint[len("ipc://"):])  # a socket file left by a killed bridge
+            except FileNotFoundError:
+                pass
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(endpoint)
+        self.controls[sock] = name
+        self.poller.register(sock, zmq.POLLIN)
+
+    def _dealer(self, addr):
+        sock = self.dealers.get(addr)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+            sock.setsockopt(zmq.IDENTITY, f"{self.node_id}:{self.inc}".encode())
+            sock.connect(addr)
+            self.dealers[addr] = sock
+        return sock
+
+    # ---- sending ------------------------------------------------------------------------
+
+    def _message(self, kind, **fields):
+        fields.update(t=kind, v=protocol.PROTOCOL, **{"from": self.node_id, "inc": self.inc})
+        return protocol.pack(self.secret, fields)
+
+    def _send(self, addr, frames):
+        try:
+            self._dealer(addr).send_multipart(frames, flags=zmq.NOBLOCK)
+            self.counters["messages_out"] += 1
+            self.counters["bytes_out"] += len(frames[1])
+            return True
+        except zmq.Again:
+            self.counters["dropped_out"] += 1
+            return False
+
+    def _alive(self):
+        return [m for m in self.members.values() if m.state != DEAD]
+
+    def _broadcast(self, frames):
+        for m in self._alive():
+            self._send(m.addr, frames)
+
+    def _hello(self):
+        members = [[m.node_id, m.addr] for m in self._alive()]
+        frames = self._message("hello", addr=self.advertise, members=members)
+        targets = {m.addr for m in self.members.values()} | set(self.seeds)
+        for addr in targets:
+            self._send(addr, frames)
+
+    # ---- receiving ------------------------------------------------------------------------
+
+    def _receive_peer(self, frames):
+        self.counters["messages_in"] += 1
+        self.counters["bytes_in"] += sum(len(f) for f in frames[1:])
+        try:
+            msg = protocol.unpack(self.secret, frames[1:])
+        except protocol.Malformed as exc:
+            key = "unauthenticated" if "authentication" in str(exc) else "malformed"
+            self.counters[key] += 1
+            log.debug("dropped a message: %s", exc)
+            return
+        sender = msg["from"]
+        if sender == self.node_id:
+            if msg["inc"] != self.inc:
+                self.counters["malformed"] += 1
+                log.error("another bridge uses node id %d: give each host its own --node-id", sender)
+            return
+        member = self.members.get(sender)
+        addr = msg.get("addr")
+        if member is None:
+            if addr is None:
+                return  # we learn members from hello messages, which carry their address
+            member = self.members[sender] = Member(sender, addr)
+            self.epoch += 1
+        if addr and addr != member.addr:
+            member.addr = addr
+        if member.inc != msg["inc"]:
+            if member.inc is not None:
+                log.info("member %d restarted", sender)
+            member.inc = msg["inc"]
+            self.epoch += 1
+        if member.state != ALIVE:
+            if member.state == DEAD:
+                log.info("member %d is back", sender)
+            member.state = ALIVE
+            self.epoch += 1
+        member.last_seen = time.monotonic()
+        member.received += 1
+        getattr(self, "_on_" + msg["t"])(member, msg)
+
+    def _on_hello(self, member, msg):
+        for node_id, addr in msg["members"]:
+            if node_id != self.node_id and node_id not in self.members:
+                self.members[node_id] = Member(node_id, addr)
+                self._dealer(addr)
+                self.epoch += 1
+
+    def _on_bye(self, member, msg):
+        member.state = DEAD
+        self.epoch += 1
+
+    def _replica(self, msg):
+        replica = self.replicas.get(msg.get("c"))
+        if replica is None:
+            self.counters["malformed"] += 1
+        return replica
+
+    def _on_batch(self, member, msg):
+        replica = self._replica(msg)
+        if replica is None:
+            return
+        self.counters["batches_in"] += 1
+        if replica.check_sequence(member.node_id, msg["inc"], msg["seq"]):
+            self._request_snapshot(replica, member)
+        replica.apply(msg["recs"])
+
+    def _on_resync(self, member, msg):
+        replica = self._replica(msg)
+        if replica is not None:
+            self._request_snapshot(replica, member)
+
+    def _request_snapshot(self, replica, member):
+        if member.node_id in replica.snap_wait:
+            # The snapshot in flight may have been read before what was lost: ask
+            # for another one once it is done.
+            replica.snap_again.add(member.node_id)
+            return
+        req = next(self.snap_ids)
+        replica.snap_wait[member.node_id] = (req, time.monotonic() + max(30.0, 6 * self.failure_timeout))
+        replica.stats["resyncs"] += 1
+        self._send(member.addr, self._message("snapreq", c=replica.name, req=req))
+
+    def _on_snapreq(self, member, msg):
+        replica = self._replica(msg)
+        if replica is not None:
+            replica.serving.append((member, msg["req"], replica.snapshot_stream()))
+
+    def _on_snap(self, member, msg):
+        replica = self._replica(msg)
+        if replica is None:
+            return
+        waiting = replica.snap_wait.get(member.node_id)
+        if waiting is None or waiting[0] != msg["req"]:
+            return  # an answer to a request we gave up
+        replica.apply_snapshot_chunk(msg)
+        if msg["last"]:
+            del replica.snap_wait[member.node_id]
+            replica.stats["snapshots_applied"] += 1
+            if member.node_id in replica.snap_again:
+                replica.snap_again.discard(member.node_id)
+                self._request_snapshot(replica, member)
+            if replica.ready_since is None:
+                replica.ready_since = time.monotonic()
+
+    def _on_rpc(self, member, msg):
+        replica = self._replica(msg)
+        if replica is None:
+            return
+        removed = replica.apply_rpc(msg["op"], msg["version"], msg.get("tag"))
+        self._send(member.addr, self._message("rpcr", id=msg["id"], removed=removed))
+
+    def _on_rpcr(self, member, msg):
+        waiting = self.rpc_waiting.get(msg["id"])
+        if waiting is None or member.node_id not in waiting["remaining"]:
+            return
+        waiting["remaining"].discard(member.node_id)
+        waiting["removed"] += msg["removed"]
+        if not waiting["remaining"]:
+            self._answer_rpc(msg["id"])
+
+    # ---- workers -------------------------------------------------------------------------
+
+    def _receive_control(self, sock, frames):
+        name = self.controls[sock]
+        identity, payload = frames[0], frames[-1]
+        try:
+            if len(payload) > 1 << 20:
+                raise ValueError("request too large")
+            req = msgpack.unpackb(payload, raw=False)
+            op = req["op"]
+        except Exception:
+            sock.send_multipart([identity, b"", msgpack.packb({"error": "malformed request"})])
+            return
+        replica = self.replicas[name]
+        if op == "status":
+            sock.send_multipart([identity, b"", msgpack.packb(self.status(), use_bin_type=True)])
+            return
+        if op not in ("tag", "flush") or not isinstance(req.get("version"), int):
+            sock.send_multipart([identity, b"", msgpack.packb({"error": f"unknown op {op!r}"})])
+            return
+        self.counters["rpcs"] += 1
+        # The worker removed this host's entries and counted them; record the marks.
+        replica.apply_rpc(op, req["version"], req.get("tag"))
+        rid = next(self.rpc_ids)
+        alive = {m.node_id for m in self._alive() if m.state == ALIVE}
+        self.rpc_waiting[rid] = {"identity": identity, "socket": sock, "remaining": alive, "removed": 0,
+                                 "deadline": time.monotonic() + self.failure_timeout / 2}
+        frames = self._message("rpc", c=name, id=rid, op=op, version=req["version"],
+                               **({"tag": req["tag"]} if op == "tag" else {}))
+        for node_id in alive:
+            self._send(self.members[node_id].addr, frames)
+        if not alive:
+            self._answer_rpc(rid)
+
+    def _answer_rpc(self, rid):
+        w = self.rpc_waiting.pop(rid)
+        reply = {"removed": w["removed"], "missing": sorted(w["remaining"])}
+        w["socket"].send_multipart([w["identity"], b"", msgpack.packb(reply)])
+
+    # ---- periodic work ------------------------------------------------------------------------
+
+    def _pump_logs(self):
+        for replica in self.replicas.values():
+            records = replica.read_local()
+            if replica.lagged:
+                replica.lagged = False
+                self._broadcast(self._message("resync", c=replica.name))
+            if not records:
+                continue
+            # One batch per loop turn; big ones are split so no message nears the size bound.
+            for i in range(0, len(records), 2000):
+                chunk = records[i:i + 2000]
+                frames = self._message("batch", c=replica.name, seq=replica.seq, recs=chunk)
+                replica.seq += 1
+                self.counters["batches_out"] += 1
+                replica.stats["sent"] += len(chunk)
+                self._broadcast(frames)
+            replica.commit()
+
+    def _serve_snapshots(self):
+        for replica in self.replicas.values():
+            still = []
+            for member, req, stream in replica.serving:
+                chunk = next(stream, None)
+                if chunk is None or member.state == DEAD:
+                    continue
+                frames = self._message("snap", c=replica.name, req=req, **dict(
+                    {"tombs": [], "tagwm": [], "flushwm": 0}, **chunk))
+                # A snapshot must arrive whole: wait for room rather than drop.
+                self._dealer(member.addr).send_multipart(frames)
+                self.counters["messages_out"] += 1
+                if chunk["last"]:
+                    replica.stats["snapshots_served"] += 1
+                else:
+                    still.append((member, req, stream))
+            replica.serving = still
+
+    def _check_members(self, now):
+        for m in self.members.values():
+            silent = now - m.last_seen
+            new = DEAD if silent > self.failure_timeout else SUSPECT if silent > self.failure_timeout / 2 else ALIVE
+            if m.last_seen == 0:
+                new = DEAD if now - self.started > self.failure_timeout else SUSPECT
+            if new != m.state:
+                if new == DEAD:
+                    log.warning("member %d (%s) is dead: silent for %.1f s", m.node_id, m.addr, silent)
+                m.state = new
+                self.epoch += 1
+        for replica in self.replicas.values():
+            for node_id, (req, deadline) in list(replica.snap_wait.items()):
+                member = self.members.get(node_id)
+                if now > deadline or member is None or member.state == DEAD:
+                    del replica.snap_wait[node_id]  # gave up: it is gone, or too slow
+            if replica.ready_since is None and now - self.started > self.failure_timeout \
+                    and not self._alive():
+                replica.ready_since = now  # nobody to sync from: ready alone
+            replica.prune(now)
+        for rid, w in list(self.rpc_waiting.items()):
+            w["remaining"] = {n for n in w["remaining"]
+                              if n in self.members and self.members[n].state != DEAD}
+            if now > w["deadline"] or not w["remaining"]:
+                self._answer_rpc(rid)
+
+    def status(self):
+        now = time.monotonic()
+        return {
+            "node_id": self.node_id, "incarnation": self.inc, "listen": self.listen,
+            "advertise": self.advertise, "epoch": self.epoch, "pid": os.getpid(),
+            "uptime": round(now - self.started, 3),
+            "members": [{"node_id": m.node_id, "addr": m.addr, "state": m.state,
+                         "last_seen_ago": round(now - m.last_seen, 3) if m.last_seen else None,
+                         "messages": m.received} for m in sorted(self.members.values(), key=lambda m: m.node_id)],
+            "caches": {name: dict(r.stats, ready=r.ready and r.ready_since is not None,
+                                  log_lag_bytes=r.table.log_state()["head"] - r.pos,
+                                  tombstones=len(r.tombs))
+                       for name, r in self.replicas.items()},
+            "counters": dict(self.counters),
+        }
+
+    def _publish_view(self):
+        view = self.status()
+        for name, replica in self.replicas.items():
+            mine = dict(view, ready=view["caches"][name]["ready"])
+            mine.pop("caches")
+            replica.table.set_cluster(json.dumps(mine).encode())
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def run(self):
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        next_beat = 0.0
+        next_view = 0.0
+        published_epoch = None
+        try:
+            while self.running:
+                for sock, _ in self.poller.poll(timeout=BATCH_DELAY * 1000):
+                    for _ in range(1000):  # drain what is there, then look at the log
+                        try:
+                            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                        except zmq.Again:
+                            break
+                        if sock is self.router:
+                            self._receive_peer(frames)
+                        else:
+                            self._receive_control(sock, frames)
+                self._pump_logs()
+                self._serve_snapshots()
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._hello()
+                    self._check_members(now)
+                    next_beat = now + self.heartbeat
+                if published_epoch != self.epoch or now >= next_view:
+                    self._publish_view()
+                    published_epoch = self.epoch
+                    next_view = now + self.heartbeat
+        finally:
+            self.close()
+
+    def stop(self):
+        self.running = False
+
+    def close(self):
+        try:
+            self._pump_logs()  # what workers wrote last still goes out
+            self._broadcast(self._message("bye"))
+        except Exception:  # closing anyway
+            log.exception("while leaving the cluster")
+        for replica in self.replicas.values():
+            replica.commit()
+            replica.cache.close()
+        for sock in list(self.dealers.values()) + list(self.controls) + [self.router]:
+            sock.close(0)
+
+
+def _loopback(addr):
+    host = addr.split("://", 1)[-1].rsplit(":", 1)[0]
+    return addr.startswith(("ipc://", "inproc://")) or host in ("127.0.0.1", "localhost", "[::1]", "::1") \
+        or host.startswith("127.")
+
+
+def _node_id_of(addr):
+    """A node id from the advertised address (1..4095; 0 means "no bridge")."""
+    return xxhash.xxh64_intdigest(addr.encode()) % 4095 + 1

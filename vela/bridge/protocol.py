@@ -1,0 +1,188 @@
+"""Messages between bridges: msgpack maps, authenticated, bounded, validated.
+
+A message is two frames: an HMAC-SHA256 of the payload under the cluster's
+shared secret (empty with --insecure), and the payload. Nothing is decoded
+before the MAC checks out, every payload is size-bounded before decoding, and
+every field is type- and range-checked before use: a message that fails any
+of it raises Malformed and is counted and dropped by the caller. Values travel
+as opaque bytes with their codec and are stored as they are; the bridge never
+unpickles anything.
+"""
+
+import hashlib
+import hmac
+
+import msgpack
+
+MAX_MESSAGE = 64 << 20
+MAX_KEY = 1024
+MAX_TAGS = 32
+MAX_RECORDS = 100_000
+PROTOCOL = 1
+
+# record ops (native/table.h, enum vela_log_op)
+PUT, DELETE, FLUSH, TAG = 1, 2, 3, 4
+
+
+class Malformed(ValueError):
+    """A message that is not authentic or not well-formed."""
+
+
+def pack(secret, msg):
+    payload = msgpack.packb(msg, use_bin_type=True)
+    mac = hmac.new(secret, payload, hashlib.sha256).digest() if secret else b""
+    return [mac, payload]
+
+
+def unpack(secret, frames):
+    if len(frames) != 2:
+        raise Malformed(f"expected 2 frames, got {len(frames)}")
+    mac, payload = frames
+    if len(payload) > MAX_MESSAGE:
+        raise Malformed("message too large")
+    if secret:
+        if not hmac.compare_digest(mac, hmac.new(secret, payload, hashlib.sha256).digest()):
+            raise Malformed("bad or missing authentication code")
+    try:
+        # unpackb bounds every container and string by the payload's own size
+        msg = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several types for garbage
+        raise Malformed(f"undecodable payload: {type(exc).__name__}") from None
+    if not isinstance(msg, dict):
+        raise Malformed("payload is not a map")
+    kind = msg.get("t")
+    if kind not in _CHECKS:
+        raise Malformed(f"unknown message type {kind!r}")
+    _int(msg, "from", 0, 4095)
+    _int(msg, "inc", 0, 2**64 - 1)
+    if msg.get("v") != PROTOCOL:
+        raise Malformed(f"protocol version {msg.get('v')!r}, this bridge speaks {PROTOCOL}")
+    _CHECKS[kind](msg)
+    return msg
+
+
+def _int(msg, key, lo, hi):
+    v = msg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise Malformed(f"field {key!r} must be an int in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _str(msg, key, maxlen=256):
+    v = msg.get(key)
+    if not isinstance(v, str) or not 0 < len(v) <= maxlen:
+        raise Malformed(f"field {key!r} must be a non-empty str of at most {maxlen}")
+    return v
+
+
+def _list(msg, key, maxlen):
+    v = msg.get(key)
+    if not isinstance(v, list) or len(v) > maxlen:
+        raise Malformed(f"field {key!r} must be a list of at most {maxlen}")
+    return v
+
+
+def _tags(v):
+    if not isinstance(v, list) or len(v) > MAX_TAGS or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**64 for t in v):
+        raise Malformed("tags must be a list of at most 32 u64")
+
+
+def _version(v):
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**64:
+        raise Malformed("version must be a positive u64")
+
+
+def check_record(r):
+    """[op, key, value, codec, ttl_ns, tags, version]"""
+    if not isinstance(r, list) or len(r) != 7:
+        raise Malformed("a record is a list of 7")
+    op, key, value, codec, ttl, tags, version = r
+    if op not in (PUT, DELETE, FLUSH, TAG):
+        raise Malformed(f"unknown record op {op!r}")
+    if not isinstance(key, bytes) or len(key) > MAX_KEY or (op in (PUT, DELETE) and not key):
+        raise Malformed("bad record key")
+    if not isinstance(value, bytes):
+        raise Malformed("bad record value")
+    if isinstance(codec, bool) or not isinstance(codec, int) or not 0 <= codec <= 6:
+        raise Malformed("bad record codec")
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not -1 <= ttl < 2**63:
+        raise Malformed("bad record ttl")
+    _tags(tags)
+    if op == TAG and len(tags) != 1:
+        raise Malformed("a tag record carries exactly one tag")
+    _version(version)
+
+
+def _check_hello(msg):
+    _str(msg, "addr")
+    for m in _list(msg, "members", 4096):
+        if not (isinstance(m, list) and len(m) == 2 and isinstance(m[0], int) and isinstance(m[1], str)
+                and 0 <= m[0] <= 4095 and 0 < len(m[1]) <= 256):
+            raise Malformed("bad member entry")
+
+
+def _check_batch(msg):
+    _str(msg, "c")
+    _int(msg, "seq", 0, 2**63)
+    for r in _list(msg, "recs", MAX_RECORDS):
+        check_record(r)
+
+
+def _check_snapreq(msg):
+    _str(msg, "c")
+    _int(msg, "req", 0, 2**63)
+
+
+def _check_snap(msg):
+    _str(msg, "c")
+    _int(msg, "req", 0, 2**63)
+    if not isinstance(msg.get("last"), bool):
+        raise Malformed("field 'last' must be a bool")
+    for e in _list(msg, "entries", MAX_RECORDS):
+        check_record([PUT] + e if isinstance(e, list) else e)
+    for t in _list(msg, "tombs", 10**7):
+        if not (isinstance(t, list) and len(t) == 2 and isinstance(t[0], bytes) and 0 < len(t[0]) <= MAX_KEY):
+            raise Malformed("bad tombstone")
+        _version(t[1])
+    for t in _list(msg, "tagwm", 10**7):
+        if not (isinstance(t, list) and len(t) == 2):
+            raise Malformed("bad tag watermark")
+        _tags([t[0]])
+        _version(t[1])
+    _int(msg, "flushwm", 0, 2**64 - 1)
+
+
+def _check_rpc(msg):
+    _str(msg, "c")
+    _int(msg, "id", 0, 2**63)
+    if msg.get("op") not in ("tag", "flush"):
+        raise Malformed("unknown rpc op")
+    _version(msg.get("version"))
+    if msg["op"] == "tag":
+        _tags([msg.get("tag")])
+
+
+def _check_rpcr(msg):
+    _int(msg, "id", 0, 2**63)
+    _int(msg, "removed", 0, 2**63)
+
+
+def _check_resync(msg):
+    _str(msg, "c")
+
+
+def _check_bye(msg):
+    pass
+
+
+_CHECKS = {
+    "hello": _check_hello,
+    "batch": _check_batch,
+    "snapreq": _check_snapreq,
+    "snap": _check_snap,
+    "rpc": _check_rpc,
+    "rpcr": _check_rpcr,
+    "resync": _check_resync,
+    "bye": _check_bye,
+}

@@ -1,0 +1,184 @@
+"""One replicated cache as the bridge sees it: the local change log going out,
+other hosts' changes coming in, snapshots both ways.
+
+Convergence rests on versions (hybrid logical clocks, last writer wins) rather
+than on delivery order: a change may arrive late, twice, or inside a snapshot
+that races the stream, and every host still ends with the same contents. What
+must also stop an older put that arrives late is kept here, for
+``tombstone_ttl`` seconds: a tombstone per deleted key, the newest flush, the
+newest invalidation per tag. After that, a put older than a delete could come
+back only if it had been delayed longer than ``tombstone_ttl``.
+"""
+
+import time
+from collections import OrderedDict
+
+from .protocol import DELETE, FLUSH, PUT, TAG
+
+SNAPSHOT_CHUNK = 2000
+LOG_BATCH = 5000
+
+
+class Replica:
+    def __init__(self, name, table, tombstone_ttl=300.0):
+        self.name = name
+        self.table = table
+        self.tombstone_ttl = tombstone_ttl
+        state = table.log_state()
+        if not state["replicated"]:
+            raise ValueError(f"cache {name!r} is not replicated: open it with topology='replicated'")
+        self.pos = state["bridge_pos"]          # resume where the last bridge stopped
+        self.dropped = state["dropped"]
+        self.seq = 0                            # batches sent by this incarnation
+        self.tombs = {}                         # key bytes -> (version, deadline)
+        self.tag_marks = {}                     # tag id -> (version, deadline)
+        self.flush_mark = 0                     # newest flush version seen
+        self.expect = {}                        # (origin, incarnation) -> next batch seq
+        self.snap_wait = {}                     # origin node -> (request id, deadline)
+        self.snap_again = set()                 # origins to ask again when theirs is done
+        self.serving = []                       # snapshot streams in progress
+        self.lagged = False                     # the log ran over us: peers must resync
+        # Entries each flush / tag invalidation removed here, whichever way it came
+        # first (the stream or the caller's request for a count): counts stay exact.
+        self.removed_by = OrderedDict()
+        self.stats = {"sent": 0, "applied": 0, "stale": 0, "suppressed": 0, "resyncs": 0,
+                      "snapshots_served": 0, "snapshots_applied": 0}
+
+    # ---- what stops late older puts --------------------------------------------------
+
+    def _mark_delete(self, key, version, now):
+        old = self.tombs.get(key)
+        if old is None or old[0] < version:
+            self.tombs[key] = (version, now + self.tombstone_ttl)
+
+    def _mark_tag(self, tag, version, now):
+        old = self.tag_marks.get(tag)
+        if old is None or old[0] < version:
+            self.tag_marks[tag] = (version, now + self.tombstone_ttl)
+
+    def suppressed(self, key, tags, version):
+        if version < self.flush_mark:
+            return True
+        tomb = self.tombs.get(key)
+        if tomb is not None and tomb[0] >= version:
+            return True
+        for tag in tags:
+            mark = self.tag_marks.get(tag)
+            if mark is not None and mark[0] >= version:
+                return True
+        return False
+
+    def prune(self, now):
+        self.tombs = {k: v for k, v in self.tombs.items() if v[1] > now}
+        self.tag_marks = {k: v for k, v in self.tag_marks.items() if v[1] > now}
+
+    # ---- outgoing: the local change log ------------------------------------------------
+
+    def read_local(self):
+        """Records this host's workers wrote since the last call (may be [])."""
+        records, pos, lapped = self.table.log_read(self.pos, LOG_BATCH)
+        dropped = self.table.log_state()["dropped"]
+        if lapped or dropped != self.dropped:
+            # Changes were lost to us: peers must pull a snapshot of this host.
+            self.lagged = True
+            self.dropped = dropped
+            self.pos = self.table.log_state()["head"]
+            self.table.log_commit(self.pos)
+            return []
+        now = time.monotonic()
+        out = []
+        for op, key, value, codec, ttl, tags, version in records:
+            if op == PUT and ttl == -1:
+                continue  # expired before it could be sent
+            if op == DELETE:
+                self._mark_delete(key, version, now)
+            elif op == FLUSH:
+                self.flush_mark = max(self.flush_mark, version)
+            elif op == TAG:
+                self._mark_tag(tags[0], version, now)
+            out.append([op, key, value, codec, ttl, list(tags), version])
+        self.pos = pos
+        return out
+
+    def commit(self):
+        self.table.log_commit(self.pos)
+
+    # ---- incoming ------------------------------------------------------------------
+
+    def check_sequence(self, origin, inc, seq):
+        """True when this batch does not follow the last one seen from (origin, inc):
+        first contact, a restart (new incarnation) or a gap; the caller resyncs."""
+        key = (origin, inc)
+        expected = self.expect.get(key)
+        self.expect[key] = seq + 1
+        for stale in [k for k in self.expect if k[0] == origin and k[1] != inc]:
+            del self.expect[stale]
+        return expected != seq
+
+    def apply(self, records):
+        now = time.monotonic()
+        table = self.table
+        for op, key, value, codec, ttl, tags, version in records:
+            if op == PUT:
+                if ttl == -1 or self.suppressed(key, tags, version):
+                    self.stats["suppressed"] += 1
+                elif table.apply_put(key, value, codec, ttl, tags, version):
+                    self.stats["applied"] += 1
+                else:
+                    self.stats["stale"] += 1
+            elif op == DELETE:
+                self._mark_delete(key, version, now)
+                table.apply_delete(key, version)
+                self.stats["applied"] += 1
+            elif op == FLUSH:
+                self.apply_rpc("flush", version)
+                self.stats["applied"] += 1
+            elif op == TAG:
+                self.apply_rpc("tag", version, tags[0])
+                self.stats["applied"] += 1
+
+    def apply_rpc(self, op, version, tag=None):
+        """Apply a flush or tag invalidation (again: it is idempotent); returns how
+        many live entries it removed on this host in all, however often it came."""
+        if op == "flush":
+            self.flush_mark = max(self.flush_mark, version)
+            removed = self.table.apply_flush(version)
+        else:
+            self._mark_tag(tag, version, time.monotonic())
+            removed = self.table.apply_tag(tag, version)
+        key = (op, tag, version)
+        total = self.removed_by.pop(key, 0) + removed
+        self.removed_by[key] = total
+        while len(self.removed_by) > 10000:
+            self.removed_by.popitem(last=False)
+        return total
+
+    # ---- snapshots -----------------------------------------------------------------
+
+    def snapshot_stream(self):
+        """Chunks of this host's table, then its tombstones and marks."""
+        cursor = 0
+        while cursor is not None:
+            cursor, items = self.table.scan(cursor, SNAPSHOT_CHUNK)
+            entries = [[k, v, codec, ttl, list(tags), ver] for k, v, codec, ttl, tags, ver in items if ttl != -1]
+            yield {"entries": entries, "last": False}
+        yield {"entries": [], "last": True,
+               "tombs": [[k, v[0]] for k, v in self.tombs.items()],
+               "tagwm": [[t, v[0]] for t, v in self.tag_marks.items()],
+               "flushwm": self.flush_mark}
+
+    def apply_snapshot_chunk(self, msg):
+        now = time.monotonic()
+        if msg["last"]:
+            if msg["flushwm"]:
+                self.apply_rpc("flush", msg["flushwm"])
+            for key, version in msg["tombs"]:
+                self._mark_delete(key, version, now)
+                self.table.apply_delete(key, version)
+            for tag, version in msg["tagwm"]:
+                self.apply_rpc("tag", version, tag)
+        self.apply([[PUT] + e for e in msg["entries"]])
+
+    @property
+    def ready(self):
+        return not self.snap_wait
