@@ -39,6 +39,7 @@ def _parser():
                      help="seconds of silence before a peer is dead (default 5.0; suspect at half)")
     run.add_argument("--tombstone-ttl", type=float,
                      help="seconds a delete/flush/tag invalidation keeps stopping older late puts (default 300)")
+    run.add_argument("--metrics-listen", help="serve Prometheus metrics on HOST:PORT/metrics (e.g. 127.0.0.1:9464)")
     run.add_argument("--log-level", default="INFO")
     st = sub.add_parser("status", help="ask the bridge of a cache on this host for its state")
     st.add_argument("--cache", required=True)
@@ -55,7 +56,7 @@ def _load_config(path):
     with open(path, "rb") as f:
         data = tomllib.load(f)
     known = {"cache", "listen", "advertise", "join", "node_id", "secret_file", "insecure",
-             "heartbeat", "failure_timeout", "tombstone_ttl", "log_level"}
+             "heartbeat", "failure_timeout", "tombstone_ttl", "log_level", "metrics_listen"}
     unknown = set(data) - known
     if unknown:
         raise SystemExit(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
@@ -91,6 +92,9 @@ def run(args):
         raise SystemExit(f"vela-bridge: {exc}")
     logging.getLogger("vela.bridge").info("node %d listening on %s for %s", bridge.node_id, bridge.listen,
                                           ", ".join(caches))
+    if opt("metrics_listen"):
+        host, port = bridge.serve_metrics(opt("metrics_listen"))
+        logging.getLogger("vela.bridge").info("metrics on http://%s:%d/metrics", host, port)
     bridge.run()
 
 

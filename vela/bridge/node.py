@@ -71,6 +71,7 @@ class Bridge:
         self.rpc_ids = itertools.count(1)
         self.snap_ids = itertools.count(1)
         self.epoch = 0
+        self.last_status = None
         self.running = True
         self.started = time.monotonic()
         self.counters = {"messages_in": 0, "messages_out": 0, "bytes_in": 0, "bytes_out": 0,
@@ -396,8 +397,42 @@ class Bridge:
             "counters": dict(self.counters),
         }
 
+    def serve_metrics(self, listen):
+        """Serve the host's cache figures and the bridge's own in Prometheus text
+        format on http://listen/metrics, from a thread that reads the last
+        published status (the loop never waits for a scrape)."""
+        import http.server
+        import threading
+
+        from .. import metrics
+
+        host, _, port = listen.rpartition(":")
+        bridge = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                body = (metrics.exposition([r.cache for r in bridge.replicas.values()])
+                        + bridge_exposition(bridge.last_status)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", metrics.CONTENT_TYPE)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        threading.Thread(target=server.serve_forever, name="vela-bridge-metrics", daemon=True).start()
+        self.metrics_server = server
+        return server.server_address
+
     def _publish_view(self):
         view = self.status()
+        self.last_status = view
         for name, replica in self.replicas.items():
             mine = dict(view, ready=view["caches"][name]["ready"])
             mine.pop("caches")
@@ -451,6 +486,35 @@ class Bridge:
             replica.cache.close()
         for sock in list(self.dealers.values()) + list(self.controls) + [self.router]:
             sock.close(0)
+
+
+def bridge_exposition(status):
+    """The bridge's own figures (from status()) in Prometheus text format."""
+    if not status:
+        return ""
+    lines = []
+
+    def metric(name, kind, help_text, samples):
+        lines.append(f"# HELP vela_bridge_{name} {help_text}")
+        lines.append(f"# TYPE vela_bridge_{name} {kind}")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"vela_bridge_{name}{{{label_text}}} {value}" if label_text else f"vela_bridge_{name} {value}")
+
+    for key, value in sorted(status["counters"].items()):
+        metric(f"{key}_total", "counter", f"bridge {key.replace('_', ' ')}", [({}, value)])
+    metric("epoch", "gauge", "membership changes seen", [({}, status["epoch"])])
+    states = [({"node_id": m["node_id"], "addr": m["addr"], "state": s}, int(m["state"] == s))
+              for m in status["members"] for s in ("alive", "suspect", "dead")]
+    metric("member_state", "gauge", "1 for the state each known member is in", states)
+    for field in ("applied", "stale", "suppressed", "sent", "resyncs", "snapshots_served", "snapshots_applied"):
+        metric(f"{field}_total", "counter", f"replication records/events: {field}",
+               [({"cache": c}, s[field]) for c, s in status["caches"].items()])
+    metric("ready", "gauge", "1 when the cache is in sync with the cluster",
+           [({"cache": c}, int(s["ready"])) for c, s in status["caches"].items()])
+    metric("log_lag_bytes", "gauge", "change log bytes not yet sent",
+           [({"cache": c}, s["log_lag_bytes"]) for c, s in status["caches"].items()])
+    return "\n".join(lines) + "\n"
 
 
 def _loopback(addr):
