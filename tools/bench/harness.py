@@ -96,6 +96,7 @@ def measure(store, workload, procs_list, seconds, repeats):
         out[nprocs] = {
             "ops_per_proc": n_ops,
             "ops_per_s": statistics.median(rates),
+            "best_ops_per_s": max(rates),
             "ns_per_op": statistics.median(per_op),
             "repeats": [{"wall_ns": wall, "worker_ns": each, "ops_per_s": rate}
                         for (wall, each), rate in zip(done, rates)],

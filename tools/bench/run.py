@@ -43,16 +43,16 @@ def parse_args():
     p.add_argument("--stores", metavar="STORE[,...]", help="run only these stores (vela is always run): "
                    + ", ".join(peers.ORDER))
     p.add_argument("--procs", default="1,2", help="process counts, comma-separated (default 1,2)")
-    p.add_argument("--seconds", type=float, help="target length of one timed loop (default 0.2, quick 0.03)")
-    p.add_argument("--repeats", type=int, help="timed runs per figure, median reported (default 3, quick 1)")
+    p.add_argument("--seconds", type=float, help="target length of one timed loop (default 0.12, quick 0.03)")
+    p.add_argument("--repeats", type=int, help="timed runs per figure, median reported (default 5, quick 1)")
     p.add_argument("--entries", type=int, help="entries of the memory figure (default 1,000,000, quick 200,000)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory figure")
     p.add_argument("--no-telemetry", action="store_true", help="skip the telemetry-idle figure")
     p.add_argument("--json", metavar="PATH", default="bench-results.json",
                    help="where to write the results (default ./bench-results.json)")
     args = p.parse_args()
-    args.seconds = args.seconds or (0.03 if args.quick else 0.2)
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.seconds = args.seconds or (0.03 if args.quick else 0.12)
+    args.repeats = args.repeats or (1 if args.quick else 5)
     args.entries = args.entries or (200_000 if args.quick else 1_000_000)
     args.procs = [int(n) for n in args.procs.split(",")]
     names = {w.name for w in WORKLOADS}
@@ -159,6 +159,9 @@ def main():
             print(f"skipped {name}: {why}")
         print(f"Vela {vela.__version__}, Python {platform.python_version()}, {harness.cpu_count()} CPUs; "
               f"processes {args.procs}, {args.repeats} repeat(s) of ~{args.seconds}s each")
+        about = meta(args, skipped)
+        print("peers: " + ", ".join(f"{name} {version}" for name, version in about["packages"].items())
+              + "; " + ", ".join(v.split(" sha=")[0] for v in about["servers"].values() if v))
         load_start = os.getloadavg()[0]
         print(f"load average at start: {load_start:.2f}")
         if load_start > 0.5:  # other work on the host shares the cores with the workers
@@ -187,7 +190,7 @@ def main():
     targets = report.targets(results, mem, tele)
     load_end = os.getloadavg()[0]
     print(f"\ntotal {time.monotonic() - began:.0f} s; load average at start {load_start:.2f}, at end {load_end:.2f}")
-    doc = {"meta": dict(meta(args, skipped), load_average=[load_start, load_end], baselines=base), "results": results,
+    doc = {"meta": dict(about, load_average=[load_start, load_end], baselines=base), "results": results,
            "ratios": report.ratios(results, order, args.procs),
            "memory": mem, "telemetry_idle": tele, "targets": targets}
     with open(args.json, "w") as f:
