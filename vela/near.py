@@ -1,0 +1,258 @@
+"""Near cache: the host's shared table as L1 in front of a remote store (L2).
+
+Read flow (every worker of the host shares L1)::
+
+    L1 hit  -> return
+    L1 miss -> token = reserve(key) -> L2 read -> fill(key, value, token)
+
+``fill`` stores only when no invalidation hit the key's stripe since the
+reservation, so a read of L2 that raced a write elsewhere cannot leave the old
+value in L1 (the invalidation of that write voids the token).
+
+Coherence: every writer publishes an invalidation message after its write to L2
+(in the same atomic step as the write). One listener per host, elected through a
+lock beside the segment, applies those messages to L1 for all workers at once.
+While no healthy listener exists (it lost L2, died, or stalls), L1 copies are
+capped to a short age (``degraded_ttl``); the listener drops all of L1 whenever it
+(re)subscribes, since it may have missed messages. Every L1 copy has a maximum age
+(``l1_ttl``) even when its entry never expires.
+
+The L2 is an interface (:class:`L2`), so the same code sits in front of Redis now
+and of the partitioned topology later; the message format (:func:`encode_keys`,
+:data:`FLUSH_ALL`) is the one any L2 publishes.
+"""
+
+import errno
+import fcntl
+import logging
+import os
+
+import posix_ipc
+
+from . import _native
+from .errors import CacheFull, ValueTooLarge
+
+__all__ = ["L2", "NearCache", "HostElection", "encode_keys", "decode_message", "FLUSH_ALL", "MISSING"]
+
+log = logging.getLogger("vela.near")
+
+MISSING = object()
+
+# Invalidation messages: b"*" drops all of L1; b"m" + (4-byte big-endian length +
+# canonical key encoding)* drops those keys. Anything else is malformed, and a
+# malformed message drops all of L1 (we cannot know what it meant to invalidate).
+FLUSH_ALL = b"*"
+_KEYS = b"m"[0]
+
+# The listener's heartbeat lives in L1 under this key; its presence means "a
+# listener is subscribed and healthy". Bytes no application uses in practice.
+MARKER = b"\x00vela:near:listener\x00"
+
+
+class L2:
+    """What the near cache needs from the store behind it.
+
+    ``read(key) -> (value, remaining_ns)``: the stored value (``MISSING`` when
+    absent) and its remaining lifetime in nanoseconds (0: never expires).
+    ``read_many(keys) -> [(value, remaining_ns), ...]`` in the order of ``keys``.
+    Both raise :class:`vela.BackendUnavailable` when the store cannot be reached.
+    """
+
+    def read(self, key):
+        raise NotImplementedError
+
+    def read_many(self, keys):
+        return [self.read(k) for k in keys]
+
+
+def encode_keys(encoded_keys):
+    """The invalidation message for these canonical key encodings."""
+    parts = [b"m"]
+    for enc in encoded_keys:
+        parts.append(len(enc).to_bytes(4, "big"))
+        parts.append(enc)
+    return b"".join(parts)
+
+
+def decode_message(data):
+    """``None`` for "drop everything", else the list of keys the message names.
+
+    :raises ValueError: the message is malformed.
+    """
+    if data == FLUSH_ALL:
+        return None
+    if not data or data[0] != _KEYS:
+        raise ValueError("unknown invalidation message")
+    keys, pos, end = [], 1, len(data)
+    while pos < end:
+        if pos + 4 > end:
+            raise ValueError("truncated invalidation message")
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        pos += 4
+        if n == 0 or pos + n > end:
+            raise ValueError("truncated invalidation message")
+        keys.append(_native.decode_key(bytes(data[pos:pos + n])))
+        pos += n
+    return keys
+
+
+class NearCache:
+    """L1 logic over a table handle (stats off: counting is the caller's business).
+
+    :param table: the host table (vela._native.Table) holding L1 copies.
+    :param l1_ttl: maximum age of an L1 copy, seconds (near_cache_l1_ttl).
+    :param degraded_ttl: maximum age of a copy filled while no healthy listener exists.
+    :param marker_ttl: how long a listener's heartbeat counts as alive, seconds.
+    """
+
+    def __init__(self, table, l1_ttl, degraded_ttl, marker_ttl):
+        self.l1 = table
+        self.l1_ttl_ns = int(l1_ttl * 1e9)
+        self.degraded_ttl_ns = max(1, int(min(degraded_ttl, l1_ttl) * 1e9))
+        self.marker_ttl_ns = int(marker_ttl * 1e9)
+        self.applied = 0        # invalidation messages applied by this process
+        self.malformed = 0      # malformed messages (each dropped all of L1)
+        self.dropped_all = 0    # times this process dropped all of L1
+
+    # ---- reads ------------------------------------------------------------------
+
+    def load(self, key, l2):
+        """L1 miss: read ``key`` from ``l2`` and keep a copy; returns the value or MISSING."""
+        token = self.l1.reserve(key)
+        value, remaining_ns = l2.read(key)
+        if value is not MISSING:
+            self.fill(token, key, value, remaining_ns)
+        return value
+
+    def load_many(self, keys, l2):
+        """Like :meth:`load` for several keys, one L2 round trip; ``{key: value}`` of those found."""
+        tokens = [self.l1.reserve(k) for k in keys]
+        found = {}
+        for key, token, (value, remaining_ns) in zip(keys, tokens, l2.read_many(keys)):
+            if value is not MISSING:
+                self.fill(token, key, value, remaining_ns)
+                found[key] = value
+        return found
+
+    def fill(self, token, key, value, remaining_ns):
+        """Keep an L1 copy unless an invalidation voided ``token``; True when stored."""
+        try:
+            return self.l1.fill(key, value, self.copy_ttl_ns(remaining_ns), (), token)
+        except (CacheFull, ValueTooLarge):
+            return False  # a copy is an optimisation: no room means no copy
+
+    def copy_ttl_ns(self, remaining_ns):
+        """Lifetime of a new L1 copy: the entry's own, capped by the maximum age."""
+        cap = self.l1_ttl_ns if self.healthy() else self.degraded_ttl_ns
+        return cap if remaining_ns <= 0 else min(cap, remaining_ns)
+
+    def healthy(self):
+        """True while a listener of this host is subscribed (its heartbeat is fresh)."""
+        return self.l1.contains(MARKER)
+
+    # ---- invalidation -----------------------------------------------------------
+
+    def invalidate(self, key):
+        """Drop the L1 copy of ``key`` and void the fills in flight on its stripe."""
+        self.l1.invalidate(key)
+
+    def drop_all(self, keep_marker=False):
+        """Drop every L1 copy and void every fill in flight.
+
+        Reservations are voided first: a fill whose L2 read predates the event
+        that made us drop everything must not land after the flush.
+        """
+        marker_ns = 0
+        if keep_marker:
+            found, remaining = self.l1.ttl(MARKER)
+            marker_ns = remaining if found and remaining > 0 else 0
+        self.l1.invalidate_all()
+        self.l1.flush()
+        self.dropped_all += 1
+        if marker_ns:
+            self.l1.put(MARKER, os.getpid(), marker_ns, ())
+
+    def apply(self, message):
+        """Apply one invalidation message to L1 (a malformed one drops everything)."""
+        try:
+            keys = decode_message(message)
+        except (ValueError, TypeError):
+            self.malformed += 1
+            if self.malformed == 1 or self.malformed % 1000 == 0:
+                log.warning("malformed invalidation message (%d bytes, %d so far): dropping all of L1",
+                            len(message), self.malformed)
+            self.drop_all(keep_marker=True)
+            return
+        if keys is None:
+            self.drop_all(keep_marker=True)  # the listener that applies it is still healthy
+        else:
+            invalidate = self.l1.invalidate
+            for key in keys:
+                invalidate(key)
+        self.applied += 1
+
+    # ---- the listener's heartbeat ---------------------------------------------
+
+    def mark_healthy(self):
+        self.l1.put(MARKER, os.getpid(), self.marker_ttl_ns, ())
+
+    def mark_unhealthy(self):
+        self.l1.delete(MARKER)
+
+
+class HostElection:
+    """One holder per host for a role (the invalidation listener), by flock.
+
+    The lock is taken on a POSIX shared-memory object named after the segment
+    (``/vela.<segment>.<role>``), so "host" means exactly the processes that share
+    the segment. The kernel releases the lock when the holder dies; another process
+    takes over at its next :meth:`try_acquire`.
+    """
+
+    def __init__(self, segment, role="listener"):
+        self.shm_name = f"/vela.{segment}.{role}"
+        self.fd = -1
+
+    @property
+    def held(self):
+        return self.fd >= 0
+
+    def try_acquire(self):
+        """True when this handle holds the role (now or already)."""
+        if self.fd >= 0:
+            return True
+        shm = posix_ipc.SharedMemory(self.shm_name, posix_ipc.O_CREAT, mode=0o600)
+        try:
+            fd = os.dup(shm.fd)  # not inheritable across exec; a fork child closes it
+        finally:
+            shm.close_fd()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        self.fd = fd
+        return True
+
+    def release(self):
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)  # the lock goes with the last descriptor of this open file
+
+    def forget_after_fork(self):
+        """In a fork child: the inherited descriptor shares the parent's lock; drop it."""
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+    def destroy(self):
+        try:
+            posix_ipc.unlink_shared_memory(self.shm_name)
+        except posix_ipc.ExistentialError:
+            return False
+        return True

@@ -1,0 +1,1280 @@
+"""RedisCache: the Cache API with Redis as the store and the host table as near cache.
+
+``vela.Cache(name, backend="redis", backend_opts={"url": ...})`` returns one. Every
+method keeps the meaning it has for the shared-memory cache; where Redis makes a
+difference, the method says so.
+
+Layout in Redis (``P`` = ``vela:<cache>:``; for Redis Cluster ``vela:{<cache>}:``,
+so that a cache's keys share one slot and its Lua scripts stay atomic):
+
+- ``P v:<key>``  the value: a codec byte + payload (0 bytes, 1 UTF-8 str, 3+ the
+  serializer's), or the decimal digits of an int64 so that INCRBY works on it;
+- ``P m:<key>``  the set of the entry's tags (only for tagged entries, same TTL);
+- ``P t:<tag>``  the set of keys carrying a tag (lives as long as its longest-lived
+  member; members that expired are skipped when the tag is invalidated);
+- ``P l:<key>``  the stampede lease of a key across hosts (owner token, PX);
+- channel ``P inv``  invalidations, published by every write in the same Lua call.
+
+``<key>`` is the canonical key encoding (the same bytes on every host).
+
+The host table (a shared-memory segment, ``<cache>.redis-<hash of the URL>`` unless
+``backend_opts["l1_segment"]`` names it) always exists: it holds the stampede leases
+of the host and the counters of stats(); with ``near_cache=True`` it also holds the
+L1 copies (see vela.near and vela.redis_listener).
+"""
+
+import asyncio
+import hashlib
+import inspect
+import itertools
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+import weakref
+from urllib.parse import unquote, urlsplit
+
+import redis
+import redis.exceptions as rex
+import xxhash
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import _native, options, serializers, telemetry
+from .cache import _HIT, _POLL_NS, _TIMEOUT, _UNSET, Cache
+from .errors import BackendUnavailable, CacheClosed, CacheFull, OptionError, ValueTooLarge, VelaError
+from .near import MISSING, HostElection, L2, NearCache
+
+_MISSING = MISSING  # the one sentinel of the L1 and L2 paths
+from .redis_listener import HostAgent, Listener
+
+__all__ = ["RedisCache", "destroy"]
+
+log = logging.getLogger("vela.redis")
+
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_INT_FIRST = frozenset(b"-0123456789")
+_CODEC_BYTES, _CODEC_STR = 0, 1
+_BATCH = 500  # entries per Lua call in put_many / delete_many
+
+_OPTIONS = {
+    "url", "cluster", "socket_timeout", "connect_timeout", "retries", "retry_backoff",
+    "l1_segment", "degraded_l1_ttl", "heartbeat", "lease_ttl", "listener", "client_options",
+}
+
+# Errors that mean "Redis cannot be reached now" (retried, then BackendUnavailable).
+_UNREACHABLE = (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, rex.TryAgainError,
+                rex.ReadOnlyError, rex.MasterDownError, OSError)
+
+# ---- Lua ---------------------------------------------------------------------------
+# Every script that changes an entry publishes the invalidation in the same call, so
+# a write is never visible without its invalidation being on its way.
+
+_LUA_HELPERS = """
+local P = ARGV[1]
+local function untag(enc, mk, keep)
+  local old = redis.call('SMEMBERS', mk)
+  for i = 1, #old do
+    if old[i] ~= keep then redis.call('SREM', P .. 't:' .. old[i], enc) end
+  end
+  if #old > 0 then redis.call('DEL', mk) end
+end
+local function add_tag(tag, enc, px)
+  local tk = P .. 't:' .. tag
+  local cur = redis.call('PTTL', tk)
+  redis.call('SADD', tk, enc)
+  if px == 0 then
+    if cur ~= -1 then redis.call('PERSIST', tk) end
+  elseif cur == -2 or (cur >= 0 and cur < px) then
+    redis.call('PEXPIRE', tk, px)
+  end
+end
+local function publish(encs)
+  for first = 1, #encs, 1000 do
+    local parts = {'m'}
+    for i = first, math.min(first + 999, #encs) do
+      parts[#parts + 1] = struct.pack('>I4', #encs[i]) .. encs[i]
+    end
+    redis.call('PUBLISH', P .. 'inv', table.concat(parts))
+  end
+end
+"""
+
+# KEYS v1 m1 .. vN mN [lease]; ARGV P px owner ntags tag.. enc1 val1 .. encN valN
+_LUA_STORE = _LUA_HELPERS + """
+local px, owner, ntags = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local base = 4 + ntags
+local n = (#ARGV - base) / 2
+local encs = {}
+for i = 1, n do
+  local vk, mk = KEYS[2 * i - 1], KEYS[2 * i]
+  local enc, val = ARGV[base + 2 * i - 1], ARGV[base + 2 * i]
+  untag(enc, mk, nil)
+  if px > 0 then redis.call('SET', vk, val, 'PX', px) else redis.call('SET', vk, val) end
+  if ntags > 0 then
+    for j = 1, ntags do
+      add_tag(ARGV[4 + j], enc, px)
+      redis.call('SADD', mk, ARGV[4 + j])
+    end
+    if px > 0 then redis.call('PEXPIRE', mk, px) end
+  end
+  encs[i] = enc
+end
+if owner ~= '' and redis.call('GET', KEYS[#KEYS]) == owner then redis.call('DEL', KEYS[#KEYS]) end
+publish(encs)
+return n
+"""
+
+# KEYS v1 m1 .. vN mN; ARGV P enc1 .. encN
+_LUA_DELETE = _LUA_HELPERS + """
+local removed, encs = 0, {}
+for i = 1, #ARGV - 1 do
+  local enc = ARGV[i + 1]
+  removed = removed + redis.call('DEL', KEYS[2 * i - 1])
+  untag(enc, KEYS[2 * i], nil)
+  encs[i] = enc
+end
+publish(encs)
+return removed
+"""
+
+# KEYS v m; ARGV P enc px
+_LUA_TOUCH = _LUA_HELPERS + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local px = tonumber(ARGV[3])
+if px > 0 then redis.call('PEXPIRE', KEYS[1], px) else redis.call('PERSIST', KEYS[1]) end
+local tags = redis.call('SMEMBERS', KEYS[2])
+if #tags > 0 then
+  if px > 0 then redis.call('PEXPIRE', KEYS[2], px) else redis.call('PERSIST', KEYS[2]) end
+  for i = 1, #tags do add_tag(tags[i], ARGV[2], px) end
+end
+publish({ARGV[2]})
+return 1
+"""
+
+# KEYS v m; ARGV P enc delta px. The result is read back with GET: Lua numbers are
+# doubles and would round counters past 2^53.
+_LUA_INCR = _LUA_HELPERS + """
+local existed = redis.call('EXISTS', KEYS[1])
+local r = redis.pcall('INCRBY', KEYS[1], ARGV[3])
+if type(r) == 'table' and r.err then return r end
+if existed == 0 then
+  untag(ARGV[2], KEYS[2], nil)
+  local px = tonumber(ARGV[4])
+  if px > 0 then redis.call('PEXPIRE', KEYS[1], px) end
+end
+publish({ARGV[2]})
+return redis.call('GET', KEYS[1])
+"""
+
+# KEYS t; ARGV P tag -> {removed, {enc..}}: only entries that carry the tag now and live.
+_LUA_INVALIDATE_TAG = _LUA_HELPERS + """
+local tag = ARGV[2]
+local members = redis.call('SMEMBERS', KEYS[1])
+local removed, encs = 0, {}
+for i = 1, #members do
+  local enc = members[i]
+  local mk = P .. 'm:' .. enc
+  if redis.call('SISMEMBER', mk, tag) == 1 then
+    local n = redis.call('DEL', P .. 'v:' .. enc)
+    untag(enc, mk, tag)
+    if n == 1 then
+      removed = removed + 1
+      encs[#encs + 1] = enc
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+publish(encs)
+return {removed, encs}
+"""
+
+# KEYS v -> false | {value, pttl}
+_LUA_READ = """
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+return {v, redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS v1..vN -> {value1|false, pttl1|false, ...}
+_LUA_READ_MANY = """
+local out = {}
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    out[2 * i - 1] = v
+    out[2 * i] = redis.call('PTTL', KEYS[i])
+  else
+    out[2 * i - 1] = false
+    out[2 * i] = false
+  end
+end
+return out
+"""
+
+# KEYS v lease; ARGV owner px -> {value, pttl} | 1 (lease taken) | 0 (another owner)
+_LUA_READ_OR_LEASE = """
+local v = redis.call('GET', KEYS[1])
+if v then return {v, redis.call('PTTL', KEYS[1])} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+# KEYS lease; ARGV owner: compare-and-delete
+_LUA_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_SCRIPTS = {
+    "store": _LUA_STORE, "delete": _LUA_DELETE, "touch": _LUA_TOUCH, "incr": _LUA_INCR,
+    "invalidate_tag": _LUA_INVALIDATE_TAG, "read": _LUA_READ, "read_many": _LUA_READ_MANY,
+    "read_or_lease": _LUA_READ_OR_LEASE, "release": _LUA_RELEASE,
+}
+
+# ---- options -----------------------------------------------------------------------
+
+
+class _Opts:
+    """backend_opts of the Redis backend, checked; every error names the option."""
+
+    def __init__(self, name, backend_opts, stampede_timeout):
+        opts = dict(backend_opts or {})
+        unknown = set(opts) - _OPTIONS
+        if unknown:
+            raise OptionError(f"backend_opts: unknown option{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(sorted(unknown))} (the redis backend takes "
+                              f"{', '.join(sorted(_OPTIONS))})")
+        self.url = opts.get("url", "redis://127.0.0.1:6379/0")
+        if not isinstance(self.url, str) or "://" not in self.url:
+            raise OptionError(f"backend_opts['url'] must be a Redis URL (redis://, rediss://, unix://, "
+                              f"redis+sentinel://, redis+cluster://), not {self.url!r}")
+        self.scheme = self.url.split("://", 1)[0].lower()
+        if self.scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel",
+                               "redis+cluster", "rediss+cluster"):
+            raise OptionError(f"backend_opts['url']: unknown scheme {self.scheme!r}")
+        cluster = opts.get("cluster", False)
+        if not isinstance(cluster, bool):
+            raise OptionError(f"backend_opts['cluster'] must be True or False, not {cluster!r}")
+        self.cluster = cluster or self.scheme.endswith("+cluster")
+        if self.cluster and self.scheme in ("unix", "redis+sentinel", "rediss+sentinel"):
+            raise OptionError(f"backend_opts['cluster']: a {self.scheme}:// URL is not a cluster")
+        secs = _seconds_opt
+        self.socket_timeout = secs("socket_timeout", opts.get("socket_timeout", 0.5))
+        self.connect_timeout = secs("connect_timeout", opts.get("connect_timeout", 0.5))
+        retries = opts.get("retries", 1)
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            raise OptionError(f"backend_opts['retries'] must be an int from 0 to 10, not {retries!r}")
+        self.retries = retries
+        backoff = opts.get("retry_backoff", 0.02)
+        if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not 0 <= backoff <= 5:
+            raise OptionError(f"backend_opts['retry_backoff'] must be 0 to 5 seconds, not {backoff!r}")
+        self.retry_backoff = float(backoff)
+        self.degraded_l1_ttl = secs("degraded_l1_ttl", opts.get("degraded_l1_ttl", 1.0))
+        self.heartbeat = secs("heartbeat", opts.get("heartbeat", 0.25))
+        lease_ttl = opts.get("lease_ttl")
+        self.lease_ttl = stampede_timeout if lease_ttl is None else secs("lease_ttl", lease_ttl)
+        listener = opts.get("listener", True)
+        if not isinstance(listener, bool):
+            raise OptionError(f"backend_opts['listener'] must be True or False, not {listener!r}")
+        self.listener = listener
+        client_options = opts.get("client_options", {})
+        if not isinstance(client_options, dict):
+            raise OptionError(f"backend_opts['client_options'] must be a dict of redis-py "
+                              f"keyword arguments, not {client_options!r}")
+        self.client_options = dict(client_options)
+        segment = opts.get("l1_segment")
+        if segment is None:
+            segment = f"{name}.redis-{xxhash.xxh32_hexdigest(self.where.encode())}"
+            if len(segment) > 200:
+                raise OptionError(f"backend_opts['l1_segment'] is needed: the cache name {name!r} is "
+                                  "too long to derive the host table's name from it")
+        try:
+            self.l1_segment = options.check_name(segment)
+        except OptionError as exc:
+            raise OptionError(f"backend_opts['l1_segment']: {exc}") from None
+        self.namespace = (f"vela:{{{name}}}:" if self.cluster else f"vela:{name}:").encode()
+
+    @property
+    def where(self):
+        """The URL without credentials (for messages and the host table's name)."""
+        return re.sub(r"//[^@/]*@", "//", self.url)
+
+    def bound(self):
+        """Seconds a call may take, at most, before BackendUnavailable."""
+        per_try = self.connect_timeout + self.socket_timeout
+        return (self.retries + 1) * per_try + sum(self.retry_backoff * 2 ** i for i in range(self.retries))
+
+
+def _seconds_opt(option, value):
+    return options.seconds(f"backend_opts['{option}']", value, allow_none=False, allow_inf=False)
+
+
+def _make_client(o):
+    """A redis-py client for the URL (hiredis is used by redis-py when installed)."""
+    kw = dict(socket_timeout=o.socket_timeout, socket_connect_timeout=o.connect_timeout,
+              retry=Retry(NoBackoff(), 0))  # vela retries itself, idempotent calls only
+    kw.update(o.client_options)
+    if o.scheme.endswith("+sentinel"):
+        from redis.sentinel import Sentinel
+
+        parts = urlsplit(o.url)
+        hosts = []
+        for hp in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = hp.rpartition(":") if ":" in hp else (hp, "", "26379")
+            hosts.append((host.strip("[]") or "127.0.0.1", int(port or 26379)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise OptionError("backend_opts['url']: a sentinel URL names the service: "
+                              "redis+sentinel://host:port[,host:port]/service[/db]")
+        service, db = path[0], int(path[1]) if len(path) > 1 else 0
+        if parts.password is not None:
+            kw.setdefault("password", unquote(parts.password))
+        if parts.username:
+            kw.setdefault("username", unquote(parts.username))
+        if o.scheme.startswith("rediss"):
+            kw.setdefault("ssl", True)
+        sentinel_kwargs = dict(socket_timeout=o.socket_timeout, socket_connect_timeout=o.connect_timeout)
+        sentinel_kwargs.update(kw.pop("sentinel_kwargs", {}))
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **{k: v for k, v in kw.items()
+                                                                        if k != "retry"})
+        return sentinel.master_for(service, db=db, **kw)
+    if o.cluster:
+        from redis.cluster import ClusterNode, RedisCluster
+
+        if o.scheme.endswith("+cluster"):
+            parts = urlsplit(o.url)
+            nodes = []
+            for hp in parts.netloc.rsplit("@", 1)[-1].split(","):
+                host, _, port = hp.rpartition(":")
+                nodes.append(ClusterNode(host.strip("[]") or "127.0.0.1", int(port or 6379)))
+            if parts.password is not None:
+                kw.setdefault("password", unquote(parts.password))
+            if parts.username:
+                kw.setdefault("username", unquote(parts.username))
+            if o.scheme.startswith("rediss"):
+                kw.setdefault("ssl", True)
+            return RedisCluster(startup_nodes=nodes, **kw)
+        return RedisCluster.from_url(o.url, **kw)
+    return redis.Redis.from_url(o.url, **kw)
+
+
+# ---- values ------------------------------------------------------------------------
+
+
+def _check_tags(tags):
+    """The tags as UTF-8 bytes, checked as the shared table checks them."""
+    if not tags:
+        return ()
+    if isinstance(tags, str):
+        raise TypeError("tags must be an iterable of str, not a single str")
+    try:
+        items = list(tags)
+    except TypeError:
+        raise TypeError("tags must be an iterable of str") from None
+    out = []
+    for tag in items:
+        if not isinstance(tag, str):
+            raise TypeError(f"tags must be str, not {type(tag).__name__}")
+        b = tag.encode("utf-8")
+        if not 0 < len(b) <= 255:
+            raise ValueError(f"a tag must be 1 to 255 bytes of UTF-8, not {len(b)}")
+        if b in out:
+            continue
+        if len(out) == _native.MAX_TAGS:
+            raise ValueError(f"an entry may carry at most {_native.MAX_TAGS} tags")
+        out.append(b)
+    return tuple(out)
+
+
+def _px(ns):
+    """PX milliseconds (0: never) from table nanoseconds (0: never), rounded up."""
+    return 0 if ns == 0 else max(1, -(-ns // 1_000_000))
+
+
+def _remaining_ns(pttl):
+    return 0 if pttl is None or pttl < 0 else max(1, pttl) * 1_000_000
+
+
+# ---- fork ----------------------------------------------------------------------------
+
+_fork_generation = 0
+_live = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    global _fork_generation
+    _fork_generation += 1
+    for cache in list(_live):
+        cache._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _RedisL2(L2):
+    """The L2 interface of vela.near, served by a RedisCache."""
+
+    def __init__(self, cache):
+        self._cache = weakref.proxy(cache)
+
+    def read(self, key):
+        c = self._cache
+        r = c._run("read", [c._vkey(_native.encode_key(key))], [])
+        if r is None:
+            return MISSING, 0
+        return c._decode(r[0]), _remaining_ns(r[1])
+
+    def read_many(self, keys):
+        c = self._cache
+        r = c._run("read_many", [c._vkey(_native.encode_key(k)) for k in keys], [])
+        return [(MISSING, 0) if r[2 * i] is None else (c._decode(r[2 * i]), _remaining_ns(r[2 * i + 1]))
+                for i in range(len(keys))]
+
+
+class RedisCache(Cache):
+    """A cache whose entries live in Redis, shared by every host that uses the same URL.
+
+    Takes the options of :class:`vela.Cache`. ``backend_opts``:
+
+    :param url: ``redis://``, ``rediss://`` (TLS), ``unix://``, ``redis+sentinel://host:port[,..]/service[/db]``
+        or ``redis+cluster://host:port[,..]`` (default ``redis://127.0.0.1:6379/0``).
+    :param cluster: True to treat a ``redis://`` URL as a Redis Cluster node.
+    :param socket_timeout: seconds a command may take (0.5). :param connect_timeout: (0.5).
+    :param retries: retries of an idempotent call after a connection error or timeout (1).
+    :param retry_backoff: seconds before the first retry, doubled each time (0.02).
+    :param l1_segment: name of the host table (default derived from the name and URL).
+    :param degraded_l1_ttl: maximum age of L1 copies made while no listener is healthy (1.0).
+    :param heartbeat: seconds between the listener's pings and election attempts (0.25).
+    :param lease_ttl: seconds the cross-host stampede lease lives (default stampede_timeout).
+    :param listener: False: this handle never becomes its host's listener (True).
+    :param client_options: extra keyword arguments for redis-py (e.g. TLS certificates).
+
+    A call that cannot reach Redis raises :class:`vela.BackendUnavailable` after at
+    most ``(retries + 1) * (connect_timeout + socket_timeout)`` plus the backoffs.
+    """
+
+    def __init__(self, name, *, backend="redis", backend_opts=None, topology="local",
+                 topology_opts=None, capacity=_UNSET, stripes=_UNSET, max_size=_UNSET,
+                 max_entry_size=_UNSET, eviction_policy=_UNSET, default_ttl=None,
+                 stampede_protection=True, stampede_timeout=5.0, stats_enabled=True,
+                 telemetry_prefix=("vela", "cache"), sweep_interval=30.0, near_cache=False,
+                 near_cache_l1_ttl=60.0, serializer="pickle", lock_timeout=10.0, **unknown):
+        self._closed = True  # until the end of __init__: close() then has nothing to undo
+        self._table = None
+        self._agent = None
+        self._client = None
+        if unknown:
+            raise OptionError(f"unknown option{'s' if len(unknown) > 1 else ''}: "
+                              f"{', '.join(sorted(unknown))}")
+        self.name = options.check_name(name)
+        if backend != "redis":
+            raise OptionError(f"backend must be 'redis' for RedisCache, not {backend!r}")
+        if topology is not _UNSET and topology != "local":
+            raise OptionError(f"topology={topology!r}: the Redis backend is its own topology; "
+                              "use topology='local'")
+        if topology_opts not in (None, {}):
+            raise OptionError(f"topology_opts: the local topology takes no options, got {topology_opts!r}")
+        if not isinstance(near_cache, bool):
+            raise OptionError(f"near_cache must be True or False, not {near_cache!r}")
+        l1_ttl = options.seconds("near_cache_l1_ttl", near_cache_l1_ttl, allow_none=False, allow_inf=False)
+        self.default_ttl = options.seconds("default_ttl", default_ttl)
+        self.stampede_protection = bool(stampede_protection)
+        self.stampede_timeout = options.seconds("stampede_timeout", stampede_timeout, allow_none=False,
+                                                allow_inf=False)
+        self._budget_ns = int(self.stampede_timeout * 1e9)
+        self.sweep_interval = options.seconds("sweep_interval", sweep_interval, allow_inf=False)
+        if (not isinstance(telemetry_prefix, (tuple, list)) or not telemetry_prefix
+                or not all(isinstance(p, str) for p in telemetry_prefix)):
+            raise OptionError(f"telemetry_prefix must be a non-empty tuple of str, not {telemetry_prefix!r}")
+        self.telemetry_prefix = tuple(telemetry_prefix)
+        self._events = {op: self.telemetry_prefix + (op, "stop")
+                        for op in ("get", "put", "fetch", "delete", "invalidate_tag", "flush")}
+        self._dumps, self._codec, self._loaders = serializers.resolve(serializer)
+        options.seconds("lock_timeout", lock_timeout, allow_none=False, allow_inf=False)
+        self._backend_opts = dict(backend_opts or {})
+        o = self._o = _Opts(self.name, self._backend_opts, self.stampede_timeout)
+        self._backend = None
+        self._segment = None
+        self._stop = None
+        self.near_cache = near_cache
+        self._P = o.namespace
+        self._lease_px = max(1, int(o.lease_ttl * 1000))
+
+        # The host table: L1 copies (stats off: RedisCache counts itself) ...
+        layout = {k: v for k, v in dict(capacity=capacity, stripes=stripes, max_size=max_size,
+                                        max_entry_size=max_entry_size,
+                                        eviction_policy=eviction_policy).items() if v is not _UNSET}
+        self._l1_cache = Cache(o.l1_segment, backend="shm", default_ttl=None, stats_enabled=False,
+                               sweep_interval=sweep_interval, serializer=serializer,
+                               lock_timeout=lock_timeout, **layout)
+        try:
+            # ... and a second handle on it whose only job is this cache's counters.
+            self._counters_cache = Cache(o.l1_segment, backend="shm", stats_enabled=bool(stats_enabled),
+                                         sweep_interval=None, serializer=serializer,
+                                         lock_timeout=lock_timeout)
+        except BaseException:
+            self._l1_cache.close()
+            raise
+        self._table = self._l1_cache._table
+        self._counters = self._counters_cache._table
+        self._bump = self._counters.bump
+        self._max_entry = self._table.info()["max_entry_size"]
+        self._client_generation = -1
+        self._direct = None
+        self._local = None
+        self._shas = {}
+        self._l2 = _RedisL2(self)
+        self._near = None
+        self._closed = False
+        _live.add(self)
+        if near_cache:
+            self._near = NearCache(self._table, l1_ttl, o.degraded_l1_ttl, marker_ttl=4 * o.heartbeat)
+            if o.listener:
+                try:
+                    self._start_agent()
+                except BaseException:
+                    self.close()
+                    raise
+
+    # ---- plumbing ------------------------------------------------------------------
+
+    def _start_agent(self):
+        o = self._o
+        listener = Listener(self._near, lambda: _make_client(o).pubsub(), self._P + b"inv",
+                            heartbeat=o.heartbeat, timeout=o.socket_timeout + o.connect_timeout)
+        self._agent = HostAgent(HostElection(o.l1_segment), listener, poll=o.heartbeat, owner=self)
+        self._agent.try_lead_now()
+        self._agent.start(self.name)
+
+    def _after_fork(self):
+        self._client = None  # the parent's sockets stay the parent's
+        self._local = None
+        if self._agent is not None and not self._closed:
+            self._agent.after_fork()
+            self._agent.start(self.name)
+
+    def _redis(self):
+        """This process's client (created lazily, and again after a fork)."""
+        if self._closed:
+            raise CacheClosed("the cache handle is closed")
+        if self._client is None or self._client_generation != _fork_generation:
+            client = _make_client(self._o)
+            pool = getattr(client, "connection_pool", None)
+            # Plain Redis: each thread keeps one connection of its own and talks to it
+            # directly; going through the client's pool costs more than the round trip
+            # itself on a unix socket. Sentinel and Cluster route through the client.
+            self._direct = pool if type(pool) is redis.ConnectionPool else None
+            self._local = threading.local()
+            self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SCRIPTS.items()}
+            self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}:".encode()
+            self._owner_seq = itertools.count()
+            self._client = client
+            self._client_generation = _fork_generation
+        return self._client
+
+    def _command(self, *args):
+        """One command, on this thread's connection (raw reply) or through the client."""
+        if self._closed or self._client is None or self._client_generation != _fork_generation:
+            self._redis()
+        pool = self._direct
+        if pool is None:
+            return self._client.execute_command(*args)
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = pool.connection_class(**pool.connection_kwargs)
+        try:
+            conn.send_command(*args)
+            return conn.read_response()
+        except rex.ResponseError:
+            raise  # the reply was read whole: the connection stays usable
+        except BaseException:
+            conn.disconnect()  # a timeout or an error mid-reply: start afresh next time
+            raise
+
+    def _call(self, args, idempotent=True):
+        """Run a command; connection errors and timeouts are retried (idempotent calls
+        only) and end as BackendUnavailable, Redis's own errors are translated."""
+        attempts = self._o.retries + 1 if idempotent else 1
+        last = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self._o.retry_backoff * 2 ** (attempt - 1))
+            try:
+                try:
+                    return self._command(*args)
+                except rex.NoScriptError:
+                    # A restarted or failed-over server forgot the scripts: load, run again.
+                    self._command("SCRIPT", "LOAD", _SCRIPTS[self._script_of(args[1])])
+                    return self._command(*args)
+            except rex.ResponseError as exc:
+                if isinstance(exc, _UNREACHABLE):
+                    last = exc
+                    continue
+                raise self._translate(exc) from exc
+            except _UNREACHABLE as exc:
+                last = exc
+            except rex.RedisError as exc:
+                raise VelaError(f"Redis at {self._o.where}: {exc}") from exc
+        raise BackendUnavailable(f"Redis at {self._o.where} is unavailable: {last}") from last
+
+    def _call_client(self, fn):
+        """``fn(client)`` for what is not one command (SCAN), with the same errors."""
+        try:
+            return fn(self._redis())
+        except rex.ResponseError as exc:
+            if isinstance(exc, _UNREACHABLE):
+                raise BackendUnavailable(f"Redis at {self._o.where} is unavailable: {exc}") from exc
+            raise self._translate(exc) from exc
+        except _UNREACHABLE as exc:
+            raise BackendUnavailable(f"Redis at {self._o.where} is unavailable: {exc}") from exc
+        except rex.RedisError as exc:
+            raise VelaError(f"Redis at {self._o.where}: {exc}") from exc
+
+    def _script_of(self, sha):
+        return next(name for name, h in self._shas.items() if h == sha)
+
+    def _run(self, script, keys, args, idempotent=True):
+        if self._client is None or self._client_generation != _fork_generation:
+            self._redis()
+        return self._call(("EVALSHA", self._shas[script], len(keys), *keys, *args), idempotent)
+
+    def _translate(self, exc):
+        msg = str(exc)
+        if msg.startswith("OOM"):
+            return CacheFull(f"Redis at {self._o.where} is out of memory: {msg}")
+        if msg.startswith(("LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY")):
+            return BackendUnavailable(f"Redis at {self._o.where} is unavailable: {msg}")
+        return VelaError(f"Redis at {self._o.where}: {msg}")
+
+    def _vkey(self, enc):
+        return self._P + b"v:" + enc
+
+    def _mkey(self, enc):
+        return self._P + b"m:" + enc
+
+    def _encode(self, value):
+        t = type(value)
+        if t is bytes:
+            return b"\x00" + value
+        if t is str:
+            try:
+                return b"\x01" + value.encode("utf-8")
+            except UnicodeEncodeError:
+                pass  # lone surrogates: the serializer's business, as in the table
+        elif t is int and _I64_MIN <= value <= _I64_MAX:
+            return b"%d" % value
+        try:
+            data = self._dumps(value)
+        except Exception as exc:
+            raise TypeError(f"cannot serialize a value of type {t.__name__}: {exc}") from exc
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"the serializer returned {type(data).__name__}, not bytes")
+        return bytes((self._codec,)) + bytes(data)
+
+    def _decode(self, raw):
+        if not raw:
+            raise VelaError(f"Redis at {self._o.where}: an empty value under this cache's prefix "
+                            "(not written by Vela?)")
+        first = raw[0]
+        if first in _INT_FIRST:
+            return int(raw)
+        if first == _CODEC_BYTES:
+            return raw[1:]
+        if first == _CODEC_STR:
+            return raw[1:].decode("utf-8")
+        loads = self._loaders.get(first)
+        if loads is None:
+            raise VelaError(f"a value written with codec {first}, which this handle cannot read "
+                            "(a custom serializer on the writer?)")
+        return loads(raw[1:])
+
+    def _entry(self, key, value, tags=()):
+        """(encoded key, encoded value), checked against max_entry_size."""
+        enc = _native.encode_key(key)
+        raw = self._encode(value)
+        size = len(enc) + len(raw) + sum(len(t) for t in tags) + _native.ENTRY_OVERHEAD
+        if size > self._max_entry:
+            raise ValueTooLarge(f"entry of {size} bytes is bigger than max_entry_size "
+                                f"({self._max_entry} bytes)")
+        return enc, raw
+
+    def _store(self, entries, ns, tags, owner=b"", lease_key=None):
+        """Write entries [(enc, raw)] in one Lua call (publishes their invalidation)."""
+        keys, vals = [], []
+        for enc, raw in entries:
+            keys += (self._vkey(enc), self._mkey(enc))
+            vals += (enc, raw)
+        if lease_key is not None:
+            keys.append(lease_key)
+        args = [self._P, _px(ns), owner, len(tags), *tags, *vals]
+        self._run("store", keys, args)
+
+    def _check_open(self):
+        if self._closed:
+            raise CacheClosed("the cache handle is closed")
+
+    # ---- reading ---------------------------------------------------------------------
+
+    def get(self, key, default=None):
+        """The value stored under ``key``, or ``default`` when absent or expired.
+
+        With the near cache, a copy in the host table answers without Redis.
+        """
+        if telemetry.active:
+            return self._traced_get(key, default)
+        near = self._near
+        if near is not None:
+            value = near.l1.get(key, _MISSING)
+            if value is not _MISSING:
+                self._bump("hits")
+                return value
+        value = self._lookup(key)
+        return default if value is _MISSING else value
+
+    def _lookup(self, key):
+        """The value (or _MISSING) after an L1 miss, counted as a hit or a miss."""
+        if self._near is not None:
+            value = self._near.load(key, self._l2)
+        else:
+            self._check_open()
+            enc = _native.encode_key(key)
+            raw = self._call(("GET", self._vkey(enc)))
+            value = _MISSING if raw is None else self._decode(raw)
+        self._bump("misses" if value is _MISSING else "hits")
+        return value
+
+    def _traced_get(self, key, default):
+        start = time.perf_counter_ns()
+        value = _MISSING
+        if self._near is not None:
+            value = self._table.get(key, _MISSING)
+            if value is not _MISSING:
+                self._bump("hits")
+        if value is _MISSING:
+            value = self._lookup(key)
+        telemetry.execute(self._events["get"], {"duration": time.perf_counter_ns() - start},
+                          {"cache": self.name, "key": key,
+                           "result": "miss" if value is _MISSING else "hit"})
+        return default if value is _MISSING else value
+
+    def exists(self, key):
+        """True when a live entry is stored under ``key`` (not counted as a hit or miss)."""
+        if self._near is not None and self._table.contains(key):
+            return True
+        self._check_open()
+        enc = _native.encode_key(key)
+        return self._call(("EXISTS", self._vkey(enc))) == 1
+
+    __contains__ = exists
+
+    def ttl(self, key):
+        """Remaining seconds of ``key``; None when it never expires.
+
+        :raises KeyError: when the key is absent.
+        """
+        self._check_open()
+        enc = _native.encode_key(key)
+        pttl = self._call(("PTTL", self._vkey(enc)))
+        if pttl == -2:
+            raise KeyError(key)
+        return None if pttl == -1 else pttl / 1000.0
+
+    def get_many(self, keys):
+        """``{key: value}`` for the keys that are present (absent keys are left out)."""
+        keys = list(keys)
+        self._check_open()
+        start = time.perf_counter_ns() if telemetry.active else 0
+        if not keys:
+            found = {}
+        elif self._near is not None:
+            found = self._table.get_many(keys)
+            missing = [k for k in keys if k not in found]
+            if missing:
+                found.update(self._near.load_many(missing, self._l2))
+        else:
+            encs = [_native.encode_key(k) for k in keys]
+            raws = self._call(("MGET", *[self._vkey(e) for e in encs]))
+            found = {k: self._decode(raw) for k, raw in zip(keys, raws) if raw is not None}
+        hits = sum(1 for k in keys if k in found)
+        if hits:
+            self._bump("hits", hits)
+        if len(keys) - hits:
+            self._bump("misses", len(keys) - hits)
+        if telemetry.active:
+            telemetry.execute(self._events["get"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "keys": len(keys), "hits": len(found)})
+        return found
+
+    # ---- writing ---------------------------------------------------------------------
+
+    def put(self, key, value, ttl=None, tags=()):
+        """Store ``value`` under ``key`` in Redis; every host's L1 copy is dropped.
+
+        :param ttl: seconds to live; None uses ``default_ttl``; ``math.inf`` never expires.
+        :param tags: iterable of str; ``invalidate_tag`` removes every entry carrying one.
+        :raises TypeError: the key type is unsupported or the serializer rejects the value.
+        :raises vela.ValueTooLarge: the entry is bigger than ``max_entry_size``.
+        :raises vela.BackendUnavailable: Redis cannot be reached.
+        """
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        self._check_open()
+        tags = _check_tags(tags)
+        entry = self._entry(key, value, tags)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        self._store([entry], ns, tags)
+        self._bump("writes")
+        if self._near is not None:
+            self._near.invalidate(key)
+        if telemetry.active:
+            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "key": key, "ttl": ttl})
+
+    def put_many(self, mapping, ttl=None, tags=()):
+        """Store every item of ``mapping`` (a dict or (key, value) pairs).
+
+        Every item is checked before the first is stored: a bad key or value stores nothing.
+        """
+        items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        self._check_open()
+        tags = _check_tags(tags)
+        entries = [self._entry(k, v, tags) for k, v in items]
+        start = time.perf_counter_ns() if telemetry.active else 0
+        for i in range(0, len(entries), _BATCH):
+            self._store(entries[i:i + _BATCH], ns, tags)
+        if entries:
+            self._bump("writes", len(entries))
+        if self._near is not None:
+            for k, _ in items:
+                self._near.invalidate(k)
+        if telemetry.active:
+            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "keys": len(items), "ttl": ttl})
+
+    def _delete_encs(self, encs):
+        removed = 0
+        for i in range(0, len(encs), _BATCH):
+            chunk = encs[i:i + _BATCH]
+            keys = []
+            for enc in chunk:
+                keys += (self._vkey(enc), self._mkey(enc))
+            removed += self._run("delete", keys, [self._P, *chunk])
+        return removed
+
+    def delete(self, key):
+        """Remove ``key``; True when something was removed."""
+        self._check_open()
+        start = time.perf_counter_ns() if telemetry.active else 0
+        removed = self._delete_encs([_native.encode_key(key)]) == 1
+        if removed:
+            self._bump("deletes")
+        if self._near is not None:
+            self._near.invalidate(key)
+        if telemetry.active:
+            telemetry.execute(self._events["delete"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "key": key, "result": removed})
+        return removed
+
+    def delete_many(self, keys):
+        """Remove the keys; returns how many were removed."""
+        keys = list(keys)
+        self._check_open()
+        start = time.perf_counter_ns() if telemetry.active else 0
+        removed = self._delete_encs([_native.encode_key(k) for k in keys]) if keys else 0
+        if removed:
+            self._bump("deletes", removed)
+        if self._near is not None:
+            for k in keys:
+                self._near.invalidate(k)
+        if telemetry.active:
+            telemetry.execute(self._events["delete"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "keys": len(keys), "result": removed})
+        return removed
+
+    def touch(self, key, ttl=None):
+        """Give ``key`` a new time to live (None: default_ttl); True when it exists."""
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        self._check_open()
+        enc = _native.encode_key(key)
+        done = self._run("touch", [self._vkey(enc), self._mkey(enc)], [self._P, enc, _px(ns)]) == 1
+        if self._near is not None:
+            self._near.invalidate(key)  # a copy must not outlive a shortened entry
+        return done
+
+    def incr(self, key, delta=1, ttl=None):
+        """Add ``delta`` to the integer under ``key`` atomically (INCRBY) across hosts.
+
+        A missing key starts at 0 and takes ``ttl``; an existing counter keeps its expiry.
+        Not retried after a timeout (it might have been applied).
+
+        :raises TypeError: the stored value is not an integer.
+        :raises OverflowError: the result leaves the signed 64-bit range.
+        """
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+        if not _I64_MIN <= delta <= _I64_MAX:
+            raise OverflowError("delta is outside the signed 64-bit range")
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        self._check_open()
+        enc = _native.encode_key(key)
+        try:
+            raw = self._run("incr", [self._vkey(enc), self._mkey(enc)], [self._P, enc, delta, _px(ns)],
+                            idempotent=False)
+        except VelaError as exc:
+            msg = str(exc)
+            if "overflow" in msg:
+                raise OverflowError("incr: the result leaves the signed 64-bit range") from None
+            if "not an integer" in msg:
+                raise TypeError("incr: the stored value is not an integer") from None
+            raise
+        self._bump("writes")
+        if self._near is not None:
+            self._near.invalidate(key)
+        return int(raw)
+
+    def decr(self, key, delta=1, ttl=None):
+        """``incr(key, -delta, ttl)``."""
+        return self.incr(key, -delta, ttl)
+
+    # ---- get_or_fetch ------------------------------------------------------------------
+
+    def get_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
+        """The cached value of ``key``, or ``fetch_fn(key)`` stored and returned.
+
+        Stampede protection at two levels: on this host, one process holds the
+        table's lease for the key while the others wait on it (as for the shared
+        table); across hosts, that process takes a Redis lease (SET NX PX with an
+        owner token, released by compare-and-delete) or, when another host holds
+        it, polls Redis until the value appears, the lease goes, or
+        ``stampede_timeout`` passes (then it fetches itself).
+        """
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        self._check_open()
+        tags = _check_tags(tags)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        value, result = self._get_or_fetch(key, fetch_fn, ns, tags)
+        if telemetry.active:
+            telemetry.execute(self._events["fetch"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "key": key, "result": result})
+        return value
+
+    def _get_or_fetch(self, key, fetch_fn, ns, tags):
+        host_token, waited = None, False
+        if self.stampede_protection:
+            status, value, host_token, waited = self._table.fetch_begin(key, self._budget_ns, _POLL_NS)
+            if waited:
+                self._bump("stampede_waits")
+            if status == _HIT:  # an L1 copy (near cache only)
+                self._bump("hits")
+                return value, "waited" if waited else "hit"
+            if status == _TIMEOUT:
+                self._bump("stampede_timeouts")
+        elif self._near is not None:
+            value = self._table.get(key, _MISSING)
+            if value is not _MISSING:
+                self._bump("hits")
+                return value, "hit"
+        try:
+            return self._fetch_through(key, fetch_fn, ns, tags, waited,
+                                       lease=self.stampede_protection and host_token is not None)
+        finally:
+            if host_token is not None:
+                # Released as "not stored": the next waiter of the host takes the lease
+                # and finds the value in L1 (filled under a reservation) or in Redis.
+                self._table.fetch_abort(host_token)
+
+    def _fetch_through(self, key, fetch_fn, ns, tags, waited, lease):
+        near = self._near
+        token = near.l1.reserve(key) if near is not None else None
+        enc = _native.encode_key(key)
+        vkey, lkey = self._vkey(enc), self._P + b"l:" + enc
+        owner = b""
+        if lease:
+            self._redis()
+            owner = self._owner_prefix + b"%d" % next(self._owner_seq)
+            deadline = time.monotonic() + self.stampede_timeout
+            pause = 0.002
+            while True:
+                r = self._run("read_or_lease", [vkey, lkey], [owner, self._lease_px])
+                if isinstance(r, list):
+                    value = self._decode(r[0])
+                    if near is not None:
+                        near.fill(token, key, value, _remaining_ns(r[1]))
+                    self._bump("hits")
+                    return value, "waited" if waited else "hit"
+                if r == 1:
+                    break  # the lease is ours: fetch
+                if not waited:
+                    waited = True
+                    self._bump("stampede_waits")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._bump("stampede_timeouts")
+                    owner = b""
+                    break
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.05)
+        else:
+            if near is not None:
+                value = near.load(key, self._l2)
+            else:
+                raw = self._call(("GET", vkey))
+                value = _MISSING if raw is None else self._decode(raw)
+            if value is not _MISSING:
+                self._bump("hits")
+                return value, "waited" if waited else "hit"
+        self._bump("misses")
+        try:
+            value = fetch_fn(key)
+        except BaseException:
+            if owner:
+                self._release_lease(lkey, owner)
+            raise
+        self._bump("fetches")
+        try:
+            entry = self._entry(key, value, tags)
+        except BaseException:
+            if owner:
+                self._release_lease(lkey, owner)
+            raise
+        try:
+            self._store([entry], ns, tags, owner, lkey if owner else None)
+        except CacheFull:
+            if owner:
+                self._release_lease(lkey, owner)
+            return value, "fetched"
+        self._bump("writes")
+        if near is not None:
+            near.invalidate(key)
+        return value, "fetched"
+
+    def _release_lease(self, lkey, owner):
+        try:
+            self._run("release", [lkey], [owner])
+        except VelaError:
+            pass  # it expires by itself (lease_ttl)
+
+    async def aget_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
+        """``get_or_fetch`` for asyncio: ``fetch_fn(key)`` may be a coroutine function.
+
+        Redis calls and waits run in a worker thread, so the event loop keeps running;
+        a coroutine returned by ``fetch_fn`` runs on the loop.
+        """
+        options.ttl_ns(ttl, self.default_ttl)
+        self._check_open()
+        if self._near is not None:
+            value = self._table.get(key, _MISSING)
+            if value is not _MISSING:
+                self._bump("hits")
+                return value
+        loop = asyncio.get_running_loop()
+
+        def fetch_in_thread(k):
+            value = fetch_fn(k)
+            if inspect.isawaitable(value):
+                async def wrap():
+                    return await value
+                value = asyncio.run_coroutine_threadsafe(wrap(), loop).result()
+            return value
+
+        return await loop.run_in_executor(None, self.get_or_fetch, key, fetch_in_thread, ttl, tags)
+
+    def release_leases(self, pid):
+        """Release the host's stampede leases held by process ``pid`` (it died).
+
+        Its Redis leases (other hosts) expire by themselves after ``lease_ttl``.
+        """
+        return self._table.release_leases(pid)
+
+    # ---- tags, flush, size --------------------------------------------------------------
+
+    def invalidate_tag(self, tag):
+        """Remove every entry carrying ``tag`` on every host; returns how many live
+        entries were removed (one atomic Lua call)."""
+        self._check_open()
+        if not isinstance(tag, str):
+            raise TypeError(f"a tag must be str, not {type(tag).__name__}")
+        b = _check_tags([tag])[0]
+        start = time.perf_counter_ns() if telemetry.active else 0
+        count, encs = self._run("invalidate_tag", [self._P + b"t:" + b], [self._P, b])
+        if count:
+            self._bump("invalidations", count)
+        if self._near is not None:
+            for enc in encs:
+                self._near.invalidate(_native.decode_key(enc))
+        if telemetry.active:
+            telemetry.execute(self._events["invalidate_tag"],
+                              {"duration": time.perf_counter_ns() - start, "count": count},
+                              {"cache": self.name, "tag": tag})
+        return count
+
+    def _scan(self, match):
+        return self._call_client(lambda client: list(client.scan_iter(match=match, count=1000)))
+
+    def flush(self):
+        """Remove every entry of this cache from Redis (SCAN + UNLINK of its prefix only,
+        never FLUSHDB) and drop every host's L1; returns how many entries were removed.
+        Costs a SCAN of the whole Redis database."""
+        self._check_open()
+        start = time.perf_counter_ns() if telemetry.active else 0
+        count = self._flush_redis()
+        if self._near is not None:
+            self._near.drop_all(keep_marker=True)
+        if telemetry.active:
+            telemetry.execute(self._events["flush"],
+                              {"duration": time.perf_counter_ns() - start, "count": count},
+                              {"cache": self.name})
+        return count
+
+    def _flush_redis(self):
+        keys = self._scan(self._P + b"*")
+        values = [k for k in keys if k.startswith(self._P + b"v:")]
+        others = [k for k in keys if not k.startswith(self._P + b"v:")]
+        count = 0
+        for i in range(0, len(values), 1000):
+            count += self._call(("UNLINK", *values[i:i + 1000]))
+        for i in range(0, len(others), 1000):
+            self._call(("UNLINK", *others[i:i + 1000]))
+        self._call(("PUBLISH", self._P + b"inv", b"*"))
+        return count
+
+    def expire(self):
+        """Redis reclaims expired entries itself (they are never counted by size());
+        this drops expired L1 copies and returns 0."""
+        self._check_open()
+        self._table.expire()
+        return 0
+
+    def size(self):
+        """Entries of this cache in Redis (expired ones never count). Costs a SCAN."""
+        self._check_open()
+        return len(self._scan(self._P + b"v:*"))
+
+    def __len__(self):
+        return self.size()
+
+    def stats(self, reset=False):
+        """Counters of this host (summed over its processes), and figures of the store.
+
+        ``hits``/``misses`` count what callers got (an L1 copy or a Redis value is a
+        hit); ``size`` is the entries in Redis (a SCAN); ``memory_used``/``capacity``
+        and ``l1_size`` describe the host table. ``evictions`` and ``expirations``
+        are Redis's business and stay 0 here (see INFO stats on the server).
+        """
+        self._check_open()
+        counters = self._counters.stats(reset)
+        info = self._table.info()
+        lookups = counters["hits"] + counters["misses"]
+        l1_size = info["entries"] - (1 if self._near is not None and self._near.healthy() else 0)
+        counters.update(size=self.size(), memory_used=info["memory_used"], capacity=info["capacity"],
+                        hit_ratio=counters["hits"] / lookups if lookups else 0.0, l1_size=max(0, l1_size))
+        return counters
+
+    def reset_stats(self):
+        self._check_open()
+        self._counters.stats(True)
+
+    def info(self):
+        """The host table's layout and memory figures, plus where the entries live."""
+        self._check_open()
+        info = dict(self._table.info())
+        agent = self._agent
+        info.update(backend="redis", url=self._o.where, namespace=self._P.decode(),
+                    l1_segment=self._o.l1_segment, near_cache=self._near is not None,
+                    listener=bool(agent and agent.is_listener),
+                    listener_healthy=bool(self._near and self._near.healthy()))
+        return info
+
+    def check(self):
+        """Problems of the host table ([] when sound); Redis must answer a PING."""
+        self._check_open()
+        problems = list(self._table.check())
+        self._call(("PING",))
+        return problems
+
+    # ---- lifetime --------------------------------------------------------------------
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def flush_to_disk(self):
+        """Nothing to do: Redis persistence is the server's configuration."""
+        self._check_open()
+
+    def close(self):
+        """Release this handle (the entries stay in Redis, the host table for other processes)."""
+        if self._closed:
+            return
+        self._closed = True
+        _live.discard(self)
+        try:
+            if self._agent is not None:
+                self._agent.close(timeout=self._o.heartbeat + self._o.bound() + 1.0)
+        finally:
+            client, self._client = self._client, None
+            if client is not None and self._client_generation == _fork_generation:
+                conn = getattr(self._local, "conn", None)
+                try:
+                    if conn is not None:
+                        conn.disconnect()
+                    client.close()
+                except Exception:
+                    pass
+            self._local = None
+            self._l1_cache.close()
+            self._counters_cache.close()
+
+    def destroy(self):
+        """Remove this cache's entries from Redis, close the handle and remove the host
+        table; True when there was something to remove."""
+        removed = 0
+        error = None
+        if not self._closed:
+            try:
+                removed = self._flush_redis()
+            except BackendUnavailable as exc:
+                error = exc
+        self.close()
+        existed = _destroy_local(self._o.l1_segment) or removed > 0
+        if error is not None:
+            raise error
+        return existed
+
+    def __del__(self):
+        agent = getattr(self, "_agent", None)
+        if agent is not None:
+            agent.stop.set()
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("near cache" if self._near is not None else "open")
+        return f"<vela.Cache {self.name!r} (redis {self._o.where}, {state})>"
+
+
+def _destroy_local(segment):
+    from .backends import shm
+
+    HostElection(segment).destroy()
+    return shm.destroy(segment)
+
+
+def destroy(name, backend_opts=None):
+    """Remove the cache ``name`` from Redis and its host table from this host.
+
+    (``vela.destroy(name, backend="redis", backend_opts=...)`` should land here.)
+    """
+    o = _Opts(options.check_name(name), backend_opts, 5.0)
+    client = _make_client(o)
+    try:
+        keys = list(client.scan_iter(match=o.namespace + b"*", count=1000))
+        removed = sum(client.unlink(*keys[i:i + 1000]) for i in range(0, len(keys), 1000)) if keys else 0
+        client.publish(o.namespace + b"inv", b"*")
+    except (rex.ConnectionError, rex.TimeoutError) as exc:
+        raise BackendUnavailable(f"Redis at {o.where} is unavailable: {exc}") from exc
+    finally:
+        client.close()
+    return _destroy_local(o.l1_segment) or removed > 0
