@@ -176,9 +176,6 @@ def worker(wid, phases):
             say(wid, f"products: {seen}, 'greeting' (untagged) still there: {still is not None}")
 
         phases.in_turn(wid, products_gone)
-
-        # 6. Bridge pair: PLANNED (later issue). Two hosts (a vela-bridge each)
-        #    replicating this cache will be shown here once the bridge exists.
     finally:
         with phases.lookups.get_lock():
             phases.lookups.value += lookups
@@ -226,10 +223,84 @@ def main():
         counted = st["hits"] + st["misses"]
         verdict = "match" if made == counted else "DO NOT MATCH"
         print(f"  the workers made {made} lookups between them; hits + misses = {counted}: {verdict}")
-        return 0 if made == counted else 1
+        if made != counted:
+            return 1
     finally:
         cache.destroy()
         print(f"\nDestroyed cache {NAME!r}.")
+    return bridge_pair()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def in_host(host, code):
+    """Run Python code as a process of a simulated host (its own set of segments)."""
+    import subprocess
+
+    env = dict(os.environ, VELA_NAMESPACE=host)
+    out = subprocess.run([sys.executable, "-c", "import vela\n" + code], env=env, capture_output=True,
+                         text=True, timeout=30)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return out.stdout.strip()
+
+
+def bridge_pair():
+    """Two hosts, each with its own shared segment and its own vela-bridge, on loopback.
+
+    VELA_NAMESPACE gives each simulated host its own set of segments on this one
+    machine; on real hosts every host runs the same cache name and one bridge.
+    """
+    import subprocess
+
+    heading("7. Two hosts and a vela-bridge each: a replicated cache")
+    hosts, ports = ("demo-a", "demo-b"), (free_port(), free_port())
+    opts = "capacity='16MiB', topology='replicated', sweep_interval=None"
+    bridges = []
+    try:
+        for host, port, peer in ((hosts[0], ports[0], ports[1]), (hosts[1], ports[1], ports[0])):
+            in_host(host, f"vela.Cache({NAME!r}, {opts}).close()")
+            bridges.append(subprocess.Popen(
+                [sys.executable, "-m", "vela.bridge", "run", "--cache", NAME, "--listen",
+                 f"tcp://127.0.0.1:{port}", "--join", f"tcp://127.0.0.1:{peer}", "--heartbeat", "0.2",
+                 "--log-level", "WARNING"], env=dict(os.environ, VELA_NAMESPACE=host)))
+        print(f"  host A bridge on port {ports[0]}, host B bridge on port {ports[1]}", flush=True)
+        print("  " + in_host(hosts[0], f"""
+import time
+c = vela.Cache({NAME!r}, {opts})
+while not (c.cluster() or {{}}).get("members"):
+    time.sleep(0.05)
+for i in range(1000):
+    c.put(("order", i), {{"id": i, "total": i * 3}}, tags=["orders"])
+print(f"host A wrote 1000 orders; its bridge sees {{len(c.cluster()['members'])}} peer")"""))
+        print("  " + in_host(hosts[1], f"""
+import time
+c = vela.Cache({NAME!r}, {opts})
+t0 = time.monotonic()
+while c.get(("order", 999)) is None and time.monotonic() - t0 < 10:
+    time.sleep(0.0005)
+seen_ms = (time.monotonic() - t0) * 1000
+while len(c) < 1000 and time.monotonic() - t0 < 10:
+    time.sleep(0.01)
+print(f"host B reads order 999 = {{c.get(('order', 999))}} ({{seen_ms:.0f}} ms after it looked) "
+      f"and holds {{len(c)}} entries")
+print(f"  host B invalidates tag 'orders': {{c.invalidate_tag('orders')}} entries removed on both hosts")"""))
+        print("  " + in_host(hosts[0], f"""
+c = vela.Cache({NAME!r}, {opts})
+print(f"host A now holds {{len(c)}} entries")"""))
+        return 0
+    finally:
+        for b in bridges:
+            b.terminate()
+            b.wait(10)
+        for host in hosts:
+            in_host(host, f"vela.destroy({NAME!r})")
 
 
 if __name__ == "__main__":

@@ -152,7 +152,10 @@ class Bridge:
 
     def _hello(self):
         members = [[m.node_id, m.addr] for m in self._alive()]
-        frames = self._message("hello", addr=self.advertise, members=members)
+        # The last batch of each stream: a peer that lost one (dropped while the
+        # connection was not up, say) sees the gap here even if no batch follows.
+        seqs = {name: r.seq - 1 for name, r in self.replicas.items()}
+        frames = self._message("hello", addr=self.advertise, members=members, seqs=seqs)
         targets = {m.addr for m in self.members.values()} | set(self.seeds)
         for addr in targets:
             self._send(addr, frames)
@@ -199,6 +202,11 @@ class Bridge:
         getattr(self, "_on_" + msg["t"])(member, msg)
 
     def _on_hello(self, member, msg):
+        for name, last in msg["seqs"].items():
+            replica = self.replicas.get(name)
+            if replica is not None and last >= 0 and replica.check_sequence(member.node_id, msg["inc"], last,
+                                                                            batch=False):
+                self._request_snapshot(replica, member)
         for node_id, addr in msg["members"]:
             if node_id != self.node_id and node_id not in self.members:
                 self.members[node_id] = Member(node_id, addr)

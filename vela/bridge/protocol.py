@@ -116,6 +116,11 @@ def check_record(r):
 
 def _check_hello(msg):
     _str(msg, "addr")
+    seqs = msg.get("seqs")
+    if not isinstance(seqs, dict) or len(seqs) > 1024 or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and -1 <= v < 2**63
+            for k, v in seqs.items()):
+        raise Malformed("field 'seqs' must map cache names to batch numbers")
     for m in _list(msg, "members", 4096):
         if not (isinstance(m, list) and len(m) == 2 and isinstance(m[0], int) and isinstance(m[1], str)
                 and 0 <= m[0] <= 4095 and 0 < len(m[1]) <= 256):

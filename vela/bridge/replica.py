@@ -105,11 +105,20 @@ class Replica:
 
     # ---- incoming ------------------------------------------------------------------
 
-    def check_sequence(self, origin, inc, seq):
-        """True when this batch does not follow the last one seen from (origin, inc):
-        first contact, a restart (new incarnation) or a gap; the caller resyncs."""
+    def check_sequence(self, origin, inc, seq, batch=True):
+        """True when batch `seq` does not follow the last one seen from (origin, inc):
+        first contact, a restart (new incarnation) or a gap; the caller resyncs.
+        With batch=False, `seq` is the origin's last batch as its heartbeat says:
+        True when we have not seen it."""
         key = (origin, inc)
         expected = self.expect.get(key)
+        if not batch:
+            if expected is not None and expected > seq:
+                return False  # up to date
+            self.expect[key] = seq + 1
+            for stale in [k for k in self.expect if k[0] == origin and k[1] != inc]:
+                del self.expect[stale]
+            return True
         self.expect[key] = seq + 1
         for stale in [k for k in self.expect if k[0] == origin and k[1] != inc]:
             del self.expect[stale]
