@@ -91,6 +91,29 @@ def peek_identity(name):
     return magic, fmt, ready
 
 
+def attach_file(name, data_dir, lock_timeout=10.0):
+    """Open the existing file-backed cache ``name`` in ``data_dir`` as an observer.
+
+    When no process has the file open, this open is the first one and checks and
+    rebuilds the table as any first opener does (see the file backend).
+    """
+    from .backends import file as file_backend
+    from .cache import Cache
+
+    options.check_name(name)
+    path = file_backend.path_of(name, data_dir)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_IDENTITY.size)
+    except FileNotFoundError:
+        raise NoSuchCache(f"no file-backed cache named {name!r} in {data_dir} (no {path})") from None
+    if len(data) < _IDENTITY.size or _IDENTITY.unpack(data)[0] != _MAGIC:
+        raise NotATable(f"{path} is not a Vela table")
+    return Cache(name, backend="file", backend_opts={"data_dir": data_dir, "sync_interval": None,
+                                                      "on_corrupt": "raise"},
+                 sweep_interval=None, lock_timeout=lock_timeout)
+
+
 def attach(name, lock_timeout=10.0):
     """Open the existing cache ``name`` as an observer.
 
@@ -185,7 +208,7 @@ def snapshot(cache, keys=0):
     counters = cache.stats()
     snap = dict(
         name=cache.name,
-        segment=shm.segment_name(cache.name),
+        segment=getattr(cache._segment, "path", None) or shm.segment_name(cache.name),
         read_at=time.time(),
         header=dict(
             format=info["format"],
@@ -512,6 +535,8 @@ def build_parser(prog="inspect_shm.py"):
                "3 --check could not run (a lock is held by a stopped process, or stayed held "
                "past --check-timeout)")
     p.add_argument("name", help="the cache name, as given to vela.Cache(name)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="inspect a file-backed cache (backend='file') kept in DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object (one per refresh with --watch)")
     p.add_argument("--check", action="store_true",
                    help="also run the integrity check (takes every lock; skipped when a lock is held "
@@ -535,7 +560,8 @@ def main(argv=None, prog="inspect_shm.py", out=None):
         print(f"{prog}: --keys must be >= 0, --watch and --check-timeout > 0", file=sys.stderr)
         return EXIT_USAGE
     try:
-        cache = attach(args.name, lock_timeout=args.check_timeout)
+        cache = (attach_file(args.name, args.data_dir, lock_timeout=args.check_timeout) if args.data_dir
+                 else attach(args.name, lock_timeout=args.check_timeout))
     except (NoSuchCache, NotATable) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_PROBLEM
