@@ -1,5 +1,6 @@
 """The file backend: the same table in a memory-mapped file that survives
 restarts, checks itself when first opened, and never serves a damaged value."""
+import json
 import os
 import random
 import signal
@@ -199,3 +200,19 @@ def test_random_damage_never_crashes_nor_serves_a_wrong_value(file_cache):
             assert problems == [], f"trial {seed}: {problems}"
             assert wrong == [], f"trial {seed}: values differ for {wrong[:5]}"
     assert outcomes["opened"] == 300, outcomes  # on_corrupt="rebuild": never refused
+
+
+def test_inspect_shm_reads_a_file_backed_cache(file_cache):
+    import subprocess
+    import sys
+
+    name, opts, path = file_cache
+    with open_file(name, opts, capacity="2MiB") as c:
+        c.put("k", b"v" * 10, ttl=60)
+        out = subprocess.run([sys.executable, "tools/inspect_shm.py", name, "--data-dir", opts["data_dir"],
+                              "--keys", "5", "--check", "--json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report["segment"] == str(path) and report["header"]["backend"] == "file"
+        assert report["memory"]["entries"] == 1 and report["check"]["status"] == "clean"
+        assert c["k"] == b"v" * 10
