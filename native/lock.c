@@ -152,11 +152,11 @@ int vela_stripe_trylock(vela_table *t, uint32_t s)
     return 1;
 }
 
+static void release(vela_lock *l);
+
 void vela_stripe_unlock(vela_table *t, uint32_t s)
 {
-    vela_lock *l = &t->stripes[s].lock;
-    l->holder_pid = 0;
-    pthread_mutex_unlock(&l->mutex);
+    release(&t->stripes[s].lock);
 }
 
 vela_err vela_heap_lock(vela_table *t)
@@ -184,54 +184,34 @@ vela_err vela_heap_lock(vela_table *t)
 
 void vela_heap_unlock(vela_table *t)
 {
-    vela_lock *l = &t->hdr->heap.lock;
-    l->holder_pid = 0;
-    pthread_mutex_unlock(&l->mutex);
+    release(&t->hdr->heap.lock);
 }
 
-vela_err vela_log_lock(vela_table *t)
+/* A lock whose protected state is valid after any single store, so a dead
+ * owner leaves nothing to repair: the change log (a record is published by
+ * moving log_head last; half-written bytes are overwritten by the next writer)
+ * and the admin lock (the sweeper fields). */
+static vela_err take_plain(vela_table *t, vela_lock *l, const char *what)
 {
-    vela_lock *l = &t->hdr->log_lock;
     int rc = acquire(t, l);
     if (rc == EOWNERDEAD) {
-        /* A writer died before publishing its record: log_head was not moved,
-         * so the half-written bytes are simply overwritten by the next one. */
         pthread_mutex_consistent(&l->mutex);
         l->recoveries++;
         rc = 0;
     }
     if (rc != 0)
-        return lock_failed(t, l, rc, "the change log lock");
+        return lock_failed(t, l, rc, what);
     l->holder_pid = t->my_pid;
     return VELA_OK;
 }
 
-void vela_log_unlock(vela_table *t)
+static void release(vela_lock *l)
 {
-    vela_lock *l = &t->hdr->log_lock;
     l->holder_pid = 0;
     pthread_mutex_unlock(&l->mutex);
 }
 
-vela_err vela_admin_lock(vela_table *t)
-{
-    vela_lock *l = &t->hdr->admin;
-    int rc = acquire(t, l);
-    if (rc == EOWNERDEAD) {
-        /* The admin lock guards only the sweeper fields, each valid on its own. */
-        pthread_mutex_consistent(&l->mutex);
-        l->recoveries++;
-        rc = 0;
-    }
-    if (rc != 0)
-        return lock_failed(t, l, rc, "the admin lock");
-    l->holder_pid = t->my_pid;
-    return VELA_OK;
-}
-
-void vela_admin_unlock(vela_table *t)
-{
-    vela_lock *l = &t->hdr->admin;
-    l->holder_pid = 0;
-    pthread_mutex_unlock(&l->mutex);
-}
+vela_err vela_log_lock(vela_table *t) { return take_plain(t, &t->hdr->log_lock, "the change log lock"); }
+void vela_log_unlock(vela_table *t) { release(&t->hdr->log_lock); }
+vela_err vela_admin_lock(vela_table *t) { return take_plain(t, &t->hdr->admin, "the admin lock"); }
+void vela_admin_unlock(vela_table *t) { release(&t->hdr->admin); }
