@@ -980,3 +980,12 @@ def test_tls_url(tmp_path):
         if c is not None:
             c.destroy()
         s.stop()
+
+
+def test_vela_destroy_with_redis_backend_options(server, raw):
+    name = new_name()
+    c = open_cache(server, name, near=False)
+    c.put("k", 1, tags=["t"])
+    c.close()
+    assert vela.destroy(name, backend="redis", backend_opts={"url": server.url}) is True
+    assert list(raw.scan_iter(match=f"vela:{name}:*")) == []

@@ -564,4 +564,8 @@ def destroy(name, backend="shm", backend_opts=None, **_ignored):
     they close; new handles get a fresh one.
     """
     options.check_name(name)
+    if backend == "redis":
+        from .redis_cache import destroy as destroy_redis
+
+        return destroy_redis(name, backend_opts)
     return _backend_module(backend).destroy(name, backend_opts)

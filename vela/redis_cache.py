@@ -1265,7 +1265,7 @@ def _destroy_local(segment):
 def destroy(name, backend_opts=None):
     """Remove the cache ``name`` from Redis and its host table from this host.
 
-    (``vela.destroy(name, backend="redis", backend_opts=...)`` should land here.)
+    (``vela.destroy(name, backend="redis", backend_opts=...)`` lands here.)
     """
     o = _Opts(options.check_name(name), backend_opts, 5.0)
     client = _make_client(o)
