@@ -143,7 +143,7 @@ static vela_err lay_out(vela_header *hdr, const vela_options *o, uint64_t cap)
     off = align_up(off + stripes * VELA_LEASES_PER_STRIPE * sizeof(vela_lease), VELA_LINE);
     hdr->slots_off = off;
     off = align_up(off + VELA_STAT_SLOTS * sizeof(vela_slot), 4096);
-    hdr->replicated = o->replicated ? 1 : 0;
+    hdr->replicated = o->replicated > 0; /* -1 (not given) creates a local cache */
     hdr->log_off = off;
     hdr->log_size = 0;
     if (hdr->replicated) {

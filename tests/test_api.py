@@ -1155,3 +1155,22 @@ def test_telemetry_get_events(cache_name):
     with vela.Cache(cache_name) as c:
         c.get("k")
     assert len(events) == 2
+
+
+def test_topology_is_a_segment_option(cache_name):
+    """A cache opened without topology is local (no change log in its segment);
+    the topology must agree between processes like the other layout options."""
+    with vela.Cache(cache_name, capacity="4MiB") as c:
+        state = c._table.log_state()
+        assert state["replicated"] == 0 and state["size"] == 0
+        with pytest.raises(vela.LayoutMismatch, match="topology=replicated"):
+            vela.Cache(cache_name, topology="replicated")
+        with vela.Cache(cache_name, topology="local") as same:
+            assert same.info()["capacity"] == 4 << 20
+    vela.destroy(cache_name)
+    with vela.Cache(cache_name, capacity="4MiB", topology="replicated") as r:
+        assert r._table.log_state()["replicated"] == 1
+        with vela.Cache(cache_name) as adopter:  # omitted: adopts
+            assert adopter._table.log_state()["replicated"] == 1
+        with pytest.raises(vela.LayoutMismatch, match="topology=local"):
+            vela.Cache(cache_name, topology="local")

@@ -152,6 +152,15 @@ class Cache:
         self._stop = None
         self._start_maintenance()
         _live.add(self)
+        self._bind_get(telemetry.active)
+
+    def _bind_get(self, traced):
+        """With no telemetry handler attached, ``get`` is the native method itself
+        (no Python frame, no flag check); with one, the traced method of the class."""
+        if traced or type(self) is not Cache:
+            self.__dict__.pop("get", None)
+        else:
+            self.get = self._table.get
 
     # ---- reading ----------------------------------------------------------------
 
@@ -544,6 +553,14 @@ def _maintenance_loop(ref, stop, jobs):
             return
         finally:
             del cache
+
+
+def _telemetry_changed(active):
+    for cache in list(_live):
+        cache._bind_get(active)
+
+
+telemetry._listeners.append(_telemetry_changed)
 
 
 def _after_fork_in_child():

@@ -5,7 +5,8 @@
 
 Handlers run in the calling process and thread, after the cache call's work.
 A handler that raises is detached and logged; the cache call is not affected.
-With no handler attached, the cost to a cache call is one attribute check.
+With no handler attached, the cost to a cache call is one attribute check, and
+``Cache.get`` is the native call itself: no check at all.
 """
 
 import logging
@@ -19,6 +20,9 @@ log = logging.getLogger("vela.telemetry")
 active = False
 
 _lock = threading.Lock()
+# Called with the new `active` after every change (the cache module rebinds its
+# handles' get between the bare native call and the traced one).
+_listeners = []
 _by_event = {}   # event tuple -> tuple of (handler_id, fn)
 _by_id = {}      # handler_id -> (events, fn)
 
@@ -32,6 +36,8 @@ def _rebuild():
     _by_event.clear()
     _by_event.update({e: tuple(h) for e, h in by_event.items()})
     active = bool(_by_event)
+    for listener in _listeners:
+        listener(active)
 
 
 def attach(handler_id, events, fn):
