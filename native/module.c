@@ -175,7 +175,7 @@ static PyObject *read_and_unlock(TableObject *self, uint32_t s, uint32_t ref);
 
 /* Find `k` and, with `value`, decode it: first without the lock (read.c),
  * under the stripe lock when that cannot settle it. 1 found, 0 absent,
- * -1 error. Counts a hit or a miss when `count` is set. */
+ * -1 error. count: 0 nothing, 1 a hit or a miss, 2 only a hit. */
 static int lookup(TableObject *self, const vela_key *k, PyObject **value, int count)
 {
     vela_table *t = &self->t;
@@ -227,31 +227,57 @@ static int lookup(TableObject *self, const vela_key *k, PyObject **value, int co
         }
         vela_stripe_unlock(t, s);
     }
-    if (count)
+    if (count == 1 || (count && found))
         VELA_COUNT(t, found ? VELA_STAT_HITS : VELA_STAT_MISSES);
     return found;
 }
 
-/* get(key, default=None): the hot path. Hash, read the stripe, copy. */
-static PyObject *Table_get(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* get(key, default=None): the arguments as Cache.get takes them (FASTCALL|KEYWORDS). */
+static PyObject *get_counting(TableObject *self, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames, int count)
 {
-    if (nargs < 1 || nargs > 2) {
+    PyObject *key = nargs > 0 ? args[0] : NULL, *dflt = nargs > 1 ? args[1] : Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        const char *name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, i));
+        if (name && strcmp(name, "default") == 0 && nargs < 2)
+            dflt = args[nargs + i];
+        else if (name && strcmp(name, "key") == 0 && nargs < 1)
+            key = args[nargs + i];
+        else {
+            PyErr_Format(PyExc_TypeError, "get() got an unexpected keyword argument '%s'", name ? name : "?");
+            return NULL;
+        }
+    }
+    if (!key || nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "get(key, default=None)");
         return NULL;
     }
     READY_OR_NULL(self);
     vela_keybuf kb;
-    if (vela_encode_key(args[0], &kb) < 0)
+    if (vela_encode_key(key, &kb) < 0)
         return NULL;
     PyObject *value = NULL;
-    int found = lookup(self, &kb.key, &value, 1);
+    int found = lookup(self, &kb.key, &value, count);
     if (found < 0)
         return NULL;
     if (found)
         return value;
-    PyObject *dflt = nargs > 1 ? args[1] : Py_None;
     Py_INCREF(dflt);
     return dflt;
+}
+
+/* get(key, default=None): the hot path. Hash, read the stripe, copy. */
+static PyObject *Table_get(TableObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return get_counting(self, args, nargs, kwnames, 1);
+}
+
+/* get_hit(key, default): get that counts a hit but not a miss (get_or_fetch's
+ * lock-free first look; its slow path counts the miss). */
+static PyObject *Table_get_hit(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return get_counting(self, args, nargs, NULL, 2);
 }
 
 static PyObject *Table_contains(TableObject *self, PyObject *key)
@@ -1399,7 +1425,9 @@ static PyObject *Table_get_closed(TableObject *self, void *Py_UNUSED(c))
 }
 
 static PyMethodDef Table_methods[] = {
-    {"get", (PyCFunction)(void (*)(void))Table_get, METH_FASTCALL, "get(key, default=None)"},
+    {"get", (PyCFunction)(void (*)(void))Table_get, METH_FASTCALL | METH_KEYWORDS,
+     "get(key, default=None): the value stored under key, or default when absent or expired"},
+    {"get_hit", (PyCFunction)(void (*)(void))Table_get_hit, METH_FASTCALL, "get counting hits only"},
     {"contains", (PyCFunction)Table_contains, METH_O, "contains(key) -> bool (no stats)"},
     {"put", (PyCFunction)(void (*)(void))Table_put, METH_FASTCALL, "put(key, value, ttl_ns=0, tags=None)"},
     {"delete", (PyCFunction)Table_delete, METH_O, "delete(key) -> bool"},

@@ -270,11 +270,14 @@ class Cache:
         """
         ns = options.ttl_ns(ttl, self.default_ttl)
         start = time.perf_counter_ns() if telemetry.active else 0
-        if self.stampede_protection:
+        value = self._table.get_hit(key, _MISSING)  # lock-free; a hit ends here
+        if value is not _MISSING:
+            status, token, waited = _HIT, None, False
+        elif self.stampede_protection:
             status, value, token, waited = self._table.fetch_begin(key, self._budget_ns, _POLL_NS)
         else:
-            value = self._table.get(key, _MISSING)
-            status, token, waited = (_HIT if value is not _MISSING else _ALONE), None, False
+            self._table.bump("misses")
+            status, token, waited = _ALONE, None, False
         if status == _HIT:
             result = "waited" if waited else "hit"
         else:
