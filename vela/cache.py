@@ -21,14 +21,12 @@ _HIT, _MINE, _TIMEOUT, _ALONE, _BUSY = 0, 1, 2, 3, 4
 # A waiter checks at least this often that the lease holder still lives.
 _POLL_NS = 20_000_000
 
+# Segment backends; backend="redis" is served by RedisCache (see _implementation).
 _BACKENDS = {"shm": shm, "file": file}
-_PLANNED = {
-    "backend": {"redis": "the Redis backend"},
-    "topology": {"replicated": "the replicated topology (vela-bridge)",
-                 "partitioned": "the partitioned topology (vela-bridge)"},
-}
+_NOT_BUILT = {"partitioned": "the partitioned topology"}
 
-# Handles whose sweeper thread must be restarted in a forked child.
+# Open handles: their background thread restarts in a forked child, and their
+# get is rebound when telemetry handlers come and go.
 _live = weakref.WeakSet()
 
 
@@ -42,13 +40,9 @@ def _implementation(kwargs):
 
 
 def _backend_module(backend):
-    if isinstance(backend, str):
-        if backend in _BACKENDS:
-            return _BACKENDS[backend]
-        if backend in _PLANNED["backend"]:
-            raise OptionError(f"backend={backend!r}: {_PLANNED['backend'][backend]} is not available "
-                              "in this version")
-    raise OptionError(f"backend must be one of {', '.join(_BACKENDS)}, not {backend!r}")
+    if isinstance(backend, str) and backend in _BACKENDS:
+        return _BACKENDS[backend]
+    raise OptionError(f"backend must be one of {', '.join(_BACKENDS)} or redis, not {backend!r}")
 
 
 class Cache:
@@ -56,7 +50,7 @@ class Cache:
 
     ``Cache(name, **options)`` attaches to the segment of that name, or creates
     it. Options that shape the segment (capacity, stripes, max_size,
-    max_entry_size, eviction_policy, backend) must agree between processes: an
+    max_entry_size, eviction_policy, backend, topology) must agree between processes: an
     omitted one adopts the segment's value, a different one raises
     :class:`vela.LayoutMismatch`. Every other option belongs to this handle.
 
@@ -95,7 +89,7 @@ class Cache:
             replicated = 1
             self._bridge = BridgeClient(self.name, topology_opts)
         else:
-            what = _PLANNED["topology"].get(topology)
+            what = _NOT_BUILT.get(topology)
             raise OptionError(f"topology={topology!r}: " + (f"{what} is not available in this version"
                               if what else "must be one of local, replicated, partitioned"))
         if topology in (_UNSET, "local") and topology_opts not in (None, {}):
