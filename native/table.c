@@ -311,10 +311,11 @@ int vela_delete(vela_table *t, const vela_key *k, vela_err *err)
     if ((*err = vela_stripe_lock(t, s)) != VELA_OK)
         return 0;
     uint32_t ref = vela_find(t, s, k);
-    if (ref) {
+    if (ref)
         vela_remove_entry(t, s, ref, 0, err);
-        vela_log_append(t, VELA_OP_DELETE, k, 0, NULL, 0, NULL, 0, vela_next_version(t), 0);
-    }
+    /* Logged even when the key is not here: its put may still be on its way
+     * from another host, and this delete is newer than that put. */
+    vela_log_append(t, VELA_OP_DELETE, k, 0, NULL, 0, NULL, 0, vela_next_version(t), 0);
     vela_stripe_unlock(t, s);
     if (ref)
         VELA_COUNT(t, VELA_STAT_DELETES);
