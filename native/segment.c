@@ -148,7 +148,7 @@ static vela_err lay_out(vela_header *hdr, const vela_options *o, uint64_t cap)
     hdr->log_size = 0;
     if (hdr->replicated) {
         uint64_t mes = o->max_entry_size > 0 ? (uint64_t)o->max_entry_size : cap / 64;
-        uint64_t log = cap / 16 > 4 * mes + 65536 ? cap / 16 : 4 * mes + 65536;
+        uint64_t log = cap / 8 > 4 * mes + 65536 ? cap / 8 : 4 * mes + 65536;
         hdr->log_size = align_up(log, 4096);
     }
     off = align_up(off + hdr->log_size, 4096);
