@@ -151,9 +151,11 @@ class Host:
         """The answer to the oldest command sent and not yet answered."""
         deadline = time.monotonic() + timeout
         fd = self.agent.stdout.fileno()
-        while b"\n" not in self._buf:
+        chunks = [self._buf]
+        while b"\n" not in chunks[-1]:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._buf = b"".join(chunks)
                 raise AgentError(f"agent of host {self.label} did not answer within {timeout} s")
             ready, _, _ = select.select([fd], [], [], remaining)
             if ready:
@@ -161,8 +163,8 @@ class Host:
                 if not chunk:
                     raise AgentError(f"agent of host {self.label} died (exit {self.agent.poll()}):\n"
                                      f"{self._tail(self.agent_log)}")
-                self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
+                chunks.append(chunk)
+        line, self._buf = b"".join(chunks).split(b"\n", 1)
         reply = json.loads(line)
         if "error" in reply:
             raise AgentError(f"host {self.label}: {reply['error']}")
@@ -210,6 +212,10 @@ class Host:
 
     def dump(self):
         return [tuple(e) for e in self.call("dump")]
+
+    def digest(self):
+        """(entries, a hash of the whole dump): cheap to compare between hosts."""
+        return tuple(self.call("digest"))
 
     def size(self):
         return self.call("size")
@@ -441,23 +447,19 @@ class Cluster:
 
         return eventually(check, timeout, what=f"every host sees every other alive ({self.describe(hosts)})")
 
-    def converged(self, hosts=None):
-        """The dumps when every given host has the same contents, else None."""
-        hosts = hosts or self.hosts
-        dumps = [h.dump() for h in hosts]
-        return dumps[0] if all(d == dumps[0] for d in dumps[1:]) else None
-
     def wait_converged(self, hosts=None, timeout=15.0, expect=None):
         """Until every host has identical contents (and, with ``expect``, that many
         entries); returns the common dump. On failure says how the hosts differ."""
         hosts = hosts or self.hosts
         deadline = time.monotonic() + timeout
         while True:
-            dumps = [h.dump() for h in hosts]
-            same = all(d == dumps[0] for d in dumps[1:])
-            if same and (expect is None or len(dumps[0]) == expect):
-                return dumps[0]
+            digests = [h.digest() for h in hosts]
+            if all(d == digests[0] for d in digests[1:]) and (expect is None or digests[0][0] == expect):
+                dump = hosts[0].dump()
+                if len(dump) == digests[0][0]:
+                    return dump
             if time.monotonic() > deadline:
+                dumps = [h.dump() for h in hosts]
                 raise AssertionError(f"hosts did not converge within {timeout} s: "
                                      f"{diff_dumps(hosts, dumps)}\n{self.describe(hosts)}")
             time.sleep(0.1)
@@ -620,6 +622,12 @@ class Agent:
                 if keys is None or key.hex() in keys:
                     out.append([op, key.hex(), value.hex(), list(tags), version])
         return out
+
+    def op_digest(self):
+        import hashlib
+
+        entries = self.op_dump()
+        return [len(entries), hashlib.sha256(json.dumps(entries).encode()).hexdigest()]
 
     def op_size(self):
         return self.cache.size()
