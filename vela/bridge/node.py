@@ -116,14 +116,25 @@ class Bridge:
         self.poller.register(sock, zmq.POLLIN)
 
     def _dealer(self, addr):
+        """The DEALER socket to a peer's address; None for an address that cannot
+        be dialled (it came from a peer: counted, never fatal)."""
         sock = self.dealers.get(addr)
         if sock is None:
+            if not addr.startswith(("tcp://", "ipc://")):
+                self.counters["malformed"] += 1
+                return None
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.IDENTITY, f"{self.node_id}:{self.inc}".encode())
-            sock.connect(addr)
+            try:
+                sock.connect(addr)
+            except zmq.ZMQError:
+                sock.close(0)
+                self.counters["malformed"] += 1
+                log.warning("cannot dial member address %r", addr)
+                return None
             self.dealers[addr] = sock
         return sock
 
@@ -134,8 +145,11 @@ class Bridge:
         return protocol.pack(self.secret, fields)
 
     def _send(self, addr, frames):
+        sock = self._dealer(addr)
+        if sock is None:
+            return False
         try:
-            self._dealer(addr).send_multipart(frames, flags=zmq.NOBLOCK)
+            sock.send_multipart(frames, flags=zmq.NOBLOCK)
             self.counters["messages_out"] += 1
             self.counters["bytes_out"] += len(frames[1])
             return True
@@ -181,11 +195,11 @@ class Bridge:
         member = self.members.get(sender)
         addr = msg.get("addr")
         if member is None:
-            if addr is None:
-                return  # we learn members from hello messages, which carry their address
+            if addr is None or self._dealer(addr) is None:
+                return  # we learn members from hello messages, which carry a dialable address
             member = self.members[sender] = Member(sender, addr)
             self.epoch += 1
-        if addr and addr != member.addr:
+        if addr and addr != member.addr and self._dealer(addr) is not None:
             member.addr = addr
         if member.inc != msg["inc"]:
             if member.inc is not None:
@@ -204,13 +218,20 @@ class Bridge:
     def _on_hello(self, member, msg):
         for name, last in msg["seqs"].items():
             replica = self.replicas.get(name)
-            if replica is not None and last >= 0 and replica.check_sequence(member.node_id, msg["inc"], last,
-                                                                            batch=False):
+            if replica is None:
+                continue
+            first_contact = (member.node_id, msg["inc"]) not in replica.synced
+            if first_contact:
+                # A member we have not synced with (new, or restarted): whatever it
+                # holds, we want it; whatever its stream says from now on follows.
+                replica.synced.add((member.node_id, msg["inc"]))
+                replica.check_sequence(member.node_id, msg["inc"], last, batch=False)
+                self._request_snapshot(replica, member)
+            elif last >= 0 and replica.check_sequence(member.node_id, msg["inc"], last, batch=False):
                 self._request_snapshot(replica, member)
         for node_id, addr in msg["members"]:
-            if node_id != self.node_id and node_id not in self.members:
+            if node_id != self.node_id and node_id not in self.members and self._dealer(addr) is not None:
                 self.members[node_id] = Member(node_id, addr)
-                self._dealer(addr)
                 self.epoch += 1
 
     def _on_bye(self, member, msg):
@@ -244,14 +265,19 @@ class Bridge:
             replica.snap_again.add(member.node_id)
             return
         req = next(self.snap_ids)
-        replica.snap_wait[member.node_id] = (req, time.monotonic() + max(30.0, 6 * self.failure_timeout))
+        # [request id, when last asked, answer started?]: asked again every
+        # heartbeat until the first chunk arrives (the request can be dropped
+        # while the connection is still coming up).
+        replica.snap_wait[member.node_id] = [req, time.monotonic(), False]
         replica.stats["resyncs"] += 1
         self._send(member.addr, self._message("snapreq", c=replica.name, req=req))
 
     def _on_snapreq(self, member, msg):
         replica = self._replica(msg)
         if replica is not None:
-            replica.serving.append((member, msg["req"], replica.snapshot_stream()))
+            # A newer request from the same member replaces one being served.
+            replica.serving = [s for s in replica.serving if s[0] is not member]
+            replica.serving.append((member, msg["req"], replica.snapshot_stream(), None))
 
     def _on_snap(self, member, msg):
         replica = self._replica(msg)
@@ -260,6 +286,7 @@ class Bridge:
         waiting = replica.snap_wait.get(member.node_id)
         if waiting is None or waiting[0] != msg["req"]:
             return  # an answer to a request we gave up
+        waiting[1], waiting[2] = time.monotonic(), True
         replica.apply_snapshot_chunk(msg)
         if msg["last"]:
             del replica.snap_wait[member.node_id]
@@ -348,19 +375,22 @@ class Bridge:
     def _serve_snapshots(self):
         for replica in self.replicas.values():
             still = []
-            for member, req, stream in replica.serving:
-                chunk = next(stream, None)
-                if chunk is None or member.state == DEAD:
+            for member, req, stream, pending in replica.serving:
+                if member.state == DEAD:
+                    continue  # it asks again when it is back
+                chunk = pending or next(stream, None)
+                if chunk is None:
                     continue
                 frames = self._message("snap", c=replica.name, req=req, **dict(
                     {"tombs": [], "tagwm": [], "flushwm": 0}, **chunk))
-                # A snapshot must arrive whole: wait for room rather than drop.
-                self._dealer(member.addr).send_multipart(frames)
-                self.counters["messages_out"] += 1
-                if chunk["last"]:
+                # Never block the loop on a peer: a chunk that finds no room is
+                # offered again on the next turn.
+                if not self._send(member.addr, frames):
+                    still.append((member, req, stream, chunk))
+                elif chunk["last"]:
                     replica.stats["snapshots_served"] += 1
                 else:
-                    still.append((member, req, stream))
+                    still.append((member, req, stream, None))
             replica.serving = still
 
     def _check_members(self, now):
@@ -371,14 +401,22 @@ class Bridge:
                 new = DEAD if now - self.started > self.failure_timeout else SUSPECT
             if new != m.state:
                 if new == DEAD:
-                    log.warning("member %d (%s) is dead: silent for %.1f s", m.node_id, m.addr, silent)
+                    log.warning("member %d (%s) is dead: %s", m.node_id, m.addr,
+                                f"silent for {silent:.1f} s" if m.last_seen else "never heard from")
                 m.state = new
                 self.epoch += 1
         for replica in self.replicas.values():
-            for node_id, (req, deadline) in list(replica.snap_wait.items()):
+            for node_id, waiting in list(replica.snap_wait.items()):
+                req, last, started = waiting
                 member = self.members.get(node_id)
-                if now > deadline or member is None or member.state == DEAD:
-                    del replica.snap_wait[node_id]  # gave up: it is gone, or too slow
+                if member is None or member.state == DEAD:
+                    del replica.snap_wait[node_id]  # it is gone; it resyncs when it is back
+                    replica.synced = {s for s in replica.synced if s[0] != node_id}
+                elif now - last > (6 * self.failure_timeout if started else 2 * self.heartbeat):
+                    waiting[1] = now  # not answered (or stalled): ask again
+                    waiting[0] = req = next(self.snap_ids)
+                    waiting[2] = False
+                    self._send(member.addr, self._message("snapreq", c=replica.name, req=req))
             if replica.ready_since is None and now - self.started > self.failure_timeout \
                     and not self._alive():
                 replica.ready_since = now  # nobody to sync from: ready alone

@@ -68,6 +68,11 @@ def _int(msg, key, lo, hi):
     return v
 
 
+def _addr(v):
+    if not (isinstance(v, str) and v.startswith(("tcp://", "ipc://")) and 6 < len(v) <= 256):
+        raise Malformed(f"not a bridge address: {v!r}")
+
+
 def _str(msg, key, maxlen=256):
     v = msg.get(key)
     if not isinstance(v, str) or not 0 < len(v) <= maxlen:
@@ -98,7 +103,7 @@ def check_record(r):
     if not isinstance(r, list) or len(r) != 7:
         raise Malformed("a record is a list of 7")
     op, key, value, codec, ttl, tags, version = r
-    if op not in (PUT, DELETE, FLUSH, TAG):
+    if isinstance(op, bool) or op not in (PUT, DELETE, FLUSH, TAG):
         raise Malformed(f"unknown record op {op!r}")
     if not isinstance(key, bytes) or len(key) > MAX_KEY or (op in (PUT, DELETE) and not key):
         raise Malformed("bad record key")
@@ -115,16 +120,17 @@ def check_record(r):
 
 
 def _check_hello(msg):
-    _str(msg, "addr")
+    _addr(msg.get("addr"))
     seqs = msg.get("seqs")
     if not isinstance(seqs, dict) or len(seqs) > 1024 or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and -1 <= v < 2**63
             for k, v in seqs.items()):
         raise Malformed("field 'seqs' must map cache names to batch numbers")
     for m in _list(msg, "members", 4096):
-        if not (isinstance(m, list) and len(m) == 2 and isinstance(m[0], int) and isinstance(m[1], str)
-                and 0 <= m[0] <= 4095 and 0 < len(m[1]) <= 256):
+        if not (isinstance(m, list) and len(m) == 2 and isinstance(m[0], int) and not isinstance(m[0], bool)
+                and 0 <= m[0] <= 4095):
             raise Malformed("bad member entry")
+        _addr(m[1])
 
 
 def _check_batch(msg):

@@ -34,7 +34,8 @@ class Replica:
         self.tag_marks = {}                     # tag id -> (version, deadline)
         self.flush_mark = 0                     # newest flush version seen
         self.expect = {}                        # (origin, incarnation) -> next batch seq
-        self.snap_wait = {}                     # origin node -> (request id, deadline)
+        self.snap_wait = {}                     # origin node -> [request id, last asked, started]
+        self.synced = set()                     # (node, incarnation) we asked for a snapshot
         self.snap_again = set()                 # origins to ask again when theirs is done
         self.serving = []                       # snapshot streams in progress
         self.lagged = False                     # the log ran over us: peers must resync
@@ -90,12 +91,16 @@ class Replica:
         for op, key, value, codec, ttl, tags, version in records:
             if op == PUT and ttl == -1:
                 continue  # expired before it could be sent
+            # A remote put older than this host's own delete / flush / tag
+            # invalidation may have been applied between the worker's change and
+            # this read: apply the change again here (idempotent) to remove it.
             if op == DELETE:
                 self._mark_delete(key, version, now)
+                self.table.apply_delete(key, version)
             elif op == FLUSH:
-                self.flush_mark = max(self.flush_mark, version)
+                self.apply_rpc("flush", version)
             elif op == TAG:
-                self._mark_tag(tags[0], version, now)
+                self.apply_rpc("tag", version, tags[0])
             out.append([op, key, value, codec, ttl, list(tags), version])
         self.pos = pos
         return out
