@@ -282,7 +282,8 @@ def test_sigkill_writers_while_readers_verify(cache_name):
     results = collect(readers, timeout=30)
 
     assert writer_errors == []
-    assert kills >= 200
+    # Under AddressSanitizer (tools/asan.sh) every process runs about twice as slowly.
+    assert kills >= (100 if "libasan" in os.environ.get("LD_PRELOAD", "") else 200)
     assert stall_kills == 4 * STALLS_PER_PHASE
     for r in results:
         assert r["reads"] > 1000, r
