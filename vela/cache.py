@@ -98,18 +98,8 @@ class Cache:
             raise OptionError("near_cache=True needs a remote store (Redis or partitioned), "
                               "which is not available in this version")
         options.seconds("near_cache_l1_ttl", near_cache_l1_ttl, allow_none=False, allow_inf=False)
-        self.default_ttl = options.seconds("default_ttl", default_ttl)
-        self.stampede_protection = bool(stampede_protection)
-        self.stampede_timeout = options.seconds("stampede_timeout", stampede_timeout, allow_none=False,
-                                                allow_inf=False)
-        self._budget_ns = int(self.stampede_timeout * 1e9)
-        self.sweep_interval = options.seconds("sweep_interval", sweep_interval, allow_inf=False)
-        if (not isinstance(telemetry_prefix, (tuple, list)) or not telemetry_prefix
-                or not all(isinstance(p, str) for p in telemetry_prefix)):
-            raise OptionError(f"telemetry_prefix must be a non-empty tuple of str, not {telemetry_prefix!r}")
-        self.telemetry_prefix = tuple(telemetry_prefix)
-        self._events = {op: self.telemetry_prefix + (op, "stop")
-                        for op in ("get", "put", "fetch", "delete", "invalidate_tag", "flush")}
+        self._handle_options(default_ttl, stampede_protection, stampede_timeout, sweep_interval,
+                             telemetry_prefix)
         dumps, codec, loaders = serializers.resolve(serializer)
         lock_timeout = options.seconds("lock_timeout", lock_timeout, allow_none=False, allow_inf=False)
 
@@ -155,6 +145,22 @@ class Cache:
             self.__dict__.pop("get", None)
         else:
             self.get = self._table.get
+
+    def _handle_options(self, default_ttl, stampede_protection, stampede_timeout, sweep_interval,
+                        telemetry_prefix):
+        """Validate and keep the options that belong to this handle (every backend)."""
+        self.default_ttl = options.seconds("default_ttl", default_ttl)
+        self.stampede_protection = bool(stampede_protection)
+        self.stampede_timeout = options.seconds("stampede_timeout", stampede_timeout, allow_none=False,
+                                                allow_inf=False)
+        self._budget_ns = int(self.stampede_timeout * 1e9)
+        self.sweep_interval = options.seconds("sweep_interval", sweep_interval, allow_inf=False)
+        if (not isinstance(telemetry_prefix, (tuple, list)) or not telemetry_prefix
+                or not all(isinstance(p, str) for p in telemetry_prefix)):
+            raise OptionError(f"telemetry_prefix must be a non-empty tuple of str, not {telemetry_prefix!r}")
+        self.telemetry_prefix = tuple(telemetry_prefix)
+        self._events = {op: self.telemetry_prefix + (op, "stop")
+                        for op in ("get", "put", "fetch", "delete", "invalidate_tag", "flush")}
 
     # ---- reading ----------------------------------------------------------------
 

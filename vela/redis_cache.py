@@ -481,18 +481,8 @@ class RedisCache(Cache):
         if not isinstance(near_cache, bool):
             raise OptionError(f"near_cache must be True or False, not {near_cache!r}")
         l1_ttl = options.seconds("near_cache_l1_ttl", near_cache_l1_ttl, allow_none=False, allow_inf=False)
-        self.default_ttl = options.seconds("default_ttl", default_ttl)
-        self.stampede_protection = bool(stampede_protection)
-        self.stampede_timeout = options.seconds("stampede_timeout", stampede_timeout, allow_none=False,
-                                                allow_inf=False)
-        self._budget_ns = int(self.stampede_timeout * 1e9)
-        self.sweep_interval = options.seconds("sweep_interval", sweep_interval, allow_inf=False)
-        if (not isinstance(telemetry_prefix, (tuple, list)) or not telemetry_prefix
-                or not all(isinstance(p, str) for p in telemetry_prefix)):
-            raise OptionError(f"telemetry_prefix must be a non-empty tuple of str, not {telemetry_prefix!r}")
-        self.telemetry_prefix = tuple(telemetry_prefix)
-        self._events = {op: self.telemetry_prefix + (op, "stop")
-                        for op in ("get", "put", "fetch", "delete", "invalidate_tag", "flush")}
+        self._handle_options(default_ttl, stampede_protection, stampede_timeout, sweep_interval,
+                             telemetry_prefix)
         self._dumps, self._codec, self._loaders = serializers.resolve(serializer)
         options.seconds("lock_timeout", lock_timeout, allow_none=False, allow_inf=False)
         self._backend_opts = dict(backend_opts or {})
