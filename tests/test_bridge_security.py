@@ -331,3 +331,45 @@ def test_a_snapshot_for_a_peer_that_went_away_does_not_stall_the_bridge(secure2)
     assert a.status(timeout=2) is not None, "the bridge stopped answering (blocked sending a snapshot)"
     assert b.member_states().get(a.node_id) == "alive", f"B lost A: {b.member_states()}"
     replication_works(secure2, "after-snapshot-to-nowhere")
+
+
+# --------------------------------------------------------------------------------------
+# encryption
+
+
+def _keygen(cluster, filename):
+    out = subprocess.run([sys.executable, "-m", "vela.bridge", "keygen"], capture_output=True, text=True,
+                         timeout=30, check=True)
+    lines = out.stdout.split()
+    assert len(lines) == 2 and all(len(k) == 40 for k in lines), out.stdout
+    return cluster.write_secret(out.stdout, filename)
+
+
+def test_curve_encrypted_links_replicate_and_keep_others_out(tmp_path):
+    """With --curve-key-file every link is encrypted: bridges sharing the cluster key
+    replicate; a bridge with another key (and the right HMAC secret) gets no link at all."""
+    c = Cluster(tmp_path, n=0, secret=SECRET)
+    try:
+        key = _keygen(c, "curve")
+        other = _keygen(c, "curve-other")
+        a = c.add_host(join=[], extra=["--curve-key-file", key])
+        b = c.add_host(join=[a], extra=["--curve-key-file", key])
+        eventually(lambda: a.member_states().get(b.node_id) == "alive", 10, what="A and B linked")
+        a.put("k", "over curve")
+        eventually(lambda: b.get("k") == "over curve", 10, what="A's write on B")
+
+        stranger = c.add_host(join=[a, b], extra=["--curve-key-file", other])
+        stranger.put("s", "from a stranger")
+        a.put("k2", "second")
+        eventually(lambda: b.get("k2") == "second", 10, what="A's second write on B")
+        time.sleep(2.0)
+        for h in (a, b):
+            assert not h.has("s"), h.label
+            assert stranger.node_id not in h.member_states(), h.member_states()
+        assert not stranger.has("k2")
+
+        bad = c.write_secret(b"not a key file\n", "bad-curve")
+        out = _run_bridge(a, "--listen", f"tcp://127.0.0.1:{free_port()}", "--curve-key-file", bad)
+        assert out.returncode != 0 and "two z85 keys" in out.stderr, out
+    finally:
+        c.close()

@@ -4,6 +4,7 @@
                     --secret-file /etc/vela/secret
     vela-bridge run --config /etc/vela/bridge.toml
     vela-bridge secret > /etc/vela/secret      # a new shared secret for the cluster
+    vela-bridge keygen > /etc/vela/curve       # a CURVE key pair: encrypted links
     vela-bridge status --cache shop            # members, lag, counters (JSON)
 """
 
@@ -32,6 +33,8 @@ def _parser():
                      help="a peer bridge to contact first (repeat); the others are learned from it")
     run.add_argument("--node-id", type=int, help="this host's id, 1..4095 (default: from --advertise)")
     run.add_argument("--secret-file", help="file holding the cluster's shared secret (HMAC of every message)")
+    run.add_argument("--curve-key-file",
+                     help="file with the cluster's CURVE key pair (vela-bridge keygen): encrypts every link")
     run.add_argument("--insecure", action="store_true",
                      help="allow a non-loopback --listen without a secret (trusted networks only)")
     run.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1.0)")
@@ -45,6 +48,7 @@ def _parser():
     st.add_argument("--cache", required=True)
     st.add_argument("--timeout", type=float, default=3.0)
     sub.add_parser("secret", help="print a new random shared secret")
+    sub.add_parser("keygen", help="print a new CURVE key pair for --curve-key-file (two lines: public, secret)")
     return p
 
 
@@ -55,7 +59,7 @@ def _load_config(path):
         import tomli as tomllib
     with open(path, "rb") as f:
         data = tomllib.load(f)
-    known = {"cache", "listen", "advertise", "join", "node_id", "secret_file", "insecure",
+    known = {"cache", "listen", "advertise", "join", "node_id", "secret_file", "insecure", "curve_key_file",
              "heartbeat", "failure_timeout", "tombstone_ttl", "log_level", "metrics_listen"}
     unknown = set(data) - known
     if unknown:
@@ -82,12 +86,20 @@ def run(args):
             secret = f.read().strip()
         if len(secret) < 16:
             raise SystemExit("the shared secret must be at least 16 bytes (vela-bridge secret makes one)")
+    curve = None
+    if opt("curve_key_file"):
+        with open(opt("curve_key_file"), "rb") as f:
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+        if len(lines) != 2 or any(len(k) != 40 for k in lines):
+            raise SystemExit(f"{opt('curve_key_file')}: expected two z85 keys of 40 characters "
+                             "(public, secret), as vela-bridge keygen prints them")
+        curve = (lines[0], lines[1])
     from .node import Bridge
 
     try:
         bridge = Bridge(caches, opt("listen"), advertise=opt("advertise"), join=join, node_id=opt("node_id"),
                         secret=secret, heartbeat=opt("heartbeat"), failure_timeout=opt("failure_timeout"),
-                        tombstone_ttl=opt("tombstone_ttl"), insecure=bool(opt("insecure")))
+                        tombstone_ttl=opt("tombstone_ttl"), insecure=bool(opt("insecure")), curve=curve)
     except ValueError as exc:
         raise SystemExit(f"vela-bridge: {exc}")
     logging.getLogger("vela.bridge").info("node %d listening on %s for %s", bridge.node_id, bridge.listen,
@@ -118,6 +130,13 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     if args.command == "secret":
         print(secrets.token_urlsafe(32))
+        return 0
+    if args.command == "keygen":
+        import zmq
+
+        public, secret = zmq.curve_keypair()
+        print(public.decode())
+        print(secret.decode())
         return 0
     if args.command == "status":
         return status(args)

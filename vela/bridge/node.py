@@ -49,7 +49,8 @@ class Member:
 
 class Bridge:
     def __init__(self, caches, listen, advertise=None, join=(), node_id=None, secret=None,
-                 heartbeat=1.0, failure_timeout=5.0, tombstone_ttl=300.0, control=None, insecure=False):
+                 heartbeat=1.0, failure_timeout=5.0, tombstone_ttl=300.0, control=None, insecure=False,
+                 curve=None):
         self.listen = listen
         self.advertise = advertise or listen
         if ("0.0.0.0" in self.advertise or "*" in self.advertise):
@@ -58,6 +59,9 @@ class Bridge:
             raise ValueError(f"refusing to listen on {listen} without authentication: give --secret-file "
                              "(a shared secret for every bridge of the cluster) or --insecure")
         self.secret = secret or b""
+        # (public, secret) z85 keys shared by the cluster: every link is encrypted
+        # with ZeroMQ CURVE; the HMAC still authenticates each message.
+        self.curve = curve
         self.node_id = node_id if node_id is not None else _node_id_of(self.advertise)
         self.inc = random.getrandbits(63)
         self.heartbeat = heartbeat
@@ -80,6 +84,9 @@ class Bridge:
         self.ctx = zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
+        if self.curve:
+            self.router.curve_server = True
+            self.router.curve_publickey, self.router.curve_secretkey = self.curve
         self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE + 4096)
         self.router.bind(listen)
         self.poller = zmq.Poller()
@@ -128,6 +135,9 @@ class Bridge:
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.IDENTITY, f"{self.node_id}:{self.inc}".encode())
+            if self.curve:
+                sock.curve_serverkey = self.curve[0]
+                sock.curve_publickey, sock.curve_secretkey = self.curve
             try:
                 sock.connect(addr)
             except zmq.ZMQError:
