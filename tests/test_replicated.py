@@ -355,3 +355,25 @@ def test_cluster_view_members_and_ready(tmp_path):
                    "every host's view says ready (idle peers, one host wrote)")
     finally:
         c.close()
+
+
+def test_a_change_a_host_cannot_hold_is_counted_not_fatal(tmp_path):
+    """A host with a smaller max_entry_size cannot store a big entry another host
+    wrote: its bridge counts the failure, stays up, and keeps replicating."""
+    c = Cluster(tmp_path, n=0)
+    try:
+        c.capacity = "32MiB"
+        a = c.add_host(join=[])
+        c.capacity = "4MiB"  # max_entry_size 64 KiB
+        b = c.add_host(join=[a])
+        c.wait_members()
+        a.put("big", "x" * 200_000)
+        a.put("small", "fits")
+        eventually(lambda: b.get("small") == "fits", 10, what="the small entry on B")
+        assert not b.has("big")
+        status = b.status()
+        assert status["caches"][c.name]["failed"] >= 1
+        a.put("after", 1)
+        eventually(lambda: b.get("after") == 1, 10, what="replication goes on")
+    finally:
+        c.close()

@@ -26,7 +26,7 @@ import msgpack
 import xxhash
 import zmq
 
-from ..errors import LayoutMismatch
+from ..errors import LayoutMismatch, VelaError
 from . import protocol
 from .client import control_endpoint
 from .replica import Replica
@@ -80,7 +80,7 @@ class Bridge:
         self.started = time.monotonic()
         self.counters = {"messages_in": 0, "messages_out": 0, "bytes_in": 0, "bytes_out": 0,
                          "dropped_out": 0, "malformed": 0, "unauthenticated": 0, "batches_out": 0,
-                         "batches_in": 0, "rpcs": 0}
+                         "batches_in": 0, "rpcs": 0, "apply_errors": 0}
         self.ctx = zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -223,7 +223,13 @@ class Bridge:
             self.epoch += 1
         member.last_seen = time.monotonic()
         member.received += 1
-        getattr(self, "_on_" + msg["t"])(member, msg)
+        try:
+            getattr(self, "_on_" + msg["t"])(member, msg)
+        except (VelaError, ValueError, TypeError, OverflowError) as exc:
+            # Valid on the wire but not applicable here (a table that refuses it):
+            # counted and logged; the bridge goes on.
+            self.counters["apply_errors"] += 1
+            log.warning("could not apply a %s from member %d: %s", msg["t"], sender, exc)
 
     def _on_hello(self, member, msg):
         for name, last in msg["seqs"].items():

@@ -10,10 +10,15 @@ newest invalidation per tag. After that, a put older than a delete could come
 back only if it had been delayed longer than ``tombstone_ttl``.
 """
 
+import logging
 import time
 from collections import OrderedDict
 
+from ..errors import VelaError
+
 from .protocol import DELETE, FLUSH, PUT, TAG
+
+log = logging.getLogger("vela.bridge")
 
 SNAPSHOT_CHUNK = 2000
 LOG_BATCH = 5000
@@ -42,7 +47,7 @@ class Replica:
         # Entries each flush / tag invalidation removed here, whichever way it came
         # first (the stream or the caller's request for a count): counts stay exact.
         self.removed_by = OrderedDict()
-        self.stats = {"sent": 0, "applied": 0, "stale": 0, "suppressed": 0, "resyncs": 0,
+        self.stats = {"sent": 0, "applied": 0, "stale": 0, "suppressed": 0, "failed": 0, "resyncs": 0,
                       "snapshots_served": 0, "snapshots_applied": 0}
 
     # ---- what stops late older puts --------------------------------------------------
@@ -130,26 +135,33 @@ class Replica:
         return expected != seq
 
     def apply(self, records):
-        now = time.monotonic()
-        table = self.table
-        for op, key, value, codec, ttl, tags, version in records:
-            if op == PUT:
-                if ttl == -1 or self.suppressed(key, tags, version):
-                    self.stats["suppressed"] += 1
-                elif table.apply_put(key, value, codec, ttl, tags, version):
-                    self.stats["applied"] += 1
-                else:
-                    self.stats["stale"] += 1
-            elif op == DELETE:
-                self._mark_delete(key, version, now)
-                table.apply_delete(key, version)
+        for record in records:
+            try:
+                self._apply_one(record, time.monotonic())
+            except (VelaError, ValueError, TypeError, OverflowError) as exc:
+                # e.g. an entry larger than this host's max_entry_size, or a full
+                # ttl_only table: this host cannot hold it; the others still can.
+                self.stats["failed"] += 1
+                log.warning("cache %s: could not apply a change: %s", self.name, exc)
+
+    def _apply_one(self, record, now):
+        op, key, value, codec, ttl, tags, version = record
+        if op == PUT:
+            if ttl == -1 or self.suppressed(key, tags, version):
+                self.stats["suppressed"] += 1
+            elif self.table.apply_put(key, value, codec, ttl, tags, version):
                 self.stats["applied"] += 1
-            elif op == FLUSH:
-                self.apply_rpc("flush", version)
-                self.stats["applied"] += 1
-            elif op == TAG:
-                self.apply_rpc("tag", version, tags[0])
-                self.stats["applied"] += 1
+            else:
+                self.stats["stale"] += 1
+            return
+        if op == DELETE:
+            self._mark_delete(key, version, now)
+            self.table.apply_delete(key, version)
+        elif op == FLUSH:
+            self.apply_rpc("flush", version)
+        elif op == TAG:
+            self.apply_rpc("tag", version, tags[0])
+        self.stats["applied"] += 1
 
     def apply_rpc(self, op, version, tag=None):
         """Apply a flush or tag invalidation (again: it is idempotent); returns how
