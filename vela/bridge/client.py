@@ -7,6 +7,7 @@ bridge, over a local ipc socket, with a bounded wait.
 
 import os
 import tempfile
+import threading
 
 from ..errors import BridgeUnavailable, OptionError
 
@@ -35,6 +36,7 @@ class BridgeClient:
         self.timeout_ms = int(timeout * 1000)
         self._socket = None
         self._pid = None
+        self._lock = threading.Lock()  # a REQ socket takes one request at a time
 
     def _sock(self):
         import zmq  # only replicated caches need pyzmq
@@ -50,10 +52,14 @@ class BridgeClient:
 
     def call(self, request):
         """One request to the bridge; its reply (a dict)."""
+        request = dict(request, cache=self.cache_name)
+        with self._lock:
+            return self._call(request)
+
+    def _call(self, request):
         import msgpack
         import zmq
 
-        request = dict(request, cache=self.cache_name)
         try:
             sock = self._sock()
             sock.send(msgpack.packb(request, use_bin_type=True))
