@@ -60,7 +60,7 @@ static void check_stripe(vela_table *t, uint32_t s, vela_report *r, uint8_t *see
 {
     vela_stripe *st = &t->stripes[s];
     uint32_t first = vela_heap_first(t);
-    uint64_t entries = 0, bytes = 0, taglinks = 0;
+    uint64_t entries = 0, bytes = 0, taglinks = 0, tombstones = 0;
     if (st->seq & 1)
         vela_report_add(r, "stripe %u: write sequence is odd with no writer", s);
     if (st->pending[0] || st->pending[1])
@@ -85,6 +85,7 @@ static void check_stripe(vela_table *t, uint32_t s, vela_report *r, uint8_t *see
                 vela_report_add(r, "stripe %u: entry at offset %llu is in bucket %u, its hash says %u", s,
                                 (unsigned long long)ref << 3, i, (unsigned)((e->hash >> 32) & t->bucket_mask));
             entries++;
+            tombstones += e->codec == VELA_CODEC_TOMBSTONE;
             bytes += vela_block_size(blk(t, ref));
             taglinks += e->ntags;
             /* every tag link is in its own tag chain */
@@ -127,6 +128,11 @@ static void check_stripe(vela_table *t, uint32_t s, vela_report *r, uint8_t *see
     if (linked != taglinks)
         vela_report_add(r, "stripe %u: entries carry %llu tag links, the tag chains hold %llu", s,
                         (unsigned long long)taglinks, (unsigned long long)linked);
+    if (tombstones != st->tombstones)
+        vela_report_add(r, "stripe %u: counter says %u tombstones, chains hold %llu", s, st->tombstones,
+                        (unsigned long long)tombstones);
+    if (tombstones && t->hdr->replicated != 1)
+        vela_report_add(r, "stripe %u: tombstones in a cache that is not replicated", s);
     if (entries != st->entries)
         vela_report_add(r, "stripe %u: counter says %llu entries, chains hold %llu", s,
                         (unsigned long long)st->entries, (unsigned long long)entries);

@@ -52,6 +52,10 @@ vela_read_result vela_find_unlocked(const vela_table *t, uint32_t s, const vela_
                 return VELA_READ_RETRY;
             const uint8_t *key = t->base + key_off;
             if (memcmp(key, k->bytes, k->len) == 0) {
+                if (codec == VELA_CODEC_TOMBSTONE) {
+                    out->ref = 0;
+                    return VELA_READ_ABSENT; /* a delete remembered for replication */
+                }
                 if ((expire_at && vela_now(t) >= expire_at) || vela_access_due(t, ONCE(b->access)))
                     return VELA_READ_LOCKED; /* needs a store: take the lock */
                 out->ref = ref;

@@ -157,7 +157,7 @@ vela_err vela_rebuild(vela_table *t, uint64_t *kept_out, uint64_t *dropped_out)
     memset(t->buckets, 0, (size_t)(t->stripe_mask + 1) * (t->bucket_mask + 1) * sizeof(uint32_t));
     memset(t->tagbuckets, 0, (size_t)(t->stripe_mask + 1) * (t->tagbucket_mask + 1) * sizeof(uint32_t));
     for (uint32_t s = 0; s <= t->stripe_mask; s++)
-        t->stripes[s].entries = t->stripes[s].bytes = 0;
+        t->stripes[s].entries = t->stripes[s].bytes = t->stripes[s].tombstones = 0;
     uint64_t top_version = 0;
     for (size_t i = 0; i < kept; i++) {
         vela_block *b = blk(t, refs[i]);
@@ -168,6 +168,7 @@ vela_err vela_rebuild(vela_table *t, uint64_t *kept_out, uint64_t *dropped_out)
         *head = refs[i];
         vela_tags_link(t, s, e);
         t->stripes[s].entries++;
+        t->stripes[s].tombstones += e->codec == VELA_CODEC_TOMBSTONE;
         t->stripes[s].bytes += vela_block_size(b);
         if (e->version > top_version)
             top_version = e->version;

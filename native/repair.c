@@ -117,10 +117,15 @@ vela_err vela_stripe_repair(vela_table *t, uint32_t s, int heap_held)
     /* Rebuild the tag chains from the entries. */
     memset(&t->tagbuckets[(uint64_t)s * (t->tagbucket_mask + 1)], 0,
            (size_t)(t->tagbucket_mask + 1) * sizeof(uint32_t));
-    for (size_t i = 0; i < n; i++)
-        vela_tags_link(t, s, vela_entry_of(blk(t, refs[i])));
+    uint32_t tombstones = 0;
+    for (size_t i = 0; i < n; i++) {
+        vela_entry *e = vela_entry_of(blk(t, refs[i]));
+        vela_tags_link(t, s, e);
+        tombstones += e->codec == VELA_CODEC_TOMBSTONE;
+    }
 
     st->entries = n;
+    st->tombstones = tombstones;
     st->bytes = bytes;
 out:
     if (st->seq & 1)

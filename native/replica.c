@@ -20,7 +20,7 @@ vela_err vela_apply_put(vela_table *t, const vela_put_args *a, int *applied)
     vela_err err = vela_stripe_lock(t, s);
     if (err != VELA_OK)
         return err;
-    uint32_t ref = vela_find(t, s, a->key);
+    uint32_t ref = vela_find_any(t, s, a->key); /* a tombstone's version counts too */
     *applied = !ref || vela_entry_of(blk(t, ref))->version < a->version;
     if (*applied)
         err = vela_do_put(t, s, a);
@@ -37,10 +37,11 @@ vela_err vela_apply_delete(vela_table *t, const vela_key *k, uint64_t version, i
     vela_err err = vela_stripe_lock(t, s);
     if (err != VELA_OK)
         return err;
-    uint32_t ref = vela_find(t, s, k);
-    *removed = ref && vela_entry_of(blk(t, ref))->version < version;
-    if (*removed)
-        vela_remove_entry(t, s, ref, 0, &err);
+    uint32_t ref = vela_find_any(t, s, k);
+    int newer = !ref || vela_entry_of(blk(t, ref))->version < version;
+    *removed = newer && ref && vela_entry_of(blk(t, ref))->codec != VELA_CODEC_TOMBSTONE;
+    if (newer)
+        err = vela_do_tombstone(t, s, k, version); /* remembered, and carried by snapshots */
     vela_stripe_unlock(t, s);
     vela_observe_version(t, version);
     return err;

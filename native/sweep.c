@@ -25,10 +25,11 @@ static uint64_t sweep_buckets(vela_table *t, uint32_t s, uint32_t from, uint32_t
         while (*link) {
             vela_entry *e = vela_entry_of(blk(t, *link));
             if (vela_is_expired(t, e, now)) {
+                int tombstone = e->codec == VELA_CODEC_TOMBSTONE;
                 vela_remove_entry(t, s, *link, 0, err);
                 if (*err != VELA_OK)
                     return reclaimed;
-                reclaimed++;
+                reclaimed += !tombstone; /* a forgotten delete is not an expired entry */
             } else {
                 link = &e->next;
             }

@@ -92,7 +92,8 @@ uint64_t vela_size(const vela_table *t)
 {
     uint64_t n = 0;
     for (uint32_t s = 0; s <= t->stripe_mask; s++)
-        n += __atomic_load_n(&t->stripes[s].entries, __ATOMIC_RELAXED);
+        n += __atomic_load_n(&t->stripes[s].entries, __ATOMIC_RELAXED) -
+             __atomic_load_n(&t->stripes[s].tombstones, __ATOMIC_RELAXED);
     return n;
 }
 
@@ -140,6 +141,7 @@ static uint32_t remove_at(vela_table *t, uint32_t s, uint32_t *pred, uint32_t re
     __atomic_store_n(pred, e->next, __ATOMIC_RELEASE);
     vela_tags_unlink(t, s, e);
     st->entries--;
+    st->tombstones -= e->codec == VELA_CODEC_TOMBSTONE;
     st->bytes -= vela_block_size(b);
     uint32_t freed = 0;
     if (!heap_held && (*err = vela_heap_lock(t)) != VELA_OK)
@@ -176,16 +178,24 @@ uint32_t vela_remove_entry(vela_table *t, uint32_t s, uint32_t ref, int heap_hel
 
 uint32_t vela_find(vela_table *t, uint32_t s, const vela_key *k)
 {
+    uint32_t ref = vela_find_any(t, s, k);
+    return ref && vela_entry_of(blk(t, ref))->codec == VELA_CODEC_TOMBSTONE ? 0 : ref;
+}
+
+uint32_t vela_find_any(vela_table *t, uint32_t s, const vela_key *k)
+{
     uint32_t *link = vela_bucket(t, s, k->hash);
     for (uint32_t ref = *link; ref; ref = *link) {
         vela_entry *e = vela_entry_of(blk(t, ref));
         if (e->hash == k->hash && e->key_len == k->len && memcmp(vela_key_of(e), k->bytes, k->len) == 0) {
             if (e->expire_at && vela_is_expired(t, e, 0)) {
                 vela_err err = VELA_OK;
+                int tombstone = e->codec == VELA_CODEC_TOMBSTONE;
                 vela_write_begin(t, s);
                 remove_at(t, s, link, ref, 0, &err);
                 vela_write_end(t, s);
-                VELA_COUNT(t, VELA_STAT_EXPIRATIONS);
+                if (!tombstone)
+                    VELA_COUNT(t, VELA_STAT_EXPIRATIONS);
                 return 0;
             }
             return ref;
@@ -233,8 +243,8 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
         return vela_fail(VELA_ETOOLARGE, "entry of %llu bytes (key %zu, value %zu, %zu tags) is larger "
                          "than max_entry_size (%llu bytes)", (unsigned long long)size, a->key->len,
                          a->value_len, a->ntags, (unsigned long long)t->hdr->max_entry_size);
-    uint32_t old = vela_find(t, s, a->key);
-    if (old && a->only_if_absent)
+    uint32_t old = vela_find_any(t, s, a->key);
+    if (old && a->only_if_absent && vela_entry_of(blk(t, old))->codec != VELA_CODEC_TOMBSTONE)
         return VELA_OK;
 
     if ((err = vela_heap_lock(t)) != VELA_OK)
@@ -252,7 +262,7 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
         return VELA_EFULL; /* message set by the evictor */
 
     /* Eviction may have removed the old entry: look again. */
-    old = vela_find(t, s, a->key);
+    old = vela_find_any(t, s, a->key);
     vela_write_begin(t, s);
     vela_block *b = blk(t, ref);
     vela_debug_stall(1);
@@ -265,11 +275,13 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
     vela_debug_stall(3);
     vela_tags_link(t, s, vela_entry_of(b));
     st->entries++;
+    st->tombstones += a->codec == VELA_CODEC_TOMBSTONE;
     st->bytes += vela_block_size(b);
     if (old) {
         vela_block *ob = blk(t, old);
         vela_tags_unlink(t, s, vela_entry_of(ob));
         st->entries--;
+        st->tombstones -= vela_entry_of(ob)->codec == VELA_CODEC_TOMBSTONE;
         st->bytes -= vela_block_size(ob);
         if ((err = vela_heap_lock(t)) == VELA_OK) {
             vela_heap_free(t, old);
@@ -311,11 +323,15 @@ int vela_delete(vela_table *t, const vela_key *k, vela_err *err)
     if ((*err = vela_stripe_lock(t, s)) != VELA_OK)
         return 0;
     uint32_t ref = vela_find(t, s, k);
-    if (ref)
+    if (t->hdr->replicated == 1) {
+        /* A tombstone, even when the key is not here: its put may still be on its
+         * way from another host, and this delete is newer than that put. */
+        uint64_t version = vela_next_version(t);
+        *err = vela_do_tombstone(t, s, k, version);
+        vela_log_append(t, VELA_OP_DELETE, k, 0, NULL, 0, NULL, 0, version, 0);
+    } else if (ref) {
         vela_remove_entry(t, s, ref, 0, err);
-    /* Logged even when the key is not here: its put may still be on its way
-     * from another host, and this delete is newer than that put. */
-    vela_log_append(t, VELA_OP_DELETE, k, 0, NULL, 0, NULL, 0, vela_next_version(t), 0);
+    }
     vela_stripe_unlock(t, s);
     if (ref)
         VELA_COUNT(t, VELA_STAT_DELETES);
@@ -391,6 +407,13 @@ vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t below, uint64
     if (t->stats_enabled)
         vela_count(t, VELA_STAT_INVALIDATIONS, *removed);
     return VELA_OK;
+}
+
+vela_err vela_do_tombstone(vela_table *t, uint32_t s, const vela_key *k, uint64_t version)
+{
+    vela_put_args a = {.key = k, .value = NULL, .value_len = 0, .codec = VELA_CODEC_TOMBSTONE,
+                       .expire_at = vela_now(t) + VELA_TOMBSTONE_TTL_NS, .version = version};
+    return vela_do_put(t, s, &a);
 }
 
 /* ---- read-modify-write: copy the entry with changes, publish the copy ------------ */

@@ -66,6 +66,7 @@
 #define VELA_STAT_SLOTS 256   /* processes with a private stats slot */
 #define VELA_MAX_STRIPES 4096
 #define VELA_LEASES_PER_STRIPE 8
+#define VELA_TOMBSTONE_TTL_NS (300LL * 1000000000LL) /* how long a replicated delete is remembered */
 #define VELA_CLUSTER_BYTES 16384  /* cluster view: JSON written by the bridge */ /* fetches in flight per stripe with stampede protection */
 
 enum vela_backend_kind { VELA_BACKEND_SHM = 0, VELA_BACKEND_FILE = 1 };
@@ -81,7 +82,8 @@ enum vela_codec {
     VELA_CODEC_JSON = 4,
     VELA_CODEC_MSGPACK = 5,
     VELA_CODEC_CUSTOM = 6,
-    VELA_CODEC_COUNT = 7
+    VELA_CODEC_TOMBSTONE = 7, /* replicated caches: a delete, kept with its version */
+    VELA_CODEC_COUNT = 8
 };
 
 /* Counters in each process's stats slot. */
@@ -166,7 +168,7 @@ typedef struct vela_stripe {
     uint32_t pending[2];   /* blocks allocated / unlinked by the write in flight */
     uint32_t sweep_cursor; /* next bucket the sweeper looks at */
     uint32_t inval_seq;    /* near cache: bumped by every invalidation in the stripe */
-    uint32_t pad0_;
+    uint32_t tombstones;   /* of `entries`, how many are tombstones (replicated deletes) */
     uint64_t entries;      /* entries linked in this stripe */
     uint64_t bytes;        /* bytes of their blocks */
 } __attribute__((aligned(VELA_LINE))) vela_stripe;

@@ -174,8 +174,13 @@ typedef struct vela_put_args {
 } vela_put_args;
 
 /* Find a live entry in stripe s (locked). Expired entries found on the way are
- * reclaimed. Returns the entry block ref or 0. */
+ * reclaimed; a tombstone counts as absent. Returns the entry block ref or 0. */
 uint32_t vela_find(vela_table *t, uint32_t s, const vela_key *k);
+/* The same, tombstones included (what versions are compared against). */
+uint32_t vela_find_any(vela_table *t, uint32_t s, const vela_key *k);
+/* Replicated caches: replace the key's entry (if any) by a tombstone of `version`,
+ * so the delete travels in snapshots and beats older puts. Stripe s locked. */
+vela_err vela_do_tombstone(vela_table *t, uint32_t s, const vela_key *k, uint64_t version);
 /* Insert or replace (stripe s locked by the caller). */
 vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a);
 /* Unlink and free entry `ref` of stripe s (locked), inside a write of its own;

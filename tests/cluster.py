@@ -41,6 +41,7 @@ ROOT = os.path.dirname(HERE)
 
 HEARTBEAT = 0.2
 FAILURE_TIMEOUT = 1.0
+TOMBSTONE = 7  # the codec of a delete kept in a replicated table (native/table.h)
 
 
 def _die_with_parent():
@@ -566,6 +567,9 @@ class Agent:
         value = self.cache.get(key, missing)
         return [False, None] if value is missing else [True, value]
 
+    def op_log_state(self):
+        return self.cache._table.log_state()
+
     def op_count_present(self, keys):
         found = self.cache.get_many(keys)
         return len(found)
@@ -598,6 +602,8 @@ class Agent:
         while cursor is not None:
             cursor, items = table.scan(cursor, 1_000_000)
             for key, value, codec, _ttl, tags, version in items:
+                if codec == TOMBSTONE:
+                    continue  # a remembered delete (replication), not contents
                 out.append((key.hex(), value.hex(), codec, sorted(tags), version))
         out.sort()
         return out

@@ -377,3 +377,27 @@ def test_a_change_a_host_cannot_hold_is_counted_not_fatal(tmp_path):
         eventually(lambda: b.get("after") == 1, 10, what="replication goes on")
     finally:
         c.close()
+
+
+def test_deletes_survive_a_change_log_that_wrapped(tmp_path):
+    """A's bridge is stopped while A's workers delete keys and then write far more
+    than A's change log holds: the log wraps and the delete records are lost. The
+    deletes are still in A's table (tombstones), so the snapshot B and C pull from
+    A removes the keys there too."""
+    c = Cluster(tmp_path, n=3, capacity="8MiB")  # change log: 1 MiB
+    try:
+        c.wait_members()
+        a, b, _ = c
+        a.put_many([(f"doomed{i}", i) for i in range(50)])
+        c.wait_converged(expect=50)
+        a.pause()
+        for i in range(50):
+            a.delete(f"doomed{i}")
+        n = a.call("put_range", prefix="fill", start=0, stop=12000, value="x" * 60)  # ~1.5 MiB of log
+        assert a.call("log_state")["head"] > 1 << 20
+        a.resume()
+        dump = c.wait_converged(timeout=20, expect=n)
+        assert not any(bytes.fromhex(e[0]).startswith(b"sdoomed") for e in dump)
+        assert b.call("count_present", keys=[f"doomed{i}" for i in range(50)]) == 0
+    finally:
+        c.close()

@@ -109,7 +109,7 @@ def check_record(r):
         raise Malformed("bad record key")
     if not isinstance(value, bytes):
         raise Malformed("bad record value")
-    if isinstance(codec, bool) or not isinstance(codec, int) or not 0 <= codec <= 6:
+    if isinstance(codec, bool) or not isinstance(codec, int) or not 0 <= codec <= 7:  # 7: tombstone
         raise Malformed("bad record codec")
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not -1 <= ttl < 2**63:
         raise Malformed("bad record ttl")
