@@ -96,16 +96,12 @@ class Replica:
         for op, key, value, codec, ttl, tags, version in records:
             if op == PUT and ttl == -1:
                 continue  # expired before it could be sent
-            # A remote put older than this host's own delete / flush / tag
-            # invalidation may have been applied between the worker's change and
-            # this read: apply the change again here (idempotent) to remove it.
-            if op == DELETE:
-                self._mark_delete(key, version, now)
-                self.table.apply_delete(key, version)
-            elif op == FLUSH:
-                self.apply_rpc("flush", version)
-            elif op == TAG:
-                self.apply_rpc("tag", version, tags[0])
+            if op != PUT:
+                # A remote put older than this host's own flush or tag invalidation
+                # may have been applied between the worker's change and this read:
+                # apply it again (idempotent). A delete needs nothing more: its
+                # tombstone in the table already beats older puts.
+                self._remove(op, key, tags, version, now)
             out.append([op, key, value, codec, ttl, list(tags), version])
         self.pos = pos
         return out
@@ -154,14 +150,20 @@ class Replica:
             else:
                 self.stats["stale"] += 1
             return
+        self._remove(op, key, tags, version, now)
+        if op == DELETE:
+            self.table.apply_delete(key, version)
+        self.stats["applied"] += 1
+
+    def _remove(self, op, key, tags, version, now):
+        """Record what a delete, flush or tag invalidation must stop, and apply
+        flushes and tag invalidations (a delete's table part is the caller's)."""
         if op == DELETE:
             self._mark_delete(key, version, now)
-            self.table.apply_delete(key, version)
         elif op == FLUSH:
             self.apply_rpc("flush", version)
         elif op == TAG:
             self.apply_rpc("tag", version, tags[0])
-        self.stats["applied"] += 1
 
     def apply_rpc(self, op, version, tag=None):
         """Apply a flush or tag invalidation (again: it is idempotent); returns how
