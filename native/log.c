@@ -55,7 +55,7 @@ void vela_log_append(vela_table *t, uint8_t op, const vela_key *k, uint8_t codec
                      size_t value_len, const uint64_t *tags, size_t ntags, uint64_t version, int64_t expire_at)
 {
     vela_header *h = t->hdr;
-    if (!h->replicated)
+    if (h->replicated != VELA_TOPOLOGY_REPLICATED)
         return;
     size_t key_len = k ? k->len : 0;
     uint64_t len = (sizeof(vela_log_record) + ntags * 8 + key_len + value_len + 7) & ~7ull;

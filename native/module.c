@@ -1254,6 +1254,140 @@ static PyObject *Table_scan(TableObject *self, PyObject *args)
     return Py_BuildValue("(KN)", (unsigned long long)c, items);
 }
 
+/* ---- the partitioned topology: values as bytes, partitions --------------- */
+
+/* get_raw(key_bytes) -> None | (value_bytes, codec, remaining_ns, tags): the
+ * bridge's read. Nothing is decoded (a bridge never unpickles); remaining_ns 0
+ * means "never expires". Counts a hit or a miss. */
+static PyObject *Table_get_raw(TableObject *self, PyObject *key)
+{
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    if (raw_key(key, &kb) < 0)
+        return NULL;
+    vela_table *t = &self->t;
+    uint32_t s = vela_stripe_of(t, kb.key.hash);
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    uint32_t ref = vela_find(t, s, &kb.key);
+    if (!ref) {
+        vela_stripe_unlock(t, s);
+        VELA_COUNT(t, VELA_STAT_MISSES);
+        Py_RETURN_NONE;
+    }
+    vela_block *b = (vela_block *)vela_at(t, ref);
+    vela_entry *e = vela_entry_of(b);
+    vela_mark_access(t, b);
+    uint64_t tags[VELA_MAX_TAGS];
+    for (uint32_t i = 0; i < e->ntags; i++)
+        tags[i] = vela_tags_of(e)[i].tag;
+    PyObject *tt = tags_tuple(tags, e->ntags);
+    PyObject *out = tt ? Py_BuildValue("(y#iLN)", vela_value_of(e), (Py_ssize_t)e->value_len, e->codec,
+                                       remaining_of(e->expire_at, vela_now(t)), tt) : NULL;
+    vela_stripe_unlock(t, s);
+    if (out)
+        VELA_COUNT(t, VELA_STAT_HITS);
+    return out;
+}
+
+/* encode_value(value) -> (bytes, codec): what put would store, for a remote owner. */
+static PyObject *Table_encode_value(TableObject *self, PyObject *value)
+{
+    vela_valbuf vb;
+    if (vela_encode_value(value, self->dumps, self->dumps_codec, &vb) < 0)
+        return NULL;
+    PyObject *out = Py_BuildValue("(y#i)", vb.bytes, (Py_ssize_t)vb.len, vb.codec);
+    vela_valbuf_release(&vb);
+    return out;
+}
+
+/* decode_value(bytes, codec) -> value: what get would return for those bytes. */
+static PyObject *Table_decode_value(TableObject *self, PyObject *args)
+{
+    const char *bytes;
+    Py_ssize_t len;
+    int codec;
+    if (!PyArg_ParseTuple(args, "y#i", &bytes, &len, &codec))
+        return NULL;
+    if (codec < 0 || codec >= VELA_CODEC_TOMBSTONE) {
+        PyErr_Format(PyExc_ValueError, "codec %d is not a value codec", codec);
+        return NULL;
+    }
+    PyObject *raw = vela_decode_raw((uint8_t)codec, (const uint8_t *)bytes, (size_t)len);
+    return raw ? vela_decode_finish((uint8_t)codec, raw, self->loaders) : NULL;
+}
+
+typedef struct { uint32_t parts; uint64_t *counts; } partition_count_ctx;
+
+static int count_one(void *ctx, vela_entry *e, int64_t Py_UNUSED(now))
+{
+    partition_count_ctx *c = ctx;
+    if (e->codec != VELA_CODEC_TOMBSTONE)
+        c->counts[e->hash % c->parts]++;
+    return 0;
+}
+
+static int parse_parts(unsigned int parts)
+{
+    if (parts == 0 || parts > 65536) {
+        PyErr_Format(PyExc_ValueError, "partitions must be 1 to 65536, not %u", parts);
+        return -1;
+    }
+    return 0;
+}
+
+/* partition_counts(parts) -> [live entries of each partition (hash % parts)] */
+static PyObject *Table_partition_counts(TableObject *self, PyObject *arg)
+{
+    READY_OR_NULL(self);
+    unsigned long parts = PyLong_AsUnsignedLong(arg);
+    if ((parts == (unsigned long)-1 && PyErr_Occurred()) || parse_parts((unsigned int)parts) < 0)
+        return NULL;
+    partition_count_ctx c = {(uint32_t)parts, calloc(parts, sizeof(uint64_t))};
+    if (!c.counts)
+        return PyErr_NoMemory();
+    uint64_t cursor = 0;
+    vela_err err = VELA_OK;
+    while (cursor != UINT64_MAX && err == VELA_OK)
+        err = vela_scan(&self->t, &cursor, 1u << 16, count_one, &c);
+    PyObject *out = err == VELA_OK ? PyList_New((Py_ssize_t)parts) : NULL;
+    for (unsigned long i = 0; out && i < parts; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(c.counts[i]);
+        if (!v)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, (Py_ssize_t)i, v);
+    }
+    free(c.counts);
+    return err == VELA_OK ? out : raise_vela(err);
+}
+
+/* drop_partitions(parts, drop_bytes) -> removed: drop_bytes[p] != 0 drops partition p. */
+static PyObject *Table_drop_partitions(TableObject *self, PyObject *args)
+{
+    unsigned int parts;
+    const char *drop;
+    Py_ssize_t len;
+    if (!PyArg_ParseTuple(args, "Iy#", &parts, &drop, &len))
+        return NULL;
+    READY_OR_NULL(self);
+    if (parse_parts(parts) < 0)
+        return NULL;
+    if ((Py_ssize_t)parts != len) {
+        PyErr_Format(PyExc_ValueError, "drop_partitions: %zd flags for %u partitions", len, parts);
+        return NULL;
+    }
+    uint64_t removed = 0;
+    vela_err err;
+    Py_BEGIN_ALLOW_THREADS
+    err = vela_drop_partitions(&self->t, parts, (const uint8_t *)drop, &removed);
+    Py_END_ALLOW_THREADS
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return PyLong_FromUnsignedLongLong(removed);
+}
+
 static PyObject *Table_next_version(TableObject *self, PyObject *Py_UNUSED(ignored))
 {
     READY_OR_NULL(self);
@@ -1470,6 +1604,11 @@ static PyMethodDef Table_methods[] = {
     {"apply_flush", (PyCFunction)Table_apply_flush, METH_O, "bridge: apply_flush(version) -> removed"},
     {"apply_tag", (PyCFunction)Table_apply_tag, METH_VARARGS, "bridge: apply_tag(tag, version) -> removed"},
     {"scan", (PyCFunction)Table_scan, METH_VARARGS, "bridge: scan(cursor, max) for snapshots"},
+    {"get_raw", (PyCFunction)Table_get_raw, METH_O, "bridge: get_raw(key_bytes) -> None | (bytes, codec, ttl_ns, tags)"},
+    {"encode_value", (PyCFunction)Table_encode_value, METH_O, "encode_value(value) -> (bytes, codec)"},
+    {"decode_value", (PyCFunction)Table_decode_value, METH_VARARGS, "decode_value(bytes, codec) -> value"},
+    {"partition_counts", (PyCFunction)Table_partition_counts, METH_O, "partition_counts(parts) -> [entries]"},
+    {"drop_partitions", (PyCFunction)Table_drop_partitions, METH_VARARGS, "drop_partitions(parts, flags) -> removed"},
     {"next_version", (PyCFunction)Table_next_version, METH_NOARGS, "a new version (HLC)"},
     {"set_cluster", (PyCFunction)Table_set_cluster, METH_O, "bridge: publish the cluster view"},
     {"cluster", (PyCFunction)Table_cluster, METH_NOARGS, "the cluster view (bytes)"},

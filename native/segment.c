@@ -143,10 +143,10 @@ static vela_err lay_out(vela_header *hdr, const vela_options *o, uint64_t cap)
     off = align_up(off + stripes * VELA_LEASES_PER_STRIPE * sizeof(vela_lease), VELA_LINE);
     hdr->slots_off = off;
     off = align_up(off + VELA_STAT_SLOTS * sizeof(vela_slot), 4096);
-    hdr->replicated = o->replicated > 0; /* -1 (not given) creates a local cache */
+    hdr->replicated = o->replicated > 0 ? (uint32_t)o->replicated : 0; /* -1 (not given): local */
     hdr->log_off = off;
     hdr->log_size = 0;
-    if (hdr->replicated) {
+    if (hdr->replicated == VELA_TOPOLOGY_REPLICATED) {
         uint64_t mes = o->max_entry_size > 0 ? (uint64_t)o->max_entry_size : cap / 64;
         uint64_t log = cap / 8 > 4 * mes + 65536 ? cap / 8 : 4 * mes + 65536;
         hdr->log_size = align_up(log, 4096);
@@ -241,7 +241,7 @@ static vela_err check_agreement(const vela_header *h, const vela_options *o)
     if (o->replicated >= 0 && (uint32_t)o->replicated != h->replicated)
         n += (size_t)snprintf(diff + n, n < sizeof diff ? sizeof diff - n : 0,
                               "%stopology=%s (segment is %s)", n ? ", " : "",
-                              o->replicated ? "replicated" : "local", h->replicated ? "replicated" : "local");
+                              vela_topology_name((uint32_t)o->replicated), vela_topology_name(h->replicated));
     if ((uint32_t)o->backend != h->backend)
         n += (size_t)snprintf(diff + n, n < sizeof diff ? sizeof diff - n : 0,
                               "%sbackend differs", n ? ", " : "");
@@ -278,6 +278,12 @@ static vela_err validate(const vela_header *h, uint64_t size)
     if (!ok)
         return vela_fail(VELA_ECORRUPT, "segment header is inconsistent");
     return VELA_OK;
+}
+
+const char *vela_topology_name(uint32_t topology)
+{
+    static const char *const names[] = {"local", "replicated", "partitioned"};
+    return topology < 3 ? names[topology] : "unknown";
 }
 
 vela_err vela_open(int fd, int lock_fd, const vela_options *o, vela_table *out)

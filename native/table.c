@@ -369,6 +369,39 @@ vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed)
     return VELA_OK;
 }
 
+vela_err vela_drop_partitions(vela_table *t, uint32_t parts, const uint8_t *drop, uint64_t *removed)
+{
+    *removed = 0;
+    for (uint32_t s = 0; s <= t->stripe_mask; s++) {
+        vela_err err = vela_stripe_lock(t, s);
+        if (err != VELA_OK)
+            return err;
+        /* A near-cache fill reserved before this drop must not land after it. */
+        __atomic_add_fetch(&t->stripes[s].inval_seq, 1, __ATOMIC_RELEASE);
+        if (t->stripes[s].entries) {
+            if ((err = vela_heap_lock(t)) != VELA_OK) {
+                vela_stripe_unlock(t, s);
+                return err;
+            }
+            vela_write_begin(t, s);
+            uint32_t *first = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];
+            for (uint32_t i = 0; i <= t->bucket_mask; i++)
+                for (uint32_t *link = &first[i]; *link;) {
+                    if (!drop[vela_entry_of(blk(t, *link))->hash % parts]) {
+                        link = &vela_entry_of(blk(t, *link))->next;
+                        continue;
+                    }
+                    remove_at(t, s, link, *link, 1, &err);
+                    (*removed)++;
+                }
+            vela_write_end(t, s);
+            vela_heap_unlock(t);
+        }
+        vela_stripe_unlock(t, s);
+    }
+    return VELA_OK;
+}
+
 vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t below, uint64_t *removed)
 {
     *removed = 0;

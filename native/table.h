@@ -69,6 +69,11 @@
 #define VELA_TOMBSTONE_TTL_NS (300LL * 1000000000LL) /* how long a replicated delete is remembered */
 #define VELA_CLUSTER_BYTES 16384  /* cluster view: JSON written by the bridge */ /* fetches in flight per stripe with stampede protection */
 
+/* Topologies. Only a replicated cache keeps a change log; a partitioned one is
+ * a plain table whose writes the bridge makes (it owns some partitions, holds
+ * backup copies of others and, with the near cache, L1 copies of the rest). */
+enum vela_topology { VELA_TOPOLOGY_LOCAL = 0, VELA_TOPOLOGY_REPLICATED = 1, VELA_TOPOLOGY_PARTITIONED = 2 };
+
 enum vela_backend_kind { VELA_BACKEND_SHM = 0, VELA_BACKEND_FILE = 1 };
 enum vela_eviction { VELA_EVICT_LRU = 0, VELA_EVICT_LFU = 1, VELA_EVICT_TTL_ONLY = 2 };
 
@@ -224,7 +229,7 @@ typedef struct vela_header {
     uint64_t stripes_off, buckets_off, tagbuckets_off, leases_off, slots_off, heap_off, heap_end;
     uint64_t log_off, log_size; /* change log ring; size 0 unless replicated */
     uint64_t cluster_off;
-    uint32_t replicated;      /* topology: 1 = workers log their changes for the bridge */
+    uint32_t replicated;      /* enum vela_topology (1: workers log their changes for the bridge) */
     uint32_t pad2_;
     int64_t created_ns;       /* CLOCK_REALTIME at creation */
     uint64_t header_check;    /* xxh3 of every field above: a damaged header is refused */

@@ -70,7 +70,7 @@ typedef struct vela_options {
     int64_t eviction;
     int backend;              /* enum vela_backend_kind; always given */
     int reinit_unready;       /* lay out a non-empty segment that never became READY */
-    int replicated;           /* -1 adopt, 0 local, 1 replicated (workers keep a change log) */
+    int replicated;           /* -1 adopt, else enum vela_topology */
 } vela_options;
 
 #define VELA_DEFAULT_CAPACITY (64ull << 20)
@@ -84,6 +84,7 @@ typedef struct vela_options {
  * afresh when opts->reinit_unready is set, else refused with VELA_ECORRUPT.
  * Fills *out. */
 vela_err vela_open(int fd, int lock_fd, const vela_options *opts, vela_table *out);
+const char *vela_topology_name(uint32_t topology);
 /* Header checksum over the fields that never change after creation. */
 uint64_t vela_header_checksum(const vela_header *h);
 void vela_close(vela_table *t);
@@ -192,6 +193,9 @@ vela_err vela_put(vela_table *t, const vela_put_args *a);
 int vela_delete(vela_table *t, const vela_key *k, vela_err *err);
 /* Remove entries with a version below `below` (UINT64_MAX: all). */
 vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed);
+/* Partitioned caches: remove every entry whose partition (hash % parts) has
+ * drop[partition] set, and void every near-cache reservation in flight. */
+vela_err vela_drop_partitions(vela_table *t, uint32_t parts, const uint8_t *drop, uint64_t *removed);
 /* Remove entries carrying `tag` with a version below `below`; *removed counts live ones. */
 vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t below, uint64_t *removed);
 vela_err vela_touch(vela_table *t, const vela_key *k, int64_t expire_at, int *found);
