@@ -995,6 +995,16 @@ static PyObject *Table_sync(TableObject *self, PyObject *Py_UNUSED(ignored))
 
 /* ---- the bridge's side: change log, applying remote changes, snapshots ---- */
 
+static int parse_parts(unsigned int parts)
+{
+    if (parts == 0 || parts > 65536) {
+        PyErr_Format(PyExc_ValueError, "partitions must be 1 to 65536, not %u", parts);
+        return -1;
+    }
+    return 0;
+}
+
+
 static int raw_key(PyObject *obj, vela_keybuf *kb)
 {
     if (!PyBytes_Check(obj) || PyBytes_GET_SIZE(obj) > VELA_MAX_KEY || PyBytes_GET_SIZE(obj) == 0) {
@@ -1199,16 +1209,27 @@ static PyObject *Table_apply_flush(TableObject *self, PyObject *arg)
     return PyLong_FromUnsignedLongLong(removed);
 }
 
+/* apply_tag(tag, version, parts=0, counted=b"") -> removed: counted[p] set = count
+ * the entries of partition p (hash % parts); without them every entry counts. */
 static PyObject *Table_apply_tag(TableObject *self, PyObject *args)
 {
     unsigned long long tag, version;
-    if (!PyArg_ParseTuple(args, "KK", &tag, &version))
+    unsigned int parts = 0;
+    const char *counted = NULL;
+    Py_ssize_t clen = 0;
+    if (!PyArg_ParseTuple(args, "KK|Iy#", &tag, &version, &parts, &counted, &clen))
         return NULL;
     READY_OR_NULL(self);
+    if (parts && (parse_parts(parts) < 0 || clen != (Py_ssize_t)parts)) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "apply_tag: %zd flags for %u partitions", clen, parts);
+        return NULL;
+    }
     uint64_t removed = 0;
     vela_err err;
     Py_BEGIN_ALLOW_THREADS
-    err = vela_invalidate_tag(&self->t, tag, version, &removed);
+    err = vela_invalidate_tag_counted(&self->t, tag, version, parts, parts ? (const uint8_t *)counted : NULL,
+                                      &removed);
     Py_END_ALLOW_THREADS
     vela_observe_version(&self->t, version);
     if (err != VELA_OK)
@@ -1328,15 +1349,6 @@ static int count_one(void *ctx, vela_entry *e, int64_t Py_UNUSED(now))
     return 0;
 }
 
-static int parse_parts(unsigned int parts)
-{
-    if (parts == 0 || parts > 65536) {
-        PyErr_Format(PyExc_ValueError, "partitions must be 1 to 65536, not %u", parts);
-        return -1;
-    }
-    return 0;
-}
-
 /* partition_counts(parts) -> [live entries of each partition (hash % parts)] */
 static PyObject *Table_partition_counts(TableObject *self, PyObject *arg)
 {
@@ -1428,6 +1440,14 @@ static PyObject *Table_cluster(TableObject *self, PyObject *Py_UNUSED(ignored))
         Py_XDECREF(out);
     }
     return PyBytes_FromStringAndSize("", 0);
+}
+
+/* cluster_seq() -> int: changes whenever the bridge writes a new view (cheap:
+ * a worker re-reads the view only when it moved). */
+static PyObject *Table_cluster_seq(TableObject *self, PyObject *Py_UNUSED(ignored))
+{
+    READY_OR_NULL(self);
+    return PyLong_FromUnsignedLong(__atomic_load_n(&self->t.cluster->seq, __ATOMIC_ACQUIRE));
 }
 
 static PyObject *Table_get_node_id(TableObject *self, void *Py_UNUSED(c))
@@ -1612,6 +1632,7 @@ static PyMethodDef Table_methods[] = {
     {"next_version", (PyCFunction)Table_next_version, METH_NOARGS, "a new version (HLC)"},
     {"set_cluster", (PyCFunction)Table_set_cluster, METH_O, "bridge: publish the cluster view"},
     {"cluster", (PyCFunction)Table_cluster, METH_NOARGS, "the cluster view (bytes)"},
+    {"cluster_seq", (PyCFunction)Table_cluster_seq, METH_NOARGS, "changes with every new view"},
     {"close", (PyCFunction)Table_close, METH_NOARGS, "close()"},
     {"debug_stall", (PyCFunction)Table_debug_stall, METH_VARARGS, "test hook: a put that stops at a phase"},
     {NULL, NULL, 0, NULL},

@@ -404,6 +404,12 @@ vela_err vela_drop_partitions(vela_table *t, uint32_t parts, const uint8_t *drop
 
 vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t below, uint64_t *removed)
 {
+    return vela_invalidate_tag_counted(t, tag, below, 0, NULL, removed);
+}
+
+vela_err vela_invalidate_tag_counted(vela_table *t, uint64_t tag, uint64_t below, uint32_t parts,
+                                     const uint8_t *counted, uint64_t *removed)
+{
     *removed = 0;
     int64_t now = vela_now(t);
     for (uint32_t s = 0; s <= t->stripe_mask; s++) {
@@ -426,10 +432,11 @@ vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t below, uint64
                            (vela_taglink *)vela_at(t, next) < mine + e->ntags)
                         next = ((vela_taglink *)vela_at(t, next))->next;
                     int live = !vela_is_expired(t, e, now);
+                    int owned = !counted || counted[e->hash % parts];
                     vela_remove_entry(t, s, vela_ref(t, (vela_block *)e - 1), 0, &err);
-                    if (live)
+                    if (live && owned)
                         (*removed)++;
-                    else
+                    else if (!live)
                         VELA_COUNT(t, VELA_STAT_EXPIRATIONS);
                 }
             }

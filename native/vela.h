@@ -198,6 +198,10 @@ vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed);
 vela_err vela_drop_partitions(vela_table *t, uint32_t parts, const uint8_t *drop, uint64_t *removed);
 /* Remove entries carrying `tag` with a version below `below`; *removed counts live ones. */
 vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t below, uint64_t *removed);
+/* The same, counting only entries whose partition (hash % parts) has counted[] set
+ * (a partitioned host counts what it owns, not its backup or near-cache copies). */
+vela_err vela_invalidate_tag_counted(vela_table *t, uint64_t tag, uint64_t below, uint32_t parts,
+                                     const uint8_t *counted, uint64_t *removed);
 vela_err vela_touch(vela_table *t, const vela_key *k, int64_t expire_at, int *found);
 /* Remaining ns: -1 never expires; sets *found. */
 vela_err vela_ttl(vela_table *t, const vela_key *k, int64_t *remaining, int *found);
