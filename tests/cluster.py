@@ -104,8 +104,11 @@ class Host:
     """One simulated host: an agent process with the host's namespace and the bridge."""
 
     def __init__(self, label, cache_name, workdir, node_id, capacity="32MiB", run_id=None,
-                 bridge_timeout=3.0, listen_host="127.0.0.1"):
+                 bridge_timeout=3.0, listen_host="127.0.0.1", topology="replicated", cache_opts=None,
+                 bridge_extra=()):
         self.label = label
+        self.topology = topology
+        self.bridge_extra = list(bridge_extra)
         self.cache_name = cache_name
         self.workdir = workdir
         self.node_id = node_id
@@ -128,7 +131,8 @@ class Host:
                                       stderr=open(self.agent_log, "ab"), env=self.env, cwd=workdir,
                                       preexec_fn=_die_with_parent)
         try:
-            self.call("open", name=cache_name, capacity=capacity, bridge_timeout=bridge_timeout)
+            self.call("open", name=cache_name, capacity=capacity, bridge_timeout=bridge_timeout,
+                      topology=topology, cache_opts=cache_opts or {})
         except BaseException:
             self.close()
             raise
@@ -246,7 +250,7 @@ class Host:
             args += ["--secret-file", secret_file]
         if insecure:
             args.append("--insecure")
-        args += list(extra)
+        args += self.bridge_extra + list(extra)
         self.bridge_args = args
         self._launch_bridge(wait)
         return self.bridge
@@ -379,8 +383,12 @@ class Host:
 class Cluster:
     """Several simulated hosts of one replicated cache."""
 
-    def __init__(self, workdir, n=3, capacity="32MiB", secret=None, start=True, name=None):
+    def __init__(self, workdir, n=3, capacity="32MiB", secret=None, start=True, name=None,
+                 topology="replicated", cache_opts=None, bridge_extra=()):
         self.workdir = str(workdir)
+        self.topology = topology
+        self.cache_opts = cache_opts or {}
+        self.bridge_extra = list(bridge_extra)
         self.name = name or f"r{uuid.uuid4().hex[:10]}"
         self.run_id = uuid.uuid4().hex[:8]
         self.capacity = capacity
@@ -409,7 +417,8 @@ class Cluster:
         (default: the first host)."""
         label = "ABCDEFGHIJ"[len(self.hosts)]
         host = Host(label, self.name, self.workdir, node_id=len(self.hosts) + 1, capacity=self.capacity,
-                    run_id=self.run_id, listen_host=listen_host)
+                    run_id=self.run_id, listen_host=listen_host, topology=self.topology,
+                    cache_opts=self.cache_opts, bridge_extra=self.bridge_extra)
         self.hosts.append(host)
         if start:
             peers = join if join is not None else [self.hosts[0]]
@@ -513,7 +522,16 @@ def _worker_main(conn, name, script):
 
         import vela
 
-        cache = vela.Cache(name, topology="replicated", sweep_interval=None)
+        cache = vela.Cache(name, topology=script.get("topology", "replicated"), sweep_interval=None,
+                           **script.get("cache_opts", {}))
+        if script.get("kind") == "fetch":  # get_or_fetch of one key, counting the fetches
+            fetched = []
+            barrier_at = script["start_at"]
+            time.sleep(max(0.0, barrier_at - time.time()))
+            value = cache.get_or_fetch(script["key"], lambda k: fetched.append(k) or time.sleep(0.3) or "v")
+            cache.close()
+            conn.send(("ok", [value, len(fetched)]))
+            return
         rng = random.Random(script["seed"])
         keys = script["keys"]
         done = 0
@@ -541,13 +559,79 @@ class Agent:
         self.name = None
         self.bridge_client = None
 
-    def op_open(self, name, capacity, bridge_timeout=3.0):
+    def op_open(self, name, capacity, bridge_timeout=3.0, topology="replicated", cache_opts=None):
         import vela
 
         self.name = name
-        self.cache = vela.Cache(name, capacity=capacity, topology="replicated", sweep_interval=None,
-                                topology_opts={"bridge_timeout": bridge_timeout})
+        self.topology = topology
+        self.cache_opts = dict(cache_opts or {})
+        opts = {"bridge_timeout": bridge_timeout} if topology == "replicated" else {"timeout": bridge_timeout}
+        self.cache = vela.Cache(name, capacity=capacity, topology=topology, sweep_interval=None,
+                                topology_opts=opts, **self.cache_opts)
         return self.cache.info()["capacity"]
+
+    def op_get_many(self, keys):
+        return sorted(self.cache.get_many(keys).items())
+
+    def op_delete_many(self, keys):
+        return self.cache.delete_many(keys)
+
+    def op_exists(self, key):
+        return self.cache.exists(key)
+
+    def op_local_get(self, key):
+        """What this host's table holds under ``key`` (an owned entry or a copy)."""
+        value = self.cache._table.get(key, None)
+        return [self.cache._table.contains(key), value]
+
+    def op_owner(self, key):
+        """(owner node id, partition) of ``key`` by this host's partition table."""
+        from vela import _native
+        from vela.ring import partition_of
+
+        view = self.cache._view()
+        p = partition_of(_native.encode_key(key), view.parts)
+        return [view.owners[p], p]
+
+    def op_owned_counts(self, keys):
+        """{owner node id: how many of ``keys`` it owns} by this host's table."""
+        counts = {}
+        for key in keys:
+            owner = self.op_owner(key)[0]
+            counts[str(owner)] = counts.get(str(owner), 0) + 1
+        return counts
+
+    def op_get_range(self, prefix, start, stop):
+        """[(i, value or None)] for keys prefix+i, read through the cache."""
+        get = self.cache.get
+        return [[i, get(f"{prefix}{i}")] for i in range(start, stop)]
+
+    def op_load(self, prefix, keys, seconds, writer):
+        """A steady load for ``seconds``: writes ``prefix``+i = [writer, n] (n counts up),
+        reads them back; returns the last value written per key and the errors seen."""
+        import random
+
+        rng = random.Random(writer)
+        last = {}
+        errors = []
+        reads = 0
+        end = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < end:
+            i = rng.randrange(keys)
+            key = f"{prefix}{i}"
+            n += 1
+            try:
+                self.cache.put(key, [writer, n])
+                last[key] = [writer, n]
+                got = self.cache.get(key)
+                reads += 1
+                if got != [writer, n]:
+                    errors.append(["read-own-write", key, [writer, n], got])
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                errors.append(["error", key, repr(exc)])
+            time.sleep(0.001)
+        return {"last": last, "errors": errors[:20], "error_count": len(errors), "writes": n, "reads": reads}
 
     def op_put(self, key, value, ttl=None, tags=()):
         self.cache.put(key, value, ttl=ttl, tags=tags)
@@ -666,6 +750,7 @@ class Agent:
         procs, conns = [], []
         for script in scripts:
             parent, child = ctx.Pipe(duplex=False)
+            script = dict(script, topology=self.topology, cache_opts=self.cache_opts)
             p = ctx.Process(target=_worker_main, args=(child, self.name, script), daemon=True)
             p.start()
             child.close()

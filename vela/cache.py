@@ -23,7 +23,6 @@ _POLL_NS = 20_000_000
 
 # Segment backends; backend="redis" is served by RedisCache (see _implementation).
 _BACKENDS = {"shm": shm, "file": file}
-_NOT_BUILT = {"partitioned": "the partitioned topology"}
 
 # Open handles: their background thread restarts in a forked child, and their
 # get is rebound when telemetry handlers come and go.
@@ -36,6 +35,10 @@ def _implementation(kwargs):
         from .redis_cache import RedisCache  # imports redis-py only when used
 
         return RedisCache
+    if kwargs.get("topology") == "partitioned":
+        from .partitioned import PartitionedCache
+
+        return PartitionedCache
     return Cache
 
 
@@ -88,15 +91,16 @@ class Cache:
         elif topology == "replicated":
             replicated = 1
             self._bridge = BridgeClient(self.name, topology_opts)
+        elif topology == "partitioned" and type(self) is not Cache:
+            replicated = 2  # PartitionedCache: its requests go to the bridges themselves
+            self._bridge = None
         else:
-            what = _NOT_BUILT.get(topology)
-            raise OptionError(f"topology={topology!r}: " + (f"{what} is not available in this version"
-                              if what else "must be one of local, replicated, partitioned"))
+            raise OptionError(f"topology={topology!r}: must be one of local, replicated, partitioned")
         if topology in (_UNSET, "local") and topology_opts not in (None, {}):
             raise OptionError(f"topology_opts: the local topology takes no options, got {topology_opts!r}")
         if near_cache:
-            raise OptionError("near_cache=True needs a remote store (Redis or partitioned), "
-                              "which is not available in this version")
+            raise OptionError("near_cache=True needs a remote store behind the table: "
+                              "backend='redis' or topology='partitioned'")
         options.seconds("near_cache_l1_ttl", near_cache_l1_ttl, allow_none=False, allow_inf=False)
         self._handle_options(default_ttl, stampede_protection, stampede_timeout, sweep_interval,
                              telemetry_prefix)

@@ -15,7 +15,7 @@ import os
 import secrets
 import sys
 
-_DEFAULTS = {"heartbeat": 1.0, "failure_timeout": 5.0, "tombstone_ttl": 300.0}
+_DEFAULTS = {"heartbeat": 1.0, "failure_timeout": 5.0, "tombstone_ttl": 300.0, "backups": 0}
 
 
 def _parser():
@@ -25,7 +25,7 @@ def _parser():
     run = sub.add_parser("run", help="run the bridge of this host (the default command)")
     run.add_argument("--config", help="a TOML file with any of the options below (flags win)")
     run.add_argument("--cache", action="append", default=None,
-                     help="a replicated cache this bridge carries (repeat for several)")
+                     help="a replicated or partitioned cache this bridge carries (repeat for several)")
     run.add_argument("--listen", help="where peers reach this bridge, e.g. tcp://0.0.0.0:7700")
     run.add_argument("--advertise", help="the address peers should dial (default: --listen); "
                                          "required when listening on 0.0.0.0")
@@ -42,6 +42,9 @@ def _parser():
                      help="seconds of silence before a peer is dead (default 5.0; suspect at half)")
     run.add_argument("--tombstone-ttl", type=float,
                      help="seconds a delete/flush/tag invalidation keeps stopping older late puts (default 300)")
+    run.add_argument("--backups", type=int, choices=(0, 1),
+                     help="partitioned caches: keep a backup copy of each partition on a second member "
+                          "(0 or 1, default 0; give every bridge the same)")
     run.add_argument("--metrics-listen", help="serve Prometheus metrics on HOST:PORT/metrics (e.g. 127.0.0.1:9464)")
     run.add_argument("--log-level", default="INFO")
     st = sub.add_parser("status", help="ask the bridge of a cache on this host for its state")
@@ -60,7 +63,7 @@ def _load_config(path):
     with open(path, "rb") as f:
         data = tomllib.load(f)
     known = {"cache", "listen", "advertise", "join", "node_id", "secret_file", "insecure", "curve_key_file",
-             "heartbeat", "failure_timeout", "tombstone_ttl", "log_level", "metrics_listen"}
+             "heartbeat", "failure_timeout", "tombstone_ttl", "log_level", "metrics_listen", "backups"}
     unknown = set(data) - known
     if unknown:
         raise SystemExit(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
@@ -99,7 +102,8 @@ def run(args):
     try:
         bridge = Bridge(caches, opt("listen"), advertise=opt("advertise"), join=join, node_id=opt("node_id"),
                         secret=secret, heartbeat=opt("heartbeat"), failure_timeout=opt("failure_timeout"),
-                        tombstone_ttl=opt("tombstone_ttl"), insecure=bool(opt("insecure")), curve=curve)
+                        tombstone_ttl=opt("tombstone_ttl"), insecure=bool(opt("insecure")), curve=curve,
+                        backups=int(opt("backups") or 0))
     except ValueError as exc:
         raise SystemExit(f"vela-bridge: {exc}")
     logging.getLogger("vela.bridge").info("node %d listening on %s for %s", bridge.node_id, bridge.listen,

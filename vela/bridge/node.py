@@ -29,6 +29,7 @@ import zmq
 from ..errors import LayoutMismatch, VelaError
 from . import protocol
 from .client import control_endpoint
+from .partitions import Partitions, error_reply
 from .replica import Replica
 
 log = logging.getLogger("vela.bridge")
@@ -50,7 +51,7 @@ class Member:
 class Bridge:
     def __init__(self, caches, listen, advertise=None, join=(), node_id=None, secret=None,
                  heartbeat=1.0, failure_timeout=5.0, tombstone_ttl=300.0, control=None, insecure=False,
-                 curve=None):
+                 curve=None, backups=0):
         self.listen = listen
         self.advertise = advertise or listen
         if ("0.0.0.0" in self.advertise or "*" in self.advertise):
@@ -70,6 +71,13 @@ class Bridge:
         self.dealers = {}          # address -> DEALER socket
         self.seeds = list(join)
         self.replicas = {}
+        self.partitioned = {}      # cache name -> Partitions
+        if backups not in (0, 1):
+            raise ValueError(f"--backups must be 0 or 1, not {backups!r}")
+        self.backups = backups
+        self.ring_epoch = 0        # partition table version: max seen + 1 at every change here
+        self.leaving = set()       # members handing their partitions off before they go
+        self.leaving_self = False
         self.controls = {}         # control socket -> cache name
         self.rpc_waiting = {}      # rpc id -> dict(worker, socket, remaining, removed, deadline)
         self.rpc_ids = itertools.count(1)
@@ -80,7 +88,7 @@ class Bridge:
         self.started = time.monotonic()
         self.counters = {"messages_in": 0, "messages_out": 0, "bytes_in": 0, "bytes_out": 0,
                          "dropped_out": 0, "malformed": 0, "unauthenticated": 0, "batches_out": 0,
-                         "batches_in": 0, "rpcs": 0, "apply_errors": 0}
+                         "batches_in": 0, "rpcs": 0, "apply_errors": 0, "requests": 0}
         self.ctx = zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -102,14 +110,18 @@ class Bridge:
         import vela
 
         cache = vela.Cache(name, sweep_interval=None)  # adopt the segment as it is
-        if not cache._table.log_state()["replicated"]:
-            raise LayoutMismatch(f"cache {name!r} exists but is not replicated: its workers must open it "
-                                 "with topology='replicated' (destroy it if it was made otherwise)")
+        topology = cache._table.log_state()["replicated"]
+        if topology not in (1, 2):
+            raise LayoutMismatch(f"cache {name!r} exists but is local: its workers must open it with "
+                                 "topology='replicated' or 'partitioned' (destroy it if it was made otherwise)")
         cache._table.node_id = self.node_id
-        replica = Replica(name, cache._table, tombstone_ttl)
-        replica.cache = cache  # keep the handle alive
-        replica.ready_since = None if self.seeds else time.monotonic()
-        self.replicas[name] = replica
+        if topology == 2:
+            self.partitioned[name] = Partitions(name, cache, self, self.backups)
+        else:
+            replica = Replica(name, cache._table, tombstone_ttl)
+            replica.cache = cache  # keep the handle alive
+            replica.ready_since = None if self.seeds else time.monotonic()
+            self.replicas[name] = replica
         endpoint = (control or {}).get(name) or control_endpoint(name)
         if endpoint.startswith("ipc://"):
             try:
@@ -179,7 +191,8 @@ class Bridge:
         # The last batch of each stream: a peer that lost one (dropped while the
         # connection was not up, say) sees the gap here even if no batch follows.
         seqs = {name: r.seq - 1 for name, r in self.replicas.items()}
-        frames = self._message("hello", addr=self.advertise, members=members, seqs=seqs)
+        frames = self._message("hello", addr=self.advertise, members=members, seqs=seqs,
+                               repoch=self.ring_epoch)
         targets = {m.addr for m in self.members.values()} | set(self.seeds)
         for addr in targets:
             self._send(addr, frames)
@@ -195,6 +208,12 @@ class Bridge:
             key = "unauthenticated" if "authentication" in str(exc) else "malformed"
             self.counters[key] += 1
             log.debug("dropped a message: %s", exc)
+            return
+        if msg["t"] == "req":
+            self._serve_request(frames[0], msg)
+            return
+        if msg["t"] == "rep":
+            self.counters["malformed"] += 1  # replies go to workers, never to a bridge
             return
         sender = msg["from"]
         if sender == self.node_id:
@@ -215,6 +234,7 @@ class Bridge:
             if member.inc is not None:
                 log.info("member %d restarted", sender)
             member.inc = msg["inc"]
+            self.leaving.discard(sender)
             self.epoch += 1
         if member.state != ALIVE:
             if member.state == DEAD:
@@ -232,6 +252,7 @@ class Bridge:
             log.warning("could not apply a %s from member %d: %s", msg["t"], sender, exc)
 
     def _on_hello(self, member, msg):
+        self.ring_epoch = max(self.ring_epoch, msg.get("repoch", 0))
         for name, last in msg["seqs"].items():
             replica = self.replicas.get(name)
             if replica is None:
@@ -252,7 +273,114 @@ class Bridge:
 
     def _on_bye(self, member, msg):
         member.state = DEAD
+        self.leaving.discard(member.node_id)
         self.epoch += 1
+
+    def _on_leaving(self, member, msg):
+        if member.node_id not in self.leaving:
+            log.info("member %d is leaving: taking its partitions over", member.node_id)
+            self.leaving.add(member.node_id)
+            self.epoch += 1
+
+    # ---- the partitioned topology ------------------------------------------------------
+
+    def _partitions(self, msg):
+        parts = self.partitioned.get(msg.get("c"))
+        if parts is None:
+            self.counters["malformed"] += 1
+        return parts
+
+    def _addr_of(self, node_id):
+        if node_id == self.node_id:
+            return self.advertise
+        member = self.members.get(node_id)
+        return member.addr if member is not None else None
+
+    def _serve_request(self, identity, msg):
+        """A worker's request (it may run on any host): answered on the ROUTER at once."""
+        self.counters["requests"] += 1
+        parts = self.partitioned.get(msg["c"])
+        if parts is None:
+            reply = {"err": "BridgeUnavailable", "msg": f"this bridge does not carry cache {msg['c']!r}"}
+        else:
+            try:
+                reply = parts.serve(msg, self._addr_of)
+            except Exception as exc:  # noqa: BLE001 - one bad request never stops the bridge
+                reply = error_reply(exc) if not isinstance(exc, (KeyError, AttributeError)) else \
+                    {"err": "BridgeUnavailable", "msg": f"{type(exc).__name__}: {exc}"}
+                log.debug("request %s failed: %s", msg.get("op"), exc)
+        reply["epoch"] = self.ring_epoch
+        try:
+            self.router.send_multipart([identity] + self._message("rep", id=msg["id"], **reply),
+                                       flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.counters["dropped_out"] += 1
+
+    def _on_hand(self, member, msg):
+        parts = self._partitions(msg)
+        if parts is not None and parts.on_hand(member.node_id, msg):
+            self._send(member.addr, self._message("handack", c=msg["c"], sid=msg["sid"]))
+            self.epoch += 1  # incoming partitions completed: publish the view
+
+    def _on_handack(self, member, msg):
+        parts = self._partitions(msg)
+        if parts is not None:
+            parts.on_handack(msg["sid"])
+
+    def _on_brec(self, member, msg):
+        parts = self._partitions(msg)
+        if parts is not None:
+            parts.on_brec(msg["recs"])
+
+    def _on_inval(self, member, msg):
+        parts = self._partitions(msg)
+        if parts is not None:
+            parts.on_inval(msg["ks"])
+
+    def _ring_ready(self, now):
+        """A new bridge waits to hear from the cluster before it takes any partition."""
+        if self.leaving_self or not self.seeds:
+            return True
+        heard = any(m.state == ALIVE for m in self.members.values())
+        return (heard and now - self.started > 3 * self.heartbeat) or now - self.started > self.failure_timeout
+
+    def _update_rings(self, now):
+        if not self.partitioned or not self._ring_ready(now):
+            return
+        alive = {m.node_id for m in self.members.values() if m.state != DEAD}
+        ring = (alive - self.leaving) | ({self.node_id} if not self.leaving_self else set())
+        if not ring:
+            return
+        reachable = alive | {self.node_id}
+        changed = False
+        for parts in self.partitioned.values():
+            first = parts.owners is None
+            if parts.set_ring(ring, reachable, settle=2 * self.failure_timeout if first and alive else 0.0):
+                changed = True
+            parts.check_incoming(reachable)
+        if changed:
+            self.ring_epoch += 1
+            self.epoch += 1
+            log.info("partition table %d: members %s", self.ring_epoch, sorted(ring))
+
+    def _pump_partitions(self):
+        for name, parts in self.partitioned.items():
+            brecs, invals = parts.take_outbound()
+            for node_id, recs in brecs.items():
+                addr = self._addr_of(node_id)
+                if addr is not None:
+                    for i in range(0, len(recs), 2000):
+                        self._send(addr, self._message("brec", c=name, recs=recs[i:i + 2000]))
+            if invals:
+                for i in range(0, len(invals), 10_000):
+                    self._broadcast(self._message("inval", c=name, ks=invals[i:i + 10_000]))
+            parts.sync_backups()
+
+            def send(node_id, fields):
+                addr = self._addr_of(node_id)
+                return addr is not None and self._send(addr, self._message("hand", **fields))
+
+            parts.pump_streams(send)
 
     def _replica(self, msg):
         replica = self.replicas.get(msg.get("c"))
@@ -342,11 +470,11 @@ class Bridge:
         except Exception:
             sock.send_multipart([identity, b"", msgpack.packb({"error": "malformed request"})])
             return
-        replica = self.replicas[name]
         if op == "status":
             sock.send_multipart([identity, b"", msgpack.packb(self.status(), use_bin_type=True)])
             return
-        if op not in ("tag", "flush") or not isinstance(req.get("version"), int):
+        replica = self.replicas.get(name)
+        if replica is None or op not in ("tag", "flush") or not isinstance(req.get("version"), int):
             sock.send_multipart([identity, b"", msgpack.packb({"error": f"unknown op {op!r}"})])
             return
         self.counters["rpcs"] += 1
@@ -452,10 +580,13 @@ class Bridge:
             "members": [{"node_id": m.node_id, "addr": m.addr, "state": m.state,
                          "last_seen_ago": round(now - m.last_seen, 3) if m.last_seen else None,
                          "messages": m.received} for m in sorted(self.members.values(), key=lambda m: m.node_id)],
-            "caches": {name: dict(r.stats, ready=r.ready and r.ready_since is not None,
-                                  log_lag_bytes=r.table.log_state()["head"] - r.pos,
-                                  tombstones=len(r.tombs))
-                       for name, r in self.replicas.items()},
+            "caches": dict({name: dict(r.stats, ready=r.ready and r.ready_since is not None,
+                                       log_lag_bytes=r.table.log_state()["head"] - r.pos,
+                                       tombstones=len(r.tombs))
+                            for name, r in self.replicas.items()},
+                           **{name: p.status() for name, p in self.partitioned.items()}),
+            "ring_epoch": self.ring_epoch,
+            "leaving": sorted(self.leaving) + ([self.node_id] if self.leaving_self else []),
             "counters": dict(self.counters),
         }
 
@@ -499,6 +630,13 @@ class Bridge:
             mine = dict(view, ready=view["caches"][name]["ready"])
             mine.pop("caches")
             replica.table.set_cluster(json.dumps(mine).encode())
+        for name, parts in self.partitioned.items():
+            mine = dict(view, ready=view["caches"][name]["ready"], topology="partitioned",
+                        published=time.time(), heartbeat=self.heartbeat,
+                        addrs={str(n): self._addr_of(n) for n in set(parts.ring_members) | self.leaving
+                               | {self.node_id} if self._addr_of(n)}, **parts.view())
+            mine.pop("caches")
+            parts.table.set_cluster(json.dumps(mine).encode())
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -523,7 +661,13 @@ class Bridge:
                 self._pump_logs()
                 self._serve_snapshots()
                 now = time.monotonic()
+                self._update_rings(now)
+                self._pump_partitions()
+                if self.leaving_self and self._left(now):
+                    break
                 if now >= next_beat:
+                    if self.leaving_self:
+                        self._broadcast(self._message("leaving"))
                     self._hello()
                     self._check_members(now)
                     next_beat = now + self.heartbeat
@@ -535,7 +679,26 @@ class Bridge:
             self.close()
 
     def stop(self):
+        if self.partitioned and not self.leaving_self:
+            # A graceful leave: hand every partition to its next owner first.
+            self.leaving_self = True
+            self.leave_deadline = time.monotonic() + max(10.0, 2 * self.failure_timeout)
+            self._broadcast(self._message("leaving"))
+            self.epoch += 1
+            return
         self.running = False
+
+    def _left(self, now):
+        """True when a leaving bridge has handed everything off (or may wait no longer)."""
+        if not self.leaving_self:
+            return False
+        if now > self.leave_deadline:
+            log.warning("leaving before every handoff was acknowledged")
+            return True
+        for parts in self.partitioned.values():
+            if parts.owners is None or parts.streams or parts.outgoing:
+                return False
+        return True
 
     def close(self):
         try:
@@ -546,6 +709,9 @@ class Bridge:
         for replica in self.replicas.values():
             replica.commit()
             replica.cache.close()
+        for parts in self.partitioned.values():
+            parts.table.set_cluster(b"")  # no bridge: workers see it at once
+            parts.cache.close()
         for sock in list(self.dealers.values()) + list(self.controls) + [self.router]:
             sock.close(0)
 

@@ -121,6 +121,7 @@ def check_record(r):
 
 def _check_hello(msg):
     _addr(msg.get("addr"))
+    _int(dict(repoch=msg.get("repoch", 0)), "repoch", 0, 2**63)
     seqs = msg.get("seqs")
     if not isinstance(seqs, dict) or len(seqs) > 1024 or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and -1 <= v < 2**63
@@ -187,6 +188,172 @@ def _check_bye(msg):
     pass
 
 
+# ---- the partitioned topology -----------------------------------------------------
+
+MAX_BATCH_KEYS = 10_000
+MAX_PARTITIONS = 65536
+
+def _key(v):
+    if not isinstance(v, bytes) or not 0 < len(v) <= MAX_KEY:
+        raise Malformed("bad key")
+
+
+def _bool(msg, key):
+    v = msg.get(key, False)
+    if not isinstance(v, bool):
+        raise Malformed(f"field {key!r} must be a bool")
+
+
+def _value(v, codec):
+    if not isinstance(v, bytes):
+        raise Malformed("bad value")
+    if isinstance(codec, bool) or not isinstance(codec, int) or not 0 <= codec <= 6:
+        raise Malformed("bad value codec")
+
+
+def _ttl(msg):
+    _int(msg, "ttl", 0, 2**63 - 1)
+
+
+def _holder(msg):
+    _str(msg, "holder", 64)
+
+
+def _keys(msg):
+    for k in _list(msg, "ks", MAX_BATCH_KEYS):
+        _key(k)
+
+
+def _put_fields(msg):
+    _key(msg.get("k"))
+    _value(msg.get("val"), msg.get("codec"))
+    _ttl(msg)
+    _tags(msg.get("tags"))
+    if "holder" in msg:
+        _holder(msg)
+
+
+def _putm_fields(msg):
+    for item in _list(msg, "items", MAX_BATCH_KEYS):
+        if not isinstance(item, list) or len(item) != 3:
+            raise Malformed("a put_many item is [key, value, codec]")
+        _key(item[0])
+        _value(item[1], item[2])
+    _ttl(msg)
+    _tags(msg.get("tags"))
+
+
+def _one_key(msg):
+    _key(msg.get("k"))
+    _bool(msg, "fb")
+
+
+def _incr_fields(msg):
+    _key(msg.get("k"))
+    _int(msg, "delta", -2**63, 2**63 - 1)
+    _ttl(msg)
+
+
+def _touch_fields(msg):
+    _key(msg.get("k"))
+    _ttl(msg)
+
+
+def _fetch_fields(msg):
+    _key(msg.get("k"))
+    _holder(msg)
+
+
+def _no_fields(msg):
+    pass
+
+
+def _stats_fields(msg):
+    _bool(msg, "reset")
+
+
+def _tag_fields(msg):
+    _tags([msg.get("tag")])
+
+
+# A worker's request to the owner of a key (or to every member): op -> its fields.
+REQUEST_OPS = {
+    "get": _one_key, "has": _one_key, "ttl": _one_key, "getm": _keys,
+    "put": _put_fields, "putm": _putm_fields, "del": _one_key, "delm": _keys,
+    "touch": _touch_fields, "incr": _incr_fields, "fetch": _fetch_fields, "abort": _fetch_fields,
+    "size": _no_fields, "stats": _stats_fields, "flush": _no_fields, "tag": _tag_fields,
+}
+
+
+def _check_req(msg):
+    _str(msg, "c")
+    _int(msg, "id", 0, 2**63)
+    _int(msg, "e", 0, 2**63)
+    op = msg.get("op")
+    if op not in REQUEST_OPS:
+        raise Malformed(f"unknown request op {op!r}")
+    REQUEST_OPS[op](msg)
+
+
+def _check_rep(msg):
+    _int(msg, "id", 0, 2**63)
+
+
+def _check_hand(msg):
+    _str(msg, "c")
+    _int(msg, "sid", 0, 2**63)
+    if msg.get("role") not in ("own", "backup"):
+        raise Malformed("field 'role' must be own or backup")
+    if not isinstance(msg.get("last"), bool):
+        raise Malformed("field 'last' must be a bool")
+    for p in _list(msg, "ps", MAX_PARTITIONS):
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < MAX_PARTITIONS:
+            raise Malformed("bad partition number")
+    entries = _list(msg, "entries", MAX_RECORDS)
+    vers = _list(msg, "vers", MAX_RECORDS)
+    for v in vers:
+        _version(v)
+    if len(vers) != len(entries):
+        raise Malformed("handoff entries and versions differ in number")
+    for e in entries:
+        if not isinstance(e, list) or len(e) != 5:
+            raise Malformed("a handed-off entry is [key, value, codec, ttl, tags]")
+        _key(e[0])
+        _value(e[1], e[2])
+        if isinstance(e[3], bool) or not isinstance(e[3], int) or not 0 <= e[3] < 2**63:
+            raise Malformed("bad entry ttl")
+        _tags(e[4])
+
+
+def _check_handack(msg):
+    _str(msg, "c")
+    _int(msg, "sid", 0, 2**63)
+
+
+def _check_brec(msg):
+    _str(msg, "c")
+    for r in _list(msg, "recs", MAX_RECORDS):
+        if not isinstance(r, list) or len(r) != 5:
+            raise Malformed("a backup record is [key, value, codec, ttl, tags] or [key, None, ...]")
+        _key(r[0])
+        if r[1] is not None:
+            _value(r[1], r[2])
+            if isinstance(r[3], bool) or not isinstance(r[3], int) or not 0 <= r[3] < 2**63:
+                raise Malformed("bad record ttl")
+            _tags(r[4])
+
+
+def _check_inval(msg):
+    _str(msg, "c")
+    for k in _list(msg, "ks", MAX_RECORDS):
+        if k != b"":  # b"": every key (a flush)
+            _key(k)
+
+
+def _check_leaving(msg):
+    pass
+
+
 _CHECKS = {
     "hello": _check_hello,
     "batch": _check_batch,
@@ -196,4 +363,11 @@ _CHECKS = {
     "rpcr": _check_rpcr,
     "resync": _check_resync,
     "bye": _check_bye,
+    "req": _check_req,
+    "rep": _check_rep,
+    "hand": _check_hand,
+    "handack": _check_handack,
+    "brec": _check_brec,
+    "inval": _check_inval,
+    "leaving": _check_leaving,
 }

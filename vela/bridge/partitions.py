@@ -1,0 +1,523 @@
+"""One partitioned cache as its host's bridge serves it.
+
+Every write to a key is made by the bridge of the key's owner (workers send it
+there, whichever host they run on), so the bridge's one thread orders the
+writes of the partitions it owns with everything that moves them: a handoff
+starts from a table no write can change behind it, a backup copy receives the
+owner's writes in the order they were made (one ZeroMQ pipe), and a member
+that no longer owns a partition refuses its requests with "moved".
+
+The table of this host holds three kinds of entries, told apart by partition:
+the partitions it owns, the backup copies of partitions whose backup it is
+(``backups=1``), and, with the near cache, L1 copies of the others.
+
+Ring changes (``set_ring``): for every partition whose owner changes, the old
+owner streams it to the new one ("hand" messages, then an ack); meanwhile the
+new owner serves the keys written or deleted since (the "touched" keys) and
+tells readers of the others to read the old owner (fallback). When the old
+owner is gone, its backup is promoted in place, or streams its copy to the new
+owner when another member took the partition. Every entry carries its version,
+so two copies of a key that meet keep the newest.
+"""
+
+import itertools
+import logging
+import time
+
+from .. import _native
+from ..errors import CacheFull, LockTimeout, ValueTooLarge, VelaError
+from ..ring import PARTITIONS, assign, partition_of
+
+log = logging.getLogger("vela.bridge")
+
+CHUNK = 2000            # entries per handoff message
+STREAM_STALL = 30.0     # seconds an unacknowledged stream or an unfed incoming partition may wait
+
+
+class Stream:
+    """A handoff in progress: the partitions ``ps`` of this table, to ``target``."""
+
+    def __init__(self, sid, target, role, ps):
+        self.sid = sid
+        self.target = target
+        self.role = role          # "own": the target becomes the owner; "backup": it keeps a copy
+        self.ps = set(ps)
+        self.cursor = 0           # table scan position; None once everything was sent
+        self.sent_at = time.monotonic()
+
+
+class Incoming:
+    """A partition this host owns now and whose entries are still on their way."""
+
+    def __init__(self, source, wait=STREAM_STALL):
+        self.source = source      # node id the entries come from (None: whoever hands it back)
+        self.touched = set()      # keys written or deleted here since: theirs lose
+        self.dead_tags = set()    # tags invalidated here since: entries with them are dropped
+        self.flushed = False      # flushed here since: every incoming entry is dropped
+        self.deadline = time.monotonic() + wait
+
+
+class Partitions:
+    def __init__(self, name, cache, node, backups=0, parts=PARTITIONS):
+        self.name = name
+        self.cache = cache
+        self.table = cache._table
+        self.node = node
+        self.me = node.node_id
+        self.backups = backups
+        self.parts = parts
+        self.owners = None
+        self.backup_of = [None] * parts
+        self.ring_members = ()
+        self.incoming = {}          # partition -> Incoming
+        self.outgoing = {}          # partition -> sid of the stream handing it to its new owner
+        self.streams = []           # Stream objects being sent or awaiting their ack
+        self.backup_in = set()      # sids of backup streams we started receiving (dropped first)
+        self.backup_synced = {}     # partition -> node that holds our full backup copy
+        self.brecs = {}             # backup node -> records to send this loop turn
+        self.invals = []            # keys changed this loop turn: L1 copies elsewhere drop
+        self.leases = {}            # key -> (holder, deadline): remote get_or_fetch in progress
+        self.sids = itertools.count(1)
+        self.lease_ttl = 5.0
+        self.stats = {"requests": 0, "moved": 0, "fallbacks": 0, "handed_out": 0, "handed_in": 0,
+                      "dropped": 0, "promoted": 0, "lost": 0, "backup_records": 0, "errors": 0}
+
+    # ---- the ring ----------------------------------------------------------------
+
+    def mine(self, p):
+        return self.owners is not None and self.owners[p] == self.me
+
+    def flags(self, pick):
+        """bytes of one flag per partition, set where pick(p) is true."""
+        return bytes(1 if pick(p) else 0 for p in range(self.parts))
+
+    def set_ring(self, members, reachable, settle=0.0):
+        """Adopt the partition table of ``members`` (node ids in the ring); ``reachable``:
+        the members that can still stream (the ring plus any member that is leaving).
+
+        The first table of a bridge (which may be back from the dead, with a table
+        others changed meanwhile) starts empty and takes for ``settle`` seconds
+        whatever the previous owners hand back."""
+        members = tuple(sorted(members))
+        if members == self.ring_members and self.owners is not None:
+            return False
+        owners, backup_of = assign(members, self.parts, self.backups)
+        old_owners, old_backups = self.owners, self.backup_of
+        self.owners, self.backup_of, self.ring_members = owners, backup_of, members
+        drop = bytearray(self.parts)
+        to_send = {}  # new owner -> partitions we hand to it
+        for p in range(self.parts):
+            n, nb = owners[p], backup_of[p]
+            if old_owners is None:
+                drop[p] = 1
+                if n == self.me and settle > 0:
+                    self.incoming[p] = Incoming(None, settle)
+                continue
+            o, ob = old_owners[p], old_backups[p]
+            holding = (o == self.me and p not in self.incoming) or p in self.outgoing
+            if n == self.me:
+                self.outgoing.pop(p, None)  # handing it off no more: it is ours again
+                inc = self.incoming.get(p)
+                if holding or (inc is not None and (inc.source is None or inc.source in reachable)):
+                    continue
+                if o not in reachable and ob == self.me:
+                    self.stats["promoted"] += 1  # our backup copy is the partition now
+                    self.incoming.pop(p, None)
+                    continue
+                source = o if o in reachable else ob if ob in reachable else None
+                drop[p] = 1  # what we held of it (L1 copies, an old backup) makes way
+                if source is None or source == self.me:
+                    self.stats["lost"] += 1  # owner and backup gone: its keys are misses
+                    self.incoming.pop(p, None)
+                else:
+                    self.incoming[p] = Incoming(source)
+                continue
+            incoming = self.incoming.pop(p, None)
+            if holding or (incoming is not None and incoming.source is not None) or (
+                    ob == self.me and o not in reachable):
+                # We hold it (all of it, what reached us, or the only copy left): to its new owner.
+                to_send.setdefault(n, set()).add(p)
+                self.outgoing[p] = None
+            elif nb != self.me:
+                drop[p] = 1
+        # Streams still going to the right member go on (for the partitions still theirs).
+        kept = []
+        for st in self.streams:
+            if st.role == "own":
+                st.ps = {p for p in st.ps if owners[p] == st.target and p in self.outgoing}
+            else:
+                for p in st.ps:
+                    self.backup_synced.pop(p, None)  # cut short: copy again to the new backup
+                st.ps = set()
+            if st.ps:
+                kept.append(st)
+        self.streams = kept
+        for target, ps in to_send.items():
+            self._start_stream(target, "own", ps)
+        for p in range(self.parts):
+            if owners[p] != self.me or self.backup_synced.get(p) != backup_of[p]:
+                self.backup_synced.pop(p, None)
+        if any(drop):
+            self.stats["dropped"] += self.table.drop_partitions(self.parts, bytes(drop))
+        self.leases = {k: v for k, v in self.leases.items() if self.mine(partition_of(k, self.parts))}
+        return True
+
+    def _start_stream(self, target, role, ps):
+        sid = next(self.sids)
+        self.streams.append(Stream(sid, target, role, ps))
+        if role == "own":
+            for p in ps:
+                self.outgoing[p] = sid
+
+    def sync_backups(self):
+        """Start a full copy of each partition we own to its backup, where the
+        backup does not hold one yet (a new ring, a finished handoff)."""
+        if not self.backups or self.owners is None:
+            return
+        todo = {}
+        for p in range(self.parts):
+            b = self.backup_of[p]
+            if b is not None and self.owners[p] == self.me and p not in self.incoming \
+                    and self.backup_synced.get(p) != b:
+                todo.setdefault(b, set()).add(p)
+                self.backup_synced[p] = b
+        for target, ps in todo.items():
+            self._start_stream(target, "backup", ps)
+
+    # ---- streams out ---------------------------------------------------------------
+
+    def pump_streams(self, send):
+        """Send the next chunk of every stream; ``send(node, fields) -> bool``."""
+        now = time.monotonic()
+        still = []
+        for s in self.streams:
+            if s.cursor is None:
+                if now - s.sent_at > STREAM_STALL:
+                    log.warning("cache %s: handoff %d to member %d was never acknowledged", self.name,
+                                s.sid, s.target)
+                    self._finish_stream(s)
+                    continue
+                still.append(s)
+                continue
+            cursor, items = self.table.scan(s.cursor, CHUNK)
+            entries = [[k, v, codec, ttl, list(tags), ver] for k, v, codec, ttl, tags, ver in items
+                       if ttl != -1 and codec < 7 and partition_of(k, self.parts) in s.ps]
+            last = cursor is None
+            fields = dict(c=self.name, sid=s.sid, role=s.role, ps=sorted(s.ps), last=last,
+                          entries=[e[:5] for e in entries], vers=[e[5] for e in entries])
+            if not send(s.target, fields):
+                still.append(s)  # no room now (or not connected): the same chunk again next turn
+                continue
+            s.cursor = cursor
+            s.sent_at = now
+            self.stats["handed_out"] += len(entries)
+            still.append(s)
+        self.streams = still
+
+    def on_handack(self, sid):
+        for s in self.streams:
+            if s.sid == sid:
+                self._finish_stream(s)
+                self.streams.remove(s)
+                return
+
+    def _finish_stream(self, s):
+        if s.role != "own":
+            return
+        drop = bytearray(self.parts)
+        for p in s.ps:
+            if self.outgoing.get(p) == s.sid:
+                del self.outgoing[p]
+                if self.owners[p] != self.me and self.backup_of[p] != self.me:
+                    drop[p] = 1
+        if any(drop):
+            self.stats["dropped"] += self.table.drop_partitions(self.parts, bytes(drop))
+
+    # ---- streams in ----------------------------------------------------------------
+
+    def on_hand(self, sender, msg):
+        """Entries of a stream from ``sender``; returns True when the stream ended (ack it)."""
+        vers = msg.get("vers") or []
+        if len(vers) != len(msg["entries"]):
+            raise ValueError("handoff entries and versions differ in number")
+        ps = set(msg["ps"])
+        if msg["role"] == "backup":
+            if msg["sid"] not in self.backup_in:
+                # A fresh full copy: what we held of these partitions is replaced.
+                self.backup_in.add(msg["sid"])
+                drop = self.flags(lambda p: p in ps and not self.mine(p))
+                self.table.drop_partitions(self.parts, drop)
+            for (k, v, codec, ttl, tags), ver in zip(msg["entries"], vers):
+                p = partition_of(k, self.parts)
+                if p in ps and not self.mine(p):
+                    self._apply(k, v, codec, ttl, tags, ver)
+            if msg["last"]:
+                self.backup_in.discard(msg["sid"])
+            return msg["last"]
+        for (k, v, codec, ttl, tags), ver in zip(msg["entries"], vers):
+            inc = self.incoming.get(partition_of(k, self.parts))
+            # From any member: two copies of a key (a partition that moved twice) meet by version.
+            if inc is None or inc.flushed or k in inc.touched or inc.dead_tags.intersection(tags):
+                continue
+            self._apply(k, v, codec, ttl, tags, ver)
+            self.stats["handed_in"] += 1
+        if msg["last"]:
+            for p in ps:
+                inc = self.incoming.get(p)
+                if inc is not None and inc.source in (None, sender):
+                    del self.incoming[p]
+        return msg["last"]
+
+    def _apply(self, k, v, codec, ttl, tags, version):
+        try:
+            self.table.apply_put(k, v, codec, ttl, tags, version)
+        except (CacheFull, ValueTooLarge) as exc:
+            self.stats["errors"] += 1
+            log.warning("cache %s: could not keep a handed-off entry: %s", self.name, exc)
+
+    def check_incoming(self, reachable):
+        """Give up on partitions whose source died or went silent: what did not
+        arrive is lost (misses), the rest is served."""
+        now = time.monotonic()
+        for p, inc in list(self.incoming.items()):
+            if inc.source is None and now > inc.deadline:
+                del self.incoming[p]  # the settling time of a new table is over
+            elif inc.source is not None and (inc.source not in reachable or now > inc.deadline):
+                log.warning("cache %s: partition %d: handoff from member %d did not complete", self.name, p,
+                            inc.source)
+                del self.incoming[p]
+
+    # ---- backups and invalidations ----------------------------------------------------
+
+    def on_brec(self, records):
+        for k, v, codec, ttl, tags in records:
+            if self.mine(partition_of(k, self.parts)):
+                continue  # stale: we own it now
+            if v is None:
+                self.table.invalidate(_native.decode_key(k))
+            else:
+                self._apply(k, v, codec, ttl, tags, self.table.next_version())
+            self.stats["backup_records"] += 1
+
+    def on_inval(self, keys):
+        """Drop the L1 copies of keys another member changed (b"": all of them)."""
+        for k in keys:
+            if not k:
+                self.table.drop_partitions(self.parts, self.flags(
+                    lambda p: not self.mine(p) and self.backup_of[p] != self.me))
+                continue
+            p = partition_of(k, self.parts)
+            if self.owners is None or (not self.mine(p) and self.backup_of[p] != self.me):
+                self.table.invalidate(_native.decode_key(k))
+
+    def _changed(self, k, p, record):
+        """A write to owned key ``k`` was made: backup and L1 copies follow."""
+        b = self.backup_of[p]
+        if b is not None:
+            self.brecs.setdefault(b, []).append(record)
+        self.invals.append(k)
+        inc = self.incoming.get(p)
+        if inc is not None:
+            inc.touched.add(k)
+
+    def _changed_entry(self, k, p):
+        """Record the entry now stored under ``k`` (after incr/touch) for backups."""
+        raw = self.table.get_raw(k)
+        if raw is None:
+            self._changed(k, p, [k, None, 0, 0, []])
+        else:
+            v, codec, ttl, tags = raw
+            self._changed(k, p, [k, v, codec, ttl, list(tags)])
+
+    def take_outbound(self):
+        """(backup records per node, keys to invalidate) of this loop turn."""
+        brecs, invals = self.brecs, self.invals
+        self.brecs, self.invals = {}, []
+        return brecs, invals
+
+    # ---- requests from workers ------------------------------------------------------
+
+    def serve(self, msg, addr_of):
+        """Answer one worker request (a dict); ``addr_of(node)`` gives a member's address."""
+        self.stats["requests"] += 1
+        op = msg["op"]
+        if self.owners is None:
+            return {"retry": "this member has no partition table yet"}
+        if op in ("size", "stats", "flush", "tag"):
+            return getattr(self, "_op_" + op)(msg)
+        if op in ("getm", "delm"):
+            return self._op_many(op, msg, addr_of)
+        if op == "putm":
+            return self._op_putm(msg, addr_of)
+        k = msg["k"]
+        p = partition_of(k, self.parts)
+        if msg.get("fb"):
+            # A read sent here because we are handing the partition off.
+            if p in self.outgoing:
+                self.stats["fallbacks"] += 1
+                return self._read(op, k)
+            return self._moved(p, addr_of)
+        if not self.mine(p):
+            return self._moved(p, addr_of)
+        inc = self.incoming.get(p)
+        if inc is not None and inc.source is not None and k not in inc.touched and not inc.flushed \
+                and self.table.get_raw(k) is None:
+            if op in ("get", "has", "ttl"):
+                return {"fb": addr_of(inc.source)}  # not here yet: read it where it still is
+            if op in ("incr", "touch", "fetch"):
+                return {"retry": "the partition is being handed over"}
+        return getattr(self, "_op_" + op)(k, p, msg)
+
+    def _moved(self, p, addr_of):
+        self.stats["moved"] += 1
+        return {"moved": addr_of(self.owners[p]), "epoch": self.node.ring_epoch}
+
+    def _read(self, op, k):
+        raw = self.table.get_raw(k) if op == "get" else None
+        if op == "get":
+            return {"miss": True} if raw is None else {"val": raw[0], "codec": raw[1], "ttl": raw[2]}
+        found, remaining = self.table.ttl(_native.decode_key(k))
+        if op == "has":
+            return {"ok": bool(found)}
+        return {"ok": found, "ttl": remaining}
+
+    def _op_get(self, k, p, msg):
+        return self._read("get", k)
+
+    def _op_has(self, k, p, msg):
+        return self._read("has", k)
+
+    def _op_ttl(self, k, p, msg):
+        return self._read("ttl", k)
+
+    def _op_put(self, k, p, msg):
+        holder = msg.get("holder")
+        if holder is not None:
+            lease = self.leases.get(k)
+            if lease is not None and lease[0] == holder:
+                del self.leases[k]
+        self.table.apply_put(k, msg["val"], msg["codec"], msg["ttl"], msg["tags"], self.table.next_version())
+        self.table.bump("writes")
+        self._changed(k, p, [k, msg["val"], msg["codec"], msg["ttl"], list(msg["tags"])])
+        return {"ok": True}
+
+    def _op_del(self, k, p, msg):
+        removed = self.table.delete(_native.decode_key(k))
+        self._changed(k, p, [k, None, 0, 0, []])
+        return {"ok": bool(removed)}
+
+    def _op_incr(self, k, p, msg):
+        try:
+            value = self.table.incr(_native.decode_key(k), msg["delta"], msg["ttl"])
+        except TypeError as exc:
+            return {"err": "TypeError", "msg": str(exc)}
+        except OverflowError as exc:
+            return {"err": "OverflowError", "msg": str(exc)}
+        self._changed_entry(k, p)
+        return {"ok": value}
+
+    def _op_touch(self, k, p, msg):
+        found = self.table.touch(_native.decode_key(k), msg["ttl"])
+        if found:
+            self._changed_entry(k, p)
+        return {"ok": bool(found)}
+
+    def _op_fetch(self, k, p, msg):
+        raw = self.table.get_raw(k)
+        if raw is not None:
+            return {"val": raw[0], "codec": raw[1], "ttl": raw[2]}
+        now = time.monotonic()
+        lease = self.leases.get(k)
+        if lease is None or lease[1] < now or lease[0] == msg["holder"]:
+            self.leases[k] = (msg["holder"], now + self.lease_ttl)
+            self.table.bump("fetches")
+            return {"lease": True}
+        self.table.bump("stampede_waits")
+        return {"wait": True}
+
+    def _op_abort(self, k, p, msg):
+        lease = self.leases.get(k)
+        if lease is not None and lease[0] == msg["holder"]:
+            del self.leases[k]
+        return {"ok": True}
+
+    def _op_many(self, op, msg, addr_of):
+        """Keys of one owner in one request; keys that are not simply ours come back
+        under "redo" (the worker asks for them one by one)."""
+        out, redo = [], []
+        for i, k in enumerate(msg["ks"]):
+            p = partition_of(k, self.parts)
+            inc = self.incoming.get(p)
+            if not self.mine(p) or (inc is not None and k not in inc.touched):
+                redo.append(i)
+                out.append(None)
+                continue
+            if op == "getm":
+                raw = self.table.get_raw(k)
+                out.append(None if raw is None else [raw[0], raw[1]])
+            else:
+                out.append(bool(self._op_del(k, p, msg)["ok"]))
+        return {"ok": out, "redo": redo}
+
+    def _op_putm(self, msg, addr_of):
+        redo = []
+        for i, (k, v, codec) in enumerate(msg["items"]):
+            p = partition_of(k, self.parts)
+            if not self.mine(p):
+                redo.append(i)
+                continue
+            self._op_put(k, p, dict(val=v, codec=codec, ttl=msg["ttl"], tags=msg["tags"]))
+        return {"ok": True, "redo": redo}
+
+    def owned_flags(self):
+        return self.flags(self.mine)
+
+    def owned_size(self):
+        counts = self.table.partition_counts(self.parts)
+        return sum(c for p, c in enumerate(counts) if self.mine(p))
+
+    def _op_size(self, msg):
+        return {"ok": self.owned_size()}
+
+    def _op_stats(self, msg):
+        counters = self.table.stats(bool(msg.get("reset")))
+        info = self.table.info()
+        counters.update(size=self.owned_size(), memory_used=info["memory_used"], capacity=info["capacity"])
+        return {"ok": counters}
+
+    def _op_flush(self, msg):
+        removed = self.owned_size()
+        self.table.drop_partitions(self.parts, b"\x01" * self.parts)
+        for inc in self.incoming.values():
+            inc.flushed = True
+        self.leases.clear()
+        self.invals.append(b"")  # "" stands for "everything": L1 copies elsewhere drop
+        return {"ok": removed}
+
+    def _op_tag(self, msg):
+        tag = msg["tag"]
+        removed = self.table.apply_tag(tag, self.table.next_version(), self.parts, self.owned_flags())
+        for inc in self.incoming.values():
+            inc.dead_tags.add(tag)
+        return {"ok": removed}
+
+    def status(self):
+        owned = sum(1 for p in range(self.parts) if self.mine(p)) if self.owners else 0
+        backed = sum(1 for b in self.backup_of if b == self.me)
+        return dict(self.stats, partitions=self.parts, owned=owned, backup_of=backed,
+                    incoming=len(self.incoming), outgoing=len(self.outgoing), streams=len(self.streams),
+                    ready=self.owners is not None and not self.incoming)
+
+    def view(self):
+        """What workers route by (written into the segment's cluster view)."""
+        return {"partitions": self.parts, "owners": self.owners, "backups": self.backup_of,
+                "incoming": {str(p): inc.source for p, inc in self.incoming.items()}}
+
+
+def error_reply(exc):
+    """A worker-facing reply for an exception raised while serving a request."""
+    if isinstance(exc, (CacheFull, ValueTooLarge, LockTimeout)):
+        return {"err": type(exc).__name__, "msg": str(exc)}
+    if isinstance(exc, (VelaError, ValueError, TypeError, OverflowError)):
+        return {"err": "BridgeUnavailable", "msg": f"{type(exc).__name__}: {exc}"}
+    raise exc

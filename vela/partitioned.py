@@ -1,0 +1,497 @@
+"""PartitionedCache: each key lives on one host, found through the partition table.
+
+A worker finds a key's owner in the partition table its host's bridge writes
+into the segment (no round trip): a key this host owns is read straight from
+the shared table, lock-free; everything else -- and every write, wherever the
+owner is -- is a request to the owner's bridge (vela.bridge.links). The owner's
+bridge makes every write of its partitions, which keeps writes ordered with
+handoffs and backup copies (vela.bridge.partitions).
+
+Answers a worker may get besides the result: "moved" (the member no longer
+owns the partition: ask the one named), "fb" (the owner is still receiving the
+partition: read the old owner, named) and "retry" (wait a moment). All of them
+are retried until the request's deadline (``topology_opts['timeout']``), after
+which the call raises :class:`vela.BridgeUnavailable`; nothing waits longer.
+
+With ``near_cache=True``, values read from other hosts are kept in the local
+table as L1 copies (vela.near): the owner's bridge publishes the keys that
+change and every bridge drops its host's copies of them.
+"""
+
+import asyncio
+import functools
+import inspect
+import json
+import os
+import socket
+import threading
+import time
+
+from . import _native, options, telemetry
+from .cache import Cache
+from .errors import BridgeUnavailable, CacheFull, LockTimeout, ValueTooLarge
+from .bridge.links import Links
+from .near import L2, MISSING, NearCache
+from .ring import partition_of
+
+__all__ = ["PartitionedCache"]
+
+_ERRORS = {"CacheFull": CacheFull, "ValueTooLarge": ValueTooLarge, "LockTimeout": LockTimeout,
+           "TypeError": TypeError, "OverflowError": OverflowError}
+_RETRY_PAUSE = 0.002
+
+
+class _View:
+    """The partition table as the host's bridge last published it."""
+
+    def __init__(self, raw):
+        view = json.loads(raw) if raw else {}
+        self.valid = view.get("topology") == "partitioned" and view.get("owners") is not None
+        self.me = view.get("node_id")
+        self.epoch = view.get("ring_epoch", 0)
+        self.parts = view.get("partitions", 1)
+        self.owners = view.get("owners") or []
+        self.incoming = {int(p) for p in (view.get("incoming") or {})}
+        self.addrs = {int(n): a for n, a in (view.get("addrs") or {}).items()}
+        self.published = view.get("published", 0.0)
+        # The bridge republishes at every heartbeat; a view much older means it is gone.
+        self.max_age = 3 * view.get("heartbeat", 1.0) + 1.0
+        self.members = sorted({o for o in self.owners})
+
+    def fresh(self):
+        return self.valid and time.time() - self.published < self.max_age
+
+    def local(self, p):
+        """True when this host owns partition p and holds all of it."""
+        return self.owners[p] == self.me and p not in self.incoming
+
+
+class _PartitionL2(L2):
+    def __init__(self, cache):
+        self.cache = cache
+
+    def read(self, key):
+        enc = _native.encode_key(key)
+        reply = self.cache._key_request("get", enc, partition_of(enc, self.cache._view().parts))
+        if reply.get("miss"):
+            return MISSING, 0
+        return self.cache._table.decode_value(reply["val"], reply["codec"]), reply["ttl"]
+
+
+class _ClusterNear(NearCache):
+    """L1 copies are healthy while the host's bridge publishes (it applies invalidations)."""
+
+    def __init__(self, cache, l1_ttl):
+        super().__init__(cache._table, l1_ttl, degraded_ttl=1.0, marker_ttl=1.0)
+        self._cache = cache
+
+    def healthy(self):
+        return self._cache._view().fresh()
+
+
+class PartitionedCache(Cache):
+    """A cache whose keys are spread over the hosts of a cluster (topology="partitioned").
+
+    Same API as :class:`vela.Cache`. ``topology_opts``: ``timeout`` (seconds a call
+    may wait for the bridges, default 3), ``secret_file`` and ``curve_key_file``
+    (the cluster's, when its bridges use them: workers talk to every bridge).
+    """
+
+    def __init__(self, name, *, topology="partitioned", topology_opts=None, near_cache=False,
+                 near_cache_l1_ttl=60.0, **kwargs):
+        self._links = Links(options.check_name(name), topology_opts)
+        super().__init__(name, topology=topology, near_cache=False, near_cache_l1_ttl=near_cache_l1_ttl,
+                         **kwargs)
+        self._near = _ClusterNear(self, near_cache_l1_ttl) if near_cache else None
+        self._l2 = _PartitionL2(self)
+        self._seq = None
+        self._cached_view = None
+        self._holder_base = f"{socket.gethostname()[:32]}:{os.getpid()}"
+
+    # ---- routing ------------------------------------------------------------------
+
+    def _view(self):
+        seq = self._table.cluster_seq()
+        if seq != self._seq:
+            self._cached_view = _View(self._table.cluster())
+            self._seq = seq
+        return self._cached_view
+
+    def _routable_view(self, deadline):
+        """The view, once there is one to route by (waits for the bridge up to the deadline)."""
+        while True:
+            view = self._view()
+            if view.fresh():
+                return view
+            if time.monotonic() >= deadline:
+                raise BridgeUnavailable(
+                    f"cache {self.name!r}: the vela-bridge of this host publishes no partition table "
+                    f"(not running, or not ready yet; waited {self._links.timeout:g} s)")
+            time.sleep(0.02)
+
+    def _locate(self, key):
+        """(encoded key, partition, view, True when this host serves the key itself)."""
+        enc = _native.encode_key(key)
+        view = self._view()
+        if not view.fresh():
+            view = self._routable_view(time.monotonic() + self._links.timeout)
+        p = partition_of(enc, view.parts)
+        return enc, p, view, view.local(p)
+
+    def _key_request(self, op, enc, p, **fields):
+        """A request about one key, to its owner, following moved/fallback/retry answers."""
+        deadline = time.monotonic() + self._links.timeout
+        view = self._routable_view(deadline)
+        addr = view.addrs.get(view.owners[p])
+        fields = dict(fields, op=op, k=enc)
+        while True:
+            if addr is None:
+                raise BridgeUnavailable(f"cache {self.name!r}: no address for the owner of partition {p}")
+            reply = self._links.request(addr, fields, view.epoch, deadline)
+            if "moved" in reply:
+                addr = reply["moved"]  # the table changed: ask the owner the answering member knows
+            elif "fb" in reply:
+                fb = self._links.request(reply["fb"], dict(fields, fb=True), view.epoch, deadline)
+                if "moved" not in fb and "retry" not in fb:
+                    return self._checked(fb)
+            elif "retry" in reply:
+                pass
+            else:
+                return self._checked(reply)
+            if time.monotonic() >= deadline:
+                raise BridgeUnavailable(f"cache {self.name!r}: the owner of partition {p} was not found within "
+                                        f"{self._links.timeout:g} s (the partition table keeps changing?)")
+            time.sleep(_RETRY_PAUSE)
+            view = self._view()
+            if "moved" not in reply and view.fresh():
+                addr = view.addrs.get(view.owners[p], addr)
+
+    def _checked(self, reply):
+        err = reply.get("err")
+        if err is not None:
+            raise _ERRORS.get(err, BridgeUnavailable)(reply.get("msg", err))
+        return reply
+
+    def _everyone(self, op, **fields):
+        """The same request to every member of the ring; their replies."""
+        deadline = time.monotonic() + self._links.timeout
+        view = self._routable_view(deadline)
+        targets = [(view.addrs[n], dict(fields, op=op)) for n in view.members if n in view.addrs]
+        return [self._checked(r) for r in self._links.request_all(targets, view.epoch, deadline)]
+
+    def _decode(self, reply):
+        return self._table.decode_value(reply["val"], reply["codec"])
+
+    def _encode_tags(self, tags):
+        if isinstance(tags, str):
+            raise TypeError("tags must be an iterable of str, not a single str")
+        tags = list(tags or ())
+        if len(tags) > 32:
+            raise ValueError("an entry may carry at most 32 tags")
+        for t in tags:
+            if not isinstance(t, str):
+                raise TypeError(f"tags must be str, not {type(t).__name__}")
+        return [_native.tag_hash(t) for t in tags]
+
+    def _emit(self, op, start, meta):
+        telemetry.execute(self._events[op], {"duration": time.perf_counter_ns() - start},
+                          dict(meta, cache=self.name))
+
+    # ---- reading ------------------------------------------------------------------
+
+    def get(self, key, default=None):
+        """The value stored under ``key`` (on its owner), or ``default``."""
+        start = time.perf_counter_ns() if telemetry.active else 0
+        value = self._lookup(key)
+        if telemetry.active:
+            self._emit("get", start, {"key": key, "result": "miss" if value is MISSING else "hit"})
+        return default if value is MISSING else value
+
+    def _lookup(self, key):
+        enc, p, view, local = self._locate(key)
+        if local:
+            return self._table.get(key, MISSING)
+        if self._near is not None:
+            value = self._table.get_hit(key, MISSING)  # an L1 copy (or a backup copy kept current)
+            if value is not MISSING:
+                return value
+            return self._near.load(key, self._l2)
+        reply = self._key_request("get", enc, p)
+        return MISSING if reply.get("miss") else self._decode(reply)
+
+    def __getitem__(self, key):
+        value = self.get(key, MISSING)
+        if value is MISSING:
+            raise KeyError(key)
+        return value
+
+    def exists(self, key):
+        enc, p, view, local = self._locate(key)
+        if local:
+            return self._table.contains(key)
+        return bool(self._key_request("has", enc, p)["ok"])
+
+    __contains__ = exists
+
+    def ttl(self, key):
+        enc, p, view, local = self._locate(key)
+        if local:
+            found, remaining = self._table.ttl(key)
+        else:
+            reply = self._key_request("ttl", enc, p)
+            found, remaining = reply["ok"], reply.get("ttl", -1)
+        if not found:
+            raise KeyError(key)
+        return None if remaining < 0 else remaining / 1e9
+
+    def get_many(self, keys):
+        """``{key: value}`` for the keys present; one request per owner, sent together."""
+        start = time.perf_counter_ns() if telemetry.active else 0
+        keys = list(keys)
+        found = {}
+        by_owner = {}
+        deadline = time.monotonic() + self._links.timeout
+        view = self._routable_view(deadline)
+        for key in keys:
+            enc = _native.encode_key(key)
+            p = partition_of(enc, view.parts)
+            if view.local(p) or self._near is not None:
+                value = self._table.get_hit(key, MISSING) if not view.local(p) else self._table.get(key, MISSING)
+                if value is not MISSING or view.local(p):
+                    if value is not MISSING:
+                        found[key] = value
+                    continue
+            by_owner.setdefault(view.owners[p], []).append((key, enc, p))
+        owners = [n for n in by_owner if n in view.addrs]
+        replies = self._links.request_all(
+            [(view.addrs[n], {"op": "getm", "ks": [enc for _, enc, _ in by_owner[n]]}) for n in owners],
+            view.epoch, deadline)
+        for n, reply in zip(owners, replies):
+            self._checked(reply)
+            batch = by_owner[n]
+            redo = set(reply.get("redo", ()))
+            for i, (key, enc, p) in enumerate(batch):
+                item = reply["ok"][i]
+                if i in redo:
+                    value = self._lookup(key)
+                    if value is not MISSING:
+                        found[key] = value
+                elif item is not None:
+                    found[key] = self._table.decode_value(item[0], item[1])
+        for n in set(by_owner) - set(owners):
+            for key, _, _ in by_owner[n]:
+                value = self._lookup(key)
+                if value is not MISSING:
+                    found[key] = value
+        if telemetry.active:
+            self._emit("get", start, {"keys": len(keys), "hits": len(found)})
+        return found
+
+    # ---- writing ------------------------------------------------------------------
+
+    def put(self, key, value, ttl=None, tags=()):
+        """Store ``value`` under ``key`` on the key's owner (see :meth:`vela.Cache.put`)."""
+        start = time.perf_counter_ns() if telemetry.active else 0
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        tag_ids = self._encode_tags(tags)
+        val, codec = self._table.encode_value(value)
+        enc, p, view, local = self._locate(key)
+        self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
+        if telemetry.active:
+            self._emit("put", start, {"key": key, "ttl": ttl})
+
+    def put_many(self, mapping, ttl=None, tags=()):
+        """Store every item; each is checked before any is sent. One request per owner."""
+        start = time.perf_counter_ns() if telemetry.active else 0
+        items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        tag_ids = self._encode_tags(tags)
+        encoded = [(k, _native.encode_key(k)) + self._table.encode_value(v) for k, v in items]
+        deadline = time.monotonic() + self._links.timeout
+        view = self._routable_view(deadline)
+        by_owner = {}
+        for k, enc, val, codec in encoded:
+            by_owner.setdefault(view.owners[partition_of(enc, view.parts)], []).append((k, enc, val, codec))
+        owners = [n for n in by_owner if n in view.addrs]
+        replies = self._links.request_all(
+            [(view.addrs[n], {"op": "putm", "items": [[e, v, c] for _, e, v, c in by_owner[n]], "ttl": ns,
+                              "tags": tag_ids}) for n in owners], view.epoch, deadline)
+        again = [it for n in set(by_owner) - set(owners) for it in by_owner[n]]
+        for n, reply in zip(owners, replies):
+            self._checked(reply)
+            again += [by_owner[n][i] for i in reply.get("redo", ())]
+        for k, enc, val, codec in again:
+            self._key_request("put", enc, partition_of(enc, view.parts), val=val, codec=codec, ttl=ns,
+                              tags=tag_ids)
+        if telemetry.active:
+            self._emit("put", start, {"keys": len(items), "ttl": ttl})
+
+    def delete(self, key):
+        start = time.perf_counter_ns() if telemetry.active else 0
+        enc, p, view, local = self._locate(key)
+        removed = bool(self._key_request("del", enc, p)["ok"])
+        if telemetry.active:
+            self._emit("delete", start, {"key": key, "result": removed})
+        return removed
+
+    def delete_many(self, keys):
+        return sum(1 for k in list(keys) if self.delete(k))
+
+    def touch(self, key, ttl=None):
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        enc, p, view, local = self._locate(key)
+        return bool(self._key_request("touch", enc, p, ttl=ns)["ok"])
+
+    def incr(self, key, delta=1, ttl=None):
+        """Add ``delta`` atomically on the key's owner (see :meth:`vela.Cache.incr`)."""
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
+        if not -2**63 <= delta < 2**63:
+            raise OverflowError("delta leaves the signed 64-bit range")
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        enc, p, view, local = self._locate(key)
+        return self._key_request("incr", enc, p, delta=delta, ttl=ns)["ok"]
+
+    # ---- get_or_fetch: one fetch per key in the whole cluster --------------------------
+
+    def _holder(self):
+        return f"{self._holder_base}:{threading.get_ident() % 1_000_000_007}"
+
+    def _begin_fetch(self, key):
+        """("hit", value) | ("mine", None): we hold the owner's lease | ("alone", None):
+        waited stampede_timeout, fetch without it. Waits (polling the owner) while
+        another caller anywhere fetches the key."""
+        enc, p, view, local = self._locate(key)
+        if local:
+            value = self._table.get_hit(key, MISSING)
+            if value is not MISSING:
+                return "hit", value
+        elif self._near is not None:
+            value = self._table.get_hit(key, MISSING)
+            if value is not MISSING:
+                return "hit", value
+        if not self.stampede_protection:
+            value = self._lookup(key)
+            return ("hit", value) if value is not MISSING else ("alone", None)
+        holder = self._holder()
+        give_up = time.monotonic() + self.stampede_timeout
+        pause = 0.001
+        while True:
+            reply = self._key_request("fetch", enc, p, holder=holder)
+            if "val" in reply:
+                return "hit", self._decode(reply)
+            if reply.get("lease"):
+                return "mine", None
+            if time.monotonic() >= give_up:
+                return "alone", None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    def _complete_fetch(self, key, value, status, ns, tags):
+        tag_ids = self._encode_tags(tags)
+        val, codec = self._table.encode_value(value)
+        enc, p, view, local = self._locate(key)
+        extra = {"holder": self._holder()} if status == "mine" else {}
+        try:
+            self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids, **extra)
+        except CacheFull:
+            pass
+
+    def _abort_fetch(self, key):
+        enc, p, view, local = self._locate(key)
+        try:
+            self._key_request("abort", enc, p, holder=self._holder())
+        except BridgeUnavailable:
+            pass  # the lease expires on its own
+
+    def get_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
+        """The value of ``key``, or ``fetch_fn(key)`` stored on the owner and returned.
+
+        The owner's bridge gives one caller in the whole cluster the right to fetch a
+        missing key; the others poll the owner until the value is there (at most
+        ``stampede_timeout``, then they fetch themselves).
+        """
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        status, value = self._begin_fetch(key)
+        result = "hit"
+        if status != "hit":
+            try:
+                value = fetch_fn(key)
+            except BaseException:
+                if status == "mine":
+                    self._abort_fetch(key)
+                raise
+            self._complete_fetch(key, value, status, ns, tags)
+            result = "fetched"
+        if telemetry.active:
+            self._emit("fetch", start, {"key": key, "result": result})
+        return value
+
+    async def aget_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
+        """``get_or_fetch`` for asyncio (waits happen in a worker thread)."""
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        loop = asyncio.get_running_loop()
+        status, value = await loop.run_in_executor(None, self._begin_fetch, key)
+        if status == "hit":
+            return value
+        try:
+            value = fetch_fn(key)
+            if inspect.isawaitable(value):
+                value = await value
+        except BaseException:
+            if status == "mine":
+                await loop.run_in_executor(None, self._abort_fetch, key)
+            raise
+        await loop.run_in_executor(None, functools.partial(self._complete_fetch, key, value, status, ns, tags))
+        return value
+
+    # ---- every member ---------------------------------------------------------------------
+
+    def invalidate_tag(self, tag):
+        """Remove every entry carrying ``tag`` on every member; returns the cluster-wide count."""
+        start = time.perf_counter_ns() if telemetry.active else 0
+        count = sum(r["ok"] for r in self._everyone("tag", tag=self._encode_tags([tag])[0]))
+        if telemetry.active:
+            telemetry.execute(self._events["invalidate_tag"],
+                              {"duration": time.perf_counter_ns() - start, "count": count},
+                              {"cache": self.name, "tag": tag})
+        return count
+
+    def flush(self):
+        """Remove every entry on every member; returns how many."""
+        start = time.perf_counter_ns() if telemetry.active else 0
+        count = sum(r["ok"] for r in self._everyone("flush"))
+        if telemetry.active:
+            telemetry.execute(self._events["flush"], {"duration": time.perf_counter_ns() - start,
+                                                      "count": count}, {"cache": self.name})
+        return count
+
+    def size(self):
+        """Entries stored in the cluster (each counted on its owner)."""
+        return sum(r["ok"] for r in self._everyone("size"))
+
+    def __len__(self):
+        return self.size()
+
+    def stats(self, reset=False):
+        """Counters summed over every member (each member's over all its processes)."""
+        total = {}
+        for r in self._everyone("stats", reset=bool(reset)):
+            for k, v in r["ok"].items():
+                total[k] = total.get(k, 0) + v
+        lookups = total.get("hits", 0) + total.get("misses", 0)
+        total["hit_ratio"] = total.get("hits", 0) / lookups if lookups else 0.0
+        return total
+
+    def reset_stats(self):
+        self.stats(reset=True)
+
+    def close(self):
+        super().close()
+        if getattr(self, "_links", None) is not None:
+            self._links.close()
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"node {self._view().me}"
+        return f"<vela.Cache {self.name!r} partitioned ({state})>"
