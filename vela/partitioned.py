@@ -39,6 +39,7 @@ __all__ = ["PartitionedCache"]
 _ERRORS = {"CacheFull": CacheFull, "ValueTooLarge": ValueTooLarge, "LockTimeout": LockTimeout,
            "TypeError": TypeError, "OverflowError": OverflowError}
 _RETRY_PAUSE = 0.002
+_SLICE = 0.5  # seconds before a silent owner is looked up again
 
 
 class _View:
@@ -144,10 +145,21 @@ class PartitionedCache(Cache):
         view = self._routable_view(deadline)
         addr = view.addrs.get(view.owners[p])
         fields = dict(fields, op=op, k=enc)
+        # An owner that does not answer may be gone: look at the table again every slice.
+        # An incr is not repeated at the same owner (it may have been applied).
+        once = op == "incr"
         while True:
             if addr is None:
                 raise BridgeUnavailable(f"cache {self.name!r}: no address for the owner of partition {p}")
-            reply = self._links.request(addr, fields, view.epoch, deadline)
+            try:
+                reply = self._links.request(addr, fields, view.epoch,
+                                            deadline if once else min(deadline, time.monotonic() + _SLICE))
+            except BridgeUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                view = self._routable_view(deadline)
+                addr = view.addrs.get(view.owners[p])
+                continue
             if "moved" in reply:
                 addr = reply["moved"]  # the table changed: ask the owner the answering member knows
             elif "fb" in reply:

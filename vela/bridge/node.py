@@ -318,14 +318,18 @@ class Bridge:
 
     def _on_hand(self, member, msg):
         parts = self._partitions(msg)
-        if parts is not None and parts.on_hand(member.node_id, msg):
-            self._send(member.addr, self._message("handack", c=msg["c"], sid=msg["sid"]))
+        if parts is None:
+            return
+        self._update_rings(time.monotonic())  # a "leaving" just before it may change the table
+        taken = parts.on_hand(member.node_id, msg)
+        if taken is not None:
+            self._send(member.addr, self._message("handack", c=msg["c"], sid=msg["sid"], ps=taken))
             self.epoch += 1  # incoming partitions completed: publish the view
 
     def _on_handack(self, member, msg):
         parts = self._partitions(msg)
         if parts is not None:
-            parts.on_handack(msg["sid"])
+            parts.on_handack(msg["sid"], msg["ps"])
 
     def _on_brec(self, member, msg):
         parts = self._partitions(msg)
@@ -543,6 +547,8 @@ class Bridge:
             new = DEAD if silent > self.failure_timeout else SUSPECT if silent > self.failure_timeout / 2 else ALIVE
             if m.last_seen == 0:
                 new = DEAD if now - self.started > self.failure_timeout else SUSPECT
+            if m.state == DEAD:
+                continue  # only a message from it brings it back (not a "bye" just received)
             if new != m.state:
                 if new == DEAD:
                     log.warning("member %d (%s) is dead: %s", m.node_id, m.addr,

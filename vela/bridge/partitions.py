@@ -31,7 +31,8 @@ from ..ring import PARTITIONS, assign, partition_of
 log = logging.getLogger("vela.bridge")
 
 CHUNK = 2000            # entries per handoff message
-STREAM_STALL = 30.0     # seconds an unacknowledged stream or an unfed incoming partition may wait
+RESEND = 2.0            # seconds without an ack before a stream is sent again from the start
+STREAM_STALL = 30.0     # seconds a stream may go unacknowledged, or an incoming partition unfed
 
 
 class Stream:
@@ -43,7 +44,7 @@ class Stream:
         self.role = role          # "own": the target becomes the owner; "backup": it keeps a copy
         self.ps = set(ps)
         self.cursor = 0           # table scan position; None once everything was sent
-        self.sent_at = time.monotonic()
+        self.sent_at = self.started = time.monotonic()
 
 
 class Incoming:
@@ -192,11 +193,17 @@ class Partitions:
         still = []
         for s in self.streams:
             if s.cursor is None:
-                if now - s.sent_at > STREAM_STALL:
-                    log.warning("cache %s: handoff %d to member %d was never acknowledged", self.name,
-                                s.sid, s.target)
-                    self._finish_stream(s)
+                if now - s.started > STREAM_STALL:
+                    log.warning("cache %s: handoff %d of %d partitions to member %d was never acknowledged",
+                                self.name, s.sid, len(s.ps), s.target)
+                    self._finish_stream(s, s.ps)
                     continue
+                if now - s.sent_at > RESEND:
+                    # Not taken (the receiver had no table yet, or another one): again, afresh.
+                    s.sid, s.cursor = next(self.sids), 0
+                    if s.role == "own":
+                        for p in s.ps:
+                            self.outgoing[p] = s.sid
                 still.append(s)
                 continue
             cursor, items = self.table.scan(s.cursor, CHUNK)
@@ -214,18 +221,22 @@ class Partitions:
             still.append(s)
         self.streams = still
 
-    def on_handack(self, sid):
+    def on_handack(self, sid, ps):
+        """The receiver of stream ``sid`` took partitions ``ps`` (the others go again)."""
         for s in self.streams:
             if s.sid == sid:
-                self._finish_stream(s)
-                self.streams.remove(s)
+                taken = s.ps & set(ps)
+                self._finish_stream(s, taken)
+                s.ps -= taken
+                if not s.ps:
+                    self.streams.remove(s)
                 return
 
-    def _finish_stream(self, s):
+    def _finish_stream(self, s, ps):
         if s.role != "own":
             return
         drop = bytearray(self.parts)
-        for p in s.ps:
+        for p in ps:
             if self.outgoing.get(p) == s.sid:
                 del self.outgoing[p]
                 if self.owners[p] != self.me and self.backup_of[p] != self.me:
@@ -236,10 +247,11 @@ class Partitions:
     # ---- streams in ----------------------------------------------------------------
 
     def on_hand(self, sender, msg):
-        """Entries of a stream from ``sender``; returns True when the stream ended (ack it)."""
-        vers = msg.get("vers") or []
-        if len(vers) != len(msg["entries"]):
-            raise ValueError("handoff entries and versions differ in number")
+        """Entries of a stream from ``sender``; at its end, the partitions taken (to
+        acknowledge), else None. Without a table of our own, nothing is taken."""
+        if self.owners is None:
+            return None
+        vers = msg["vers"]
         ps = set(msg["ps"])
         if msg["role"] == "backup":
             if msg["sid"] not in self.backup_in:
@@ -251,9 +263,10 @@ class Partitions:
                 p = partition_of(k, self.parts)
                 if p in ps and not self.mine(p):
                     self._apply(k, v, codec, ttl, tags, ver)
-            if msg["last"]:
-                self.backup_in.discard(msg["sid"])
-            return msg["last"]
+            if not msg["last"]:
+                return None
+            self.backup_in.discard(msg["sid"])
+            return [p for p in ps if self.backup_of[p] == self.me]
         for (k, v, codec, ttl, tags), ver in zip(msg["entries"], vers):
             inc = self.incoming.get(partition_of(k, self.parts))
             # From any member: two copies of a key (a partition that moved twice) meet by version.
@@ -261,12 +274,13 @@ class Partitions:
                 continue
             self._apply(k, v, codec, ttl, tags, ver)
             self.stats["handed_in"] += 1
-        if msg["last"]:
-            for p in ps:
-                inc = self.incoming.get(p)
-                if inc is not None and inc.source in (None, sender):
-                    del self.incoming[p]
-        return msg["last"]
+        if not msg["last"]:
+            return None
+        for p in ps:
+            inc = self.incoming.get(p)
+            if inc is not None and inc.source in (None, sender):
+                del self.incoming[p]
+        return [p for p in ps if self.mine(p)]
 
     def _apply(self, k, v, codec, ttl, tags, version):
         try:

@@ -306,9 +306,7 @@ def _check_hand(msg):
         raise Malformed("field 'role' must be own or backup")
     if not isinstance(msg.get("last"), bool):
         raise Malformed("field 'last' must be a bool")
-    for p in _list(msg, "ps", MAX_PARTITIONS):
-        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < MAX_PARTITIONS:
-            raise Malformed("bad partition number")
+    _partitions(msg)
     entries = _list(msg, "entries", MAX_RECORDS)
     vers = _list(msg, "vers", MAX_RECORDS)
     for v in vers:
@@ -328,6 +326,13 @@ def _check_hand(msg):
 def _check_handack(msg):
     _str(msg, "c")
     _int(msg, "sid", 0, 2**63)
+    _partitions(msg)
+
+
+def _partitions(msg):
+    for p in _list(msg, "ps", MAX_PARTITIONS):
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < MAX_PARTITIONS:
+            raise Malformed("bad partition number")
 
 
 def _check_brec(msg):
