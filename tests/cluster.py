@@ -570,6 +570,34 @@ class Agent:
                                 topology_opts=opts, **self.cache_opts)
         return self.cache.info()["capacity"]
 
+    def op_try(self, method, args=(), kwargs=None):
+        """Call a cache method: ["ok", result] or ["raised", exception type, message]."""
+        try:
+            return ["ok", getattr(self.cache, method)(*args, **(kwargs or {}))]
+        except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
+            return ["raised", type(exc).__name__, str(exc)]
+
+    def op_exec_loop(self, code):
+        """Run ``code`` with ``cache`` bound to this host's handle (load generators)."""
+        exec(code, {"cache": self.cache})  # noqa: S102 - test-only, code comes from the test
+
+    def op_raw_request(self, addr, fields):
+        """One request straight to the bridge at ``addr`` (field k_str: a str key to encode);
+        the reply with bytes shown as hex."""
+        from vela import _native
+
+        fields = dict(fields)
+        if "k_str" in fields:
+            fields["k"] = _native.encode_key(fields.pop("k_str"))
+        reply = self.cache._links.request(addr, fields, self.cache._view().epoch)
+        return {k: v.hex() if isinstance(v, bytes) else v for k, v in reply.items()}
+
+    def op_owned_entries(self):
+        """Entries of the partitions this host owns, counted in its own table."""
+        view = self.cache._view()
+        counts = self.cache._table.partition_counts(view.parts)
+        return sum(n for p, n in enumerate(counts) if view.owners[p] == view.me)
+
     def op_get_many(self, keys):
         return sorted(self.cache.get_many(keys).items())
 

@@ -341,6 +341,17 @@ class Bridge:
         if parts is not None:
             parts.on_inval(msg["ks"])
 
+    def _start_over(self, stalled):
+        """After a stall longer than the failure timeout (SIGSTOP, a frozen VM), the
+        others have taken our partitions and written to them: what we hold is stale.
+        Come back as a new incarnation with an empty table, as a restarted bridge does."""
+        log.warning("this bridge stalled for %.1f s: the others have taken its partitions; "
+                    "rejoining as a new incarnation", stalled)
+        self.inc = random.getrandbits(63)
+        for name, parts in list(self.partitioned.items()):
+            self.partitioned[name] = Partitions(name, parts.cache, self, self.backups, parts.parts)
+        self.epoch += 1
+
     def _ring_ready(self, now):
         """A new bridge waits to hear from the cluster before it takes any partition."""
         if self.leaving_self or not self.seeds:
@@ -652,8 +663,13 @@ class Bridge:
         next_beat = 0.0
         next_view = 0.0
         published_epoch = None
+        last_turn = time.monotonic()
         try:
             while self.running:
+                turn = time.monotonic()
+                if turn - last_turn > self.failure_timeout and self.partitioned:
+                    self._start_over(turn - last_turn)
+                last_turn = turn
                 for sock, _ in self.poller.poll(timeout=BATCH_DELAY * 1000):
                     for _ in range(1000):  # drain what is there, then look at the log
                         try:

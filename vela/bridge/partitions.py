@@ -268,9 +268,13 @@ class Partitions:
             self.backup_in.discard(msg["sid"])
             return [p for p in ps if self.backup_of[p] == self.me]
         for (k, v, codec, ttl, tags), ver in zip(msg["entries"], vers):
-            inc = self.incoming.get(partition_of(k, self.parts))
-            # From any member: two copies of a key (a partition that moved twice) meet by version.
-            if inc is None or inc.flushed or k in inc.touched or inc.dead_tags.intersection(tags):
+            p = partition_of(k, self.parts)
+            if p not in ps or not self.mine(p):
+                continue
+            inc = self.incoming.get(p)
+            # From any member: two copies of a key (a partition that moved twice, two sides
+            # of a healed network split) meet by version, the newest stays.
+            if inc is not None and (inc.flushed or k in inc.touched or inc.dead_tags.intersection(tags)):
                 continue
             self._apply(k, v, codec, ttl, tags, ver)
             self.stats["handed_in"] += 1

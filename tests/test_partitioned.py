@@ -1,0 +1,379 @@
+"""The partitioned topology between simulated hosts (tests/cluster.py): real
+vela-bridge processes on loopback, real worker processes, one VELA_NAMESPACE per
+host. Bridges run with a 0.2 s heartbeat and a 1 s failure timeout.
+
+Every wait is bounded; every cluster is torn down whatever the test did to it.
+"""
+import collections
+import signal
+import time
+
+import pytest
+
+from cluster import Cluster, eventually
+
+pytest.importorskip("zmq")
+
+KEYS = [f"k{i}" for i in range(3000)]
+
+
+def ready(cluster, hosts=None):
+    """True when every given host's bridge has its partition table and no partition on its way."""
+    for h in hosts or cluster.hosts:
+        status = h.status() or {}
+        if not status.get("caches", {}).get(cluster.name, {}).get("ready"):
+            return False
+    return True
+
+
+def wait_ready(cluster, hosts=None, timeout=15.0):
+    cluster.wait_members(hosts)
+    eventually(lambda: ready(cluster, hosts), timeout, what="every bridge has its partition table")
+
+
+def tables_agree(hosts):
+    """True when the hosts route by the same partition table."""
+    owners = [tuple(h.cluster().get("owners") or ()) for h in hosts]
+    return owners[0] and all(o == owners[0] for o in owners)
+
+
+def make_cluster(tmp_path, n=3, backups=0, **cache_opts):
+    extra = ["--backups", str(backups)] if backups else []
+    return Cluster(tmp_path, n=n, topology="partitioned", cache_opts=cache_opts, bridge_extra=extra)
+
+
+@pytest.fixture
+def cluster3(tmp_path):
+    c = make_cluster(tmp_path)
+    try:
+        wait_ready(c)
+        yield c
+    finally:
+        c.close()
+
+
+def owned_by(host, node_id, keys):
+    return [k for k in keys if host.call("owner", key=k)[0] == node_id]
+
+
+# --------------------------------------------------------------------------------------
+# every API call, with exact outcomes
+
+
+def test_single_key_calls_mean_the_same_on_every_host(cluster3):
+    a, b, c = cluster3
+    eventually(lambda: tables_agree(cluster3), 5, what="one partition table")
+    # a key owned by each member, written from another host, read from all three
+    for owner in (a, b, c):
+        key = next(k for k in KEYS if a.call("owner", key=k)[0] == owner.node_id)
+        writer = b if owner is not b else c
+        writer.put(key, {"owner": owner.label, "n": [1, 2]}, ttl=60, tags=["t1"])
+        for h in cluster3:
+            assert h.get(key) == {"owner": owner.label, "n": [1, 2]}
+            assert h.call("exists", key=key) is True
+            assert 58 < h.ttl(key) <= 60
+        # the entry lives on its owner only
+        assert owner.call("local_get", key=key) == [True, {"owner": owner.label, "n": [1, 2]}]
+        for h in cluster3:
+            if h is not owner:
+                assert h.call("local_get", key=key) == [False, None]
+        assert writer.touch(key, ttl=5) is True
+        assert 4 < a.ttl(key) <= 5
+        assert c.delete(key) is True
+        assert c.delete(key) is False
+        for h in cluster3:
+            assert h.get(key, "absent") == "absent"
+            assert h.call("exists", key=key) is False
+        with pytest.raises(KeyError):
+            b.ttl(key)
+        assert a.touch(key) is False
+    assert a.get("never-written") is None
+
+
+def test_incr_is_atomic_on_the_owner_from_every_host(cluster3):
+    a, b, c = cluster3
+    assert a.incr("counter") == 1
+    assert b.incr("counter", 10) == 11
+    assert c.incr("counter", -2) == 9
+    # 3 hosts x 200 increments at once
+    for h in cluster3:
+        h.send("try", method="incr", args=["warm"])
+    for h in cluster3:
+        assert h.recv()[0] == "ok"
+    script = "for _ in range(200): cache.incr('many')"
+    for h in cluster3:
+        h.send("exec_loop", code=script)
+    for h in cluster3:
+        h.recv(60)
+    for h in cluster3:
+        assert h.get("many") == 600
+    a.put("text", "not a number")
+    kind, name, msg = b.call("try", method="incr", args=["text"])
+    assert (kind, name) == ("raised", "TypeError")
+    assert "not an integer" in msg
+    b.put("big", 2**63 - 1)
+    assert c.call("try", method="incr", args=["big"])[:2] == ["raised", "OverflowError"]
+    assert a.get("big") == 2**63 - 1
+
+
+def test_batches_are_grouped_per_owner(cluster3):
+    a, b, c = cluster3
+    items = [(f"b{i}", i * 3) for i in range(500)]
+    assert a.put_many(items, tags=["batch"]) == 500
+    got = dict(b.call("get_many", keys=[k for k, _ in items] + ["nope1", "nope2"]))
+    assert got == dict(items)
+    owners = collections.Counter(c.call("owner", key=k)[0] for k, _ in items)
+    assert set(owners) == {1, 2, 3}  # the batch really spanned all three members
+    assert c.call("delete_many", keys=[f"b{i}" for i in range(100)] + ["nope"]) == 100
+    assert len(a.call("get_many", keys=[k for k, _ in items])) == 400
+    assert b.size() == 400
+    assert sum(h.call("owned_entries") for h in cluster3) == 400
+
+
+def test_size_stats_flush_and_tags_are_cluster_totals(cluster3):
+    a, b, c = cluster3
+    a.put_many([(f"s{i}", i) for i in range(300)], tags=["even"])
+    b.put_many([(f"o{i}", i) for i in range(200)], tags=["odd"])
+    assert c.size() == 500
+    per_host = [h.call("owned_entries") for h in cluster3]
+    assert sum(per_host) == 500 and all(n > 100 for n in per_host)
+    for h in cluster3:
+        h.call("try", method="reset_stats")
+    for i in range(50):
+        a.get(f"s{i}")
+    for i in range(20):
+        c.get(f"missing{i}")
+    stats = b.stats()
+    assert (stats["hits"], stats["misses"]) == (50, 20)
+    assert stats["size"] == 500
+    assert c.invalidate_tag("odd") == 200
+    assert a.size() == 300 and b.get("o5") is None and b.get("s5") == 5
+    assert b.invalidate_tag("odd") == 0
+    assert a.flush() == 300
+    assert c.size() == 0
+    assert [h.get("s1") for h in cluster3] == [None, None, None]
+
+
+def test_errors_from_a_remote_owner_reach_the_caller(tmp_path):
+    c = make_cluster(tmp_path, n=2, max_entry_size="64KiB")
+    try:
+        wait_ready(c)
+        a, b = c
+        key = next(k for k in KEYS if a.call("owner", key=k)[0] == b.node_id)
+        kind, name, msg = a.call("try", method="put", args=[key, "x" * 200_000])
+        assert (kind, name) == ("raised", "ValueTooLarge")
+        assert b.get(key) is None
+        assert a.call("try", method="put", args=[key, "v"], kwargs={"tags": "single"})[:2] == \
+            ["raised", "TypeError"]
+        assert a.call("try", method="put", args=[[1, 2], "v"])[:2] == ["raised", "TypeError"]
+        assert a.call("try", method="put", args=[key, "v"], kwargs={"ttl": -1})[:2] == ["raised", "ValueError"]
+        assert b.get(key) is None
+        assert a.call("try", method="put_many", args=[[[key, "ok"], [[1], "bad key"]]])[:2] == \
+            ["raised", "TypeError"]
+        assert b.get(key) is None  # nothing of the bad batch was stored
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------------------
+# routing
+
+
+def test_keys_spread_evenly_over_members(cluster3):
+    a, b, c = cluster3
+    keys = [f"user:{i}" for i in range(10_000)]
+    counts = a.call("owned_counts", keys=keys)
+    assert sorted(counts) == ["1", "2", "3"]
+    for n in counts.values():
+        assert abs(n - 10_000 / 3) <= 0.15 * 10_000 / 3, counts
+    # and that is where they are stored
+    for i in range(0, 10_000, 1000):
+        a.put_many([(k, 1) for k in keys[i:i + 1000]])
+    stored = {str(h.node_id): h.call("owned_entries") for h in cluster3}
+    assert stored == counts
+
+
+def test_a_member_that_does_not_own_the_key_answers_moved(cluster3):
+    a, b, c = cluster3
+    key = next(k for k in KEYS if a.call("owner", key=k)[0] == c.node_id)
+    a.put(key, "here")
+    reply = a.call("raw_request", addr=b.listen, fields={"op": "get", "k_str": key})
+    assert reply["moved"] == c.listen
+    assert "val" not in reply
+    reply = a.call("raw_request", addr=c.listen, fields={"op": "get", "k_str": key})
+    assert reply.get("codec") is not None and "moved" not in reply
+
+
+def test_a_stopped_owner_is_replaced_and_comes_back_with_the_newer_values(tmp_path):
+    c = make_cluster(tmp_path, n=2)
+    try:
+        wait_ready(c)
+        a, b = c
+        key = next(k for k in KEYS if a.call("owner", key=k)[0] == b.node_id)
+        a.put(key, 1)
+        b.pause()  # SIGSTOP: connected, silent
+        t = time.monotonic()
+        assert a.call("try", method="get", args=[key]) == ["ok", None]  # B declared dead: a miss
+        assert time.monotonic() - t < 3.0 + 1.0  # within topology_opts timeout (3 s)
+        a.put(key, 2)  # A owns the partition now
+        assert a.get(key) == 2
+        b.resume()  # B notices its stall and comes back as a new incarnation
+        eventually(lambda: ready(c) and tables_agree(c) and len(set(a.cluster()["owners"])) == 2, 10,
+                   what="B back in the ring")
+        assert a.call("owner", key=key)[0] == b.node_id
+        assert a.get(key) == 2 and b.get(key) == 2  # handed back to B, not B's stale 1
+    finally:
+        c.close()
+
+
+def test_without_its_bridge_a_host_gets_bridge_unavailable_not_a_hang(tmp_path):
+    c = make_cluster(tmp_path, n=2)
+    try:
+        wait_ready(c)
+        a, b = c
+        a.kill_bridge(signal.SIGKILL)
+        time.sleep(2.0)  # the last view it published grows stale (3 heartbeats + 1 s)
+        t = time.monotonic()
+        kind, name, msg = a.call("try", method="get", args=["any"])
+        assert (kind, name) == ("raised", "BridgeUnavailable")
+        assert "publishes no partition table" in msg
+        assert time.monotonic() - t < 3.0 + 2.0
+        assert b.call("try", method="put", args=["any", 1]) == ["ok", None]  # B goes on alone
+        assert b.get("any") == 1
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------------------
+# ring changes
+
+
+def _verify_load(hosts, results):
+    """Every key's last written value, read from every host."""
+    last = {}
+    for r in results:
+        assert r["error_count"] == 0, r["errors"]
+        last.update(r["last"])
+    assert last
+    for h in hosts:
+        got = dict(h.call("get_many", keys=sorted(last)))
+        stale = {k: (v, got.get(k)) for k, v in last.items() if got.get(k) != v}
+        assert not stale, f"host {h.label}: {len(stale)} lost or stale, e.g. {list(stale.items())[:3]}"
+
+
+def test_graceful_leave_and_join_under_load_lose_nothing(cluster3):
+    a, b, c = cluster3
+    a.put_many([(k, i) for i, k in enumerate(KEYS)])
+    # writers on A and B use disjoint keys (each key has one writer: "last value" is exact)
+    a.send("load", prefix="la", keys=300, seconds=5.0, writer=1)
+    b.send("load", prefix="lb", keys=300, seconds=5.0, writer=2)
+    time.sleep(1.0)
+    assert c.kill_bridge(signal.SIGTERM) == 0  # leave: hand everything off first
+    results = [a.recv(30), b.recv(30)]
+    eventually(lambda: ready(cluster3, [a, b]) and tables_agree([a, b]), 10, what="A and B settled")
+    assert set(a.cluster()["owners"]) == {1, 2}
+    _verify_load([a, b], results)
+    assert dict(b.call("get_many", keys=KEYS)) == {k: i for i, k in enumerate(KEYS)}
+    assert a.size() == 3000 + len(results[0]["last"]) + len(results[1]["last"])
+
+    # join again, under load
+    a.send("load", prefix="ja", keys=300, seconds=4.0, writer=3)
+    b.send("load", prefix="jb", keys=300, seconds=4.0, writer=4)
+    time.sleep(0.5)
+    c.restart_bridge()
+    results2 = [a.recv(30), b.recv(30)]
+    wait_ready(cluster3)
+    eventually(lambda: tables_agree(cluster3), 10, what="one partition table")
+    assert set(c.cluster()["owners"]) == {1, 2, 3}
+    _verify_load(cluster3, results + results2)
+    for h in cluster3:
+        assert dict(h.call("get_many", keys=KEYS)) == {k: i for i, k in enumerate(KEYS)}
+    assert c.call("owned_entries") > 500  # C holds its share again
+    total = sum(h.call("owned_entries") for h in cluster3)
+    assert total == a.size()
+
+
+def test_a_killed_owner_costs_its_keys_and_nothing_else(cluster3):
+    a, b, c = cluster3
+    a.put_many([(k, i) for i, k in enumerate(KEYS)])
+    on_c = set(owned_by(a, c.node_id, KEYS))
+    assert 700 < len(on_c) < 1300
+    c.kill_bridge(signal.SIGKILL)
+    # within the failure timeout (1 s) plus a heartbeat, the others take C's partitions
+    eventually(lambda: set(a.cluster()["owners"]) == {1, 2} and set(b.cluster()["owners"]) == {1, 2}, 5,
+               what="C out of the ring")
+    got = dict(a.call("get_many", keys=KEYS))
+    assert {k for k in KEYS if k not in got} == on_c  # misses, exactly C's keys
+    assert all(got[k] == i for i, k in enumerate(KEYS) if k in got)
+    assert b.get(sorted(on_c)[0]) is None
+    b.put(sorted(on_c)[0], "rewritten")  # the partition has a new owner that takes writes
+    assert a.get(sorted(on_c)[0]) == "rewritten"
+
+
+def test_with_backups_a_killed_owner_loses_nothing(tmp_path):
+    c = make_cluster(tmp_path, backups=1)
+    try:
+        wait_ready(c)
+        a, b, cc = c
+        a.put_many([(k, i) for i, k in enumerate(KEYS)])
+        a.put("counter", 0)
+        for _ in range(5):
+            b.incr("counter")
+        eventually(lambda: sum(h.status()["caches"][c.name]["backup_records"] for h in c) >= 3006, 5,
+                   what="backup copies made")
+        cc.kill_bridge(signal.SIGKILL)
+        eventually(lambda: ready(c, [a, b]) and set(a.cluster()["owners"]) == {1, 2}, 10, what="C out")
+        assert dict(b.call("get_many", keys=KEYS)) == {k: i for i, k in enumerate(KEYS)}
+        assert a.get("counter") == 5
+        assert a.size() == 3001
+        promoted = sum(h.status()["caches"][c.name]["promoted"] for h in (a, b))
+        assert promoted > 0
+        # new backups were made for the partitions' new owners: a second death costs nothing
+        eventually(lambda: all(not h.status()["caches"][c.name]["streams"] for h in (a, b)), 10,
+                   what="backup copies to the new backups")
+        b.kill_bridge(signal.SIGKILL)
+        eventually(lambda: ready(c, [a]) and set(a.cluster()["owners"]) == {1}, 10, what="B out")
+        assert dict(a.call("get_many", keys=KEYS)) == {k: i for i, k in enumerate(KEYS)}
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------------------
+# stampede and near cache
+
+
+def test_get_or_fetch_runs_once_in_the_whole_cluster(cluster3):
+    a, b, c = cluster3
+    start_at = time.time() + 1.0
+    for h, n in ((a, 3), (b, 3), (c, 2)):
+        h.send("workers", scripts=[{"kind": "fetch", "key": "hot", "start_at": start_at, "seed": i,
+                                    "ops": 0, "keys": 1, "label": h.label} for i in range(n)])
+    results = [r for h in cluster3 for r in h.recv(60)]
+    assert len(results) == 8
+    assert [v for v, _ in results] == ["v"] * 8
+    assert sum(n for _, n in results) == 1
+    assert a.stats()["fetches"] == 1
+
+
+def test_near_cache_copies_drop_after_a_write_on_the_owner(tmp_path):
+    c = make_cluster(tmp_path, near_cache=True, near_cache_l1_ttl=30)
+    try:
+        wait_ready(c)
+        a, b, cc = c
+        key = next(k for k in KEYS if a.call("owner", key=k)[0] == b.node_id)
+        b.put(key, "v1")
+        assert a.get(key) == "v1" and cc.get(key) == "v1"
+        assert a.call("local_get", key=key) == [True, "v1"]  # an L1 copy on A
+        assert cc.call("local_get", key=key) == [True, "v1"]
+        b.put(key, "v2")
+        eventually(lambda: a.call("local_get", key=key)[0] is False and cc.call("local_get", key=key)[0] is False,
+                   2, interval=0.01, what="L1 copies dropped")
+        assert a.get(key) == "v2" and cc.get(key) == "v2"
+        cc.delete(key)
+        eventually(lambda: a.call("local_get", key=key)[0] is False, 2, interval=0.01, what="dropped on delete")
+        assert a.get(key) is None
+        a.put(key, "v3")
+        b.flush()
+        eventually(lambda: cc.call("local_get", key=key)[0] is False, 2, what="dropped on flush")
+    finally:
+        c.close()
