@@ -566,9 +566,29 @@ class Agent:
         self.topology = topology
         self.cache_opts = dict(cache_opts or {})
         opts = {"bridge_timeout": bridge_timeout} if topology == "replicated" else {"timeout": bridge_timeout}
+        cache_opts = dict(self.cache_opts)
+        opts.update(cache_opts.pop("topology_opts", {}))
         self.cache = vela.Cache(name, capacity=capacity, topology=topology, sweep_interval=None,
-                                topology_opts=opts, **self.cache_opts)
+                                topology_opts=opts, **cache_opts)
         return self.cache.info()["capacity"]
+
+    def op_open_other(self, topology_opts):
+        """A second handle on the cache with other topology options; the outcome of a
+        put and a get through it (["ok", value] or ["raised", type, message])."""
+        import vela
+
+        try:
+            other = vela.Cache(self.name, topology="partitioned", sweep_interval=None,
+                               topology_opts=topology_opts)
+        except Exception as exc:  # noqa: BLE001
+            return ["raised", type(exc).__name__, str(exc)]
+        try:
+            other.put("via-other", 1)
+            return ["ok", other.get("via-other")]
+        except Exception as exc:  # noqa: BLE001
+            return ["raised", type(exc).__name__, str(exc)]
+        finally:
+            other.close()
 
     def op_try(self, method, args=(), kwargs=None):
         """Call a cache method: ["ok", result] or ["raised", exception type, message]."""

@@ -485,6 +485,17 @@ def _render_cluster(view):
         lag = log.get("head", 0) - log.get("bridge_pos", 0)
         out.append(f"  change log: {human_bytes(log.get('size'))} ring, {human_bytes(lag)} not yet "
                    f"shipped, {log.get('dropped', 0)} record(s) too large (resync)")
+    owners = view.get("owners")
+    if isinstance(owners, list) and owners:
+        per_node = {}
+        for node in owners:
+            per_node[node] = per_node.get(node, 0) + 1
+        out.append(f"  partitions: {len(owners)}, owned per node: "
+                   + ", ".join(f"{n}: {c}" for n, c in sorted(per_node.items(), key=lambda x: str(x[0]))))
+        backups = [b for b in view.get("backups") or [] if b is not None]
+        incoming = view.get("incoming") or {}
+        out.append(f"  backup copies: {'on' if backups else 'off'}; partitions still being handed to "
+                   f"this host: {len(incoming)}")
     members = view.get("members")
     if isinstance(members, list) and members and all(isinstance(m, dict) for m in members):
         columns = list(dict.fromkeys(k for m in members for k in m))

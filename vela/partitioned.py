@@ -256,45 +256,53 @@ class PartitionedCache(Cache):
             raise KeyError(key)
         return None if remaining < 0 else remaining / 1e9
 
+    def _grouped(self, op, keys):
+        """One ``op`` request per owner for the keys no local read answers, sent at once:
+        ``{key: reply item}``; keys an owner could not simply serve are left out (the
+        caller asks for them one by one)."""
+        deadline = time.monotonic() + self._links.timeout
+        view = self._routable_view(deadline)
+        by_owner = {}
+        for key in keys:
+            enc = _native.encode_key(key)
+            by_owner.setdefault(view.owners[partition_of(enc, view.parts)], []).append((key, enc))
+        owners = [n for n in by_owner if n in view.addrs]
+        replies = self._links.request_all(
+            [(view.addrs[n], {"op": op, "ks": [enc for _, enc in by_owner[n]]}) for n in owners],
+            view.epoch, deadline)
+        out = {}
+        for n, reply in zip(owners, replies):
+            self._checked(reply)
+            redo = set(reply.get("redo", ()))
+            out.update((key, item) for i, ((key, _), item) in enumerate(zip(by_owner[n], reply["ok"]))
+                       if i not in redo)
+        return out
+
     def get_many(self, keys):
         """``{key: value}`` for the keys present; one request per owner, sent together."""
         start = time.perf_counter_ns() if telemetry.active else 0
         keys = list(keys)
-        found = {}
-        by_owner = {}
-        deadline = time.monotonic() + self._links.timeout
-        view = self._routable_view(deadline)
+        found, remote = {}, []
+        view = self._routable_view(time.monotonic() + self._links.timeout)
         for key in keys:
-            enc = _native.encode_key(key)
-            p = partition_of(enc, view.parts)
-            if view.local(p) or self._near is not None:
-                value = self._table.get_hit(key, MISSING) if not view.local(p) else self._table.get(key, MISSING)
-                if value is not MISSING or view.local(p):
-                    if value is not MISSING:
-                        found[key] = value
-                    continue
-            by_owner.setdefault(view.owners[p], []).append((key, enc, p))
-        owners = [n for n in by_owner if n in view.addrs]
-        replies = self._links.request_all(
-            [(view.addrs[n], {"op": "getm", "ks": [enc for _, enc, _ in by_owner[n]]}) for n in owners],
-            view.epoch, deadline)
-        for n, reply in zip(owners, replies):
-            self._checked(reply)
-            batch = by_owner[n]
-            redo = set(reply.get("redo", ()))
-            for i, (key, enc, p) in enumerate(batch):
-                item = reply["ok"][i]
-                if i in redo:
-                    value = self._lookup(key)
-                    if value is not MISSING:
-                        found[key] = value
-                elif item is not None:
-                    found[key] = self._table.decode_value(item[0], item[1])
-        for n in set(by_owner) - set(owners):
-            for key, _, _ in by_owner[n]:
-                value = self._lookup(key)
+            local = view.local(partition_of(_native.encode_key(key), view.parts))
+            if local or self._near is not None:
+                # an owned entry, or an L1 copy (a near-cache miss is read from its owner)
+                value = self._table.get(key, MISSING) if local else self._table.get_hit(key, MISSING)
                 if value is not MISSING:
                     found[key] = value
+                if local:
+                    continue
+            if key not in found:
+                remote.append(key)
+        answered = self._grouped("getm", remote)
+        for key in remote:
+            if key not in answered:
+                value = self._lookup(key)  # moved, or in a partition being handed over
+                if value is not MISSING:
+                    found[key] = value
+            elif answered[key] is not None:
+                found[key] = self._table.decode_value(*answered[key])
         if telemetry.active:
             self._emit("get", start, {"keys": len(keys), "hits": len(found)})
         return found
@@ -347,7 +355,10 @@ class PartitionedCache(Cache):
         return removed
 
     def delete_many(self, keys):
-        return sum(1 for k in list(keys) if self.delete(k))
+        """Remove the keys (one request per owner); returns how many were removed."""
+        keys = list(keys)
+        answered = self._grouped("delm", keys)
+        return sum(bool(answered[k]) if k in answered else self.delete(k) for k in dict.fromkeys(keys))
 
     def touch(self, key, ttl=None):
         ns = options.ttl_ns(ttl, self.default_ttl)

@@ -757,13 +757,20 @@ def bridge_exposition(status):
     states = [({"node_id": m["node_id"], "addr": m["addr"], "state": s}, int(m["state"] == s))
               for m in status["members"] for s in ("alive", "suspect", "dead")]
     metric("member_state", "gauge", "1 for the state each known member is in", states)
-    for field in ("applied", "stale", "suppressed", "sent", "resyncs", "snapshots_served", "snapshots_applied"):
-        metric(f"{field}_total", "counter", f"replication records/events: {field}",
-               [({"cache": c}, s[field]) for c, s in status["caches"].items()])
+    for field in ("applied", "stale", "suppressed", "sent", "resyncs", "snapshots_served", "snapshots_applied",
+                  "requests", "moved", "fallbacks", "handed_out", "handed_in", "promoted", "lost",
+                  "backup_records"):
+        samples = [({"cache": c}, s[field]) for c, s in status["caches"].items() if field in s]
+        if samples:
+            metric(f"{field}_total", "counter", f"replication/partition records or events: {field}", samples)
+    for field in ("owned", "backup_of", "incoming", "outgoing"):
+        samples = [({"cache": c}, s[field]) for c, s in status["caches"].items() if field in s]
+        if samples:
+            metric(f"partitions_{field}", "gauge", f"partitions of this member: {field}", samples)
     metric("ready", "gauge", "1 when the cache is in sync with the cluster",
            [({"cache": c}, int(s["ready"])) for c, s in status["caches"].items()])
     metric("log_lag_bytes", "gauge", "change log bytes not yet sent",
-           [({"cache": c}, s["log_lag_bytes"]) for c, s in status["caches"].items()])
+           [({"cache": c}, s["log_lag_bytes"]) for c, s in status["caches"].items() if "log_lag_bytes" in s])
     return "\n".join(lines) + "\n"
 
 

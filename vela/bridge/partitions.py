@@ -379,7 +379,7 @@ class Partitions:
             return self._moved(p, addr_of)
         inc = self.incoming.get(p)
         if inc is not None and inc.source is not None and k not in inc.touched and not inc.flushed \
-                and self.table.get_raw(k) is None:
+                and not self.table.contains(_native.decode_key(k)):
             if op in ("get", "has", "ttl"):
                 return {"fb": addr_of(inc.source)}  # not here yet: read it where it still is
             if op in ("incr", "touch", "fetch"):

@@ -1,0 +1,173 @@
+"""The partitioned topology between two simulated hosts on loopback, against
+redis-py and a local redis-server, in one run.
+
+    python tools/bench/partitioned.py            # about 30 s
+    python tools/bench/partitioned.py --quick    # a smoke run, noisier
+    python tools/bench/partitioned.py --json out.json
+
+Two hosts A and B (tests/cluster.py: each its own VELA_NAMESPACE and its own
+``vela-bridge``); this process is a worker of host A. Prints, each measured in
+this run, 100-byte values, one call at a time (latency = time per call):
+
+- remote get: ``cache.get`` of keys that B owns (a request to B's bridge over TCP
+  loopback and its answer) against redis-py ``GET`` of the same values from a
+  redis-server on TCP loopback (target: remote get <= 1.5x the redis GET);
+- local get: ``cache.get`` of keys that A owns (read from A's table, lock-free);
+- near-cache hit: ``cache.get`` of B's keys on a handle with ``near_cache=True``
+  once their L1 copies are in A's table, against the local get (target: equal);
+- remote gets/s through one bridge: 4 worker processes of A read B's keys as fast
+  as they can for a few seconds; their total (B's bridge, one Python thread, is
+  the bottleneck; reported, no target).
+
+Repeats are interleaved and the medians are compared. The JSON (``--json``,
+default ./bench-results-partitioned.json) holds every figure and the raw repeats.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, HERE)
+
+import vela  # noqa: E402
+from cluster import Cluster, eventually  # noqa: E402
+from servers import RedisServer  # noqa: E402
+
+FORK = multiprocessing.get_context("fork")
+VALUE = b"v" * 100
+KEYS = 2000
+
+
+def _open(namespace, name, **opts):
+    os.environ["VELA_NAMESPACE"] = namespace
+    return vela.Cache(name, topology="partitioned", sweep_interval=None, **opts)
+
+
+def _per_call_ns(fn, keys, rounds):
+    start = time.perf_counter_ns()
+    n = 0
+    for _ in range(rounds):
+        for k in keys:
+            fn(k)
+        n += len(keys)
+    return (time.perf_counter_ns() - start) / n
+
+
+def _reader(conn, namespace, name, keys, seconds):
+    cache = _open(namespace, name)
+    get = cache.get
+    conn.recv()  # start together
+    n, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        for k in keys[:200]:
+            get(k)
+        n += 200
+    cache.close()
+    conn.send(n)
+
+
+def throughput(namespace, name, keys, procs, seconds):
+    pipes, workers = [], []
+    for _ in range(procs):
+        parent, child = FORK.Pipe()
+        p = FORK.Process(target=_reader, args=(child, namespace, name, keys, seconds), daemon=True)
+        p.start()
+        pipes.append(parent)
+        workers.append(p)
+    time.sleep(0.5)
+    start = time.monotonic()
+    for c in pipes:
+        c.send("go")
+    total = sum(c.recv() for c in pipes)
+    took = time.monotonic() - start
+    for p in workers:
+        p.join(5)
+    return total / took
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer samples (noisier)")
+    p.add_argument("--json", default="bench-results-partitioned.json", help="where the results go")
+    args = p.parse_args(argv)
+    rounds, repeats, tp_seconds = (2, 3, 2.0) if args.quick else (5, 7, 4.0)
+
+    import redis
+
+    workdir = tempfile.mkdtemp(prefix="vela-bench-part-")
+    cluster = Cluster(workdir, n=2, capacity="256MiB", topology="partitioned")
+    server = RedisServer()
+    results = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+               "value_bytes": len(VALUE)}
+    try:
+        server.start()
+        a, b = cluster
+        cluster.wait_members()
+        eventually(lambda: all((h.status() or {}).get("caches", {}).get(cluster.name, {}).get("ready")
+                               for h in cluster), 15, what="partition tables")
+        cache = _open(a.namespace, cluster.name)
+        near = _open(a.namespace, cluster.name, near_cache=True, near_cache_l1_ttl=600)
+        view = cache._view()
+        from vela import _native
+        from vela.ring import partition_of
+
+        names = [f"key:{i}" for i in range(KEYS * 3)]
+        owner = {k: view.owners[partition_of(_native.encode_key(k))] for k in names}
+        remote = [k for k in names if owner[k] == b.node_id][:KEYS // 2]
+        local = [k for k in names if owner[k] == a.node_id][:KEYS // 2]
+        cache.put_many([(k, VALUE) for k in remote + local])
+        client = redis.Redis(host="127.0.0.1", port=server.port)
+        client.mset({k: VALUE for k in remote})
+        for k in remote:  # L1 copies on A
+            near.get(k)
+        assert all(cache.get(k) == VALUE for k in remote[:50]) and client.get(remote[0]) == VALUE
+
+        runs = {"remote_get": [], "redis_get": [], "local_get": [], "near_hit": []}
+        print(f"{repeats} interleaved repeats of {rounds} x {len(remote)} gets each ...", flush=True)
+        for _ in range(repeats):
+            runs["remote_get"].append(_per_call_ns(cache.get, remote, max(1, rounds // 2)))
+            runs["redis_get"].append(_per_call_ns(client.get, remote, max(1, rounds // 2)))
+            runs["local_get"].append(_per_call_ns(cache.get, local, rounds * 20))
+            runs["near_hit"].append(_per_call_ns(near.get, remote, rounds * 20))
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        results["runs_ns"] = runs
+        results["median_ns"] = med
+        remote_ratio = med["remote_get"] / med["redis_get"]
+        near_ratio = med["near_hit"] / med["local_get"]
+        print(f"  remote get   {med['remote_get'] / 1000:8.1f} us   redis-py GET {med['redis_get'] / 1000:8.1f} us"
+              f"   ratio {remote_ratio:.2f}x  -> {'meets' if remote_ratio <= 1.5 else 'MISSES'} the <= 1.5x target")
+        print(f"  near hit     {med['near_hit']:8.0f} ns   local get    {med['local_get']:8.0f} ns"
+              f"   ratio {near_ratio:.2f}x  -> {'meets' if near_ratio <= 1.2 else 'MISSES'} 'equal' (within 20%)")
+        print(f"remote gets/s through B's bridge, 4 readers on A for {tp_seconds:g} s ...", flush=True)
+        results["remote_gets_per_s"] = tp = throughput(a.namespace, cluster.name, remote, 4, tp_seconds)
+        print(f"  {tp:,.0f} remote gets/s through one bridge", flush=True)
+        results["ratios"] = {"remote_over_redis": remote_ratio, "near_over_local": near_ratio}
+        results["targets"] = {"remote_over_redis": 1.5, "near_over_local": 1.0}
+        cache.close()
+        near.close()
+        client.close()
+    finally:
+        server.stop()
+        cluster.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    print(f"\nsummary: remote get {remote_ratio:.2f}x a redis-py GET (target <= 1.5x); near hit "
+          f"{near_ratio:.2f}x a local hit (target: equal); {tp:,.0f} remote gets/s through one bridge")
+    print(f"results in {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
