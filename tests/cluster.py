@@ -116,6 +116,8 @@ class Host:
         self.namespace = f"vt{run_id or uuid.uuid4().hex[:8]}{label}"
         self.port = free_port()
         self.listen = f"tcp://{listen_host}:{self.port}"
+        self.data_port = free_port()  # partitioned caches: where workers send requests
+        self.data_addr = f"vela://{listen_host}:{self.data_port}"
         self.env = dict(os.environ, VELA_NAMESPACE=self.namespace,
                         PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
         self.env.pop("PYTHONSTARTUP", None)
@@ -250,6 +252,8 @@ class Host:
             args += ["--secret-file", secret_file]
         if insecure:
             args.append("--insecure")
+        if self.topology == "partitioned":
+            args += ["--data-listen", self.data_addr[len("vela://"):]]
         args += self.bridge_extra + list(extra)
         self.bridge_args = args
         self._launch_bridge(wait)

@@ -167,3 +167,29 @@ def test_signed_requests_that_make_no_sense_get_an_error_reply(secure_partitione
     assert host.bridge_alive()
     a.put("text", "fine again")
     assert b.get("text") == "fine again"
+
+
+def test_with_curve_keys_workers_use_the_encrypted_router(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vela.bridge", "keygen"], capture_output=True, text=True,
+                         timeout=30, check=True)
+    keyfile = tmp_path / "curve"
+    keyfile.write_text(out.stdout)
+    c = Cluster(tmp_path, n=2, topology="partitioned", bridge_extra=["--curve-key-file", str(keyfile)],
+                cache_opts={"topology_opts": {"curve_key_file": str(keyfile)}})
+    try:
+        c.wait_members()
+        eventually(lambda: all((h.status() or {}).get("caches", {}).get(c.name, {}).get("ready") for h in c),
+                   15, what="partition tables")
+        a, b = c
+        # no data port with CURVE: the view sends workers to the (encrypted) ROUTERs
+        assert sorted(a.cluster()["addrs"].values()) == sorted([a.listen, b.listen])
+        a.put_many([(f"k{i}", i) for i in range(200)])
+        assert dict(b.call("get_many", keys=[f"k{i}" for i in range(200)])) == {f"k{i}": i for i in range(200)}
+        assert b.incr("n", 3) == 3 and a.get("n") == 3
+        # a worker without the keys gets no link to a bridge
+        assert a.call("open_other", topology_opts={"timeout": 1.0})[:2] == ["raised", "BridgeUnavailable"]
+    finally:
+        c.close()

@@ -42,6 +42,9 @@ def _parser():
                      help="seconds of silence before a peer is dead (default 5.0; suspect at half)")
     run.add_argument("--tombstone-ttl", type=float,
                      help="seconds a delete/flush/tag invalidation keeps stopping older late puts (default 300)")
+    run.add_argument("--data-listen",
+                     help="partitioned caches: HOST:PORT of the TCP port where workers send requests "
+                          "(default: --listen's interface, its port + 1; not opened with CURVE)")
     run.add_argument("--backups", type=int, choices=(0, 1),
                      help="partitioned caches: keep a backup copy of each partition on a second member "
                           "(0 or 1, default 0; give every bridge the same)")
@@ -63,7 +66,8 @@ def _load_config(path):
     with open(path, "rb") as f:
         data = tomllib.load(f)
     known = {"cache", "listen", "advertise", "join", "node_id", "secret_file", "insecure", "curve_key_file",
-             "heartbeat", "failure_timeout", "tombstone_ttl", "log_level", "metrics_listen", "backups"}
+             "heartbeat", "failure_timeout", "tombstone_ttl", "log_level", "metrics_listen", "backups",
+             "data_listen"}
     unknown = set(data) - known
     if unknown:
         raise SystemExit(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
@@ -103,8 +107,8 @@ def run(args):
         bridge = Bridge(caches, opt("listen"), advertise=opt("advertise"), join=join, node_id=opt("node_id"),
                         secret=secret, heartbeat=opt("heartbeat"), failure_timeout=opt("failure_timeout"),
                         tombstone_ttl=opt("tombstone_ttl"), insecure=bool(opt("insecure")), curve=curve,
-                        backups=int(opt("backups") or 0))
-    except ValueError as exc:
+                        backups=int(opt("backups") or 0), data_listen=opt("data_listen"))
+    except (ValueError, OSError) as exc:  # a bad option, an address in use
         raise SystemExit(f"vela-bridge: {exc}")
     logging.getLogger("vela.bridge").info("node %d listening on %s for %s", bridge.node_id, bridge.listen,
                                           ", ".join(caches))

@@ -1,9 +1,10 @@
 """A worker's requests to the bridges of a partitioned cache.
 
 Each request goes straight to the bridge that owns the key (or to every
-member, for totals), on a ZeroMQ DEALER socket per bridge address. Sockets
-are made lazily, per thread (a ZeroMQ socket is not thread-safe) and per
-process (a forked child makes its own). Requests are authenticated and
+member, for totals): over TCP to the bridge's data port (``vela://`` addresses,
+vela.bridge.dataport), or, in a cluster with CURVE keys, on a ZeroMQ DEALER to
+its ROUTER (``tcp://``), which encrypts. Connections are made lazily, per thread
+(neither kind is thread-safe) and per process (a forked child makes its own). Requests are authenticated and
 checked exactly like the bridges' own messages (vela.bridge.protocol); every
 wait is bounded, and a request that timed out takes its socket with it, so a
 late answer can never be mistaken for the answer to the next request.
@@ -15,7 +16,7 @@ import threading
 import time
 
 from ..errors import BridgeUnavailable, OptionError
-from . import protocol
+from . import dataport, protocol
 
 _OPTIONS = {"timeout", "secret_file", "curve_key_file"}
 
@@ -56,36 +57,35 @@ class Links:
         self._local = threading.local()
         self._ids = itertools.count(1)
 
-    def _sockets(self):
+    def _conns(self):
         local = self._local
         if getattr(local, "pid", None) != os.getpid():  # a forked child starts afresh
             local.pid = os.getpid()
-            local.sockets = {}
-        return local.sockets
+            local.conns = {}
+        return local.conns
 
-    def _socket(self, addr):
-        import zmq
-
-        sockets = self._sockets()
-        sock = sockets.get(addr)
-        if sock is None:
-            sock = zmq.Context.instance().socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE + 4096)
-            if self.curve:
-                sock.curve_serverkey = self.curve[0]
-                sock.curve_publickey, sock.curve_secretkey = self.curve
-            sock.connect(addr)
-            sockets[addr] = sock
-        return sock
+    def _conn(self, addr):
+        conns = self._conns()
+        conn = conns.get(addr)
+        if conn is None:
+            try:
+                if addr.startswith("vela://"):
+                    host, _, port = addr[len("vela://"):].rpartition(":")
+                    conn = dataport.Client(host.strip("[]"), int(port), self.timeout)
+                else:
+                    conn = _ZmqConn(addr, self.curve)
+            except (OSError, ValueError) as exc:
+                raise BridgeUnavailable(f"cannot reach the vela-bridge at {addr}: {exc}") from None
+            conns[addr] = conn
+        return conn
 
     def _drop(self, addr):
-        sock = self._sockets().pop(addr, None)
-        if sock is not None:
-            sock.close(0)
+        conn = self._conns().pop(addr, None)
+        if conn is not None:
+            conn.close()
 
     def close(self):
-        for addr in list(self._sockets()):
+        for addr in list(self._conns()):
             self._drop(addr)
 
     def request(self, addr, fields, epoch, deadline=None):
@@ -93,51 +93,76 @@ class Links:
         return self.request_all([(addr, fields)], epoch, deadline)[0]
 
     def request_all(self, targets, epoch, deadline=None):
-        """Several requests at once [(addr, fields)], answered in that order.
+        """Several requests at once [(addr, fields)] (one per address), answered in that order.
 
         :raises BridgeUnavailable: one of them was not answered by the deadline.
         """
-        import zmq
-
         deadline = deadline or time.monotonic() + self.timeout
-        waiting = {}
-        for i, (addr, fields) in enumerate(targets):
+        sent = []
+        for addr, fields in targets:
             rid = next(self._ids)
             msg = dict(fields, t="req", v=protocol.PROTOCOL, inc=0, id=rid, c=self.cache_name, e=epoch)
             msg["from"] = 0
-            sock = self._socket(addr)
             try:
-                sock.send_multipart(protocol.pack(self.secret, msg), flags=zmq.NOBLOCK)
-            except zmq.Again:
+                self._conn(addr).send(protocol.pack(self.secret, msg))
+            except (OSError, _Full) as exc:
                 self._drop(addr)
-                raise BridgeUnavailable(f"the bridge at {addr} takes no more requests (queue full)") from None
-            waiting[rid] = (i, addr, sock)
-        replies = [None] * len(targets)
-        poller = zmq.Poller()
-        for _, _, sock in waiting.values():
-            poller.register(sock, zmq.POLLIN)
-        while waiting:
+                raise BridgeUnavailable(f"the vela-bridge at {addr} takes no request: {exc}") from None
+            sent.append((addr, rid))
+        return [self._await(addr, rid, deadline) for addr, rid in sent]
+
+    def _await(self, addr, rid, deadline):
+        conn = self._conn(addr)
+        while True:
             left = deadline - time.monotonic()
-            ready = dict(poller.poll(max(0, int(left * 1000)))) if left > 0 else {}
-            if not ready:
-                for _, addr, _ in waiting.values():
-                    self._drop(addr)  # a late reply must not meet the next request
-                missing = sorted({addr for _, addr, _ in waiting.values()})
-                raise BridgeUnavailable(f"no answer from the vela-bridge at {', '.join(missing)} within "
-                                        f"{self.timeout:g} s (cache {self.cache_name!r})")
-            for sock in ready:
-                while True:
-                    try:
-                        frames = sock.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        msg = protocol.unpack(self.secret, frames)
-                    except protocol.Malformed:
-                        continue  # not from a bridge of ours: ignored
-                    slot = waiting.get(msg["id"]) if msg["t"] == "rep" else None
-                    if slot is None or slot[2] is not sock:
-                        continue  # the answer to a request given up on
-                    del waiting[msg["id"]]
-                    replies[slot[0]] = msg
-        return replies
+            try:
+                if left <= 0:
+                    raise TimeoutError()
+                frames = conn.recv(left)
+            except (OSError, _Full) as exc:  # TimeoutError is an OSError
+                self._drop(addr)  # a late reply must not meet the next request
+                why = f"within {self.timeout:g} s" if isinstance(exc, TimeoutError) else f"({exc})"
+                raise BridgeUnavailable(f"no answer from the vela-bridge at {addr} {why} "
+                                        f"(cache {self.cache_name!r})") from None
+            try:
+                msg = protocol.unpack(self.secret, frames)
+            except protocol.Malformed:
+                continue  # not from a bridge of ours: ignored
+            if msg["t"] == "rep" and msg["id"] == rid:
+                return msg
+
+
+class _Full(Exception):
+    """A ZeroMQ socket that takes no more messages."""
+
+
+class _ZmqConn:
+    """A DEALER to a bridge's ROUTER (clusters with CURVE: the link is encrypted)."""
+
+    def __init__(self, addr, curve):
+        import zmq
+
+        self.zmq = zmq
+        sock = self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE + 4096)
+        if curve:
+            sock.curve_serverkey = curve[0]
+            sock.curve_publickey, sock.curve_secretkey = curve
+        sock.connect(addr)
+
+    def send(self, frames):
+        try:
+            self.sock.send_multipart(frames, flags=self.zmq.NOBLOCK)
+        except self.zmq.Again:
+            raise _Full("queue full") from None
+
+    def recv(self, timeout):
+        self.sock.setsockopt(self.zmq.RCVTIMEO, max(1, int(timeout * 1000)))  # a blocking recv, no poller
+        try:
+            return self.sock.recv_multipart()
+        except self.zmq.Again:
+            raise TimeoutError() from None
+
+    def close(self):
+        self.sock.close(0)

@@ -29,6 +29,7 @@ import zmq
 from ..errors import LayoutMismatch, VelaError
 from . import protocol
 from .client import control_endpoint
+from .dataport import DataPort
 from .partitions import Partitions, error_reply
 from .replica import Replica
 
@@ -42,6 +43,7 @@ class Member:
     def __init__(self, node_id, addr):
         self.node_id = node_id
         self.addr = addr
+        self.data_addr = None  # its data port (vela://host:port), for workers
         self.inc = None
         self.state = SUSPECT
         self.last_seen = 0.0
@@ -51,7 +53,7 @@ class Member:
 class Bridge:
     def __init__(self, caches, listen, advertise=None, join=(), node_id=None, secret=None,
                  heartbeat=1.0, failure_timeout=5.0, tombstone_ttl=300.0, control=None, insecure=False,
-                 curve=None, backups=0):
+                 curve=None, backups=0, data_listen=None):
         self.listen = listen
         self.advertise = advertise or listen
         if ("0.0.0.0" in self.advertise or "*" in self.advertise):
@@ -101,6 +103,15 @@ class Bridge:
         self.poller.register(self.router, zmq.POLLIN)
         for name in caches:
             self._attach(name, tombstone_ttl, control)
+        # Workers of partitioned caches send their requests to a plain TCP data port
+        # (dataport.py says why); with CURVE they use the ROUTER, which encrypts.
+        self.dataport = None
+        self.data_advertise = None
+        if self.partitioned and not self.curve:
+            self.dataport = DataPort(data_listen or _next_port(listen), self.poller, self._handle_data,
+                                     self.counters)
+            host = self.advertise.split("://", 1)[-1].rsplit(":", 1)[0]
+            self.data_advertise = f"vela://{host}:{self.dataport.port}"
         for seed in self.seeds:
             self._dealer(seed)
 
@@ -191,8 +202,9 @@ class Bridge:
         # The last batch of each stream: a peer that lost one (dropped while the
         # connection was not up, say) sees the gap here even if no batch follows.
         seqs = {name: r.seq - 1 for name, r in self.replicas.items()}
+        extra = {"data": self.data_advertise} if self.data_advertise else {}
         frames = self._message("hello", addr=self.advertise, members=members, seqs=seqs,
-                               repoch=self.ring_epoch)
+                               repoch=self.ring_epoch, **extra)
         targets = {m.addr for m in self.members.values()} | set(self.seeds)
         for addr in targets:
             self._send(addr, frames)
@@ -253,6 +265,9 @@ class Bridge:
 
     def _on_hello(self, member, msg):
         self.ring_epoch = max(self.ring_epoch, msg.get("repoch", 0))
+        if msg.get("data") != member.data_addr:
+            member.data_addr = msg.get("data")
+            self.epoch += 1  # workers route to it: publish
         for name, last in msg["seqs"].items():
             replica = self.replicas.get(name)
             if replica is None:
@@ -291,30 +306,58 @@ class Bridge:
         return parts
 
     def _addr_of(self, node_id):
+        """A member's bridge address (bridge to bridge)."""
         if node_id == self.node_id:
             return self.advertise
         member = self.members.get(node_id)
         return member.addr if member is not None else None
 
+    def _worker_addr(self, node_id):
+        """Where workers send a member their requests: its data port, else its ROUTER."""
+        if node_id == self.node_id:
+            return self.data_advertise or self.advertise
+        member = self.members.get(node_id)
+        if member is None:
+            return None
+        return member.data_addr if member.data_addr and not self.curve else member.addr
+
+    def _handle_data(self, frames):
+        """A request from the data port: the reply frames, or None for a malformed one."""
+        self.counters["messages_in"] += 1
+        self.counters["bytes_in"] += len(frames[1])
+        try:
+            msg = protocol.unpack(self.secret, frames)
+        except protocol.Malformed as exc:
+            key = "unauthenticated" if "authentication" in str(exc) else "malformed"
+            self.counters[key] += 1
+            return None
+        if msg["t"] != "req":
+            self.counters["malformed"] += 1
+            return None
+        return self._answer(msg)
+
     def _serve_request(self, identity, msg):
-        """A worker's request (it may run on any host): answered on the ROUTER at once."""
+        """A worker's request on the ROUTER (CURVE clusters): answered at once."""
+        try:
+            self.router.send_multipart([identity] + self._answer(msg), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.counters["dropped_out"] += 1
+
+    def _answer(self, msg):
+        """The reply frames to a worker's request (it may run on any host)."""
         self.counters["requests"] += 1
         parts = self.partitioned.get(msg["c"])
         if parts is None:
             reply = {"err": "BridgeUnavailable", "msg": f"this bridge does not carry cache {msg['c']!r}"}
         else:
             try:
-                reply = parts.serve(msg, self._addr_of)
+                reply = parts.serve(msg, self._worker_addr)
             except Exception as exc:  # noqa: BLE001 - one bad request never stops the bridge
                 reply = error_reply(exc) if not isinstance(exc, (KeyError, AttributeError)) else \
                     {"err": "BridgeUnavailable", "msg": f"{type(exc).__name__}: {exc}"}
                 log.debug("request %s failed: %s", msg.get("op"), exc)
         reply["epoch"] = self.ring_epoch
-        try:
-            self.router.send_multipart([identity] + self._message("rep", id=msg["id"], **reply),
-                                       flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            self.counters["dropped_out"] += 1
+        return self._message("rep", id=msg["id"], **reply)
 
     def _on_hand(self, member, msg):
         parts = self._partitions(msg)
@@ -378,8 +421,10 @@ class Bridge:
             self.epoch += 1
             log.info("partition table %d: members %s", self.ring_epoch, sorted(ring))
 
-    def _pump_partitions(self):
+    def _pump_partitions(self, backups=True):
         for name, parts in self.partitioned.items():
+            if not (parts.brecs or parts.invals or parts.streams or backups):
+                continue
             brecs, invals = parts.take_outbound()
             for node_id, recs in brecs.items():
                 addr = self._addr_of(node_id)
@@ -389,7 +434,8 @@ class Bridge:
             if invals:
                 for i in range(0, len(invals), 10_000):
                     self._broadcast(self._message("inval", c=name, ks=invals[i:i + 10_000]))
-            parts.sync_backups()
+            if backups:
+                parts.sync_backups()
 
             def send(node_id, fields):
                 addr = self._addr_of(node_id)
@@ -650,8 +696,8 @@ class Bridge:
         for name, parts in self.partitioned.items():
             mine = dict(view, ready=view["caches"][name]["ready"], topology="partitioned",
                         published=time.time(), heartbeat=self.heartbeat,
-                        addrs={str(n): self._addr_of(n) for n in set(parts.ring_members) | self.leaving
-                               | {self.node_id} if self._addr_of(n)}, **parts.view())
+                        addrs={str(n): self._worker_addr(n) for n in set(parts.ring_members) | self.leaving
+                               | {self.node_id} if self._worker_addr(n)}, **parts.view())
             mine.pop("caches")
             parts.table.set_cluster(json.dumps(mine).encode())
 
@@ -662,7 +708,7 @@ class Bridge:
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         next_beat = 0.0
         next_view = 0.0
-        published_epoch = None
+        published_epoch = ring_checked = None
         last_turn = time.monotonic()
         try:
             while self.running:
@@ -670,7 +716,10 @@ class Bridge:
                 if turn - last_turn > self.failure_timeout and self.partitioned:
                     self._start_over(turn - last_turn)
                 last_turn = turn
-                for sock, _ in self.poller.poll(timeout=BATCH_DELAY * 1000):
+                for sock, events in self.poller.poll(timeout=BATCH_DELAY * 1000):
+                    if self.dataport is not None and self.dataport.owns(sock):
+                        self.dataport.on_event(sock, events)
+                        continue
                     for _ in range(1000):  # drain what is there, then look at the log
                         try:
                             frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
@@ -683,8 +732,15 @@ class Bridge:
                 self._pump_logs()
                 self._serve_snapshots()
                 now = time.monotonic()
-                self._update_rings(now)
-                self._pump_partitions()
+                beat = now >= next_beat
+                if self.partitioned:
+                    # The table can only change with membership (which moves the epoch);
+                    # stalled handoffs and backups are looked at every heartbeat.
+                    if beat or self.epoch != ring_checked:
+                        ring_checked = self.epoch
+                        self._update_rings(now)
+                        beat = True
+                    self._pump_partitions(backups=beat)
                 if self.leaving_self and self._left(now):
                     break
                 if now >= next_beat:
@@ -734,6 +790,8 @@ class Bridge:
         for parts in self.partitioned.values():
             parts.table.set_cluster(b"")  # no bridge: workers see it at once
             parts.cache.close()
+        if self.dataport is not None:
+            self.dataport.close()
         for sock in list(self.dealers.values()) + list(self.controls) + [self.router]:
             sock.close(0)
 
@@ -778,6 +836,13 @@ def _loopback(addr):
     host = addr.split("://", 1)[-1].rsplit(":", 1)[0]
     return addr.startswith(("ipc://", "inproc://")) or host in ("127.0.0.1", "localhost", "[::1]", "::1") \
         or host.startswith("127.")
+
+
+def _next_port(listen):
+    """The default data port: the port after --listen's, on the same interface."""
+    host, _, port = listen.split("://", 1)[-1].rpartition(":")
+    host = "0.0.0.0" if host in ("*", "") else host
+    return f"{host}:{int(port) + 1}"
 
 
 def _node_id_of(addr):

@@ -121,6 +121,9 @@ def check_record(r):
 
 def _check_hello(msg):
     _addr(msg.get("addr"))
+    data = msg.get("data")
+    if data is not None and not (isinstance(data, str) and data.startswith("vela://") and 8 < len(data) <= 256):
+        raise Malformed(f"not a data port address: {data!r}")
     _int(dict(repoch=msg.get("repoch", 0)), "repoch", 0, 2**63)
     seqs = msg.get("seqs")
     if not isinstance(seqs, dict) or len(seqs) > 1024 or not all(

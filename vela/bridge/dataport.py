@@ -1,0 +1,204 @@
+"""The data port: workers' requests over plain TCP, served in the bridge's loop.
+
+A worker's request to a partition owner is a round trip it waits for, so every
+hop counts: a ZeroMQ socket passes each message through a background I/O thread
+on both ends, which on a small or virtualised machine costs more than the whole
+request. The data port is a plain TCP listener whose connections the bridge's
+own poller watches, so a request wakes one thread on each side, like a Redis
+GET. It carries the same messages as the ROUTER (``protocol.pack``: the HMAC,
+then the msgpack payload; the same validation), each framed as::
+
+    u32 payload length | u8 MAC length | MAC | payload        (big endian)
+
+A frame whose declared size is out of bounds closes its connection (the stream
+cannot be trusted past it); a frame that is well framed but not a valid request
+is counted and answered by nothing, like a malformed ZeroMQ message. With CURVE,
+workers use the ROUTER instead (encrypted); the data port is then not opened.
+"""
+
+import errno
+import logging
+import socket
+import struct
+import time
+
+import zmq
+
+from . import protocol
+
+log = logging.getLogger("vela.bridge")
+
+HEADER = struct.Struct(">IB")
+MAX_REQUEST = 16 << 20   # a put of the largest entry fits, with room
+MAX_CONNECTIONS = 4096
+
+
+def frame(frames):
+    """Bytes on the wire for a [mac, payload] message."""
+    mac, payload = frames
+    return HEADER.pack(len(payload), len(mac)) + mac + payload
+
+
+class Connection:
+    __slots__ = ("sock", "fd", "inbuf", "outbuf")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+
+
+class DataPort:
+    """The listener and its connections; ``handle(frames) -> reply frames or None``."""
+
+    def __init__(self, address, poller, handle, counters):
+        host, _, port = address.rpartition(":")
+        self.listener = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET,
+                                      socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host.strip("[]") or "0.0.0.0", int(port)))
+        self.listener.listen(512)
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.poller = poller
+        self.handle = handle
+        self.counters = counters
+        self.conns = {}  # file descriptor -> Connection (the poller reports descriptors)
+        self.fd = self.listener.fileno()
+        poller.register(self.fd, zmq.POLLIN)
+
+    def owns(self, item):
+        return item == self.fd or item in self.conns if isinstance(item, int) else False
+
+    def on_event(self, fd, events):
+        if fd == self.fd:
+            self._accept()
+            return
+        conn = self.conns.get(fd)
+        if conn is None:
+            return
+        if events & zmq.POLLIN and not self._read(conn):
+            return
+        if conn.outbuf:
+            self._write(conn)
+
+    def _accept(self):
+        for _ in range(64):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, say: keep the bridge alive
+                log.warning("data port: accept failed: %s", exc)
+                return
+            if len(self.conns) >= MAX_CONNECTIONS:
+                sock.close()
+                self.counters["malformed"] += 1
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(sock)
+            self.conns[conn.fd] = conn
+            self.poller.register(conn.fd, zmq.POLLIN)
+
+    def _read(self, conn):
+        try:
+            data = conn.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return False
+        buf = conn.inbuf
+        buf += data
+        pos = 0
+        while len(buf) - pos >= HEADER.size:
+            length, maclen = HEADER.unpack_from(buf, pos)
+            if length > MAX_REQUEST or maclen > 64:
+                self.counters["malformed"] += 1
+                self._close(conn)  # the stream cannot be trusted past a bad frame
+                return False
+            end = pos + HEADER.size + maclen + length
+            if len(buf) < end:
+                break
+            mac = bytes(buf[pos + HEADER.size:pos + HEADER.size + maclen])
+            payload = bytes(buf[pos + HEADER.size + maclen:end])
+            pos = end
+            reply = self.handle([mac, payload])
+            if reply is not None:
+                conn.outbuf += frame(reply)
+        del buf[:pos]
+        return True
+
+    def _write(self, conn):
+        try:
+            sent = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        del conn.outbuf[:sent]
+        # Wait for room only while there is something left to send.
+        self.poller.modify(conn.fd, zmq.POLLIN | (zmq.POLLOUT if conn.outbuf else 0))
+
+    def _close(self, conn):
+        self.conns.pop(conn.fd, None)
+        try:
+            self.poller.unregister(conn.fd)
+        except KeyError:
+            pass
+        conn.sock.close()
+
+    def close(self):
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        self.poller.unregister(self.fd)
+        self.listener.close()
+
+
+class Client:
+    """A worker's connection to one bridge's data port (one per thread and process)."""
+
+    SLICE = 0.05  # seconds a blocking recv waits before the caller's deadline is looked at
+
+    def __init__(self, host, port, timeout):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Blocking calls with a kernel receive timeout: no poll() before every recv.
+        self.sock.settimeout(None)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(self.SLICE * 1e6)))
+        self.buf = bytearray()
+
+    def send(self, frames):
+        self.sock.sendall(frame(frames))
+
+    def recv(self, timeout):
+        """The next [mac, payload]; raises TimeoutError after ``timeout`` seconds, or OSError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self.buf) >= HEADER.size:
+                length, maclen = HEADER.unpack_from(self.buf)
+                if length > protocol.MAX_MESSAGE or maclen > 64:
+                    raise OSError(errno.EPROTO, "bad frame from the bridge")
+                end = HEADER.size + maclen + length
+                if len(self.buf) >= end:
+                    mac = bytes(self.buf[HEADER.size:HEADER.size + maclen])
+                    payload = bytes(self.buf[HEADER.size + maclen:end])
+                    del self.buf[:end]
+                    return [mac, payload]
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:  # SO_RCVTIMEO ran out
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("no reply in time") from None
+                continue
+            if not data:
+                raise OSError(errno.ECONNRESET, "the bridge closed the connection")
+            self.buf += data
+
+    def close(self):
+        self.sock.close()
