@@ -193,3 +193,36 @@ def test_with_curve_keys_workers_use_the_encrypted_router(tmp_path):
         assert a.call("open_other", topology_opts={"timeout": 1.0})[:2] == ["raised", "BridgeUnavailable"]
     finally:
         c.close()
+
+
+def test_garbage_on_the_data_port_closes_that_connection_only(secure_partitioned):
+    import socket
+    import struct
+
+    a, b = secure_partitioned
+    a.put("kept", "yes")
+    before = counters(a)
+    host, port = a.data_addr[len("vela://"):].rsplit(":", 1)
+    rng = random.Random(5)
+    well_framed = 0
+    for i in range(300):
+        s = socket.create_connection((host, int(port)), timeout=5)
+        try:
+            kind = i % 3
+            if kind == 0:  # a declared size past the bound: the bridge hangs up
+                s.sendall(struct.pack(">IB", 1 << 30, 32) + rng.randbytes(40))
+                s.settimeout(5)
+                assert s.recv(10) == b""
+            elif kind == 1:  # well framed, unauthenticated junk: counted, no answer
+                payload = rng.randbytes(rng.randint(0, 200))
+                s.sendall(struct.pack(">IB", len(payload), 32) + rng.randbytes(32) + payload)
+                well_framed += 1
+            else:  # a frame cut short, then the connection goes away
+                s.sendall(struct.pack(">IB", 100, 0) + rng.randbytes(rng.randint(0, 50)))
+        finally:
+            s.close()
+    eventually(lambda: counters(a)["unauthenticated"] - before["unauthenticated"] >= well_framed, 10,
+               what="every junk frame counted")
+    assert counters(a)["malformed"] - before["malformed"] >= 100  # the oversized frames
+    assert a.bridge_alive()
+    assert b.get("kept") == "yes" and a.get("kept") == "yes"
