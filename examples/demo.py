@@ -7,7 +7,10 @@ pool would. Each worker attaches to the cache by name. Worker 0 computes a few
 values with a slow function; the others read them without recomputing, and time
 their gets. Then: get_or_fetch with all workers asking at once, a TTL running out,
 a tag invalidated by one worker and seen by all, and the stats of the whole host.
-The cache is destroyed at the end. Only the public API is used.
+Then two simulated hosts (VELA_NAMESPACE), each with its own vela-bridge: a
+replicated cache, then a partitioned one whose keys are spread over both hosts,
+until one host leaves and hands its keys over. Every cache is destroyed at the
+end. Only the public API is used.
 """
 import multiprocessing as mp
 import os
@@ -294,13 +297,71 @@ print(f"  host B invalidates tag 'orders': {{c.invalidate_tag('orders')}} entrie
         print("  " + in_host(hosts[0], f"""
 c = vela.Cache({NAME!r}, {opts})
 print(f"host A now holds {{len(c)}} entries")"""))
-        return 0
     finally:
         for b in bridges:
             b.terminate()
             b.wait(10)
         for host in hosts:
             in_host(host, f"vela.destroy({NAME!r})")
+    return partitioned_pair()
+
+
+def partitioned_pair():
+    """Two hosts of a partitioned cache: each key on one of them; one leaves gracefully."""
+    import signal
+    import subprocess
+
+    heading("8. A partitioned cache: each key lives on one host, and a leaving host hands its keys over")
+    name = NAME + "-p"
+    hosts = ("demo-pa", "demo-pb")
+    ports = [(free_port(), free_port()) for _ in hosts]
+    opts = "capacity='16MiB', topology='partitioned', sweep_interval=None"
+    bridges = []
+    try:
+        for host, (port, data), (peer, _) in ((hosts[0], ports[0], ports[1]), (hosts[1], ports[1], ports[0])):
+            in_host(host, f"vela.Cache({name!r}, {opts}).close()")
+            bridges.append(subprocess.Popen(
+                [sys.executable, "-m", "vela.bridge", "run", "--cache", name, "--listen",
+                 f"tcp://127.0.0.1:{port}", "--data-listen", f"127.0.0.1:{data}", "--join",
+                 f"tcp://127.0.0.1:{peer}", "--heartbeat", "0.2", "--failure-timeout", "1.0",
+                 "--log-level", "WARNING"], env=dict(os.environ, VELA_NAMESPACE=host)))
+        wait_ready = f"""
+import time
+c = vela.Cache({name!r}, {opts})
+t0 = time.monotonic()
+while not ((c.cluster() or {{}}).get("ready") and len(set(c.cluster()["owners"])) == 2):
+    time.sleep(0.05)
+    if time.monotonic() - t0 > 15:
+        raise SystemExit("the bridges did not agree on a partition table")
+"""
+        print("  " + in_host(hosts[0], wait_ready + """
+c.put_many({("order", i): {"id": i, "total": i * 3} for i in range(1000)})
+owners = c.cluster()["owners"]
+me = c.cluster()["node_id"]
+print(f"host A wrote 1000 orders; it owns {owners.count(me)} of {len(owners)} partitions, "
+      f"the cluster holds {c.size()} entries")"""))
+        print("  " + in_host(hosts[1], wait_ready + """
+orders = c.get_many([("order", i) for i in range(1000)])
+print(f"host B reads {len(orders)} orders, order 999 = {orders[('order', 999)]}")"""))
+        bridges[0].send_signal(signal.SIGTERM)  # host A leaves: its bridge hands its partitions to B first
+        bridges[0].wait(30)
+        print("  " + in_host(hosts[1], f"""
+import time
+c = vela.Cache({name!r}, {opts})
+t0 = time.monotonic()
+while len(set(c.cluster()["owners"])) != 1 and time.monotonic() - t0 < 10:
+    time.sleep(0.05)
+orders = c.get_many([("order", i) for i in range(1000)])
+print(f"host A left; host B alone now owns every partition and reads {{len(orders)}} orders "
+      f"(0 lost), size {{c.size()}}")"""))
+        return 0
+    finally:
+        for b in bridges:
+            if b.poll() is None:
+                b.terminate()
+            b.wait(30)
+        for host in hosts:
+            in_host(host, f"vela.destroy({name!r})")
 
 
 if __name__ == "__main__":

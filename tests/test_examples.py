@@ -16,3 +16,5 @@ def test_demo_runs_and_reports_what_it_promises():
     assert "holds 1000 entries" in text
     assert "2000 entries removed on both hosts" in text
     assert "host A now holds 0 entries" in text
+    assert "host B reads 1000 orders" in text
+    assert "reads 1000 orders (0 lost), size 1000" in text

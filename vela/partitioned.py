@@ -142,7 +142,8 @@ class PartitionedCache(Cache):
     def _key_request(self, op, enc, p, **fields):
         """A request about one key, to its owner, following moved/fallback/retry answers."""
         deadline = time.monotonic() + self._links.timeout
-        view = self._routable_view(deadline)
+        view = self._cached_view if self._cached_view is not None and self._cached_view.fresh() \
+            else self._routable_view(deadline)
         addr = view.addrs.get(view.owners[p])
         fields = dict(fields, op=op, k=enc)
         # An owner that does not answer may be gone: look at the table again every slice.

@@ -31,6 +31,9 @@ log = logging.getLogger("vela.bridge")
 HEADER = struct.Struct(">IB")
 MAX_REQUEST = 16 << 20   # a put of the largest entry fits, with room
 MAX_CONNECTIONS = 4096
+# Bytes asked of one recv: below malloc's mmap threshold, so a small request does
+# not cost an mmap/munmap pair for a buffer it hardly uses.
+RECV_BYTES = 64 << 10
 
 
 def frame(frames):
@@ -104,7 +107,7 @@ class DataPort:
 
     def _read(self, conn):
         try:
-            data = conn.sock.recv(1 << 20)
+            data = conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -191,7 +194,7 @@ class Client:
                     del self.buf[:end]
                     return [mac, payload]
             try:
-                data = self.sock.recv(1 << 20)
+                data = self.sock.recv(RECV_BYTES)
             except BlockingIOError:  # SO_RCVTIMEO ran out
                 if time.monotonic() >= deadline:
                     raise TimeoutError("no reply in time") from None

@@ -59,8 +59,8 @@ class Links:
 
     def _conns(self):
         local = self._local
-        if getattr(local, "pid", None) != os.getpid():  # a forked child starts afresh
-            local.pid = os.getpid()
+        if getattr(local, "forks", None) != _forks:  # a forked child starts afresh
+            local.forks = _forks
             local.conns = {}
         return local.conns
 
@@ -90,7 +90,19 @@ class Links:
 
     def request(self, addr, fields, epoch, deadline=None):
         """One request to the bridge at ``addr``; its reply (a dict)."""
-        return self.request_all([(addr, fields)], epoch, deadline)[0]
+        deadline = deadline or time.monotonic() + self.timeout
+        return self._await(addr, self._send(addr, fields, epoch), deadline)
+
+    def _send(self, addr, fields, epoch):
+        rid = next(self._ids)
+        msg = dict(fields, t="req", v=protocol.PROTOCOL, inc=0, id=rid, c=self.cache_name, e=epoch)
+        msg["from"] = 0
+        try:
+            self._conn(addr).send(protocol.pack(self.secret, msg))
+        except (OSError, _Full) as exc:
+            self._drop(addr)
+            raise BridgeUnavailable(f"the vela-bridge at {addr} takes no request: {exc}") from None
+        return rid
 
     def request_all(self, targets, epoch, deadline=None):
         """Several requests at once [(addr, fields)] (one per address), answered in that order.
@@ -98,17 +110,7 @@ class Links:
         :raises BridgeUnavailable: one of them was not answered by the deadline.
         """
         deadline = deadline or time.monotonic() + self.timeout
-        sent = []
-        for addr, fields in targets:
-            rid = next(self._ids)
-            msg = dict(fields, t="req", v=protocol.PROTOCOL, inc=0, id=rid, c=self.cache_name, e=epoch)
-            msg["from"] = 0
-            try:
-                self._conn(addr).send(protocol.pack(self.secret, msg))
-            except (OSError, _Full) as exc:
-                self._drop(addr)
-                raise BridgeUnavailable(f"the vela-bridge at {addr} takes no request: {exc}") from None
-            sent.append((addr, rid))
+        sent = [(addr, self._send(addr, fields, epoch)) for addr, fields in targets]
         return [self._await(addr, rid, deadline) for addr, rid in sent]
 
     def _await(self, addr, rid, deadline):
@@ -130,6 +132,18 @@ class Links:
                 continue  # not from a bridge of ours: ignored
             if msg["t"] == "rep" and msg["id"] == rid:
                 return msg
+
+
+# Forks of this process so far: connections made before a fork belong to the parent.
+_forks = 0
+
+
+def _forked():
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class _Full(Exception):
