@@ -411,13 +411,12 @@ class PartitionedCache(Cache):
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
-    def _complete_fetch(self, key, value, status, ns, tags):
+    def _complete_fetch(self, key, value, ns, tags):
         tag_ids = self._encode_tags(tags)
         val, codec = self._table.encode_value(value)
         enc, p, view, local = self._locate(key)
-        extra = {"holder": self._holder()} if status == "mine" else {}
-        try:
-            self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids, **extra)
+        try:  # the holder marks a fetched value (counted), and releases our lease if we hold it
+            self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids, holder=self._holder())
         except CacheFull:
             pass
 
@@ -446,7 +445,7 @@ class PartitionedCache(Cache):
                 if status == "mine":
                     self._abort_fetch(key)
                 raise
-            self._complete_fetch(key, value, status, ns, tags)
+            self._complete_fetch(key, value, ns, tags)
             result = "fetched"
         if telemetry.active:
             self._emit("fetch", start, {"key": key, "result": result})
@@ -467,7 +466,7 @@ class PartitionedCache(Cache):
             if status == "mine":
                 await loop.run_in_executor(None, self._abort_fetch, key)
             raise
-        await loop.run_in_executor(None, functools.partial(self._complete_fetch, key, value, status, ns, tags))
+        await loop.run_in_executor(None, functools.partial(self._complete_fetch, key, value, ns, tags))
         return value
 
     # ---- every member ---------------------------------------------------------------------

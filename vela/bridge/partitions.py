@@ -410,7 +410,8 @@ class Partitions:
 
     def _op_put(self, k, p, msg):
         holder = msg.get("holder")
-        if holder is not None:
+        if holder is not None:  # the value of a get_or_fetch's fetch
+            self.table.bump("fetches")
             lease = self.leases.get(k)
             if lease is not None and lease[0] == holder:
                 del self.leases[k]
@@ -448,7 +449,6 @@ class Partitions:
         lease = self.leases.get(k)
         if lease is None or lease[1] < now or lease[0] == msg["holder"]:
             self.leases[k] = (msg["holder"], now + self.lease_ttl)
-            self.table.bump("fetches")
             return {"lease": True}
         self.table.bump("stampede_waits")
         return {"wait": True}
