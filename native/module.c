@@ -1312,6 +1312,41 @@ static PyObject *Table_get_raw(TableObject *self, PyObject *key)
     return out;
 }
 
+/* get_routed(key, routes, view_seq, miss, remote) -> value | miss | remote: a
+ * partitioned cache's get in one call. routes[hash % len(routes)]: 0 = the
+ * owner is elsewhere, 1 = this host owns the key (a miss is a miss), 2 = an L1
+ * copy may be here (a miss goes to the owner). `remote` also when the cluster
+ * view changed since `view_seq` (the caller re-reads it). */
+static PyObject *Table_get_routed(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyBytes_Check(args[1]) || PyBytes_GET_SIZE(args[1]) == 0) {
+        PyErr_SetString(PyExc_TypeError, "get_routed(key, routes: bytes, view_seq, miss, remote)");
+        return NULL;
+    }
+    READY_OR_NULL(self);
+    unsigned long seq = PyLong_AsUnsignedLong(args[2]);
+    if (seq == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    vela_keybuf kb;
+    if (vela_encode_key(args[0], &kb) < 0)
+        return NULL;
+    const uint8_t *routes = (const uint8_t *)PyBytes_AS_STRING(args[1]);
+    uint8_t route = routes[kb.key.hash % (uint64_t)PyBytes_GET_SIZE(args[1])];
+    PyObject *out = args[4];
+    if (route && __atomic_load_n(&self->t.cluster->seq, __ATOMIC_ACQUIRE) == (uint32_t)seq) {
+        PyObject *value = NULL;
+        int found = lookup(self, &kb.key, &value, route == 1 ? 1 : 2);
+        if (found < 0)
+            return NULL;
+        if (found)
+            return value;
+        if (route == 1)
+            out = args[3];
+    }
+    Py_INCREF(out);
+    return out;
+}
+
 /* encode_value(value) -> (bytes, codec): what put would store, for a remote owner. */
 static PyObject *Table_encode_value(TableObject *self, PyObject *value)
 {
@@ -1624,6 +1659,8 @@ static PyMethodDef Table_methods[] = {
     {"apply_flush", (PyCFunction)Table_apply_flush, METH_O, "bridge: apply_flush(version) -> removed"},
     {"apply_tag", (PyCFunction)Table_apply_tag, METH_VARARGS, "bridge: apply_tag(tag, version) -> removed"},
     {"scan", (PyCFunction)Table_scan, METH_VARARGS, "bridge: scan(cursor, max) for snapshots"},
+    {"get_routed", (PyCFunction)(void (*)(void))Table_get_routed, METH_FASTCALL,
+     "get_routed(key, routes, view_seq, miss, remote)"},
     {"get_raw", (PyCFunction)Table_get_raw, METH_O, "bridge: get_raw(key_bytes) -> None | (bytes, codec, ttl_ns, tags)"},
     {"encode_value", (PyCFunction)Table_encode_value, METH_O, "encode_value(value) -> (bytes, codec)"},
     {"decode_value", (PyCFunction)Table_decode_value, METH_VARARGS, "decode_value(bytes, codec) -> value"},

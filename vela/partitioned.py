@@ -36,8 +36,11 @@ from .ring import partition_of
 
 __all__ = ["PartitionedCache"]
 
+_monotonic = time.monotonic
+
 _ERRORS = {"CacheFull": CacheFull, "ValueTooLarge": ValueTooLarge, "LockTimeout": LockTimeout,
            "TypeError": TypeError, "OverflowError": OverflowError}
+_REMOTE = object()  # get_routed: the owner must be asked
 _RETRY_PAUSE = 0.002
 _SLICE = 0.5  # seconds before a silent owner is looked up again
 
@@ -107,6 +110,8 @@ class PartitionedCache(Cache):
         self._l2 = _PartitionL2(self)
         self._seq = None
         self._cached_view = None
+        # (routes, view seq, monotonic deadline) for the one-call get: see _view
+        self._route = (b"\x00", 0, 0.0)
         self._holder_base = f"{socket.gethostname()[:32]}:{os.getpid()}"
 
     # ---- routing ------------------------------------------------------------------
@@ -114,8 +119,15 @@ class PartitionedCache(Cache):
     def _view(self):
         seq = self._table.cluster_seq()
         if seq != self._seq:
-            self._cached_view = _View(self._table.cluster())
+            view = self._cached_view = _View(self._table.cluster())
             self._seq = seq
+            if view.valid:
+                # Per partition, where a get looks first (Table.get_routed): 1 here (ours),
+                # 2 here then the owner (an L1 copy may be here), 0 the owner.
+                near = 2 if self._near is not None else 0
+                routes = bytes(1 if view.local(p) else near for p in range(view.parts))
+                until = time.monotonic() + view.max_age - (time.time() - view.published)
+                self._route = (routes, seq, until)
         return self._cached_view
 
     def _routable_view(self, deadline):
@@ -214,6 +226,12 @@ class PartitionedCache(Cache):
 
     def get(self, key, default=None):
         """The value stored under ``key`` (on its owner), or ``default``."""
+        if not telemetry.active:
+            routes, seq, until = self._route
+            if until > _monotonic():  # a key this host holds: one native call
+                value = self._table.get_routed(key, routes, seq, MISSING, _REMOTE)
+                if value is not _REMOTE:
+                    return default if value is MISSING else value
         start = time.perf_counter_ns() if telemetry.active else 0
         value = self._lookup(key)
         if telemetry.active:
