@@ -176,7 +176,13 @@ class PartitionedCache(Cache):
             if "moved" in reply:
                 addr = reply["moved"]  # the table changed: ask the owner the answering member knows
             elif "fb" in reply:
-                fb = self._links.request(reply["fb"], dict(fields, fb=True), view.epoch, deadline)
+                try:
+                    fb = self._links.request(reply["fb"], dict(fields, fb=True), view.epoch,
+                                             min(deadline, time.monotonic() + _SLICE))
+                except BridgeUnavailable:
+                    if time.monotonic() >= deadline:
+                        raise
+                    fb = {"retry": "the old owner does not answer"}  # the new owner decides, next turn
                 if "moved" not in fb and "retry" not in fb:
                     return self._checked(fb)
             elif "retry" in reply:
