@@ -353,8 +353,7 @@ class Bridge:
             try:
                 reply = parts.serve(msg, self._worker_addr)
             except Exception as exc:  # noqa: BLE001 - one bad request never stops the bridge
-                reply = error_reply(exc) if not isinstance(exc, (KeyError, AttributeError)) else \
-                    {"err": "BridgeUnavailable", "msg": f"{type(exc).__name__}: {exc}"}
+                reply = error_reply(exc)
                 log.debug("request %s failed: %s", msg.get("op"), exc)
         reply["epoch"] = self.ring_epoch
         return self._message("rep", id=msg["id"], **reply)

@@ -25,7 +25,7 @@ import logging
 import time
 
 from .. import _native
-from ..errors import CacheFull, LockTimeout, ValueTooLarge, VelaError
+from ..errors import CacheFull, LockTimeout, ValueTooLarge
 from ..ring import PARTITIONS, assign, partition_of
 
 log = logging.getLogger("vela.bridge")
@@ -533,9 +533,9 @@ class Partitions:
 
 
 def error_reply(exc):
-    """A worker-facing reply for an exception raised while serving a request."""
+    """A worker-facing reply for an exception raised while serving a request: the
+    errors a local call would raise keep their name; anything else is reported as
+    this bridge failing the request (the bridge goes on)."""
     if isinstance(exc, (CacheFull, ValueTooLarge, LockTimeout)):
         return {"err": type(exc).__name__, "msg": str(exc)}
-    if isinstance(exc, (VelaError, ValueError, TypeError, OverflowError)):
-        return {"err": "BridgeUnavailable", "msg": f"{type(exc).__name__}: {exc}"}
-    raise exc
+    return {"err": "BridgeUnavailable", "msg": f"the bridge could not serve the request: {type(exc).__name__}: {exc}"}
