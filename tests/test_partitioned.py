@@ -300,6 +300,9 @@ def test_a_killed_owner_costs_its_keys_and_nothing_else(cluster3):
     on_c = set(owned_by(a, c.node_id, KEYS))
     assert 700 < len(on_c) < 1300
     c.kill_bridge(signal.SIGKILL)
+    # A get issued at once waits for the others to notice (failure timeout 1 s), then
+    # gets its answer from the partition's new owner: a miss, before the call's 3 s timeout.
+    assert a.call("try", method="get", args=[sorted(on_c)[1]]) == ["ok", None]
     # within the failure timeout (1 s) plus a heartbeat, the others take C's partitions
     eventually(lambda: set(a.cluster()["owners"]) == {1, 2} and set(b.cluster()["owners"]) == {1, 2}, 5,
                what="C out of the ring")
