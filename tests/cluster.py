@@ -640,6 +640,31 @@ class Agent:
         reply = self.cache._links.request(addr, fields, self.cache._view().epoch)
         return {k: v.hex() if isinstance(v, bytes) else v for k, v in reply.items()}
 
+    def op_hold_fetch(self, key):
+        """Fork a worker that starts get_or_fetch(key) with a fetch that never ends
+        (it holds the key's lease); returns its pid once the fetch has begun."""
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        started = ctx.Event()
+
+        def holder():
+            self.cache.get_or_fetch(key, lambda k: started.set() or time.sleep(600))
+
+        proc = ctx.Process(target=holder, daemon=True)
+        proc.start()
+        if not started.wait(10):
+            raise TimeoutError("the holder did not start its fetch")
+        self._holders = getattr(self, "_holders", []) + [proc]
+        return proc.pid
+
+    def op_timed_fetch(self, key, value):
+        """get_or_fetch(key) whose fetch returns ``value``: [result, seconds, fetched here]."""
+        fetched = []
+        t = time.monotonic()
+        result = self.cache.get_or_fetch(key, lambda k: fetched.append(k) or value)
+        return [result, time.monotonic() - t, bool(fetched)]
+
     def op_owned_entries(self):
         """Entries of the partitions this host owns, counted in its own table."""
         view = self.cache._view()

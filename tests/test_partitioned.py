@@ -359,6 +359,20 @@ def test_get_or_fetch_runs_once_in_the_whole_cluster(cluster3):
     assert a.stats()["fetches"] == 1
 
 
+def test_a_fetch_holder_that_dies_is_replaced_at_once(cluster3):
+    import os
+
+    a, b, c = cluster3
+    key = next(k for k in KEYS if a.call("owner", key=k)[0] == b.node_id)  # the lease lives on B
+    pid = a.call("hold_fetch", key=key)
+    assert b.status()["caches"][cluster3.name]["leases"] == 1
+    os.kill(pid, 9)  # SIGKILL mid-fetch: its connection to B's data port closes with it
+    result, seconds, fetched = c.call("timed_fetch", key=key, value="from C")
+    assert (result, fetched) == ("from C", True)
+    assert seconds < 3.0  # not the lease's 30 s, nor the waiter's 5 s stampede_timeout
+    assert a.get(key) == "from C"
+
+
 def test_near_cache_copies_drop_after_a_write_on_the_owner(tmp_path):
     c = make_cluster(tmp_path, near_cache=True, near_cache_l1_ttl=30)
     try:

@@ -17,6 +17,7 @@ workers use the ROUTER instead (encrypted); the data port is then not opened.
 """
 
 import errno
+import itertools
 import logging
 import socket
 import struct
@@ -43,19 +44,21 @@ def frame(frames):
 
 
 class Connection:
-    __slots__ = ("sock", "fd", "inbuf", "outbuf")
+    __slots__ = ("sock", "fd", "id", "inbuf", "outbuf")
 
-    def __init__(self, sock):
+    def __init__(self, sock, conn_id):
         self.sock = sock
         self.fd = sock.fileno()
+        self.id = conn_id  # unlike a descriptor, never reused
         self.inbuf = bytearray()
         self.outbuf = bytearray()
 
 
 class DataPort:
-    """The listener and its connections; ``handle(frames) -> reply frames or None``."""
+    """The listener and its connections; ``handle(frames, conn_id) -> reply frames or
+    None``; ``closed(conn_id)`` when a connection goes away (its worker may be dead)."""
 
-    def __init__(self, address, poller, handle, counters):
+    def __init__(self, address, poller, handle, counters, closed=lambda conn_id: None):
         host, _, port = address.rpartition(":")
         self.listener = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET,
                                       socket.SOCK_STREAM)
@@ -66,7 +69,9 @@ class DataPort:
         self.port = self.listener.getsockname()[1]
         self.poller = poller
         self.handle = handle
+        self.closed = closed
         self.counters = counters
+        self.ids = itertools.count(1)
         self.conns = {}  # file descriptor -> Connection (the poller reports descriptors)
         self.fd = self.listener.fileno()
         poller.register(self.fd, zmq.POLLIN)
@@ -101,7 +106,7 @@ class DataPort:
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(sock)
+            conn = Connection(sock, next(self.ids))
             self.conns[conn.fd] = conn
             self.poller.register(conn.fd, zmq.POLLIN)
 
@@ -130,7 +135,7 @@ class DataPort:
             mac = bytes(buf[pos + HEADER.size:pos + HEADER.size + maclen])
             payload = bytes(buf[pos + HEADER.size + maclen:end])
             pos = end
-            reply = self.handle([mac, payload])
+            reply = self.handle([mac, payload], conn.id)
             if reply is not None:
                 conn.outbuf += frame(reply)
         del buf[:pos]
@@ -155,6 +160,7 @@ class DataPort:
         except KeyError:
             pass
         conn.sock.close()
+        self.closed(conn.id)
 
     def close(self):
         for conn in list(self.conns.values()):

@@ -109,7 +109,7 @@ class Bridge:
         self.data_advertise = None
         if self.partitioned and not self.curve:
             self.dataport = DataPort(data_listen or _next_port(listen), self.poller, self._handle_data,
-                                     self.counters)
+                                     self.counters, self._connection_closed)
             host = self.advertise.split("://", 1)[-1].rsplit(":", 1)[0]
             self.data_advertise = f"vela://{host}:{self.dataport.port}"
         for seed in self.seeds:
@@ -321,7 +321,13 @@ class Bridge:
             return None
         return member.data_addr if member.data_addr and not self.curve else member.addr
 
-    def _handle_data(self, frames):
+    def _connection_closed(self, conn_id):
+        """A worker's connection went away: the stampede leases it held go too (a
+        holder that died is replaced at once, as on one host)."""
+        for parts in self.partitioned.values():
+            parts.release_leases(conn_id)
+
+    def _handle_data(self, frames, conn_id):
         """A request from the data port: the reply frames, or None for a malformed one."""
         self.counters["messages_in"] += 1
         self.counters["bytes_in"] += len(frames[1])
@@ -334,7 +340,7 @@ class Bridge:
         if msg["t"] != "req":
             self.counters["malformed"] += 1
             return None
-        return self._answer(msg)
+        return self._answer(msg, conn_id)
 
     def _serve_request(self, identity, msg):
         """A worker's request on the ROUTER (CURVE clusters): answered at once."""
@@ -343,15 +349,16 @@ class Bridge:
         except zmq.ZMQError:
             self.counters["dropped_out"] += 1
 
-    def _answer(self, msg):
-        """The reply frames to a worker's request (it may run on any host)."""
+    def _answer(self, msg, conn_id=None):
+        """The reply frames to a worker's request (it may run on any host); ``conn_id``:
+        the data port connection it came on."""
         self.counters["requests"] += 1
         parts = self.partitioned.get(msg["c"])
         if parts is None:
             reply = {"err": "BridgeUnavailable", "msg": f"this bridge does not carry cache {msg['c']!r}"}
         else:
             try:
-                reply = parts.serve(msg, self._worker_addr)
+                reply = parts.serve(msg, self._worker_addr, conn_id)
             except Exception as exc:  # noqa: BLE001 - one bad request never stops the bridge
                 reply = error_reply(exc)
                 log.debug("request %s failed: %s", msg.get("op"), exc)

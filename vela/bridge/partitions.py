@@ -77,9 +77,10 @@ class Partitions:
         self.backup_synced = {}     # partition -> node that holds our full backup copy
         self.brecs = {}             # backup node -> records to send this loop turn
         self.invals = []            # keys changed this loop turn: L1 copies elsewhere drop
-        self.leases = {}            # key -> (holder, deadline): remote get_or_fetch in progress
+        self.leases = {}            # key -> (holder, deadline, connection): get_or_fetch in progress
+        self.conn_id = None         # the data port connection of the request being served
         self.sids = itertools.count(1)
-        self.lease_ttl = 5.0
+        self.lease_ttl = 30.0        # a holder alive but stuck; a dead one is seen at once (its connection)
         self.stats = {"requests": 0, "moved": 0, "fallbacks": 0, "handed_out": 0, "handed_in": 0,
                       "dropped": 0, "promoted": 0, "lost": 0, "backup_records": 0, "errors": 0}
 
@@ -355,8 +356,10 @@ class Partitions:
 
     # ---- requests from workers ------------------------------------------------------
 
-    def serve(self, msg, addr_of):
-        """Answer one worker request (a dict); ``addr_of(node)`` gives a member's address."""
+    def serve(self, msg, addr_of, conn_id=None):
+        """Answer one worker request (a dict); ``addr_of(node)`` gives a member's address;
+        ``conn_id`` names the connection it came on (a lease dies with it)."""
+        self.conn_id = conn_id
         self.stats["requests"] += 1
         op = msg["op"]
         if self.owners is None:
@@ -448,10 +451,15 @@ class Partitions:
         now = time.monotonic()
         lease = self.leases.get(k)
         if lease is None or lease[1] < now or lease[0] == msg["holder"]:
-            self.leases[k] = (msg["holder"], now + self.lease_ttl)
+            self.leases[k] = (msg["holder"], now + self.lease_ttl, self.conn_id)
             return {"lease": True}
         self.table.bump("stampede_waits")
         return {"wait": True}
+
+    def release_leases(self, conn_id):
+        """Drop the leases taken over connection ``conn_id`` (it closed: its worker died,
+        or gave up on a request); their waiters may fetch at once."""
+        self.leases = {k: v for k, v in self.leases.items() if v[2] != conn_id}
 
     def _op_abort(self, k, p, msg):
         lease = self.leases.get(k)
@@ -524,6 +532,7 @@ class Partitions:
         backed = sum(1 for b in self.backup_of if b == self.me)
         return dict(self.stats, partitions=self.parts, owned=owned, backup_of=backed,
                     incoming=len(self.incoming), outgoing=len(self.outgoing), streams=len(self.streams),
+                    leases=len(self.leases),
                     ready=self.owners is not None and not self.incoming)
 
     def view(self):
