@@ -392,6 +392,12 @@ def test_near_cache_copies_drop_after_a_write_on_the_owner(tmp_path):
         cc.delete(key)
         eventually(lambda: a.call("local_get", key=key)[0] is False, 2, interval=0.01, what="dropped on delete")
         assert a.get(key) is None
+        # get_many keeps copies too
+        others = [k for k in KEYS[:200] if a.call("owner", key=k)[0] != a.node_id][:20]
+        b.put_many([(k, k.upper()) for k in others])
+        eventually(lambda: dict(a.call("get_many", keys=others)) == {k: k.upper() for k in others}
+                   and all(a.call("local_get", key=k) == [True, k.upper()] for k in others), 2, interval=0.01,
+                   what="L1 copies from get_many")
         a.put(key, "v3")
         b.flush()
         eventually(lambda: cc.call("local_get", key=key)[0] is False, 2, what="dropped on flush")

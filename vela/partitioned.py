@@ -320,6 +320,9 @@ class PartitionedCache(Cache):
                     continue
             if key not in found:
                 remote.append(key)
+        # Near cache: reserve before the owners are read, so a copy whose read raced an
+        # invalidation is not kept (vela.near).
+        tokens = {key: self._table.reserve(key) for key in remote} if self._near is not None else {}
         answered = self._grouped("getm", remote)
         for key in remote:
             if key not in answered:
@@ -327,7 +330,10 @@ class PartitionedCache(Cache):
                 if value is not MISSING:
                     found[key] = value
             elif answered[key] is not None:
-                found[key] = self._table.decode_value(*answered[key])
+                raw, codec, remaining_ns = answered[key]
+                found[key] = self._table.decode_value(raw, codec)
+                if tokens:
+                    self._near.fill(tokens[key], key, found[key], remaining_ns)
         if telemetry.active:
             self._emit("get", start, {"keys": len(keys), "hits": len(found)})
         return found

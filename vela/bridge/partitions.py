@@ -480,7 +480,7 @@ class Partitions:
                 continue
             if op == "getm":
                 raw = self.table.get_raw(k)
-                out.append(None if raw is None else [raw[0], raw[1]])
+                out.append(None if raw is None else [raw[0], raw[1], raw[2]])
             else:
                 out.append(bool(self._op_del(k, p, msg)["ok"]))
         return {"ok": out, "redo": redo}
