@@ -169,6 +169,10 @@ class DataPort:
         self.listener.close()
 
 
+def _timeval(seconds):
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+
+
 class Client:
     """A worker's connection to one bridge's data port (one per thread and process)."""
 
@@ -177,9 +181,11 @@ class Client:
     def __init__(self, host, port, timeout):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Blocking calls with a kernel receive timeout: no poll() before every recv.
+        # Blocking calls with kernel timeouts: no poll() before every recv, and a send
+        # to a bridge that stopped reading cannot block past the call's timeout.
         self.sock.settimeout(None)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(self.SLICE * 1e6)))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.SLICE))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
         self.buf = bytearray()
 
     def send(self, frames):
