@@ -193,6 +193,24 @@ def test_keys_spread_evenly_over_members(cluster3):
     assert stored == counts
 
 
+def test_status_and_inspect_show_the_partitions(cluster3):
+    import subprocess
+    import sys
+
+    a, b, c = cluster3
+    eventually(lambda: tables_agree(cluster3), 5, what="one partition table")
+    owned = [h.status()["caches"][cluster3.name]["owned"] for h in cluster3]
+    assert sum(owned) == 271 and max(owned) - min(owned) <= 1
+    out = subprocess.run([sys.executable, "-m", "vela.cli", "inspect", cluster3.name], env=a.env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    counts = sorted(a.cluster()["owners"].count(n) for n in (1, 2, 3))
+    assert f"partitions: 271, owned per node: 1: {a.cluster()['owners'].count(1)}" in out.stdout
+    assert counts == sorted(owned)
+    status = a.cli("status", "--cache", cluster3.name)
+    assert status.returncode == 0 and '"owned"' in status.stdout
+
+
 def test_a_member_that_does_not_own_the_key_answers_moved(cluster3):
     a, b, c = cluster3
     key = next(k for k in KEYS if a.call("owner", key=k)[0] == c.node_id)
