@@ -125,6 +125,11 @@ def test_batches_are_grouped_per_owner(cluster3):
     owners = collections.Counter(c.call("owner", key=k)[0] for k, _ in items)
     assert set(owners) == {1, 2, 3}  # the batch really spanned all three members
     assert c.call("delete_many", keys=[f"b{i}" for i in range(100)] + ["nope"]) == 100
+    # bigger than one request may carry: cut in pieces
+    big = [(f"big{i}", "x" * 300) for i in range(30_000)]
+    assert a.put_many(big) == 30_000
+    assert len(b.call("get_many", keys=[k for k, _ in big])) == 30_000
+    assert c.call("delete_many", keys=[k for k, _ in big]) == 30_000
     assert len(a.call("get_many", keys=[k for k, _ in items])) == 400
     assert b.size() == 400
     assert sum(h.call("owned_entries") for h in cluster3) == 400

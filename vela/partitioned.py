@@ -45,6 +45,27 @@ _RETRY_PAUSE = 0.002
 _SLICE = 0.5  # seconds before a silent owner is looked up again
 
 
+# One request carries at most this many keys and about this many bytes (the
+# bridges' bounds: vela.bridge.protocol.MAX_BATCH_KEYS, dataport.MAX_REQUEST).
+_BATCH_KEYS = 5000
+_BATCH_BYTES = 4 << 20
+_MAX_VALUE = 60 << 20  # under the bound of one message (vela.bridge.protocol.MAX_MESSAGE, 64 MiB)
+
+
+def _batches(items, size_of):
+    """``items`` cut into lists of at most _BATCH_KEYS items and about _BATCH_BYTES."""
+    batch, size = [], 0
+    for item in items:
+        n = size_of(item)
+        if batch and (len(batch) >= _BATCH_KEYS or size + n > _BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += n
+    if batch:
+        yield batch
+
+
 class _View:
     """The partition table as the host's bridge last published it."""
 
@@ -210,6 +231,14 @@ class PartitionedCache(Cache):
         targets = [(view.addrs[n], dict(fields, op=op)) for n in view.members if n in view.addrs]
         return [self._checked(r) for r in self._links.request_all(targets, view.epoch, deadline)]
 
+    def _encoded(self, value):
+        """(bytes, codec) of a value, refused here when no request could carry it."""
+        val, codec = self._table.encode_value(value)
+        if len(val) > _MAX_VALUE:
+            raise ValueTooLarge(f"a value of {len(val)} bytes is more than a request to a bridge carries "
+                                f"({_MAX_VALUE >> 20} MiB)")
+        return val, codec
+
     def _decode(self, reply):
         return self._table.decode_value(reply["val"], reply["codec"])
 
@@ -291,15 +320,16 @@ class PartitionedCache(Cache):
         for key in keys:
             enc = _native.encode_key(key)
             by_owner.setdefault(view.owners[partition_of(enc, view.parts)], []).append((key, enc))
-        owners = [n for n in by_owner if n in view.addrs]
+        batches = [(n, batch) for n, items in by_owner.items() if n in view.addrs
+                   for batch in _batches(items, lambda item: len(item[1]))]
         replies = self._links.request_all(
-            [(view.addrs[n], {"op": op, "ks": [enc for _, enc in by_owner[n]]}) for n in owners],
+            [(view.addrs[n], {"op": op, "ks": [enc for _, enc in batch]}) for n, batch in batches],
             view.epoch, deadline)
         out = {}
-        for n, reply in zip(owners, replies):
+        for (n, batch), reply in zip(batches, replies):
             self._checked(reply)
             redo = set(reply.get("redo", ()))
-            out.update((key, item) for i, ((key, _), item) in enumerate(zip(by_owner[n], reply["ok"]))
+            out.update((key, item) for i, ((key, _), item) in enumerate(zip(batch, reply["ok"]))
                        if i not in redo)
         return out
 
@@ -345,32 +375,34 @@ class PartitionedCache(Cache):
         start = time.perf_counter_ns() if telemetry.active else 0
         ns = options.ttl_ns(ttl, self.default_ttl)
         tag_ids = self._encode_tags(tags)
-        val, codec = self._table.encode_value(value)
+        val, codec = self._encoded(value)
         enc, p, view, local = self._locate(key)
         self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
         if telemetry.active:
             self._emit("put", start, {"key": key, "ttl": ttl})
 
     def put_many(self, mapping, ttl=None, tags=()):
-        """Store every item; each is checked before any is sent. One request per owner."""
+        """Store every item; each is checked before any is sent. One request per owner
+        (and per 5,000 items or 4 MiB), all sent at once."""
         start = time.perf_counter_ns() if telemetry.active else 0
         items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
         ns = options.ttl_ns(ttl, self.default_ttl)
         tag_ids = self._encode_tags(tags)
-        encoded = [(k, _native.encode_key(k)) + self._table.encode_value(v) for k, v in items]
+        encoded = [(k, _native.encode_key(k)) + self._encoded(v) for k, v in items]
         deadline = time.monotonic() + self._links.timeout
         view = self._routable_view(deadline)
         by_owner = {}
         for k, enc, val, codec in encoded:
             by_owner.setdefault(view.owners[partition_of(enc, view.parts)], []).append((k, enc, val, codec))
-        owners = [n for n in by_owner if n in view.addrs]
+        batches = [(n, batch) for n, items in by_owner.items() if n in view.addrs
+                   for batch in _batches(items, lambda item: len(item[1]) + len(item[2]))]
         replies = self._links.request_all(
-            [(view.addrs[n], {"op": "putm", "items": [[e, v, c] for _, e, v, c in by_owner[n]], "ttl": ns,
-                              "tags": tag_ids}) for n in owners], view.epoch, deadline)
-        again = [it for n in set(by_owner) - set(owners) for it in by_owner[n]]
-        for n, reply in zip(owners, replies):
+            [(view.addrs[n], {"op": "putm", "items": [[e, v, c] for _, e, v, c in batch], "ttl": ns,
+                              "tags": tag_ids}) for n, batch in batches], view.epoch, deadline)
+        again = [it for n, items in by_owner.items() if n not in view.addrs for it in items]
+        for (n, batch), reply in zip(batches, replies):
             self._checked(reply)
-            again += [by_owner[n][i] for i in reply.get("redo", ())]
+            again += [batch[i] for i in reply.get("redo", ())]
         for k, enc, val, codec in again:
             self._key_request("put", enc, partition_of(enc, view.parts), val=val, codec=codec, ttl=ns,
                               tags=tag_ids)
@@ -443,7 +475,7 @@ class PartitionedCache(Cache):
 
     def _complete_fetch(self, key, value, ns, tags):
         tag_ids = self._encode_tags(tags)
-        val, codec = self._table.encode_value(value)
+        val, codec = self._encoded(value)
         enc, p, view, local = self._locate(key)
         try:  # the holder marks a fetched value (counted), and releases our lease if we hold it
             self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids, holder=self._holder())

@@ -30,7 +30,7 @@ from . import protocol
 log = logging.getLogger("vela.bridge")
 
 HEADER = struct.Struct(">IB")
-MAX_REQUEST = 16 << 20   # a put of the largest entry fits, with room
+MAX_REQUEST = protocol.MAX_MESSAGE + 4096  # as the ROUTER's bound: a put of any entry fits
 MAX_CONNECTIONS = 4096
 # Bytes asked of one recv: below malloc's mmap threshold, so a small request does
 # not cost an mmap/munmap pair for a buffer it hardly uses.
