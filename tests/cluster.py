@@ -707,9 +707,10 @@ class Agent:
         get = self.cache.get
         return [[i, get(f"{prefix}{i}")] for i in range(start, stop)]
 
-    def op_load(self, prefix, keys, seconds, writer):
+    def op_load(self, prefix, keys, seconds, writer, stable=None):
         """A steady load for ``seconds``: writes ``prefix``+i = [writer, n] (n counts up),
-        reads them back; returns the last value written per key and the errors seen."""
+        reads them back, and reads one of ``stable`` ([key, value] pairs nobody changes)
+        each turn; returns the last value written per key and the errors seen."""
         import random
 
         rng = random.Random(writer)
@@ -729,6 +730,12 @@ class Agent:
                 reads += 1
                 if got != [writer, n]:
                     errors.append(["read-own-write", key, [writer, n], got])
+                if stable:
+                    skey, svalue = stable[rng.randrange(len(stable))]
+                    got = self.cache.get(skey)
+                    reads += 1
+                    if got != svalue:
+                        errors.append(["stable", skey, svalue, got])
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 errors.append(["error", key, repr(exc)])
             time.sleep(0.001)

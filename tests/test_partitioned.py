@@ -288,9 +288,10 @@ def _verify_load(hosts, results):
 def test_graceful_leave_and_join_under_load_lose_nothing(cluster3):
     a, b, c = cluster3
     a.put_many([(k, i) for i, k in enumerate(KEYS)])
+    stable = [[k, i] for i, k in enumerate(KEYS)]  # read all along: never a miss, never another value
     # writers on A and B use disjoint keys (each key has one writer: "last value" is exact)
-    a.send("load", prefix="la", keys=300, seconds=5.0, writer=1)
-    b.send("load", prefix="lb", keys=300, seconds=5.0, writer=2)
+    a.send("load", prefix="la", keys=300, seconds=5.0, writer=1, stable=stable)
+    b.send("load", prefix="lb", keys=300, seconds=5.0, writer=2, stable=stable)
     time.sleep(1.0)
     assert c.kill_bridge(signal.SIGTERM) == 0  # leave: hand everything off first
     results = [a.recv(30), b.recv(30)]
@@ -301,8 +302,8 @@ def test_graceful_leave_and_join_under_load_lose_nothing(cluster3):
     assert a.size() == 3000 + len(results[0]["last"]) + len(results[1]["last"])
 
     # join again, under load
-    a.send("load", prefix="ja", keys=300, seconds=4.0, writer=3)
-    b.send("load", prefix="jb", keys=300, seconds=4.0, writer=4)
+    a.send("load", prefix="ja", keys=300, seconds=4.0, writer=3, stable=stable)
+    b.send("load", prefix="jb", keys=300, seconds=4.0, writer=4, stable=stable)
     time.sleep(0.5)
     c.restart_bridge()
     results2 = [a.recv(30), b.recv(30)]

@@ -41,6 +41,8 @@ _monotonic = time.monotonic
 _ERRORS = {"CacheFull": CacheFull, "ValueTooLarge": ValueTooLarge, "LockTimeout": LockTimeout,
            "TypeError": TypeError, "OverflowError": OverflowError}
 _REMOTE = object()  # get_routed: the owner must be asked
+# The reply for a key neither the new nor the old owner of a partition holds.
+_ABSENT = {"get": {"miss": True}, "has": {"ok": False}, "ttl": {"ok": False}}
 _RETRY_PAUSE = 0.002
 _SLICE = 0.5  # seconds before a silent owner is looked up again
 
@@ -182,6 +184,7 @@ class PartitionedCache(Cache):
         # An owner that does not answer may be gone: look at the table again every slice.
         # An incr is not repeated at the same owner (it may have been applied).
         once = op == "incr"
+        refused = 0  # fallback reads the old owner could not serve (it no longer holds the key)
         while True:
             if addr is None:
                 raise BridgeUnavailable(f"cache {self.name!r}: no address for the owner of partition {p}")
@@ -206,6 +209,10 @@ class PartitionedCache(Cache):
                     fb = {"retry": "the old owner does not answer"}  # the new owner decides, next turn
                 if "moved" not in fb and "retry" not in fb:
                     return self._checked(fb)
+                if "moved" in fb:
+                    refused += 1
+                    if refused >= 3:  # neither holds it: the key is absent
+                        return _ABSENT[op]
             elif "retry" in reply:
                 pass
             else:

@@ -50,8 +50,9 @@ class Stream:
 class Incoming:
     """A partition this host owns now and whose entries are still on their way."""
 
-    def __init__(self, source, wait=STREAM_STALL):
-        self.source = source      # node id the entries come from (None: whoever hands it back)
+    def __init__(self, source, wait=STREAM_STALL, settling=False):
+        self.source = source      # node id the entries come from (None: nobody to read from)
+        self.settling = settling  # a new table's guess: whoever hands the partition over completes it
         self.touched = set()      # keys written or deleted here since: theirs lose
         self.dead_tags = set()    # tags invalidated here since: entries with them are dropped
         self.flushed = False      # flushed here since: every incoming entry is dropped
@@ -105,6 +106,12 @@ class Partitions:
             return False
         owners, backup_of = assign(members, self.parts, self.backups)
         old_owners, old_backups = self.owners, self.backup_of
+        if old_owners is None and settle > 0 and len(members) > 1:
+            # Who probably held our partitions while we were away: the table without us.
+            # Readers fall back to it until its handoff (if any) arrives.
+            before = assign([m for m in members if m != self.me], self.parts)[0]
+        else:
+            before = None
         self.owners, self.backup_of, self.ring_members = owners, backup_of, members
         drop = bytearray(self.parts)
         to_send = {}  # new owner -> partitions we hand to it
@@ -113,7 +120,8 @@ class Partitions:
             if old_owners is None:
                 drop[p] = 1
                 if n == self.me and settle > 0:
-                    self.incoming[p] = Incoming(None, settle)
+                    source = before[p] if before and before[p] in reachable else None
+                    self.incoming[p] = Incoming(source, settle, settling=True)
                 continue
             o, ob = old_owners[p], old_backups[p]
             holding = (o == self.me and p not in self.incoming) or p in self.outgoing
@@ -283,7 +291,7 @@ class Partitions:
             return None
         for p in ps:
             inc = self.incoming.get(p)
-            if inc is not None and inc.source in (None, sender):
+            if inc is not None and (inc.settling or inc.source == sender):
                 del self.incoming[p]
         return [p for p in ps if self.mine(p)]
 
@@ -299,8 +307,8 @@ class Partitions:
         arrive is lost (misses), the rest is served."""
         now = time.monotonic()
         for p, inc in list(self.incoming.items()):
-            if inc.source is None and now > inc.deadline:
-                del self.incoming[p]  # the settling time of a new table is over
+            if inc.settling and (now > inc.deadline or inc.source not in reachable):
+                del self.incoming[p]  # the settling time of a new table is over: nothing more comes
             elif inc.source is not None and (inc.source not in reachable or now > inc.deadline):
                 log.warning("cache %s: partition %d: handoff from member %d did not complete", self.name, p,
                             inc.source)
