@@ -338,13 +338,21 @@ int vela_delete(vela_table *t, const vela_key *k, vela_err *err)
     return ref != 0;
 }
 
-vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed)
+/* Remove every entry `doomed` picks, stripe by stripe; with `void_fills`, also
+ * void the near-cache reservations of every stripe (a fill read before must not
+ * land after). */
+typedef int (*entry_pred)(const vela_entry *e, const void *ctx);
+
+static vela_err remove_where(vela_table *t, entry_pred doomed, const void *ctx, int void_fills,
+                             uint64_t *removed)
 {
     *removed = 0;
     for (uint32_t s = 0; s <= t->stripe_mask; s++) {
         vela_err err = vela_stripe_lock(t, s);
         if (err != VELA_OK)
             return err;
+        if (void_fills)
+            __atomic_add_fetch(&t->stripes[s].inval_seq, 1, __ATOMIC_RELEASE);
         if (t->stripes[s].entries) {
             if ((err = vela_heap_lock(t)) != VELA_OK) {
                 vela_stripe_unlock(t, s);
@@ -354,8 +362,8 @@ vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed)
             uint32_t *first = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];
             for (uint32_t i = 0; i <= t->bucket_mask; i++)
                 for (uint32_t *link = &first[i]; *link;) {
-                    if (vela_entry_of(blk(t, *link))->version >= below) {
-                        link = &vela_entry_of(blk(t, *link))->next; /* newer than the flush */
+                    if (!doomed(vela_entry_of(blk(t, *link)), ctx)) {
+                        link = &vela_entry_of(blk(t, *link))->next;
                         continue;
                     }
                     remove_at(t, s, link, *link, 1, &err);
@@ -369,37 +377,28 @@ vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed)
     return VELA_OK;
 }
 
+static int older_than(const vela_entry *e, const void *below)
+{
+    return e->version < *(const uint64_t *)below; /* newer ones were written after the flush */
+}
+
+vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed)
+{
+    return remove_where(t, older_than, &below, 0, removed);
+}
+
+typedef struct { uint32_t parts; const uint8_t *drop; } partition_set;
+
+static int in_partitions(const vela_entry *e, const void *ctx)
+{
+    const partition_set *ps = ctx;
+    return ps->drop[e->hash % ps->parts];
+}
+
 vela_err vela_drop_partitions(vela_table *t, uint32_t parts, const uint8_t *drop, uint64_t *removed)
 {
-    *removed = 0;
-    for (uint32_t s = 0; s <= t->stripe_mask; s++) {
-        vela_err err = vela_stripe_lock(t, s);
-        if (err != VELA_OK)
-            return err;
-        /* A near-cache fill reserved before this drop must not land after it. */
-        __atomic_add_fetch(&t->stripes[s].inval_seq, 1, __ATOMIC_RELEASE);
-        if (t->stripes[s].entries) {
-            if ((err = vela_heap_lock(t)) != VELA_OK) {
-                vela_stripe_unlock(t, s);
-                return err;
-            }
-            vela_write_begin(t, s);
-            uint32_t *first = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];
-            for (uint32_t i = 0; i <= t->bucket_mask; i++)
-                for (uint32_t *link = &first[i]; *link;) {
-                    if (!drop[vela_entry_of(blk(t, *link))->hash % parts]) {
-                        link = &vela_entry_of(blk(t, *link))->next;
-                        continue;
-                    }
-                    remove_at(t, s, link, *link, 1, &err);
-                    (*removed)++;
-                }
-            vela_write_end(t, s);
-            vela_heap_unlock(t);
-        }
-        vela_stripe_unlock(t, s);
-    }
-    return VELA_OK;
+    partition_set ps = {parts, drop};
+    return remove_where(t, in_partitions, &ps, 1, removed);
 }
 
 vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t below, uint64_t *removed)

@@ -177,8 +177,7 @@ class PartitionedCache(Cache):
     def _key_request(self, op, enc, p, **fields):
         """A request about one key, to its owner, following moved/fallback/retry answers."""
         deadline = time.monotonic() + self._links.timeout
-        view = self._cached_view if self._cached_view is not None and self._cached_view.fresh() \
-            else self._routable_view(deadline)
+        view = self._routable_view(deadline)
         addr = view.addrs.get(view.owners[p])
         fields = dict(fields, op=op, k=enc)
         # An owner that does not answer may be gone: look at the table again every slice.
@@ -455,11 +454,7 @@ class PartitionedCache(Cache):
         waited stampede_timeout, fetch without it. Waits (polling the owner) while
         another caller anywhere fetches the key."""
         enc, p, view, local = self._locate(key)
-        if local:
-            value = self._table.get_hit(key, MISSING)
-            if value is not MISSING:
-                return "hit", value
-        elif self._near is not None:
+        if local or self._near is not None:  # an owned entry or an L1 copy: no round trip
             value = self._table.get_hit(key, MISSING)
             if value is not MISSING:
                 return "hit", value

@@ -87,21 +87,14 @@ def run(args):
         raise SystemExit("vela-bridge run: --cache and --listen are required (or give them in --config)")
     logging.basicConfig(level=str(opt("log_level") or "INFO").upper(),
                         format="%(asctime)s vela-bridge[%(process)d] %(levelname)s %(message)s")
-    secret = None
-    if opt("secret_file"):
-        with open(opt("secret_file"), "rb") as f:
-            secret = f.read().strip()
-        if len(secret) < 16:
-            raise SystemExit("the shared secret must be at least 16 bytes (vela-bridge secret makes one)")
-    curve = None
-    if opt("curve_key_file"):
-        with open(opt("curve_key_file"), "rb") as f:
-            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
-        if len(lines) != 2 or any(len(k) != 40 for k in lines):
-            raise SystemExit(f"{opt('curve_key_file')}: expected two z85 keys of 40 characters "
-                             "(public, secret), as vela-bridge keygen prints them")
-        curve = (lines[0], lines[1])
+    from . import protocol
     from .node import Bridge
+
+    try:
+        secret = protocol.load_secret(opt("secret_file")) if opt("secret_file") else None
+        curve = protocol.load_curve(opt("curve_key_file")) if opt("curve_key_file") else None
+    except ValueError as exc:
+        raise SystemExit(str(exc))
 
     try:
         bridge = Bridge(caches, opt("listen"), advertise=opt("advertise"), join=join, node_id=opt("node_id"),

@@ -21,20 +21,12 @@ from . import dataport, protocol
 _OPTIONS = {"timeout", "secret_file", "curve_key_file"}
 
 
-def read_secret(path):
-    with open(path, "rb") as f:
-        secret = f.read().strip()
-    if len(secret) < 16:
-        raise OptionError(f"topology_opts['secret_file']: {path} holds fewer than 16 bytes")
-    return secret
-
-
-def read_curve(path):
-    with open(path, "rb") as f:
-        lines = [line.strip() for line in f.read().splitlines() if line.strip()]
-    if len(lines) != 2 or any(len(k) != 40 for k in lines):
-        raise OptionError(f"topology_opts['curve_key_file']: {path} must hold two z85 keys (vela-bridge keygen)")
-    return lines[0], lines[1]
+def _key_file(option, load, path):
+    """What ``load`` reads from the file of a topology option; OptionError naming it."""
+    try:
+        return load(path)
+    except ValueError as exc:
+        raise OptionError(f"topology_opts[{option!r}]: {exc}") from None
 
 
 class Links:
@@ -52,8 +44,10 @@ class Links:
             raise OptionError(f"topology_opts['timeout'] must be positive seconds, not {timeout!r}")
         self.timeout = float(timeout)
         self.cache_name = cache_name
-        self.secret = read_secret(opts["secret_file"]) if opts.get("secret_file") else b""
-        self.curve = read_curve(opts["curve_key_file"]) if opts.get("curve_key_file") else None
+        self.secret = _key_file("secret_file", protocol.load_secret, opts["secret_file"]) \
+            if opts.get("secret_file") else b""
+        self.curve = _key_file("curve_key_file", protocol.load_curve, opts["curve_key_file"]) \
+            if opts.get("curve_key_file") else None
         self._local = threading.local()
         self._ids = itertools.count(1)
 

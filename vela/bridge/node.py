@@ -211,15 +211,22 @@ class Bridge:
 
     # ---- receiving ------------------------------------------------------------------------
 
-    def _receive_peer(self, frames):
+    def _unpack(self, frames):
+        """The message in [mac, payload], counted; None (counted and dropped) when it is
+        not authentic or not well-formed."""
         self.counters["messages_in"] += 1
-        self.counters["bytes_in"] += sum(len(f) for f in frames[1:])
+        self.counters["bytes_in"] += sum(len(f) for f in frames)
         try:
-            msg = protocol.unpack(self.secret, frames[1:])
+            return protocol.unpack(self.secret, frames)
         except protocol.Malformed as exc:
             key = "unauthenticated" if "authentication" in str(exc) else "malformed"
             self.counters[key] += 1
             log.debug("dropped a message: %s", exc)
+            return None
+
+    def _receive_peer(self, frames):
+        msg = self._unpack(frames[1:])
+        if msg is None:
             return
         if msg["t"] == "req":
             self._serve_request(frames[0], msg)
@@ -296,6 +303,9 @@ class Bridge:
             log.info("member %d is leaving: taking its partitions over", member.node_id)
             self.leaving.add(member.node_id)
             self.epoch += 1
+            # Its handoff follows on the same pipe, maybe in this very drain: the table
+            # that takes it must be in place first.
+            self._update_rings(time.monotonic())
 
     # ---- the partitioned topology ------------------------------------------------------
 
@@ -329,13 +339,8 @@ class Bridge:
 
     def _handle_data(self, frames, conn_id):
         """A request from the data port: the reply frames, or None for a malformed one."""
-        self.counters["messages_in"] += 1
-        self.counters["bytes_in"] += len(frames[1])
-        try:
-            msg = protocol.unpack(self.secret, frames)
-        except protocol.Malformed as exc:
-            key = "unauthenticated" if "authentication" in str(exc) else "malformed"
-            self.counters[key] += 1
+        msg = self._unpack(frames)
+        if msg is None:
             return None
         if msg["t"] != "req":
             self.counters["malformed"] += 1
@@ -369,7 +374,6 @@ class Bridge:
         parts = self._partitions(msg)
         if parts is None:
             return
-        self._update_rings(time.monotonic())  # a "leaving" just before it may change the table
         taken = parts.on_hand(member.node_id, msg)
         if taken is not None:
             self._send(member.addr, self._message("handack", c=msg["c"], sid=msg["sid"], ps=taken))

@@ -28,6 +28,25 @@ class Malformed(ValueError):
     """A message that is not authentic or not well-formed."""
 
 
+def load_secret(path):
+    """The cluster's shared secret from its file; ValueError when it is too short."""
+    with open(path, "rb") as f:
+        secret = f.read().strip()
+    if len(secret) < 16:
+        raise ValueError("the shared secret must be at least 16 bytes (vela-bridge secret makes one)")
+    return secret
+
+
+def load_curve(path):
+    """The cluster's CURVE key pair (public, secret) from its file; ValueError when malformed."""
+    with open(path, "rb") as f:
+        lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+    if len(lines) != 2 or any(len(k) != 40 for k in lines):
+        raise ValueError(f"{path}: expected two z85 keys of 40 characters (public, secret), "
+                         "as vela-bridge keygen prints them")
+    return lines[0], lines[1]
+
+
 def pack(secret, msg):
     payload = msgpack.packb(msg, use_bin_type=True)
     mac = hmac.new(secret, payload, hashlib.sha256).digest() if secret else b""
