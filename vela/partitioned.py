@@ -190,9 +190,8 @@ class PartitionedCache(Cache):
             try:
                 reply = self._links.request(addr, fields, view.epoch,
                                             deadline if once else min(deadline, time.monotonic() + _SLICE))
-            except BridgeUnavailable:
-                if time.monotonic() >= deadline:
-                    raise
+            except BridgeUnavailable as exc:
+                self._pause_or_raise(deadline, exc)  # (a refused connection fails at once)
                 view = self._routable_view(deadline)
                 addr = view.addrs.get(view.owners[p])
                 continue
@@ -231,11 +230,59 @@ class PartitionedCache(Cache):
         return reply
 
     def _everyone(self, op, **fields):
-        """The same request to every member of the ring; their replies."""
+        """The same request to every member of the ring; their replies. A member that does
+        not answer is asked again while the partition table still names it (one that died
+        leaves the table within the failure timeout), up to the call's deadline."""
         deadline = time.monotonic() + self._links.timeout
-        view = self._routable_view(deadline)
-        targets = [(view.addrs[n], dict(fields, op=op)) for n in view.members if n in view.addrs]
-        return [self._checked(r) for r in self._links.request_all(targets, view.epoch, deadline)]
+        replies = {}
+        while True:
+            view = self._routable_view(deadline)
+            members = [n for n in view.members if n in view.addrs and n not in replies]
+            results = self._links.request_all([(view.addrs[n], dict(fields, op=op)) for n in members],
+                                              view.epoch, deadline)
+            failed = [r for r in results if isinstance(r, BridgeUnavailable)]
+            replies.update((n, self._checked(r)) for n, r in zip(members, results) if isinstance(r, dict))
+            if not failed:
+                return list(replies.values())
+            self._pause_or_raise(deadline, failed[0])
+
+    def _pause_or_raise(self, deadline, error):
+        """Before asking again: a short pause, or ``error`` once the deadline has passed."""
+        if time.monotonic() >= deadline:
+            raise error
+        time.sleep(_RETRY_PAUSE)
+
+    def _per_owner(self, items, size_of, request_of):
+        """``items`` (tuples, the encoded key second) sent to their owners: one request per
+        owner and batch (request_of(batch) its fields), all at once; [(batch, reply)]. The
+        items of an owner that cannot be reached are sent again by a fresh look at the
+        partition table (a dead owner is replaced within the failure timeout), up to the
+        call's deadline."""
+        deadline = time.monotonic() + self._links.timeout
+        answered, pending = [], items
+        while pending:
+            view = self._routable_view(deadline)
+            by_owner = {}
+            for item in pending:
+                by_owner.setdefault(view.owners[partition_of(item[1], view.parts)], []).append(item)
+            batches = [(n, batch) for n, its in by_owner.items() for batch in _batches(its, size_of)]
+            reachable = [(n, batch) for n, batch in batches if n in view.addrs]
+            results = self._links.request_all([(view.addrs[n], request_of(batch)) for n, batch in reachable],
+                                              view.epoch, deadline)
+            pending, error = [], None
+            for (n, batch), reply in zip(reachable, results):
+                if isinstance(reply, BridgeUnavailable):
+                    pending += batch
+                    error = reply
+                else:
+                    answered.append((batch, self._checked(reply)))
+            for n, batch in batches:
+                if n not in view.addrs:
+                    pending += batch
+                    error = error or BridgeUnavailable(f"cache {self.name!r}: no address for member {n}")
+            if pending:
+                self._pause_or_raise(deadline, error)
+        return answered
 
     def _encoded(self, value):
         """(bytes, codec) of a value, refused here when no request could carry it."""
@@ -317,23 +364,13 @@ class PartitionedCache(Cache):
         return None if remaining < 0 else remaining / 1e9
 
     def _grouped(self, op, keys):
-        """One ``op`` request per owner for the keys no local read answers, sent at once:
-        ``{key: reply item}``; keys an owner could not simply serve are left out (the
-        caller asks for them one by one)."""
-        deadline = time.monotonic() + self._links.timeout
-        view = self._routable_view(deadline)
-        by_owner = {}
-        for key in keys:
-            enc = _native.encode_key(key)
-            by_owner.setdefault(view.owners[partition_of(enc, view.parts)], []).append((key, enc))
-        batches = [(n, batch) for n, items in by_owner.items() if n in view.addrs
-                   for batch in _batches(items, lambda item: len(item[1]))]
-        replies = self._links.request_all(
-            [(view.addrs[n], {"op": op, "ks": [enc for _, enc in batch]}) for n, batch in batches],
-            view.epoch, deadline)
+        """One ``op`` request per owner for the keys, sent at once: ``{key: reply item}``;
+        keys an owner could not simply serve are left out (the caller asks for them one
+        by one)."""
+        items = [(key, _native.encode_key(key)) for key in keys]
         out = {}
-        for (n, batch), reply in zip(batches, replies):
-            self._checked(reply)
+        for batch, reply in self._per_owner(items, lambda item: len(item[1]),
+                                            lambda batch: {"op": op, "ks": [enc for _, enc in batch]}):
             redo = set(reply.get("redo", ()))
             out.update((key, item) for i, ((key, _), item) in enumerate(zip(batch, reply["ok"]))
                        if i not in redo)
@@ -395,22 +432,14 @@ class PartitionedCache(Cache):
         ns = options.ttl_ns(ttl, self.default_ttl)
         tag_ids = self._encode_tags(tags)
         encoded = [(k, _native.encode_key(k)) + self._encoded(v) for k, v in items]
-        deadline = time.monotonic() + self._links.timeout
-        view = self._routable_view(deadline)
-        by_owner = {}
-        for k, enc, val, codec in encoded:
-            by_owner.setdefault(view.owners[partition_of(enc, view.parts)], []).append((k, enc, val, codec))
-        batches = [(n, batch) for n, items in by_owner.items() if n in view.addrs
-                   for batch in _batches(items, lambda item: len(item[1]) + len(item[2]))]
-        replies = self._links.request_all(
-            [(view.addrs[n], {"op": "putm", "items": [[e, v, c] for _, e, v, c in batch], "ttl": ns,
-                              "tags": tag_ids}) for n, batch in batches], view.epoch, deadline)
-        again = [it for n, items in by_owner.items() if n not in view.addrs for it in items]
-        for (n, batch), reply in zip(batches, replies):
-            self._checked(reply)
+        again = []
+        for batch, reply in self._per_owner(
+                encoded, lambda item: len(item[1]) + len(item[2]),
+                lambda batch: {"op": "putm", "items": [[e, v, c] for _, e, v, c in batch], "ttl": ns,
+                               "tags": tag_ids}):
             again += [batch[i] for i in reply.get("redo", ())]
         for k, enc, val, codec in again:
-            self._key_request("put", enc, partition_of(enc, view.parts), val=val, codec=codec, ttl=ns,
+            self._key_request("put", enc, partition_of(enc, self._view().parts), val=val, codec=codec, ttl=ns,
                               tags=tag_ids)
         if telemetry.active:
             self._emit("put", start, {"keys": len(items), "ttl": ttl})

@@ -99,13 +99,23 @@ class Links:
         return rid
 
     def request_all(self, targets, epoch, deadline=None):
-        """Several requests at once [(addr, fields)] (one per address), answered in that order.
-
-        :raises BridgeUnavailable: one of them was not answered by the deadline.
-        """
+        """Several requests at once [(addr, fields)], answered in that order: for each, its
+        reply (a dict), or the BridgeUnavailable saying why its bridge did not answer by
+        the deadline (the others are still awaited)."""
         deadline = deadline or time.monotonic() + self.timeout
-        sent = [(addr, self._send(addr, fields, epoch)) for addr, fields in targets]
-        return [self._await(addr, rid, deadline) for addr, rid in sent]
+        sent = []
+        for addr, fields in targets:
+            try:
+                sent.append((addr, self._send(addr, fields, epoch)))
+            except BridgeUnavailable as exc:
+                sent.append((addr, exc))
+        out = []
+        for addr, rid in sent:
+            try:
+                out.append(rid if isinstance(rid, BridgeUnavailable) else self._await(addr, rid, deadline))
+            except BridgeUnavailable as exc:
+                out.append(exc)
+        return out
 
     def _await(self, addr, rid, deadline):
         conn = self._conn(addr)
