@@ -332,7 +332,7 @@ def test_a_killed_owner_costs_its_keys_and_nothing_else(cluster3):
     # within the failure timeout (1 s) plus a heartbeat, the others take C's partitions
     eventually(lambda: set(a.cluster()["owners"]) == {1, 2} and set(b.cluster()["owners"]) == {1, 2}, 5,
                what="C out of the ring")
-    eventually(lambda: ready(cluster3, [a, b]), 10, what="no partition on its way")
+    eventually(lambda: ready(cluster3, [a, b]) and tables_agree([a, b]), 10, what="no partition on its way")
     assert b.size() == len(KEYS) - len(on_c) + 3
     got = dict(a.call("get_many", keys=KEYS))
     rewritten = set(sorted(on_c)[2:5])
@@ -358,7 +358,8 @@ def test_with_backups_a_killed_owner_loses_nothing(tmp_path):
         # Issued at once, while B's table still names C (its connection refused): the batch
         # is sent again by the table without C (failure timeout 1 s, call timeout 3 s).
         assert dict(b.call("get_many", keys=KEYS)) == {k: i for i, k in enumerate(KEYS)}
-        eventually(lambda: ready(c, [a, b]) and set(a.cluster()["owners"]) == {1, 2}, 10, what="C out")
+        eventually(lambda: ready(c, [a, b]) and tables_agree([a, b]) and set(a.cluster()["owners"]) == {1, 2}, 10,
+                   what="C out")
         assert dict(b.call("get_many", keys=KEYS)) == {k: i for i, k in enumerate(KEYS)}
         assert a.get("counter") == 5
         assert a.size() == 3001
