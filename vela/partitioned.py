@@ -185,8 +185,12 @@ class PartitionedCache(Cache):
         once = op == "incr"
         refused = 0  # fallback reads the old owner could not serve (it no longer holds the key)
         while True:
-            if addr is None:
-                raise BridgeUnavailable(f"cache {self.name!r}: no address for the owner of partition {p}")
+            if addr is None:  # (an owner the table names before its address: ask again)
+                self._pause_or_raise(deadline, BridgeUnavailable(
+                    f"cache {self.name!r}: no address for the owner of partition {p}"))
+                view = self._routable_view(deadline)
+                addr = view.addrs.get(view.owners[p])
+                continue
             try:
                 reply = self._links.request(addr, fields, view.epoch,
                                             deadline if once else min(deadline, time.monotonic() + _SLICE))
