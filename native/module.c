@@ -1277,8 +1277,8 @@ static PyObject *Table_scan(TableObject *self, PyObject *args)
 
 /* ---- the partitioned topology: values as bytes, partitions --------------- */
 
-/* get_raw(key_bytes) -> None | (value_bytes, codec, remaining_ns, tags): the
- * bridge's read. Nothing is decoded (a bridge never unpickles); remaining_ns 0
+/* get_raw(key_bytes) -> None | (value_bytes, codec, remaining_ns, tags,
+ * version): the bridge's read. Nothing is decoded (a bridge never unpickles); remaining_ns 0
  * means "never expires". Counts a hit or a miss. */
 static PyObject *Table_get_raw(TableObject *self, PyObject *key)
 {
@@ -1304,8 +1304,9 @@ static PyObject *Table_get_raw(TableObject *self, PyObject *key)
     for (uint32_t i = 0; i < e->ntags; i++)
         tags[i] = vela_tags_of(e)[i].tag;
     PyObject *tt = tags_tuple(tags, e->ntags);
-    PyObject *out = tt ? Py_BuildValue("(y#iLN)", vela_value_of(e), (Py_ssize_t)e->value_len, e->codec,
-                                       remaining_of(e->expire_at, vela_now(t)), tt) : NULL;
+    PyObject *out = tt ? Py_BuildValue("(y#iLNK)", vela_value_of(e), (Py_ssize_t)e->value_len, e->codec,
+                                       remaining_of(e->expire_at, vela_now(t)), tt,
+                                       (unsigned long long)e->version) : NULL;
     vela_stripe_unlock(t, s);
     if (out)
         VELA_COUNT(t, VELA_STAT_HITS);
@@ -1661,7 +1662,7 @@ static PyMethodDef Table_methods[] = {
     {"scan", (PyCFunction)Table_scan, METH_VARARGS, "bridge: scan(cursor, max) for snapshots"},
     {"get_routed", (PyCFunction)(void (*)(void))Table_get_routed, METH_FASTCALL,
      "get_routed(key, routes, view_seq, miss, remote)"},
-    {"get_raw", (PyCFunction)Table_get_raw, METH_O, "bridge: get_raw(key_bytes) -> None | (bytes, codec, ttl_ns, tags)"},
+    {"get_raw", (PyCFunction)Table_get_raw, METH_O, "bridge: get_raw(key_bytes) -> None | (bytes, codec, ttl_ns, tags, version)"},
     {"encode_value", (PyCFunction)Table_encode_value, METH_O, "encode_value(value) -> (bytes, codec)"},
     {"decode_value", (PyCFunction)Table_decode_value, METH_VARARGS, "decode_value(bytes, codec) -> value"},
     {"partition_counts", (PyCFunction)Table_partition_counts, METH_O, "partition_counts(parts) -> [entries]"},

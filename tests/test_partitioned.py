@@ -354,6 +354,10 @@ def test_with_backups_a_killed_owner_loses_nothing(tmp_path):
             b.incr("counter")
         eventually(lambda: sum(h.status()["caches"][c.name]["backup_records"] for h in c) >= 3006, 5,
                    what="backup copies made")
+        # every entry is on two hosts, its owner's and its backup's, with the same value and
+        # the owner's version (so two copies meet by the owner's order)
+        copies = collections.Counter((e[0], e[1], e[4]) for h in c for e in h.call("dump"))
+        assert len(copies) == 3001 and set(copies.values()) == {2}
         cc.kill_bridge(signal.SIGKILL)
         # Issued at once, while B's table still names C (its connection refused): the batch
         # is sent again by the table without C (failure timeout 1 s, call timeout 3 s).

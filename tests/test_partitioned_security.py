@@ -85,7 +85,9 @@ def _hostile(rng, name, n):
         dict(peer, t="hand", c=name, sid=1, role="own", ps=[1], last=True, entries="x", vers=[]),
         dict(peer, t="handack", c=name, sid=1, ps=["1"]),
         dict(peer, t="brec", c=name, recs=[[key, b"v", 0, 0]]),
-        dict(peer, t="brec", c=name, recs=[[key, 5, 0, 0, []]]),
+        dict(peer, t="brec", c=name, recs=[[key, 5, 0, 0, [], 7]]),
+        dict(peer, t="brec", c=name, recs=[[key, b"v", 0, 0, []]]),  # no version
+        dict(peer, t="brec", c=name, recs=[[key, b"v", 0, 0, [], 0]]),
         dict(peer, t="inval", c=name, ks=[5]),
         dict(peer, t="rep", id="x"),
     ]

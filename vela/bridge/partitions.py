@@ -317,13 +317,15 @@ class Partitions:
     # ---- backups and invalidations ----------------------------------------------------
 
     def on_brec(self, records):
-        for k, v, codec, ttl, tags in records:
+        """Backup copies of an owner's writes, with the owner's versions (which the table's
+        clock observes, so a promoted copy is newer than nothing the owner wrote before)."""
+        for k, v, codec, ttl, tags, ver in records:
             if self.mine(partition_of(k, self.parts)):
                 continue  # stale: we own it now
             if v is None:
                 self.table.invalidate(_native.decode_key(k))
             else:
-                self._apply(k, v, codec, ttl, tags, self.table.next_version())
+                self._apply(k, v, codec, ttl, tags, ver)
             self.stats["backup_records"] += 1
 
     def on_inval(self, keys):
@@ -351,10 +353,10 @@ class Partitions:
         """Record the entry now stored under ``k`` (after incr/touch) for backups."""
         raw = self.table.get_raw(k)
         if raw is None:
-            self._changed(k, p, [k, None, 0, 0, []])
+            self._changed(k, p, [k, None, 0, 0, [], self.table.next_version()])
         else:
-            v, codec, ttl, tags = raw
-            self._changed(k, p, [k, v, codec, ttl, list(tags)])
+            v, codec, ttl, tags, version = raw
+            self._changed(k, p, [k, v, codec, ttl, list(tags), version])
 
     def take_outbound(self):
         """(backup records per node, keys to invalidate) of this loop turn."""
@@ -426,14 +428,15 @@ class Partitions:
             lease = self.leases.get(k)
             if lease is not None and lease[0] == holder:
                 del self.leases[k]
-        self.table.apply_put(k, msg["val"], msg["codec"], msg["ttl"], msg["tags"], self.table.next_version())
+        version = self.table.next_version()
+        self.table.apply_put(k, msg["val"], msg["codec"], msg["ttl"], msg["tags"], version)
         self.table.bump("writes")
-        self._changed(k, p, [k, msg["val"], msg["codec"], msg["ttl"], list(msg["tags"])])
+        self._changed(k, p, [k, msg["val"], msg["codec"], msg["ttl"], list(msg["tags"]), version])
         return {"ok": True}
 
     def _op_del(self, k, p, msg):
         removed = self.table.delete(_native.decode_key(k))
-        self._changed(k, p, [k, None, 0, 0, []])
+        self._changed(k, p, [k, None, 0, 0, [], self.table.next_version()])
         return {"ok": bool(removed)}
 
     def _op_incr(self, k, p, msg):

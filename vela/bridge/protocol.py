@@ -360,9 +360,11 @@ def _partitions(msg):
 def _check_brec(msg):
     _str(msg, "c")
     for r in _list(msg, "recs", MAX_RECORDS):
-        if not isinstance(r, list) or len(r) != 5:
-            raise Malformed("a backup record is [key, value, codec, ttl, tags] or [key, None, ...]")
+        if not isinstance(r, list) or len(r) != 6:
+            raise Malformed("a backup record is [key, value, codec, ttl, tags, version] "
+                            "or [key, None, 0, 0, [], version]")
         _key(r[0])
+        _version(r[5])
         if r[1] is not None:
             _value(r[1], r[2])
             if isinstance(r[3], bool) or not isinstance(r[3], int) or not 0 <= r[3] < 2**63:
