@@ -16,6 +16,9 @@ this run, 100-byte values, one call at a time (latency = time per call):
 - near-cache hit: ``cache.get`` of B's keys on a handle with ``near_cache=True``
   once their L1 copies are in A's table, against the local get (target: equal);
   and, for scale, a get on a cache of the local topology (no routing at all);
+- puts (reported, no target): ``cache.put`` of B's keys against redis-py ``SET``,
+  and of A's own keys (a write is made by the owner's bridge, so this is a round
+  trip to A's bridge);
 - remote gets/s through one bridge: 4 worker processes of A read B's keys as fast
   as they can for a few seconds; their total (B's bridge, one Python thread, is
   the bottleneck; reported, no target).
@@ -136,7 +139,8 @@ def main(argv=None):
 
         plain = vela.Cache(cluster.name + "-plain", capacity="64MiB", topology="local")
         plain.put_many([(k, VALUE) for k in local])
-        runs = {"remote_get": [], "redis_get": [], "local_get": [], "near_hit": [], "local_topology_get": []}
+        runs = {"remote_get": [], "redis_get": [], "local_get": [], "near_hit": [], "local_topology_get": [],
+                "remote_put": [], "redis_set": [], "owned_put": []}
         print(f"{repeats} interleaved repeats of {rounds} x {len(remote)} gets each ...", flush=True)
         for _ in range(repeats):
             runs["remote_get"].append(_per_call_ns(cache.get, remote, max(1, rounds // 2)))
@@ -144,6 +148,11 @@ def main(argv=None):
             runs["local_get"].append(_per_call_ns(cache.get, local, rounds * 20))
             runs["near_hit"].append(_per_call_ns(near.get, remote, rounds * 20))
             runs["local_topology_get"].append(_per_call_ns(plain.get, local, rounds * 20))
+        # Puts apart: a put drops the near cache's copies of its key (as it must).
+        for _ in range(repeats):
+            runs["remote_put"].append(_per_call_ns(lambda k: cache.put(k, VALUE), remote, 1))
+            runs["redis_set"].append(_per_call_ns(lambda k: client.set(k, VALUE), remote, 1))
+            runs["owned_put"].append(_per_call_ns(lambda k: cache.put(k, VALUE), local, 1))
         med = {k: statistics.median(v) for k, v in runs.items()}
         results["runs_ns"] = runs
         results["median_ns"] = med
@@ -154,10 +163,15 @@ def main(argv=None):
         print(f"  near hit     {med['near_hit']:8.0f} ns   local get    {med['local_get']:8.0f} ns"
               f"   ratio {near_ratio:.2f}x  -> {'meets' if near_ratio <= 1.2 else 'MISSES'} 'equal' (within 20%)")
         print(f"  (a get on a local-topology cache: {med['local_topology_get']:.0f} ns)")
+        put_ratio = med["remote_put"] / med["redis_set"]
+        print(f"  remote put   {med['remote_put'] / 1000:8.1f} us   redis-py SET {med['redis_set'] / 1000:8.1f} us"
+              f"   ratio {put_ratio:.2f}x  (reported)")
+        print(f"  put of a key A owns {med['owned_put'] / 1000:.1f} us (a round trip to A's own bridge)")
         print(f"remote gets/s through B's bridge, 4 readers on A for {tp_seconds:g} s ...", flush=True)
         results["remote_gets_per_s"] = tp = throughput(a.namespace, cluster.name, remote, 4, tp_seconds)
         print(f"  {tp:,.0f} remote gets/s through one bridge", flush=True)
-        results["ratios"] = {"remote_over_redis": remote_ratio, "near_over_local": near_ratio}
+        results["ratios"] = {"remote_over_redis": remote_ratio, "near_over_local": near_ratio,
+                             "remote_put_over_redis_set": put_ratio}
         results["targets"] = {"remote_over_redis": 1.5, "near_over_local": 1.0}
         cache.close()
         near.close()

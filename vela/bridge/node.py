@@ -435,7 +435,7 @@ class Bridge:
         for name, parts in self.partitioned.items():
             if not (parts.brecs or parts.invals or parts.streams or backups):
                 continue
-            brecs, invals = parts.take_outbound()
+            brecs, invals = parts.take_outbound(time.monotonic(), BATCH_DELAY)
             for node_id, recs in brecs.items():
                 addr = self._addr_of(node_id)
                 if addr is not None:
@@ -784,7 +784,7 @@ class Bridge:
             log.warning("leaving before every handoff was acknowledged")
             return True
         for parts in self.partitioned.values():
-            if parts.owners is None or parts.streams or parts.outgoing:
+            if parts.owners is None or parts.streams or parts.outgoing or parts.brecs or parts.invals:
                 return False
         return True
 

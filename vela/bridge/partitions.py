@@ -76,8 +76,9 @@ class Partitions:
         self.streams = []           # Stream objects being sent or awaiting their ack
         self.backup_in = set()      # sids of backup streams we started receiving (dropped first)
         self.backup_synced = {}     # partition -> node that holds our full backup copy
-        self.brecs = {}             # backup node -> records to send this loop turn
-        self.invals = []            # keys changed this loop turn: L1 copies elsewhere drop
+        self.brecs = {}             # backup node -> records not sent yet
+        self.invals = []            # keys changed, not published yet: L1 copies elsewhere drop
+        self.outbound_at = 0.0      # when brecs/invals were last sent
         self.leases = {}            # key -> (holder, deadline, connection): get_or_fetch in progress
         self.conn_id = None         # the data port connection of the request being served
         self.sids = itertools.count(1)
@@ -358,8 +359,14 @@ class Partitions:
             v, codec, ttl, tags, version = raw
             self._changed(k, p, [k, v, codec, ttl, list(tags), version])
 
-    def take_outbound(self):
-        """(backup records per node, keys to invalidate) of this loop turn."""
+    def take_outbound(self, now, delay):
+        """(backup records per node, keys to invalidate) to send now: those gathered since
+        the last send, once ``delay`` seconds have passed since it (a write after a quiet
+        spell goes at once; a run of writes travels in a few messages, not one per write
+        to every member)."""
+        if not (self.brecs or self.invals) or (now - self.outbound_at < delay and len(self.invals) < 10_000):
+            return {}, []
+        self.outbound_at = now
         brecs, invals = self.brecs, self.invals
         self.brecs, self.invals = {}, []
         return brecs, invals
