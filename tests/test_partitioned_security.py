@@ -228,3 +228,24 @@ def test_garbage_on_the_data_port_closes_that_connection_only(secure_partitioned
     assert counters(a)["malformed"] - before["malformed"] >= 100  # the oversized frames
     assert a.bridge_alive()
     assert b.get("kept") == "yes" and a.get("kept") == "yes"
+
+
+def test_refuses_an_exposed_data_port_without_authentication(tmp_path):
+    """The data port serves the cache's contents: off loopback it needs the secret too."""
+    import subprocess
+    import sys
+
+    from cluster import free_port
+
+    c = Cluster(tmp_path, n=1, start=False, topology="partitioned")
+    try:
+        host = c[0]
+        port = free_port()
+        out = subprocess.run([sys.executable, "-m", "vela.bridge", "run", "--cache", host.cache_name,
+                              "--listen", f"tcp://127.0.0.1:{port}", "--data-listen", f"0.0.0.0:{port + 1}"],
+                             env=host.env, capture_output=True, text=True, timeout=15, cwd=host.workdir)
+        assert out.returncode != 0, out
+        assert f"refusing to listen on 0.0.0.0:{port + 1} (--data-listen)" in out.stderr \
+            and "--secret-file" in out.stderr, out.stderr
+    finally:
+        c.close()

@@ -58,9 +58,10 @@ class Bridge:
         self.advertise = advertise or listen
         if ("0.0.0.0" in self.advertise or "*" in self.advertise):
             raise ValueError("--advertise must be an address peers can connect to (not 0.0.0.0)")
-        if not secret and not insecure and not _loopback(listen):
-            raise ValueError(f"refusing to listen on {listen} without authentication: give --secret-file "
-                             "(a shared secret for every bridge of the cluster) or --insecure")
+        for option, addr in (("--listen", listen), ("--data-listen", data_listen)):
+            if addr and not secret and not insecure and not _loopback(addr):
+                raise ValueError(f"refusing to listen on {addr} ({option}) without authentication: give "
+                                 "--secret-file (a shared secret for every bridge of the cluster) or --insecure")
         self.secret = secret or b""
         # (public, secret) z85 keys shared by the cluster: every link is encrypted
         # with ZeroMQ CURVE; the HMAC still authenticates each message.
