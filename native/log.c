@@ -54,8 +54,15 @@ static void write_at(vela_table *t, uint64_t pos, const void *src, size_t n)
 void vela_log_append(vela_table *t, uint8_t op, const vela_key *k, uint8_t codec, const uint8_t *value,
                      size_t value_len, const uint64_t *tags, size_t ntags, uint64_t version, int64_t expire_at)
 {
+    if (t->hdr->replicated == VELA_TOPOLOGY_REPLICATED)
+        vela_log_write(t, op, k, codec, value, value_len, tags, ntags, version, expire_at);
+}
+
+void vela_log_write(vela_table *t, uint8_t op, const vela_key *k, uint8_t codec, const uint8_t *value,
+                    size_t value_len, const uint64_t *tags, size_t ntags, uint64_t version, int64_t expire_at)
+{
     vela_header *h = t->hdr;
-    if (h->replicated != VELA_TOPOLOGY_REPLICATED)
+    if (h->log_size == 0)
         return;
     size_t key_len = k ? k->len : 0;
     uint64_t len = (sizeof(vela_log_record) + ntags * 8 + key_len + value_len + 7) & ~7ull;

@@ -1348,6 +1348,72 @@ static PyObject *Table_get_routed(TableObject *self, PyObject *const *args, Py_s
     return out;
 }
 
+/* put_routed(key, value_bytes, codec, ttl_ns, tags, routes, view_seq) -> bool: a
+ * partitioned cache's put made here when routes[hash % len(routes)] is 1 (this host
+ * owns the key) and the view is still `view_seq` (vela_put_if_view). False: the
+ * caller asks the owner's bridge. ttl_ns 0 = no expiry. */
+static PyObject *Table_put_routed(TableObject *self, PyObject *args)
+{
+    PyObject *key, *tags;
+    const char *value, *routes;
+    Py_ssize_t vlen, nroutes;
+    int codec;
+    long long ttl_ns;
+    unsigned long seq;
+    if (!PyArg_ParseTuple(args, "Oy#iLOy#k", &key, &value, &vlen, &codec, &ttl_ns, &tags, &routes, &nroutes,
+                          &seq))
+        return NULL;
+    READY_OR_NULL(self);
+    if (nroutes == 0 || codec < 0 || codec >= VELA_CODEC_TOMBSTONE || ttl_ns < 0) {
+        PyErr_SetString(PyExc_ValueError, "put_routed: bad routes, codec or ttl");
+        return NULL;
+    }
+    vela_keybuf kb;
+    uint64_t taghashes[VELA_MAX_TAGS];
+    Py_ssize_t ntags;
+    if (vela_encode_key(key, &kb) < 0 || (ntags = parse_tag_ints(tags, taghashes)) < 0)
+        return NULL;
+    if (routes[kb.key.hash % (uint64_t)nroutes] != 1 || self->t.hdr->log_size == 0)
+        Py_RETURN_FALSE;
+    vela_put_args a = {.key = &kb.key, .value = (const uint8_t *)value, .value_len = (size_t)vlen,
+                       .codec = (uint8_t)codec, .expire_at = expire_from_remaining(&self->t, ttl_ns),
+                       .tags = taghashes, .ntags = (size_t)ntags};
+    int done = 0;
+    vela_err err = vela_put_if_view(&self->t, &a, (uint32_t)seq, &done);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    return PyBool_FromLong(done);
+}
+
+/* delete_routed(key, routes, view_seq) -> None (not here: ask the owner's bridge) |
+ * removed? (vela_delete_if_view) */
+static PyObject *Table_delete_routed(TableObject *self, PyObject *args)
+{
+    PyObject *key;
+    const char *routes;
+    Py_ssize_t nroutes;
+    unsigned long seq;
+    if (!PyArg_ParseTuple(args, "Oy#k", &key, &routes, &nroutes, &seq))
+        return NULL;
+    READY_OR_NULL(self);
+    if (nroutes == 0) {
+        PyErr_SetString(PyExc_ValueError, "delete_routed: no routes");
+        return NULL;
+    }
+    vela_keybuf kb;
+    if (vela_encode_key(key, &kb) < 0)
+        return NULL;
+    if (routes[kb.key.hash % (uint64_t)nroutes] != 1 || self->t.hdr->log_size == 0)
+        Py_RETURN_NONE;
+    int done = 0, removed = 0;
+    vela_err err = vela_delete_if_view(&self->t, &kb.key, (uint32_t)seq, &done, &removed);
+    if (err != VELA_OK)
+        return raise_vela(err);
+    if (!done)
+        Py_RETURN_NONE;
+    return PyBool_FromLong(removed);
+}
+
 /* encode_value(value) -> (bytes, codec): what put would store, for a remote owner. */
 static PyObject *Table_encode_value(TableObject *self, PyObject *value)
 {
@@ -1662,6 +1728,10 @@ static PyMethodDef Table_methods[] = {
     {"scan", (PyCFunction)Table_scan, METH_VARARGS, "bridge: scan(cursor, max) for snapshots"},
     {"get_routed", (PyCFunction)(void (*)(void))Table_get_routed, METH_FASTCALL,
      "get_routed(key, routes, view_seq, miss, remote)"},
+    {"put_routed", (PyCFunction)Table_put_routed, METH_VARARGS,
+     "put_routed(key, value_bytes, codec, ttl_ns, tags, routes, view_seq) -> made here?"},
+    {"delete_routed", (PyCFunction)Table_delete_routed, METH_VARARGS,
+     "delete_routed(key, routes, view_seq) -> None (not here) | removed?"},
     {"get_raw", (PyCFunction)Table_get_raw, METH_O, "bridge: get_raw(key_bytes) -> None | (bytes, codec, ttl_ns, tags, version)"},
     {"encode_value", (PyCFunction)Table_encode_value, METH_O, "encode_value(value) -> (bytes, codec)"},
     {"decode_value", (PyCFunction)Table_decode_value, METH_VARARGS, "decode_value(bytes, codec) -> value"},

@@ -146,7 +146,7 @@ static vela_err lay_out(vela_header *hdr, const vela_options *o, uint64_t cap)
     hdr->replicated = o->replicated > 0 ? (uint32_t)o->replicated : 0; /* -1 (not given): local */
     hdr->log_off = off;
     hdr->log_size = 0;
-    if (hdr->replicated == VELA_TOPOLOGY_REPLICATED) {
+    if (hdr->replicated != VELA_TOPOLOGY_LOCAL) { /* partitioned: the writes made in owned partitions */
         uint64_t mes = o->max_entry_size > 0 ? (uint64_t)o->max_entry_size : cap / 64;
         uint64_t log = cap / 8 > 4 * mes + 65536 ? cap / 8 : 4 * mes + 65536;
         hdr->log_size = align_up(log, 4096);

@@ -317,6 +317,53 @@ vela_err vela_put(vela_table *t, const vela_put_args *a)
     return err;
 }
 
+static int view_is(const vela_table *t, uint32_t view_seq)
+{
+    return __atomic_load_n(&t->cluster->seq, __ATOMIC_ACQUIRE) == view_seq;
+}
+
+vela_err vela_put_if_view(vela_table *t, const vela_put_args *a, uint32_t view_seq, int *done)
+{
+    uint32_t s = vela_stripe_of(t, a->key->hash);
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return err;
+    *done = view_is(t, view_seq);
+    if (*done) {
+        uint64_t version = 0;
+        vela_put_args b = *a;
+        b.version_out = &version;
+        if ((err = vela_do_put(t, s, &b)) == VELA_OK)
+            vela_log_write(t, VELA_OP_PUT, b.key, b.codec, b.value, b.value_len, b.tags, b.ntags, version,
+                           b.expire_at);
+    }
+    vela_stripe_unlock(t, s);
+    if (*done && err == VELA_OK)
+        VELA_COUNT(t, VELA_STAT_WRITES);
+    return err;
+}
+
+vela_err vela_delete_if_view(vela_table *t, const vela_key *k, uint32_t view_seq, int *done, int *removed)
+{
+    uint32_t s = vela_stripe_of(t, k->hash);
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return err;
+    *removed = 0;
+    *done = view_is(t, view_seq);
+    if (*done) {
+        uint32_t ref = vela_find(t, s, k);
+        if (ref)
+            *removed = vela_remove_entry(t, s, ref, 0, &err) != 0;
+        if (err == VELA_OK)
+            vela_log_write(t, VELA_OP_DELETE, k, 0, NULL, 0, NULL, 0, vela_next_version(t), 0);
+    }
+    vela_stripe_unlock(t, s);
+    if (*removed)
+        VELA_COUNT(t, VELA_STAT_DELETES);
+    return err;
+}
+
 int vela_delete(vela_table *t, const vela_key *k, vela_err *err)
 {
     uint32_t s = vela_stripe_of(t, k->hash);

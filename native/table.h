@@ -20,7 +20,7 @@
  *   | vela_lease[S][L]   |  stampede leases: who fetches which key now
  *   +--------------------+ slots_off
  *   | vela_slot[N]       |  per-process stats counters (one writer each)
- *   +--------------------+ log_off       (replicated caches only)
+ *   +--------------------+ log_off       (replicated and partitioned caches)
  *   | change log ring    |  what workers changed, for the bridge to send
  *   +--------------------+ cluster_off
  *   | vela_cluster       |  the cluster view the bridge writes (members, epoch)
@@ -56,7 +56,7 @@
  * another number and is refused as a layout mismatch. */
 #define VELA_MAGIC 0x56454C41A1B2C3D4ULL
 /* Layout version; bump on every change of this file. */
-#define VELA_FORMAT 1u
+#define VELA_FORMAT 2u /* 2: partitioned caches keep a change log too */
 #define VELA_READY 0x52454459u /* "REDY": set last by the creator */
 
 #define VELA_LINE 128         /* padding unit: two x86 lines (adjacent prefetch) */
@@ -69,9 +69,11 @@
 #define VELA_TOMBSTONE_TTL_NS (300LL * 1000000000LL) /* how long a replicated delete is remembered */
 #define VELA_CLUSTER_BYTES 16384  /* cluster view: JSON written by the bridge */ /* fetches in flight per stripe with stampede protection */
 
-/* Topologies. Only a replicated cache keeps a change log; a partitioned one is
- * a plain table whose writes the bridge makes (it owns some partitions, holds
- * backup copies of others and, with the near cache, L1 copies of the rest). */
+/* Topologies. A replicated cache logs every change its workers make, for the
+ * bridge to send. A partitioned one is a table whose host owns some partitions,
+ * holds backup copies of others and, with the near cache, L1 copies of the
+ * rest: its workers write the partitions it owns in place (logged, for the
+ * bridge's backup copies and invalidations); its bridge makes every other write. */
 enum vela_topology { VELA_TOPOLOGY_LOCAL = 0, VELA_TOPOLOGY_REPLICATED = 1, VELA_TOPOLOGY_PARTITIONED = 2 };
 
 enum vela_backend_kind { VELA_BACKEND_SHM = 0, VELA_BACKEND_FILE = 1 };

@@ -190,6 +190,13 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a);
 uint32_t vela_remove_entry(vela_table *t, uint32_t s, uint32_t ref, int heap_held, vela_err *err);
 /* Convenience wrappers that lock. */
 vela_err vela_put(vela_table *t, const vela_put_args *a);
+/* Partitioned: a worker's put/delete of a key its host owns, made (and logged for
+ * the bridge) only while the cluster view is still `view_seq`, checked under the
+ * key's stripe lock. The bridge publishes a new view before it copies a partition
+ * away, and copies stripe by stripe under the same locks: a change made here is
+ * in that copy, or refused (*done = 0: the caller asks the owner's bridge). */
+vela_err vela_put_if_view(vela_table *t, const vela_put_args *a, uint32_t view_seq, int *done);
+vela_err vela_delete_if_view(vela_table *t, const vela_key *k, uint32_t view_seq, int *done, int *removed);
 int vela_delete(vela_table *t, const vela_key *k, vela_err *err);
 /* Remove entries with a version below `below` (UINT64_MAX: all). */
 vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed);
@@ -229,6 +236,10 @@ void vela_observe_version(vela_table *t, uint64_t version);
 void vela_log_append(vela_table *t, uint8_t op, const vela_key *k, uint8_t codec, const uint8_t *value,
                      size_t value_len, const uint64_t *tags, size_t ntags, uint64_t version, int64_t expire_at);
 void vela_log_put(vela_table *t, const vela_put_args *a, uint64_t version);
+/* The same for any cache with a log (a partitioned cache logs the writes workers
+ * make in the partitions their host owns: vela_put_if_view, vela_delete_if_view). */
+void vela_log_write(vela_table *t, uint8_t op, const vela_key *k, uint8_t codec, const uint8_t *value,
+                    size_t value_len, const uint64_t *tags, size_t ntags, uint64_t version, int64_t expire_at);
 vela_err vela_log_lock(vela_table *t);
 void vela_log_unlock(vela_table *t);
 

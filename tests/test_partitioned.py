@@ -379,6 +379,76 @@ def test_with_backups_a_killed_owner_loses_nothing(tmp_path):
         c.close()
 
 
+def _copies(hosts, keys):
+    """{key: [(host, value hex, version)]} of ``keys`` (str) in the hosts' tables."""
+    from vela import _native
+
+    wanted = {_native.encode_key(k).hex(): k for k in keys}
+    out = {k: [] for k in keys}
+    for h in hosts:
+        for key_hex, value_hex, _codec, _tags, version in h.call("dump"):
+            if key_hex in wanted:
+                out[wanted[key_hex]].append((h.label, value_hex, version))
+    return out
+
+
+def test_a_host_writes_its_own_partitions_in_place(tmp_path):
+    c = make_cluster(tmp_path, backups=1)
+    try:
+        wait_ready(c)
+        a, b, cc = c
+        mine = owned_by(a, a.node_id, KEYS[:600])
+        before = a.status()["caches"][c.name]
+        a.put_many([(k, i) for i, k in enumerate(mine)])
+        a.put(mine[0], "again")
+        assert a.delete(mine[1]) is True and a.delete(mine[1]) is False
+        after = a.status()["caches"][c.name]
+        # made in the shared table, without a request to any bridge; the bridge read them
+        # from the change log
+        assert after["requests"] == before["requests"]
+        eventually(lambda: a.status()["caches"][c.name]["local_writes"] - before["local_writes"]
+                   == len(mine) + 3, 5, what="the bridge read the writes made in place")
+        expected = {k: i for i, k in enumerate(mine)}
+        expected[mine[0]] = "again"
+        del expected[mine[1]]
+        assert dict(b.call("get_many", keys=mine)) == expected
+        assert cc.get(mine[0]) == "again" and cc.get(mine[1]) is None
+        # the backup holds the same entries, with the owner's versions; the deleted key is gone
+        def backed_up():
+            copies = _copies(c, mine)
+            return (all(len(copies[k]) == 2 and len({(v, ver) for _, v, ver in copies[k]}) == 1
+                        for k in expected) and copies[mine[1]] == [])
+        eventually(backed_up, 5, what="backup copies of the writes made in place")
+    finally:
+        c.close()
+
+
+def test_a_change_log_that_ran_over_the_bridge_copies_backups_again(tmp_path):
+    c = make_cluster(tmp_path, backups=1)
+    try:
+        wait_ready(c)
+        a, b, cc = c
+        mine = owned_by(a, a.node_id, [f"flood:{i}" for i in range(6000)])
+        # 8 MB of writes while the bridge reads nothing: more than the log holds (4 MiB)
+        flood = [[k, "x" * 4000 + k] for k in mine]
+        a.pause()
+        try:
+            written = a.call("write_in_place", items=flood)
+        finally:
+            a.resume()
+        assert written == len(flood)
+        eventually(lambda: a.status()["caches"][c.name]["log_lapped"] == 1, 5, what="the overrun noticed")
+        keys = [k for k, _ in flood]
+
+        def copied_again():
+            copies = _copies(c, keys[-300:] + keys[:300])
+            return all(len(v) == 2 and len({(val, ver) for _, val, ver in v}) == 1 for v in copies.values())
+        eventually(copied_again, 15, what="full backup copies after the overrun")
+        assert a.status()["caches"][c.name]["log_lapped"] == 1
+    finally:
+        c.close()
+
+
 # --------------------------------------------------------------------------------------
 # stampede and near cache
 

@@ -81,8 +81,10 @@ class _View:
         self.incoming = {int(p) for p in (view.get("incoming") or {})}
         self.addrs = {int(n): a for n, a in (view.get("addrs") or {}).items()}
         self.published = view.get("published", 0.0)
-        # The bridge republishes at every heartbeat; a view much older means it is gone.
-        self.max_age = 3 * view.get("heartbeat", 1.0) + 1.0
+        # The bridge republishes at every heartbeat; a view much older means it is gone
+        # (and, past half the failure timeout, the others may soon take its partitions:
+        # its workers stop serving and writing them in place before that).
+        self.max_age = min(3 * view.get("heartbeat", 1.0) + 1.0, view.get("failure_timeout", 10.0) / 2)
         self.members = sorted({o for o in self.owners})
 
     def fresh(self):
@@ -423,10 +425,23 @@ class PartitionedCache(Cache):
         ns = options.ttl_ns(ttl, self.default_ttl)
         tag_ids = self._encode_tags(tags)
         val, codec = self._encoded(value)
-        enc, p, view, local = self._locate(key)
-        self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
+        if not self._put_here(key, val, codec, ns, tag_ids):
+            enc, p, view, local = self._locate(key)
+            self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
         if telemetry.active:
             self._emit("put", start, {"key": key, "ttl": ttl})
+
+    def _routes(self):
+        """(routes, view seq) to write in place by, or None while the view is too old."""
+        self._view()
+        routes, seq, until = self._route
+        return (routes, seq) if until > _monotonic() else None
+
+    def _put_here(self, key, val, codec, ns, tag_ids, routes=None):
+        """True when ``key`` is in a partition this host owns and the put was made in
+        place (Table.put_routed: only while the view it was routed by is current)."""
+        routes = routes or self._routes()
+        return routes is not None and self._table.put_routed(key, val, codec, ns, tag_ids, *routes)
 
     def put_many(self, mapping, ttl=None, tags=()):
         """Store every item; each is checked before any is sent. One request per owner
@@ -436,6 +451,10 @@ class PartitionedCache(Cache):
         ns = options.ttl_ns(ttl, self.default_ttl)
         tag_ids = self._encode_tags(tags)
         encoded = [(k, _native.encode_key(k)) + self._encoded(v) for k, v in items]
+        routes = self._routes()
+        if routes is not None:  # the items of partitions this host owns: in place
+            encoded = [item for item in encoded
+                       if not self._put_here(item[0], item[2], item[3], ns, tag_ids, routes)]
         again = []
         for batch, reply in self._per_owner(
                 encoded, lambda item: len(item[1]) + len(item[2]),
@@ -450,8 +469,11 @@ class PartitionedCache(Cache):
 
     def delete(self, key):
         start = time.perf_counter_ns() if telemetry.active else 0
-        enc, p, view, local = self._locate(key)
-        removed = bool(self._key_request("del", enc, p)["ok"])
+        routes = self._routes()
+        removed = self._table.delete_routed(key, *routes) if routes is not None else None
+        if removed is None:  # not a partition of this host: its owner deletes
+            enc, p, view, local = self._locate(key)
+            removed = bool(self._key_request("del", enc, p)["ok"])
         if telemetry.active:
             self._emit("delete", start, {"key": key, "result": removed})
         return removed

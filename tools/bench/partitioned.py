@@ -17,8 +17,7 @@ this run, 100-byte values, one call at a time (latency = time per call):
   once their L1 copies are in A's table, against the local get (target: equal);
   and, for scale, a get on a cache of the local topology (no routing at all);
 - puts (reported, no target): ``cache.put`` of B's keys against redis-py ``SET``,
-  and of A's own keys (a write is made by the owner's bridge, so this is a round
-  trip to A's bridge);
+  and of A's own keys (made in place, in A's table);
 - remote gets/s through one bridge: 4 worker processes of A read B's keys as fast
   as they can for a few seconds; their total (B's bridge, one Python thread, is
   the bottleneck; reported, no target).
@@ -166,7 +165,7 @@ def main(argv=None):
         put_ratio = med["remote_put"] / med["redis_set"]
         print(f"  remote put   {med['remote_put'] / 1000:8.1f} us   redis-py SET {med['redis_set'] / 1000:8.1f} us"
               f"   ratio {put_ratio:.2f}x  (reported)")
-        print(f"  put of a key A owns {med['owned_put'] / 1000:.1f} us (a round trip to A's own bridge)")
+        print(f"  put of a key A owns {med['owned_put'] / 1000:.1f} us (in place)")
         print(f"remote gets/s through B's bridge, 4 readers on A for {tp_seconds:g} s ...", flush=True)
         results["remote_gets_per_s"] = tp = throughput(a.namespace, cluster.name, remote, 4, tp_seconds)
         print(f"  {tp:,.0f} remote gets/s through one bridge", flush=True)

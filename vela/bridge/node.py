@@ -56,6 +56,7 @@ class Bridge:
                  curve=None, backups=0, data_listen=None):
         self.listen = listen
         self.advertise = advertise or listen
+        self.stop_asked = False  # SIGTERM/SIGINT: stop() at the next loop turn
         if ("0.0.0.0" in self.advertise or "*" in self.advertise):
             raise ValueError("--advertise must be an address peers can connect to (not 0.0.0.0)")
         for option, addr in (("--listen", listen), ("--data-listen", data_listen)):
@@ -404,6 +405,7 @@ class Bridge:
         self.inc = random.getrandbits(63)
         for name, parts in list(self.partitioned.items()):
             self.partitioned[name] = Partitions(name, parts.cache, self, self.backups, parts.parts)
+        self._publish_view()  # no table: workers stop writing in place before it is emptied
         self.epoch += 1
 
     def _ring_ready(self, now):
@@ -434,8 +436,7 @@ class Bridge:
 
     def _pump_partitions(self, backups=True):
         for name, parts in self.partitioned.items():
-            if not (parts.brecs or parts.invals or parts.streams or backups):
-                continue
+            parts.pump_local()
             brecs, invals = parts.take_outbound(time.monotonic(), BATCH_DELAY)
             for node_id, recs in brecs.items():
                 addr = self._addr_of(node_id)
@@ -706,7 +707,7 @@ class Bridge:
             replica.table.set_cluster(json.dumps(mine).encode())
         for name, parts in self.partitioned.items():
             mine = dict(view, ready=view["caches"][name]["ready"], topology="partitioned",
-                        published=time.time(), heartbeat=self.heartbeat,
+                        published=time.time(), heartbeat=self.heartbeat, failure_timeout=self.failure_timeout,
                         addrs={str(n): self._worker_addr(n) for n in set(parts.ring_members) | self.leaving
                                | {self.node_id} if self._worker_addr(n)}, **parts.view())
             mine.pop("caches")
@@ -715,14 +716,19 @@ class Bridge:
     # ---- the loop ----------------------------------------------------------------------------
 
     def run(self):
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
-        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        # The handlers only take note: stop() sends messages, which must not cut into a
+        # message the loop is sending (a handler runs between any two bytecodes).
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_asked", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "stop_asked", True))
         next_beat = 0.0
         next_view = 0.0
         published_epoch = ring_checked = None
         last_turn = time.monotonic()
         try:
             while self.running:
+                if self.stop_asked:
+                    self.stop_asked = False
+                    self.stop()
                 turn = time.monotonic()
                 if turn - last_turn > self.failure_timeout and self.partitioned:
                     self._start_over(turn - last_turn)
@@ -751,6 +757,11 @@ class Bridge:
                         ring_checked = self.epoch
                         self._update_rings(now)
                         beat = True
+                    if published_epoch != self.epoch:
+                        # Workers route by the new table before any partition is copied
+                        # away (they write the partitions they own in place).
+                        self._publish_view()
+                        published_epoch = self.epoch
                     self._pump_partitions(backups=beat)
                 if self.leaving_self and self._left(now):
                     break

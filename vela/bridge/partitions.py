@@ -1,11 +1,17 @@
 """One partitioned cache as its host's bridge serves it.
 
-Every write to a key is made by the bridge of the key's owner (workers send it
-there, whichever host they run on), so the bridge's one thread orders the
-writes of the partitions it owns with everything that moves them: a handoff
-starts from a table no write can change behind it, a backup copy receives the
-owner's writes in the order they were made (one ZeroMQ pipe), and a member
-that no longer owns a partition refuses its requests with "moved".
+The owner's host makes every write to a key. Workers of that host write a
+partition it owns in place (``Table.put_routed``/``delete_routed``): the write
+is made under the key's stripe lock only while the cluster view the worker
+routed by is still the current one, and logged; the bridge reads the log
+(``pump_local``) for the backup copies and near-cache invalidations. Every
+other write -- from other hosts, for partitions in transit, get_or_fetch,
+incr/touch -- is made by the owner's bridge. A handoff starts only after the
+bridge has published the table that no longer names this host the owner, and
+copies stripe by stripe under the same locks, so a write made in place is in
+the copy or was refused. A backup copy receives the owner's writes in the order
+they were made (one ZeroMQ pipe), and a member that no longer owns a partition
+refuses its requests with "moved".
 
 The table of this host holds three kinds of entries, told apart by partition:
 the partitions it owns, the backup copies of partitions whose backup it is
@@ -27,10 +33,12 @@ import time
 from .. import _native
 from ..errors import CacheFull, LockTimeout, ValueTooLarge
 from ..ring import PARTITIONS, assign, partition_of
+from .protocol import PUT
 
 log = logging.getLogger("vela.bridge")
 
 CHUNK = 2000            # entries per handoff message
+LOG_BATCH = 5000        # change log records read per loop turn
 RESEND = 2.0            # seconds without an ack before a stream is sent again from the start
 STREAM_STALL = 30.0     # seconds a stream may go unacknowledged, or an incoming partition unfed
 
@@ -79,12 +87,16 @@ class Partitions:
         self.brecs = {}             # backup node -> records not sent yet
         self.invals = []            # keys changed, not published yet: L1 copies elsewhere drop
         self.outbound_at = 0.0      # when brecs/invals were last sent
+        state = self.table.log_state()
+        self.log_pos = state["bridge_pos"]  # the writes workers made in place: resume there
+        self.log_dropped = state["dropped"]
         self.leases = {}            # key -> (holder, deadline, connection): get_or_fetch in progress
         self.conn_id = None         # the data port connection of the request being served
         self.sids = itertools.count(1)
         self.lease_ttl = 30.0        # a holder alive but stuck; a dead one is seen at once (its connection)
         self.stats = {"requests": 0, "moved": 0, "fallbacks": 0, "handed_out": 0, "handed_in": 0,
-                      "dropped": 0, "promoted": 0, "lost": 0, "backup_records": 0, "errors": 0}
+                      "dropped": 0, "promoted": 0, "lost": 0, "backup_records": 0, "errors": 0,
+                      "local_writes": 0, "log_lapped": 0}
 
     # ---- the ring ----------------------------------------------------------------
 
@@ -324,10 +336,41 @@ class Partitions:
             if self.mine(partition_of(k, self.parts)):
                 continue  # stale: we own it now
             if v is None:
-                self.table.invalidate(_native.decode_key(k))
+                raw = self.table.get_raw(k)
+                if raw is None or raw[4] < ver:  # (a put the owner made after it may be here first)
+                    self.table.invalidate(_native.decode_key(k))
             else:
                 self._apply(k, v, codec, ttl, tags, ver)
             self.stats["backup_records"] += 1
+
+    def pump_local(self):
+        """Backup records and invalidations for the writes this host's workers made in
+        place (the table's change log). If the log ran over us, every backup is copied
+        again in full and every host drops its L1 copies."""
+        records, pos, lapped = self.table.log_read(self.log_pos, LOG_BATCH)
+        dropped = self.table.log_state()["dropped"]
+        if lapped or dropped != self.log_dropped:
+            log.warning("cache %s: writes were lost to the change log; copying backups again", self.name)
+            self.log_dropped = dropped
+            self.log_pos = self.table.log_state()["head"]
+            self.table.log_commit(self.log_pos)
+            self.backup_synced.clear()
+            self.streams = [st for st in self.streams if st.role != "backup"]
+            self.invals.append(b"")
+            self.stats["log_lapped"] += 1
+            return
+        for op, k, v, codec, ttl, tags, ver in records:
+            p = partition_of(k, self.parts)
+            if self.mine(p) and (op != PUT or ttl != -1):
+                record = [k, v, codec, ttl, list(tags), ver] if op == PUT else [k, None, 0, 0, [], ver]
+                self._changed(k, p, record)
+            else:
+                # It moved since (its copy went with it) or expired: L1 copies drop all the same.
+                self.invals.append(k)
+            self.stats["local_writes"] += 1
+        if pos != self.log_pos:
+            self.log_pos = pos
+            self.table.log_commit(pos)
 
     def on_inval(self, keys):
         """Drop the L1 copies of keys another member changed (b"": all of them)."""
