@@ -2,10 +2,11 @@
 
 A worker finds a key's owner in the partition table its host's bridge writes
 into the segment (no round trip): a key this host owns is read straight from
-the shared table, lock-free; everything else -- and every write, wherever the
-owner is -- is a request to the owner's bridge (vela.bridge.links). The owner's
-bridge makes every write of its partitions, which keeps writes ordered with
-handoffs and backup copies (vela.bridge.partitions).
+the shared table, lock-free, and put or deleted in place (Table.put_routed and
+delete_routed: only while the table the worker routed by is the current one,
+logged for the bridge's backup copies and invalidations). Everything else is a
+request to the owner's bridge (vela.bridge.links), which makes those writes of
+its partitions itself (vela.bridge.partitions).
 
 Answers a worker may get besides the result: "moved" (the member no longer
 owns the partition: ask the one named), "fb" (the owner is still receiving the
