@@ -355,7 +355,7 @@ vela_err vela_delete_if_view(vela_table *t, const vela_key *k, uint32_t view_seq
         uint32_t ref = vela_find(t, s, k);
         if (ref)
             *removed = vela_remove_entry(t, s, ref, 0, &err) != 0;
-        if (err == VELA_OK)
+        if (err == VELA_OK && *removed) /* (nothing here: no backup copy, no L1 copy to drop) */
             vela_log_write(t, VELA_OP_DELETE, k, 0, NULL, 0, NULL, 0, vela_next_version(t), 0);
     }
     vela_stripe_unlock(t, s);

@@ -398,26 +398,31 @@ def test_a_host_writes_its_own_partitions_in_place(tmp_path):
         wait_ready(c)
         a, b, cc = c
         mine = owned_by(a, a.node_id, KEYS[:600])
+        other = owned_by(a, b.node_id, KEYS[600:700])[0]
+        a.put(other, "remote")
         before = a.status()["caches"][c.name]
         a.put_many([(k, i) for i, k in enumerate(mine)])
         a.put(mine[0], "again")
         assert a.delete(mine[1]) is True and a.delete(mine[1]) is False
+        assert a.call("delete_many", keys=mine[2:4] + [other]) == 3
         after = a.status()["caches"][c.name]
-        # made in the shared table, without a request to any bridge; the bridge read them
-        # from the change log
+        # made in the shared table, without a request to this host's bridge (the key of B
+        # went to B's); the bridge read them from the change log (a delete of nothing is
+        # not a change)
         assert after["requests"] == before["requests"]
         eventually(lambda: a.status()["caches"][c.name]["local_writes"] - before["local_writes"]
-                   == len(mine) + 3, 5, what="the bridge read the writes made in place")
+                   == len(mine) + 4, 5, what="the bridge read the writes made in place")
         expected = {k: i for i, k in enumerate(mine)}
         expected[mine[0]] = "again"
-        del expected[mine[1]]
+        for k in mine[1:4]:
+            del expected[k]
         assert dict(b.call("get_many", keys=mine)) == expected
-        assert cc.get(mine[0]) == "again" and cc.get(mine[1]) is None
+        assert cc.get(mine[0]) == "again" and cc.get(mine[1]) is None and b.get(other) is None
         # the backup holds the same entries, with the owner's versions; the deleted key is gone
         def backed_up():
             copies = _copies(c, mine)
             return (all(len(copies[k]) == 2 and len({(v, ver) for _, v, ver in copies[k]}) == 1
-                        for k in expected) and copies[mine[1]] == [])
+                        for k in expected) and all(copies[k] == [] for k in mine[1:4]))
         eventually(backed_up, 5, what="backup copies of the writes made in place")
     finally:
         c.close()

@@ -480,10 +480,19 @@ class PartitionedCache(Cache):
         return removed
 
     def delete_many(self, keys):
-        """Remove the keys (one request per owner); returns how many were removed."""
-        keys = list(keys)
-        answered = self._grouped("delm", keys)
-        return sum(bool(answered[k]) if k in answered else self.delete(k) for k in dict.fromkeys(keys))
+        """Remove the keys (those of this host's partitions in place, the others with one
+        request per owner); returns how many were removed."""
+        keys = list(dict.fromkeys(keys))
+        routes = self._routes()
+        removed, remote = 0, []
+        for key in keys:
+            here = self._table.delete_routed(key, *routes) if routes is not None else None
+            if here is None:
+                remote.append(key)
+            else:
+                removed += here
+        answered = self._grouped("delm", remote)
+        return removed + sum(bool(answered[k]) if k in answered else self.delete(k) for k in remote)
 
     def touch(self, key, ttl=None):
         ns = options.ttl_ns(ttl, self.default_ttl)
