@@ -420,11 +420,7 @@ class Cache:
         every live member to apply the invalidation now and adds their counts.
         """
         start = time.perf_counter_ns() if telemetry.active else 0
-        if self._bridge is not None:
-            count, version, tag_id = self._table.invalidate_tag_versioned(tag)
-            count += self._bridge.total({"op": "tag", "tag": tag_id, "version": version})
-        else:
-            count = self._table.invalidate_tag(tag)
+        count = self._invalidate_tag_counted(tag)
         if telemetry.active:
             telemetry.execute(self._events["invalidate_tag"],
                               {"duration": time.perf_counter_ns() - start, "count": count},
@@ -434,16 +430,26 @@ class Cache:
     def flush(self):
         """Remove every entry; returns how many were removed (cluster-wide when replicated)."""
         start = time.perf_counter_ns() if telemetry.active else 0
-        if self._bridge is not None:
-            count, version = self._table.flush_versioned()
-            count += self._bridge.total({"op": "flush", "version": version})
-        else:
-            count = self._table.flush()
+        count = self._flush_counted()
         if telemetry.active:
             telemetry.execute(self._events["flush"],
                               {"duration": time.perf_counter_ns() - start, "count": count},
                               {"cache": self.name})
         return count
+
+    # What invalidate_tag and flush remove, and count (a topology counts its way).
+
+    def _invalidate_tag_counted(self, tag):
+        if self._bridge is None:
+            return self._table.invalidate_tag(tag)
+        count, version, tag_id = self._table.invalidate_tag_versioned(tag)
+        return count + self._bridge.total({"op": "tag", "tag": tag_id, "version": version})
+
+    def _flush_counted(self):
+        if self._bridge is None:
+            return self._table.flush()
+        count, version = self._table.flush_versioned()
+        return count + self._bridge.total({"op": "flush", "version": version})
 
     def expire(self):
         """Reclaim expired entries now; returns how many."""

@@ -66,6 +66,24 @@ def seconds(option, value, allow_none=True, allow_inf=True):
     return float(value)
 
 
+def topology_opts(topology, opts, allowed):
+    """``topology_opts`` as a dict, refused if it names an option ``topology`` does not take."""
+    opts = dict(opts or {})
+    unknown = set(opts) - set(allowed)
+    if unknown:
+        raise OptionError(f"topology_opts: unknown option(s) {', '.join(sorted(unknown))} for the "
+                          f"{topology} topology (it takes {', '.join(sorted(allowed))})")
+    return opts
+
+
+def topology_timeout(opts, option, default=3.0):
+    """The bound of a wait for the bridges, ``opts[option]``: positive seconds, under an hour."""
+    value = opts.get(option, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 3600:
+        raise OptionError(f"topology_opts[{option!r}] must be positive seconds, not {value!r}")
+    return float(value)
+
+
 def ttl_ns(ttl, default_ttl):
     """Nanoseconds for the table (0 = never) from a ttl argument.
 

@@ -600,24 +600,13 @@ class PartitionedCache(Cache):
 
     # ---- every member ---------------------------------------------------------------------
 
-    def invalidate_tag(self, tag):
-        """Remove every entry carrying ``tag`` on every member; returns the cluster-wide count."""
-        start = time.perf_counter_ns() if telemetry.active else 0
-        count = sum(r["ok"] for r in self._everyone("tag", tag=self._encode_tags([tag])[0]))
-        if telemetry.active:
-            telemetry.execute(self._events["invalidate_tag"],
-                              {"duration": time.perf_counter_ns() - start, "count": count},
-                              {"cache": self.name, "tag": tag})
-        return count
+    # invalidate_tag and flush (vela.Cache's) run on every member and return the total.
 
-    def flush(self):
-        """Remove every entry on every member; returns how many."""
-        start = time.perf_counter_ns() if telemetry.active else 0
-        count = sum(r["ok"] for r in self._everyone("flush"))
-        if telemetry.active:
-            telemetry.execute(self._events["flush"], {"duration": time.perf_counter_ns() - start,
-                                                      "count": count}, {"cache": self.name})
-        return count
+    def _invalidate_tag_counted(self, tag):
+        return sum(r["ok"] for r in self._everyone("tag", tag=self._encode_tags([tag])[0]))
+
+    def _flush_counted(self):
+        return sum(r["ok"] for r in self._everyone("flush"))
 
     def size(self):
         """Entries stored in the cluster (each counted on its owner)."""

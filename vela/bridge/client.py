@@ -9,7 +9,8 @@ import os
 import tempfile
 import threading
 
-from ..errors import BridgeUnavailable, OptionError
+from .. import options
+from ..errors import BridgeUnavailable
 
 _OPTIONS = {"bridge", "bridge_timeout"}
 
@@ -23,17 +24,10 @@ def control_endpoint(cache_name):
 
 class BridgeClient:
     def __init__(self, cache_name, topology_opts):
-        opts = dict(topology_opts or {})
-        unknown = set(opts) - _OPTIONS
-        if unknown:
-            raise OptionError(f"topology_opts: unknown option(s) {', '.join(sorted(unknown))} for the "
-                              f"replicated topology (it takes {', '.join(sorted(_OPTIONS))})")
+        opts = options.topology_opts("replicated", topology_opts, _OPTIONS)
         self.cache_name = cache_name
         self.endpoint = opts.get("bridge") or control_endpoint(cache_name)
-        timeout = opts.get("bridge_timeout", 3.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 3600:
-            raise OptionError(f"topology_opts['bridge_timeout'] must be positive seconds, not {timeout!r}")
-        self.timeout_ms = int(timeout * 1000)
+        self.timeout_ms = int(options.topology_timeout(opts, "bridge_timeout") * 1000)
         self._socket = None
         self._pid = None
         self._lock = threading.Lock()  # a REQ socket takes one request at a time

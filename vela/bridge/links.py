@@ -15,6 +15,7 @@ import os
 import threading
 import time
 
+from .. import options
 from ..errors import BridgeUnavailable, OptionError
 from . import dataport, protocol
 
@@ -34,15 +35,8 @@ class Links:
     secret_file (the cluster's shared secret), curve_key_file (its CURVE keys)."""
 
     def __init__(self, cache_name, topology_opts):
-        opts = dict(topology_opts or {})
-        unknown = set(opts) - _OPTIONS
-        if unknown:
-            raise OptionError(f"topology_opts: unknown option(s) {', '.join(sorted(unknown))} for the "
-                              f"partitioned topology (it takes {', '.join(sorted(_OPTIONS))})")
-        timeout = opts.get("timeout", 3.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 3600:
-            raise OptionError(f"topology_opts['timeout'] must be positive seconds, not {timeout!r}")
-        self.timeout = float(timeout)
+        opts = options.topology_opts("partitioned", topology_opts, _OPTIONS)
+        self.timeout = options.topology_timeout(opts, "timeout")
         self.cache_name = cache_name
         self.secret = _key_file("secret_file", protocol.load_secret, opts["secret_file"]) \
             if opts.get("secret_file") else b""

@@ -339,10 +339,15 @@ def _check_hand(msg):
         if not isinstance(e, list) or len(e) != 5:
             raise Malformed("a handed-off entry is [key, value, codec, ttl, tags]")
         _key(e[0])
-        _value(e[1], e[2])
-        if isinstance(e[3], bool) or not isinstance(e[3], int) or not 0 <= e[3] < 2**63:
-            raise Malformed("bad entry ttl")
-        _tags(e[4])
+        _entry(*e[1:5])
+
+
+def _entry(value, codec, ttl, tags):
+    """What an entry holds besides its key (ttl: remaining ns, 0 = none)."""
+    _value(value, codec)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl < 2**63:
+        raise Malformed("bad entry ttl")
+    _tags(tags)
 
 
 def _check_handack(msg):
@@ -366,10 +371,7 @@ def _check_brec(msg):
         _key(r[0])
         _version(r[5])
         if r[1] is not None:
-            _value(r[1], r[2])
-            if isinstance(r[3], bool) or not isinstance(r[3], int) or not 0 <= r[3] < 2**63:
-                raise Malformed("bad record ttl")
-            _tags(r[4])
+            _entry(*r[1:5])
 
 
 def _check_inval(msg):
