@@ -186,6 +186,7 @@ uint32_t vela_heap_free(vela_table *t, uint32_t ref)
     uint32_t size = vela_block_size(b);
     h->used_bytes -= size;
     b->kind = VELA_KIND_FREE;
+    vela_debug_stall(5);
     __atomic_store_n(&b->size_flags, b->size_flags & ~VELA_BLK_USED, __ATOMIC_RELEASE);
 
     uint32_t next = ref + (size >> 3);
@@ -249,6 +250,11 @@ vela_err vela_heap_repair(vela_table *t)
         if (size < 8 || (uint64_t)ref + (size >> 3) > end)
             return vela_fail(VELA_ECORRUPT, "heap block at offset %llu has an impossible size %u",
                              (unsigned long long)ref << 3, size);
+        if (is_used(b) && b->kind != VELA_KIND_ENTRY) {
+            /* A free cut short (kind stored, USED not yet cleared): its entry was
+             * already unlinked, so the block is free. */
+            b->size_flags &= ~VELA_BLK_USED;
+        }
         if (is_used(b)) {
             if (run) {
                 add_free_run(t, run, ((uint64_t)(ref - run)) << 3);

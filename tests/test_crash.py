@@ -108,6 +108,15 @@ def _after_stall(name, key, newer, neighbours):
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new-key", "overwrite"])
 @pytest.mark.parametrize("phase", [1, 2, 3, 4])
 def test_kill_inside_put(cache_name, phase, overwrite):
+    _kill_inside_put(cache_name, phase, overwrite)
+
+
+def test_kill_inside_the_free_of_the_overwritten_entry(cache_name):
+    """Phase 5: the old block's kind says free, its header still says used."""
+    _kill_inside_put(cache_name, 5, overwrite=True)
+
+
+def _kill_inside_put(cache_name, phase, overwrite):
     key = "stalled"
     old = make_value(key, 1, 700)
     new = make_value(key, 2, 3000)
