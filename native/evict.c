@@ -80,7 +80,7 @@ static uint32_t walk(vela_table *t, uint32_t s, uint32_t need, int slot)
         walked += size;
         uint32_t o = b->owner;
         int mine = o == s;
-        if (b->kind != VELA_KIND_ENTRY || o > t->stripe_mask || (!mine && !vela_stripe_trylock(t, o))) {
+        if (b->kind != VELA_KIND_ENTRY || o > t->stripe_mask || (!mine && !vela_stripe_trylock_holding_heap(t, o))) {
             h->hand = ref + (size >> 3);
             continue;
         }

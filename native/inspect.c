@@ -31,8 +31,8 @@ int vela_lease_snapshot(const vela_table *t, uint32_t i, vela_lease *out)
 
 int vela_sample_stripe(vela_table *t, uint32_t s, uint32_t max, vela_sample_fn fn, void *ctx)
 {
-    if (!vela_stripe_trylock(t, s))
-        return -1;
+    if (vela_stripe_trylock_without_heap(t, s) != VELA_TRY_LOCKED)
+        return -1; /* busy, or left by a dead owner: its repair needs the heap lock */
     int64_t now = vela_now(t);
     uint32_t n = 0;
     uint32_t *buckets = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];

@@ -4,8 +4,10 @@
  * Lock order (the whole of it):
  *   1. at most one stripe lock is taken by waiting;
  *   2. then, optionally, the heap lock;
- *   3. while holding the heap lock, other stripes may be TRY-locked (eviction);
- *      a busy stripe is skipped, never waited for.
+ *   3. while holding the heap lock, other stripes may be TRY-locked (eviction,
+ *      vela_stripe_trylock_holding_heap); a busy stripe is skipped, never
+ *      waited for.
+ *   Inspection try-locks stripes holding nothing (vela_stripe_trylock_without_heap).
  *   The change log's lock is taken with at most one stripe lock held (a
  *   record is appended while its key's stripe is still locked), never with
  *   the heap lock; nothing is locked while holding it.
@@ -94,6 +96,8 @@ static vela_err lock_failed(vela_table *t, vela_lock *l, int rc, const char *wha
     return vela_fail_sys("pthread_mutex_lock", what);
 }
 
+static void release(vela_lock *l);
+
 static vela_err check_poison(vela_table *t)
 {
     if (t->hdr->poisoned)
@@ -102,57 +106,86 @@ static vela_err check_poison(vela_table *t)
     return VELA_OK;
 }
 
-/* The previous owner of stripe s died: repair, then mark consistent. */
-static vela_err recover_stripe(vela_table *t, uint32_t s, int heap_held)
+/* Repair stripe s (locked by this process) after an owner that died. */
+static vela_err repair_stripe(vela_table *t, uint32_t s, int heap_held)
 {
-    vela_lock *l = &t->stripes[s].lock;
+    vela_stripe *st = &t->stripes[s];
     vela_err err = vela_stripe_repair(t, s, heap_held);
     if (err != VELA_OK) {
         t->hdr->poisoned = 1;
-        pthread_mutex_unlock(&l->mutex); /* without consistent: unrecoverable */
         return err;
     }
-    pthread_mutex_consistent(&l->mutex);
-    l->recoveries++;
+    st->repair_due = 0;
+    st->lock.recoveries++;
     vela_count(t, VELA_STAT_LOCK_RECOVERIES, 1);
+    return VELA_OK;
+}
+
+/* The stripe lock was just taken (rc 0 or EOWNERDEAD): repair what a dead
+ * owner left, now or as deferred by inspection (repair_due). */
+static vela_err after_acquire(vela_table *t, uint32_t s, int rc, int heap_held)
+{
+    vela_lock *l = &t->stripes[s].lock;
+    l->holder_pid = t->my_pid;
+    if (rc == EOWNERDEAD) {
+        vela_err err = repair_stripe(t, s, heap_held);
+        if (err != VELA_OK) {
+            pthread_mutex_unlock(&l->mutex); /* without consistent: unrecoverable */
+            return err;
+        }
+        pthread_mutex_consistent(&l->mutex);
+    } else if (__builtin_expect(t->stripes[s].repair_due, 0)) {
+        vela_err err = repair_stripe(t, s, heap_held);
+        if (err != VELA_OK) {
+            release(l); /* the table is poisoned: nobody works on it again */
+            return err;
+        }
+    }
     return VELA_OK;
 }
 
 vela_err vela_stripe_lock(vela_table *t, uint32_t s)
 {
-    vela_lock *l = &t->stripes[s].lock;
     vela_err err = check_poison(t);
     if (err != VELA_OK)
         return err;
-    int rc = acquire(t, l);
-    if (rc == EOWNERDEAD) {
-        l->holder_pid = t->my_pid;
-        if ((err = recover_stripe(t, s, 0)) != VELA_OK)
-            return err;
-    } else if (rc != 0) {
-        return lock_failed(t, l, rc, "a stripe lock");
-    }
-    l->holder_pid = t->my_pid;
-    return VELA_OK;
+    int rc = acquire(t, &t->stripes[s].lock);
+    if (rc != 0 && rc != EOWNERDEAD)
+        return lock_failed(t, &t->stripes[s].lock, rc, "a stripe lock");
+    return after_acquire(t, s, rc, 0);
 }
 
-int vela_stripe_trylock(vela_table *t, uint32_t s)
+int vela_stripe_trylock_holding_heap(vela_table *t, uint32_t s)
 {
-    vela_lock *l = &t->stripes[s].lock;
+    int rc = pthread_mutex_trylock(&t->stripes[s].lock.mutex);
+    if (rc != 0 && rc != EOWNERDEAD)
+        return 0;
+    return after_acquire(t, s, rc, 1) == VELA_OK;
+}
+
+vela_trylock vela_stripe_trylock_without_heap(vela_table *t, uint32_t s)
+{
+    vela_stripe *st = &t->stripes[s];
+    vela_lock *l = &st->lock;
     int rc = pthread_mutex_trylock(&l->mutex);
     if (rc == EOWNERDEAD) {
-        l->holder_pid = t->my_pid;
-        if (recover_stripe(t, s, 1) != VELA_OK)
-            return 0;
-        rc = 0;
+        /* Repair may free blocks into the heap, and this caller holds no heap
+         * lock and must not wait for it: leave the repair to the next locker.
+         * holder_pid keeps naming the dead owner for the diagnostics. */
+        st->repair_due = 1;
+        pthread_mutex_consistent(&l->mutex);
+        pthread_mutex_unlock(&l->mutex);
+        return VELA_TRY_OWNER_DEAD;
     }
     if (rc != 0)
-        return 0;
+        return VELA_TRY_BUSY;
+    if (st->repair_due) {
+        pthread_mutex_unlock(&l->mutex);
+        return VELA_TRY_OWNER_DEAD;
+    }
     l->holder_pid = t->my_pid;
-    return 1;
+    return VELA_TRY_LOCKED;
 }
-
-static void release(vela_lock *l);
 
 void vela_stripe_unlock(vela_table *t, uint32_t s)
 {

@@ -64,6 +64,7 @@ vela_err vela_rebuild(vela_table *t, uint64_t *kept_out, uint64_t *dropped_out)
         st->seq = 0;
         st->pending[0] = st->pending[1] = 0;
         st->sweep_cursor = 0;
+        st->repair_due = 0;
     }
     memset(t->leases, 0, (size_t)(t->stripe_mask + 1) * VELA_LEASES_PER_STRIPE * sizeof(vela_lease));
     for (uint32_t i = 0; i < VELA_STAT_SLOTS; i++)

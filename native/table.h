@@ -56,7 +56,7 @@
  * another number and is refused as a layout mismatch. */
 #define VELA_MAGIC 0x56454C41A1B2C3D4ULL
 /* Layout version; bump on every change of this file. */
-#define VELA_FORMAT 2u /* 2: partitioned caches keep a change log too */
+#define VELA_FORMAT 3u /* 3: vela_stripe.repair_due */
 #define VELA_READY 0x52454459u /* "REDY": set last by the creator */
 
 #define VELA_LINE 128         /* padding unit: two x86 lines (adjacent prefetch) */
@@ -178,6 +178,8 @@ typedef struct vela_stripe {
     uint32_t tombstones;   /* of `entries`, how many are tombstones (replicated deletes) */
     uint64_t entries;      /* entries linked in this stripe */
     uint64_t bytes;        /* bytes of their blocks */
+    uint32_t repair_due;   /* its owner died and inspection (no heap lock) took the lock
+                              first: the next locker repairs it */
 } __attribute__((aligned(VELA_LINE))) vela_stripe;
 
 /* A stampede lease: while `hash` is set, process holder_pid runs the fetch of

@@ -123,8 +123,15 @@ vela_err vela_lock_init(vela_lock *l);
 /* Take stripe s; repairs it first when its previous owner died. */
 vela_err vela_stripe_lock(vela_table *t, uint32_t s);
 void vela_stripe_unlock(vela_table *t, uint32_t s);
-/* Try stripe s without waiting (eviction, while holding the heap). 1 = taken. */
-int vela_stripe_trylock(vela_table *t, uint32_t s);
+/* Try stripe s without waiting, for a caller that HOLDS the heap lock
+ * (eviction): a dead owner's stripe is repaired at once. 1 = taken. */
+int vela_stripe_trylock_holding_heap(vela_table *t, uint32_t s);
+/* Try stripe s without waiting, for a caller that holds NO heap lock
+ * (inspection). It never repairs (repair frees blocks into the heap): a
+ * stripe whose owner died is marked repair_due for the next locker and
+ * reported, not taken. */
+typedef enum vela_trylock { VELA_TRY_LOCKED, VELA_TRY_BUSY, VELA_TRY_OWNER_DEAD } vela_trylock;
+vela_trylock vela_stripe_trylock_without_heap(vela_table *t, uint32_t s);
 vela_err vela_heap_lock(vela_table *t);
 void vela_heap_unlock(vela_table *t);
 vela_err vela_admin_lock(vela_table *t);

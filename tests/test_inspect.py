@@ -168,7 +168,7 @@ def test_frozen_lock_holder(filled):
         assert "Integrity check: not finished: VELA_ETIMEOUT" in out
 
         # Dead, it leaves the lock to be repaired by the next locker: here the check
-        # (--keys would too: its try-lock repairs a stripe whose holder died).
+        # (--keys only marks it: inspection never repairs, that needs the heap lock).
         staller.kill()
         fetcher.kill()
         rc, out, err, seconds = run_tool(filled.name)
@@ -307,3 +307,62 @@ def test_cluster_view(filled):
     assert re.search(r"5\s+tcp://127\.0\.0\.1:7701\s+dead", "\n".join(members))
     rc, out, _, _ = run_tool(filled.name, "--json")
     assert json.loads(out)["cluster"]["epoch"] == 7
+
+
+def _stall_in_put(name, phase, key):
+    c = vela.Cache(name, sweep_interval=None)
+    c._table.debug_stall(phase, key, b"v" * 3000)  # stops forever at `phase` of the put
+
+
+def _stripe_of_new_key(table, key):
+    """The stripe a key lands in, seen from the entry counters (put, then deleted)."""
+    before = [s[0] for s in table.stripes_info()]
+    table.put(key, b"probe", 0, None)
+    after = [s[0] for s in table.stripes_info()]
+    table.delete(key)
+    return next(i for i, (a, b) in enumerate(zip(after, before)) if a != b)
+
+
+def test_sample_never_repairs_a_dead_owners_stripe_while_the_heap_is_held(cache_name):
+    """The race of inspection: the repair of a stripe whose owner died frees its pending
+    blocks into the heap, so it needs the heap lock. sample() holds none and must not
+    wait for it: while another process is stopped inside the heap (stall point 4, in
+    vela_heap_take), sample() meets the dead owner's stripe and must leave it alone."""
+    with vela.Cache(cache_name, capacity="8MiB", stripes=2, sweep_interval=None) as cache:
+        table = cache._table
+        keys = {}
+        for i in range(100):
+            keys.setdefault(_stripe_of_new_key(table, f"k{i}"), f"k{i}")
+        dead_key, live_key = keys[0], keys[1]
+        neighbours = {f"n{i}": bytes([i]) * (100 + i * 37) for i in range(100)}
+        for k, v in neighbours.items():
+            cache.put(k, v)
+
+        # 1. a writer dies at stall point 1: it holds stripe 0 and a block it allocated
+        dead = Child(_stall_in_put, cache_name, 1, dead_key)
+        _wait(lambda: table.stripes_info()[0][3] == dead.pid, 10, "stripe 0 not locked")
+        dead.kill()
+        # 2. another writer stops inside the heap, holding stripe 1 and the heap lock
+        holder = Child(_stall_in_put, cache_name, 4, live_key)
+        try:
+            _wait(lambda: table.info()["heap_lock_holder"] == holder.pid, 10, "heap not locked")
+            used_before = table.info()["memory_used"]
+
+            items, busy = table.sample(1000)
+
+            assert busy == [0, 1]  # 1: held by the live process; 0: left by a dead one
+            assert items == []
+            stripe0 = table.stripes_info()[0]
+            assert stripe0[4] == 0, "stripe 0 was repaired without the heap lock"
+            assert stripe0[3] == dead.pid  # still named as what the dead writer left
+            assert table.info()["memory_used"] == used_before  # nothing freed under the holder
+            assert table.info()["heap_lock_holder"] == holder.pid
+        finally:
+            holder.close()
+
+        # The next real lockers repair both stripes and the heap, under the heap lock.
+        assert cache.check() == []
+        assert [s[4] for s in table.stripes_info()] == [1, 1]
+        assert cache.get(dead_key) is None and cache.get(live_key) is None
+        assert {k: cache.get(k) for k in neighbours} == neighbours
+        assert cache.stats()["lock_recoveries"] >= 2
