@@ -24,6 +24,7 @@ static const char *const names[VELA_ERR_COUNT] = {
     [VELA_ENOTINT] = "VELA_ENOTINT",
     [VELA_EOVERFLOW] = "VELA_EOVERFLOW",
     [VELA_EFORMAT] = "VELA_EFORMAT",
+    [VELA_ECALLER] = "VELA_ECALLER",
 };
 
 static __thread char message[512];

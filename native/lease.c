@@ -54,14 +54,38 @@ static void release(vela_lease *l, uint32_t outcome)
     __atomic_add_fetch(&l->futex, 1, __ATOMIC_RELEASE);
 }
 
+/* A lease holder seen with the stripe unlocked. Its liveness is checked
+ * (/proc, kill) with no lock held; the lease is taken over only if, locked
+ * again, the slot still names that very holder. */
+typedef struct holder {
+    uint32_t pid;
+    uint64_t start;
+} holder;
+
+static int same_holder(const vela_lease *l, holder h)
+{
+    return h.pid && l->holder_pid == h.pid && l->holder_start == h.start;
+}
+
+/* The first of these holders that no longer runs, or {0, 0}. */
+static holder first_dead(const holder *seen, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (!vela_proc_alive(seen[i].pid, seen[i].start))
+            return seen[i];
+    return (holder){0, 0};
+}
+
 vela_err vela_fetch_begin(vela_table *t, const vela_key *k, int64_t budget_ns, int64_t poll_ns,
-                          vela_fetch_status *status, uint32_t *ref, vela_lease_token *token, int *waited)
+                          const vela_reader *reader, vela_fetch_status *status, vela_lease_token *token,
+                          int *waited)
 {
     uint32_t s = vela_stripe_of(t, k->hash);
     vela_lease *leases = leases_of(t, s);
     int64_t start = vela_monotonic_ns();
     int watched = -1;
     uint32_t watched_gen = 0;
+    holder dead = {0, 0}; /* a holder found dead, unlocked, on the previous round */
     *waited = 0;
     token->stripe = s;
     token->hash = k->hash;
@@ -69,45 +93,40 @@ vela_err vela_fetch_begin(vela_table *t, const vela_key *k, int64_t budget_ns, i
         vela_err err = vela_stripe_lock(t, s);
         if (err != VELA_OK)
             return err;
-        if ((*ref = vela_find(t, s, k)) != 0) {
-            *status = VELA_FETCH_HIT; /* returns with the stripe locked */
-            return VELA_OK;
+        uint32_t ref = vela_find(t, s, k, &err);
+        if (err != VELA_OK)
+            goto unlock;
+        if (ref) {
+            *status = VELA_FETCH_HIT;
+            err = vela_read_locked(t, ref, reader);
+            goto unlock;
         }
+        *status = VELA_FETCH_ALONE;
         if (watched >= 0 && leases[watched].futex != watched_gen &&
-            leases[watched].outcome == VELA_LEASE_UNSTORED && leases[watched].hash != k->hash) {
-            vela_stripe_unlock(t, s);
-            *status = VELA_FETCH_ALONE;
-            return VELA_OK;
-        }
+            leases[watched].outcome == VELA_LEASE_UNSTORED && leases[watched].hash != k->hash)
+            goto unlock; /* its holder fetched but could not store: fetch alone */
         int mine = -1, free_slot = -1;
         for (int i = 0; i < VELA_LEASES_PER_STRIPE; i++) {
             if (leases[i].hash == k->hash)
                 mine = i;
-            else if (free_slot < 0 && leases[i].hash == 0)
+            else if (free_slot < 0 && (leases[i].hash == 0 || same_holder(&leases[i], dead)))
                 free_slot = i;
         }
-        if (mine >= 0) {
+        if (mine >= 0 && !same_holder(&leases[mine], dead)) {
+            /* Someone fetches this key: check on them unlocked, then wait. */
             vela_lease *l = &leases[mine];
-            if (!vela_proc_alive(l->holder_pid, l->holder_start)) {
-                take(t, l, k->hash); /* the holder died: take over at once */
-                token->slot = (uint32_t)mine;
-                vela_stripe_unlock(t, s);
-                *status = VELA_FETCH_MINE;
-                return VELA_OK;
-            }
-            int64_t left = budget_ns - (vela_monotonic_ns() - start);
-            if (budget_ns == 0) {
-                vela_stripe_unlock(t, s);
-                *status = VELA_FETCH_BUSY;
-                return VELA_OK;
-            }
-            if (left <= 0) {
-                vela_stripe_unlock(t, s);
-                *status = VELA_FETCH_TIMEOUT;
-                return VELA_OK;
-            }
+            holder h = {l->holder_pid, l->holder_start};
             uint32_t gen = __atomic_load_n(&l->futex, __ATOMIC_ACQUIRE);
             vela_stripe_unlock(t, s);
+            if (!vela_proc_alive(h.pid, h.start)) {
+                dead = h; /* take over if it still holds it, locked again */
+                continue;
+            }
+            int64_t left = budget_ns - (vela_monotonic_ns() - start);
+            if (budget_ns == 0 || left <= 0) {
+                *status = budget_ns == 0 ? VELA_FETCH_BUSY : VELA_FETCH_TIMEOUT;
+                return VELA_OK;
+            }
             void *gil = vela_wait_begin();
             futex_wait(&l->futex, gen, left < poll_ns ? left : poll_ns);
             vela_wait_end(gil);
@@ -116,20 +135,24 @@ vela_err vela_fetch_begin(vela_table *t, const vela_key *k, int64_t budget_ns, i
             watched_gen = gen;
             continue;
         }
-        if (free_slot < 0) /* all taken: reuse a slot whose holder died */
-            for (int i = 0; i < VELA_LEASES_PER_STRIPE && free_slot < 0; i++)
-                if (!vela_proc_alive(leases[i].holder_pid, leases[i].holder_start))
-                    free_slot = i;
+        if (mine >= 0)
+            free_slot = mine; /* its holder died: take over at once */
         if (free_slot < 0) {
+            /* All taken: look, unlocked, for a slot whose holder died. */
+            holder seen[VELA_LEASES_PER_STRIPE];
+            for (int i = 0; i < VELA_LEASES_PER_STRIPE; i++)
+                seen[i] = (holder){leases[i].holder_pid, leases[i].holder_start};
             vela_stripe_unlock(t, s);
-            *status = VELA_FETCH_ALONE;
-            return VELA_OK;
+            if (!(dead = first_dead(seen, VELA_LEASES_PER_STRIPE)).pid)
+                return VELA_OK; /* VELA_FETCH_ALONE: every holder lives */
+            continue;
         }
         take(t, &leases[free_slot], k->hash);
         token->slot = (uint32_t)free_slot;
-        vela_stripe_unlock(t, s);
         *status = VELA_FETCH_MINE;
-        return VELA_OK;
+    unlock:
+        vela_stripe_unlock(t, s);
+        return err;
     }
 }
 
@@ -169,13 +192,17 @@ uint32_t vela_leases_release_pid(vela_table *t, uint32_t pid)
             any |= leases[i].hash && leases[i].holder_pid == pid;
         if (!any || vela_stripe_lock(t, s) != VELA_OK)
             continue;
+        int woken[VELA_LEASES_PER_STRIPE] = {0};
         for (int i = 0; i < VELA_LEASES_PER_STRIPE; i++)
             if (leases[i].hash && leases[i].holder_pid == pid) {
                 release(&leases[i], VELA_LEASE_FAILED);
-                futex_wake_all(&leases[i].futex);
+                woken[i] = 1;
                 released++;
             }
         vela_stripe_unlock(t, s);
+        for (int i = 0; i < VELA_LEASES_PER_STRIPE; i++)
+            if (woken[i])
+                futex_wake_all(&leases[i].futex);
     }
     return released;
 }

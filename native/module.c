@@ -171,64 +171,51 @@ static int Table_init(TableObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static PyObject *read_and_unlock(TableObject *self, uint32_t s, uint32_t ref);
+/* The reader the core copies a found value out with: the raw object for the
+ * stored bytes (a serializer's loader runs later, with no lock held). */
+typedef struct raw_copy {
+    PyObject *raw;
+    uint8_t codec;
+} raw_copy;
 
-/* Find `k` and, with `value`, decode it: first without the lock (read.c),
- * under the stripe lock when that cannot settle it. 1 found, 0 absent,
- * -1 error. count: 0 nothing, 1 a hit or a miss, 2 only a hit. */
+static int copy_raw(void *ctx, uint8_t codec, const uint8_t *value, uint32_t len)
+{
+    raw_copy *c = ctx;
+    c->codec = codec;
+    c->raw = vela_decode_raw(codec, value, len);
+    return c->raw ? 0 : -1;
+}
+
+static void drop_raw(void *ctx, int copied)
+{
+    raw_copy *c = ctx;
+    if (copied == 0)
+        Py_CLEAR(c->raw);
+    else
+        PyErr_Clear(); /* a torn copy failed to decode: it never happened */
+}
+
+/* Find `k` and, with `value`, decode it (vela_lookup: lock-free first, else
+ * under the stripe lock). 1 found, 0 absent, -1 error. count: 0 nothing,
+ * 1 a hit or a miss, 2 only a hit. */
 static int lookup(TableObject *self, const vela_key *k, PyObject **value, int count)
 {
     vela_table *t = &self->t;
-    uint32_t s = vela_stripe_of(t, k->hash), ref = 0;
-    vela_view view;
-    int found = -1;
-    for (int attempt = 0; attempt < 3 && found < 0; attempt++) {
-        uint32_t seq = vela_read_begin(t, s);
-        if (seq & 1)
-            continue;
-        vela_read_result r = vela_find_unlocked(t, s, k, &view);
-        if (r == VELA_READ_LOCKED)
-            break;
-        if (r == VELA_READ_RETRY)
-            continue;
-        if (r == VELA_READ_ABSENT || !value) {
-            if (vela_read_valid(t, s, seq))
-                found = r == VELA_READ_FOUND;
-            continue;
-        }
-        PyObject *raw = vela_decode_raw(view.codec, view.value, view.value_len);
-        if (!vela_read_valid(t, s, seq)) { /* torn copy: throw it away */
-            if (raw)
-                Py_DECREF(raw);
-            else
-                PyErr_Clear();
-            continue;
-        }
-        if (!raw)
-            return -1;
-        if (count)
-            VELA_COUNT(t, VELA_STAT_HITS);
-        *value = vela_decode_finish(view.codec, raw, self->loaders);
-        return *value ? 1 : -1;
-    }
-    if (found < 0) {
-        vela_err err = vela_stripe_lock(t, s);
-        if (err != VELA_OK) {
+    raw_copy c = {NULL, 0};
+    vela_reader reader = {copy_raw, drop_raw, &c};
+    int found = 0;
+    vela_err err = vela_lookup(t, k, value ? &reader : NULL, &found);
+    if (err != VELA_OK) {
+        if (err != VELA_ECALLER)
             raise_vela(err);
-            return -1;
-        }
-        ref = vela_find(t, s, k);
-        found = ref != 0;
-        if (found && value) {
-            if (count)
-                VELA_COUNT(t, VELA_STAT_HITS);
-            *value = read_and_unlock(self, s, ref);
-            return *value ? 1 : -1;
-        }
-        vela_stripe_unlock(t, s);
+        return -1;
     }
     if (count == 1 || (count && found))
         VELA_COUNT(t, found ? VELA_STAT_HITS : VELA_STAT_MISSES);
+    if (found && value) {
+        *value = vela_decode_finish(c.codec, c.raw, self->loaders);
+        return *value ? 1 : -1;
+    }
     return found;
 }
 
@@ -325,19 +312,6 @@ static PyObject *Table_put(TableObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
-/* Decode the entry at `ref` of the locked stripe s, unlock, finish decoding. */
-static PyObject *read_and_unlock(TableObject *self, uint32_t s, uint32_t ref)
-{
-    vela_table *t = &self->t;
-    vela_block *b = (vela_block *)vela_at(t, ref);
-    vela_entry *e = vela_entry_of(b);
-    vela_mark_access(t, b);
-    uint8_t codec = e->codec;
-    PyObject *raw = vela_decode_raw(codec, vela_value_of(e), e->value_len);
-    vela_stripe_unlock(t, s);
-    return vela_decode_finish(codec, raw, self->loaders);
-}
-
 /* fetch_begin(key, budget_ns, poll_ns) -> (status, value, token, waited)
  * status 0: hit (value); 1: this process fetches (token); 2: waited the whole
  * budget; 3: fetch without a lease; 4: busy (budget 0). See lease.c. */
@@ -353,16 +327,17 @@ static PyObject *Table_fetch_begin(TableObject *self, PyObject *args)
         return NULL;
     vela_fetch_status status;
     vela_lease_token token;
-    uint32_t ref = 0;
     int waited = 0;
-    vela_err err = vela_fetch_begin(&self->t, &kb.key, budget_ns, poll_ns, &status, &ref, &token, &waited);
+    raw_copy c = {NULL, 0};
+    vela_reader reader = {copy_raw, drop_raw, &c};
+    vela_err err = vela_fetch_begin(&self->t, &kb.key, budget_ns, poll_ns, &reader, &status, &token, &waited);
     if (err != VELA_OK)
-        return raise_vela(err);
+        return err == VELA_ECALLER ? NULL : raise_vela(err);
     if (waited)
         VELA_COUNT(&self->t, VELA_STAT_STAMPEDE_WAITS);
     if (status == VELA_FETCH_HIT) {
         VELA_COUNT(&self->t, VELA_STAT_HITS);
-        PyObject *value = read_and_unlock(self, token.stripe, ref);
+        PyObject *value = vela_decode_finish(c.codec, c.raw, self->loaders);
         if (!value)
             return NULL;
         return Py_BuildValue("(iNOO)", (int)status, value, Py_None, waited ? Py_True : Py_False);
@@ -1277,6 +1252,18 @@ static PyObject *Table_scan(TableObject *self, PyObject *args)
 
 /* ---- the partitioned topology: values as bytes, partitions --------------- */
 
+static int raw_entry(void *ctx, vela_entry *e, int64_t now)
+{
+    uint64_t tags[VELA_MAX_TAGS];
+    for (uint32_t i = 0; i < e->ntags; i++)
+        tags[i] = vela_tags_of(e)[i].tag;
+    PyObject *tt = tags_tuple(tags, e->ntags);
+    *(PyObject **)ctx = tt ? Py_BuildValue("(y#iLNK)", vela_value_of(e), (Py_ssize_t)e->value_len, e->codec,
+                                           remaining_of(e->expire_at, now), tt, (unsigned long long)e->version)
+                           : NULL;
+    return *(PyObject **)ctx ? 0 : -1;
+}
+
 /* get_raw(key_bytes) -> None | (value_bytes, codec, remaining_ns, tags,
  * version): the bridge's read. Nothing is decoded (a bridge never unpickles); remaining_ns 0
  * means "never expires". Counts a hit or a miss. */
@@ -1287,29 +1274,14 @@ static PyObject *Table_get_raw(TableObject *self, PyObject *key)
     if (raw_key(key, &kb) < 0)
         return NULL;
     vela_table *t = &self->t;
-    uint32_t s = vela_stripe_of(t, kb.key.hash);
-    vela_err err = vela_stripe_lock(t, s);
+    PyObject *out = NULL;
+    int found = 0;
+    vela_err err = vela_with_entry(t, &kb.key, raw_entry, &out, &found);
     if (err != VELA_OK)
-        return raise_vela(err);
-    uint32_t ref = vela_find(t, s, &kb.key);
-    if (!ref) {
-        vela_stripe_unlock(t, s);
-        VELA_COUNT(t, VELA_STAT_MISSES);
+        return err == VELA_ECALLER ? NULL : raise_vela(err);
+    VELA_COUNT(t, found ? VELA_STAT_HITS : VELA_STAT_MISSES);
+    if (!found)
         Py_RETURN_NONE;
-    }
-    vela_block *b = (vela_block *)vela_at(t, ref);
-    vela_entry *e = vela_entry_of(b);
-    vela_mark_access(t, b);
-    uint64_t tags[VELA_MAX_TAGS];
-    for (uint32_t i = 0; i < e->ntags; i++)
-        tags[i] = vela_tags_of(e)[i].tag;
-    PyObject *tt = tags_tuple(tags, e->ntags);
-    PyObject *out = tt ? Py_BuildValue("(y#iLNK)", vela_value_of(e), (Py_ssize_t)e->value_len, e->codec,
-                                       remaining_of(e->expire_at, vela_now(t)), tt,
-                                       (unsigned long long)e->version) : NULL;
-    vela_stripe_unlock(t, s);
-    if (out)
-        VELA_COUNT(t, VELA_STAT_HITS);
     return out;
 }
 

@@ -41,7 +41,7 @@ vela_err vela_invalidate(vela_table *t, const vela_key *k, int *removed)
     if (err != VELA_OK)
         return err;
     __atomic_add_fetch(&t->stripes[s].inval_seq, 1, __ATOMIC_RELEASE);
-    uint32_t ref = vela_find(t, s, k);
+    uint32_t ref = vela_find(t, s, k, &err);
     *removed = ref != 0;
     if (ref)
         vela_remove_entry(t, s, ref, 0, &err);

@@ -70,3 +70,74 @@ vela_read_result vela_find_unlocked(const vela_table *t, uint32_t s, const vela_
     out->ref = 0;
     return VELA_READ_ABSENT;
 }
+
+vela_err vela_read_locked(vela_table *t, uint32_t ref, const vela_reader *reader)
+{
+    vela_block *b = (vela_block *)vela_at(t, ref);
+    vela_entry *e = vela_entry_of(b);
+    vela_mark_access(t, b);
+    return reader->copy(reader->ctx, e->codec, vela_value_of(e), e->value_len) < 0 ? VELA_ECALLER : VELA_OK;
+}
+
+/* Lock-free attempts before a lookup takes the stripe lock: enough to ride out
+ * a write or two, few enough that a busy stripe costs little. */
+#define LOCK_FREE_ATTEMPTS 3
+
+vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader, int *found)
+{
+    uint32_t s = vela_stripe_of(t, k->hash);
+    vela_view view;
+    for (int attempt = 0; attempt < LOCK_FREE_ATTEMPTS; attempt++) {
+        uint32_t seq = vela_read_begin(t, s);
+        if (seq & 1)
+            continue;
+        vela_read_result r = vela_find_unlocked(t, s, k, &view);
+        if (r == VELA_READ_LOCKED)
+            break;
+        if (r == VELA_READ_RETRY)
+            continue;
+        if (r == VELA_READ_ABSENT || !reader) {
+            if (vela_read_valid(t, s, seq)) {
+                *found = r == VELA_READ_FOUND;
+                return VELA_OK;
+            }
+            continue;
+        }
+        int copied = reader->copy(reader->ctx, view.codec, view.value, view.value_len);
+        if (!vela_read_valid(t, s, seq)) { /* torn copy: throw it away */
+            reader->drop(reader->ctx, copied);
+            continue;
+        }
+        if (copied < 0)
+            return VELA_ECALLER;
+        *found = 1;
+        return VELA_OK;
+    }
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return err;
+    uint32_t ref = vela_find(t, s, k, &err);
+    if (ref && reader)
+        err = vela_read_locked(t, ref, reader);
+    vela_stripe_unlock(t, s);
+    *found = ref != 0;
+    return err;
+}
+
+vela_err vela_with_entry(vela_table *t, const vela_key *k, vela_scan_fn fn, void *ctx, int *found)
+{
+    uint32_t s = vela_stripe_of(t, k->hash);
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return err;
+    uint32_t ref = vela_find(t, s, k, &err);
+    if (ref) {
+        vela_block *b = (vela_block *)vela_at(t, ref);
+        vela_mark_access(t, b);
+        if (fn(ctx, vela_entry_of(b), vela_now(t)) < 0)
+            err = VELA_ECALLER;
+    }
+    vela_stripe_unlock(t, s);
+    *found = ref != 0;
+    return err;
+}

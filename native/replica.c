@@ -20,8 +20,8 @@ vela_err vela_apply_put(vela_table *t, const vela_put_args *a, int *applied)
     vela_err err = vela_stripe_lock(t, s);
     if (err != VELA_OK)
         return err;
-    uint32_t ref = vela_find_any(t, s, a->key); /* a tombstone's version counts too */
-    *applied = !ref || vela_entry_of(blk(t, ref))->version < a->version;
+    uint32_t ref = vela_find_any(t, s, a->key, &err); /* a tombstone's version counts too */
+    *applied = err == VELA_OK && (!ref || vela_entry_of(blk(t, ref))->version < a->version);
     if (*applied)
         err = vela_do_put(t, s, a);
     vela_stripe_unlock(t, s);
@@ -37,8 +37,8 @@ vela_err vela_apply_delete(vela_table *t, const vela_key *k, uint64_t version, i
     vela_err err = vela_stripe_lock(t, s);
     if (err != VELA_OK)
         return err;
-    uint32_t ref = vela_find_any(t, s, k);
-    int newer = !ref || vela_entry_of(blk(t, ref))->version < version;
+    uint32_t ref = vela_find_any(t, s, k, &err);
+    int newer = err == VELA_OK && (!ref || vela_entry_of(blk(t, ref))->version < version);
     *removed = newer && ref && vela_entry_of(blk(t, ref))->codec != VELA_CODEC_TOMBSTONE;
     if (newer)
         err = vela_do_tombstone(t, s, k, version); /* remembered, and carried by snapshots */

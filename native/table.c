@@ -176,25 +176,36 @@ uint32_t vela_remove_entry(vela_table *t, uint32_t s, uint32_t ref, int heap_hel
 
 /* ---- lookup --------------------------------------------------------------------- */
 
-uint32_t vela_find(vela_table *t, uint32_t s, const vela_key *k)
+uint32_t vela_find(vela_table *t, uint32_t s, const vela_key *k, vela_err *err)
 {
-    uint32_t ref = vela_find_any(t, s, k);
+    uint32_t ref = vela_find_any(t, s, k, err);
     return ref && vela_entry_of(blk(t, ref))->codec == VELA_CODEC_TOMBSTONE ? 0 : ref;
 }
 
-uint32_t vela_find_any(vela_table *t, uint32_t s, const vela_key *k)
+/* The key's entry in stripe s (locked), expired or not, without reclaiming. */
+static uint32_t entry_of_key(vela_table *t, uint32_t s, const vela_key *k)
+{
+    for (uint32_t ref = *vela_bucket(t, s, k->hash); ref;) {
+        vela_entry *e = vela_entry_of(blk(t, ref));
+        if (e->hash == k->hash && e->key_len == k->len && memcmp(vela_key_of(e), k->bytes, k->len) == 0)
+            return ref;
+        ref = e->next;
+    }
+    return 0;
+}
+
+uint32_t vela_find_any(vela_table *t, uint32_t s, const vela_key *k, vela_err *err)
 {
     uint32_t *link = vela_bucket(t, s, k->hash);
     for (uint32_t ref = *link; ref; ref = *link) {
         vela_entry *e = vela_entry_of(blk(t, ref));
         if (e->hash == k->hash && e->key_len == k->len && memcmp(vela_key_of(e), k->bytes, k->len) == 0) {
             if (e->expire_at && vela_is_expired(t, e, 0)) {
-                vela_err err = VELA_OK;
                 int tombstone = e->codec == VELA_CODEC_TOMBSTONE;
                 vela_write_begin(t, s);
-                remove_at(t, s, link, ref, 0, &err);
+                remove_at(t, s, link, ref, 0, err);
                 vela_write_end(t, s);
-                if (!tombstone)
+                if (*err == VELA_OK && !tombstone)
                     VELA_COUNT(t, VELA_STAT_EXPIRATIONS);
                 return 0;
             }
@@ -243,7 +254,9 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
         return vela_fail(VELA_ETOOLARGE, "entry of %llu bytes (key %zu, value %zu, %zu tags) is larger "
                          "than max_entry_size (%llu bytes)", (unsigned long long)size, a->key->len,
                          a->value_len, a->ntags, (unsigned long long)t->hdr->max_entry_size);
-    uint32_t old = vela_find_any(t, s, a->key);
+    uint32_t old = vela_find_any(t, s, a->key, &err);
+    if (err != VELA_OK)
+        return err;
     if (old && a->only_if_absent && vela_entry_of(blk(t, old))->codec != VELA_CODEC_TOMBSTONE)
         return VELA_OK;
 
@@ -262,7 +275,7 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
         return VELA_EFULL; /* message set by the evictor */
 
     /* Eviction may have removed the old entry: look again. */
-    old = vela_find_any(t, s, a->key);
+    old = entry_of_key(t, s, a->key); /* expired or not: it is replaced */
     vela_write_begin(t, s);
     vela_block *b = blk(t, ref);
     vela_debug_stall(1);
@@ -352,7 +365,7 @@ vela_err vela_delete_if_view(vela_table *t, const vela_key *k, uint32_t view_seq
     *removed = 0;
     *done = view_is(t, view_seq);
     if (*done) {
-        uint32_t ref = vela_find(t, s, k);
+        uint32_t ref = vela_find(t, s, k, &err);
         if (ref)
             *removed = vela_remove_entry(t, s, ref, 0, &err) != 0;
         if (err == VELA_OK && *removed) /* (nothing here: no backup copy, no L1 copy to drop) */
@@ -369,8 +382,10 @@ int vela_delete(vela_table *t, const vela_key *k, vela_err *err)
     uint32_t s = vela_stripe_of(t, k->hash);
     if ((*err = vela_stripe_lock(t, s)) != VELA_OK)
         return 0;
-    uint32_t ref = vela_find(t, s, k);
-    if (t->hdr->replicated == 1) {
+    uint32_t ref = vela_find(t, s, k, err);
+    if (*err != VELA_OK) {
+        ref = 0;
+    } else if (t->hdr->replicated == 1) {
         /* A tombstone, even when the key is not here: its put may still be on its
          * way from another host, and this delete is newer than that put. */
         uint64_t version = vela_next_version(t);
@@ -510,29 +525,29 @@ vela_err vela_touch(vela_table *t, const vela_key *k, int64_t expire_at, int *fo
     vela_err err = vela_stripe_lock(t, s);
     if (err != VELA_OK)
         return err;
-    uint32_t ref = vela_find(t, s, k);
+    uint8_t stackbuf[512], *buf = stackbuf;
+    uint32_t ref = vela_find(t, s, k, &err);
     *found = ref != 0;
-    if (ref) {
-        vela_entry *e = vela_entry_of(blk(t, ref));
-        uint64_t tags[VELA_MAX_TAGS];
-        for (uint32_t i = 0; i < e->ntags; i++)
-            tags[i] = vela_tags_of(e)[i].tag;
-        /* The copy needs the bytes while the old entry may move: copy out first. */
-        size_t vlen = e->value_len;
-        uint8_t stackbuf[512];
-        uint8_t *buf = vlen <= sizeof stackbuf ? stackbuf : malloc(vlen);
-        if (!buf) {
-            vela_stripe_unlock(t, s);
-            return vela_fail(VELA_ESYS, "out of process memory copying a %zu-byte value", vlen);
-        }
-        memcpy(buf, vela_value_of(e), vlen);
-        vela_put_args a = {.key = k, .value = buf, .value_len = vlen, .codec = e->codec,
-                           .expire_at = expire_at, .tags = tags, .ntags = e->ntags};
-        err = put_logged(t, s, &a);
-        if (buf != stackbuf)
-            free(buf);
+    if (!ref)
+        goto unlock;
+    vela_entry *e = vela_entry_of(blk(t, ref));
+    uint64_t tags[VELA_MAX_TAGS];
+    for (uint32_t i = 0; i < e->ntags; i++)
+        tags[i] = vela_tags_of(e)[i].tag;
+    /* The copy needs the bytes while the old entry may move: copy out first. */
+    size_t vlen = e->value_len;
+    if (vlen > sizeof stackbuf && !(buf = malloc(vlen))) {
+        err = vela_fail(VELA_ESYS, "out of process memory copying a %zu-byte value", vlen);
+        goto unlock;
     }
+    memcpy(buf, vela_value_of(e), vlen);
+    vela_put_args a = {.key = k, .value = buf, .value_len = vlen, .codec = e->codec,
+                       .expire_at = expire_at, .tags = tags, .ntags = e->ntags};
+    err = put_logged(t, s, &a);
+unlock:
     vela_stripe_unlock(t, s);
+    if (buf && buf != stackbuf)
+        free(buf);
     return err;
 }
 
@@ -542,7 +557,7 @@ vela_err vela_ttl(vela_table *t, const vela_key *k, int64_t *remaining, int *fou
     vela_err err = vela_stripe_lock(t, s);
     if (err != VELA_OK)
         return err;
-    uint32_t ref = vela_find(t, s, k);
+    uint32_t ref = vela_find(t, s, k, &err);
     *found = ref != 0;
     if (ref) {
         vela_entry *e = vela_entry_of(blk(t, ref));
@@ -551,7 +566,7 @@ vela_err vela_ttl(vela_table *t, const vela_key *k, int64_t *remaining, int *fou
             *remaining = 0;
     }
     vela_stripe_unlock(t, s);
-    return VELA_OK;
+    return err;
 }
 
 vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t expire_at, int64_t *result)
@@ -560,15 +575,17 @@ vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t expi
     vela_err err = vela_stripe_lock(t, s);
     if (err != VELA_OK)
         return err;
-    uint32_t ref = vela_find(t, s, k);
     int64_t value = 0;
     uint64_t tags[VELA_MAX_TAGS];
     vela_put_args a = {.key = k, .codec = VELA_CODEC_INT, .expire_at = expire_at, .tags = tags};
+    uint32_t ref = vela_find(t, s, k, &err);
+    if (err != VELA_OK)
+        goto unlock;
     if (ref) {
         vela_entry *e = vela_entry_of(blk(t, ref));
         if (e->codec != VELA_CODEC_INT || e->value_len != 8) {
-            vela_stripe_unlock(t, s);
-            return vela_fail(VELA_ENOTINT, "the value stored under this key is not an integer");
+            err = vela_fail(VELA_ENOTINT, "the value stored under this key is not an integer");
+            goto unlock;
         }
         memcpy(&value, vela_value_of(e), 8);
         a.expire_at = e->expire_at; /* an existing counter keeps its expiry */
@@ -577,15 +594,16 @@ vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t expi
             tags[i] = vela_tags_of(e)[i].tag;
     }
     if (__builtin_add_overflow(value, delta, &value)) {
-        vela_stripe_unlock(t, s);
-        return vela_fail(VELA_EOVERFLOW, "the counter would leave the signed 64-bit range");
+        err = vela_fail(VELA_EOVERFLOW, "the counter would leave the signed 64-bit range");
+        goto unlock;
     }
     a.value = (const uint8_t *)&value;
     a.value_len = 8;
     err = put_logged(t, s, &a);
+    *result = value;
+unlock:
     vela_stripe_unlock(t, s);
     if (err == VELA_OK)
         VELA_COUNT(t, VELA_STAT_WRITES);
-    *result = value;
     return err;
 }

@@ -27,6 +27,7 @@ typedef enum vela_err {
     VELA_ENOTINT,       /* incr on a value that is not an integer counter */
     VELA_EOVERFLOW,     /* incr left the int64 range */
     VELA_EFORMAT,       /* not a Vela segment, or one of another layout format */
+    VELA_ECALLER,       /* the caller's callback failed; the caller's own error stands */
     VELA_ERR_COUNT
 } vela_err;
 
@@ -181,11 +182,12 @@ typedef struct vela_put_args {
     uint64_t *version_out;    /* where to write the stored entry's version, or NULL */
 } vela_put_args;
 
-/* Find a live entry in stripe s (locked). Expired entries found on the way are
- * reclaimed; a tombstone counts as absent. Returns the entry block ref or 0. */
-uint32_t vela_find(vela_table *t, uint32_t s, const vela_key *k);
+/* Find a live entry in stripe s (locked). An expired entry found on the way is
+ * reclaimed; when that fails (the heap lock) *err is set and 0 returned. A
+ * tombstone counts as absent. Returns the entry block ref or 0. */
+uint32_t vela_find(vela_table *t, uint32_t s, const vela_key *k, vela_err *err);
 /* The same, tombstones included (what versions are compared against). */
-uint32_t vela_find_any(vela_table *t, uint32_t s, const vela_key *k);
+uint32_t vela_find_any(vela_table *t, uint32_t s, const vela_key *k, vela_err *err);
 /* Replicated caches: replace the key's entry (if any) by a tombstone of `version`,
  * so the delete travels in snapshots and beats older puts. Stripe s locked. */
 vela_err vela_do_tombstone(vela_table *t, uint32_t s, const vela_key *k, uint64_t version);
@@ -277,6 +279,23 @@ typedef struct vela_view {
     uint32_t value_len;
 } vela_view;
 vela_read_result vela_find_unlocked(const vela_table *t, uint32_t s, const vela_key *k, vela_view *out);
+/* How a lookup hands a value out. copy() is called once per attempt, either
+ * lock-free (the copy may then turn out torn: drop() gets its result and
+ * throws the copy away, and the lookup tries again) or under the stripe lock,
+ * which the core releases itself. copy returns 0, or -1 when it failed. */
+typedef struct vela_reader {
+    int (*copy)(void *ctx, uint8_t codec, const uint8_t *value, uint32_t len);
+    void (*drop)(void *ctx, int copied);
+    void *ctx;
+} vela_reader;
+/* Look k up: a few lock-free attempts (seqlock), then under the stripe lock.
+ * reader NULL: only whether it is there. *found 1/0; VELA_ECALLER when copy failed. */
+vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader, int *found);
+/* Call fn(ctx, entry, now) on k's live entry under its stripe lock, marking
+ * the access (the bridge's raw read). *found; VELA_ECALLER when fn failed. */
+vela_err vela_with_entry(vela_table *t, const vela_key *k, vela_scan_fn fn, void *ctx, int *found);
+/* Copy the value of entry `ref` of stripe s (locked) out, marking the access. */
+vela_err vela_read_locked(vela_table *t, uint32_t ref, const vela_reader *reader);
 
 /* ---- eviction (evict.c) ---------------------------------------------------------- */
 /* Make room for a block of `size` bytes for stripe s (locked) with the heap
@@ -344,7 +363,7 @@ void vela_invalidate_all_reservations(vela_table *t);
 
 /* ---- stampede leases (lease.c) ------------------------------------------------------ */
 typedef enum vela_fetch_status {
-    VELA_FETCH_HIT = 0,      /* the value is there: *ref is its entry, stripe still LOCKED */
+    VELA_FETCH_HIT = 0,      /* the value is there: the reader copied it */
     VELA_FETCH_MINE = 1,     /* this process holds the lease: run the fetch, then complete */
     VELA_FETCH_TIMEOUT = 2,  /* waited the whole budget: fetch without a lease */
     VELA_FETCH_ALONE = 3,    /* no lease possible (slots full, or the last fetch could not be
@@ -358,11 +377,13 @@ typedef struct vela_lease_token {
     uint64_t hash;
 } vela_lease_token;
 
-/* Look the key up; on a miss take its lease or wait (without the stripe lock)
- * for the holder to release it, for at most `budget_ns`. A holder that died
- * is replaced within `poll_ns`. *waited tells whether it slept at all. */
+/* Look the key up (a hit is copied out by `reader`, under the stripe lock);
+ * on a miss take its lease or wait (without the stripe lock) for the holder
+ * to release it, for at most `budget_ns`. A holder that died is replaced
+ * within `poll_ns`. *waited tells whether it slept at all. */
 vela_err vela_fetch_begin(vela_table *t, const vela_key *k, int64_t budget_ns, int64_t poll_ns,
-                          vela_fetch_status *status, uint32_t *ref, vela_lease_token *token, int *waited);
+                          const vela_reader *reader, vela_fetch_status *status, vela_lease_token *token,
+                          int *waited);
 /* Store the fetched value (a NULL args: the fetch failed) and release the lease. */
 vela_err vela_fetch_complete(vela_table *t, const vela_lease_token *token, const vela_put_args *a);
 /* Release every lease held by a process (gunicorn's child_exit). Returns how many. */
