@@ -12,7 +12,7 @@
  * stripe -> log), and publishes it by advancing `log_head` with one store; a
  * worker killed half-way leaves an unpublished record that the next writer
  * overwrites. The bridge reads behind the head without a lock and checks
- * afterwards that writers did not lap it (module.c, log_read). Workers never
+ * afterwards that writers did not lap it (vela_log_read). Workers never
  * wait for the bridge: a full ring overwrites what the bridge has not read,
  * and the bridge, seeing that, resyncs its peers from a snapshot.
  */
@@ -102,4 +102,45 @@ void vela_log_put(vela_table *t, const vela_put_args *a, uint64_t version)
 {
     vela_log_append(t, VELA_OP_PUT, a->key, a->codec, a->value, a->value_len, a->tags, a->ntags, version,
                     a->expire_at);
+}
+
+vela_err vela_log_read(vela_table *t, uint64_t *pos, uint32_t max, vela_log_fn fn, void *ctx, int *lapped)
+{
+    vela_header *h = t->hdr;
+    uint64_t size = h->log_size, head = __atomic_load_n(&h->log_head, __ATOMIC_ACQUIRE);
+    uint64_t p = *pos, start = p;
+    *lapped = 0;
+    if (!size || head - p > size - size / 4 || p > head) {
+        /* No log; or a writer may be filling up to log_size / 4 past the head
+         * and already overwrote what was not read. */
+        *lapped = size != 0;
+        *pos = head;
+        return VELA_OK;
+    }
+    int64_t now = vela_now(t);
+    for (uint32_t n = 0; p < head && n < max;) {
+        vela_log_record r;
+        memcpy(&r, t->log + p % size, sizeof r);
+        if (r.len < 8 || r.len % 8 || r.len > size - p % size)
+            break; /* lapped while reading: caught below */
+        if (r.op != VELA_OP_PAD && (r.ntags > VELA_MAX_TAGS || r.len < sizeof r ||
+                                    sizeof r + (uint64_t)r.ntags * 8 + r.key_len + r.value_len > r.len))
+            break; /* the same */
+        if (r.op != VELA_OP_PAD) {
+            const uint8_t *body = t->log + p % size + sizeof r;
+            uint64_t tags[VELA_MAX_TAGS];
+            memcpy(tags, body, (size_t)r.ntags * 8);
+            body += (size_t)r.ntags * 8;
+            if (fn(ctx, &r, tags, body, body + r.key_len, now) < 0)
+                return VELA_ECALLER;
+            n++;
+        }
+        p += r.len;
+    }
+    /* Writers may have come round while we copied: what we read is good only
+     * if the ring never came within a record's reach of where we started. */
+    uint64_t head2 = __atomic_load_n(&h->log_head, __ATOMIC_ACQUIRE);
+    *lapped = head2 - start > size - size / 4;
+    *pos = p;
+    return VELA_OK;
 }

@@ -607,3 +607,21 @@ unlock:
         VELA_COUNT(t, VELA_STAT_WRITES);
     return err;
 }
+
+vela_err vela_flush_logged(vela_table *t, uint64_t *removed, uint64_t *version)
+{
+    *version = vela_next_version(t);
+    vela_err err = vela_flush(t, *version, removed);
+    if (err == VELA_OK)
+        vela_log_append(t, VELA_OP_FLUSH, NULL, 0, NULL, 0, NULL, 0, *version, 0);
+    return err;
+}
+
+vela_err vela_invalidate_tag_logged(vela_table *t, uint64_t tag, uint64_t *removed, uint64_t *version)
+{
+    *version = vela_next_version(t);
+    vela_err err = vela_invalidate_tag(t, tag, *version, removed);
+    if (err == VELA_OK)
+        vela_log_append(t, VELA_OP_TAG, NULL, 0, NULL, 0, &tag, 1, *version, 0);
+    return err;
+}

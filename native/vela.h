@@ -209,6 +209,11 @@ vela_err vela_delete_if_view(vela_table *t, const vela_key *k, uint32_t view_seq
 int vela_delete(vela_table *t, const vela_key *k, vela_err *err);
 /* Remove entries with a version below `below` (UINT64_MAX: all). */
 vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed);
+/* A worker's flush / tag invalidation: under a new *version (entries newer than
+ * it, applied from another host meanwhile, survive it here as everywhere),
+ * logged for the bridge. */
+vela_err vela_flush_logged(vela_table *t, uint64_t *removed, uint64_t *version);
+vela_err vela_invalidate_tag_logged(vela_table *t, uint64_t tag, uint64_t *removed, uint64_t *version);
 /* Partitioned caches: remove every entry whose partition (hash % parts) has
  * drop[partition] set, and void every near-cache reservation in flight. */
 vela_err vela_drop_partitions(vela_table *t, uint32_t parts, const uint8_t *drop, uint64_t *removed);
@@ -251,6 +256,21 @@ void vela_log_write(vela_table *t, uint8_t op, const vela_key *k, uint8_t codec,
                     size_t value_len, const uint64_t *tags, size_t ntags, uint64_t version, int64_t expire_at);
 vela_err vela_log_lock(vela_table *t);
 void vela_log_unlock(vela_table *t);
+/* The bridge's reader, without a lock: fn(ctx, record, tags, key, value, now)
+ * for up to `max` records from *pos on (advanced past them). *lapped: writers
+ * overwrote what was not read yet, or came round while it read: what fn saw
+ * must be thrown away, and the bridge resyncs. VELA_ECALLER when fn failed. */
+typedef int (*vela_log_fn)(void *ctx, const vela_log_record *r, const uint64_t *tags, const uint8_t *key,
+                           const uint8_t *value, int64_t now);
+vela_err vela_log_read(vela_table *t, uint64_t *pos, uint32_t max, vela_log_fn fn, void *ctx, int *lapped);
+
+/* ---- the cluster view (cluster.c) ------------------------------------------------------- */
+/* The bridge publishes its view (JSON bytes); VELA_EINVAL when too long. */
+vela_err vela_cluster_publish(vela_table *t, const char *json, size_t len);
+/* Copy the view out (a seqlock read); its length, 0 when none was written. */
+size_t vela_cluster_read(const vela_table *t, char out[VELA_CLUSTER_BYTES]);
+/* Changes whenever a new view is published (workers re-read only then). */
+uint32_t vela_cluster_seq(const vela_table *t);
 
 /* ---- applying remote changes (replica.c) ----------------------------------------------- */
 /* Last writer wins: stored only when newer than what the table has. Not logged. */
