@@ -51,7 +51,7 @@ static PyObject *Table_log_state(TableObject *self, PyObject *Py_UNUSED(ignored)
                          (unsigned long long)__atomic_load_n(&h->log_head, __ATOMIC_ACQUIRE), "bridge_pos",
                          (unsigned long long)h->log_bridge_pos, "dropped",
                          (unsigned long long)__atomic_load_n(&h->log_dropped, __ATOMIC_ACQUIRE), "size",
-                         (unsigned long long)h->log_size, "replicated", h->replicated);
+                         (unsigned long long)h->log_size, "replicated", h->topology);
 }
 
 static PyObject *Table_log_commit(TableObject *self, PyObject *arg)

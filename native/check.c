@@ -13,8 +13,6 @@
 
 #define MAX_LINES 200
 
-static inline vela_block *blk(const vela_table *t, uint32_t ref) { return (vela_block *)vela_at(t, ref); }
-
 void vela_report_add(vela_report *r, const char *fmt, ...)
 {
     if (r->count >= MAX_LINES) {
@@ -131,7 +129,7 @@ static void check_stripe(vela_table *t, uint32_t s, vela_report *r, uint8_t *see
     if (tombstones != st->tombstones)
         vela_report_add(r, "stripe %u: counter says %u tombstones, chains hold %llu", s, st->tombstones,
                         (unsigned long long)tombstones);
-    if (tombstones && t->hdr->replicated != 1)
+    if (tombstones && t->hdr->topology != VELA_TOPOLOGY_REPLICATED)
         vela_report_add(r, "stripe %u: tombstones in a cache that is not replicated", s);
     if (entries != st->entries)
         vela_report_add(r, "stripe %u: counter says %llu entries, chains hold %llu", s,

@@ -20,8 +20,6 @@
 #define VISIT_BEFORE_FORCE 256
 #define TTL_ONLY_VISITS 4096
 
-static inline vela_block *blk(const vela_table *t, uint32_t ref) { return (vela_block *)vela_at(t, ref); }
-
 /* Decide for the used entry block at `ref`: 1 = evict now. Ages the mark. */
 static int victim(vela_table *t, vela_block *b, int force, int64_t now)
 {

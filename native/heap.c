@@ -20,7 +20,6 @@
 
 #define MAX_BLOCK 0x80000000u /* a block is smaller than 2 GiB; sizes fit 32 bits */
 
-static inline vela_block *blk(const vela_table *t, uint32_t ref) { return (vela_block *)vela_at(t, ref); }
 static inline vela_free_block *fblk(const vela_table *t, uint32_t ref) { return (vela_free_block *)vela_at(t, ref); }
 static inline int is_used(const vela_block *b) { return b->size_flags & VELA_BLK_USED; }
 

@@ -38,7 +38,7 @@ int vela_sample_stripe(vela_table *t, uint32_t s, uint32_t max, vela_sample_fn f
     uint32_t *buckets = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];
     for (uint32_t i = 0; i <= t->bucket_mask && n < max; i++)
         for (uint32_t ref = buckets[i]; ref && n < max;) {
-            vela_entry *e = vela_entry_of((vela_block *)vela_at(t, ref));
+            vela_entry *e = vela_entry_of(blk(t, ref));
             if (!vela_is_expired(t, e, now) && e->codec != VELA_CODEC_TOMBSTONE) {
                 if (fn(ctx, e, now) < 0) {
                     vela_stripe_unlock(t, s);

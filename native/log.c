@@ -54,7 +54,7 @@ static void write_at(vela_table *t, uint64_t pos, const void *src, size_t n)
 void vela_log_append(vela_table *t, uint8_t op, const vela_key *k, uint8_t codec, const uint8_t *value,
                      size_t value_len, const uint64_t *tags, size_t ntags, uint64_t version, int64_t expire_at)
 {
-    if (t->hdr->replicated == VELA_TOPOLOGY_REPLICATED)
+    if (t->hdr->topology == VELA_TOPOLOGY_REPLICATED)
         vela_log_write(t, op, k, codec, value, value_len, tags, ntags, version, expire_at);
 }
 

@@ -33,14 +33,14 @@ static int Table_init(TableObject *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"fd", "backend", "capacity", "stripes", "max_size", "max_entry_size",
                              "eviction", "dumps", "dumps_codec", "loaders", "lock_fd",
                              "reinit_unready", "replicated", NULL};
-    int fd, backend, dumps_codec, lock_fd = -2, reinit = 1, replicated = -1;
+    int fd, backend, dumps_codec, lock_fd = -2, reinit = 1, topology = -1;
     vela_options o;
     PyObject *dumps, *loaders;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiLLLLLOiO|ipi", kwlist, &fd, &backend, &o.capacity,
                                      &o.stripes, &o.max_size, &o.max_entry_size, &o.eviction, &dumps,
-                                     &dumps_codec, &loaders, &lock_fd, &reinit, &replicated))
+                                     &dumps_codec, &loaders, &lock_fd, &reinit, &topology))
         return -1;
-    o.replicated = replicated;
+    o.topology = topology;
     if (lock_fd == -2)
         lock_fd = fd;
     o.reinit_unready = reinit;

@@ -35,7 +35,7 @@ vela_read_result vela_find_unlocked(const vela_table *t, uint32_t s, const vela_
         uint64_t off = (uint64_t)ref << 3;
         if (off < heap_start || off + VELA_ENTRY_OVERHEAD > heap_end || steps > (1u << 20))
             return VELA_READ_RETRY; /* a stale link: the sequence will have moved */
-        vela_block *b = (vela_block *)vela_at(t, ref);
+        vela_block *b = blk(t, ref);
         vela_entry *e = (vela_entry *)(b + 1);
         /* Every field is read once into a local and checked before use: the
          * entry may change between two reads of the same field. */
@@ -73,7 +73,7 @@ vela_read_result vela_find_unlocked(const vela_table *t, uint32_t s, const vela_
 
 vela_err vela_read_locked(vela_table *t, uint32_t ref, const vela_reader *reader)
 {
-    vela_block *b = (vela_block *)vela_at(t, ref);
+    vela_block *b = blk(t, ref);
     vela_entry *e = vela_entry_of(b);
     vela_mark_access(t, b);
     return reader->copy(reader->ctx, e->codec, vela_value_of(e), e->value_len) < 0 ? VELA_ECALLER : VELA_OK;
@@ -132,7 +132,7 @@ vela_err vela_with_entry(vela_table *t, const vela_key *k, vela_scan_fn fn, void
         return err;
     uint32_t ref = vela_find(t, s, k, &err);
     if (ref) {
-        vela_block *b = (vela_block *)vela_at(t, ref);
+        vela_block *b = blk(t, ref);
         vela_mark_access(t, b);
         if (fn(ctx, vela_entry_of(b), vela_now(t)) < 0)
             err = VELA_ECALLER;

@@ -17,8 +17,6 @@
 
 #include "vela.h"
 
-static inline vela_block *blk(const vela_table *t, uint32_t ref) { return (vela_block *)vela_at(t, ref); }
-
 static int cmp_ref(const void *a, const void *b)
 {
     uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;

@@ -15,8 +15,6 @@
 
 #include "vela.h"
 
-static inline vela_block *blk(const vela_table *t, uint32_t ref) { return (vela_block *)vela_at(t, ref); }
-
 const char *vela_entry_problem(vela_table *t, uint32_t s, uint32_t ref)
 {
     uint32_t first = vela_heap_first(t), end = vela_heap_end(t);

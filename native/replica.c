@@ -12,8 +12,6 @@
  */
 #include "vela.h"
 
-static inline vela_block *blk(const vela_table *t, uint32_t ref) { return (vela_block *)vela_at(t, ref); }
-
 vela_err vela_apply_put(vela_table *t, const vela_put_args *a, int *applied)
 {
     uint32_t s = vela_stripe_of(t, a->key->hash);

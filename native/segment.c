@@ -143,10 +143,10 @@ static vela_err lay_out(vela_header *hdr, const vela_options *o, uint64_t cap)
     off = align_up(off + stripes * VELA_LEASES_PER_STRIPE * sizeof(vela_lease), VELA_LINE);
     hdr->slots_off = off;
     off = align_up(off + VELA_STAT_SLOTS * sizeof(vela_slot), 4096);
-    hdr->replicated = o->replicated > 0 ? (uint32_t)o->replicated : 0; /* -1 (not given): local */
+    hdr->topology = o->topology > 0 ? (uint32_t)o->topology : 0; /* -1 (not given): local */
     hdr->log_off = off;
     hdr->log_size = 0;
-    if (hdr->replicated != VELA_TOPOLOGY_LOCAL) { /* partitioned: the writes made in owned partitions */
+    if (hdr->topology != VELA_TOPOLOGY_LOCAL) { /* partitioned: the writes made in owned partitions */
         uint64_t mes = o->max_entry_size > 0 ? (uint64_t)o->max_entry_size : cap / 64;
         uint64_t log = cap / 8 > 4 * mes + 65536 ? cap / 8 : 4 * mes + 65536;
         hdr->log_size = align_up(log, 4096);
@@ -238,10 +238,10 @@ static vela_err check_agreement(const vela_header *h, const vela_options *o)
         n += (size_t)snprintf(diff + n, n < sizeof diff ? sizeof diff - n : 0,
                               "%seviction_policy=%s (segment has %s)", n ? ", " : "",
                               eviction_names[o->eviction], eviction_names[h->eviction]);
-    if (o->replicated >= 0 && (uint32_t)o->replicated != h->replicated)
+    if (o->topology >= 0 && (uint32_t)o->topology != h->topology)
         n += (size_t)snprintf(diff + n, n < sizeof diff ? sizeof diff - n : 0,
                               "%stopology=%s (segment is %s)", n ? ", " : "",
-                              vela_topology_name((uint32_t)o->replicated), vela_topology_name(h->replicated));
+                              vela_topology_name((uint32_t)o->topology), vela_topology_name(h->topology));
     if ((uint32_t)o->backend != h->backend)
         n += (size_t)snprintf(diff + n, n < sizeof diff ? sizeof diff - n : 0,
                               "%sbackend differs", n ? ", " : "");

@@ -12,8 +12,6 @@
 
 #include "vela.h"
 
-static inline vela_block *blk(const vela_table *t, uint32_t ref) { return (vela_block *)vela_at(t, ref); }
-
 /* Reclaim expired entries of buckets [from, from + n) of stripe s (locked). */
 static uint64_t sweep_buckets(vela_table *t, uint32_t s, uint32_t from, uint32_t n, int64_t now,
                               vela_err *err)

@@ -14,8 +14,6 @@
 
 #include "vela.h"
 
-static inline vela_block *blk(const vela_table *t, uint32_t ref) { return (vela_block *)vela_at(t, ref); }
-
 uint64_t vela_entry_block_size(size_t key_len, size_t value_len, size_t ntags)
 {
     uint64_t n = (uint64_t)VELA_ENTRY_OVERHEAD + (uint64_t)ntags * sizeof(vela_taglink) + key_len;
@@ -385,7 +383,7 @@ int vela_delete(vela_table *t, const vela_key *k, vela_err *err)
     uint32_t ref = vela_find(t, s, k, err);
     if (*err != VELA_OK) {
         ref = 0;
-    } else if (t->hdr->replicated == 1) {
+    } else if (t->hdr->topology == VELA_TOPOLOGY_REPLICATED) {
         /* A tombstone, even when the key is not here: its put may still be on its
          * way from another host, and this delete is newer than that put. */
         uint64_t version = vela_next_version(t);

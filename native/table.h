@@ -44,19 +44,24 @@
  *   - A header word `used` flips a block between free and used with one store.
  *
  * Lock order (see lock.c): stripe -> heap. Other stripes are only ever
- * try-locked while holding the heap (eviction), so no cycle can form.
+ * try-locked while holding the heap (eviction), so no cycle can form; and
+ * inspection try-locks with nothing held, never repairing (that needs the heap).
  */
 #ifndef VELA_TABLE_H
 #define VELA_TABLE_H
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 
 /* "VELA" + a byte-order witness: a segment of the other endianness reads as
  * another number and is refused as a layout mismatch. */
 #define VELA_MAGIC 0x56454C41A1B2C3D4ULL
-/* Layout version; bump on every change of this file. */
-#define VELA_FORMAT 3u /* 3: vela_stripe.repair_due */
+/* Layout version; bump on every change of this file. The compiler holds you to
+ * it: the size and alignment of every shared struct is asserted for this
+ * format at the end of the file, so a layout change fails to build until the
+ * format is bumped and the sizes there are updated. */
+#define VELA_FORMAT 3u /* 3: vela_stripe.repair_due; header field `topology` */
 #define VELA_READY 0x52454459u /* "REDY": set last by the creator */
 
 #define VELA_LINE 128         /* padding unit: two x86 lines (adjacent prefetch) */
@@ -65,9 +70,9 @@
 #define VELA_MAX_TAGS 32      /* tags per entry */
 #define VELA_STAT_SLOTS 256   /* processes with a private stats slot */
 #define VELA_MAX_STRIPES 4096
-#define VELA_LEASES_PER_STRIPE 8
+#define VELA_LEASES_PER_STRIPE 8 /* fetches in flight per stripe with stampede protection */
 #define VELA_TOMBSTONE_TTL_NS (300LL * 1000000000LL) /* how long a replicated delete is remembered */
-#define VELA_CLUSTER_BYTES 16384  /* cluster view: JSON written by the bridge */ /* fetches in flight per stripe with stampede protection */
+#define VELA_CLUSTER_BYTES 16384  /* cluster view: JSON written by the bridge */
 
 /* Topologies. A replicated cache logs every change its workers make, for the
  * bridge to send. A partitioned one is a table whose host owns some partitions,
@@ -231,9 +236,9 @@ typedef struct vela_header {
     uint64_t max_entry_size;  /* bytes of one entry block */
     /* where the regions start (bytes) */
     uint64_t stripes_off, buckets_off, tagbuckets_off, leases_off, slots_off, heap_off, heap_end;
-    uint64_t log_off, log_size; /* change log ring; size 0 unless replicated */
+    uint64_t log_off, log_size; /* change log ring; size 0 in a local cache */
     uint64_t cluster_off;
-    uint32_t replicated;      /* enum vela_topology (1: workers log their changes for the bridge) */
+    uint32_t topology;        /* enum vela_topology */
     uint32_t pad2_;
     int64_t created_ns;       /* CLOCK_REALTIME at creation */
     uint64_t header_check;    /* xxh3 of every field above: a damaged header is refused */
@@ -287,5 +292,33 @@ typedef struct vela_cluster {
     uint32_t len;
     char json[VELA_CLUSTER_BYTES - 8];
 } vela_cluster;
+
+/* ---- the layout of VELA_FORMAT, checked by the compiler ---------------------------
+ * Sizes are of x86-64 and aarch64 Linux; a process-shared mutex (pthread_mutex_t)
+ * differs between them, so what contains one is counted in vela_lock's size. */
+#if VELA_FORMAT != 3
+#error "VELA_FORMAT changed: update the layout sizes below to the new format's"
+#endif
+#define VELA_LAYOUT(type, size, align)                                                        \
+    _Static_assert(sizeof(type) == (size) && _Alignof(type) == (align),                      \
+                   #type " changed size or alignment: bump VELA_FORMAT, then update it here")
+VELA_LAYOUT(vela_block, 8, 4);
+VELA_LAYOUT(vela_free_block, 16, 4);
+VELA_LAYOUT(vela_entry, 40, 8);
+VELA_LAYOUT(vela_taglink, 16, 8);
+VELA_LAYOUT(vela_lock, sizeof(pthread_mutex_t) + 8, 8);
+VELA_LAYOUT(vela_stripe, VELA_LINE, VELA_LINE);
+VELA_LAYOUT(vela_lease, 40, 8);
+VELA_LAYOUT(vela_slot, VELA_LINE, VELA_LINE);
+VELA_LAYOUT(vela_heap_state, 1792 + sizeof(vela_lock), 8);
+VELA_LAYOUT(vela_header, 2600 + 3 * sizeof(vela_lock), 8);
+VELA_LAYOUT(vela_log_record, 32, 8);
+VELA_LAYOUT(vela_cluster, VELA_CLUSTER_BYTES, 4);
+/* Fields Python reads from the raw bytes before it maps a segment (vela/inspect.py). */
+_Static_assert(offsetof(vela_header, format) == 8 && offsetof(vela_header, ready) == 16,
+               "the identity fields moved: tools read them at fixed offsets");
+/* vela_stripe's fields must fit in its line whatever the mutex's size. */
+_Static_assert(offsetof(vela_stripe, repair_due) + sizeof(uint32_t) <= VELA_LINE, "vela_stripe outgrew its line");
+#undef VELA_LAYOUT
 
 #endif /* VELA_TABLE_H */

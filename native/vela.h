@@ -71,7 +71,7 @@ typedef struct vela_options {
     int64_t eviction;
     int backend;              /* enum vela_backend_kind; always given */
     int reinit_unready;       /* lay out a non-empty segment that never became READY */
-    int replicated;           /* -1 adopt, else enum vela_topology */
+    int topology;             /* -1 adopt, else enum vela_topology */
 } vela_options;
 
 #define VELA_DEFAULT_CAPACITY (64ull << 20)
@@ -101,6 +101,7 @@ static inline void *vela_at(const vela_table *t, uint32_t ref) { return t->base 
 static inline uint32_t vela_ref(const vela_table *t, const void *p) {
     return (uint32_t)(((const uint8_t *)p - t->base) >> 3);
 }
+static inline vela_block *blk(const vela_table *t, uint32_t ref) { return (vela_block *)vela_at(t, ref); }
 static inline uint32_t vela_block_size(const vela_block *b) { return b->size_flags & ~VELA_BLK_FLAGS; }
 static inline vela_entry *vela_entry_of(vela_block *b) { return (vela_entry *)(b + 1); }
 /* A tag link stores the tag's hash with its low byte replaced by the link's

@@ -32,8 +32,10 @@ __all__ = ["NoSuchCache", "NotATable", "attach", "segment_exists", "peek_identit
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_UNCHECKED = 0, 1, 2, 3
 
-CODECS = {0: "bytes", 1: "str", 2: "int", 3: "pickle", 4: "json", 5: "msgpack", 6: "custom"}
-EVICTION = {0: "lru", 1: "lfu", 2: "ttl_only"}
+CODECS = {_native.CODEC_BYTES: "bytes", _native.CODEC_STR: "str", _native.CODEC_INT: "int",
+          _native.CODEC_PICKLE: "pickle", _native.CODEC_JSON: "json", _native.CODEC_MSGPACK: "msgpack",
+          _native.CODEC_CUSTOM: "custom"}
+EVICTION = {_native.EVICT_LRU: "lru", _native.EVICT_LFU: "lfu", _native.EVICT_TTL_ONLY: "ttl_only"}
 # psutil statuses of a process that exists but cannot release a lock right now
 FROZEN = {psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP}
 
