@@ -4,13 +4,19 @@ import os
 
 from setuptools import Extension, setup
 
-# VELA_SANITIZE=address builds the core with AddressSanitizer (see README, "Testing").
+# VELA_SANITIZE=address[,undefined] builds the core with AddressSanitizer (and
+# UndefinedBehaviorSanitizer, which then stops at the first finding); VELA_WERROR=1
+# makes every warning an error (tools/sanitize.sh, tools/asan.sh; README, "Testing").
 sanitize = os.environ.get("VELA_SANITIZE", "")
 extra_compile = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-fno-strict-aliasing"]
 extra_link = []
+if os.environ.get("VELA_WERROR"):
+    extra_compile += ["-Werror"]
 if sanitize:
     extra_compile += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-O1", "-g"]
     extra_link += [f"-fsanitize={sanitize}"]
+    if "undefined" in sanitize.split(","):
+        extra_compile += ["-fno-sanitize-recover=undefined"]
 
 setup(
     ext_modules=[

@@ -4,6 +4,7 @@ Values are self-checking (key, sequence number, length and a digest of all of it
 torn or misplaced value is always detected by the reader that gets it.
 """
 import hashlib
+import importlib.util
 import os
 import random
 import signal
@@ -355,3 +356,27 @@ def test_lease_of_killed_fetcher_is_taken_over(cache_name):
     assert stored == "taken over"
     assert stats["stampede_timeouts"] == 0
     assert problems == []
+
+
+# --------------------------------------------------------------------------------------
+# the crash soak (tools/crash_soak.py), short: its long run makes 1,000+ kills
+
+
+def _load_soak():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "crash_soak.py")
+    spec = importlib.util.spec_from_file_location("crash_soak", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_crash_soak_short(cache_name):
+    """Random SIGKILLs of writers, every 5th at a stall point inside a put (each of
+    the five in turn), readers verifying all along; afterwards check() is clean and
+    every key reads and writes."""
+    soak = _load_soak()
+    summary, problems = soak.soak(cache_name, kills=150, seed=3, stall_every=5, log=lambda line: None)
+    assert problems == []
+    assert summary["kills"] == 150 and summary["stall_kills"] == 30
+    assert summary["torn"] == 0 and summary["reads"] > 1000
+    assert summary["lock_recoveries"] >= 30  # every stall kill left a lock to repair
