@@ -29,7 +29,7 @@ size_t vela_cluster_read(const vela_table *t, char out[VELA_CLUSTER_BYTES])
         uint32_t seq = __atomic_load_n(&c->seq, __ATOMIC_ACQUIRE);
         if (seq & 1)
             continue;
-        uint32_t len = c->len < sizeof c->json ? c->len : 0;
+        uint32_t len = c->len <= sizeof c->json ? c->len : 0; /* a torn length: none */
         memcpy(out, c->json, len);
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         if (__atomic_load_n(&c->seq, __ATOMIC_RELAXED) == seq)

@@ -35,19 +35,17 @@ int vela_sample_stripe(vela_table *t, uint32_t s, uint32_t max, vela_sample_fn f
         return -1; /* busy, or left by a dead owner: its repair needs the heap lock */
     int64_t now = vela_now(t);
     uint32_t n = 0;
+    int failed = 0;
     uint32_t *buckets = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];
-    for (uint32_t i = 0; i <= t->bucket_mask && n < max; i++)
-        for (uint32_t ref = buckets[i]; ref && n < max;) {
+    for (uint32_t i = 0; i <= t->bucket_mask && n < max && !failed; i++)
+        for (uint32_t ref = buckets[i]; ref && n < max && !failed;) {
             vela_entry *e = vela_entry_of(blk(t, ref));
             if (!vela_is_expired(t, e, now) && e->codec != VELA_CODEC_TOMBSTONE) {
-                if (fn(ctx, e, now) < 0) {
-                    vela_stripe_unlock(t, s);
-                    return -2;
-                }
+                failed = fn(ctx, e, now) < 0;
                 n++;
             }
             ref = e->next;
         }
     vela_stripe_unlock(t, s);
-    return (int)n;
+    return failed ? -2 : (int)n;
 }

@@ -196,7 +196,9 @@ static PyMethodDef handle_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-/* Every file's methods, in one table for the type (filled by PyInit). */
+/* Every file's methods, in one table for the type (filled by PyInit). The
+ * bridge's methods are also on BridgeTable, the bridge's own type: they stay on
+ * Table only until the bridge opens its table as a BridgeTable. */
 static PyMethodDef *const method_tables[] = {
     handle_methods, bind_table_methods, bind_batch_methods, bind_near_methods, bind_lease_methods,
     bind_inspect_methods, bind_bridge_methods, bind_route_methods, bind_testhook_methods,
@@ -229,6 +231,18 @@ static PyTypeObject TableType = {
     .tp_dealloc = (destructor)Table_dealloc,
     .tp_methods = Table_methods,
     .tp_getset = Table_getset,
+};
+
+/* The bridge's table: a Table (same constructor) with the change log reader,
+ * apply_*, snapshots and partition moves, which workers have no use for. */
+static PyTypeObject BridgeTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vela._native.BridgeTable",
+    .tp_basicsize = sizeof(TableObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The table as the vela-bridge opens it (internal).",
+    .tp_base = &TableType,
+    .tp_methods = bind_bridge_methods,
 };
 
 /* encode_key(key) -> bytes: the canonical encoding (the bridge routes by it). */
@@ -301,14 +315,13 @@ static const struct { const char *name; long value; } constants[] = {
 
 PyMODINIT_FUNC PyInit__native(void)
 {
-    if (compose_methods() < 0 || PyType_Ready(&TableType) < 0)
+    if (compose_methods() < 0 || PyType_Ready(&TableType) < 0 || PyType_Ready(&BridgeTableType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m)
         return NULL;
-    Py_INCREF(&TableType);
-    if (PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0) {
-        Py_DECREF(&TableType);
+    if (PyModule_AddObjectRef(m, "Table", (PyObject *)&TableType) < 0 ||
+        PyModule_AddObjectRef(m, "BridgeTable", (PyObject *)&BridgeTableType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -54,19 +54,19 @@ vela_err vela_scan(vela_table *t, uint64_t *cursor, uint32_t max, vela_scan_fn f
         if (err != VELA_OK)
             return err;
         uint32_t *buckets = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];
-        for (; b <= t->bucket_mask && n < max; b++)
-            for (uint32_t ref = buckets[b]; ref;) {
+        int failed = 0;
+        for (; b <= t->bucket_mask && n < max && !failed; b++)
+            for (uint32_t ref = buckets[b]; ref && !failed;) {
                 vela_entry *e = vela_entry_of(blk(t, ref));
                 if (!vela_is_expired(t, e, now)) {
-                    if (fn(ctx, e, now) < 0) {
-                        vela_stripe_unlock(t, s);
-                        return vela_fail(VELA_EINVAL, "snapshot callback failed");
-                    }
+                    failed = fn(ctx, e, now) < 0;
                     n++;
                 }
                 ref = e->next;
             }
         vela_stripe_unlock(t, s);
+        if (failed)
+            return VELA_ECALLER;
         if (b > t->bucket_mask) {
             s++;
             b = 0;

@@ -413,11 +413,7 @@ static vela_err remove_where(vela_table *t, entry_pred doomed, const void *ctx, 
             return err;
         if (void_fills)
             __atomic_add_fetch(&t->stripes[s].inval_seq, 1, __ATOMIC_RELEASE);
-        if (t->stripes[s].entries) {
-            if ((err = vela_heap_lock(t)) != VELA_OK) {
-                vela_stripe_unlock(t, s);
-                return err;
-            }
+        if (t->stripes[s].entries && (err = vela_heap_lock(t)) == VELA_OK) {
             vela_write_begin(t, s);
             uint32_t *first = &t->buckets[(uint64_t)s * (t->bucket_mask + 1)];
             for (uint32_t i = 0; i <= t->bucket_mask; i++)
@@ -433,6 +429,8 @@ static vela_err remove_where(vela_table *t, entry_pred doomed, const void *ctx, 
             vela_heap_unlock(t);
         }
         vela_stripe_unlock(t, s);
+        if (err != VELA_OK)
+            return err;
     }
     return VELA_OK;
 }
@@ -479,7 +477,7 @@ vela_err vela_invalidate_tag_counted(vela_table *t, uint64_t tag, uint64_t below
         if (err != VELA_OK)
             return err;
         uint32_t link = *head;
-        while (link) {
+        while (link && err == VELA_OK) {
             vela_taglink *tl = (vela_taglink *)vela_at(t, link);
             uint32_t next = tl->next;
             if ((tl->tag & VELA_TAG_MASK) == (tag & VELA_TAG_MASK)) {
@@ -502,6 +500,8 @@ vela_err vela_invalidate_tag_counted(vela_table *t, uint64_t tag, uint64_t below
             link = next;
         }
         vela_stripe_unlock(t, s);
+        if (err != VELA_OK)
+            return err; /* the entries removed so far stay removed */
     }
     if (t->stats_enabled)
         vela_count(t, VELA_STAT_INVALIDATIONS, *removed);
