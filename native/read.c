@@ -71,12 +71,18 @@ vela_read_result vela_find_unlocked(const vela_table *t, uint32_t s, const vela_
     return VELA_READ_ABSENT;
 }
 
+static int copy_entry(void *ctx, vela_entry *e, int64_t now)
+{
+    const vela_reader *reader = ctx;
+    (void)now;
+    return reader->copy(reader->ctx, e->codec, vela_value_of(e), e->value_len);
+}
+
 vela_err vela_read_locked(vela_table *t, uint32_t ref, const vela_reader *reader)
 {
     vela_block *b = blk(t, ref);
-    vela_entry *e = vela_entry_of(b);
     vela_mark_access(t, b);
-    return reader->copy(reader->ctx, e->codec, vela_value_of(e), e->value_len) < 0 ? VELA_ECALLER : VELA_OK;
+    return copy_entry((void *)reader, vela_entry_of(b), 0) < 0 ? VELA_ECALLER : VELA_OK;
 }
 
 /* Lock-free attempts before a lookup takes the stripe lock: enough to ride out
@@ -113,15 +119,7 @@ vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader
         *found = 1;
         return VELA_OK;
     }
-    vela_err err = vela_stripe_lock(t, s);
-    if (err != VELA_OK)
-        return err;
-    uint32_t ref = vela_find(t, s, k, &err);
-    if (ref && reader)
-        err = vela_read_locked(t, ref, reader);
-    vela_stripe_unlock(t, s);
-    *found = ref != 0;
-    return err;
+    return vela_with_entry(t, k, reader ? copy_entry : NULL, (void *)reader, found);
 }
 
 vela_err vela_with_entry(vela_table *t, const vela_key *k, vela_scan_fn fn, void *ctx, int *found)
@@ -131,7 +129,7 @@ vela_err vela_with_entry(vela_table *t, const vela_key *k, vela_scan_fn fn, void
     if (err != VELA_OK)
         return err;
     uint32_t ref = vela_find(t, s, k, &err);
-    if (ref) {
+    if (ref && fn) {
         vela_block *b = blk(t, ref);
         vela_mark_access(t, b);
         if (fn(ctx, vela_entry_of(b), vela_now(t)) < 0)

@@ -313,7 +313,8 @@ typedef struct vela_reader {
  * reader NULL: only whether it is there. *found 1/0; VELA_ECALLER when copy failed. */
 vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader, int *found);
 /* Call fn(ctx, entry, now) on k's live entry under its stripe lock, marking
- * the access (the bridge's raw read). *found; VELA_ECALLER when fn failed. */
+ * the access (the bridge's raw read; fn NULL: only whether it is there).
+ * *found; VELA_ECALLER when fn failed. */
 vela_err vela_with_entry(vela_table *t, const vela_key *k, vela_scan_fn fn, void *ctx, int *found);
 /* Copy the value of entry `ref` of stripe s (locked) out, marking the access. */
 vela_err vela_read_locked(vela_table *t, uint32_t ref, const vela_reader *reader);

@@ -3,12 +3,10 @@
 Values are self-checking (key, sequence number, length and a digest of all of it), so a
 torn or misplaced value is always detected by the reader that gets it.
 """
-import hashlib
 import importlib.util
 import os
 import random
 import signal
-import struct
 import time
 
 import pytest
@@ -16,30 +14,19 @@ import pytest
 import vela
 from conftest import FORK, Child, collect, run_in_child
 
-HEADER = struct.Struct("<4sHQI")          # magic, key length, sequence, payload length
-MAGIC = b"VELA"
-DIGEST = 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_value(key, seq, size):
-    kb = key.encode()
-    payload = (seq.to_bytes(8, "little") * (size // 8 + 1))[:size]
-    body = HEADER.pack(MAGIC, len(kb), seq, size) + kb + payload
-    return body + hashlib.blake2b(body, digest_size=DIGEST).digest()
+def _load_soak():
+    """tools/crash_soak.py, whose self-checking values these tests use too."""
+    spec = importlib.util.spec_from_file_location("crash_soak", os.path.join(ROOT, "tools", "crash_soak.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def is_valid(key, value):
-    """True when value is a complete value written by make_value for this key."""
-    if type(value) is not bytes or len(value) < HEADER.size + DIGEST:
-        return False
-    body, digest = value[:-DIGEST], value[-DIGEST:]
-    if hashlib.blake2b(body, digest_size=DIGEST).digest() != digest:
-        return False
-    magic, klen, seq, size = HEADER.unpack_from(body)
-    kb = key.encode()
-    return (magic == MAGIC and klen == len(kb) and len(body) == HEADER.size + klen + size
-            and body[HEADER.size:HEADER.size + klen] == kb
-            and body[HEADER.size + klen:] == (seq.to_bytes(8, "little") * (size // 8 + 1))[:size])
+SOAK = _load_soak()
+make_value, is_valid = SOAK.make_value, SOAK.is_valid
 
 
 def test_value_checker_detects_tearing():
@@ -148,32 +135,14 @@ def _kill_inside_put(cache_name, phase, overwrite):
 # --------------------------------------------------------------------------------------
 # random kills of writers while readers verify everything they read
 
-POOL = 2000
+POOL = SOAK.POOL
 WRITERS = 3
 READERS = 2
 KILL_PHASE = 25.0
 STALLS_PER_PHASE = 3
 
 
-def _writer(name, seed):
-    rng = random.Random(seed)
-    c = vela.Cache(name)
-    seq = seed * 1_000_000_000
-    while True:
-        seq += 1
-        key = f"k:{rng.randrange(POOL)}"
-        value = make_value(key, seq, rng.randint(30, 8000))
-        r = rng.random()
-        if r < 0.08:
-            c.delete(key)
-        elif r < 0.12:
-            c.put(key, value, tags=["w", f"w{seq % 7}"])
-        elif r < 0.14:
-            c.put(key, value, ttl=0.3)
-        elif r < 0.1405:
-            c.invalidate_tag(f"w{seq % 7}")
-        else:
-            c.put(key, value)
+_writer = SOAK.writer  # puts, overwrites, deletes, tags, expiries over SOAK.POOL keys
 
 
 def _reader(name, seed, baseline, stop):
@@ -362,20 +331,11 @@ def test_lease_of_killed_fetcher_is_taken_over(cache_name):
 # the crash soak (tools/crash_soak.py), short: its long run makes 1,000+ kills
 
 
-def _load_soak():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "crash_soak.py")
-    spec = importlib.util.spec_from_file_location("crash_soak", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_crash_soak_short(cache_name):
     """Random SIGKILLs of writers, every 5th at a stall point inside a put (each of
     the five in turn), readers verifying all along; afterwards check() is clean and
     every key reads and writes."""
-    soak = _load_soak()
-    summary, problems = soak.soak(cache_name, kills=150, seed=3, stall_every=5, log=lambda line: None)
+    summary, problems = SOAK.soak(cache_name, kills=150, seed=3, stall_every=5, log=lambda line: None)
     assert problems == []
     assert summary["kills"] == 150 and summary["stall_kills"] == 30
     assert summary["torn"] == 0 and summary["reads"] > 1000

@@ -135,9 +135,12 @@ def verify(name, baseline):
 
 
 def kill(proc):
+    """SIGKILL proc (if it still runs), reap it and release what the handle holds."""
     if proc.is_alive():
         os.kill(proc.pid, signal.SIGKILL)
     proc.join(10)
+    if proc.exitcode is not None:
+        proc.close()
 
 
 def stall_and_kill(name, phase, key, value):
@@ -210,6 +213,7 @@ def soak(name, kills, seed, writers=3, readers=2, stall_every=10, log=print):
             results.append(r.recv())
         else:
             problems.append("a reader did not report")
+        r.close()
         kill(p)
     for res in results:
         if res["torn"] or res["base_bad"]:
