@@ -299,8 +299,8 @@ static struct PyModuleDef native_module = {
 /* The C core's numbers Python needs, from the one place they are defined
  * (table.h, vela.h): Python code uses these names, never the bare ints. */
 #define C(prefix, name) {#name, prefix##name}
-static const struct { const char *name; long value; } constants[] = {
-    {"MAX_KEY", VELA_MAX_KEY}, {"MAX_TAGS", VELA_MAX_TAGS}, {"ENTRY_OVERHEAD", (long)VELA_ENTRY_OVERHEAD},
+static const struct { const char *name; unsigned long long value; } constants[] = {
+    {"MAGIC", VELA_MAGIC}, {"READY", VELA_READY}, {"MAX_KEY", VELA_MAX_KEY}, {"MAX_TAGS", VELA_MAX_TAGS}, {"ENTRY_OVERHEAD", (long)VELA_ENTRY_OVERHEAD},
     {"FORMAT", VELA_FORMAT}, {"CLUSTER_BYTES", sizeof(((vela_cluster *)0)->json)},
     C(VELA_, CODEC_BYTES), C(VELA_, CODEC_STR), C(VELA_, CODEC_INT), C(VELA_, CODEC_PICKLE),
     C(VELA_, CODEC_JSON), C(VELA_, CODEC_MSGPACK), C(VELA_, CODEC_CUSTOM), C(VELA_, CODEC_TOMBSTONE),
@@ -325,11 +325,15 @@ PyMODINIT_FUNC PyInit__native(void)
         Py_DECREF(m);
         return NULL;
     }
-    for (size_t i = 0; i < sizeof constants / sizeof *constants; i++)
-        if (PyModule_AddIntConstant(m, constants[i].name, constants[i].value) < 0) {
+    for (size_t i = 0; i < sizeof constants / sizeof *constants; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(constants[i].value);
+        int rc = v ? PyModule_AddObjectRef(m, constants[i].name, v) : -1;
+        Py_XDECREF(v);
+        if (rc < 0) {
             Py_DECREF(m);
             return NULL;
         }
+    }
     pthread_atfork(NULL, NULL, bind_after_fork);
     return m;
 }

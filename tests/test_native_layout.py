@@ -22,6 +22,7 @@ def test_enums_come_from_the_core():
             _native.FETCH_BUSY] == [0, 1, 2, 3, 4]
     assert (_native.BACKEND_SHM, _native.BACKEND_FILE) == (0, 1)
     assert _native.MAX_KEY == 1024 and _native.MAX_TAGS == 32
+    assert _native.MAGIC == 0x56454C41A1B2C3D4 and _native.READY == 0x52454459  # "VELA", "REDY"
 
 
 def test_a_segment_records_the_format_of_the_core_that_made_it(cache):

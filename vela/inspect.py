@@ -60,8 +60,8 @@ class NotATable(VelaError):
 # offset 0): u64 magic, u32 format, u32 header_size, u32 ready. They are checked
 # before anything else of a segment is trusted, so they do not move between formats.
 _IDENTITY = struct.Struct("<QIII")
-_MAGIC = 0x56454C41A1B2C3D4
-_READY = 0x52454459
+_MAGIC = _native.MAGIC
+_READY = _native.READY
 
 
 def segment_exists(name):
