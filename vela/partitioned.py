@@ -247,11 +247,22 @@ class PartitionedCache(Cache):
             members = [n for n in view.members if n in view.addrs and n not in replies]
             results = self._links.request_all([(view.addrs[n], dict(fields, op=op)) for n in members],
                                               view.epoch, deadline)
+            results = [self._unsettled(n, r) for n, r in zip(members, results)]
             failed = [r for r in results if isinstance(r, BridgeUnavailable)]
             replies.update((n, self._checked(r)) for n, r in zip(members, results) if isinstance(r, dict))
             if not failed:
                 return list(replies.values())
             self._pause_or_raise(deadline, failed[0])
+
+    def _unsettled(self, node, reply):
+        """A member's reply to a request about many keys or a total; a BridgeUnavailable
+        (asked again, by a fresh table, until the deadline) when it answered "retry" (no
+        partition table yet) or "moved" (the table changed under the request): such a
+        reply carries no result and must never count as one."""
+        if isinstance(reply, dict) and ("retry" in reply or "moved" in reply):
+            return BridgeUnavailable(f"cache {self.name!r}: member {node} could not answer yet: "
+                                     f"{reply.get('retry') or 'its partition table changed'}")
+        return reply
 
     def _pause_or_raise(self, deadline, error):
         """Before asking again: a short pause, or ``error`` once the deadline has passed."""
@@ -278,6 +289,7 @@ class PartitionedCache(Cache):
                                               view.epoch, deadline)
             pending, error = [], None
             for (n, batch), reply in zip(reachable, results):
+                reply = self._unsettled(n, reply)
                 if isinstance(reply, BridgeUnavailable):
                     pending += batch
                     error = reply
