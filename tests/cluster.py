@@ -700,7 +700,8 @@ class Agent:
         fields = dict(fields)
         if "k_str" in fields:
             fields["k"] = _native.encode_key(fields.pop("k_str"))
-        reply = self.cache._links.request(addr, fields, self.cache._view().epoch)
+        epoch = fields.pop("e", None)  # (the partition table epoch to claim; default: the host's)
+        reply = self.cache._links.request(addr, fields, self.cache._view().epoch if epoch is None else epoch)
         return {k: v.hex() if isinstance(v, bytes) else v for k, v in reply.items()}
 
     def op_hold_fetch(self, key):
@@ -751,6 +752,10 @@ class Agent:
         """What this host's table holds under ``key`` (an owned entry or a copy)."""
         value = self.cache._table.get(key, None)
         return [self.cache._table.contains(key), value]
+
+    def op_local_has(self, key):
+        """Whether this host's table holds ``key`` (any entry: owned, backup or L1 copy)."""
+        return self.cache._table.contains(key)
 
     def op_owner(self, key):
         """(owner node id, partition) of ``key`` by this host's partition table."""
