@@ -1508,6 +1508,20 @@ static PyObject *Table_next_version(TableObject *self, PyObject *Py_UNUSED(ignor
     return PyLong_FromUnsignedLongLong(vela_next_version(&self->t));
 }
 
+/* ---- partitioned topology (parts): observe(version) ----------------------------
+ * The clock observes a version another host gave (a reply to a write, a heartbeat),
+ * so the next write here is newer than it whatever the wall clocks say. */
+static PyObject *Table_observe(TableObject *self, PyObject *arg)
+{
+    READY_OR_NULL(self);
+    unsigned long long version = PyLong_AsUnsignedLongLong(arg);
+    if (version == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    vela_observe_version(&self->t, version);
+    Py_RETURN_NONE;
+}
+/* ---- end partitioned topology (parts) ------------------------------------------ */
+
 /* set_cluster(json_bytes): the bridge publishes the cluster view. */
 static PyObject *Table_set_cluster(TableObject *self, PyObject *arg)
 {
@@ -1738,6 +1752,7 @@ static PyMethodDef Table_methods[] = {
     {"partition_counts", (PyCFunction)Table_partition_counts, METH_O, "partition_counts(parts) -> [entries]"},
     {"drop_partitions", (PyCFunction)Table_drop_partitions, METH_VARARGS, "drop_partitions(parts, flags) -> removed"},
     {"next_version", (PyCFunction)Table_next_version, METH_NOARGS, "a new version (HLC)"},
+    {"observe", (PyCFunction)Table_observe, METH_O, "observe(version): the clock moves past it (partitioned)"},
     {"set_cluster", (PyCFunction)Table_set_cluster, METH_O, "bridge: publish the cluster view"},
     {"cluster", (PyCFunction)Table_cluster, METH_NOARGS, "the cluster view (bytes)"},
     {"cluster_seq", (PyCFunction)Table_cluster_seq, METH_NOARGS, "changes with every new view"},

@@ -231,6 +231,9 @@ class PartitionedCache(Cache):
                 addr = view.addrs.get(view.owners[p], addr)
 
     def _checked(self, reply):
+        ver = reply.get("ver")
+        if type(ver) is int and 0 < ver < 2**64:
+            self._table.observe(ver)  # the owner's clock: a write made here next is newer (HLC)
         err = reply.get("err")
         if err is not None:
             raise _ERRORS.get(err, BridgeUnavailable)(reply.get("msg", err))

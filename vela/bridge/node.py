@@ -389,7 +389,7 @@ class Bridge:
     def _on_brec(self, member, msg):
         parts = self._partitions(msg)
         if parts is not None:
-            parts.on_brec(member.node_id, msg["inc"], msg["seq"], msg["recs"])
+            parts.on_brec(member.node_id, msg["inc"], msg["seq"], msg["recs"], msg.get("clk", 0))
 
     def _on_brepair(self, member, msg):
         parts = self._partitions(msg)

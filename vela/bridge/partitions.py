@@ -490,12 +490,14 @@ class Partitions:
 
     # ---- backups and invalidations ----------------------------------------------------
 
-    def on_brec(self, origin, inc, seq, records):
+    def on_brec(self, origin, inc, seq, records, clock=0):
         """Backup copies of an owner's writes, with the owner's versions (which the table's
         clock observes, so a promoted copy is newer than nothing the owner wrote before).
         ``seq`` numbers the owner's record messages to us (an empty one repeats the last
         number every heartbeat): a gap, or an owner incarnation we never had a full copy
         from, asks the owner for a full copy again."""
+        if clock:
+            self.table.observe(clock)  # (an owner's clock: a backup promoted later writes past it)
         got = self.bgot.get((origin, inc))
         if got is None:
             gap = seq != 0 or bool(records)
@@ -542,7 +544,7 @@ class Partitions:
             for chunk in [recs[i:i + 2000] for i in range(0, len(recs), 2000)] or [[]]:
                 if chunk:
                     self.bseq[b] = self.bseq.get(b, 0) + 1
-                out.append((b, dict(c=self.name, recs=chunk, seq=self.bseq.get(b, 0))))
+                out.append((b, dict(c=self.name, recs=chunk, seq=self.bseq.get(b, 0), clk=self.table.next_version())))
         return out
 
     def take_repairs(self):
@@ -629,7 +631,15 @@ class Partitions:
 
     def serve(self, msg, addr_of, conn_id=None):
         """Answer one worker request (a dict); ``addr_of(node)`` gives a member's address;
-        ``conn_id`` names the connection it came on (a lease dies with it)."""
+        ``conn_id`` names the connection it came on (a lease dies with it). Every reply
+        carries this member's clock ("ver"): the worker's table observes it, so what the
+        worker writes next (in place, on its host) is newer than what it saw here, whatever
+        the two hosts' wall clocks say."""
+        reply = self._serve(msg, addr_of, conn_id)
+        reply["ver"] = self.table.next_version()
+        return reply
+
+    def _serve(self, msg, addr_of, conn_id):
         self.conn_id = conn_id
         self.stats["requests"] += 1
         op = msg["op"]

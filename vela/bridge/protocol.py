@@ -386,6 +386,8 @@ def _partitions(msg):
 def _check_brec(msg):
     _str(msg, "c")
     _int(msg, "seq", 0, 2**63)
+    if "clk" in msg:
+        _version(msg["clk"])
     for r in _list(msg, "recs", MAX_RECORDS):
         if not isinstance(r, list) or len(r) != 6:
             raise Malformed("a backup record is [key, value, codec, ttl, tags, version] "
