@@ -634,7 +634,13 @@ class Partitions:
         ``conn_id`` names the connection it came on (a lease dies with it). Every reply
         carries this member's clock ("ver"): the worker's table observes it, so what the
         worker writes next (in place, on its host) is newer than what it saw here, whatever
-        the two hosts' wall clocks say."""
+        the two hosts' wall clocks say; a request carries the worker's clock ("clk"), which
+        this member's clock observes before it writes (the two make a hybrid logical clock
+        that follows the worker from host to host)."""
+        if msg.get("clk"):
+            # The worker's clock: what this member writes for it now is newer than anything
+            # the worker wrote or saw before (in place on its host, or on another member).
+            self.table.observe(msg["clk"])
         reply = self._serve(msg, addr_of, conn_id)
         reply["ver"] = self.table.next_version()
         return reply

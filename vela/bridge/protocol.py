@@ -311,6 +311,8 @@ def _check_req(msg):
     _str(msg, "c")
     _int(msg, "id", 0, 2**63)
     _int(msg, "e", 0, 2**63)
+    if "clk" in msg:  # the worker's clock (partitioned: the owner's clock observes it)
+        _version(msg["clk"])
     op = msg.get("op")
     if op not in REQUEST_OPS:
         raise Malformed(f"unknown request op {op!r}")
