@@ -819,7 +819,7 @@ class Bridge:
             replica.commit()
             replica.cache.close()
         for parts in self.partitioned.values():
-            parts.table.set_cluster(b"")  # no bridge: workers see it at once
+            parts.table.set_cluster(parts.closing_view())  # no table: workers see it at once
             parts.cache.close()
         if self.dataport is not None:
             self.dataport.close()

@@ -154,7 +154,7 @@ class Partitions:
         self.flush_mark = max(self.flush_mark, view.get("flushmark") or 0)
         owners, backups = view.get("owners"), view.get("backups")
         if owners is None and view.get("held"):
-            owners, backups = view["held"]  # it restarted and died again before it had a table
+            owners, backups = view["held"]  # it exited (closing_view), or died before it had a table
         if isinstance(owners, list) and len(owners) == self.parts:
             # What it was still handing off counts as held: it may be the only copy of writes.
             handing = set(view.get("handing") or ())
@@ -833,6 +833,15 @@ class Partitions:
                     incoming=len(self.incoming), outgoing=len(self.outgoing), streams=len(self.streams),
                     leases=len(self.leases),
                     ready=self.owners is not None and not self.incoming)
+
+    def closing_view(self):
+        """The view a bridge leaves in the segment when it exits: no table to route by (its
+        workers stop writing in place at once), but what this host held and the marks,
+        for the next bridge of the host to take back."""
+        held = [self.owners, self.backup_of] if self.owners is not None else self.prev
+        return json.dumps({"topology": "partitioned", "owners": None, "held": held,
+                           "handing": sorted(self.outgoing), "marks": self.mark_list(MARKS_PUBLISHED),
+                           "flushmark": self.flush_mark}).encode()
 
     def view(self):
         """What workers route by (written into the segment's cluster view)."""
