@@ -116,3 +116,75 @@ def test_a_bridge_restarted_at_once_keeps_its_table_and_totals_wait_for_it(clust
     assert c.size() == 900  # not KeyError 'ok', not a part missing
     assert dict(c.call("get_many", keys=KEYS[:900])) == {k: i for i, k in enumerate(KEYS[:900])}
     assert b.status()["caches"][cluster3.name]["kept"] > 0
+
+
+# --------------------------------------------------------------------------------------
+# one member's Partitions, in this process (no network): the rules themselves
+
+
+class _Node:
+    node_id = 1
+    ring_epoch = 1
+
+
+@pytest.fixture
+def parts(monkeypatch):
+    import uuid
+
+    import vela
+    from vela.bridge.partitions import Partitions
+
+    monkeypatch.setenv("VELA_NAMESPACE", f"vr{uuid.uuid4().hex[:8]}")
+    cache = vela.Cache(f"p{uuid.uuid4().hex[:8]}", capacity="8MiB", topology="partitioned", sweep_interval=None)
+    try:
+        p = Partitions(cache.name, cache, _Node(), backups=1)
+        p.set_ring([1, 2, 3], {1, 2, 3})
+        yield p
+    finally:
+        cache.destroy()
+
+
+def _key_of(parts, pick):
+    return next(_native.encode_key(k) for k in KEYS if pick(partition_of(_native.encode_key(k), parts.parts)))
+
+
+def test_member_restarted_copies_our_backups_on_it_again(parts):
+    parts.sync_backups()
+    on_2 = {p for p, b in parts.backup_synced.items() if b == 2}
+    assert on_2
+    parts.streams = []  # (the copies were sent and taken)
+    parts.member_restarted(2)
+    again = [s for s in parts.streams if s.target == 2 and s.role == "backup"]
+    assert len(again) == 1 and again[0].ps == on_2
+    assert not [s for s in parts.streams if s.target == 3]  # the other backup keeps its copy
+
+
+def test_a_handoff_carries_tombstones_and_marks_that_win_over_older_copies(parts):
+    table = parts.table
+    mine = _key_of(parts, parts.mine)
+    other = _key_of(parts, lambda p: not parts.mine(p) and parts.backup_of[p] != parts.me)
+    tag = _native.tag_hash("t")
+    old = table.next_version()
+    table.apply_put(mine, b"\x80old", 3, 0, [tag], old)
+    # a stream from member 2 (chunk 0, the last): a tombstone newer than our put, a mark
+    # newer than an entry it carries with the tag
+    p = partition_of(mine, parts.parts)
+    newer = table.next_version() + 1000
+    taken = parts.on_hand(2, 7, dict(c=parts.name, sid=1, n=0, role="own", ps=[p], last=True, entries=[],
+                                     vers=[], tombs=[[mine, newer]], marks=[[tag, newer + 5]], fm=0))
+    assert taken == [p]
+    assert table.get_raw(mine) is None  # the delete won
+    # an older put of the key arriving later is refused by the tombstone
+    parts.on_hand(2, 7, dict(c=parts.name, sid=2, n=0, role="own", ps=[p], last=True,
+                             entries=[[mine, b"\x80late", 3, 0, []]], vers=[newer - 1], tombs=[]))
+    assert table.get_raw(mine) is None
+    # the mark: an entry with the tag older than it is refused, a newer one kept
+    assert parts.killed([tag], newer) and not parts.killed([tag], newer + 6)
+    assert parts.on_brec(3, 9, 0, []) is None and parts.repairs == set()  # no records yet: no gap
+    parts.on_brec(3, 9, 1, [[other, b"\x80x", 3, 0, [tag], newer]])
+    assert table.get_raw(other) is None  # older than the mark: not kept
+    parts.on_brec(3, 9, 2, [[other, b"\x80y", 3, 0, [tag], newer + 6]])
+    assert table.get_raw(other)[0] == b"\x80y"  # newer: kept
+    assert parts.repairs == set()
+    parts.on_brec(3, 9, 4, [[other, b"\x80z", 3, 0, [], newer + 7]])  # seq 3 never came
+    assert parts.repairs == {3}
