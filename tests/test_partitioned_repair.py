@@ -20,8 +20,18 @@ from vela.ring import partition_of  # noqa: E402
 KEYS = [f"key:{i}" for i in range(3000)]
 
 
+@pytest.fixture(scope="module")
+def cluster3(tmp_path_factory):
+    """One cluster for the tests below (each leaves it as it found it)."""
+    c = make_cluster(tmp_path_factory.mktemp("repair"), backups=1)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
 @pytest.fixture
-def cluster3(tmp_path):
+def cluster_own(tmp_path):
     c = make_cluster(tmp_path, backups=1)
     try:
         yield c
@@ -107,15 +117,15 @@ def test_a_write_routed_by_an_older_table_is_answered_retry(cluster3):
     assert a.get(key) is None
 
 
-def test_a_bridge_restarted_at_once_keeps_its_table_and_totals_wait_for_it(cluster3):
-    a, b, c = cluster3
+def test_a_bridge_restarted_at_once_keeps_its_table_and_totals_wait_for_it(cluster_own):
+    a, b, c = cluster_own
     a.put_many([(k, i) for i, k in enumerate(KEYS[:900])])
     assert a.size() == 900
     b.kill_bridge()
     b.restart_bridge()  # (it answers "retry" to totals until it has a table)
     assert c.size() == 900  # not KeyError 'ok', not a part missing
     assert dict(c.call("get_many", keys=KEYS[:900])) == {k: i for i, k in enumerate(KEYS[:900])}
-    assert b.status()["caches"][cluster3.name]["kept"] > 0
+    assert b.status()["caches"][cluster_own.name]["kept"] > 0
 
 
 # --------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ from .protocol import PUT
 TOMBSTONE = 7           # the codec of a delete kept as a tombstone (native/table.h)
 MARK_TTL = 300.0        # seconds a tag or flush mark is kept (as long as a tombstone)
 MARKS_PUBLISHED = 64    # newest marks written into the cluster view (its size is bounded)
+MARKS_KEPT = 10_000     # marks remembered (and sent at the head of a stream) at most: the oldest go first
 
 log = logging.getLogger("vela.bridge")
 
@@ -461,6 +462,8 @@ class Partitions:
         if known is not None and known[0] >= version:
             return
         self.marks[tag] = (version, time.monotonic() + MARK_TTL)
+        if len(self.marks) > MARKS_KEPT:
+            self.marks = {t: m for t, m in sorted(self.marks.items(), key=lambda tm: -tm[1][0])[:MARKS_KEPT]}
         if apply:
             self.table.apply_tag(tag, version)
 
