@@ -64,6 +64,9 @@ def _ephemeral_range():
         return 32768, 60999
 
 
+_GIVEN = set()  # ports free_port returned in this process: never twice
+
+
 def free_port():
     """A TCP port on loopback that nothing listens on right now, taken below the
     kernel's ephemeral range: the outgoing connections of every test (workers to
@@ -75,11 +78,14 @@ def free_port():
     lo, _ = _ephemeral_range()
     for _ in range(200):
         port = random.randrange(max(1024, lo - 12000), lo)
+        if port in _GIVEN:
+            continue  # (given to a host of this run whose bridge is not bound yet, or down)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _GIVEN.add(port)
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
