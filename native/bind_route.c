@@ -130,6 +130,19 @@ static PyObject *Table_decode_value(TableObject *self, PyObject *args)
     return raw ? vela_decode_finish((uint8_t)codec, raw, self->loaders) : NULL;
 }
 
+/* observe(version): the clock moves past a version another host gave (a bridge's
+ * reply to a write), so this host's next write is newer than it whatever the wall
+ * clocks say (partitioned topology). */
+static PyObject *Table_observe(TableObject *self, PyObject *arg)
+{
+    READY_OR_NULL(self);
+    unsigned long long version = PyLong_AsUnsignedLongLong(arg);
+    if (version == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    vela_observe_version(&self->t, version);
+    Py_RETURN_NONE;
+}
+
 PyMethodDef bind_route_methods[] = {
     {"get_routed", (PyCFunction)(void (*)(void))Table_get_routed, METH_FASTCALL,
      "get_routed(key, routes, view_seq, miss, remote)"},
@@ -137,6 +150,7 @@ PyMethodDef bind_route_methods[] = {
      "put_routed(key, value_bytes, codec, ttl_ns, tags, routes, view_seq) -> made here?"},
     {"delete_routed", (PyCFunction)Table_delete_routed, METH_VARARGS,
      "delete_routed(key, routes, view_seq) -> None (not here) | removed?"},
+    {"observe", (PyCFunction)Table_observe, METH_O, "observe(version): the clock moves past it"},
     {"encode_value", (PyCFunction)Table_encode_value, METH_O, "encode_value(value) -> (bytes, codec)"},
     {"decode_value", (PyCFunction)Table_decode_value, METH_VARARGS, "decode_value(bytes, codec) -> value"},
     {NULL, NULL, 0, NULL},

@@ -363,11 +363,22 @@ vela_err vela_delete_if_view(vela_table *t, const vela_key *k, uint32_t view_seq
     *removed = 0;
     *done = view_is(t, view_seq);
     if (*done) {
+        /* A tombstone, even when the key is not here: a copy of the key on the other
+         * side of a network split, or in a restarted member's table, is older than
+         * this delete and must not come back when the copies meet. The bridge sends
+         * it to the backup (the log record), and handoffs carry it. */
         uint32_t ref = vela_find(t, s, k, &err);
-        if (ref)
-            *removed = vela_remove_entry(t, s, ref, 0, &err) != 0;
-        if (err == VELA_OK && *removed) /* (nothing here: no backup copy, no L1 copy to drop) */
-            vela_log_write(t, VELA_OP_DELETE, k, 0, NULL, 0, NULL, 0, vela_next_version(t), 0);
+        uint64_t version = vela_next_version(t);
+        *removed = ref != 0;
+        err = vela_do_tombstone(t, s, k, version);
+        if (err != VELA_OK && ref) { /* no room for the tombstone: the delete itself still holds */
+            err = VELA_OK;
+            ref = vela_find(t, s, k, &err);
+            if (ref)
+                vela_remove_entry(t, s, ref, 0, &err);
+        }
+        if (err == VELA_OK)
+            vela_log_write(t, VELA_OP_DELETE, k, 0, NULL, 0, NULL, 0, version, 0);
     }
     vela_stripe_unlock(t, s);
     if (*removed)

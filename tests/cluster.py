@@ -64,6 +64,9 @@ def _ephemeral_range():
         return 32768, 60999
 
 
+_GIVEN = set()  # ports free_port returned in this process: never twice
+
+
 def free_port():
     """A TCP port on loopback that nothing listens on right now, taken below the
     kernel's ephemeral range: the outgoing connections of every test (workers to
@@ -75,11 +78,14 @@ def free_port():
     lo, _ = _ephemeral_range()
     for _ in range(200):
         port = random.randrange(max(1024, lo - 12000), lo)
+        if port in _GIVEN:
+            continue  # (given to a host of this run whose bridge is not bound yet, or down)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _GIVEN.add(port)
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -129,7 +135,7 @@ class Host:
 
     def __init__(self, label, cache_name, workdir, node_id, capacity="32MiB", run_id=None,
                  bridge_timeout=3.0, listen_host="127.0.0.1", topology="replicated", cache_opts=None,
-                 bridge_extra=()):
+                 bridge_extra=(), netns=None, env=None):
         self.label = label
         self.topology = topology
         self.bridge_extra = list(bridge_extra)
@@ -145,23 +151,42 @@ class Host:
         self.env = dict(os.environ, VELA_NAMESPACE=self.namespace,
                         PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
         self.env.pop("PYTHONSTARTUP", None)
+        self.env.update(env or {})  # (e.g. a clock offset: LD_PRELOAD=libfaketime, FAKETIME)
         self.bridge = None
         self.bridge_args = None
-        self.netns = None  # a network namespace (ip netns) to run the bridge in
+        self.netns = netns  # a network namespace (ip netns) to run the bridge (and given here, the agent) in
         self.paused = False
         self.agent_log = os.path.join(workdir, f"agent-{label}.log")
         self.bridge_log = os.path.join(workdir, f"bridge-{label}.log")
         self._buf = b""
-        self.agent = subprocess.Popen([sys.executable, "-u", os.path.abspath(__file__), "agent"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=open(self.agent_log, "ab"), env=self.env, cwd=workdir,
-                                      preexec_fn=_die_with_parent)
+        self.side_agents = []
+        self._open_args = dict(name=cache_name, capacity=capacity, bridge_timeout=bridge_timeout,
+                               topology=topology, cache_opts=cache_opts or {})
+        self.agent = self._spawn_agent()
         try:
-            self.call("open", name=cache_name, capacity=capacity, bridge_timeout=bridge_timeout,
-                      topology=topology, cache_opts=cache_opts or {})
+            self.call("open", **self._open_args)
         except BaseException:
             self.close()
             raise
+
+    def _spawn_agent(self):
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return subprocess.Popen(prefix + [sys.executable, "-u", os.path.abspath(__file__), "agent"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=open(self.agent_log, "ab"), env=self.env, cwd=self.workdir,
+                                preexec_fn=_die_with_parent)
+
+    def side_agent(self):
+        """A second agent of this host (its own processes, the same namespace, the cache
+        opened the same way): it runs a workload (``send``/``recv``) while the test
+        drives the host through the first. Ended with the host."""
+        side = object.__new__(Host)
+        side.__dict__.update(label=f"{self.label}'", agent_log=self.agent_log, _buf=b"", netns=self.netns,
+                             env=self.env, workdir=self.workdir, bridge=None, side_agents=[])
+        side.agent = self._spawn_agent()
+        self.side_agents.append(side)
+        side.call("open", **self._open_args)
+        return side
 
     def __repr__(self):
         return f"<Host {self.label} ns={self.namespace} node={self.node_id} {self.listen}>"
@@ -372,6 +397,13 @@ class Host:
 
     def close(self):
         """Stop the bridge and the agent, remove the host's segment; never raises."""
+        for side in self.side_agents:
+            try:
+                side.agent.kill()
+                side.agent.wait(5)
+                side.agent.stdout.close()
+            except Exception:  # noqa: BLE001
+                pass
         try:
             if self.bridge is not None and self.bridge.poll() is None:
                 if self.paused:
@@ -440,13 +472,14 @@ class Cluster:
         os.chmod(path, 0o600)
         return path
 
-    def add_host(self, start=True, join=None, listen_host="127.0.0.1", **bridge_kw):
+    def add_host(self, start=True, join=None, listen_host="127.0.0.1", netns=None, env=None, **bridge_kw):
         """A new host (its cache created); with ``start``, its bridge joins ``join``
-        (default: the first host)."""
+        (default: the first host). With ``netns``, the whole host (agent, workers and
+        bridge) runs in that network namespace; ``env``: more environment for its processes."""
         label = "ABCDEFGHIJ"[len(self.hosts)]
         host = Host(label, self.name, self.workdir, node_id=len(self.hosts) + 1, capacity=self.capacity,
                     run_id=self.run_id, listen_host=listen_host, topology=self.topology,
-                    cache_opts=self.cache_opts, bridge_extra=self.bridge_extra)
+                    cache_opts=self.cache_opts, bridge_extra=self.bridge_extra, netns=netns, env=env)
         self.hosts.append(host)
         if start:
             peers = join if join is not None else [self.hosts[0]]
@@ -552,6 +585,10 @@ def _worker_main(conn, name, script):
 
         cache = vela.Cache(name, topology=script.get("topology", "replicated"), sweep_interval=None,
                            **script.get("cache_opts", {}))
+        if script.get("kind") == "history":
+            conn.send(("ok", _history(cache, script)))
+            cache.close()
+            return
         if script.get("kind") == "fetch":  # get_or_fetch of one key, counting the fetches
             fetched = []
             barrier_at = script["start_at"]
@@ -579,6 +616,39 @@ def _worker_main(conn, name, script):
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
+
+
+def _history(cache, script):
+    """Operations on this worker's own keys (``prefix``+i, each with tag ``prefix``t(i%10))
+    for ``seconds``: puts, deletes and tag invalidations, each recorded in order as
+    [op, key or tag, value, acknowledged?, error] (history.check judges them)."""
+    import random
+
+    rng = random.Random(script["seed"])
+    prefix, keys = script["prefix"], script["keys"]
+    out = []
+    end = time.monotonic() + script["seconds"]
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+        r = rng.random()
+        i = rng.randrange(keys)
+        key, tag = f"{prefix}{i}", f"{prefix}t{i % 10}"
+        try:
+            if r < script.get("tag", 0.006):
+                op, target, value = "tag", tag, None
+                cache.invalidate_tag(tag)
+            elif r < script.get("tag", 0.006) + script.get("delete", 0.1):
+                op, target, value = "del", key, None
+                cache.delete(key)
+            else:
+                op, target, value = "put", key, n
+                cache.put(key, n, tags=[tag])
+            out.append([op, target, value, True, None])
+        except Exception as exc:  # noqa: BLE001 - an unacknowledged operation: may or may not have happened
+            out.append([op, target, value, False, f"{type(exc).__name__}: {exc}"[:200]])
+        time.sleep(script.get("pause", 0.004))
+    return out
 
 
 class Agent:
@@ -637,7 +707,8 @@ class Agent:
         fields = dict(fields)
         if "k_str" in fields:
             fields["k"] = _native.encode_key(fields.pop("k_str"))
-        reply = self.cache._links.request(addr, fields, self.cache._view().epoch)
+        epoch = fields.pop("e", None)  # (the partition table epoch to claim; default: the host's)
+        reply = self.cache._links.request(addr, fields, self.cache._view().epoch if epoch is None else epoch)
         return {k: v.hex() if isinstance(v, bytes) else v for k, v in reply.items()}
 
     def op_hold_fetch(self, key):
@@ -671,6 +742,10 @@ class Agent:
         counts = self.cache._table.partition_counts(view.parts)
         return sum(n for p, n in enumerate(counts) if view.owners[p] == view.me)
 
+    def op_read_all(self, keys):
+        """{key: value} of the keys present, read through the cache (get_many)."""
+        return self.cache.get_many(keys)
+
     def op_get_many(self, keys):
         return sorted(self.cache.get_many(keys).items())
 
@@ -684,6 +759,10 @@ class Agent:
         """What this host's table holds under ``key`` (an owned entry or a copy)."""
         value = self.cache._table.get(key, None)
         return [self.cache._table.contains(key), value]
+
+    def op_local_has(self, key):
+        """Whether this host's table holds ``key`` (any entry: owned, backup or L1 copy)."""
+        return self.cache._table.contains(key)
 
     def op_owner(self, key):
         """(owner node id, partition) of ``key`` by this host's partition table."""

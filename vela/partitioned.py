@@ -182,7 +182,7 @@ class PartitionedCache(Cache):
         deadline = time.monotonic() + self._links.timeout
         view = self._routable_view(deadline)
         addr = view.addrs.get(view.owners[p])
-        fields = dict(fields, op=op, k=enc)
+        fields = dict(fields, op=op, k=enc, clk=self._table.next_version())  # (see _checked)
         # An owner that does not answer may be gone: look at the table again every slice.
         # An incr is not repeated at the same owner (it may have been applied).
         once = op == "incr"
@@ -231,6 +231,12 @@ class PartitionedCache(Cache):
                 addr = view.addrs.get(view.owners[p], addr)
 
     def _checked(self, reply):
+        # Requests carry this table's clock ("clk") and replies the owner's ("ver"): each
+        # side's clock observes the other's, so a write that follows another one of this
+        # worker, wherever it was made, gets a newer version whatever the wall clocks say.
+        ver = reply.get("ver")
+        if type(ver) is int and 0 < ver < 2**64:
+            self._table.observe(ver)  # the owner's clock: a write made here next is newer (HLC)
         err = reply.get("err")
         if err is not None:
             raise _ERRORS.get(err, BridgeUnavailable)(reply.get("msg", err))
@@ -245,13 +251,25 @@ class PartitionedCache(Cache):
         while True:
             view = self._routable_view(deadline)
             members = [n for n in view.members if n in view.addrs and n not in replies]
+            fields["clk"] = self._table.next_version()
             results = self._links.request_all([(view.addrs[n], dict(fields, op=op)) for n in members],
                                               view.epoch, deadline)
+            results = [self._unsettled(n, r) for n, r in zip(members, results)]
             failed = [r for r in results if isinstance(r, BridgeUnavailable)]
             replies.update((n, self._checked(r)) for n, r in zip(members, results) if isinstance(r, dict))
             if not failed:
                 return list(replies.values())
             self._pause_or_raise(deadline, failed[0])
+
+    def _unsettled(self, node, reply):
+        """A member's reply to a request about many keys or a total; a BridgeUnavailable
+        (asked again, by a fresh table, until the deadline) when it answered "retry" (no
+        partition table yet) or "moved" (the table changed under the request): such a
+        reply carries no result and must never count as one."""
+        if isinstance(reply, dict) and ("retry" in reply or "moved" in reply):
+            return BridgeUnavailable(f"cache {self.name!r}: member {node} could not answer yet: "
+                                     f"{reply.get('retry') or 'its partition table changed'}")
+        return reply
 
     def _pause_or_raise(self, deadline, error):
         """Before asking again: a short pause, or ``error`` once the deadline has passed."""
@@ -274,10 +292,13 @@ class PartitionedCache(Cache):
                 by_owner.setdefault(view.owners[partition_of(item[1], view.parts)], []).append(item)
             batches = [(n, batch) for n, its in by_owner.items() for batch in _batches(its, size_of)]
             reachable = [(n, batch) for n, batch in batches if n in view.addrs]
-            results = self._links.request_all([(view.addrs[n], request_of(batch)) for n, batch in reachable],
+            clk = self._table.next_version()
+            results = self._links.request_all([(view.addrs[n], dict(request_of(batch), clk=clk))
+                                               for n, batch in reachable],
                                               view.epoch, deadline)
             pending, error = [], None
             for (n, batch), reply in zip(reachable, results):
+                reply = self._unsettled(n, reply)
                 if isinstance(reply, BridgeUnavailable):
                     pending += batch
                     error = reply

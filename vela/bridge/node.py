@@ -376,7 +376,7 @@ class Bridge:
         parts = self._partitions(msg)
         if parts is None:
             return
-        taken = parts.on_hand(member.node_id, msg)
+        taken = parts.on_hand(member.node_id, msg["inc"], msg)
         if taken is not None:
             self._send(member.addr, self._message("handack", c=msg["c"], sid=msg["sid"], ps=taken))
             self.epoch += 1  # incoming partitions completed: publish the view
@@ -389,7 +389,12 @@ class Bridge:
     def _on_brec(self, member, msg):
         parts = self._partitions(msg)
         if parts is not None:
-            parts.on_brec(msg["recs"])
+            parts.on_brec(member.node_id, msg["inc"], msg["seq"], msg["recs"], msg.get("clk", 0))
+
+    def _on_brepair(self, member, msg):
+        parts = self._partitions(msg)
+        if parts is not None:
+            parts.on_repair(member.node_id)
 
     def _on_inval(self, member, msg):
         parts = self._partitions(msg)
@@ -398,10 +403,11 @@ class Bridge:
 
     def _start_over(self, stalled):
         """After a stall longer than the failure timeout (SIGSTOP, a frozen VM), the
-        others have taken our partitions and written to them: what we hold is stale.
-        Come back as a new incarnation with an empty table, as a restarted bridge does."""
+        others have taken our partitions and written to them. Come back as a new
+        incarnation, as a restarted bridge does: the table is kept and reconciled with
+        the others' (vela.bridge.partitions), writes made in place meanwhile included."""
         log.warning("this bridge stalled for %.1f s: the others have taken its partitions; "
-                    "rejoining as a new incarnation", stalled)
+                    "rejoining as a new incarnation (keeping the table, reconciling it)", stalled)
         self.inc = random.getrandbits(63)
         for name, parts in list(self.partitioned.items()):
             self.partitioned[name] = Partitions(name, parts.cache, self, self.backups, parts.parts)
@@ -438,11 +444,14 @@ class Bridge:
         for name, parts in self.partitioned.items():
             parts.pump_local()
             brecs, invals = parts.take_outbound(time.monotonic(), BATCH_DELAY)
-            for node_id, recs in brecs.items():
+            for node_id, fields in parts.brec_messages(brecs, backups):
                 addr = self._addr_of(node_id)
                 if addr is not None:
-                    for i in range(0, len(recs), 2000):
-                        self._send(addr, self._message("brec", c=name, recs=recs[i:i + 2000]))
+                    self._send(addr, self._message("brec", **fields))
+            for node_id in parts.take_repairs():
+                addr = self._addr_of(node_id)
+                if addr is not None:
+                    self._send(addr, self._message("brepair", c=name))
             if invals:
                 for i in range(0, len(invals), 10_000):
                     self._broadcast(self._message("inval", c=name, ks=invals[i:i + 10_000]))
@@ -810,7 +819,7 @@ class Bridge:
             replica.commit()
             replica.cache.close()
         for parts in self.partitioned.values():
-            parts.table.set_cluster(b"")  # no bridge: workers see it at once
+            parts.table.set_cluster(parts.closing_view())  # no table: workers see it at once
             parts.cache.close()
         if self.dataport is not None:
             self.dataport.close()

@@ -22,11 +22,43 @@ owner streams it to the new one ("hand" messages, then an ack); meanwhile the
 new owner serves the keys written or deleted since (the "touched" keys) and
 tells readers of the others to read the old owner (fallback). When the old
 owner is gone, its backup is promoted in place, or streams its copy to the new
-owner when another member took the partition. Every entry carries its version,
-so two copies of a key that meet keep the newest.
+owner when another member took the partition.
+
+Versions and what wins when two copies meet (a handoff, a backup copy, the two
+sides of a healed network split, a restarted member's table):
+
+- Every write has a version from the segment's hybrid logical clock
+  (native/log.c: wall-clock milliseconds, a counter, the node id). The clock
+  observes every version the bridge applies (handoffs, backup records, tombstones,
+  marks), so a write made after a copy arrived is newer than everything in it,
+  whatever the wall clocks say. Only writes with no causal link (the two sides of
+  a split) are ordered by the wall clocks of their hosts.
+- A put is kept when its version is newer than the entry or tombstone held.
+- A delete leaves a tombstone (codec 7, kept 300 s) with its version: an older put
+  that arrives later is refused. Handoffs and backup records carry tombstones.
+- ``invalidate_tag`` leaves a tag mark (tag, version) and ``flush`` a flush mark:
+  entries with the tag (every entry, for a flush) older than the mark are dropped
+  wherever the mark goes, and refused when they arrive later. Marks travel at the
+  head of every handoff stream and are published in the segment's cluster view
+  (a restarted bridge reads them back); they are kept 300 s, as tombstones.
+
+A restarted bridge (or one whose loop stalled past the failure timeout) keeps the
+segment's table: it reads the partition table it last published, keeps the
+partitions it owned or backed up, streams what it owned and no longer owns to
+the owner (merged by the rules above), drops only L1 copies, and resumes the
+change log where its predecessor stopped (so writes workers made in place while
+no bridge read the log still reach the backup). Partitions it owns settle for a
+while: writes go through the bridge and win over what a former holder hands back.
+
+Every stream is sequenced: a handoff message carries its stream id and chunk
+number (a gap: the stream is not acknowledged, and is sent again whole); backup
+records carry a sequence per (owner, incarnation, backup), repeated every
+heartbeat; a backup that sees a gap, or hears from an owner incarnation it never
+had a full copy from, asks for a full copy again ("brepair").
 """
 
 import itertools
+import json
 import logging
 import time
 
@@ -35,11 +67,17 @@ from ..errors import CacheFull, LockTimeout, ValueTooLarge
 from ..ring import PARTITIONS, assign, partition_of
 from .protocol import PUT
 
+TOMBSTONE = 7           # the codec of a delete kept as a tombstone (native/table.h)
+MARK_TTL = 300.0        # seconds a tag or flush mark is kept (as long as a tombstone)
+MARKS_PUBLISHED = 64    # newest marks written into the cluster view (its size is bounded)
+MARKS_KEPT = 10_000     # marks remembered (and sent at the head of a stream) at most: the oldest go first
+
 log = logging.getLogger("vela.bridge")
 
 CHUNK = 2000            # entries per handoff message
 LOG_BATCH = 5000        # change log records read per loop turn
 RESEND = 2.0            # seconds without an ack before a stream is sent again from the start
+WRITES = frozenset(("put", "putm", "del", "delm", "incr", "touch", "tag", "flush"))
 STREAM_STALL = 30.0     # seconds a stream may go unacknowledged, or an incoming partition unfed
 
 
@@ -52,6 +90,7 @@ class Stream:
         self.role = role          # "own": the target becomes the owner; "backup": it keeps a copy
         self.ps = set(ps)
         self.cursor = 0           # table scan position; None once everything was sent
+        self.chunk = 0            # number of the next message of the stream
         self.sent_at = self.started = time.monotonic()
 
 
@@ -82,7 +121,6 @@ class Partitions:
         self.incoming = {}          # partition -> Incoming
         self.outgoing = {}          # partition -> sid of the stream handing it to its new owner
         self.streams = []           # Stream objects being sent or awaiting their ack
-        self.backup_in = set()      # sids of backup streams we started receiving (dropped first)
         self.backup_synced = {}     # partition -> node that holds our full backup copy
         self.brecs = {}             # backup node -> records not sent yet
         self.invals = []            # keys changed, not published yet: L1 copies elsewhere drop
@@ -90,13 +128,42 @@ class Partitions:
         state = self.table.log_state()
         self.log_pos = state["bridge_pos"]  # the writes workers made in place: resume there
         self.log_dropped = state["dropped"]
+        self.marks = {}             # tag -> (version, monotonic expiry): invalidate_tag marks
+        self.flush_mark = 0         # version of the last flush seen: older entries are gone
+        self.bseq = {}              # backup node -> seq of the last backup record message sent to it
+        self.bgot = {}              # (owner, incarnation) -> seq of the last backup records received
+        self.repairs = set()        # owners to ask for a full backup copy again (a gap)
+        self.hand_next = {}         # (sender, sid) -> next chunk number (-1: a gap, never acknowledged)
+        self.prev = self._previous_view()
         self.leases = {}            # key -> (holder, deadline, connection): get_or_fetch in progress
         self.conn_id = None         # the data port connection of the request being served
         self.sids = itertools.count(1)
         self.lease_ttl = 30.0        # a holder alive but stuck; a dead one is seen at once (its connection)
         self.stats = {"requests": 0, "moved": 0, "fallbacks": 0, "handed_out": 0, "handed_in": 0,
                       "dropped": 0, "promoted": 0, "lost": 0, "backup_records": 0, "errors": 0,
-                      "local_writes": 0, "log_lapped": 0}
+                      "local_writes": 0, "log_lapped": 0, "repairs": 0, "stream_gaps": 0, "kept": 0}
+
+    def _previous_view(self):
+        """(owners, backups) of the partition table the last bridge of this host published,
+        or None; its marks are taken back at once."""
+        try:
+            view = json.loads(self.table.cluster() or b"{}")
+        except ValueError:
+            return None
+        for tag, version in view.get("marks") or ():
+            self._mark(tag, version, apply=False)
+        self.flush_mark = max(self.flush_mark, view.get("flushmark") or 0)
+        owners, backups = view.get("owners"), view.get("backups")
+        if owners is None and view.get("held"):
+            owners, backups = view["held"]  # it exited (closing_view), or died before it had a table
+        if isinstance(owners, list) and len(owners) == self.parts:
+            # What it was still handing off counts as held: it may be the only copy of writes.
+            handing = set(view.get("handing") or ())
+            owners = [self.me if p in handing else o for p, o in enumerate(owners)]
+        if view.get("topology") != "partitioned" or not isinstance(owners, list) or len(owners) != self.parts \
+                or not isinstance(backups, list) or len(backups) != self.parts:
+            return None
+        return owners, backups
 
     # ---- the ring ----------------------------------------------------------------
 
@@ -119,7 +186,11 @@ class Partitions:
             return False
         owners, backup_of = assign(members, self.parts, self.backups)
         old_owners, old_backups = self.owners, self.backup_of
-        if old_owners is None and settle > 0 and len(members) > 1:
+        returning = old_owners is None and self.prev is not None
+        if returning:
+            old_owners, old_backups = self.prev  # what this host held before: kept, reconciled
+            self.prev = None
+        if self.owners is None and settle > 0 and len(members) > 1:
             # Who probably held our partitions while we were away: the table without us.
             # Readers fall back to it until its handoff (if any) arrives.
             before = assign([m for m in members if m != self.me], self.parts)[0]
@@ -130,11 +201,21 @@ class Partitions:
         to_send = {}  # new owner -> partitions we hand to it
         for p in range(self.parts):
             n, nb = owners[p], backup_of[p]
-            if old_owners is None:
-                drop[p] = 1
-                if n == self.me and settle > 0:
-                    source = before[p] if before and before[p] in reachable else None
-                    self.incoming[p] = Incoming(source, settle, settling=True)
+            if old_owners is None or returning:
+                o, ob = (old_owners[p], old_backups[p]) if returning else (None, None)
+                if n == self.me:
+                    if o != self.me and ob != self.me:
+                        drop[p] = 1  # L1 copies (local versions): never merged
+                    if settle > 0 and len(members) > 1:
+                        source = before[p] if before and before[p] in reachable else None
+                        self.incoming[p] = Incoming(source, settle, settling=True)
+                elif o == self.me or (ob == self.me and o not in reachable):
+                    # Ours before (writes made in place since may be in it), or the only
+                    # copy left: merged into its owner's, then dropped unless we back it up.
+                    to_send.setdefault(n, set()).add(p)
+                    self.outgoing[p] = None
+                elif not (ob == self.me and nb == self.me):
+                    drop[p] = 1
                 continue
             o, ob = old_owners[p], old_backups[p]
             holding = (o == self.me and p not in self.incoming) or p in self.outgoing
@@ -180,6 +261,8 @@ class Partitions:
         for p in range(self.parts):
             if owners[p] != self.me or self.backup_synced.get(p) != backup_of[p]:
                 self.backup_synced.pop(p, None)
+        if returning:
+            self.stats["kept"] = sum(c for p, c in enumerate(self.table.partition_counts(self.parts)) if not drop[p])
         if any(drop):
             self.stats["dropped"] += self.table.drop_partitions(self.parts, bytes(drop))
         self.leases = {k: v for k, v in self.leases.items() if self.mine(partition_of(k, self.parts))}
@@ -222,22 +305,34 @@ class Partitions:
                     continue
                 if now - s.sent_at > RESEND:
                     # Not taken (the receiver had no table yet, or another one): again, afresh.
-                    s.sid, s.cursor = next(self.sids), 0
+                    s.sid, s.cursor, s.chunk = next(self.sids), 0, 0
                     if s.role == "own":
                         for p in s.ps:
                             self.outgoing[p] = s.sid
                 still.append(s)
                 continue
             cursor, items = self.table.scan(s.cursor, CHUNK)
-            entries = [[k, v, codec, ttl, list(tags), ver] for k, v, codec, ttl, tags, ver in items
-                       if ttl != -1 and codec < 7 and partition_of(k, self.parts) in s.ps]
+            entries, tombs = [], []
+            for k, v, codec, ttl, tags, ver in items:
+                if ttl == -1 or partition_of(k, self.parts) not in s.ps:
+                    continue
+                if codec == TOMBSTONE:
+                    tombs.append([k, ver])
+                elif codec < TOMBSTONE:
+                    entries.append([k, v, codec, ttl, list(tags), ver])
             last = cursor is None
-            fields = dict(c=self.name, sid=s.sid, role=s.role, ps=sorted(s.ps), last=last,
-                          entries=[e[:5] for e in entries], vers=[e[5] for e in entries])
+            fields = dict(c=self.name, sid=s.sid, n=s.chunk, role=s.role, ps=sorted(s.ps), last=last,
+                          entries=[e[:5] for e in entries], vers=[e[5] for e in entries], tombs=tombs)
+            if s.chunk == 0:
+                # The marks first: the receiver drops what they kill before any entry lands.
+                fields.update(marks=self.mark_list(), fm=self.flush_mark)
+                if s.role == "backup":
+                    fields["bseq"] = self.bseq.get(s.target, 0)  # the records this copy covers
             if not send(s.target, fields):
                 still.append(s)  # no room now (or not connected): the same chunk again next turn
                 continue
             s.cursor = cursor
+            s.chunk += 1
             s.sent_at = now
             self.stats["handed_out"] += len(entries)
             still.append(s)
@@ -268,35 +363,64 @@ class Partitions:
 
     # ---- streams in ----------------------------------------------------------------
 
-    def on_hand(self, sender, msg):
-        """Entries of a stream from ``sender``; at its end, the partitions taken (to
-        acknowledge), else None. Without a table of our own, nothing is taken."""
-        if self.owners is None:
+    def _in_sequence(self, sender, msg):
+        """True when ``msg`` is the next chunk of its stream; a chunk after a gap (a message
+        lost, or the first ones sent before we had a table) breaks the stream: it is never
+        acknowledged, and its sender sends it again whole."""
+        key = (sender, msg["sid"])
+        expected = self.hand_next.get(key, 0)
+        if msg["n"] != expected:
+            if expected != -1:
+                self.stats["stream_gaps"] += 1
+                if len(self.hand_next) > 10_000:
+                    self.hand_next.clear()
+                self.hand_next[key] = -1
+            return False
+        if msg["last"]:
+            self.hand_next.pop(key, None)
+        else:
+            self.hand_next[key] = expected + 1
+        return True
+
+    def on_hand(self, sender, inc, msg):
+        """Entries of a stream from ``sender`` (incarnation ``inc``); at its end, the
+        partitions taken (to acknowledge), else None. Without a table of our own, or
+        after a gap in the stream, nothing is taken."""
+        if self.owners is None or not self._in_sequence(sender, msg):
             return None
+        self.take_marks(msg.get("marks", ()), msg.get("fm", 0))
         vers = msg["vers"]
         ps = set(msg["ps"])
         if msg["role"] == "backup":
-            if msg["sid"] not in self.backup_in:
-                # A fresh full copy: what we held of these partitions is replaced.
-                self.backup_in.add(msg["sid"])
-                drop = self.flags(lambda p: p in ps and not self.mine(p))
+            if msg["n"] == 0:
+                # A fresh full copy: what we held of these partitions is replaced (but what
+                # we are handing to the owner ourselves stays until it was taken).
+                self.bgot[(sender, inc)] = msg.get("bseq", 0)
+                drop = self.flags(lambda p: p in ps and not self.mine(p) and p not in self.outgoing)
                 self.table.drop_partitions(self.parts, drop)
+            for k, ver in msg.get("tombs", ()):
+                if partition_of(k, self.parts) in ps and not self.mine(partition_of(k, self.parts)):
+                    self.table.apply_delete(k, ver)
             for (k, v, codec, ttl, tags), ver in zip(msg["entries"], vers):
                 p = partition_of(k, self.parts)
                 if p in ps and not self.mine(p):
                     self._apply(k, v, codec, ttl, tags, ver)
             if not msg["last"]:
                 return None
-            self.backup_in.discard(msg["sid"])
             return [p for p in ps if self.backup_of[p] == self.me]
+        for k, ver in msg.get("tombs", ()):
+            p = partition_of(k, self.parts)
+            inc_p = self.incoming.get(p)
+            if p in ps and self.mine(p) and not (inc_p is not None and k in inc_p.touched):
+                self.table.apply_delete(k, ver)
         for (k, v, codec, ttl, tags), ver in zip(msg["entries"], vers):
             p = partition_of(k, self.parts)
             if p not in ps or not self.mine(p):
                 continue
-            inc = self.incoming.get(p)
+            inc_p = self.incoming.get(p)
             # From any member: two copies of a key (a partition that moved twice, two sides
-            # of a healed network split) meet by version, the newest stays.
-            if inc is not None and (inc.flushed or k in inc.touched or inc.dead_tags.intersection(tags)):
+            # of a healed network split, a restarted member's table) meet by version.
+            if inc_p is not None and (inc_p.flushed or k in inc_p.touched or inc_p.dead_tags.intersection(tags)):
                 continue
             self._apply(k, v, codec, ttl, tags, ver)
             self.stats["handed_in"] += 1
@@ -309,6 +433,8 @@ class Partitions:
         return [p for p in ps if self.mine(p)]
 
     def _apply(self, k, v, codec, ttl, tags, version):
+        if self.killed(tags, version):
+            return  # older than a tag invalidation or a flush this member saw
         try:
             self.table.apply_put(k, v, codec, ttl, tags, version)
         except (CacheFull, ValueTooLarge) as exc:
@@ -327,26 +453,113 @@ class Partitions:
                             inc.source)
                 del self.incoming[p]
 
+    # ---- marks: tag invalidations and flushes --------------------------------------------
+
+    def _mark(self, tag, version, apply=True):
+        """Remember (and with ``apply``, carry out here) an invalidation of ``tag`` at
+        ``version``: entries with the tag older than it go, and stay out."""
+        known = self.marks.get(tag)
+        if known is not None and known[0] >= version:
+            return
+        self.marks[tag] = (version, time.monotonic() + MARK_TTL)
+        if len(self.marks) > MARKS_KEPT:
+            self.marks = {t: m for t, m in sorted(self.marks.items(), key=lambda tm: -tm[1][0])[:MARKS_KEPT]}
+        if apply:
+            self.table.apply_tag(tag, version)
+
+    def take_marks(self, marks, flush_mark):
+        """Marks another member sent (a handoff's head): applied here too."""
+        for tag, version in marks:
+            self._mark(tag, version)
+        if flush_mark > self.flush_mark:
+            self.flush_mark = flush_mark
+            self.table.apply_flush(flush_mark)
+
+    def mark_list(self, newest=None):
+        now = time.monotonic()
+        self.marks = {t: m for t, m in self.marks.items() if m[1] > now}
+        marks = sorted(([t, m[0]] for t, m in self.marks.items()), key=lambda tm: -tm[1])
+        return marks[:newest] if newest else marks
+
+    def killed(self, tags, version):
+        """True when an entry of ``version`` with ``tags`` is older than a mark."""
+        if version < self.flush_mark:
+            return True
+        for t in tags:
+            m = self.marks.get(t)
+            if m is not None and m[0] > version:
+                return True
+        return False
+
     # ---- backups and invalidations ----------------------------------------------------
 
-    def on_brec(self, records):
+    def on_brec(self, origin, inc, seq, records, clock=0):
         """Backup copies of an owner's writes, with the owner's versions (which the table's
-        clock observes, so a promoted copy is newer than nothing the owner wrote before)."""
+        clock observes, so a promoted copy is newer than nothing the owner wrote before).
+        ``seq`` numbers the owner's record messages to us (an empty one repeats the last
+        number every heartbeat): a gap, or an owner incarnation we never had a full copy
+        from, asks the owner for a full copy again."""
+        if clock:
+            self.table.observe(clock)  # (an owner's clock: a backup promoted later writes past it)
+        got = self.bgot.get((origin, inc))
+        if got is None:
+            gap = seq != 0 or bool(records)
+        else:
+            gap = seq != got + 1 if records else seq > got
+        if gap:
+            self.repairs.add(origin)
+        self.bgot[(origin, inc)] = seq if got is None else max(got, seq)
         for k, v, codec, ttl, tags, ver in records:
             if self.mine(partition_of(k, self.parts)):
                 continue  # stale: we own it now
             if v is None:
-                raw = self.table.get_raw(k)
-                if raw is None or raw[4] < ver:  # (a put the owner made after it may be here first)
-                    self.table.invalidate(_native.decode_key(k))
+                self.table.apply_delete(k, ver)  # a tombstone (a put the owner made after it may be here first)
             else:
                 self._apply(k, v, codec, ttl, tags, ver)
             self.stats["backup_records"] += 1
+
+    def on_repair(self, node):
+        """Backup ``node`` lost some of our records (or restarted): copy it again in full."""
+        self.stats["repairs"] += 1
+        for p, b in list(self.backup_synced.items()):
+            if b == node:
+                del self.backup_synced[p]
+
+    def member_restarted(self, node):
+        """``node`` came back as a new incarnation (it kept its table and reconciles its
+        own partitions when it takes its table): our backup copies on it are copied again
+        at once, and nothing of its previous incarnation's streams is expected any more."""
+        self.on_repair(node)
+        self.bgot = {k: v for k, v in self.bgot.items() if k[0] != node}
+        self.hand_next = {k: v for k, v in self.hand_next.items() if k[0] != node}
+        self.sync_backups()
+
+    def brec_messages(self, brecs, beat):
+        """[(backup node, fields)] of the backup records to send; on a heartbeat, every
+        backup of ours hears our last sequence number even without records."""
+        targets = set(brecs)
+        if beat and self.owners is not None:
+            targets |= {b for p, b in enumerate(self.backup_of)
+                        if b is not None and b != self.me and self.owners[p] == self.me}
+        out = []
+        for b in targets:
+            recs = brecs.get(b, [])
+            for chunk in [recs[i:i + 2000] for i in range(0, len(recs), 2000)] or [[]]:
+                if chunk:
+                    self.bseq[b] = self.bseq.get(b, 0) + 1
+                out.append((b, dict(c=self.name, recs=chunk, seq=self.bseq.get(b, 0), clk=self.table.next_version())))
+        return out
+
+    def take_repairs(self):
+        repairs, self.repairs = self.repairs, set()
+        return repairs
 
     def pump_local(self):
         """Backup records and invalidations for the writes this host's workers made in
         place (the table's change log). If the log ran over us, every backup is copied
         again in full and every host drops its L1 copies."""
+        if self.owners is None:
+            return  # (a restarted bridge: its table first, then what workers wrote meanwhile)
         records, pos, lapped = self.table.log_read(self.log_pos, LOG_BATCH)
         dropped = self.table.log_state()["dropped"]
         if lapped or dropped != self.log_dropped:
@@ -363,7 +576,7 @@ class Partitions:
             p = partition_of(k, self.parts)
             if self.mine(p) and (op != PUT or ttl != -1):
                 record = [k, v, codec, ttl, list(tags), ver] if op == PUT else [k, None, 0, 0, [], ver]
-                self._changed(k, p, record)
+                self._changed(k, p, record, touched=False)
             else:
                 # It moved since (its copy went with it) or expired: L1 copies drop all the same.
                 self.invals.append(k)
@@ -383,14 +596,17 @@ class Partitions:
             if self.owners is None or (not self.mine(p) and self.backup_of[p] != self.me):
                 self.table.invalidate(_native.decode_key(k))
 
-    def _changed(self, k, p, record):
-        """A write to owned key ``k`` was made: backup and L1 copies follow."""
+    def _changed(self, k, p, record, touched=True):
+        """A write to owned key ``k`` was made: backup and L1 copies follow. With
+        ``touched``, it was made here after the partition became ours: it wins over what
+        a former holder hands over (a write made in place that the log brings now may be
+        older than that)."""
         b = self.backup_of[p]
         if b is not None:
             self.brecs.setdefault(b, []).append(record)
         self.invals.append(k)
         inc = self.incoming.get(p)
-        if inc is not None:
+        if inc is not None and touched:
             inc.touched.add(k)
 
     def _changed_entry(self, k, p):
@@ -418,12 +634,32 @@ class Partitions:
 
     def serve(self, msg, addr_of, conn_id=None):
         """Answer one worker request (a dict); ``addr_of(node)`` gives a member's address;
-        ``conn_id`` names the connection it came on (a lease dies with it)."""
+        ``conn_id`` names the connection it came on (a lease dies with it). Every reply
+        carries this member's clock ("ver"): the worker's table observes it, so what the
+        worker writes next (in place, on its host) is newer than what it saw here, whatever
+        the two hosts' wall clocks say; a request carries the worker's clock ("clk"), which
+        this member's clock observes before it writes (the two make a hybrid logical clock
+        that follows the worker from host to host)."""
+        if msg.get("clk"):
+            # The worker's clock: what this member writes for it now is newer than anything
+            # the worker wrote or saw before (in place on its host, or on another member).
+            self.table.observe(msg["clk"])
+        reply = self._serve(msg, addr_of, conn_id)
+        reply["ver"] = self.table.next_version()
+        return reply
+
+    def _serve(self, msg, addr_of, conn_id):
         self.conn_id = conn_id
         self.stats["requests"] += 1
         op = msg["op"]
         if self.owners is None:
             return {"retry": "this member has no partition table yet"}
+        if op in WRITES and msg.get("e", 0) < self.node.ring_epoch:
+            # Routed by an older table than ours: maybe a request that waited in the network
+            # through a split, whose worker gave up on it and wrote since (it must not land
+            # now, with a new version, over what came after). Its worker, if still waiting,
+            # asks again once its host's bridge has the newer table (a heartbeat at most).
+            return {"retry": "the request was routed by an older partition table"}
         if op in ("size", "stats", "flush", "tag"):
             return getattr(self, "_op_" + op)(msg)
         if op in ("getm", "delm"):
@@ -485,8 +721,9 @@ class Partitions:
         return {"ok": True}
 
     def _op_del(self, k, p, msg):
-        removed = self.table.delete(_native.decode_key(k))
-        self._changed(k, p, [k, None, 0, 0, [], self.table.next_version()])
+        version = self.table.next_version()
+        removed = self.table.apply_delete(k, version)  # a tombstone: an older copy elsewhere stays out
+        self._changed(k, p, [k, None, 0, 0, [], version])
         return {"ok": bool(removed)}
 
     def _op_incr(self, k, p, msg):
@@ -574,6 +811,7 @@ class Partitions:
 
     def _op_flush(self, msg):
         removed = self.owned_size()
+        self.flush_mark = self.table.next_version()
         self.table.drop_partitions(self.parts, b"\x01" * self.parts)
         for inc in self.incoming.values():
             inc.flushed = True
@@ -583,7 +821,10 @@ class Partitions:
 
     def _op_tag(self, msg):
         tag = msg["tag"]
-        removed = self.table.apply_tag(tag, self.table.next_version(), self.parts, self.owned_flags())
+        version = self.table.next_version()
+        # (every entry of the tag here goes: owned, backup copies, L1 copies; the count is the owned ones)
+        removed = self.table.apply_tag(tag, version, self.parts, self.owned_flags())
+        self._mark(tag, version, apply=False)
         for inc in self.incoming.values():
             inc.dead_tags.add(tag)
         return {"ok": removed}
@@ -596,10 +837,21 @@ class Partitions:
                     leases=len(self.leases),
                     ready=self.owners is not None and not self.incoming)
 
+    def closing_view(self):
+        """The view a bridge leaves in the segment when it exits: no table to route by (its
+        workers stop writing in place at once), but what this host held and the marks,
+        for the next bridge of the host to take back."""
+        held = [self.owners, self.backup_of] if self.owners is not None else self.prev
+        return json.dumps({"topology": "partitioned", "owners": None, "held": held,
+                           "handing": sorted(self.outgoing), "marks": self.mark_list(MARKS_PUBLISHED),
+                           "flushmark": self.flush_mark}).encode()
+
     def view(self):
         """What workers route by (written into the segment's cluster view)."""
         return {"partitions": self.parts, "owners": self.owners, "backups": self.backup_of,
-                "incoming": {str(p): inc.source for p, inc in self.incoming.items()}}
+                "incoming": {str(p): inc.source for p, inc in self.incoming.items()},
+                "marks": self.mark_list(MARKS_PUBLISHED), "flushmark": self.flush_mark,
+                "handing": sorted(self.outgoing), "held": self.prev}
 
 
 def error_reply(exc):

@@ -311,6 +311,8 @@ def _check_req(msg):
     _str(msg, "c")
     _int(msg, "id", 0, 2**63)
     _int(msg, "e", 0, 2**63)
+    if "clk" in msg:  # the worker's clock (partitioned: the owner's clock observes it)
+        _version(msg["clk"])
     op = msg.get("op")
     if op not in REQUEST_OPS:
         raise Malformed(f"unknown request op {op!r}")
@@ -329,6 +331,17 @@ def _check_hand(msg):
     if not isinstance(msg.get("last"), bool):
         raise Malformed("field 'last' must be a bool")
     _partitions(msg)
+    _int(msg, "n", 0, 2**63)
+    for k, ver in _pairs(msg, "tombs", MAX_RECORDS):
+        _key(k)
+        _version(ver)
+    for tag, ver in _pairs(msg, "marks", MAX_RECORDS):
+        _tags([tag])
+        _version(ver)
+    if "fm" in msg:
+        _int(msg, "fm", 0, 2**64 - 1)
+    if "bseq" in msg:
+        _int(msg, "bseq", 0, 2**63)
     entries = _list(msg, "entries", MAX_RECORDS)
     vers = _list(msg, "vers", MAX_RECORDS)
     for v in vers:
@@ -340,6 +353,16 @@ def _check_hand(msg):
             raise Malformed("a handed-off entry is [key, value, codec, ttl, tags]")
         _key(e[0])
         _entry(*e[1:5])
+
+
+def _pairs(msg, key, maxlen):
+    """An optional list of [a, b] pairs (tombstones [key, version], marks [tag, version])."""
+    if key not in msg:
+        return []
+    pairs = _list(msg, key, maxlen)
+    if not all(isinstance(x, list) and len(x) == 2 for x in pairs):
+        raise Malformed(f"field {key!r} must be a list of pairs")
+    return pairs
 
 
 def _entry(value, codec, ttl, tags):
@@ -364,6 +387,9 @@ def _partitions(msg):
 
 def _check_brec(msg):
     _str(msg, "c")
+    _int(msg, "seq", 0, 2**63)
+    if "clk" in msg:
+        _version(msg["clk"])
     for r in _list(msg, "recs", MAX_RECORDS):
         if not isinstance(r, list) or len(r) != 6:
             raise Malformed("a backup record is [key, value, codec, ttl, tags, version] "
@@ -385,6 +411,10 @@ def _check_leaving(msg):
     pass
 
 
+def _check_brepair(msg):
+    _str(msg, "c")
+
+
 _CHECKS = {
     "hello": _check_hello,
     "batch": _check_batch,
@@ -401,4 +431,5 @@ _CHECKS = {
     "brec": _check_brec,
     "inval": _check_inval,
     "leaving": _check_leaving,
+    "brepair": _check_brepair,
 }

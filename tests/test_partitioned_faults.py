@@ -1,0 +1,316 @@
+"""Partitioned caches under faults, judged by recorded histories.
+
+Three simulated hosts (each its own segment, bridge and worker processes), two
+workers per host recording every put, delete and tag invalidation they make on
+their own keys (tests/cluster.py ``_history``) while a fault happens to one host:
+its bridge SIGKILLed and restarted at once (as systemd's Restart=always does) or
+after the failure timeout, SIGSTOPped past the failure timeout, or the host cut off
+from the network (its own network namespace, the link taken down) and healed.
+After the fault healed and the bridges settled, every host reads every key, and
+tests/history.py checks: no acknowledged write lost, no delete undone, no entry
+alive whose tag was invalidated after it was written, every host reads the same.
+"""
+import os
+import random
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from cluster import FAILURE_TIMEOUT, Cluster, eventually
+from history import check
+
+pytest.importorskip("zmq")
+
+WORKERS = 2       # per host
+KEYS = 250        # per worker: many keys are written before the fault and never again
+SECRET = b"partitioned-faults-secret-0123456789"
+SECONDS = 5.0     # of recorded operations; the fault happens inside
+
+
+def make_cluster(tmp_path, backups, netns=None, listen_host="127.0.0.1", far_host=None, far_env=None):
+    extra = ["--backups", str(backups)] if backups else []
+    secret_file = str(tmp_path / "secret")  # the Cluster writes it there before any host opens
+    c = Cluster(tmp_path, n=0, topology="partitioned", bridge_extra=extra, start=False, secret=SECRET,
+                cache_opts={"topology_opts": {"secret_file": secret_file}})
+    try:
+        a = c.add_host(start=False, listen_host=listen_host)
+        b = c.add_host(start=False, listen_host=listen_host)
+        far = c.add_host(start=False, listen_host=far_host or listen_host, netns=netns, env=far_env)
+        a.start_bridge(join=[b], wait=False, secret_file=secret_file)
+        b.start_bridge(join=[a], wait=False, secret_file=secret_file)
+        far.start_bridge(join=[a], wait=False, secret_file=secret_file)
+        for h in c:
+            h.wait_bridge()
+        c.wait_members(timeout=15)
+        wait_settled(c)
+    except BaseException:
+        c.close()
+        raise
+    return c
+
+
+def settled(c):
+    """Every bridge has the same partition table and nothing in transit."""
+    owners = []
+    for h in c:
+        st = h.status(timeout=1.0)
+        if not st:
+            return False
+        cache = st["caches"][c.name]
+        if not cache["ready"] or cache["outgoing"] or cache["streams"] or cache["incoming"]:
+            return False
+        if any(m["state"] != "alive" for m in st["members"]):
+            return False
+        owners.append(tuple(h.cluster().get("owners") or ()))
+    return owners[0] and all(o == owners[0] for o in owners)
+
+
+def wait_settled(c, timeout=30.0):
+    eventually(lambda: settled(c), timeout, interval=0.2, what=f"the cluster settles ({c.describe()})")
+
+
+def start_histories(c, seed):
+    """The workers of every host start recording (through a second agent per host: the
+    test still drives each host through its first)."""
+    loads = []
+    for h in c:
+        side = h.side_agent()
+        scripts = [dict(kind="history", prefix=f"{h.label}{w}:", keys=KEYS, seconds=SECONDS,
+                        seed=seed * 100 + ord(h.label) * 10 + w) for w in range(WORKERS)]
+        side.send("workers", scripts=scripts, timeout=SECONDS + 60)
+        loads.append(side)
+    return loads
+
+
+def collect(loads):
+    histories = []
+    for side in loads:
+        for history in side.recv(timeout=SECONDS + 90):
+            histories.append(history)
+    return histories
+
+
+def judge(c, histories):
+    """The checker's report once the cluster settled (reads repeated while the hosts
+    still disagree, for a few seconds: copies in flight)."""
+    wait_settled(c)
+    keys = sorted({e[1] for hist in histories for e in hist if e[0] != "tag"})
+    deadline = time.monotonic() + 10
+    while True:
+        finals = {h.label: h.call("read_all", keys=keys) for h in c}
+        report = check(histories, finals)
+        if not report["disagree"] or time.monotonic() > deadline:
+            return report
+        time.sleep(0.3)
+
+
+def assert_clean(c, report):
+    assert report["acked"] > 300, report  # the workers did work during the fault
+    bad = {k: report[k] for k in ("lost", "undone", "not_invalidated", "disagree", "phantom")}
+    assert bad == {"lost": 0, "undone": 0, "not_invalidated": 0, "disagree": 0, "phantom": 0}, \
+        (report["examples"], c.logs()[-6000:])
+
+
+def run_fault(c, fault, seed=1):
+    loads = start_histories(c, seed)
+    time.sleep(1.0)
+    fault()
+    report = judge(c, collect(loads))
+    print("history:", {k: v for k, v in report.items() if k != "examples"})  # (pytest -s shows the counts)
+    assert_clean(c, report)
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# the bridge of one host
+
+
+@pytest.mark.parametrize("backups", [1, 0])
+def test_bridge_killed_and_restarted_at_once_loses_nothing(tmp_path, backups):
+    c = make_cluster(tmp_path, backups)
+    try:
+        b = c[1]
+
+        def fault():
+            b.kill_bridge()
+            time.sleep(0.5)
+            b.restart_bridge()
+
+        report = run_fault(c, fault)
+        kept = b.status()["caches"][c.name].get("kept", 0)
+        assert kept > 0  # the restarted bridge kept its segment's table (it did not start over empty)
+        assert report["failed"] < report["acked"]
+    finally:
+        c.close()
+
+
+def test_bridge_killed_and_restarted_after_the_failure_timeout_loses_nothing(tmp_path):
+    c = make_cluster(tmp_path, backups=1)
+    try:
+        b = c[1]
+
+        def fault():
+            b.kill_bridge()
+            # the others take its partitions (its backups promoted) and write to them
+            eventually(lambda: c[0].member_states().get(b.node_id) == "dead", 3 * FAILURE_TIMEOUT + 3,
+                       what="A sees B dead")
+            time.sleep(1.0)
+            b.restart_bridge()
+
+        run_fault(c, fault)
+    finally:
+        c.close()
+
+
+def test_bridge_stopped_past_the_failure_timeout_loses_nothing(tmp_path):
+    c = make_cluster(tmp_path, backups=1)
+    try:
+        b = c[1]
+
+        def fault():
+            b.pause()
+            try:
+                eventually(lambda: c[0].member_states().get(b.node_id) == "dead", 3 * FAILURE_TIMEOUT + 3,
+                           what="A sees B dead")
+                time.sleep(1.0)
+            finally:
+                b.resume()
+
+        run_fault(c, fault)
+        assert "stalled" in b.bridge_output()  # it noticed,
+        assert b.status()["caches"][c.name]["kept"] > 0  # and kept its table
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------------------
+# the network
+
+
+def _ip(*args, check=True):
+    return subprocess.run(["ip"] + list(args), capture_output=True, text=True, timeout=20, check=check)
+
+
+def _netns_unavailable():
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "network namespaces need root (ip netns add)"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    probe = f"vpfp{uuid.uuid4().hex[:6]}"
+    out = _ip("netns", "add", probe, check=False)
+    if out.returncode != 0:
+        return f"ip netns add failed: {out.stderr.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+class FarHost:
+    """A network namespace for one whole host (agent, workers, bridge), joined to the
+    test's by a veth pair on a subnet of its own (parallel runs do not meet)."""
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:6]
+        self.ns = f"vpf{tag}"
+        self.host_if, self.ns_if = f"vpfh{tag}", f"vpfn{tag}"
+        rnd = random.Random(tag)
+        net = f"10.{rnd.randrange(100, 200)}.{rnd.randrange(1, 250)}"
+        self.host_addr, self.ns_addr = f"{net}.1", f"{net}.2"
+        self.made = False
+
+    def __enter__(self):
+        _ip("netns", "add", self.ns)
+        self.made = True
+        _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        _ip("link", "set", self.ns_if, "netns", self.ns)
+        _ip("addr", "add", f"{self.host_addr}/24", "dev", self.host_if)
+        _ip("link", "set", self.host_if, "up")
+        _ip("-n", self.ns, "addr", "add", f"{self.ns_addr}/24", "dev", self.ns_if)
+        _ip("-n", self.ns, "link", "set", self.ns_if, "up")
+        _ip("-n", self.ns, "link", "set", "lo", "up")
+        return self
+
+    def cut(self):
+        _ip("link", "set", self.host_if, "down")
+
+    def heal(self):
+        _ip("link", "set", self.host_if, "up")
+
+    def __exit__(self, *exc):
+        _ip("link", "del", self.host_if, check=False)
+        if self.made:
+            _ip("netns", "del", self.ns, check=False)
+
+
+def _cut_off(c, far, net, seconds):
+    """Cut ``far`` off until both sides saw the other dead, plus ``seconds``."""
+    net.cut()
+    try:
+        eventually(lambda: c[0].member_states().get(far.node_id) == "dead", 3 * FAILURE_TIMEOUT + 3,
+                   what="A sees the far host dead")
+        eventually(lambda: set(far.member_states().values()) == {"dead"}, 3 * FAILURE_TIMEOUT + 3,
+                   what="the far host sees everyone dead")
+        time.sleep(seconds)
+    finally:
+        net.heal()
+
+
+@pytest.mark.parametrize("backups", [1, 0])
+def test_split_one_against_two_undoes_no_delete_or_invalidation(tmp_path, backups):
+    reason = _netns_unavailable()
+    if reason:
+        pytest.skip(reason=reason)
+    with FarHost() as net:
+        c = make_cluster(tmp_path, backups, netns=net.ns, listen_host=net.host_addr, far_host=net.ns_addr)
+        try:
+            far = c[2]
+            report = run_fault(c, lambda: _cut_off(c, far, net, 1.5))
+            assert report["failed"] < report["acked"]
+        finally:
+            c.close()
+
+
+def test_host_cut_off_twice_undoes_nothing(tmp_path):
+    reason = _netns_unavailable()
+    if reason:
+        pytest.skip(reason=reason)
+    with FarHost() as net:
+        c = make_cluster(tmp_path, 1, netns=net.ns, listen_host=net.host_addr, far_host=net.ns_addr)
+        try:
+            far = c[2]
+
+            def fault():
+                _cut_off(c, far, net, 0.2)
+                c.wait_members(timeout=15)
+                _cut_off(c, far, net, 0.2)
+
+            run_fault(c, fault)
+        finally:
+            c.close()
+
+
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def test_a_host_whose_clock_is_3_s_behind_cut_off_loses_nothing(tmp_path):
+    """The far host's processes (bridge, workers) see the wall clock 3 s behind. Its
+    workers wrote their keys through the other hosts' bridges before the cut, and in
+    place after it: the versions come from a hybrid logical clock that observed the
+    owners' clocks in their replies, so the later writes win although their wall
+    clock says they are older."""
+    reason = _netns_unavailable() or (None if os.path.exists(LIBFAKETIME) else "libfaketime is not installed")
+    if reason:
+        pytest.skip(reason=reason)
+    skew = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": "-3s"}  # (its monotonic clock too: sleep needs that)
+    with FarHost() as net:
+        c = make_cluster(tmp_path, 1, netns=net.ns, listen_host=net.host_addr, far_host=net.ns_addr,
+                         far_env=skew)
+        try:
+            far = c[2]
+            assert far.call("exec_loop", code="import time; cache.put('clock', time.time())") is None
+            assert abs(c[0].get("clock") - (time.time() - 3)) < 1.5  # its clock is behind
+            run_fault(c, lambda: _cut_off(c, far, net, 1.0))
+        finally:
+            c.close()

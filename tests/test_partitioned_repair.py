@@ -1,0 +1,200 @@
+"""Sequenced partition streams and a restarted bridge, message by message.
+
+A backup that sees a gap in its owner's backup records asks for a full copy (and
+the copy replaces what it held); a handoff chunk after a gap is neither applied nor
+acknowledged; a write routed by an older partition table is answered "retry"; a
+bridge restarted at once keeps its table, and totals asked while it has no table
+yet wait for it instead of failing.
+"""
+import pytest
+
+from cluster import eventually
+from test_partitioned_faults import SECRET, make_cluster
+
+zmq = pytest.importorskip("zmq")
+
+from vela import _native  # noqa: E402
+from vela.bridge import protocol  # noqa: E402
+from vela.ring import partition_of  # noqa: E402
+
+KEYS = [f"key:{i}" for i in range(3000)]
+
+
+@pytest.fixture(scope="module")
+def cluster3(tmp_path_factory):
+    """One cluster for the tests below (each leaves it as it found it)."""
+    c = make_cluster(tmp_path_factory.mktemp("repair"), backups=1)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def cluster_own(tmp_path):
+    c = make_cluster(tmp_path, backups=1)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _sender(host):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(host.listen)
+    return sock
+
+
+def _as_member(member, kind, **fields):
+    """A message as bridge ``member`` sends it (its node id and incarnation)."""
+    st = member.status()
+    return protocol.pack(SECRET, dict(fields, t=kind, v=protocol.PROTOCOL, inc=st["incarnation"],
+                                      **{"from": st["node_id"]}))
+
+
+def _partition_roles(host):
+    view = host.cluster()
+    return view["owners"], view["backups"], view["partitions"]
+
+
+def test_a_gap_in_backup_records_brings_a_full_copy_that_replaces_the_backup(cluster3):
+    a, b, _ = cluster3
+    owners, backups, parts = _partition_roles(a)
+    # a key of a partition B owns and A backs up, which B never wrote
+    ghost = next(k for k in KEYS if owners[partition_of(_native.encode_key(k), parts)] == b.node_id
+                 and backups[partition_of(_native.encode_key(k), parts)] == a.node_id)
+    b.put("real", "kept")
+    before = b.status()["caches"][cluster3.name]["repairs"]
+    sock = _sender(a)
+    try:
+        # records "from B" that skip far ahead of what B sent: A applies them, sees the gap
+        sock.send_multipart(_as_member(b, "brec", c=cluster3.name, seq=1000,
+                                       recs=[[_native.encode_key(ghost), b"ghost", 0, 0, [], 2**40]]))
+        eventually(lambda: b.status()["caches"][cluster3.name]["repairs"] > before, 10,
+                   what="B was asked for a full copy")
+        # the full copy replaces A's backup copy: the entry B never had is gone from A
+        eventually(lambda: a.call("local_has", key=ghost) is False, 10,
+                   what="A's backup copy is B's again")
+    finally:
+        sock.close()
+    assert b.get(ghost) is None and a.get("real") == "kept"
+
+
+def test_a_handoff_chunk_after_a_gap_is_not_taken(cluster3):
+    a, b, _ = cluster3
+    owners, _, parts = _partition_roles(a)
+    key = next(k for k in KEYS if owners[partition_of(_native.encode_key(k), parts)] == a.node_id)
+    p = partition_of(_native.encode_key(key), parts)
+    gaps = a.status()["caches"][cluster3.name]["stream_gaps"]
+    sock = _sender(a)
+    try:
+        # chunk 1 of a stream whose chunk 0 never came, claiming to complete it
+        sock.send_multipart(_as_member(b, "hand", c=cluster3.name, sid=77, n=1, role="own", ps=[p], last=True,
+                                       entries=[[_native.encode_key(key), b"\x80x", 3, 0, []]], vers=[2**50],
+                                       tombs=[]))
+        eventually(lambda: a.status()["caches"][cluster3.name]["stream_gaps"] == gaps + 1, 10,
+                   what="A saw the gap")
+    finally:
+        sock.close()
+    assert a.call("local_has", key=key) is False  # nothing of it was applied
+    assert a.get(key) is None
+
+
+def test_a_write_routed_by_an_older_table_is_answered_retry(cluster3):
+    a, b, _ = cluster3
+    owners, _, parts = _partition_roles(a)
+    key = next(k for k in KEYS if owners[partition_of(_native.encode_key(k), parts)] == b.node_id)
+    epoch = b.status()["ring_epoch"]
+    assert epoch > 0
+    addr = b.cluster()["addrs"][str(b.node_id)]
+    a.put(key, "v")
+    reply = a.call("raw_request", addr=addr, fields=dict(op="del", k_str=key, e=epoch - 1))
+    assert "retry" in reply and "ok" not in reply
+    assert a.get(key) == "v"
+    reply = a.call("raw_request", addr=addr, fields=dict(op="del", k_str=key, e=epoch))
+    assert reply.get("ok") is True
+    assert a.get(key) is None
+
+
+def test_a_bridge_restarted_at_once_keeps_its_table_and_totals_wait_for_it(cluster_own):
+    a, b, c = cluster_own
+    a.put_many([(k, i) for i, k in enumerate(KEYS[:900])])
+    assert a.size() == 900
+    b.kill_bridge()
+    b.restart_bridge()  # (it answers "retry" to totals until it has a table)
+    assert c.size() == 900  # not KeyError 'ok', not a part missing
+    assert dict(c.call("get_many", keys=KEYS[:900])) == {k: i for i, k in enumerate(KEYS[:900])}
+    assert b.status()["caches"][cluster_own.name]["kept"] > 0
+
+
+# --------------------------------------------------------------------------------------
+# one member's Partitions, in this process (no network): the rules themselves
+
+
+class _Node:
+    node_id = 1
+    ring_epoch = 1
+
+
+@pytest.fixture
+def parts(monkeypatch):
+    import uuid
+
+    import vela
+    from vela.bridge.partitions import Partitions
+
+    monkeypatch.setenv("VELA_NAMESPACE", f"vr{uuid.uuid4().hex[:8]}")
+    cache = vela.Cache(f"p{uuid.uuid4().hex[:8]}", capacity="8MiB", topology="partitioned", sweep_interval=None)
+    try:
+        p = Partitions(cache.name, cache, _Node(), backups=1)
+        p.set_ring([1, 2, 3], {1, 2, 3})
+        yield p
+    finally:
+        cache.destroy()
+
+
+def _key_of(parts, pick):
+    return next(_native.encode_key(k) for k in KEYS if pick(partition_of(_native.encode_key(k), parts.parts)))
+
+
+def test_member_restarted_copies_our_backups_on_it_again(parts):
+    parts.sync_backups()
+    on_2 = {p for p, b in parts.backup_synced.items() if b == 2}
+    assert on_2
+    parts.streams = []  # (the copies were sent and taken)
+    parts.member_restarted(2)
+    again = [s for s in parts.streams if s.target == 2 and s.role == "backup"]
+    assert len(again) == 1 and again[0].ps == on_2
+    assert not [s for s in parts.streams if s.target == 3]  # the other backup keeps its copy
+
+
+def test_a_handoff_carries_tombstones_and_marks_that_win_over_older_copies(parts):
+    table = parts.table
+    mine = _key_of(parts, parts.mine)
+    other = _key_of(parts, lambda p: not parts.mine(p) and parts.backup_of[p] != parts.me)
+    tag = _native.tag_hash("t")
+    old = table.next_version()
+    table.apply_put(mine, b"\x80old", 3, 0, [tag], old)
+    # a stream from member 2 (chunk 0, the last): a tombstone newer than our put, a mark
+    # newer than an entry it carries with the tag
+    p = partition_of(mine, parts.parts)
+    newer = table.next_version() + 1000
+    taken = parts.on_hand(2, 7, dict(c=parts.name, sid=1, n=0, role="own", ps=[p], last=True, entries=[],
+                                     vers=[], tombs=[[mine, newer]], marks=[[tag, newer + 5]], fm=0))
+    assert taken == [p]
+    assert table.get_raw(mine) is None  # the delete won
+    # an older put of the key arriving later is refused by the tombstone
+    parts.on_hand(2, 7, dict(c=parts.name, sid=2, n=0, role="own", ps=[p], last=True,
+                             entries=[[mine, b"\x80late", 3, 0, []]], vers=[newer - 1], tombs=[]))
+    assert table.get_raw(mine) is None
+    # the mark: an entry with the tag older than it is refused, a newer one kept
+    assert parts.killed([tag], newer) and not parts.killed([tag], newer + 6)
+    assert parts.on_brec(3, 9, 0, []) is None and parts.repairs == set()  # no records yet: no gap
+    parts.on_brec(3, 9, 1, [[other, b"\x80x", 3, 0, [tag], newer]])
+    assert table.get_raw(other) is None  # older than the mark: not kept
+    parts.on_brec(3, 9, 2, [[other, b"\x80y", 3, 0, [tag], newer + 6]])
+    assert table.get_raw(other)[0] == b"\x80y"  # newer: kept
+    assert parts.repairs == set()
+    parts.on_brec(3, 9, 4, [[other, b"\x80z", 3, 0, [], newer + 7]])  # seq 3 never came
+    assert parts.repairs == {3}
