@@ -32,7 +32,8 @@ import posix_ipc
 from . import _native
 from .errors import CacheFull, ValueTooLarge
 
-__all__ = ["L2", "NearCache", "HostElection", "encode_keys", "decode_message", "FLUSH_ALL", "MISSING"]
+__all__ = ["L2", "NearCache", "HostElection", "encode_keys", "decode_message", "copy_tag", "FLUSH_ALL",
+           "MISSING"]
 
 log = logging.getLogger("vela.near")
 
@@ -49,12 +50,20 @@ _KEYS = b"m"[0]
 MARKER = b"\x00vela:near:listener\x00"
 
 
+def copy_tag(tag_id):
+    """The tag an L1 copy carries for the tag id ``tag_id`` of its entry (a store that
+    keeps tag ids, not names: the partitioned topology). A tag of its own, so that
+    dropping the copies of a tag never touches the entries a host owns."""
+    return f"\x00near:{tag_id:x}"
+
+
 class L2:
     """What the near cache needs from the store behind it.
 
-    ``read(key) -> (value, remaining_ns)``: the stored value (``MISSING`` when
-    absent) and its remaining lifetime in nanoseconds (0: never expires).
-    ``read_many(keys) -> [(value, remaining_ns), ...]`` in the order of ``keys``.
+    ``read(key) -> (value, remaining_ns, tags)``: the stored value (``MISSING`` when
+    absent), its remaining lifetime in nanoseconds (0: never expires) and the tags
+    its copy carries (str), so that a tag invalidation drops the copy too.
+    ``read_many(keys) -> [(value, remaining_ns, tags), ...]`` in the order of ``keys``.
     Both raise :class:`vela.BackendUnavailable` when the store cannot be reached.
     """
 
@@ -119,25 +128,26 @@ class NearCache:
     def load(self, key, l2):
         """L1 miss: read ``key`` from ``l2`` and keep a copy; returns the value or MISSING."""
         token = self.l1.reserve(key)
-        value, remaining_ns = l2.read(key)
+        value, remaining_ns, tags = l2.read(key)
         if value is not MISSING:
-            self.fill(token, key, value, remaining_ns)
+            self.fill(token, key, value, remaining_ns, tags)
         return value
 
     def load_many(self, keys, l2):
         """Like :meth:`load` for several keys, one L2 round trip; ``{key: value}`` of those found."""
         tokens = [self.l1.reserve(k) for k in keys]
         found = {}
-        for key, token, (value, remaining_ns) in zip(keys, tokens, l2.read_many(keys)):
+        for key, token, (value, remaining_ns, tags) in zip(keys, tokens, l2.read_many(keys)):
             if value is not MISSING:
-                self.fill(token, key, value, remaining_ns)
+                self.fill(token, key, value, remaining_ns, tags)
                 found[key] = value
         return found
 
-    def fill(self, token, key, value, remaining_ns):
-        """Keep an L1 copy unless an invalidation voided ``token``; True when stored."""
+    def fill(self, token, key, value, remaining_ns, tags=()):
+        """Keep an L1 copy (with its entry's ``tags``) unless an invalidation voided
+        ``token``; True when stored."""
         try:
-            return self.l1.fill(key, value, self.copy_ttl_ns(remaining_ns), (), token)
+            return self.l1.fill(key, value, self.copy_ttl_ns(remaining_ns), tags, token)
         except (CacheFull, ValueTooLarge):
             return False  # a copy is an optimisation: no room means no copy
 

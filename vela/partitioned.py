@@ -32,7 +32,7 @@ from . import _native, options, telemetry
 from .cache import Cache
 from .errors import BridgeUnavailable, CacheFull, LockTimeout, ValueTooLarge
 from .bridge.links import Links
-from .near import L2, MISSING, NearCache
+from .near import L2, MISSING, NearCache, copy_tag
 from .ring import partition_of
 
 __all__ = ["PartitionedCache"]
@@ -79,6 +79,7 @@ class _View:
         self.epoch = view.get("ring_epoch", 0)
         self.parts = view.get("partitions", 1)
         self.owners = view.get("owners") or []
+        self.backups = view.get("backups") or [None] * len(self.owners)
         self.incoming = {int(p) for p in (view.get("incoming") or {})}
         self.addrs = {int(n): a for n, a in (view.get("addrs") or {}).items()}
         self.published = view.get("published", 0.0)
@@ -95,6 +96,16 @@ class _View:
         """True when this host owns partition p and holds all of it."""
         return self.owners[p] == self.me and p not in self.incoming
 
+    def l1(self, p):
+        """True when what this host keeps of partition p are L1 copies (the near cache):
+        it neither owns the partition nor keeps its backup."""
+        return self.owners[p] != self.me and self.backups[p] != self.me
+
+
+def _copy_tags(tag_ids):
+    """The tags an L1 copy carries for its entry's tag ids (vela.near.copy_tag)."""
+    return [copy_tag(t) for t in tag_ids]
+
 
 class _PartitionL2(L2):
     def __init__(self, cache):
@@ -104,8 +115,9 @@ class _PartitionL2(L2):
         enc = _native.encode_key(key)
         reply = self.cache._key_request("get", enc, partition_of(enc, self.cache._view().parts))
         if reply.get("miss"):
-            return MISSING, 0
-        return self.cache._table.decode_value(reply["val"], reply["codec"]), reply["ttl"]
+            return MISSING, 0, ()
+        value = self.cache._table.decode_value(reply["val"], reply["codec"])
+        return value, reply["ttl"], _copy_tags(reply.get("tags", ()))
 
 
 class _ClusterNear(NearCache):
@@ -341,7 +353,8 @@ class PartitionedCache(Cache):
             value = self._table.get_hit(key, MISSING)  # an L1 copy (or a backup copy kept current)
             if value is not MISSING:
                 return value
-            return self._near.load(key, self._l2)
+            if view.l1(p):  # (a backup, or a partition still arriving, is no place for a copy)
+                return self._near.load(key, self._l2)
         reply = self._key_request("get", enc, p)
         return MISSING if reply.get("miss") else self._decode(reply)
 
@@ -402,7 +415,8 @@ class PartitionedCache(Cache):
                 remote.append(key)
         # Near cache: reserve before the owners are read, so a copy whose read raced an
         # invalidation is not kept (vela.near).
-        tokens = {key: self._table.reserve(key) for key in remote} if self._near is not None else {}
+        tokens = {key: self._table.reserve(key) for key in remote
+                  if view.l1(partition_of(_native.encode_key(key), view.parts))} if self._near is not None else {}
         answered = self._grouped("getm", remote)
         for key in remote:
             if key not in answered:
@@ -410,10 +424,10 @@ class PartitionedCache(Cache):
                 if value is not MISSING:
                     found[key] = value
             elif answered[key] is not None:
-                raw, codec, remaining_ns = answered[key]
+                raw, codec, remaining_ns, tag_ids = answered[key]
                 found[key] = self._table.decode_value(raw, codec)
-                if tokens:
-                    self._near.fill(tokens[key], key, found[key], remaining_ns)
+                if key in tokens:
+                    self._near.fill(tokens[key], key, found[key], remaining_ns, _copy_tags(tag_ids))
         if telemetry.active:
             self._emit("get", start, {"keys": len(keys), "hits": len(found)})
         return found
@@ -601,12 +615,20 @@ class PartitionedCache(Cache):
     # ---- every member ---------------------------------------------------------------------
 
     # invalidate_tag and flush (vela.Cache's) run on every member and return the total.
+    # Then, once every owner has removed its entries, every member drops its host's L1
+    # copies of them ("near"): a copy read from an owner before that owner's step would
+    # otherwise land after a member dropped its copies, and outlive the call.
 
     def _invalidate_tag_counted(self, tag):
-        return sum(r["ok"] for r in self._everyone("tag", tag=self._encode_tags([tag])[0]))
+        tag_id = self._encode_tags([tag])[0]
+        removed = sum(r["ok"] for r in self._everyone("tag", tag=tag_id))
+        self._everyone("near", tag=tag_id)
+        return removed
 
     def _flush_counted(self):
-        return sum(r["ok"] for r in self._everyone("flush"))
+        removed = sum(r["ok"] for r in self._everyone("flush"))
+        self._everyone("near")
+        return removed
 
     def size(self):
         """Entries stored in the cluster (each counted on its owner)."""

@@ -205,6 +205,8 @@ class Bridge:
         # connection was not up, say) sees the gap here even if no batch follows.
         seqs = {name: r.seq - 1 for name, r in self.replicas.items()}
         extra = {"data": self.data_advertise} if self.data_advertise else {}
+        if self.partitioned:  # the last invalidation message of each cache (a lost last one shows)
+            extra["iseqs"] = {name: parts.inval_seq for name, parts in self.partitioned.items()}
         frames = self._message("hello", addr=self.advertise, members=members, seqs=seqs,
                                repoch=self.ring_epoch, **extra)
         targets = {m.addr for m in self.members.values()} | set(self.seeds)
@@ -290,6 +292,10 @@ class Bridge:
                 self._request_snapshot(replica, member)
             elif last >= 0 and replica.check_sequence(member.node_id, msg["inc"], last, batch=False):
                 self._request_snapshot(replica, member)
+        for name, last in msg.get("iseqs", {}).items():
+            parts = self.partitioned.get(name)
+            if parts is not None:
+                parts.on_inval_seq(member.node_id, msg["inc"], last)
         for node_id, addr in msg["members"]:
             if node_id != self.node_id and node_id not in self.members and self._dealer(addr) is not None:
                 self.members[node_id] = Member(node_id, addr)
@@ -394,7 +400,7 @@ class Bridge:
     def _on_inval(self, member, msg):
         parts = self._partitions(msg)
         if parts is not None:
-            parts.on_inval(msg["ks"])
+            parts.on_inval(member.node_id, msg["inc"], msg["seq"], msg["ks"])
 
     def _start_over(self, stalled):
         """After a stall longer than the failure timeout (SIGSTOP, a frozen VM), the
@@ -443,9 +449,8 @@ class Bridge:
                 if addr is not None:
                     for i in range(0, len(recs), 2000):
                         self._send(addr, self._message("brec", c=name, recs=recs[i:i + 2000]))
-            if invals:
-                for i in range(0, len(invals), 10_000):
-                    self._broadcast(self._message("inval", c=name, ks=invals[i:i + 10_000]))
+            for fields in invals:
+                self._broadcast(self._message("inval", c=name, **fields))
             if backups:
                 parts.sync_backups()
 

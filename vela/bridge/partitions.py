@@ -32,6 +32,7 @@ import time
 
 from .. import _native
 from ..errors import CacheFull, LockTimeout, ValueTooLarge
+from ..near import copy_tag
 from ..ring import PARTITIONS, assign, partition_of
 from .protocol import PUT
 
@@ -41,6 +42,7 @@ CHUNK = 2000            # entries per handoff message
 LOG_BATCH = 5000        # change log records read per loop turn
 RESEND = 2.0            # seconds without an ack before a stream is sent again from the start
 STREAM_STALL = 30.0     # seconds a stream may go unacknowledged, or an incoming partition unfed
+INVAL_BATCH = 10_000    # keys per invalidation message
 
 
 class Stream:
@@ -86,6 +88,8 @@ class Partitions:
         self.backup_synced = {}     # partition -> node that holds our full backup copy
         self.brecs = {}             # backup node -> records not sent yet
         self.invals = []            # keys changed, not published yet: L1 copies elsewhere drop
+        self.inval_seq = 0          # invalidation messages sent (they are numbered from 1)
+        self.origins = {}           # member -> (incarnation, last invalidation message number seen)
         self.outbound_at = 0.0      # when brecs/invals were last sent
         state = self.table.log_state()
         self.log_pos = state["bridge_pos"]  # the writes workers made in place: resume there
@@ -96,7 +100,7 @@ class Partitions:
         self.lease_ttl = 30.0        # a holder alive but stuck; a dead one is seen at once (its connection)
         self.stats = {"requests": 0, "moved": 0, "fallbacks": 0, "handed_out": 0, "handed_in": 0,
                       "dropped": 0, "promoted": 0, "lost": 0, "backup_records": 0, "errors": 0,
-                      "local_writes": 0, "log_lapped": 0}
+                      "local_writes": 0, "log_lapped": 0, "inval_gaps": 0}
 
     # ---- the ring ----------------------------------------------------------------
 
@@ -372,16 +376,67 @@ class Partitions:
             self.log_pos = pos
             self.table.log_commit(pos)
 
-    def on_inval(self, keys):
-        """Drop the L1 copies of keys another member changed (b"": all of them)."""
+    # ---- near cache: this host's L1 copies of other members' keys ---------------------
+
+    def l1(self, p):
+        """True when what this host keeps of partition p are L1 copies (the near cache)."""
+        return not self.mine(p) and self.backup_of[p] != self.me and p not in self.outgoing
+
+    def drop_l1(self, pick=None):
+        """Drop this host's L1 copies (of the partitions ``pick(p)`` names). Fills in
+        flight are voided first: a copy read before the change that made us drop it
+        must not land after."""
+        if self.owners is None:
+            return  # no table yet: the first one drops every copy
+        self.table.invalidate_all()
+        self.table.drop_partitions(self.parts, self.flags(lambda p: self.l1(p) and (pick is None or pick(p))))
+
+    def on_inval(self, origin, inc, seq, keys):
+        """Drop the L1 copies of keys member ``origin`` (incarnation ``inc``) changed
+        (b"": all of them); ``seq`` numbers its invalidation messages."""
+        self._sequence(origin, inc, seq, heartbeat=False)
         for k in keys:
             if not k:
-                self.table.drop_partitions(self.parts, self.flags(
-                    lambda p: not self.mine(p) and self.backup_of[p] != self.me))
+                self.drop_l1()
                 continue
             p = partition_of(k, self.parts)
-            if self.owners is None or (not self.mine(p) and self.backup_of[p] != self.me):
+            if self.owners is None or self.l1(p):
                 self.table.invalidate(_native.decode_key(k))
+
+    def on_inval_seq(self, origin, inc, last):
+        """A heartbeat of ``origin``: ``last`` is the number of its latest invalidation
+        message (so a lost last message is noticed without waiting for the next one)."""
+        self._sequence(origin, inc, last, heartbeat=True)
+
+    def _sequence(self, origin, inc, seq, heartbeat):
+        """Check ``origin``'s invalidation numbering. A gap, or an incarnation we have
+        no numbers for (a first contact, a restart), means messages may be lost: what
+        they named is unknown, so every L1 copy of the origin's partitions goes."""
+        known = self.origins.get(origin)
+        if known is None or known[0] != inc:
+            lost = True
+        else:
+            lost = seq > known[1] if heartbeat else seq != known[1] + 1
+        if lost:
+            if known is not None and known[0] == inc:
+                self.stats["inval_gaps"] += 1
+                log.warning("cache %s: invalidations %d..%d from member %d were lost: its L1 copies dropped",
+                            self.name, known[1] + 1, seq if heartbeat else seq - 1, origin)
+            self.drop_l1(lambda p: self.owners[p] == origin)
+        if lost or not heartbeat:
+            self.origins[origin] = (inc, seq)
+
+    def _op_near(self, msg):
+        """The second step of invalidate_tag (``tag``) and flush (no tag), once every
+        owner has removed its entries: this host's L1 copies of them go. Fills in flight
+        are voided first, so a copy read from an owner before its step cannot land after."""
+        if msg.get("tag") is None:
+            self.drop_l1()
+        else:
+            self.table.invalidate_all()
+            self.table.apply_tag(_native.tag_hash(copy_tag(msg["tag"])), self.table.next_version(), self.parts,
+                                 bytes(self.parts))  # (copies are not counted: only owned entries are)
+        return {"ok": True}
 
     def _changed(self, k, p, record):
         """A write to owned key ``k`` was made: backup and L1 copies follow."""
@@ -403,16 +458,20 @@ class Partitions:
             self._changed(k, p, [k, v, codec, ttl, list(tags), version])
 
     def take_outbound(self, now, delay):
-        """(backup records per node, keys to invalidate) to send now: those gathered since
+        """(backup records per node, invalidation messages) to send now: those gathered since
         the last send, once ``delay`` seconds have passed since it (a write after a quiet
         spell goes at once; a run of writes travels in a few messages, not one per write
         to every member)."""
-        if not (self.brecs or self.invals) or (now - self.outbound_at < delay and len(self.invals) < 10_000):
+        if not (self.brecs or self.invals) or (now - self.outbound_at < delay and len(self.invals) < INVAL_BATCH):
             return {}, []
         self.outbound_at = now
         brecs, invals = self.brecs, self.invals
         self.brecs, self.invals = {}, []
-        return brecs, invals
+        messages = []
+        for i in range(0, len(invals), INVAL_BATCH):
+            self.inval_seq += 1  # numbered, so a receiver notices one it did not get
+            messages.append({"seq": self.inval_seq, "ks": invals[i:i + INVAL_BATCH]})
+        return brecs, messages
 
     # ---- requests from workers ------------------------------------------------------
 
@@ -424,7 +483,7 @@ class Partitions:
         op = msg["op"]
         if self.owners is None:
             return {"retry": "this member has no partition table yet"}
-        if op in ("size", "stats", "flush", "tag"):
+        if op in ("size", "stats", "flush", "tag", "near"):
             return getattr(self, "_op_" + op)(msg)
         if op in ("getm", "delm"):
             return self._op_many(op, msg, addr_of)
@@ -456,7 +515,9 @@ class Partitions:
     def _read(self, op, k):
         raw = self.table.get_raw(k) if op == "get" else None
         if op == "get":
-            return {"miss": True} if raw is None else {"val": raw[0], "codec": raw[1], "ttl": raw[2]}
+            # (the tags go with the value: an L1 copy made of it carries them)
+            return {"miss": True} if raw is None else {"val": raw[0], "codec": raw[1], "ttl": raw[2],
+                                                       "tags": list(raw[3])}
         found, remaining = self.table.ttl(_native.decode_key(k))
         if op == "has":
             return {"ok": bool(found)}
@@ -541,7 +602,7 @@ class Partitions:
                 continue
             if op == "getm":
                 raw = self.table.get_raw(k)
-                out.append(None if raw is None else [raw[0], raw[1], raw[2]])
+                out.append(None if raw is None else [raw[0], raw[1], raw[2], list(raw[3])])
             else:
                 out.append(bool(self._op_del(k, p, msg)["ok"]))
         return {"ok": out, "redo": redo}
