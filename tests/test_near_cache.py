@@ -189,6 +189,23 @@ def test_tag_invalidation_across_hosts(hosts):
     assert wait_for(lambda: all(l1(a, ("u", i)) is M for i in range(20)), 2)
 
 
+def test_an_l1_copy_carries_its_tags(hosts):
+    """Whichever read made it (get, get_many, get_or_fetch), a copy carries the tags of
+    its entry: dropping a tag in the host table alone drops exactly those copies."""
+    a, b = hosts
+    a.put("one", 1, tags=["users", "eu"])
+    a.put_many({"two": 2, "three": 3}, tags=["users"])
+    a.put("four", 4, tags=["eu"])
+    time.sleep(0.05)  # the invalidations of these puts have arrived
+    assert b.get("one") == 1
+    assert b.get_many(["two", "four"]) == {"two": 2, "four": 4}
+    assert b.get_or_fetch("three", lambda k: pytest.fail("in Redis: no fetch")) == 3
+    assert [l1(b, k) for k in ("one", "two", "three", "four")] == [1, 2, 3, 4]
+    assert b._table.invalidate_tag("users") == 3
+    assert [l1(b, k) for k in ("one", "two", "three", "four")] == [M, M, M, 4]
+    assert b._table.invalidate_tag("eu") == 1
+
+
 def test_flush_on_one_host_empties_every_hosts_l1(hosts):
     a, b = hosts
     a.put_many({i: i for i in range(10)})
@@ -278,8 +295,8 @@ def test_a_fill_racing_an_invalidation_is_dropped(hosts):
 
 def test_without_the_reservation_the_stale_value_is_served(hosts, monkeypatch):
     """Proves the test above can fail: a fill that ignores its token keeps v1 in L1."""
-    def fill_ignoring_token(self, token, key, value, remaining_ns):
-        self.l1.put(key, value, self.copy_ttl_ns(remaining_ns), ())
+    def fill_ignoring_token(self, token, key, value, remaining_ns, tags=()):
+        self.l1.put(key, value, self.copy_ttl_ns(remaining_ns), tags)
         return True
 
     monkeypatch.setattr(near_module.NearCache, "fill", fill_ignoring_token)

@@ -192,33 +192,36 @@ publish(encs)
 return {removed, encs}
 """
 
-# KEYS v -> false | {value, pttl}
+# The reads the near cache fills L1 from carry the entry's tags (its copy carries them).
+# KEYS v m -> false | {value, pttl, {tag..}}
 _LUA_READ = """
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
-return {v, redis.call('PTTL', KEYS[1])}
+return {v, redis.call('PTTL', KEYS[1]), redis.call('SMEMBERS', KEYS[2])}
 """
 
-# KEYS v1..vN -> {value1|false, pttl1|false, ...}
+# KEYS v1 m1 .. vN mN -> {value1|false, pttl1|false, {tag..}|false, ...}
 _LUA_READ_MANY = """
 local out = {}
-for i = 1, #KEYS do
-  local v = redis.call('GET', KEYS[i])
+for i = 1, #KEYS / 2 do
+  local v = redis.call('GET', KEYS[2 * i - 1])
   if v then
-    out[2 * i - 1] = v
-    out[2 * i] = redis.call('PTTL', KEYS[i])
+    out[3 * i - 2] = v
+    out[3 * i - 1] = redis.call('PTTL', KEYS[2 * i - 1])
+    out[3 * i] = redis.call('SMEMBERS', KEYS[2 * i])
   else
-    out[2 * i - 1] = false
-    out[2 * i] = false
+    out[3 * i - 2] = false
+    out[3 * i - 1] = false
+    out[3 * i] = false
   end
 end
 return out
 """
 
-# KEYS v lease; ARGV owner px -> {value, pttl} | 1 (lease taken) | 0 (another owner)
+# KEYS v lease m; ARGV owner px -> {value, pttl, {tag..}} | 1 (lease taken) | 0 (another owner)
 _LUA_READ_OR_LEASE = """
 local v = redis.call('GET', KEYS[1])
-if v then return {v, redis.call('PTTL', KEYS[1])} end
+if v then return {v, redis.call('PTTL', KEYS[1]), redis.call('SMEMBERS', KEYS[3])} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
@@ -399,6 +402,11 @@ def _remaining_ns(pttl):
     return 0 if pttl is None or pttl < 0 else max(1, pttl) * 1_000_000
 
 
+def _tag_names(raw):
+    """The tags of an entry as its tag set in Redis holds them (UTF-8 bytes): str."""
+    return [t.decode("utf-8") for t in raw or ()]
+
+
 # ---- fork ----------------------------------------------------------------------------
 
 _fork_generation = 0
@@ -423,15 +431,21 @@ class _RedisL2(L2):
 
     def read(self, key):
         c = self._cache
-        r = c._run("read", [c._vkey(_native.encode_key(key))], [])
+        enc = _native.encode_key(key)
+        r = c._run("read", [c._vkey(enc), c._mkey(enc)], [])
         if r is None:
-            return MISSING, 0
-        return c._decode(r[0]), _remaining_ns(r[1])
+            return MISSING, 0, ()
+        return c._decode(r[0]), _remaining_ns(r[1]), _tag_names(r[2])
 
     def read_many(self, keys):
         c = self._cache
-        r = c._run("read_many", [c._vkey(_native.encode_key(k)) for k in keys], [])
-        return [(MISSING, 0) if r[2 * i] is None else (c._decode(r[2 * i]), _remaining_ns(r[2 * i + 1]))
+        names = []
+        for k in keys:
+            enc = _native.encode_key(k)
+            names += (c._vkey(enc), c._mkey(enc))
+        r = c._run("read_many", names, [])
+        return [(MISSING, 0, ()) if r[3 * i] is None else
+                (c._decode(r[3 * i]), _remaining_ns(r[3 * i + 1]), _tag_names(r[3 * i + 2]))
                 for i in range(len(keys))]
 
 
@@ -989,11 +1003,11 @@ class RedisCache(Cache):
             deadline = time.monotonic() + self.stampede_timeout
             pause = 0.002
             while True:
-                r = self._run("read_or_lease", [vkey, lkey], [owner, self._lease_px])
+                r = self._run("read_or_lease", [vkey, lkey, self._mkey(enc)], [owner, self._lease_px])
                 if isinstance(r, list):
                     value = self._decode(r[0])
                     if near is not None:
-                        near.fill(token, key, value, _remaining_ns(r[1]))
+                        near.fill(token, key, value, _remaining_ns(r[1]), _tag_names(r[2]))
                     self._bump("hits")
                     return value, "waited" if waited else "hit"
                 if r == 1:
