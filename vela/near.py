@@ -32,8 +32,8 @@ import posix_ipc
 from . import _native
 from .errors import CacheFull, ValueTooLarge
 
-__all__ = ["L2", "NearCache", "HostElection", "encode_keys", "decode_message", "copy_tag", "FLUSH_ALL",
-           "MISSING"]
+__all__ = ["L2", "NearCache", "HostElection", "Numbering", "encode_keys", "decode_message", "split_number",
+           "copy_tag", "FLUSH_ALL", "MISSING"]
 
 log = logging.getLogger("vela.near")
 
@@ -42,6 +42,7 @@ MISSING = object()
 # Invalidation messages: b"*" drops all of L1; b"m" + (4-byte big-endian length +
 # canonical key encoding)* drops those keys. Anything else is malformed, and a
 # malformed message drops all of L1 (we cannot know what it meant to invalidate).
+# A message may be numbered by its origin: b"#" + decimal number + b":" + message.
 FLUSH_ALL = b"*"
 _KEYS = b"m"[0]
 
@@ -103,6 +104,58 @@ def decode_message(data):
         keys.append(_native.decode_key(bytes(data[pos:pos + n])))
         pos += n
     return keys
+
+
+def split_number(data):
+    """(number, message) of a numbered message; (None, data) for one without a number."""
+    if data[:1] == b"#":
+        head, sep, rest = data[1:].partition(b":")
+        if sep and head.isdigit() and len(head) <= 19:
+            return int(head), rest
+    return None, data
+
+
+class Numbering:
+    """The numbers of the invalidation messages each origin sent, as a receiver saw them.
+
+    An origin numbers its messages 1, 2, ... per incarnation (a process that restarts
+    is a new incarnation) and says now and then which number it sent last. A number
+    skipped, a last number above the highest received, or an incarnation without
+    numbers here (a first contact, a restart) means messages may have been lost: the
+    receiver must then drop every L1 copy that origin could have invalidated, since
+    what the lost ones named is unknown (Hazelcast's near cache repairs the same way).
+    """
+
+    def __init__(self):
+        self.seen = {}   # origin -> (incarnation, highest number received or known sent)
+        self.gaps = 0    # losses found in a known incarnation
+
+    def start(self, origin, incarnation, last):
+        """Everything up to ``last`` is accounted for (L1 was dropped meanwhile)."""
+        self.seen[origin] = (incarnation, last)
+
+    def received(self, origin, incarnation, number):
+        """Message ``number`` arrived; True when some before it were lost."""
+        return self._note(origin, incarnation, number, number - 1)
+
+    def announced(self, origin, incarnation, last):
+        """The origin says it sent up to ``last``; True when some of those were lost."""
+        return self._note(origin, incarnation, last, last)
+
+    def _note(self, origin, incarnation, number, due):
+        known = self.seen.get(origin)
+        if known is None or known[0] != incarnation:
+            self.seen[origin] = (incarnation, number)
+            return True
+        lost = known[1] < due
+        if lost:
+            self.gaps += 1
+        self.seen[origin] = (incarnation, max(known[1], number))
+        return lost
+
+    def highest(self, origin):
+        known = self.seen.get(origin)
+        return known[1] if known else 0
 
 
 class NearCache:

@@ -32,7 +32,7 @@ import time
 
 from .. import _native
 from ..errors import CacheFull, LockTimeout, ValueTooLarge
-from ..near import copy_tag
+from ..near import Numbering, copy_tag
 from ..ring import PARTITIONS, assign, partition_of
 from .protocol import PUT
 
@@ -89,7 +89,7 @@ class Partitions:
         self.brecs = {}             # backup node -> records not sent yet
         self.invals = []            # keys changed, not published yet: L1 copies elsewhere drop
         self.inval_seq = 0          # invalidation messages sent (they are numbered from 1)
-        self.origins = {}           # member -> (incarnation, last invalidation message number seen)
+        self.numbering = Numbering()  # the invalidation messages received from each member
         self.outbound_at = 0.0      # when brecs/invals were last sent
         state = self.table.log_state()
         self.log_pos = state["bridge_pos"]  # the writes workers made in place: resume there
@@ -394,7 +394,9 @@ class Partitions:
     def on_inval(self, origin, inc, seq, keys):
         """Drop the L1 copies of keys member ``origin`` (incarnation ``inc``) changed
         (b"": all of them); ``seq`` numbers its invalidation messages."""
-        self._sequence(origin, inc, seq, heartbeat=False)
+        before = self.numbering.highest(origin)
+        if self.numbering.received(origin, inc, seq):
+            self._lost_invals(origin, before, seq - 1)
         for k in keys:
             if not k:
                 self.drop_l1()
@@ -406,25 +408,18 @@ class Partitions:
     def on_inval_seq(self, origin, inc, last):
         """A heartbeat of ``origin``: ``last`` is the number of its latest invalidation
         message (so a lost last message is noticed without waiting for the next one)."""
-        self._sequence(origin, inc, last, heartbeat=True)
+        before = self.numbering.highest(origin)
+        if self.numbering.announced(origin, inc, last):
+            self._lost_invals(origin, before, last)
 
-    def _sequence(self, origin, inc, seq, heartbeat):
-        """Check ``origin``'s invalidation numbering. A gap, or an incarnation we have
-        no numbers for (a first contact, a restart), means messages may be lost: what
-        they named is unknown, so every L1 copy of the origin's partitions goes."""
-        known = self.origins.get(origin)
-        if known is None or known[0] != inc:
-            lost = True
-        else:
-            lost = seq > known[1] if heartbeat else seq != known[1] + 1
-        if lost:
-            if known is not None and known[0] == inc:
-                self.stats["inval_gaps"] += 1
-                log.warning("cache %s: invalidations %d..%d from member %d were lost: its L1 copies dropped",
-                            self.name, known[1] + 1, seq if heartbeat else seq - 1, origin)
-            self.drop_l1(lambda p: self.owners[p] == origin)
-        if lost or not heartbeat:
-            self.origins[origin] = (inc, seq)
+    def _lost_invals(self, origin, before, last):
+        """Invalidations of ``origin`` may be lost (vela.near.Numbering): every L1 copy of
+        its partitions goes (on a first contact or a restart, too)."""
+        if self.numbering.gaps != self.stats["inval_gaps"]:
+            self.stats["inval_gaps"] = self.numbering.gaps
+            log.warning("cache %s: invalidations %d..%d from member %d were lost: its L1 copies dropped",
+                        self.name, before + 1, last, origin)
+        self.drop_l1(lambda p: self.owners[p] == origin)
 
     def _op_near(self, msg):
         """The second step of invalidate_tag (``tag``) and flush (no tag), once every
