@@ -248,11 +248,17 @@ def test_partitioned_a_lost_invalidation_drops_the_origins_copies(tmp_path):
         for k in [f"g{i}" for i in range(200)]:
             by_owner.setdefault(a.call("owner", key=k)[0], []).append(k)
         k1, k2 = by_owner[a.node_id][:2]
-        k3 = by_owner[cc.node_id][0]
-        for k in (k1, k2, k3):
+        k3, k4 = by_owner[cc.node_id][:2]
+        for k in (k1, k2, k3, k4):
             a.put(k, "v1")
             eventually(lambda: b.get(k) == "v1" and b.call("local_get", key=k) == [True, "v1"], 3,
                        interval=0.01, what=f"a copy of {k} on B")
+
+        # A host reads its own writes at once (its copy goes when the owner answered).
+        b.put(k4, "v2")
+        assert b.call("local_get", key=k4)[0] is False and b.get(k4) == "v2"
+        b.delete(k4)
+        assert b.get(k4) is None
 
         def gaps():
             return b.status()["caches"][c.name]["inval_gaps"]

@@ -443,8 +443,21 @@ class PartitionedCache(Cache):
         if not self._put_here(key, val, codec, ns, tag_ids):
             enc, p, view, local = self._locate(key)
             self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
+            self._written((key,))
         if telemetry.active:
             self._emit("put", start, {"key": key, "ttl": ttl})
+
+    def _written(self, keys):
+        """Owners have written ``keys``: this host's L1 copies of them go at once (its
+        bridge drops them too when the owners' invalidations arrive), so a read here
+        after the write returned never finds the value it replaced."""
+        if self._near is None:
+            return
+        view = self._view()
+        if view.valid:
+            for key in keys:
+                if view.l1(partition_of(_native.encode_key(key), view.parts)):
+                    self._table.invalidate(key)
 
     def _routes(self):
         """(routes, view seq) to write in place by, or None while the view is too old."""
@@ -479,6 +492,7 @@ class PartitionedCache(Cache):
         for k, enc, val, codec in again:
             self._key_request("put", enc, partition_of(enc, self._view().parts), val=val, codec=codec, ttl=ns,
                               tags=tag_ids)
+        self._written(item[0] for item in encoded)
         if telemetry.active:
             self._emit("put", start, {"keys": len(items), "ttl": ttl})
 
@@ -489,6 +503,7 @@ class PartitionedCache(Cache):
         if removed is None:  # not a partition of this host: its owner deletes
             enc, p, view, local = self._locate(key)
             removed = bool(self._key_request("del", enc, p)["ok"])
+            self._written((key,))
         if telemetry.active:
             self._emit("delete", start, {"key": key, "result": removed})
         return removed
@@ -506,12 +521,15 @@ class PartitionedCache(Cache):
             else:
                 removed += here
         answered = self._grouped("delm", remote)
+        self._written(remote)
         return removed + sum(bool(answered[k]) if k in answered else self.delete(k) for k in remote)
 
     def touch(self, key, ttl=None):
         ns = options.ttl_ns(ttl, self.default_ttl)
         enc, p, view, local = self._locate(key)
-        return bool(self._key_request("touch", enc, p, ttl=ns)["ok"])
+        found = bool(self._key_request("touch", enc, p, ttl=ns)["ok"])
+        self._written((key,))
+        return found
 
     def incr(self, key, delta=1, ttl=None):
         """Add ``delta`` atomically on the key's owner (see :meth:`vela.Cache.incr`)."""
@@ -521,7 +539,9 @@ class PartitionedCache(Cache):
             raise OverflowError("delta leaves the signed 64-bit range")
         ns = options.ttl_ns(ttl, self.default_ttl)
         enc, p, view, local = self._locate(key)
-        return self._key_request("incr", enc, p, delta=delta, ttl=ns)["ok"]
+        value = self._key_request("incr", enc, p, delta=delta, ttl=ns)["ok"]
+        self._written((key,))
+        return value
 
     # ---- get_or_fetch: one fetch per key in the whole cluster --------------------------
 
