@@ -139,7 +139,14 @@ class Numbering:
         return self._note(origin, incarnation, number, number - 1)
 
     def announced(self, origin, incarnation, last):
-        """The origin says it sent up to ``last``; True when some of those were lost."""
+        """The origin says it sent up to ``last``; True when some of those were lost.
+        A number above ``last`` seen before was not of this numbering (a store that
+        restarted empty, a forged message): counted as a loss, and ``last`` is taken."""
+        known = self.seen.get(origin)
+        if known is not None and known[0] == incarnation and known[1] > last:
+            self.seen[origin] = (incarnation, last)
+            self.gaps += 1
+            return True
         return self._note(origin, incarnation, last, last)
 
     def _note(self, origin, incarnation, number, due):
