@@ -80,6 +80,7 @@ class _View:
         self.parts = view.get("partitions", 1)
         self.owners = view.get("owners") or []
         self.backups = view.get("backups") or [None] * len(self.owners)
+        self.outgoing = set(view.get("outgoing") or ())
         self.incoming = {int(p) for p in (view.get("incoming") or {})}
         self.addrs = {int(n): a for n, a in (view.get("addrs") or {}).items()}
         self.published = view.get("published", 0.0)
@@ -98,8 +99,9 @@ class _View:
 
     def l1(self, p):
         """True when what this host keeps of partition p are L1 copies (the near cache):
-        it neither owns the partition nor keeps its backup."""
-        return self.owners[p] != self.me and self.backups[p] != self.me
+        it neither owns the partition nor keeps its backup, nor is handing it off (its
+        entries would go with it)."""
+        return self.owners[p] != self.me and self.backups[p] != self.me and p not in self.outgoing
 
 
 def _copy_tags(tag_ids):

@@ -50,8 +50,11 @@ class Listener:
     :param timeout: seconds a ping may take before Redis counts as lost.
     """
 
-    #: heartbeats a host's registration outlives its last renewal
-    REGISTRATION_BEATS = 4
+    #: heartbeats a host's registration outlives its last renewal: longer than the other
+    #: workers of a host take to drop its L1 when its listener stalls (7 heartbeats, see
+    #: HostAgent), so a host that stops answering stays one that callers wait for until
+    #: its copies are gone (or until it answers again)
+    REGISTRATION_BEATS = 8
 
     def __init__(self, near, make_client, prefix, host, heartbeat, timeout):
         self.near = near

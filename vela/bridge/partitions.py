@@ -655,7 +655,8 @@ class Partitions:
     def view(self):
         """What workers route by (written into the segment's cluster view)."""
         return {"partitions": self.parts, "owners": self.owners, "backups": self.backup_of,
-                "incoming": {str(p): inc.source for p, inc in self.incoming.items()}}
+                "incoming": {str(p): inc.source for p, inc in self.incoming.items()},
+                "outgoing": sorted(self.outgoing)}  # (held until handed off: no L1 copies there)
 
 
 def error_reply(exc):
