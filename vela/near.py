@@ -17,6 +17,12 @@ capped to a short age (``degraded_ttl``); the listener drops all of L1 whenever 
 (re)subscribes, since it may have missed messages. Every L1 copy has a maximum age
 (``l1_ttl``) even when its entry never expires.
 
+A copy carries the tags of its entry, so a tag's copies can be dropped without
+knowing their keys. Invalidation messages are numbered per origin (:class:`Numbering`):
+a receiver that finds one missing drops every copy the origin could have
+invalidated. invalidate_tag and flush wait until every host has dropped its copies
+(vela.redis_listener, vela.partitioned say how).
+
 The L2 is an interface (:class:`L2`), so the same code sits in front of Redis now
 and of the partitioned topology later; the message format (:func:`encode_keys`,
 :data:`FLUSH_ALL`) is the one any L2 publishes.
