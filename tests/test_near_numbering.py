@@ -51,3 +51,46 @@ def test_numbered_messages_split_and_others_pass_through():
     assert split_number(b"*") == (None, b"*")
     assert split_number(b"#x:*") == (None, b"#x:*")      # malformed: applied as it is (drops all)
     assert split_number(b"#" + b"9" * 30 + b":*")[0] is None
+
+
+# ---- on the wire (vela.bridge.protocol): what a bridge refuses ----------------------
+
+def _peer(**fields):
+    from vela.bridge import protocol
+
+    return protocol.pack(b"s" * 32, dict(fields, v=protocol.PROTOCOL, inc=9, **{"from": 3}))
+
+
+def _refused(frames):
+    import pytest
+
+    from vela.bridge import protocol
+
+    with pytest.raises(protocol.Malformed):
+        protocol.unpack(b"s" * 32, frames)
+
+
+def test_invalidations_without_a_number_or_with_a_bad_one_are_refused():
+    from vela.bridge import protocol
+
+    key = __import__("vela")._native.encode_key("k")
+    assert protocol.unpack(b"s" * 32, _peer(t="inval", c="c", seq=1, ks=[key, b""]))["seq"] == 1
+    for seq in (None, 0, -1, "1", True, 2**63 + 1):
+        fields = dict(t="inval", c="c", ks=[key])
+        if seq is not None:
+            fields["seq"] = seq
+        _refused(_peer(**fields))
+
+
+def test_heartbeat_numbers_and_near_requests_are_checked():
+    from vela.bridge import protocol
+
+    hello = dict(t="hello", addr="tcp://127.0.0.1:1", members=[], seqs={})
+    assert protocol.unpack(b"s" * 32, _peer(**hello, iseqs={"c": 4}))["iseqs"] == {"c": 4}
+    for bad in ({"c": -1}, {"c": "4"}, ["c"], {1: 4}):
+        _refused(_peer(**hello, iseqs=bad))
+    req = dict(t="req", c="c", id=1, e=0, op="near")
+    assert protocol.unpack(b"s" * 32, _peer(**req))["op"] == "near"          # flush: every copy
+    assert protocol.unpack(b"s" * 32, _peer(**req, tag=256))["tag"] == 256   # one tag's copies
+    for bad in (-1, "t", [1]):
+        _refused(_peer(**req, tag=bad))
