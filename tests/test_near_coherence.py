@@ -182,8 +182,10 @@ def wait_ready(cluster):
                            for h in cluster), 15, what="every bridge has its partition table")
 
 
-def test_partitioned_reads_after_an_invalidation_returned_are_never_stale(tmp_path):
-    c = Cluster(tmp_path, n=3, topology="partitioned", cache_opts=NEAR)
+@pytest.mark.parametrize("backups", [0, 1])
+def test_partitioned_reads_after_an_invalidation_returned_are_never_stale(tmp_path, backups):
+    c = Cluster(tmp_path, n=3, topology="partitioned", cache_opts=NEAR,
+                bridge_extra=["--backups", str(backups)] if backups else [])
     readers = None
     try:
         wait_ready(c)
@@ -203,7 +205,7 @@ def test_partitioned_reads_after_an_invalidation_returned_are_never_stale(tmp_pa
         node = {h.label: h.node_id for h in c}
         copies = sum(1 for label, hist in histories.items() for _, _, k, v, held in hist
                      if held and owners[k] != node[label])
-        report("partitioned, 3 hosts", reads, stale, lags, copies)
+        report(f"partitioned, 3 hosts, backups={backups}", reads, stale, lags, copies)
         assert copies > 500  # the readers did read L1 copies of other hosts' keys
         assert stale == []
         assert all(lag < 1.0 for lag in lags)  # invalidations arrived (L1 age: 60 s)

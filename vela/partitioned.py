@@ -163,9 +163,10 @@ class PartitionedCache(Cache):
             self._seq = seq
             if view.valid:
                 # Per partition, where a get looks first (Table.get_routed): 1 here (ours),
-                # 2 here then the owner (an L1 copy may be here), 0 the owner.
-                near = 2 if self._near is not None else 0
-                routes = bytes(1 if view.local(p) else near for p in range(view.parts))
+                # 2 here then the owner (an L1 copy may be here), 0 the owner (a backup
+                # copy here is not read: it may lag the owner's writes and invalidations).
+                routes = bytes(1 if view.local(p) else 2 if self._copies(view, p) else 0
+                               for p in range(view.parts))
                 until = time.monotonic() + view.max_age - (time.time() - view.published)
                 self._route = (routes, seq, until)
         return self._cached_view
@@ -351,12 +352,11 @@ class PartitionedCache(Cache):
         enc, p, view, local = self._locate(key)
         if local:
             return self._table.get(key, MISSING)
-        if self._near is not None:
-            value = self._table.get_hit(key, MISSING)  # an L1 copy (or a backup copy kept current)
+        if self._copies(view, p):
+            value = self._table.get_hit(key, MISSING)  # an L1 copy
             if value is not MISSING:
                 return value
-            if view.l1(p):  # (a backup, or a partition still arriving, is no place for a copy)
-                return self._near.load(key, self._l2)
+            return self._near.load(key, self._l2)
         reply = self._key_request("get", enc, p)
         return MISSING if reply.get("miss") else self._decode(reply)
 
@@ -405,8 +405,9 @@ class PartitionedCache(Cache):
         found, remote = {}, []
         view = self._routable_view(time.monotonic() + self._links.timeout)
         for key in keys:
-            local = view.local(partition_of(_native.encode_key(key), view.parts))
-            if local or self._near is not None:
+            p = partition_of(_native.encode_key(key), view.parts)
+            local = view.local(p)
+            if local or self._copies(view, p):
                 # an owned entry, or an L1 copy (a near-cache miss is read from its owner)
                 value = self._table.get(key, MISSING) if local else self._table.get_hit(key, MISSING)
                 if value is not MISSING:
@@ -418,7 +419,7 @@ class PartitionedCache(Cache):
         # Near cache: reserve before the owners are read, so a copy whose read raced an
         # invalidation is not kept (vela.near).
         tokens = {key: self._table.reserve(key) for key in remote
-                  if view.l1(partition_of(_native.encode_key(key), view.parts))} if self._near is not None else {}
+                  if self._copies(view, partition_of(_native.encode_key(key), view.parts))}
         answered = self._grouped("getm", remote)
         for key in remote:
             if key not in answered:
@@ -458,8 +459,12 @@ class PartitionedCache(Cache):
         view = self._view()
         if view.valid:
             for key in keys:
-                if view.l1(partition_of(_native.encode_key(key), view.parts)):
+                if self._copies(view, partition_of(_native.encode_key(key), view.parts)):
                     self._table.invalidate(key)
+
+    def _copies(self, view, p):
+        """True when this host may keep L1 copies of partition p's keys (vela.near)."""
+        return self._near is not None and view.l1(p)
 
     def _routes(self):
         """(routes, view seq) to write in place by, or None while the view is too old."""
@@ -555,7 +560,7 @@ class PartitionedCache(Cache):
         waited stampede_timeout, fetch without it. Waits (polling the owner) while
         another caller anywhere fetches the key."""
         enc, p, view, local = self._locate(key)
-        if local or self._near is not None:  # an owned entry or an L1 copy: no round trip
+        if local or self._copies(view, p):  # an owned entry or an L1 copy: no round trip
             value = self._table.get_hit(key, MISSING)
             if value is not MISSING:
                 return "hit", value
