@@ -36,13 +36,27 @@ def test_a_new_incarnation_drops_and_restarts_the_count():
     assert n.gaps == 0                        # neither is a gap in a known numbering
 
 
-def test_numbers_above_what_the_origin_says_it_sent_are_not_trusted():
+def test_numbers_above_the_origins_count_are_not_trusted():
     n = Numbering()
     n.start("a", 7, 3)
+    assert n.received("a", 7, 4) is False
+    assert n.counted("a", 7, 4) is False      # the count as it is: nothing in flight
+    assert n.counted("a", 7, 6) is False      # 5 and 6 may be on their way: not a loss (yet)
     assert n.received("a", 7, 10**9) is True  # a forged or foreign number
-    assert n.announced("a", 7, 4) is True     # the origin's own count wins
-    assert n.received("a", 7, 5) is False
+    assert n.counted("a", 7, 7) is True       # the origin's own count wins
+    assert n.received("a", 7, 8) is False
     assert n.gaps == 2
+
+
+def test_a_count_taken_before_messages_still_in_flight_is_no_loss():
+    """Redis: the listener reads the count, messages published after it arrive, then
+    the pong of the ping sent after the read."""
+    n = Numbering()
+    n.start(None, None, 373)
+    assert n.counted(None, None, 374) is False
+    assert [n.received(None, None, i) for i in (374, 375, 376)] == [False] * 3
+    assert n.announced(None, None, 374) is False
+    assert n.gaps == 0
 
 
 def test_numbered_messages_split_and_others_pass_through():

@@ -145,15 +145,20 @@ class Numbering:
         return self._note(origin, incarnation, number, number - 1)
 
     def announced(self, origin, incarnation, last):
-        """The origin says it sent up to ``last``; True when some of those were lost.
-        A number above ``last`` seen before was not of this numbering (a store that
-        restarted empty, a forged message): counted as a loss, and ``last`` is taken."""
-        known = self.seen.get(origin)
-        if known is not None and known[0] == incarnation and known[1] > last:
-            self.seen[origin] = (incarnation, last)
-            self.gaps += 1
-            return True
+        """The origin sent up to ``last``, and all of it has arrived that is going to
+        (the saying came after it, in order): True when some of those were lost."""
         return self._note(origin, incarnation, last, last)
+
+    def counted(self, origin, incarnation, last):
+        """The origin's count is ``last`` now (what is in flight may be above it): True
+        when numbers above it were seen before, which were not of this numbering (a
+        store that restarted empty, a forged message); the count goes on from ``last``."""
+        known = self.seen.get(origin)
+        if known is None or known[0] != incarnation or known[1] <= last:
+            return False
+        self.seen[origin] = (incarnation, last)
+        self.gaps += 1
+        return True
 
     def _note(self, origin, incarnation, number, due):
         known = self.seen.get(origin)

@@ -184,7 +184,10 @@ class Listener:
                         check = None
             if now >= next_ping:
                 if check is None:
-                    check = (pings + 1, self._last_number())
+                    last = self._last_number()
+                    if self.numbering.counted(None, None, last):
+                        self._gap(last)
+                    check = (pings + 1, last)
                 ps.ping(b"vela")
                 pings += 1
                 near.mark_healthy()

@@ -409,7 +409,8 @@ class Partitions:
         """A heartbeat of ``origin``: ``last`` is the number of its latest invalidation
         message (so a lost last message is noticed without waiting for the next one)."""
         before = self.numbering.highest(origin)
-        if self.numbering.announced(origin, inc, last):
+        # (a heartbeat travels after the messages before it, on the same pipe)
+        if self.numbering.counted(origin, inc, last) or self.numbering.announced(origin, inc, last):
             self._lost_invals(origin, before, last)
 
     def _lost_invals(self, origin, before, last):
