@@ -251,11 +251,11 @@ class PartitionedCache(Cache):
             raise _ERRORS.get(err, BridgeUnavailable)(reply.get("msg", err))
         return reply
 
-    def _everyone(self, op, **fields):
+    def _everyone(self, op, deadline=None, **fields):
         """The same request to every member of the ring; their replies. A member that does
         not answer is asked again while the partition table still names it (one that died
         leaves the table within the failure timeout), up to the call's deadline."""
-        deadline = time.monotonic() + self._links.timeout
+        deadline = deadline or time.monotonic() + self._links.timeout
         replies = {}
         while True:
             view = self._routable_view(deadline)
@@ -646,15 +646,19 @@ class PartitionedCache(Cache):
     # copies of them ("near"): a copy read from an owner before that owner's step would
     # otherwise land after a member dropped its copies, and outlive the call.
 
+    # Both steps share the call's deadline.
+
     def _invalidate_tag_counted(self, tag):
         tag_id = self._encode_tags([tag])[0]
-        removed = sum(r["ok"] for r in self._everyone("tag", tag=tag_id))
-        self._everyone("near", tag=tag_id)
+        deadline = time.monotonic() + self._links.timeout
+        removed = sum(r["ok"] for r in self._everyone("tag", deadline, tag=tag_id))
+        self._everyone("near", deadline, tag=tag_id)
         return removed
 
     def _flush_counted(self):
-        removed = sum(r["ok"] for r in self._everyone("flush"))
-        self._everyone("near")
+        deadline = time.monotonic() + self._links.timeout
+        removed = sum(r["ok"] for r in self._everyone("flush", deadline))
+        self._everyone("near", deadline)
         return removed
 
     def size(self):
