@@ -463,6 +463,12 @@ def test_listener_death_hands_the_role_over(server):
         b.destroy()
 
 
+def _state(pid):
+    """The process state letter of /proc/<pid>/stat (T: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_a_stalled_listener_is_noticed_by_the_other_workers(server):
     """The listener is stopped (SIGSTOP): its heartbeat ages out and another process
     of the host drops L1, so copies cannot outlive the missed invalidations."""
@@ -477,6 +483,7 @@ def test_a_stalled_listener_is_noticed_by_the_other_workers(server):
         a.put("k", "v1")
         assert settled(b, "k") == "v1"
         os.kill(lp.proc.pid, signal.SIGSTOP)
+        assert wait_for(lambda: _state(lp.proc.pid) == "T", 2)  # stopped before the write below
         assert l1(b, "k") == "v1"
         stopped = time.monotonic()
         a.put("k", "v2")                                 # nobody applies this on B
