@@ -176,6 +176,17 @@ def report(what, reads, stale, lags, copies):
 NEAR = {"near_cache": True, "near_cache_l1_ttl": 60}
 
 
+def start(cluster):
+    """Start the bridges with a failure timeout no load on this machine reaches: a new
+    partition table drops every copy, which would hide what the tests look at."""
+    a, b, c = cluster
+    for h, seed in ((a, b), (b, a), (c, a)):
+        h.start_bridge(join=[seed], failure_timeout=5.0, wait=False)
+    for h in cluster:
+        h.wait_bridge()
+    wait_ready(cluster)
+
+
 def wait_ready(cluster):
     cluster.wait_members()
     eventually(lambda: all((h.status() or {}).get("caches", {}).get(cluster.name, {}).get("ready")
@@ -184,11 +195,11 @@ def wait_ready(cluster):
 
 @pytest.mark.parametrize("backups", [0, 1])
 def test_partitioned_reads_after_an_invalidation_returned_are_never_stale(tmp_path, backups):
-    c = Cluster(tmp_path, n=3, topology="partitioned", cache_opts=NEAR,
+    c = Cluster(tmp_path, n=3, topology="partitioned", cache_opts=NEAR, start=False,
                 bridge_extra=["--backups", str(backups)] if backups else [])
     readers = None
     try:
-        wait_ready(c)
+        start(c)
         owners = {k: c[0].call("owner", key=k)[0] for k in KEYS}
         assert len(set(owners.values())) == 3  # every host owns some of the keys
         readers = Readers(tmp_path, c.name, KEYS, seconds=9 * 3 * PAUSE + 8)
@@ -245,13 +256,7 @@ def test_partitioned_a_lost_invalidation_drops_the_origins_copies(tmp_path):
         a, b, cc = c
         a.env = dict(a.env, VELA_TEST_LOSE_INVAL=str(flag),
                      PYTHONPATH=os.pathsep.join([str(hook), a.env["PYTHONPATH"]]))
-        # A failure timeout no load on this machine reaches: the partition table must
-        # not change here (a new table drops every copy, which would hide what we test).
-        for h, seed in ((a, b), (b, a), (cc, a)):
-            h.start_bridge(join=[seed], failure_timeout=5.0, wait=False)
-        for h in c:
-            h.wait_bridge()
-        wait_ready(c)
+        start(c)
         epoch = b.cluster()["ring_epoch"]
         by_owner = {}
         for k in [f"g{i}" for i in range(200)]:
