@@ -844,7 +844,7 @@ def bridge_exposition(status):
     metric("member_state", "gauge", "1 for the state each known member is in", states)
     for field in ("applied", "stale", "suppressed", "sent", "resyncs", "snapshots_served", "snapshots_applied",
                   "requests", "moved", "fallbacks", "handed_out", "handed_in", "promoted", "lost",
-                  "backup_records"):
+                  "backup_records", "inval_gaps"):
         samples = [({"cache": c}, s[field]) for c, s in status["caches"].items() if field in s]
         if samples:
             metric(f"{field}_total", "counter", f"replication/partition records or events: {field}", samples)
