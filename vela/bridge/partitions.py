@@ -387,7 +387,7 @@ class Partitions:
         flight are voided first: a copy read before the change that made us drop it
         must not land after."""
         if self.owners is None:
-            return  # no table yet: the first one drops every copy
+            return  # no table yet: which partitions hold copies is not known
         self.table.invalidate_all()
         self.table.drop_partitions(self.parts, self.flags(lambda p: self.l1(p) and (pick is None or pick(p))))
 
@@ -395,7 +395,7 @@ class Partitions:
         """Drop the L1 copies of keys member ``origin`` (incarnation ``inc``) changed
         (b"": all of them); ``seq`` numbers its invalidation messages."""
         before = self.numbering.highest(origin)
-        if self.numbering.received(origin, inc, seq):
+        if self.owners is not None and self.numbering.received(origin, inc, seq):
             self._lost_invals(origin, before, seq - 1)
         for k in keys:
             if not k:
@@ -408,6 +408,8 @@ class Partitions:
     def on_inval_seq(self, origin, inc, last):
         """A heartbeat of ``origin``: ``last`` is the number of its latest invalidation
         message (so a lost last message is noticed without waiting for the next one)."""
+        if self.owners is None:
+            return  # numbers are first taken with a table: that first contact drops the copies
         before = self.numbering.highest(origin)
         # (a heartbeat travels after the messages before it, on the same pipe)
         if self.numbering.counted(origin, inc, last) or self.numbering.announced(origin, inc, last):
