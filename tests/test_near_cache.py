@@ -326,6 +326,7 @@ def test_invalidate_tag_says_which_host_did_not_confirm(server):
         finally:
             r.close()
         os.kill(lp.proc.pid, signal.SIGSTOP)
+        assert wait_for(lambda: _state(lp.proc.pid) == "T", 2)
         with pytest.raises(vela.BackendUnavailable, match=r"invalidate_tag removed 1 entries .*host\(s\) .*B"):
             a.invalidate_tag("t")
         assert a.get("k") is None
