@@ -17,6 +17,12 @@ capped to a short age (``degraded_ttl``); the listener drops all of L1 whenever 
 (re)subscribes, since it may have missed messages. Every L1 copy has a maximum age
 (``l1_ttl``) even when its entry never expires.
 
+A copy carries the tags of its entry, so a tag's copies can be dropped without
+knowing their keys. Invalidation messages are numbered per origin (:class:`Numbering`):
+a receiver that finds one missing drops every copy the origin could have
+invalidated. invalidate_tag and flush wait until every host has dropped its copies
+(vela.redis_listener, vela.partitioned say how).
+
 The L2 is an interface (:class:`L2`), so the same code sits in front of Redis now
 and of the partitioned topology later; the message format (:func:`encode_keys`,
 :data:`FLUSH_ALL`) is the one any L2 publishes.
@@ -32,7 +38,8 @@ import posix_ipc
 from . import _native
 from .errors import CacheFull, ValueTooLarge
 
-__all__ = ["L2", "NearCache", "HostElection", "encode_keys", "decode_message", "FLUSH_ALL", "MISSING"]
+__all__ = ["L2", "NearCache", "HostElection", "Numbering", "encode_keys", "decode_message", "split_number",
+           "copy_tag", "FLUSH_ALL", "MISSING"]
 
 log = logging.getLogger("vela.near")
 
@@ -41,6 +48,7 @@ MISSING = object()
 # Invalidation messages: b"*" drops all of L1; b"m" + (4-byte big-endian length +
 # canonical key encoding)* drops those keys. Anything else is malformed, and a
 # malformed message drops all of L1 (we cannot know what it meant to invalidate).
+# A message may be numbered by its origin: b"#" + decimal number + b":" + message.
 FLUSH_ALL = b"*"
 _KEYS = b"m"[0]
 
@@ -49,12 +57,20 @@ _KEYS = b"m"[0]
 MARKER = b"\x00vela:near:listener\x00"
 
 
+def copy_tag(tag_id):
+    """The tag an L1 copy carries for the tag id ``tag_id`` of its entry (a store that
+    keeps tag ids, not names: the partitioned topology). A tag of its own, so that
+    dropping the copies of a tag never touches the entries a host owns."""
+    return f"\x00near:{tag_id:x}"
+
+
 class L2:
     """What the near cache needs from the store behind it.
 
-    ``read(key) -> (value, remaining_ns)``: the stored value (``MISSING`` when
-    absent) and its remaining lifetime in nanoseconds (0: never expires).
-    ``read_many(keys) -> [(value, remaining_ns), ...]`` in the order of ``keys``.
+    ``read(key) -> (value, remaining_ns, tags)``: the stored value (``MISSING`` when
+    absent), its remaining lifetime in nanoseconds (0: never expires) and the tags
+    its copy carries (str), so that a tag invalidation drops the copy too.
+    ``read_many(keys) -> [(value, remaining_ns, tags), ...]`` in the order of ``keys``.
     Both raise :class:`vela.BackendUnavailable` when the store cannot be reached.
     """
 
@@ -96,6 +112,70 @@ def decode_message(data):
     return keys
 
 
+def split_number(data):
+    """(number, message) of a numbered message; (None, data) for one without a number."""
+    if data[:1] == b"#":
+        head, sep, rest = data[1:].partition(b":")
+        if sep and head.isdigit() and len(head) <= 19:
+            return int(head), rest
+    return None, data
+
+
+class Numbering:
+    """The numbers of the invalidation messages each origin sent, as a receiver saw them.
+
+    An origin numbers its messages 1, 2, ... per incarnation (a process that restarts
+    is a new incarnation) and says now and then which number it sent last. A number
+    skipped, a last number above the highest received, or an incarnation without
+    numbers here (a first contact, a restart) means messages may have been lost: the
+    receiver must then drop every L1 copy that origin could have invalidated, since
+    what the lost ones named is unknown (Hazelcast's near cache repairs the same way).
+    """
+
+    def __init__(self):
+        self.seen = {}   # origin -> (incarnation, highest number received or known sent)
+        self.gaps = 0    # losses found in a known incarnation
+
+    def start(self, origin, incarnation, last):
+        """Everything up to ``last`` is accounted for (L1 was dropped meanwhile)."""
+        self.seen[origin] = (incarnation, last)
+
+    def received(self, origin, incarnation, number):
+        """Message ``number`` arrived; True when some before it were lost."""
+        return self._note(origin, incarnation, number, number - 1)
+
+    def announced(self, origin, incarnation, last):
+        """The origin sent up to ``last``, and all of it has arrived that is going to
+        (the saying came after it, in order): True when some of those were lost."""
+        return self._note(origin, incarnation, last, last)
+
+    def counted(self, origin, incarnation, last):
+        """The origin's count is ``last`` now (what is in flight may be above it): True
+        when numbers above it were seen before, which were not of this numbering (a
+        store that restarted empty, a forged message); the count goes on from ``last``."""
+        known = self.seen.get(origin)
+        if known is None or known[0] != incarnation or known[1] <= last:
+            return False
+        self.seen[origin] = (incarnation, last)
+        self.gaps += 1
+        return True
+
+    def _note(self, origin, incarnation, number, due):
+        known = self.seen.get(origin)
+        if known is None or known[0] != incarnation:
+            self.seen[origin] = (incarnation, number)
+            return True
+        lost = known[1] < due
+        if lost:
+            self.gaps += 1
+        self.seen[origin] = (incarnation, max(known[1], number))
+        return lost
+
+    def highest(self, origin):
+        known = self.seen.get(origin)
+        return known[1] if known else 0
+
+
 class NearCache:
     """L1 logic over a table handle (stats off: counting is the caller's business).
 
@@ -119,25 +199,26 @@ class NearCache:
     def load(self, key, l2):
         """L1 miss: read ``key`` from ``l2`` and keep a copy; returns the value or MISSING."""
         token = self.l1.reserve(key)
-        value, remaining_ns = l2.read(key)
+        value, remaining_ns, tags = l2.read(key)
         if value is not MISSING:
-            self.fill(token, key, value, remaining_ns)
+            self.fill(token, key, value, remaining_ns, tags)
         return value
 
     def load_many(self, keys, l2):
         """Like :meth:`load` for several keys, one L2 round trip; ``{key: value}`` of those found."""
         tokens = [self.l1.reserve(k) for k in keys]
         found = {}
-        for key, token, (value, remaining_ns) in zip(keys, tokens, l2.read_many(keys)):
+        for key, token, (value, remaining_ns, tags) in zip(keys, tokens, l2.read_many(keys)):
             if value is not MISSING:
-                self.fill(token, key, value, remaining_ns)
+                self.fill(token, key, value, remaining_ns, tags)
                 found[key] = value
         return found
 
-    def fill(self, token, key, value, remaining_ns):
-        """Keep an L1 copy unless an invalidation voided ``token``; True when stored."""
+    def fill(self, token, key, value, remaining_ns, tags=()):
+        """Keep an L1 copy (with its entry's ``tags``) unless an invalidation voided
+        ``token``; True when stored."""
         try:
-            return self.l1.fill(key, value, self.copy_ttl_ns(remaining_ns), (), token)
+            return self.l1.fill(key, value, self.copy_ttl_ns(remaining_ns), tags, token)
         except (CacheFull, ValueTooLarge):
             return False  # a copy is an optimisation: no room means no copy
 

@@ -32,7 +32,7 @@ from . import _native, options, telemetry
 from .cache import Cache
 from .errors import BridgeUnavailable, CacheFull, LockTimeout, ValueTooLarge
 from .bridge.links import Links
-from .near import L2, MISSING, NearCache
+from .near import L2, MISSING, NearCache, copy_tag
 from .ring import partition_of
 
 __all__ = ["PartitionedCache"]
@@ -79,6 +79,8 @@ class _View:
         self.epoch = view.get("ring_epoch", 0)
         self.parts = view.get("partitions", 1)
         self.owners = view.get("owners") or []
+        self.backups = view.get("backups") or [None] * len(self.owners)
+        self.outgoing = set(view.get("outgoing") or ())
         self.incoming = {int(p) for p in (view.get("incoming") or {})}
         self.addrs = {int(n): a for n, a in (view.get("addrs") or {}).items()}
         self.published = view.get("published", 0.0)
@@ -95,6 +97,17 @@ class _View:
         """True when this host owns partition p and holds all of it."""
         return self.owners[p] == self.me and p not in self.incoming
 
+    def l1(self, p):
+        """True when what this host keeps of partition p are L1 copies (the near cache):
+        it neither owns the partition nor keeps its backup, nor is handing it off (its
+        entries would go with it)."""
+        return self.owners[p] != self.me and self.backups[p] != self.me and p not in self.outgoing
+
+
+def _copy_tags(tag_ids):
+    """The tags an L1 copy carries for its entry's tag ids (vela.near.copy_tag)."""
+    return [copy_tag(t) for t in tag_ids]
+
 
 class _PartitionL2(L2):
     def __init__(self, cache):
@@ -104,8 +117,9 @@ class _PartitionL2(L2):
         enc = _native.encode_key(key)
         reply = self.cache._key_request("get", enc, partition_of(enc, self.cache._view().parts))
         if reply.get("miss"):
-            return MISSING, 0
-        return self.cache._table.decode_value(reply["val"], reply["codec"]), reply["ttl"]
+            return MISSING, 0, ()
+        value = self.cache._table.decode_value(reply["val"], reply["codec"])
+        return value, reply["ttl"], _copy_tags(reply.get("tags", ()))
 
 
 class _ClusterNear(NearCache):
@@ -149,9 +163,10 @@ class PartitionedCache(Cache):
             self._seq = seq
             if view.valid:
                 # Per partition, where a get looks first (Table.get_routed): 1 here (ours),
-                # 2 here then the owner (an L1 copy may be here), 0 the owner.
-                near = 2 if self._near is not None else 0
-                routes = bytes(1 if view.local(p) else near for p in range(view.parts))
+                # 2 here then the owner (an L1 copy may be here), 0 the owner (a backup
+                # copy here is not read: it may lag the owner's writes and invalidations).
+                routes = bytes(1 if view.local(p) else 2 if self._copies(view, p) else 0
+                               for p in range(view.parts))
                 until = time.monotonic() + view.max_age - (time.time() - view.published)
                 self._route = (routes, seq, until)
         return self._cached_view
@@ -242,11 +257,11 @@ class PartitionedCache(Cache):
             raise _ERRORS.get(err, BridgeUnavailable)(reply.get("msg", err))
         return reply
 
-    def _everyone(self, op, **fields):
+    def _everyone(self, op, deadline=None, **fields):
         """The same request to every member of the ring; their replies. A member that does
         not answer is asked again while the partition table still names it (one that died
         leaves the table within the failure timeout), up to the call's deadline."""
-        deadline = time.monotonic() + self._links.timeout
+        deadline = deadline or time.monotonic() + self._links.timeout
         replies = {}
         while True:
             view = self._routable_view(deadline)
@@ -358,8 +373,8 @@ class PartitionedCache(Cache):
         enc, p, view, local = self._locate(key)
         if local:
             return self._table.get(key, MISSING)
-        if self._near is not None:
-            value = self._table.get_hit(key, MISSING)  # an L1 copy (or a backup copy kept current)
+        if self._copies(view, p):
+            value = self._table.get_hit(key, MISSING)  # an L1 copy
             if value is not MISSING:
                 return value
             return self._near.load(key, self._l2)
@@ -411,8 +426,9 @@ class PartitionedCache(Cache):
         found, remote = {}, []
         view = self._routable_view(time.monotonic() + self._links.timeout)
         for key in keys:
-            local = view.local(partition_of(_native.encode_key(key), view.parts))
-            if local or self._near is not None:
+            p = partition_of(_native.encode_key(key), view.parts)
+            local = view.local(p)
+            if local or self._copies(view, p):
                 # an owned entry, or an L1 copy (a near-cache miss is read from its owner)
                 value = self._table.get(key, MISSING) if local else self._table.get_hit(key, MISSING)
                 if value is not MISSING:
@@ -423,7 +439,8 @@ class PartitionedCache(Cache):
                 remote.append(key)
         # Near cache: reserve before the owners are read, so a copy whose read raced an
         # invalidation is not kept (vela.near).
-        tokens = {key: self._table.reserve(key) for key in remote} if self._near is not None else {}
+        tokens = {key: self._table.reserve(key) for key in remote
+                  if self._copies(view, partition_of(_native.encode_key(key), view.parts))}
         answered = self._grouped("getm", remote)
         for key in remote:
             if key not in answered:
@@ -431,10 +448,10 @@ class PartitionedCache(Cache):
                 if value is not MISSING:
                     found[key] = value
             elif answered[key] is not None:
-                raw, codec, remaining_ns = answered[key]
+                raw, codec, remaining_ns, tag_ids = answered[key]
                 found[key] = self._table.decode_value(raw, codec)
-                if tokens:
-                    self._near.fill(tokens[key], key, found[key], remaining_ns)
+                if key in tokens:
+                    self._near.fill(tokens[key], key, found[key], remaining_ns, _copy_tags(tag_ids))
         if telemetry.active:
             self._emit("get", start, {"keys": len(keys), "hits": len(found)})
         return found
@@ -450,8 +467,25 @@ class PartitionedCache(Cache):
         if not self._put_here(key, val, codec, ns, tag_ids):
             enc, p, view, local = self._locate(key)
             self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
+            self._written((key,))
         if telemetry.active:
             self._emit("put", start, {"key": key, "ttl": ttl})
+
+    def _written(self, keys):
+        """Owners have written ``keys``: this host's L1 copies of them go at once (its
+        bridge drops them too when the owners' invalidations arrive), so a read here
+        after the write returned never finds the value it replaced."""
+        if self._near is None:
+            return
+        view = self._view()
+        if view.valid:
+            for key in keys:
+                if self._copies(view, partition_of(_native.encode_key(key), view.parts)):
+                    self._table.invalidate(key)
+
+    def _copies(self, view, p):
+        """True when this host may keep L1 copies of partition p's keys (vela.near)."""
+        return self._near is not None and view.l1(p)
 
     def _routes(self):
         """(routes, view seq) to write in place by, or None while the view is too old."""
@@ -486,6 +520,7 @@ class PartitionedCache(Cache):
         for k, enc, val, codec in again:
             self._key_request("put", enc, partition_of(enc, self._view().parts), val=val, codec=codec, ttl=ns,
                               tags=tag_ids)
+        self._written(item[0] for item in encoded)
         if telemetry.active:
             self._emit("put", start, {"keys": len(items), "ttl": ttl})
 
@@ -496,6 +531,7 @@ class PartitionedCache(Cache):
         if removed is None:  # not a partition of this host: its owner deletes
             enc, p, view, local = self._locate(key)
             removed = bool(self._key_request("del", enc, p)["ok"])
+            self._written((key,))
         if telemetry.active:
             self._emit("delete", start, {"key": key, "result": removed})
         return removed
@@ -513,12 +549,15 @@ class PartitionedCache(Cache):
             else:
                 removed += here
         answered = self._grouped("delm", remote)
+        self._written(remote)
         return removed + sum(bool(answered[k]) if k in answered else self.delete(k) for k in remote)
 
     def touch(self, key, ttl=None):
         ns = options.ttl_ns(ttl, self.default_ttl)
         enc, p, view, local = self._locate(key)
-        return bool(self._key_request("touch", enc, p, ttl=ns)["ok"])
+        found = bool(self._key_request("touch", enc, p, ttl=ns)["ok"])
+        self._written((key,))
+        return found
 
     def incr(self, key, delta=1, ttl=None):
         """Add ``delta`` atomically on the key's owner (see :meth:`vela.Cache.incr`)."""
@@ -528,7 +567,9 @@ class PartitionedCache(Cache):
             raise OverflowError("delta leaves the signed 64-bit range")
         ns = options.ttl_ns(ttl, self.default_ttl)
         enc, p, view, local = self._locate(key)
-        return self._key_request("incr", enc, p, delta=delta, ttl=ns)["ok"]
+        value = self._key_request("incr", enc, p, delta=delta, ttl=ns)["ok"]
+        self._written((key,))
+        return value
 
     # ---- get_or_fetch: one fetch per key in the whole cluster --------------------------
 
@@ -540,7 +581,7 @@ class PartitionedCache(Cache):
         waited stampede_timeout, fetch without it. Waits (polling the owner) while
         another caller anywhere fetches the key."""
         enc, p, view, local = self._locate(key)
-        if local or self._near is not None:  # an owned entry or an L1 copy: no round trip
+        if local or self._copies(view, p):  # an owned entry or an L1 copy: no round trip
             value = self._table.get_hit(key, MISSING)
             if value is not MISSING:
                 return "hit", value
@@ -622,12 +663,24 @@ class PartitionedCache(Cache):
     # ---- every member ---------------------------------------------------------------------
 
     # invalidate_tag and flush (vela.Cache's) run on every member and return the total.
+    # Then, once every owner has removed its entries, every member drops its host's L1
+    # copies of them ("near"): a copy read from an owner before that owner's step would
+    # otherwise land after a member dropped its copies, and outlive the call.
+
+    # Both steps share the call's deadline.
 
     def _invalidate_tag_counted(self, tag):
-        return sum(r["ok"] for r in self._everyone("tag", tag=self._encode_tags([tag])[0]))
+        tag_id = self._encode_tags([tag])[0]
+        deadline = time.monotonic() + self._links.timeout
+        removed = sum(r["ok"] for r in self._everyone("tag", deadline, tag=tag_id))
+        self._everyone("near", deadline, tag=tag_id)
+        return removed
 
     def _flush_counted(self):
-        return sum(r["ok"] for r in self._everyone("flush"))
+        deadline = time.monotonic() + self._links.timeout
+        removed = sum(r["ok"] for r in self._everyone("flush", deadline))
+        self._everyone("near", deadline)
+        return removed
 
     def size(self):
         """Entries stored in the cluster (each counted on its owner)."""

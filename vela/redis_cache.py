@@ -13,7 +13,12 @@ so that a cache's keys share one slot and its Lua scripts stay atomic):
 - ``P t:<tag>``  the set of keys carrying a tag (lives as long as its longest-lived
   member; members that expired are skipped when the tag is invalidated);
 - ``P l:<key>``  the stampede lease of a key across hosts (owner token, PX);
-- channel ``P inv``  invalidations, published by every write in the same Lua call.
+- channel ``P inv``  invalidations, published by every write in the same Lua call,
+  numbered by ``P iseq`` (vela.near.split_number; a listener that finds a number
+  missing drops its host's L1);
+- ``P hosts``, ``P hb:<host>``  the hosts whose listener is subscribed (each renews
+  its ``hb`` key every heartbeat); ``P ack:<token>``  the hosts' answers to an
+  invalidate_tag or flush, which waits for every live host to drop its L1 copies.
 
 ``<key>`` is the canonical key encoding (the same bytes on every host).
 
@@ -46,7 +51,8 @@ from redis.retry import Retry
 from . import _native, options, serializers, telemetry
 from .cache import _HIT, _POLL_NS, _TIMEOUT, _UNSET, Cache
 from .errors import BackendUnavailable, CacheClosed, CacheFull, OptionError, ValueTooLarge, VelaError
-from .near import MISSING, HostElection, L2, NearCache
+from .backends import shm
+from .near import FLUSH_ALL, MISSING, HostElection, L2, NearCache
 
 _MISSING = MISSING  # the one sentinel of the L1 and L2 paths
 from .redis_listener import HostAgent, Listener
@@ -92,14 +98,29 @@ local function add_tag(tag, enc, px)
     redis.call('PEXPIRE', tk, px)
   end
 end
+local function announce(body)
+  local n = redis.call('INCR', P .. 'iseq')
+  redis.call('PUBLISH', P .. 'inv', '#' .. string.format('%d', n) .. ':' .. body)
+end
 local function publish(encs)
   for first = 1, #encs, 1000 do
     local parts = {'m'}
     for i = first, math.min(first + 999, #encs) do
       parts[#parts + 1] = struct.pack('>I4', #encs[i]) .. encs[i]
     end
-    redis.call('PUBLISH', P .. 'inv', table.concat(parts))
+    announce(table.concat(parts))
   end
+end
+local function live_hosts()
+  local hosts, live = redis.call('SMEMBERS', P .. 'hosts'), {}
+  for i = 1, #hosts do
+    if redis.call('EXISTS', P .. 'hb:' .. hosts[i]) == 1 then
+      live[#live + 1] = hosts[i]
+    else
+      redis.call('SREM', P .. 'hosts', hosts[i])
+    end
+  end
+  return live
 end
 """
 
@@ -170,7 +191,8 @@ publish({ARGV[2]})
 return redis.call('GET', KEYS[1])
 """
 
-# KEYS t; ARGV P tag -> {removed, {enc..}}: only entries that carry the tag now and live.
+# KEYS t; ARGV P tag ack -> {removed, {enc..}, {live host..}}: only entries that carry
+# the tag now and live; then the request that every live host acknowledge (ack: a list).
 _LUA_INVALIDATE_TAG = _LUA_HELPERS + """
 local tag = ARGV[2]
 local members = redis.call('SMEMBERS', KEYS[1])
@@ -189,36 +211,49 @@ for i = 1, #members do
 end
 redis.call('DEL', KEYS[1])
 publish(encs)
-return {removed, encs}
+announce('a' .. ARGV[3])
+return {removed, encs, live_hosts()}
 """
 
-# KEYS v -> false | {value, pttl}
+# ARGV P message ack -> {live host..}: announce a message ('' none), then ask every live
+# host to acknowledge it (ack '': nobody).
+_LUA_ANNOUNCE = _LUA_HELPERS + """
+if ARGV[2] ~= '' then announce(ARGV[2]) end
+if ARGV[3] == '' then return {} end
+announce('a' .. ARGV[3])
+return live_hosts()
+"""
+
+# The reads the near cache fills L1 from carry the entry's tags (its copy carries them).
+# KEYS v m -> false | {value, pttl, {tag..}}
 _LUA_READ = """
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
-return {v, redis.call('PTTL', KEYS[1])}
+return {v, redis.call('PTTL', KEYS[1]), redis.call('SMEMBERS', KEYS[2])}
 """
 
-# KEYS v1..vN -> {value1|false, pttl1|false, ...}
+# KEYS v1 m1 .. vN mN -> {value1|false, pttl1|false, {tag..}|false, ...}
 _LUA_READ_MANY = """
 local out = {}
-for i = 1, #KEYS do
-  local v = redis.call('GET', KEYS[i])
+for i = 1, #KEYS / 2 do
+  local v = redis.call('GET', KEYS[2 * i - 1])
   if v then
-    out[2 * i - 1] = v
-    out[2 * i] = redis.call('PTTL', KEYS[i])
+    out[3 * i - 2] = v
+    out[3 * i - 1] = redis.call('PTTL', KEYS[2 * i - 1])
+    out[3 * i] = redis.call('SMEMBERS', KEYS[2 * i])
   else
-    out[2 * i - 1] = false
-    out[2 * i] = false
+    out[3 * i - 2] = false
+    out[3 * i - 1] = false
+    out[3 * i] = false
   end
 end
 return out
 """
 
-# KEYS v lease; ARGV owner px -> {value, pttl} | 1 (lease taken) | 0 (another owner)
+# KEYS v lease m; ARGV owner px -> {value, pttl, {tag..}} | 1 (lease taken) | 0 (another owner)
 _LUA_READ_OR_LEASE = """
 local v = redis.call('GET', KEYS[1])
-if v then return {v, redis.call('PTTL', KEYS[1])} end
+if v then return {v, redis.call('PTTL', KEYS[1]), redis.call('SMEMBERS', KEYS[3])} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
@@ -232,7 +267,7 @@ return 0
 _SCRIPTS = {
     "store": _LUA_STORE, "delete": _LUA_DELETE, "touch": _LUA_TOUCH, "incr": _LUA_INCR,
     "invalidate_tag": _LUA_INVALIDATE_TAG, "read": _LUA_READ, "read_many": _LUA_READ_MANY,
-    "read_or_lease": _LUA_READ_OR_LEASE, "release": _LUA_RELEASE,
+    "read_or_lease": _LUA_READ_OR_LEASE, "release": _LUA_RELEASE, "announce": _LUA_ANNOUNCE,
 }
 
 # ---- options -----------------------------------------------------------------------
@@ -275,6 +310,8 @@ class _Opts:
         self.retry_backoff = float(backoff)
         self.degraded_l1_ttl = secs("degraded_l1_ttl", opts.get("degraded_l1_ttl", 1.0))
         self.heartbeat = secs("heartbeat", opts.get("heartbeat", 0.25))
+        # How long invalidate_tag/flush wait for the hosts' listeners to confirm.
+        self.ack_timeout = 2 * self.heartbeat + self.socket_timeout
         lease_ttl = opts.get("lease_ttl")
         self.lease_ttl = stampede_timeout if lease_ttl is None else secs("lease_ttl", lease_ttl)
         listener = opts.get("listener", True)
@@ -399,6 +436,11 @@ def _remaining_ns(pttl):
     return 0 if pttl is None or pttl < 0 else max(1, pttl) * 1_000_000
 
 
+def _tag_names(raw):
+    """The tags of an entry as its tag set in Redis holds them (UTF-8 bytes): str."""
+    return [t.decode("utf-8") for t in raw or ()]
+
+
 # ---- fork ----------------------------------------------------------------------------
 
 _fork_generation = 0
@@ -423,15 +465,21 @@ class _RedisL2(L2):
 
     def read(self, key):
         c = self._cache
-        r = c._run("read", [c._vkey(_native.encode_key(key))], [])
+        enc = _native.encode_key(key)
+        r = c._run("read", [c._vkey(enc), c._mkey(enc)], [])
         if r is None:
-            return MISSING, 0
-        return c._decode(r[0]), _remaining_ns(r[1])
+            return MISSING, 0, ()
+        return c._decode(r[0]), _remaining_ns(r[1]), _tag_names(r[2])
 
     def read_many(self, keys):
         c = self._cache
-        r = c._run("read_many", [c._vkey(_native.encode_key(k)) for k in keys], [])
-        return [(MISSING, 0) if r[2 * i] is None else (c._decode(r[2 * i]), _remaining_ns(r[2 * i + 1]))
+        names = []
+        for k in keys:
+            enc = _native.encode_key(k)
+            names += (c._vkey(enc), c._mkey(enc))
+        r = c._run("read_many", names, [])
+        return [(MISSING, 0, ()) if r[3 * i] is None else
+                (c._decode(r[3 * i]), _remaining_ns(r[3 * i + 1]), _tag_names(r[3 * i + 2]))
                 for i in range(len(keys))]
 
 
@@ -492,6 +540,8 @@ class RedisCache(Cache):
         self._stop = None
         self.near_cache = near_cache
         self._P = o.namespace
+        # What flush leaves: the numbering of invalidations and the hosts' listeners.
+        self._bookkeeping = tuple(self._P + k for k in (b"iseq", b"hosts", b"hb:", b"ack:"))
         self._lease_px = max(1, int(o.lease_ttl * 1000))
 
         # The host table: L1 copies (stats off: RedisCache counts itself) ...
@@ -534,7 +584,8 @@ class RedisCache(Cache):
 
     def _start_agent(self):
         o = self._o
-        listener = Listener(self._near, lambda: _make_client(o).pubsub(), self._P + b"inv",
+        listener = Listener(self._near, lambda: _make_client(o), self._P,
+                            host=socket.gethostname() + shm.segment_name(o.l1_segment),
                             heartbeat=o.heartbeat, timeout=o.socket_timeout + o.connect_timeout)
         self._agent = HostAgent(HostElection(o.l1_segment), listener, poll=o.heartbeat, owner=self)
         self._agent.try_lead_now()
@@ -989,11 +1040,11 @@ class RedisCache(Cache):
             deadline = time.monotonic() + self.stampede_timeout
             pause = 0.002
             while True:
-                r = self._run("read_or_lease", [vkey, lkey], [owner, self._lease_px])
+                r = self._run("read_or_lease", [vkey, lkey, self._mkey(enc)], [owner, self._lease_px])
                 if isinstance(r, list):
                     value = self._decode(r[0])
                     if near is not None:
-                        near.fill(token, key, value, _remaining_ns(r[1]))
+                        near.fill(token, key, value, _remaining_ns(r[1]), _tag_names(r[2]))
                     self._bump("hits")
                     return value, "waited" if waited else "hit"
                 if r == 1:
@@ -1083,24 +1134,53 @@ class RedisCache(Cache):
     # ---- tags, flush, size --------------------------------------------------------------
 
     def invalidate_tag(self, tag):
-        """Remove every entry carrying ``tag`` on every host; returns how many live
-        entries were removed (one atomic Lua call)."""
+        """Remove every entry carrying ``tag`` (one atomic Lua call); returns how many
+        live entries were removed. Returns once every host whose near-cache listener is
+        subscribed has dropped its copies of them.
+
+        :raises vela.BackendUnavailable: a host did not confirm (the entries are removed
+            in Redis; that host's copies live until it is found stalled, or their age).
+        """
         self._check_open()
         if not isinstance(tag, str):
             raise TypeError(f"a tag must be str, not {type(tag).__name__}")
         b = _check_tags([tag])[0]
         start = time.perf_counter_ns() if telemetry.active else 0
-        count, encs = self._run("invalidate_tag", [self._P + b"t:" + b], [self._P, b])
+        ack = self._ack_key()
+        count, encs, hosts = self._run("invalidate_tag", [self._P + b"t:" + b], [self._P, b, ack])
         if count:
             self._bump("invalidations", count)
         if self._near is not None:
             for enc in encs:
                 self._near.invalidate(_native.decode_key(enc))
+        self._confirm(ack, hosts, f"invalidate_tag removed {count} entries")
         if telemetry.active:
             telemetry.execute(self._events["invalidate_tag"],
                               {"duration": time.perf_counter_ns() - start, "count": count},
                               {"cache": self.name, "tag": tag})
         return count
+
+    def _ack_key(self):
+        return self._P + b"ack:" + secrets.token_hex(8).encode()
+
+    def _confirm(self, ack, hosts, done):
+        """Wait until every host in ``hosts`` answered on the list ``ack`` (its listener
+        applied every invalidation published before the request), ack_timeout at most."""
+        waiting = {h.decode() if isinstance(h, bytes) else h for h in hosts}
+        deadline = time.monotonic() + self._o.ack_timeout
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BackendUnavailable(
+                    f"{done} in Redis at {self._o.where}, but the near cache of host(s) {', '.join(sorted(waiting))} "
+                    f"did not confirm dropping its copies within {self._o.ack_timeout:g} s (a stalled "
+                    "listener: its host drops them when the others see it, else they live their L1 age)")
+            answer = self._call(("BLPOP", ack, "%.3f" % max(0.001, min(left, self._o.socket_timeout / 2))),
+                                idempotent=False)
+            if answer:
+                waiting.discard(answer[1].decode())
+        if hosts:
+            self._call(("UNLINK", ack))
 
     def _scan(self, match):
         return self._call_client(lambda client: list(client.scan_iter(match=match, count=1000)))
@@ -1108,28 +1188,34 @@ class RedisCache(Cache):
     def flush(self):
         """Remove every entry of this cache from Redis (SCAN + UNLINK of its prefix only,
         never FLUSHDB) and drop every host's L1; returns how many entries were removed.
-        Costs a SCAN of the whole Redis database."""
+        Costs a SCAN of the whole Redis database. Returns once every host whose
+        near-cache listener is subscribed has dropped its L1 (see invalidate_tag)."""
         self._check_open()
         start = time.perf_counter_ns() if telemetry.active else 0
         count = self._flush_redis()
         if self._near is not None:
             self._near.drop_all(keep_marker=True)
+        ack = self._ack_key()
+        self._confirm(ack, self._run("announce", [], [self._P, FLUSH_ALL, ack]), f"flush removed {count} entries")
         if telemetry.active:
             telemetry.execute(self._events["flush"],
                               {"duration": time.perf_counter_ns() - start, "count": count},
                               {"cache": self.name})
         return count
 
-    def _flush_redis(self):
+    def _flush_redis(self, everything=False):
+        """Remove the entries; the hosts' bookkeeping too when ``everything``."""
         keys = self._scan(self._P + b"*")
         values = [k for k in keys if k.startswith(self._P + b"v:")]
-        others = [k for k in keys if not k.startswith(self._P + b"v:")]
+        others = [k for k in keys if not k.startswith(self._P + b"v:")
+                  and (everything or not k.startswith(self._bookkeeping))]
         count = 0
         for i in range(0, len(values), 1000):
             count += self._call(("UNLINK", *values[i:i + 1000]))
         for i in range(0, len(others), 1000):
             self._call(("UNLINK", *others[i:i + 1000]))
-        self._call(("PUBLISH", self._P + b"inv", b"*"))
+        if everything:
+            self._call(("PUBLISH", self._P + b"inv", FLUSH_ALL))
         return count
 
     def expire(self):
@@ -1225,8 +1311,10 @@ class RedisCache(Cache):
         removed = 0
         error = None
         if not self._closed:
+            if self._agent is not None:  # (else its heartbeat could register the host again)
+                self._agent.close(timeout=self._o.heartbeat + self._o.bound() + 1.0)
             try:
-                removed = self._flush_redis()
+                removed = self._flush_redis(everything=True)
             except BackendUnavailable as exc:
                 error = exc
         self.close()
@@ -1246,8 +1334,6 @@ class RedisCache(Cache):
 
 
 def _destroy_local(segment):
-    from .backends import shm
-
     HostElection(segment).destroy()
     return shm.destroy(segment)
 

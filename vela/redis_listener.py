@@ -14,7 +14,17 @@ channel's messages in publish order on one connection and disconnects a
 subscriber that falls too far behind, so a gap can only follow a disconnect.
 After every (re)subscription the listener drops all of L1 (voiding fills in
 flight) *after* the subscription is confirmed: whatever was published while
-nobody listened is covered by that drop, everything later is delivered.
+nobody listened is covered by that drop, everything later is delivered. Belt
+and braces: every message is numbered (``P iseq``, in the same Lua call), and a
+number skipped drops all of L1 too; at every heartbeat the listener reads the
+last number, then pings on the subscription: when the pong arrives, every
+message numbered up to it has arrived, or was lost (then L1 is dropped).
+
+Confirmation: the listener keeps its host registered (``P hosts``, ``P hb:<host>``
+with a lifetime of a few heartbeats). invalidate_tag and flush publish, after
+their invalidation, a request to acknowledge (``a`` + a list's name); the
+listener pushes its host's name on that list once it has applied everything
+before it, and the caller waits for every registered host.
 """
 
 import logging
@@ -24,6 +34,8 @@ import weakref
 
 import redis
 
+from .near import Numbering, split_number
+
 log = logging.getLogger("vela.redis.listener")
 
 
@@ -31,31 +43,44 @@ class Listener:
     """Subscribes to the invalidation channel and applies it to L1 (the elected process only).
 
     :param near: the :class:`vela.near.NearCache` of this host.
-    :param make_pubsub: ``() -> redis PubSub`` on a connection of its own.
-    :param channel: bytes, ``vela:<cache>:inv``.
-    :param heartbeat: seconds between pings (and heartbeats in L1).
+    :param make_client: ``() -> redis client`` (the listener's own connections).
+    :param prefix: bytes, the cache's ``vela:<cache>:``; the channel is ``<prefix>inv``.
+    :param host: this host's name among the cache's hosts (str).
+    :param heartbeat: seconds between pings (and heartbeats in L1 and in Redis).
     :param timeout: seconds a ping may take before Redis counts as lost.
     """
 
-    def __init__(self, near, make_pubsub, channel, heartbeat, timeout):
+    #: heartbeats a host's registration outlives its last renewal: longer than the other
+    #: workers of a host take to drop its L1 when its listener stalls (7 heartbeats, see
+    #: HostAgent), so a host that stops answering stays one that callers wait for until
+    #: its copies are gone (or until it answers again)
+    REGISTRATION_BEATS = 8
+
+    def __init__(self, near, make_client, prefix, host, heartbeat, timeout):
         self.near = near
-        self.make_pubsub = make_pubsub
-        self.channel = channel
+        self.make_client = make_client
+        self.prefix = prefix
+        self.channel = prefix + b"inv"
+        self.host = host
         self.heartbeat = heartbeat
         self.timeout = timeout
+        self.client = None
         self.pubsub = None
         self.connected = False
+        self.numbering = Numbering()  # of the channel's messages (one origin: Redis)
         self.losses = 0          # times Redis was lost after a subscription
         self.subscriptions = 0   # successful (re)subscriptions
+        self.acknowledged = 0    # invalidate_tag/flush confirmed to their caller
         self._dropped = False    # L1 dropped since the last loss
 
     def connect(self):
-        """Subscribe, then drop all of L1 and announce a healthy listener.
+        """Subscribe, then drop all of L1, register the host and announce a healthy listener.
 
         :raises redis.RedisError: Redis cannot be reached or does not confirm in time.
         """
         self.close_pubsub()
-        ps = self.make_pubsub()
+        self.client = self.make_client()
+        ps = self.client.pubsub()
         self.pubsub = ps
         ps.subscribe(self.channel)
         deadline = time.monotonic() + self.timeout
@@ -65,11 +90,37 @@ class Listener:
                 break
             if time.monotonic() >= deadline:
                 raise redis.exceptions.TimeoutError("no confirmation of the subscription")
+        # Numbers up to this one were published before we dropped L1: accounted for.
+        self.numbering.start(None, None, self._last_number())
         self.near.drop_all()
         self.near.mark_healthy()
+        self._register()
         self.connected = True
         self._dropped = False
         self.subscriptions += 1
+
+    def _last_number(self):
+        return int(self.client.get(self.prefix + b"iseq") or 0)
+
+    def _register(self):
+        ttl_ms = max(1, int(self.REGISTRATION_BEATS * self.heartbeat * 1000))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sadd(self.prefix + b"hosts", self.host)
+        pipe.set(self.prefix + b"hb:" + self.host.encode(), b"1", px=ttl_ms)
+        pipe.execute()
+
+    def unregister(self):
+        """Leaving the role: callers need not wait for this host any more (best effort;
+        a registration left behind expires by itself)."""
+        if self.client is None:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.srem(self.prefix + b"hosts", self.host)
+            pipe.delete(self.prefix + b"hb:" + self.host.encode())
+            pipe.execute()
+        except (redis.exceptions.RedisError, OSError):
+            pass
 
     def lost(self, exc):
         """Redis is gone for this listener: L1 cannot be trusted any more."""
@@ -78,6 +129,7 @@ class Listener:
             self.losses += 1
             log.warning("invalidation listener lost Redis (%s): near cache dropped, copies capped "
                         "until it is back", exc)
+            self.unregister()  # (if Redis still answers: nobody waits for this host meanwhile)
         self.close_pubsub()
         if was_connected or not self._dropped:
             # Also removes the heartbeat: from now on fills get the short cap, so
@@ -85,32 +137,74 @@ class Listener:
             self.near.drop_all()
             self._dropped = True
 
+    def on_message(self, data):
+        """Apply one message of the channel (numbered or not)."""
+        number, body = split_number(data)
+        if number is not None and self.numbering.received(None, None, number):
+            self._gap(number - 1)
+        if body[:1] == b"a":
+            self._acknowledge(body[1:])
+        else:
+            self.near.apply(body)
+
+    def _gap(self, last):
+        log.warning("invalidation messages up to %d were lost: near cache dropped", last)
+        self.near.drop_all(keep_marker=True)
+
+    def _acknowledge(self, ack):
+        if not ack.startswith(self.prefix + b"ack:") or len(ack) > len(self.prefix) + 64:
+            self.near.apply(b"a" + ack)  # not a request of this cache: malformed
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(ack, self.host)
+        pipe.pexpire(ack, 60_000)  # a caller that gave up leaves nothing behind
+        pipe.execute()
+        self.acknowledged += 1
+
     def serve(self, stop):
         """Apply messages until ``stop`` is set or Redis is lost (then raise)."""
         ps, near, hb = self.pubsub, self.near, self.heartbeat
         last_rx = time.monotonic()
         next_ping = last_rx + hb
+        pings = pongs = 0
+        check = None  # (ping number, last message number published before that ping)
         while not stop.is_set():
             msg = ps.get_message(timeout=min(hb, max(0.0, next_ping - time.monotonic())))
             now = time.monotonic()
             if msg is not None:
                 last_rx = now
-                if msg.get("type") == "message":
-                    near.apply(msg["data"])
+                kind = msg.get("type")
+                if kind == "message":
+                    self.on_message(msg["data"])
+                elif kind == "pong" and msg.get("data") == b"vela":
+                    pongs += 1
+                    if check is not None and pongs >= check[0]:
+                        if self.numbering.announced(None, None, check[1]):
+                            self._gap(check[1])
+                        check = None
             if now >= next_ping:
-                ps.ping()
+                if check is None:
+                    last = self._last_number()
+                    if self.numbering.counted(None, None, last):
+                        self._gap(last)
+                    check = (pings + 1, last)
+                ps.ping(b"vela")
+                pings += 1
                 near.mark_healthy()
+                self._register()
                 next_ping = now + hb
             if now - last_rx > hb + self.timeout:
                 raise redis.exceptions.TimeoutError(f"no answer from Redis for {now - last_rx:.2f} s")
 
     def close_pubsub(self):
         ps, self.pubsub = self.pubsub, None
-        if ps is not None:
-            try:
-                ps.close()
-            except Exception:  # already broken: nothing to release
-                pass
+        client, self.client = self.client, None
+        for conn in (ps, client):
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # already broken: nothing to release
+                    pass
 
 
 class HostAgent:
@@ -192,6 +286,7 @@ class HostAgent:
         if self.election.held:
             try:
                 self.listener.connected = False
+                self.listener.unregister()
                 self.listener.close_pubsub()
                 self.near.drop_all()
             except Exception:  # the table is already closed
@@ -209,6 +304,7 @@ class HostAgent:
         """In a fork child: the thread is gone and the lock belongs to the parent."""
         self.election.forget_after_fork()
         self.listener.pubsub = None
+        self.listener.client = None
         self.listener.connected = False
         self.stop = threading.Event()
         self.thread = None

@@ -205,6 +205,8 @@ class Bridge:
         # connection was not up, say) sees the gap here even if no batch follows.
         seqs = {name: r.seq - 1 for name, r in self.replicas.items()}
         extra = {"data": self.data_advertise} if self.data_advertise else {}
+        if self.partitioned:  # the last invalidation message of each cache (a lost last one shows)
+            extra["iseqs"] = {name: parts.inval_seq for name, parts in self.partitioned.items()}
         frames = self._message("hello", addr=self.advertise, members=members, seqs=seqs,
                                repoch=self.ring_epoch, **extra)
         targets = {m.addr for m in self.members.values()} | set(self.seeds)
@@ -290,6 +292,10 @@ class Bridge:
                 self._request_snapshot(replica, member)
             elif last >= 0 and replica.check_sequence(member.node_id, msg["inc"], last, batch=False):
                 self._request_snapshot(replica, member)
+        for name, last in msg.get("iseqs", {}).items():
+            parts = self.partitioned.get(name)
+            if parts is not None:
+                parts.on_inval_seq(member.node_id, msg["inc"], last)
         for node_id, addr in msg["members"]:
             if node_id != self.node_id and node_id not in self.members and self._dealer(addr) is not None:
                 self.members[node_id] = Member(node_id, addr)
@@ -399,7 +405,7 @@ class Bridge:
     def _on_inval(self, member, msg):
         parts = self._partitions(msg)
         if parts is not None:
-            parts.on_inval(msg["ks"])
+            parts.on_inval(member.node_id, msg["inc"], msg["seq"], msg["ks"])
 
     def _start_over(self, stalled):
         """After a stall longer than the failure timeout (SIGSTOP, a frozen VM), the
@@ -452,9 +458,8 @@ class Bridge:
                 addr = self._addr_of(node_id)
                 if addr is not None:
                     self._send(addr, self._message("brepair", c=name))
-            if invals:
-                for i in range(0, len(invals), 10_000):
-                    self._broadcast(self._message("inval", c=name, ks=invals[i:i + 10_000]))
+            for fields in invals:
+                self._broadcast(self._message("inval", c=name, **fields))
             if backups:
                 parts.sync_backups()
 
@@ -848,7 +853,7 @@ def bridge_exposition(status):
     metric("member_state", "gauge", "1 for the state each known member is in", states)
     for field in ("applied", "stale", "suppressed", "sent", "resyncs", "snapshots_served", "snapshots_applied",
                   "requests", "moved", "fallbacks", "handed_out", "handed_in", "promoted", "lost",
-                  "backup_records"):
+                  "backup_records", "inval_gaps"):
         samples = [({"cache": c}, s[field]) for c, s in status["caches"].items() if field in s]
         if samples:
             metric(f"{field}_total", "counter", f"replication/partition records or events: {field}", samples)

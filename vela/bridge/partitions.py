@@ -64,6 +64,7 @@ import time
 
 from .. import _native
 from ..errors import CacheFull, LockTimeout, ValueTooLarge
+from ..near import Numbering, copy_tag
 from ..ring import PARTITIONS, assign, partition_of
 from .protocol import PUT
 
@@ -79,6 +80,7 @@ LOG_BATCH = 5000        # change log records read per loop turn
 RESEND = 2.0            # seconds without an ack before a stream is sent again from the start
 WRITES = frozenset(("put", "putm", "del", "delm", "incr", "touch", "tag", "flush"))
 STREAM_STALL = 30.0     # seconds a stream may go unacknowledged, or an incoming partition unfed
+INVAL_BATCH = 10_000    # keys per invalidation message
 
 
 class Stream:
@@ -124,6 +126,8 @@ class Partitions:
         self.backup_synced = {}     # partition -> node that holds our full backup copy
         self.brecs = {}             # backup node -> records not sent yet
         self.invals = []            # keys changed, not published yet: L1 copies elsewhere drop
+        self.inval_seq = 0          # invalidation messages sent (they are numbered from 1)
+        self.numbering = Numbering()  # the invalidation messages received from each member
         self.outbound_at = 0.0      # when brecs/invals were last sent
         state = self.table.log_state()
         self.log_pos = state["bridge_pos"]  # the writes workers made in place: resume there
@@ -141,7 +145,8 @@ class Partitions:
         self.lease_ttl = 30.0        # a holder alive but stuck; a dead one is seen at once (its connection)
         self.stats = {"requests": 0, "moved": 0, "fallbacks": 0, "handed_out": 0, "handed_in": 0,
                       "dropped": 0, "promoted": 0, "lost": 0, "backup_records": 0, "errors": 0,
-                      "local_writes": 0, "log_lapped": 0, "repairs": 0, "stream_gaps": 0, "kept": 0}
+                      "local_writes": 0, "log_lapped": 0, "repairs": 0, "stream_gaps": 0, "kept": 0,
+                      "inval_gaps": 0}
 
     def _previous_view(self):
         """(owners, backups) of the partition table the last bridge of this host published,
@@ -158,7 +163,7 @@ class Partitions:
             owners, backups = view["held"]  # it exited (closing_view), or died before it had a table
         if isinstance(owners, list) and len(owners) == self.parts:
             # What it was still handing off counts as held: it may be the only copy of writes.
-            handing = set(view.get("handing") or ())
+            handing = set(view.get("outgoing") or ())
             owners = [self.me if p in handing else o for p, o in enumerate(owners)]
         if view.get("topology") != "partitioned" or not isinstance(owners, list) or len(owners) != self.parts \
                 or not isinstance(backups, list) or len(backups) != self.parts:
@@ -585,16 +590,65 @@ class Partitions:
             self.log_pos = pos
             self.table.log_commit(pos)
 
-    def on_inval(self, keys):
-        """Drop the L1 copies of keys another member changed (b"": all of them)."""
+    # ---- near cache: this host's L1 copies of other members' keys ---------------------
+
+    def l1(self, p):
+        """True when what this host keeps of partition p are L1 copies (the near cache)."""
+        return not self.mine(p) and self.backup_of[p] != self.me and p not in self.outgoing
+
+    def drop_l1(self, pick=None):
+        """Drop this host's L1 copies (of the partitions ``pick(p)`` names). Fills in
+        flight are voided first: a copy read before the change that made us drop it
+        must not land after."""
+        if self.owners is None:
+            return  # no table yet: which partitions hold copies is not known
+        self.table.invalidate_all()
+        self.table.drop_partitions(self.parts, self.flags(lambda p: self.l1(p) and (pick is None or pick(p))))
+
+    def on_inval(self, origin, inc, seq, keys):
+        """Drop the L1 copies of keys member ``origin`` (incarnation ``inc``) changed
+        (b"": all of them); ``seq`` numbers its invalidation messages."""
+        before = self.numbering.highest(origin)
+        if self.owners is not None and self.numbering.received(origin, inc, seq):
+            self._lost_invals(origin, before, seq - 1)
         for k in keys:
             if not k:
-                self.table.drop_partitions(self.parts, self.flags(
-                    lambda p: not self.mine(p) and self.backup_of[p] != self.me))
+                self.drop_l1()
                 continue
             p = partition_of(k, self.parts)
-            if self.owners is None or (not self.mine(p) and self.backup_of[p] != self.me):
+            if self.owners is None or self.l1(p):
                 self.table.invalidate(_native.decode_key(k))
+
+    def on_inval_seq(self, origin, inc, last):
+        """A heartbeat of ``origin``: ``last`` is the number of its latest invalidation
+        message (so a lost last message is noticed without waiting for the next one)."""
+        if self.owners is None:
+            return  # numbers are first taken with a table: that first contact drops the copies
+        before = self.numbering.highest(origin)
+        # (a heartbeat travels after the messages before it, on the same pipe)
+        if self.numbering.counted(origin, inc, last) or self.numbering.announced(origin, inc, last):
+            self._lost_invals(origin, before, last)
+
+    def _lost_invals(self, origin, before, last):
+        """Invalidations of ``origin`` may be lost (vela.near.Numbering): every L1 copy of
+        its partitions goes (on a first contact or a restart, too)."""
+        if self.numbering.gaps != self.stats["inval_gaps"]:
+            self.stats["inval_gaps"] = self.numbering.gaps
+            log.warning("cache %s: invalidations %d..%d from member %d were lost: its L1 copies dropped",
+                        self.name, before + 1, last, origin)
+        self.drop_l1(lambda p: self.owners[p] == origin)
+
+    def _op_near(self, msg):
+        """The second step of invalidate_tag (``tag``) and flush (no tag), once every
+        owner has removed its entries: this host's L1 copies of them go. Fills in flight
+        are voided first, so a copy read from an owner before its step cannot land after."""
+        if msg.get("tag") is None:
+            self.drop_l1()
+        else:
+            self.table.invalidate_all()
+            self.table.apply_tag(_native.tag_hash(copy_tag(msg["tag"])), self.table.next_version(), self.parts,
+                                 bytes(self.parts))  # (copies are not counted: only owned entries are)
+        return {"ok": True}
 
     def _changed(self, k, p, record, touched=True):
         """A write to owned key ``k`` was made: backup and L1 copies follow. With
@@ -619,16 +673,20 @@ class Partitions:
             self._changed(k, p, [k, v, codec, ttl, list(tags), version])
 
     def take_outbound(self, now, delay):
-        """(backup records per node, keys to invalidate) to send now: those gathered since
+        """(backup records per node, invalidation messages) to send now: those gathered since
         the last send, once ``delay`` seconds have passed since it (a write after a quiet
         spell goes at once; a run of writes travels in a few messages, not one per write
         to every member)."""
-        if not (self.brecs or self.invals) or (now - self.outbound_at < delay and len(self.invals) < 10_000):
+        if not (self.brecs or self.invals) or (now - self.outbound_at < delay and len(self.invals) < INVAL_BATCH):
             return {}, []
         self.outbound_at = now
         brecs, invals = self.brecs, self.invals
         self.brecs, self.invals = {}, []
-        return brecs, invals
+        messages = []
+        for i in range(0, len(invals), INVAL_BATCH):
+            self.inval_seq += 1  # numbered, so a receiver notices one it did not get
+            messages.append({"seq": self.inval_seq, "ks": invals[i:i + INVAL_BATCH]})
+        return brecs, messages
 
     # ---- requests from workers ------------------------------------------------------
 
@@ -660,7 +718,7 @@ class Partitions:
             # now, with a new version, over what came after). Its worker, if still waiting,
             # asks again once its host's bridge has the newer table (a heartbeat at most).
             return {"retry": "the request was routed by an older partition table"}
-        if op in ("size", "stats", "flush", "tag"):
+        if op in ("size", "stats", "flush", "tag", "near"):
             return getattr(self, "_op_" + op)(msg)
         if op in ("getm", "delm"):
             return self._op_many(op, msg, addr_of)
@@ -692,7 +750,9 @@ class Partitions:
     def _read(self, op, k):
         raw = self.table.get_raw(k) if op == "get" else None
         if op == "get":
-            return {"miss": True} if raw is None else {"val": raw[0], "codec": raw[1], "ttl": raw[2]}
+            # (the tags go with the value: an L1 copy made of it carries them)
+            return {"miss": True} if raw is None else {"val": raw[0], "codec": raw[1], "ttl": raw[2],
+                                                       "tags": list(raw[3])}
         found, remaining = self.table.ttl(_native.decode_key(k))
         if op == "has":
             return {"ok": bool(found)}
@@ -778,7 +838,7 @@ class Partitions:
                 continue
             if op == "getm":
                 raw = self.table.get_raw(k)
-                out.append(None if raw is None else [raw[0], raw[1], raw[2]])
+                out.append(None if raw is None else [raw[0], raw[1], raw[2], list(raw[3])])
             else:
                 out.append(bool(self._op_del(k, p, msg)["ok"]))
         return {"ok": out, "redo": redo}
@@ -843,7 +903,7 @@ class Partitions:
         for the next bridge of the host to take back."""
         held = [self.owners, self.backup_of] if self.owners is not None else self.prev
         return json.dumps({"topology": "partitioned", "owners": None, "held": held,
-                           "handing": sorted(self.outgoing), "marks": self.mark_list(MARKS_PUBLISHED),
+                           "outgoing": sorted(self.outgoing), "marks": self.mark_list(MARKS_PUBLISHED),
                            "flushmark": self.flush_mark}).encode()
 
     def view(self):
@@ -851,7 +911,7 @@ class Partitions:
         return {"partitions": self.parts, "owners": self.owners, "backups": self.backup_of,
                 "incoming": {str(p): inc.source for p, inc in self.incoming.items()},
                 "marks": self.mark_list(MARKS_PUBLISHED), "flushmark": self.flush_mark,
-                "handing": sorted(self.outgoing), "held": self.prev}
+                "outgoing": sorted(self.outgoing), "held": self.prev}  # (outgoing: held until handed off)
 
 
 def error_reply(exc):

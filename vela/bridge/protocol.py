@@ -149,6 +149,11 @@ def _check_hello(msg):
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and -1 <= v < 2**63
             for k, v in seqs.items()):
         raise Malformed("field 'seqs' must map cache names to batch numbers")
+    iseqs = msg.get("iseqs", {})
+    if not isinstance(iseqs, dict) or len(iseqs) > 1024 or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+            for k, v in iseqs.items()):
+        raise Malformed("field 'iseqs' must map cache names to invalidation message numbers")
     for m in _list(msg, "members", 4096):
         if not (isinstance(m, list) and len(m) == 2 and isinstance(m[0], int) and not isinstance(m[0], bool)
                 and 0 <= m[0] <= 4095):
@@ -298,12 +303,18 @@ def _tag_fields(msg):
     _tags([msg.get("tag")])
 
 
+def _near_fields(msg):
+    if msg.get("tag") is not None:
+        _tags([msg["tag"]])
+
+
 # A worker's request to the owner of a key (or to every member): op -> its fields.
 REQUEST_OPS = {
     "get": _one_key, "has": _one_key, "ttl": _one_key, "getm": _keys,
     "put": _put_fields, "putm": _putm_fields, "del": _one_key, "delm": _keys,
     "touch": _touch_fields, "incr": _incr_fields, "fetch": _fetch_fields, "abort": _fetch_fields,
     "size": _no_fields, "stats": _stats_fields, "flush": _no_fields, "tag": _tag_fields,
+    "near": _near_fields,
 }
 
 
@@ -402,6 +413,7 @@ def _check_brec(msg):
 
 def _check_inval(msg):
     _str(msg, "c")
+    _int(msg, "seq", 1, 2**63)
     for k in _list(msg, "ks", MAX_RECORDS):
         if k != b"":  # b"": every key (a flush)
             _key(k)
