@@ -5,6 +5,7 @@ and authenticated peers that send nonsense or go away in the middle of a snapsho
 Every bridge here is a real process; the hostile peer is a raw ZeroMQ DEALER in the
 test process connected to a bridge's listen port (loopback only).
 """
+import itertools
 import random
 import signal
 import subprocess
@@ -51,8 +52,13 @@ def signed(fields, secret=SECRET):
     return protocol.pack(secret, fields)
 
 
-def header(kind, node=FAKE, **fields):
-    return dict(fields, t=kind, v=protocol.PROTOCOL, **{"from": node, "inc": 7})
+_NUMBERS = itertools.count(1)
+
+
+def header(kind, node=FAKE, inc=7, **fields):
+    """A message's fields as a bridge of ``node`` (incarnation ``inc``) sends them; each
+    gets the next message number."""
+    return dict(fields, t=kind, v=protocol.PROTOCOL, n=next(_NUMBERS), **{"from": node, "inc": inc})
 
 
 def replication_works(cluster, tag):

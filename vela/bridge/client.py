@@ -6,20 +6,23 @@ bridge, over a local ipc socket, with a bounded wait.
 """
 
 import os
-import tempfile
 import threading
 
 from .. import options
+from ..backends import shm
 from ..errors import BridgeUnavailable
 
 _OPTIONS = {"bridge", "bridge_timeout"}
+SHM_DIR = "/dev/shm"
 
 
 def control_endpoint(cache_name):
-    """Default address of the bridge's control socket for a cache (one host)."""
-    namespace = os.environ.get("VELA_NAMESPACE")
-    prefix = f"{namespace}." if namespace else ""
-    return f"ipc://{tempfile.gettempdir()}/vela-bridge.{prefix}{cache_name}.sock"
+    """The address of the bridge's control socket for a cache: next to the cache's
+    segment (``/dev/shm/vela.<name>.bridge``, VELA_NAMESPACE included as in the
+    segment's name), so whoever shares the segment's directory (a sidecar
+    container sharing /dev/shm) reaches it, and nobody depends on TMPDIR. The
+    bridge makes it mode 0600: the segment's owner only."""
+    return f"ipc://{SHM_DIR}/{shm.segment_name(cache_name).lstrip('/')}.bridge"
 
 
 class BridgeClient:

@@ -50,6 +50,16 @@ class Replica:
         self.stats = {"sent": 0, "applied": 0, "stale": 0, "suppressed": 0, "failed": 0, "resyncs": 0,
                       "snapshots_served": 0, "snapshots_applied": 0}
 
+    def member_restarted(self, node_id):
+        """A member came back as a new incarnation: what was in flight with the old
+        one (a snapshot it was sending us or we it, its stream's numbers) is void.
+        The caller asks the new one for a snapshot at once."""
+        self.snap_wait.pop(node_id, None)
+        self.snap_again.discard(node_id)
+        self.serving = [s for s in self.serving if s[0].node_id != node_id]
+        self.synced = {s for s in self.synced if s[0] != node_id}
+        self.expect = {k: v for k, v in self.expect.items() if k[0] != node_id}
+
     # ---- what stops late older puts --------------------------------------------------
 
     def _mark_delete(self, key, version, now):
