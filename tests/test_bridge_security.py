@@ -379,3 +379,37 @@ def test_curve_encrypted_links_replicate_and_keep_others_out(tmp_path):
         assert out.returncode != 0 and "two z85 keys" in out.stderr, out
     finally:
         c.close()
+
+
+# --------------------------------------------------------------------------------------
+# the control socket
+
+
+def test_the_control_socket_lives_next_to_the_segment_owner_only(tmp_path):
+    """The socket that can flush the whole cluster is in the segment's directory
+    (/dev/shm: whoever shares the segment reaches it, a sidecar container too), mode
+    0600, found by workers and `vela-bridge status` whatever their TMPDIR, and removed
+    when the bridge exits."""
+    import os
+    import stat
+
+    from cluster import control_path_in
+
+    c = Cluster(tmp_path, n=1)
+    try:
+        host = c[0]
+        path = control_path_in(host.namespace, c.name)
+        assert os.path.dirname(path) == "/dev/shm"
+        assert os.path.basename(path) == f"vela.{host.namespace}.{c.name}.bridge"
+        assert os.path.exists(f"/dev/shm/vela.{host.namespace}.{c.name}")  # the segment, next to it
+        mode = os.stat(path).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, oct(mode)
+        host.env["TMPDIR"] = str(tmp_path / "elsewhere")
+        out = host.cli("status", "--cache", c.name)
+        assert out.returncode == 0 and f'"pid": {host.bridge.pid}' in out.stdout, out
+        assert host.kill_bridge(signal.SIGTERM) == 0
+        assert not os.path.exists(path), "the control socket outlived its bridge"
+        out = host.cli("status", "--cache", c.name, "--timeout", "0.5")
+        assert out.returncode == 1 and path in out.stderr, out
+    finally:
+        c.close()
