@@ -31,7 +31,7 @@ import time
 from . import _native, options, telemetry
 from .cache import Cache
 from .errors import BridgeUnavailable, CacheFull, LockTimeout, ValueTooLarge
-from .bridge.links import Links
+from .bridge.links import Links, bounded
 from .near import L2, MISSING, NearCache
 from .ring import partition_of
 
@@ -173,13 +173,13 @@ class PartitionedCache(Cache):
         enc = _native.encode_key(key)
         view = self._view()
         if not view.fresh():
-            view = self._routable_view(time.monotonic() + self._links.timeout)
+            view = self._routable_view(self._links.deadline())
         p = partition_of(enc, view.parts)
         return enc, p, view, view.local(p)
 
     def _key_request(self, op, enc, p, **fields):
         """A request about one key, to its owner, following moved/fallback/retry answers."""
-        deadline = time.monotonic() + self._links.timeout
+        deadline = self._links.deadline()
         view = self._routable_view(deadline)
         addr = view.addrs.get(view.owners[p])
         fields = dict(fields, op=op, k=enc)
@@ -240,15 +240,21 @@ class PartitionedCache(Cache):
         """The same request to every member of the ring; their replies. A member that does
         not answer is asked again while the partition table still names it (one that died
         leaves the table within the failure timeout), up to the call's deadline."""
-        deadline = time.monotonic() + self._links.timeout
+        deadline = self._links.deadline()
         replies = {}
         while True:
             view = self._routable_view(deadline)
             members = [n for n in view.members if n in view.addrs and n not in replies]
             results = self._links.request_all([(view.addrs[n], dict(fields, op=op)) for n in members],
                                               view.epoch, deadline)
-            failed = [r for r in results if isinstance(r, BridgeUnavailable)]
-            replies.update((n, self._checked(r)) for n, r in zip(members, results) if isinstance(r, dict))
+            # A member that answers "retry" (no partition table yet) or "moved" has not
+            # answered: asked again, up to the deadline.
+            failed = [r if isinstance(r, BridgeUnavailable) else BridgeUnavailable(
+                f"cache {self.name!r}: member {n} did not serve {op!r} within {self._links.timeout:g} s "
+                f"({r.get('retry') or 'it is not a member any more'})")
+                for n, r in zip(members, results) if not isinstance(r, dict) or "retry" in r or "moved" in r]
+            replies.update((n, self._checked(r)) for n, r in zip(members, results)
+                           if isinstance(r, dict) and "retry" not in r and "moved" not in r)
             if not failed:
                 return list(replies.values())
             self._pause_or_raise(deadline, failed[0])
@@ -265,7 +271,7 @@ class PartitionedCache(Cache):
         items of an owner that cannot be reached are sent again by a fresh look at the
         partition table (a dead owner is replaced within the failure timeout), up to the
         call's deadline."""
-        deadline = time.monotonic() + self._links.timeout
+        deadline = self._links.deadline()
         answered, pending = [], items
         while pending:
             view = self._routable_view(deadline)
@@ -333,6 +339,7 @@ class PartitionedCache(Cache):
             self._emit("get", start, {"key": key, "result": "miss" if value is MISSING else "hit"})
         return default if value is MISSING else value
 
+    @bounded
     def _lookup(self, key):
         enc, p, view, local = self._locate(key)
         if local:
@@ -351,6 +358,7 @@ class PartitionedCache(Cache):
             raise KeyError(key)
         return value
 
+    @bounded
     def exists(self, key):
         enc, p, view, local = self._locate(key)
         if local:
@@ -359,6 +367,7 @@ class PartitionedCache(Cache):
 
     __contains__ = exists
 
+    @bounded
     def ttl(self, key):
         enc, p, view, local = self._locate(key)
         if local:
@@ -383,12 +392,13 @@ class PartitionedCache(Cache):
                        if i not in redo)
         return out
 
+    @bounded
     def get_many(self, keys):
         """``{key: value}`` for the keys present; one request per owner, sent together."""
         start = time.perf_counter_ns() if telemetry.active else 0
         keys = list(keys)
         found, remote = {}, []
-        view = self._routable_view(time.monotonic() + self._links.timeout)
+        view = self._routable_view(self._links.deadline())
         for key in keys:
             local = view.local(partition_of(_native.encode_key(key), view.parts))
             if local or self._near is not None:
@@ -427,10 +437,14 @@ class PartitionedCache(Cache):
         tag_ids = self._encode_tags(tags)
         val, codec = self._encoded(value)
         if not self._put_here(key, val, codec, ns, tag_ids):
-            enc, p, view, local = self._locate(key)
-            self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
+            self._put_remote(key, val, codec, ns, tag_ids)
         if telemetry.active:
             self._emit("put", start, {"key": key, "ttl": ttl})
+
+    @bounded
+    def _put_remote(self, key, val, codec, ns, tag_ids):
+        enc, p, view, local = self._locate(key)
+        self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
 
     def _routes(self):
         """(routes, view seq) to write in place by, or None while the view is too old."""
@@ -444,6 +458,7 @@ class PartitionedCache(Cache):
         routes = routes or self._routes()
         return routes is not None and self._table.put_routed(key, val, codec, ns, tag_ids, *routes)
 
+    @bounded
     def put_many(self, mapping, ttl=None, tags=()):
         """Store every item; each is checked before any is sent. One request per owner
         (and per 5,000 items or 4 MiB), all sent at once."""
@@ -473,12 +488,17 @@ class PartitionedCache(Cache):
         routes = self._routes()
         removed = self._table.delete_routed(key, *routes) if routes is not None else None
         if removed is None:  # not a partition of this host: its owner deletes
-            enc, p, view, local = self._locate(key)
-            removed = bool(self._key_request("del", enc, p)["ok"])
+            removed = self._delete_remote(key)
         if telemetry.active:
             self._emit("delete", start, {"key": key, "result": removed})
         return removed
 
+    @bounded
+    def _delete_remote(self, key):
+        enc, p, view, local = self._locate(key)
+        return bool(self._key_request("del", enc, p)["ok"])
+
+    @bounded
     def delete_many(self, keys):
         """Remove the keys (those of this host's partitions in place, the others with one
         request per owner); returns how many were removed."""
@@ -494,11 +514,13 @@ class PartitionedCache(Cache):
         answered = self._grouped("delm", remote)
         return removed + sum(bool(answered[k]) if k in answered else self.delete(k) for k in remote)
 
+    @bounded
     def touch(self, key, ttl=None):
         ns = options.ttl_ns(ttl, self.default_ttl)
         enc, p, view, local = self._locate(key)
         return bool(self._key_request("touch", enc, p, ttl=ns)["ok"])
 
+    @bounded
     def incr(self, key, delta=1, ttl=None):
         """Add ``delta`` atomically on the key's owner (see :meth:`vela.Cache.incr`)."""
         if isinstance(delta, bool) or not isinstance(delta, int):
@@ -514,6 +536,7 @@ class PartitionedCache(Cache):
     def _holder(self):
         return f"{self._holder_base}:{threading.get_ident() % 1_000_000_007}"
 
+    @bounded
     def _begin_fetch(self, key):
         """("hit", value) | ("mine", None): we hold the owner's lease | ("alone", None):
         waited stampede_timeout, fetch without it. Waits (polling the owner) while
@@ -540,6 +563,7 @@ class PartitionedCache(Cache):
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
+    @bounded
     def _complete_fetch(self, key, value, ns, tags):
         tag_ids = self._encode_tags(tags)
         val, codec = self._encoded(value)
@@ -549,6 +573,7 @@ class PartitionedCache(Cache):
         except CacheFull:
             pass
 
+    @bounded
     def _abort_fetch(self, key):
         enc, p, view, local = self._locate(key)
         try:
@@ -602,12 +627,15 @@ class PartitionedCache(Cache):
 
     # invalidate_tag and flush (vela.Cache's) run on every member and return the total.
 
+    @bounded
     def _invalidate_tag_counted(self, tag):
         return sum(r["ok"] for r in self._everyone("tag", tag=self._encode_tags([tag])[0]))
 
+    @bounded
     def _flush_counted(self):
         return sum(r["ok"] for r in self._everyone("flush"))
 
+    @bounded
     def size(self):
         """Entries stored in the cluster (each counted on its owner)."""
         return sum(r["ok"] for r in self._everyone("size"))
@@ -615,6 +643,7 @@ class PartitionedCache(Cache):
     def __len__(self):
         return self.size()
 
+    @bounded
     def stats(self, reset=False):
         """Counters summed over every member (each member's over all its processes)."""
         total = {}

@@ -14,6 +14,7 @@ socket with it, so a late answer can never be mistaken for the answer to the
 next request.
 """
 
+import functools
 import itertools
 import os
 import threading
@@ -24,6 +25,23 @@ from ..errors import BridgeUnavailable, OptionError
 from . import dataport, protocol
 
 _OPTIONS = {"timeout", "secret_file", "curve_key_file"}
+
+
+def bounded(method):
+    """A worker call whose steps (waiting for a partition table, connecting, each
+    request and each retry) share one deadline: ``topology_opts['timeout']`` from
+    the start of the outermost such call on this thread (``Links.deadline``)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        local = self._links._local
+        if getattr(local, "deadline", None) is not None:
+            return method(self, *args, **kwargs)  # a step of a call in progress
+        local.deadline = time.monotonic() + self._links.timeout
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            local.deadline = None
+    return call
 
 
 def _key_file(option, load, path):
@@ -48,6 +66,11 @@ class Links:
             if opts.get("curve_key_file") else None
         self._local = threading.local()
         self._ids = itertools.count(1)
+
+    def deadline(self):
+        """The deadline of the call in progress on this thread (``bounded``), else the
+        timeout from now."""
+        return getattr(self._local, "deadline", None) or time.monotonic() + self.timeout
 
     def _conns(self):
         local = self._local
