@@ -169,6 +169,14 @@ def control_path_in(namespace, name):
     return _in_namespace(namespace, lambda: control_endpoint(name)[len("ipc://"):])
 
 
+def marks_path_in(namespace, name):
+    """The file where workers of cache ``name`` on host ``namespace`` keep flushes and
+    tag invalidations for the bridge."""
+    from vela.bridge.client import marks_path
+
+    return _in_namespace(namespace, lambda: marks_path(name))
+
+
 def _in_namespace(namespace, fn):
     old = os.environ.get("VELA_NAMESPACE")
     os.environ["VELA_NAMESPACE"] = namespace
@@ -463,10 +471,12 @@ class Host:
             destroy_in(self.namespace, self.cache_name)
         except Exception:  # noqa: BLE001
             pass
-        try:
-            os.unlink(control_path_in(self.namespace, self.cache_name))
-        except OSError:
-            pass
+        for path in (control_path_in(self.namespace, self.cache_name),
+                     marks_path_in(self.namespace, self.cache_name)):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 class Cluster:

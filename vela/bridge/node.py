@@ -689,6 +689,7 @@ class Bridge:
 
     def _pump_logs(self):
         for replica in self.replicas.values():
+            replica.take_kept_marks()
             records = replica.read_local()
             if replica.lagged:
                 replica.lagged = False

@@ -1,0 +1,180 @@
+"""The replicated topology under faults that lose messages: a host's change log
+wrapping while its bridge is stopped, and a host cut off from the others, both
+sides changing things meanwhile. Deletes, tag invalidations and flushes made on
+either side are not undone; every host ends with the same contents. Real bridges
+on simulated hosts (tests/cluster.py).
+"""
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from cluster import FAILURE_TIMEOUT, Cluster, eventually
+
+pytest.importorskip("zmq")
+
+BRIDGE_TIMEOUT = 1.0
+# Writes on two hosts that did not see each other are ordered by their versions
+# (hybrid logical clocks: wall-clock milliseconds, then a counter): within the same
+# millisecond the order is a tie broken by the counter. The tests order their
+# concurrent changes by more than that.
+APART = 0.01
+
+
+def _keys(dump, prefix):
+    return sorted(bytes.fromhex(e[0])[1:].decode() for e in dump if bytes.fromhex(e[0])[1:].startswith(prefix))
+
+
+@pytest.fixture
+def small2(tmp_path):
+    c = Cluster(tmp_path, n=2, capacity="8MiB", start=False)  # change log: 1 MiB
+    try:
+        for host in c:  # workers give up on a stopped bridge after a second
+            host.call("open", name=c.name, capacity=host.capacity, bridge_timeout=BRIDGE_TIMEOUT)
+        c.start()
+        c.wait_members()
+        yield c
+    finally:
+        c.close()
+
+
+def _wrap_the_log(host):
+    n = host.call("put_range", prefix="fill", start=0, stop=12000, value="x" * 60)  # ~1.5 MiB of log
+    assert host.call("log_state")["head"] > 1 << 20
+    return n
+
+
+def test_a_tag_invalidation_and_deletes_survive_a_log_that_wrapped(small2):
+    a, b = small2
+    a.put_many([(f"grp{i}", i) for i in range(50)], tags=["grp"])
+    a.put_many([(f"keep{i}", i) for i in range(50)])
+    a.put_many([(f"doomed{i}", i) for i in range(20)])
+    small2.wait_converged(expect=120)
+    b.pause()
+    try:
+        # A writes more of the tag while B's bridge is stopped: B never sees them
+        # before its invalidation, which is newer, so they go too.
+        a.put_many([(f"grp-late{i}", i) for i in range(30)], tags=["grp"])
+        time.sleep(APART)
+        assert b.call("try", method="invalidate_tag", args=["grp"])[:2] == ["raised", "BridgeUnavailable"]
+        for i in range(20):
+            b.delete(f"doomed{i}")
+        n = _wrap_the_log(b)
+    finally:
+        b.resume()
+    dump = small2.wait_converged(timeout=30, expect=50 + n)
+    assert _keys(dump, b"grp") == [], "the tag invalidation was lost"
+    assert _keys(dump, b"doomed") == [], "deletes were lost"
+    assert len(_keys(dump, b"keep")) == 50 and len(_keys(dump, b"fill")) == n
+    assert a.call("count_present", keys=[f"grp-late{i}" for i in range(30)]) == 0
+
+
+def test_a_flush_survives_a_log_that_wrapped(small2):
+    a, b = small2
+    a.put_many([(f"old{i}", i) for i in range(100)])
+    small2.wait_converged(expect=100)
+    b.pause()
+    try:
+        a.put_many([(f"during{i}", i) for i in range(40)])  # older than B's flush
+        time.sleep(APART)
+        assert b.call("try", method="flush")[:2] == ["raised", "BridgeUnavailable"]
+        n = _wrap_the_log(b)
+    finally:
+        b.resume()
+    dump = small2.wait_converged(timeout=30, expect=n)
+    assert _keys(dump, b"fill") == sorted(f"fill{i}" for i in range(n))
+    a.put("after", "the flush")
+    eventually(lambda: b.get("after") == "the flush", 5, what="replication goes on")
+
+
+# --------------------------------------------------------------------------------------
+# a host cut off
+
+
+class Cut:
+    """Drops every packet to the given bridges' ports (iptables, a chain of this run's
+    own): the hosts cannot hear each other. Removed whatever happens."""
+
+    def __init__(self, hosts):
+        self.chain = f"VELACUT{uuid.uuid4().hex[:8]}".upper()
+        self.ports = [h.port for h in hosts]
+        self.active = False
+
+    @staticmethod
+    def _iptables(*args, check=True):
+        return subprocess.run(["iptables", "-w", "5"] + list(args), capture_output=True, text=True,
+                              timeout=20, check=check)
+
+    def __enter__(self):
+        self._iptables("-N", self.chain)
+        for port in self.ports:
+            self._iptables("-A", self.chain, "-p", "tcp", "--dport", str(port), "-j", "DROP")
+        return self
+
+    def cut(self):
+        self._iptables("-I", "INPUT", "-j", self.chain)
+        self.active = True
+
+    def heal(self):
+        self._iptables("-D", "INPUT", "-j", self.chain, check=False)
+        self.active = False
+
+    def __exit__(self, *exc):
+        self.heal()
+        self._iptables("-F", self.chain, check=False)
+        self._iptables("-X", self.chain, check=False)
+
+
+def _iptables_unavailable():
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "iptables needs root"
+    try:
+        out = subprocess.run(["iptables", "-w", "5", "-L", "INPUT", "-n"], capture_output=True, text=True,
+                             timeout=20)
+    except FileNotFoundError:
+        return "iptables is not installed"
+    return None if out.returncode == 0 else f"iptables does not work here: {out.stderr.strip()}"
+
+
+def test_deletes_and_tag_invalidations_of_either_side_survive_the_heal(tmp_path):
+    reason = _iptables_unavailable()
+    if reason:
+        pytest.skip(reason=reason)
+    c = Cluster(tmp_path, n=2)
+    try:
+        c.wait_members()
+        a, b = c
+        a.put_many([(f"a-grp{i}", i) for i in range(30)], tags=["on-a"])
+        a.put_many([(f"b-grp{i}", i) for i in range(30)], tags=["on-b"])
+        a.put_many([(f"a-del{i}", i) for i in range(20)] + [(f"b-del{i}", i) for i in range(20)])
+        a.put_many([(f"keep{i}", i) for i in range(20)])
+        c.wait_converged(expect=120)
+        with Cut([a, b]) as cut:
+            cut.cut()
+            for h, other in ((a, b), (b, a)):
+                eventually(lambda h=h, other=other: h.member_states().get(other.node_id) == "dead",
+                           3 * FAILURE_TIMEOUT + 3, what=f"{h.label} sees the other side dead")
+            # each side invalidates and deletes; the other side meanwhile rewrites some
+            # of the same keys *before* (older: must go) and others *after* (newer: stay)
+            b.put_many([(f"a-grp{i}", "b's older copy") for i in range(10)], tags=["on-a"])
+            a.put_many([(f"b-del{i}", "a's older copy") for i in range(5)])
+            time.sleep(APART)
+            a.call("try", method="invalidate_tag", args=["on-a"])
+            b.call("try", method="invalidate_tag", args=["on-b"])
+            for i in range(20):
+                a.delete(f"a-del{i}")
+                b.delete(f"b-del{i}")
+            time.sleep(APART)
+            a.put_many([(f"b-grp{i}", "a's newer copy") for i in range(5)], tags=["on-b"])
+            cut.heal()
+        dump = c.wait_converged(timeout=30)
+        assert _keys(dump, b"a-grp") == [], "entries of a tag invalidated on A came back"
+        assert _keys(dump, b"a-del") == [] and _keys(dump, b"b-del") == [], "deletes were undone"
+        assert _keys(dump, b"b-grp") == sorted(f"b-grp{i}" for i in range(5)), \
+            "B's invalidation must drop A's older copies and keep its newer ones"
+        assert b.get("b-grp0") == "a's newer copy"
+        assert len(_keys(dump, b"keep")) == 20
+    finally:
+        c.close()
