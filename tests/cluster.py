@@ -198,7 +198,7 @@ class Host:
 
     def __init__(self, label, cache_name, workdir, node_id, capacity="32MiB", run_id=None,
                  bridge_timeout=3.0, listen_host="127.0.0.1", topology="replicated", cache_opts=None,
-                 bridge_extra=()):
+                 bridge_extra=(), env=None):
         self.label = label
         self.topology = topology
         self.bridge_extra = list(bridge_extra)
@@ -214,6 +214,7 @@ class Host:
         self.env = dict(os.environ, VELA_NAMESPACE=self.namespace,
                         PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
         self.env.pop("PYTHONSTARTUP", None)
+        self.env.update(env or {})  # e.g. a skewed clock (libfaketime) for the agent and the bridge
         self.bridge = None
         self.bridge_args = None
         self.netns = None  # a network namespace (ip netns) to run the bridge in
@@ -511,13 +512,13 @@ class Cluster:
         os.chmod(path, 0o600)
         return path
 
-    def add_host(self, start=True, join=None, listen_host="127.0.0.1", **bridge_kw):
+    def add_host(self, start=True, join=None, listen_host="127.0.0.1", env=None, **bridge_kw):
         """A new host (its cache created); with ``start``, its bridge joins ``join``
-        (default: the first host)."""
+        (default: the first host). ``env``: more environment for its processes."""
         label = "ABCDEFGHIJ"[len(self.hosts)]
         host = Host(label, self.name, self.workdir, node_id=len(self.hosts) + 1, capacity=self.capacity,
                     run_id=self.run_id, listen_host=listen_host, topology=self.topology,
-                    cache_opts=self.cache_opts, bridge_extra=self.bridge_extra)
+                    cache_opts=self.cache_opts, bridge_extra=self.bridge_extra, env=env)
         self.hosts.append(host)
         if start:
             peers = join if join is not None else [self.hosts[0]]

@@ -178,3 +178,59 @@ def test_deletes_and_tag_invalidations_of_either_side_survive_the_heal(tmp_path)
         assert len(_keys(dump, b"keep")) == 20
     finally:
         c.close()
+
+
+# --------------------------------------------------------------------------------------
+# a host whose clock is behind
+
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def test_a_host_whose_clock_is_3_s_behind_loses_no_write_and_undoes_no_delete_it_follows(tmp_path):
+    """Versions are hybrid logical clocks with the receive rule: a host's clock
+    observes every version it applies, so a change it makes after seeing another's
+    is newer than that one, however far behind its wall clock is. B runs 3 s behind
+    (libfaketime, its worker and its bridge); what B deletes, overwrites or
+    invalidates after it saw A's write wins on both hosts, also when B is cut off
+    from A at the time."""
+    if not os.path.exists(FAKETIME_LIB):
+        pytest.skip(reason=f"libfaketime is not installed ({FAKETIME_LIB})")
+    reason = _iptables_unavailable()
+    if reason:
+        pytest.skip(reason=reason)
+    c = Cluster(tmp_path, n=0, start=False)
+    try:
+        a = c.add_host(start=False)
+        b = c.add_host(start=False, env={"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": "-3s",
+                                         "FAKETIME_DONT_RESET": "1"})
+        a.start_bridge(join=[b], wait=False)
+        b.start_bridge(join=[a], wait=False)
+        a.wait_bridge()
+        b.wait_bridge()
+        c.wait_members()
+        # the skew is real: B's worker reads a clock 3 s behind
+        b.call("exec_loop", code=f"import time; d = {time.time()} - time.time(); assert 2.5 < d < 4, d")
+        a.put_many([(f"del{i}", "a") for i in range(20)] + [(f"over{i}", "a") for i in range(20)]
+                   + [(f"cut-del{i}", "a") for i in range(20)])
+        a.put_many([(f"grp{i}", "a") for i in range(20)], tags=["grp"])
+        c.wait_converged(expect=80)
+        for i in range(20):  # B follows A's writes at once: 3 s "before" them by its clock
+            b.delete(f"del{i}")
+            b.put(f"over{i}", "b")
+        b.invalidate_tag("grp")
+        dump = c.wait_converged(timeout=10)
+        assert _keys(dump, b"del") == [] and _keys(dump, b"grp") == [], "B's deletes or invalidation undone"
+        assert [a.get(f"over{i}") for i in range(20)] == ["b"] * 20, "B's writes lost"
+        with Cut([a, b]) as cut:
+            cut.cut()
+            eventually(lambda: b.member_states().get(a.node_id) == "dead", 3 * FAILURE_TIMEOUT + 3,
+                       what="B sees A dead")
+            for i in range(20):
+                b.delete(f"cut-del{i}")
+            b.put_many([(f"b-only{i}", i) for i in range(20)])
+            cut.heal()
+        dump = c.wait_converged(timeout=30)
+        assert _keys(dump, b"cut-del") == [], "deletes made by the slow host while cut off were undone"
+        assert len(_keys(dump, b"b-only")) == 20, "writes made by the slow host while cut off were lost"
+    finally:
+        c.close()
