@@ -79,3 +79,25 @@ def test_a_second_bridge_with_a_taken_node_id_refuses_to_run(tmp_path, via_third
             assert c[1].member_states() == {first.node_id: "alive"}
     finally:
         c.close()
+
+
+def test_the_issue_pair_with_default_node_ids(tmp_path):
+    """The two addresses of the issue, each bridge with the default node id (a hash
+    of its address): the second one refuses to run, naming the fix."""
+    c = Cluster(tmp_path, n=2, start=False)
+    try:
+        first, second = c
+        for host, port, join in ((first, 7704, []), (second, 7741, ["--join", "tcp://127.0.0.1:7704"])):
+            host.listen = f"tcp://127.0.0.1:{port}"
+            host.bridge_args = ["run", "--cache", c.name, "--listen", host.listen, "--heartbeat", "0.2",
+                                "--failure-timeout", "1.0"] + join
+            host._launch_bridge(wait=host is first)
+        assert first.status()["node_id"] == _node_id_of("tcp://127.0.0.1:7704")
+        eventually(lambda: second.bridge.poll() is not None, 10, what="the second bridge exits")
+        out = second.bridge_output()
+        assert second.bridge.returncode != 0
+        assert f"node id {_node_id_of(first.listen)} is taken by the live bridge at tcp://127.0.0.1:7704" in out \
+            and "--node-id" in out, out
+        assert first.bridge_alive()
+    finally:
+        c.close()

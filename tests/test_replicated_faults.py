@@ -5,6 +5,7 @@ either side are not undone; every host ends with the same contents. Real bridges
 on simulated hosts (tests/cluster.py).
 """
 import os
+import stat
 import subprocess
 import time
 import uuid
@@ -234,3 +235,25 @@ def test_a_host_whose_clock_is_3_s_behind_loses_no_write_and_undoes_no_delete_it
         assert len(_keys(dump, b"b-only")) == 20, "writes made by the slow host while cut off were lost"
     finally:
         c.close()
+
+
+def test_kept_marks_stay_small_while_no_bridge_takes_them(monkeypatch):
+    """With no bridge running, every flush and tag invalidation is still kept, but
+    the file keeps only the newest of each once it passes its bound."""
+    from vela.bridge import client
+
+    monkeypatch.setenv("VELA_NAMESPACE", f"tmarks{uuid.uuid4().hex[:8]}")
+    path = client.marks_path("c")
+    try:
+        for i in range(5000):
+            client.keep_mark("c", "tag", 1000 + i, tag=(i % 3) << 8)
+            assert os.path.getsize(path) <= client.MAX_MARKS_BYTES + client.MARK.size
+        client.keep_mark("c", "flush", 7)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        newest = {}
+        for op, tag, version in client.take_marks(path):
+            newest[op, tag] = max(version, newest.get((op, tag), 0))
+        assert newest == {(4, 0): 5998, (4, 256): 5999, (4, 512): 5997, (3, 0): 7}
+        assert os.path.getsize(path) == 0 and client.take_marks(path) == []
+    finally:
+        os.unlink(path)

@@ -49,13 +49,23 @@ def marks_path(cache_name):
     return beside_segment(cache_name, "marks")
 
 
+MAX_MARKS_BYTES = 64 << 10  # past this (no bridge takes them), the file is compacted
+
+
 def keep_mark(cache_name, op, version, tag=0):
     """Append a flush or tag invalidation to the cache's marks file (one write of a
     fixed-size record under a shared lock: the bridge empties it under an exclusive one)."""
-    fd = os.open(marks_path(cache_name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(marks_path(cache_name), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         os.write(fd, MARK.pack(_MARK_OPS[op], tag, version))
+        if os.fstat(fd).st_size > MAX_MARKS_BYTES:
+            # No bridge has taken them for a long while: keep the newest of each.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            newest = {}
+            for op_, tag_, version_ in _drain(fd):
+                newest[op_, tag_] = max(version_, newest.get((op_, tag_), 0))
+            os.write(fd, b"".join(MARK.pack(o, t, v) for (o, t), v in newest.items()))
     finally:
         os.close(fd)
 
@@ -70,12 +80,18 @@ def take_marks(path):
         if os.fstat(fd).st_size == 0:
             return []
         fcntl.flock(fd, fcntl.LOCK_EX)
-        data = b""
-        while chunk := os.read(fd, 1 << 20):
-            data += chunk
-        os.ftruncate(fd, 0)
+        return _drain(fd)
     finally:
         os.close(fd)
+
+
+def _drain(fd):
+    """The records of the marks file open at ``fd`` (locked exclusively); it is emptied."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = b""
+    while chunk := os.read(fd, 1 << 20):
+        data += chunk
+    os.ftruncate(fd, 0)
     usable = len(data) - len(data) % MARK.size
     return [MARK.unpack_from(data, i) for i in range(0, usable, MARK.size)]
 
