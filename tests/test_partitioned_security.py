@@ -252,3 +252,24 @@ def test_refuses_an_exposed_data_port_without_authentication(tmp_path):
             and "--secret-file" in out.stderr, out.stderr
     finally:
         c.close()
+
+
+def test_without_curve_the_router_takes_no_worker_request(secure_partitioned):
+    """Without CURVE workers use the data port, whose requests are good once on one
+    connection; a request on the ROUTER (where nothing would tie it to a connection,
+    so a recorded one could be replayed) is counted and dropped, unanswered."""
+    a, b = secure_partitioned
+    a.put("k", "v")
+    before = counters(a)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(a.listen)
+    try:
+        for op in ("get", "flush"):
+            sock.send_multipart(protocol.pack(SECRET, dict(req(secure_partitioned.name, op, k=_native.encode_key("k")),
+                                                         n=1)))
+        assert not sock.poll(1000), "the ROUTER answered a worker's request without CURVE"
+    finally:
+        sock.close()
+    assert counters(a)["malformed"] - before["malformed"] == 2
+    assert a.get("k") == "v" and b.get("k") == "v"

@@ -362,8 +362,10 @@ class Bridge:
         to run; the elder tells it so (a hello that echoes its incarnation, which a
         replayed message cannot)."""
         addr = msg.get("addr")
-        if msg["inc"] == self.inc or addr is None or addr == self.advertise:
-            self.counters["malformed"] += 1
+        if msg["inc"] == self.inc:
+            return  # our own (a seed that is our own address)
+        if addr is None or addr == self.advertise:
+            self.counters["malformed"] += 1  # an earlier incarnation of ours, late
             return
         self.counters["node_id_clash"] += 1
         if msg["inc"] > self.inc:
