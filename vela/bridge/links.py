@@ -106,7 +106,7 @@ class Links:
 
     def request(self, addr, fields, epoch, deadline=None):
         """One request to the bridge at ``addr``; its reply (a dict)."""
-        deadline = deadline or time.monotonic() + self.timeout
+        deadline = deadline or self.deadline()
         return self._await(addr, self._send(addr, fields, epoch, deadline), deadline)
 
     def _send(self, addr, fields, epoch, deadline):
@@ -127,7 +127,7 @@ class Links:
         """Several requests at once [(addr, fields)], answered in that order: for each, its
         reply (a dict), or the BridgeUnavailable saying why its bridge did not answer by
         the deadline (the others are still awaited)."""
-        deadline = deadline or time.monotonic() + self.timeout
+        deadline = deadline or self.deadline()
         sent = []
         for addr, fields in targets:
             try:
