@@ -284,3 +284,15 @@ def test_a_replayed_message_of_the_current_incarnation_is_refused(tmp_path):
             peer.close()
     finally:
         c.close()
+
+
+def test_the_replay_window_takes_each_number_once():
+    w = protocol.ReplayWindow()
+    assert w.accept(500)
+    assert not w.accept(499) and not w.accept(1), "before first contact counts as seen"
+    assert not w.accept(500)
+    assert w.accept(503) and w.accept(501) and w.accept(502), "late but unseen (gaps, reordering)"
+    assert not any(w.accept(n) for n in (501, 502, 503))
+    assert w.accept(503 + protocol.ReplayWindow.SIZE + 5)
+    assert not w.accept(504), "older than the window"
+    assert w.accept(503 + protocol.ReplayWindow.SIZE)

@@ -329,6 +329,9 @@ class Bridge:
                 return False
         if inc != member.inc:
             restarted = member.inc is not None
+            addr = msg.get("addr")
+            if addr and addr != member.addr and self._dealer(addr) is not None:
+                member.addr = addr  # (before the restart is handled: it sends there)
             member.inc = inc
             member.window = protocol.ReplayWindow()
             member.window.accept(msg["n"])

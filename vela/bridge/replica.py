@@ -98,7 +98,10 @@ class Replica:
         recorded, so snapshots carry them even when the change log lost their records
         (it wrapped while this bridge was stopped), and applied here again (a put from
         another host may have come in between; idempotent)."""
-        if not os.path.exists(self.marks_path):
+        try:
+            if os.stat(self.marks_path).st_size == 0:  # (one look per loop turn)
+                return
+        except FileNotFoundError:
             return
         for op, tag, version in take_marks(self.marks_path):
             if op == FLUSH and 0 < version < 2**64:
