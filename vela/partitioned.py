@@ -284,9 +284,11 @@ class PartitionedCache(Cache):
                                               view.epoch, deadline)
             pending, error = [], None
             for (n, batch), reply in zip(reachable, results):
-                if isinstance(reply, BridgeUnavailable):
-                    pending += batch
-                    error = reply
+                if isinstance(reply, BridgeUnavailable) or "retry" in reply:
+                    pending += batch  # (a member without a partition table yet answers "retry")
+                    error = reply if isinstance(reply, BridgeUnavailable) else BridgeUnavailable(
+                        f"cache {self.name!r}: member {n} did not serve a batch within {self._links.timeout:g} s "
+                        f"({reply['retry']})")
                 else:
                     answered.append((batch, self._checked(reply)))
             for n, batch in batches:
