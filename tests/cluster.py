@@ -31,7 +31,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import uuid
@@ -111,14 +110,84 @@ def _short(value, limit=600):
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
+class DataPortSession:
+    """A connection to a bridge's data port made the way a worker makes it (the
+    bridge's challenge, numbered requests whose MACs cover it), for tests that
+    send requests of their own; ``raw`` keeps every frame sent, for replaying."""
+
+    def __init__(self, data_addr, secret, timeout=5.0):
+        from vela.bridge import dataport
+
+        host, port = data_addr[len("vela://"):].rsplit(":", 1)
+        self.secret = secret
+        self.timeout = timeout
+        self.client = dataport.Client(host, int(port), secret, time.monotonic() + timeout)
+        self.raw = []  # the bytes of each request sent
+
+    def send(self, msg):
+        """Sends one request; (its number, the context its reply's MAC covers)."""
+        from vela.bridge import dataport, protocol
+
+        ctx, number = self.client.next_context(), self.client.number
+        mac, payload = protocol.pack(self.secret, dict(msg, n=number), ctx)
+        tag = dataport.header_tag(self.secret, ctx, len(payload), len(mac))
+        data = dataport.REQUEST.pack(len(payload), len(mac), tag) + mac + payload
+        self.client.number += 1
+        self.client.sock.sendall(data)
+        self.raw.append(data)
+        return number, ctx
+
+    def ask(self, msg):
+        """One request and its reply (a dict)."""
+        from vela.bridge import protocol
+
+        _, ctx = self.send(msg)
+        return protocol.unpack(self.secret, self.client.recv(self.timeout), ctx)
+
+    def send_raw(self, data):
+        self.client.sock.sendall(data)
+
+    def closed_by_bridge(self, timeout=5.0):
+        """True when the bridge hangs up (nothing but the end of the stream comes)."""
+        try:
+            self.client.recv(timeout)
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+        return False
+
+    def close(self):
+        self.client.close()
+
+
 def destroy_in(namespace, name):
     """Remove the cache ``name`` of the simulated host ``namespace`` (from this process)."""
     import vela
 
+    return _in_namespace(namespace, lambda: vela.destroy(name))
+
+
+def control_path_in(namespace, name):
+    """The file of the bridge's control socket of cache ``name`` on host ``namespace``."""
+    from vela.bridge.client import control_endpoint
+
+    return _in_namespace(namespace, lambda: control_endpoint(name)[len("ipc://"):])
+
+
+def marks_path_in(namespace, name):
+    """The file where workers of cache ``name`` on host ``namespace`` keep flushes and
+    tag invalidations for the bridge."""
+    from vela.bridge.client import marks_path
+
+    return _in_namespace(namespace, lambda: marks_path(name))
+
+
+def _in_namespace(namespace, fn):
     old = os.environ.get("VELA_NAMESPACE")
     os.environ["VELA_NAMESPACE"] = namespace
     try:
-        return vela.destroy(name)
+        return fn()
     finally:
         if old is None:
             del os.environ["VELA_NAMESPACE"]
@@ -434,10 +503,12 @@ class Host:
             destroy_in(self.namespace, self.cache_name)
         except Exception:  # noqa: BLE001
             pass
-        try:
-            os.unlink(os.path.join(tempfile.gettempdir(), f"vela-bridge.{self.namespace}.{self.cache_name}.sock"))
-        except OSError:
-            pass
+        for path in (control_path_in(self.namespace, self.cache_name),
+                     marks_path_in(self.namespace, self.cache_name)):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 class Cluster:

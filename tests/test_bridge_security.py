@@ -5,6 +5,7 @@ and authenticated peers that send nonsense or go away in the middle of a snapsho
 Every bridge here is a real process; the hostile peer is a raw ZeroMQ DEALER in the
 test process connected to a bridge's listen port (loopback only).
 """
+import itertools
 import random
 import signal
 import subprocess
@@ -51,8 +52,13 @@ def signed(fields, secret=SECRET):
     return protocol.pack(secret, fields)
 
 
-def header(kind, node=FAKE, **fields):
-    return dict(fields, t=kind, v=protocol.PROTOCOL, **{"from": node, "inc": 7})
+_NUMBERS = itertools.count(1)
+
+
+def header(kind, node=FAKE, inc=7, **fields):
+    """A message's fields as a bridge of ``node`` (incarnation ``inc``) sends them; each
+    gets the next message number."""
+    return dict(fields, t=kind, v=protocol.PROTOCOL, n=next(_NUMBERS), **{"from": node, "inc": inc})
 
 
 def replication_works(cluster, tag):
@@ -371,5 +377,39 @@ def test_curve_encrypted_links_replicate_and_keep_others_out(tmp_path):
         bad = c.write_secret(b"not a key file\n", "bad-curve")
         out = _run_bridge(a, "--listen", f"tcp://127.0.0.1:{free_port()}", "--curve-key-file", bad)
         assert out.returncode != 0 and "two z85 keys" in out.stderr, out
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------------------
+# the control socket
+
+
+def test_the_control_socket_lives_next_to_the_segment_owner_only(tmp_path):
+    """The socket that can flush the whole cluster is in the segment's directory
+    (/dev/shm: whoever shares the segment reaches it, a sidecar container too), mode
+    0600, found by workers and `vela-bridge status` whatever their TMPDIR, and removed
+    when the bridge exits."""
+    import os
+    import stat
+
+    from cluster import control_path_in
+
+    c = Cluster(tmp_path, n=1)
+    try:
+        host = c[0]
+        path = control_path_in(host.namespace, c.name)
+        assert os.path.dirname(path) == "/dev/shm"
+        assert os.path.basename(path) == f"vela.{host.namespace}.{c.name}.bridge"
+        assert os.path.exists(f"/dev/shm/vela.{host.namespace}.{c.name}")  # the segment, next to it
+        mode = os.stat(path).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, oct(mode)
+        host.env["TMPDIR"] = str(tmp_path / "elsewhere")
+        out = host.cli("status", "--cache", c.name)
+        assert out.returncode == 0 and f'"pid": {host.bridge.pid}' in out.stdout, out
+        assert host.kill_bridge(signal.SIGTERM) == 0
+        assert not os.path.exists(path), "the control socket outlived its bridge"
+        out = host.cli("status", "--cache", c.name, "--timeout", "0.5")
+        assert out.returncode == 1 and path in out.stderr, out
     finally:
         c.close()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cluster import Cluster, eventually
+from cluster import Cluster, DataPortSession, eventually
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -148,16 +148,12 @@ def test_signed_requests_that_make_no_sense_get_an_error_reply(secure_partitione
     a.put("text", "not a number")
     owner = a.call("owner", key="text")[0]
     host = a if owner == a.node_id else b
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(host.listen)
+    session = DataPortSession(host.data_addr, SECRET)
     try:
         epoch = host.status()["ring_epoch"]  # (a write routed by an older table is answered "retry")
 
         def ask(msg):
-            sock.send_multipart(protocol.pack(SECRET, dict(msg, e=epoch)))
-            assert sock.poll(5000), "no reply"
-            return protocol.unpack(SECRET, sock.recv_multipart())
+            return session.ask(dict(msg, e=epoch))
 
         reply = ask(req(secure_partitioned.name, "incr", k=_native.encode_key("text"), delta=1, ttl=0))
         assert reply["err"] == "TypeError"
@@ -170,7 +166,7 @@ def test_signed_requests_that_make_no_sense_get_an_error_reply(secure_partitione
         # the reader's own pickle.loads rejects the bytes; the bridge never tried
         assert kind == "raised" and name in ("UnpicklingError", "ValueError")
     finally:
-        sock.close()
+        session.close()
     assert host.bridge_alive()
     a.put("text", "fine again")
     assert b.get("text") == "fine again"
@@ -221,10 +217,14 @@ def test_garbage_on_the_data_port_closes_that_connection_only(secure_partitioned
             if kind == 0:  # a declared size past the bound: the bridge hangs up
                 s.sendall(struct.pack(">IB", 1 << 30, 32) + rng.randbytes(40))
                 s.settimeout(5)
-                assert s.recv(10) == b""
+                received = b""
+                while chunk := s.recv(100):
+                    received += chunk
+                assert len(received) == 5 + 16  # its challenge (a 16-byte nonce), nothing more
             elif kind == 1:  # well framed, unauthenticated junk: counted, no answer
                 payload = rng.randbytes(rng.randint(0, 200))
-                s.sendall(struct.pack(">IB", len(payload), 32) + rng.randbytes(32) + payload)
+                s.sendall(struct.pack(">IB16s", len(payload), 32, rng.randbytes(16)) + rng.randbytes(32)
+                          + payload)
                 well_framed += 1
             else:  # a frame cut short, then the connection goes away
                 s.sendall(struct.pack(">IB", 100, 0) + rng.randbytes(rng.randint(0, 50)))
@@ -256,3 +256,24 @@ def test_refuses_an_exposed_data_port_without_authentication(tmp_path):
             and "--secret-file" in out.stderr, out.stderr
     finally:
         c.close()
+
+
+def test_without_curve_the_router_takes_no_worker_request(secure_partitioned):
+    """Without CURVE workers use the data port, whose requests are good once on one
+    connection; a request on the ROUTER (where nothing would tie it to a connection,
+    so a recorded one could be replayed) is counted and dropped, unanswered."""
+    a, b = secure_partitioned
+    a.put("k", "v")
+    before = counters(a)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(a.listen)
+    try:
+        for op in ("get", "flush"):
+            sock.send_multipart(protocol.pack(SECRET, dict(req(secure_partitioned.name, op, k=_native.encode_key("k")),
+                                                         n=1)))
+        assert not sock.poll(1000), "the ROUTER answered a worker's request without CURVE"
+    finally:
+        sock.close()
+    assert counters(a)["malformed"] - before["malformed"] == 2
+    assert a.get("k") == "v" and b.get("k") == "v"

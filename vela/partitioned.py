@@ -31,7 +31,7 @@ import time
 from . import _native, options, telemetry
 from .cache import Cache
 from .errors import BridgeUnavailable, CacheFull, LockTimeout, ValueTooLarge
-from .bridge.links import Links
+from .bridge.links import Links, bounded
 from .near import L2, MISSING, NearCache, copy_tag
 from .ring import partition_of
 
@@ -188,13 +188,13 @@ class PartitionedCache(Cache):
         enc = _native.encode_key(key)
         view = self._view()
         if not view.fresh():
-            view = self._routable_view(time.monotonic() + self._links.timeout)
+            view = self._routable_view(self._links.deadline())
         p = partition_of(enc, view.parts)
         return enc, p, view, view.local(p)
 
     def _key_request(self, op, enc, p, **fields):
         """A request about one key, to its owner, following moved/fallback/retry answers."""
-        deadline = time.monotonic() + self._links.timeout
+        deadline = self._links.deadline()
         view = self._routable_view(deadline)
         addr = view.addrs.get(view.owners[p])
         fields = dict(fields, op=op, k=enc, clk=self._table.next_version())  # (see _checked)
@@ -261,7 +261,7 @@ class PartitionedCache(Cache):
         """The same request to every member of the ring; their replies. A member that does
         not answer is asked again while the partition table still names it (one that died
         leaves the table within the failure timeout), up to the call's deadline."""
-        deadline = deadline or time.monotonic() + self._links.timeout
+        deadline = deadline or self._links.deadline()
         replies = {}
         while True:
             view = self._routable_view(deadline)
@@ -298,7 +298,7 @@ class PartitionedCache(Cache):
         items of an owner that cannot be reached are sent again by a fresh look at the
         partition table (a dead owner is replaced within the failure timeout), up to the
         call's deadline."""
-        deadline = time.monotonic() + self._links.timeout
+        deadline = self._links.deadline()
         answered, pending = [], items
         while pending:
             view = self._routable_view(deadline)
@@ -369,6 +369,7 @@ class PartitionedCache(Cache):
             self._emit("get", start, {"key": key, "result": "miss" if value is MISSING else "hit"})
         return default if value is MISSING else value
 
+    @bounded
     def _lookup(self, key):
         enc, p, view, local = self._locate(key)
         if local:
@@ -387,6 +388,7 @@ class PartitionedCache(Cache):
             raise KeyError(key)
         return value
 
+    @bounded
     def exists(self, key):
         enc, p, view, local = self._locate(key)
         if local:
@@ -395,6 +397,7 @@ class PartitionedCache(Cache):
 
     __contains__ = exists
 
+    @bounded
     def ttl(self, key):
         enc, p, view, local = self._locate(key)
         if local:
@@ -419,12 +422,13 @@ class PartitionedCache(Cache):
                        if i not in redo)
         return out
 
+    @bounded
     def get_many(self, keys):
         """``{key: value}`` for the keys present; one request per owner, sent together."""
         start = time.perf_counter_ns() if telemetry.active else 0
         keys = list(keys)
         found, remote = {}, []
-        view = self._routable_view(time.monotonic() + self._links.timeout)
+        view = self._routable_view(self._links.deadline())
         for key in keys:
             p = partition_of(_native.encode_key(key), view.parts)
             local = view.local(p)
@@ -465,8 +469,7 @@ class PartitionedCache(Cache):
         tag_ids = self._encode_tags(tags)
         val, codec = self._encoded(value)
         if not self._put_here(key, val, codec, ns, tag_ids):
-            enc, p, view, local = self._locate(key)
-            self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
+            self._put_remote(key, val, codec, ns, tag_ids)
             self._written((key,))
         if telemetry.active:
             self._emit("put", start, {"key": key, "ttl": ttl})
@@ -487,6 +490,11 @@ class PartitionedCache(Cache):
         """True when this host may keep L1 copies of partition p's keys (vela.near)."""
         return self._near is not None and view.l1(p)
 
+    @bounded
+    def _put_remote(self, key, val, codec, ns, tag_ids):
+        enc, p, view, local = self._locate(key)
+        self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
+
     def _routes(self):
         """(routes, view seq) to write in place by, or None while the view is too old."""
         self._view()
@@ -499,6 +507,7 @@ class PartitionedCache(Cache):
         routes = routes or self._routes()
         return routes is not None and self._table.put_routed(key, val, codec, ns, tag_ids, *routes)
 
+    @bounded
     def put_many(self, mapping, ttl=None, tags=()):
         """Store every item; each is checked before any is sent. One request per owner
         (and per 5,000 items or 4 MiB), all sent at once."""
@@ -529,13 +538,18 @@ class PartitionedCache(Cache):
         routes = self._routes()
         removed = self._table.delete_routed(key, *routes) if routes is not None else None
         if removed is None:  # not a partition of this host: its owner deletes
-            enc, p, view, local = self._locate(key)
-            removed = bool(self._key_request("del", enc, p)["ok"])
+            removed = self._delete_remote(key)
             self._written((key,))
         if telemetry.active:
             self._emit("delete", start, {"key": key, "result": removed})
         return removed
 
+    @bounded
+    def _delete_remote(self, key):
+        enc, p, view, local = self._locate(key)
+        return bool(self._key_request("del", enc, p)["ok"])
+
+    @bounded
     def delete_many(self, keys):
         """Remove the keys (those of this host's partitions in place, the others with one
         request per owner); returns how many were removed."""
@@ -552,6 +566,7 @@ class PartitionedCache(Cache):
         self._written(remote)
         return removed + sum(bool(answered[k]) if k in answered else self.delete(k) for k in remote)
 
+    @bounded
     def touch(self, key, ttl=None):
         ns = options.ttl_ns(ttl, self.default_ttl)
         enc, p, view, local = self._locate(key)
@@ -559,6 +574,7 @@ class PartitionedCache(Cache):
         self._written((key,))
         return found
 
+    @bounded
     def incr(self, key, delta=1, ttl=None):
         """Add ``delta`` atomically on the key's owner (see :meth:`vela.Cache.incr`)."""
         if isinstance(delta, bool) or not isinstance(delta, int):
@@ -576,6 +592,7 @@ class PartitionedCache(Cache):
     def _holder(self):
         return f"{self._holder_base}:{threading.get_ident() % 1_000_000_007}"
 
+    @bounded
     def _begin_fetch(self, key):
         """("hit", value) | ("mine", None): we hold the owner's lease | ("alone", None):
         waited stampede_timeout, fetch without it. Waits (polling the owner) while
@@ -602,6 +619,7 @@ class PartitionedCache(Cache):
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
+    @bounded
     def _complete_fetch(self, key, value, ns, tags):
         tag_ids = self._encode_tags(tags)
         val, codec = self._encoded(value)
@@ -611,6 +629,7 @@ class PartitionedCache(Cache):
         except CacheFull:
             pass
 
+    @bounded
     def _abort_fetch(self, key):
         enc, p, view, local = self._locate(key)
         try:
@@ -669,19 +688,22 @@ class PartitionedCache(Cache):
 
     # Both steps share the call's deadline.
 
+    @bounded
     def _invalidate_tag_counted(self, tag):
         tag_id = self._encode_tags([tag])[0]
-        deadline = time.monotonic() + self._links.timeout
+        deadline = self._links.deadline()
         removed = sum(r["ok"] for r in self._everyone("tag", deadline, tag=tag_id))
         self._everyone("near", deadline, tag=tag_id)
         return removed
 
+    @bounded
     def _flush_counted(self):
-        deadline = time.monotonic() + self._links.timeout
+        deadline = self._links.deadline()
         removed = sum(r["ok"] for r in self._everyone("flush", deadline))
         self._everyone("near", deadline)
         return removed
 
+    @bounded
     def size(self):
         """Entries stored in the cluster (each counted on its owner)."""
         return sum(r["ok"] for r in self._everyone("size"))
@@ -689,6 +711,7 @@ class PartitionedCache(Cache):
     def __len__(self):
         return self.size()
 
+    @bounded
     def stats(self, reset=False):
         """Counters summed over every member (each member's over all its processes)."""
         total = {}

@@ -3,23 +3,97 @@
 Puts and deletes need no socket (they travel through the change log in the
 segment); only calls that must return a cluster-wide count ask the host's
 bridge, over a local ipc socket, with a bounded wait.
+
+A flush or tag invalidation is also kept in a small file next to the segment
+(``marks_path``) before the bridge is asked: the change log is a ring that
+workers may run over while the bridge is stopped, and a delete survives that as
+a tombstone in the table, but a flush or tag invalidation leaves nothing in the
+table. The bridge takes the kept marks on its next turn (replica.py) and
+carries them in its snapshots, so the other hosts learn them even when the log
+record was lost.
 """
 
+import fcntl
 import os
-import tempfile
+import struct
 import threading
 
 from .. import options
+from ..backends import shm
 from ..errors import BridgeUnavailable
 
 _OPTIONS = {"bridge", "bridge_timeout"}
+SHM_DIR = "/dev/shm"
+
+
+MARK = struct.Struct("<QQQ")  # record op (protocol.FLUSH or TAG), tag id (0 for a flush), version
+_MARK_OPS = {"flush": 3, "tag": 4}
+
+
+def beside_segment(cache_name, suffix):
+    """A file next to the cache's segment: ``/dev/shm/vela.<name>.<suffix>``
+    (VELA_NAMESPACE included as in the segment's name)."""
+    return f"{SHM_DIR}/{shm.segment_name(cache_name).lstrip('/')}.{suffix}"
 
 
 def control_endpoint(cache_name):
-    """Default address of the bridge's control socket for a cache (one host)."""
-    namespace = os.environ.get("VELA_NAMESPACE")
-    prefix = f"{namespace}." if namespace else ""
-    return f"ipc://{tempfile.gettempdir()}/vela-bridge.{prefix}{cache_name}.sock"
+    """The address of the bridge's control socket for a cache: next to the cache's
+    segment, so whoever shares the segment's directory (a sidecar container sharing
+    /dev/shm) reaches it, and nobody depends on TMPDIR. The bridge makes it mode
+    0600: the segment's owner only."""
+    return "ipc://" + beside_segment(cache_name, "bridge")
+
+
+def marks_path(cache_name):
+    """Flushes and tag invalidations kept for the bridge (see the module's doc)."""
+    return beside_segment(cache_name, "marks")
+
+
+MAX_MARKS_BYTES = 64 << 10  # past this (no bridge takes them), the file is compacted
+
+
+def keep_mark(cache_name, op, version, tag=0):
+    """Append a flush or tag invalidation to the cache's marks file (one write of a
+    fixed-size record under a shared lock: the bridge empties it under an exclusive one)."""
+    fd = os.open(marks_path(cache_name), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.write(fd, MARK.pack(_MARK_OPS[op], tag, version))
+        if os.fstat(fd).st_size > MAX_MARKS_BYTES:
+            # No bridge has taken them for a long while: keep the newest of each.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            newest = {}
+            for op_, tag_, version_ in _drain(fd):
+                newest[op_, tag_] = max(version_, newest.get((op_, tag_), 0))
+            os.write(fd, b"".join(MARK.pack(o, t, v) for (o, t), v in newest.items()))
+    finally:
+        os.close(fd)
+
+
+def take_marks(path):
+    """[(op, tag, version)] kept in the marks file at ``path``, which is emptied."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return []
+    try:
+        if os.fstat(fd).st_size == 0:
+            return []
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _drain(fd)
+    finally:
+        os.close(fd)
+
+
+def _drain(fd):
+    """The records of the marks file open at ``fd`` (locked exclusively); it is emptied."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = b""
+    while chunk := os.read(fd, 1 << 20):
+        data += chunk
+    os.ftruncate(fd, 0)
+    usable = len(data) - len(data) % MARK.size
+    return [MARK.unpack_from(data, i) for i in range(0, usable, MARK.size)]
 
 
 class BridgeClient:
@@ -71,5 +145,7 @@ class BridgeClient:
         return reply
 
     def total(self, request):
-        """The other members' count for a flush or tag invalidation this host just did."""
+        """The other members' count for a flush or tag invalidation this host just did
+        (kept for the bridge first: it reaches the others even if this call fails)."""
+        keep_mark(self.cache_name, request["op"], request["version"], request.get("tag", 0))
         return int(self.call(request).get("removed", 0))

@@ -6,19 +6,33 @@ on both ends, which on a small or virtualised machine costs more than the whole
 request. The data port is a plain TCP listener whose connections the bridge's
 own poller watches, so a request wakes one thread on each side, like a Redis
 GET. It carries the same messages as the ROUTER (``protocol.pack``: the HMAC,
-then the msgpack payload; the same validation), each framed as::
+then the msgpack payload; the same validation).
 
-    u32 payload length | u8 MAC length | MAC | payload        (big endian)
+A connection starts with the bridge's challenge: a frame whose payload is a
+random 16-byte nonce. The worker's requests on it are numbered 1, 2, 3...;
+each one's MAC covers the nonce and its number (``context``) as well as the
+payload, and so does the MAC of the reply, so a captured request is good on
+its own connection, once: replayed on another connection or again on the same
+one, it is refused. Frames::
 
-A frame whose declared size is out of bounds closes its connection (the stream
+    bridge -> worker:  u32 payload length | u8 MAC length | MAC | payload
+    worker -> bridge:  u32 payload length | u8 MAC length | tag | MAC | payload
+
+(big endian) where ``tag`` is the first 16 bytes of the HMAC of the nonce, the
+request's number and the first five bytes of the header: the bridge checks it
+before it buffers the body, so a connection without the secret can make it hold
+no more than one read (64 KiB), whatever size it declares. A frame whose declared
+size is out of bounds or whose tag is wrong closes its connection (the stream
 cannot be trusted past it); a frame that is well framed but not a valid request
 is counted and answered by nothing, like a malformed ZeroMQ message. With CURVE,
 workers use the ROUTER instead (encrypted); the data port is then not opened.
 """
 
 import errno
+import hmac
 import itertools
 import logging
+import os
 import socket
 import struct
 import time
@@ -30,6 +44,8 @@ from . import protocol
 log = logging.getLogger("vela.bridge")
 
 HEADER = struct.Struct(">IB")
+REQUEST = struct.Struct(">IB16s")  # HEADER, then the tag
+NONCE = 16
 MAX_REQUEST = protocol.MAX_MESSAGE + 4096  # as the ROUTER's bound: a put of any entry fits
 MAX_CONNECTIONS = 4096
 # Bytes asked of one recv: below malloc's mmap threshold, so a small request does
@@ -38,13 +54,24 @@ RECV_BYTES = 64 << 10
 
 
 def frame(frames):
-    """Bytes on the wire for a [mac, payload] message."""
+    """Bytes on the wire for a [mac, payload] message (bridge to worker)."""
     mac, payload = frames
     return HEADER.pack(len(payload), len(mac)) + mac + payload
 
 
+def context(nonce, number):
+    """What a request's MAC (and its reply's) covers besides the payload."""
+    return nonce + number.to_bytes(8, "big")
+
+
+def header_tag(secret, ctx, length, maclen):
+    if not secret:
+        return bytes(16)
+    return hmac.digest(secret, ctx + HEADER.pack(length, maclen), "sha256")[:16]
+
+
 class Connection:
-    __slots__ = ("sock", "fd", "id", "inbuf", "outbuf")
+    __slots__ = ("sock", "fd", "id", "inbuf", "outbuf", "nonce", "number")
 
     def __init__(self, sock, conn_id):
         self.sock = sock
@@ -52,13 +79,17 @@ class Connection:
         self.id = conn_id  # unlike a descriptor, never reused
         self.inbuf = bytearray()
         self.outbuf = bytearray()
+        self.nonce = os.urandom(NONCE)
+        self.number = 1  # of the next request
 
 
 class DataPort:
-    """The listener and its connections; ``handle(frames, conn_id) -> reply frames or
-    None``; ``closed(conn_id)`` when a connection goes away (its worker may be dead)."""
+    """The listener and its connections; ``handle(frames, conn_id, context) -> reply
+    frames or None``; ``closed(conn_id)`` when a connection goes away (its worker may
+    be dead). ``secret``: the cluster's (header tags are checked with it)."""
 
-    def __init__(self, address, poller, handle, counters, closed=lambda conn_id: None):
+    def __init__(self, address, poller, handle, counters, closed=lambda conn_id: None, secret=b""):
+        self.secret = secret
         host, _, port = address.rpartition(":")
         self.listener = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET,
                                       socket.SOCK_STREAM)
@@ -109,6 +140,8 @@ class DataPort:
             conn = Connection(sock, next(self.ids))
             self.conns[conn.fd] = conn
             self.poller.register(conn.fd, zmq.POLLIN)
+            conn.outbuf += frame([b"", conn.nonce])  # the challenge
+            self._write(conn)
 
     def _read(self, conn):
         try:
@@ -123,19 +156,27 @@ class DataPort:
         buf = conn.inbuf
         buf += data
         pos = 0
-        while len(buf) - pos >= HEADER.size:
-            length, maclen = HEADER.unpack_from(buf, pos)
+        while len(buf) - pos >= REQUEST.size:
+            length, maclen, tag = REQUEST.unpack_from(buf, pos)
             if length > MAX_REQUEST or maclen > 64:
                 self.counters["malformed"] += 1
                 self._close(conn)  # the stream cannot be trusted past a bad frame
                 return False
-            end = pos + HEADER.size + maclen + length
+            ctx = context(conn.nonce, conn.number)
+            if self.secret and not hmac.compare_digest(tag, header_tag(self.secret, ctx, length, maclen)):
+                # Not from a holder of the secret, or not this connection's next request
+                # (a replay): hang up before buffering what it declares.
+                self.counters["unauthenticated"] += 1
+                self._close(conn)
+                return False
+            end = pos + REQUEST.size + maclen + length
             if len(buf) < end:
                 break
-            mac = bytes(buf[pos + HEADER.size:pos + HEADER.size + maclen])
-            payload = bytes(buf[pos + HEADER.size + maclen:end])
+            mac = bytes(buf[pos + REQUEST.size:pos + REQUEST.size + maclen])
+            payload = bytes(buf[pos + REQUEST.size + maclen:end])
             pos = end
-            reply = self.handle([mac, payload], conn.id)
+            conn.number += 1
+            reply = self.handle([mac, payload], conn.id, ctx)
             if reply is not None:
                 conn.outbuf += frame(reply)
         del buf[:pos]
@@ -174,22 +215,51 @@ def _timeval(seconds):
 
 
 class Client:
-    """A worker's connection to one bridge's data port (one per thread and process)."""
+    """A worker's connection to one bridge's data port (one per thread and process).
+    Connecting waits for the bridge's challenge, until ``deadline`` (monotonic)."""
 
     SLICE = 0.05  # seconds a blocking recv waits before the caller's deadline is looked at
 
-    def __init__(self, host, port, timeout):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host, port, secret, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no time left to connect")
+        self.secret = secret
+        self.sock = socket.create_connection((host, port), timeout=left)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Blocking calls with kernel timeouts: no poll() before every recv, and a send
         # to a bridge that stopped reading cannot block past the call's timeout.
         self.sock.settimeout(None)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.SLICE))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(max(left, 0.001)))
         self.buf = bytearray()
+        try:
+            _, nonce = self.recv(deadline - time.monotonic())
+        except BaseException:
+            self.sock.close()
+            raise
+        if len(nonce) != NONCE:
+            self.sock.close()
+            raise OSError(errno.EPROTO, "no challenge from the bridge")
+        self.nonce = nonce
+        self.number = 1
 
-    def send(self, frames):
-        self.sock.sendall(frame(frames))
+    def next_context(self):
+        """The context of the request about to be sent (it is number ``self.number``)."""
+        return context(self.nonce, self.number)
+
+    def send(self, frames, send_timeout):
+        mac, payload = frames
+        tag = header_tag(self.secret, self.next_context(), len(payload), len(mac))
+        self.number += 1
+        data = REQUEST.pack(len(payload), len(mac), tag) + mac + payload
+        try:  # the common case: it fits in the socket's buffer at once
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):  # a bridge that does not read: wait no longer than the call may
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(max(send_timeout, 0.001)))
+            self.sock.sendall(memoryview(data)[sent:])
 
     def recv(self, timeout):
         """The next [mac, payload]; raises TimeoutError after ``timeout`` seconds, or OSError."""

@@ -5,11 +5,16 @@ member, for totals): over TCP to the bridge's data port (``vela://`` addresses,
 vela.bridge.dataport), or, in a cluster with CURVE keys, on a ZeroMQ DEALER to
 its ROUTER (``tcp://``), which encrypts. Connections are made lazily, per thread
 (neither kind is thread-safe) and per process (a forked child makes its own). Requests are authenticated and
-checked exactly like the bridges' own messages (vela.bridge.protocol); every
-wait is bounded, and a request that timed out takes its socket with it, so a
-late answer can never be mistaken for the answer to the next request.
+checked exactly like the bridges' own messages (vela.bridge.protocol); on the
+data port each request's MAC also covers the connection's nonce and the
+request's number on it, and so does its reply's (dataport.py). Every wait is
+bounded by the caller's deadline (connecting included: a connection made late
+in a call gets what is left of it), and a request that timed out takes its
+socket with it, so a late answer can never be mistaken for the answer to the
+next request.
 """
 
+import functools
 import itertools
 import os
 import threading
@@ -20,6 +25,23 @@ from ..errors import BridgeUnavailable, OptionError
 from . import dataport, protocol
 
 _OPTIONS = {"timeout", "secret_file", "curve_key_file"}
+
+
+def bounded(method):
+    """A worker call whose steps (waiting for a partition table, connecting, each
+    request and each retry) share one deadline: ``topology_opts['timeout']`` from
+    the start of the outermost such call on this thread (``Links.deadline``)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        local = self._links._local
+        if getattr(local, "deadline", None) is not None:
+            return method(self, *args, **kwargs)  # a step of a call in progress
+        local.deadline = time.monotonic() + self._links.timeout
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            local.deadline = None
+    return call
 
 
 def _key_file(option, load, path):
@@ -45,6 +67,11 @@ class Links:
         self._local = threading.local()
         self._ids = itertools.count(1)
 
+    def deadline(self):
+        """The deadline of the call in progress on this thread (``bounded``), else the
+        timeout from now."""
+        return getattr(self._local, "deadline", None) or time.monotonic() + self.timeout
+
     def _conns(self):
         local = self._local
         if getattr(local, "forks", None) != _forks:  # a forked child starts afresh
@@ -52,18 +79,19 @@ class Links:
             local.conns = {}
         return local.conns
 
-    def _conn(self, addr):
+    def _conn(self, addr, deadline):
         conns = self._conns()
         conn = conns.get(addr)
         if conn is None:
             try:
                 if addr.startswith("vela://"):
                     host, _, port = addr[len("vela://"):].rpartition(":")
-                    conn = dataport.Client(host.strip("[]"), int(port), self.timeout)
+                    conn = dataport.Client(host.strip("[]"), int(port), self.secret, deadline)
                 else:
                     conn = _ZmqConn(addr, self.curve)
             except (OSError, ValueError) as exc:
-                raise BridgeUnavailable(f"cannot reach the vela-bridge at {addr}: {exc}") from None
+                raise BridgeUnavailable(f"cannot reach the vela-bridge at {addr}: {exc or type(exc).__name__}") \
+                    from None
             conns[addr] = conn
         return conn
 
@@ -78,41 +106,48 @@ class Links:
 
     def request(self, addr, fields, epoch, deadline=None):
         """One request to the bridge at ``addr``; its reply (a dict)."""
-        deadline = deadline or time.monotonic() + self.timeout
-        return self._await(addr, self._send(addr, fields, epoch), deadline)
+        deadline = deadline or self.deadline()
+        return self._await(addr, self._send(addr, fields, epoch, deadline), deadline)
 
-    def _send(self, addr, fields, epoch):
+    def _send(self, addr, fields, epoch, deadline):
+        """Sends a request; (its id, the context its reply's MAC covers)."""
         rid = next(self._ids)
-        msg = dict(fields, t="req", v=protocol.PROTOCOL, inc=0, id=rid, c=self.cache_name, e=epoch)
+        conn = self._conn(addr, deadline)
+        ctx = conn.next_context()
+        msg = dict(fields, t="req", v=protocol.PROTOCOL, inc=0, n=conn.number, id=rid, c=self.cache_name, e=epoch)
         msg["from"] = 0
         try:
-            self._conn(addr).send(protocol.pack(self.secret, msg))
+            conn.send(protocol.pack(self.secret, msg, ctx), deadline - time.monotonic())
         except (OSError, _Full) as exc:
             self._drop(addr)
             raise BridgeUnavailable(f"the vela-bridge at {addr} takes no request: {exc}") from None
-        return rid
+        return rid, ctx
 
     def request_all(self, targets, epoch, deadline=None):
         """Several requests at once [(addr, fields)], answered in that order: for each, its
         reply (a dict), or the BridgeUnavailable saying why its bridge did not answer by
         the deadline (the others are still awaited)."""
-        deadline = deadline or time.monotonic() + self.timeout
+        deadline = deadline or self.deadline()
         sent = []
         for addr, fields in targets:
             try:
-                sent.append((addr, self._send(addr, fields, epoch)))
+                sent.append((addr, self._send(addr, fields, epoch, deadline)))
             except BridgeUnavailable as exc:
                 sent.append((addr, exc))
         out = []
-        for addr, rid in sent:
+        for addr, request in sent:
             try:
-                out.append(rid if isinstance(rid, BridgeUnavailable) else self._await(addr, rid, deadline))
+                out.append(request if isinstance(request, BridgeUnavailable) else self._await(addr, request, deadline))
             except BridgeUnavailable as exc:
                 out.append(exc)
         return out
 
-    def _await(self, addr, rid, deadline):
-        conn = self._conn(addr)
+    def _await(self, addr, request, deadline):
+        rid, ctx = request
+        conn = self._conns().get(addr)
+        if conn is None:  # dropped since the request went out (another one to it timed out)
+            raise BridgeUnavailable(f"no answer from the vela-bridge at {addr} (connection lost; "
+                                    f"cache {self.cache_name!r})")
         while True:
             left = deadline - time.monotonic()
             try:
@@ -125,7 +160,7 @@ class Links:
                 raise BridgeUnavailable(f"no answer from the vela-bridge at {addr} {why} "
                                         f"(cache {self.cache_name!r})") from None
             try:
-                msg = protocol.unpack(self.secret, frames)
+                msg = protocol.unpack(self.secret, frames, ctx)
             except protocol.Malformed:
                 continue  # not from a bridge of ours: ignored
             if msg["t"] == "rep" and msg["id"] == rid:
@@ -162,8 +197,13 @@ class _ZmqConn:
             sock.curve_serverkey = curve[0]
             sock.curve_publickey, sock.curve_secretkey = curve
         sock.connect(addr)
+        self.number = 1  # (CURVE sessions refuse replays themselves: no context)
 
-    def send(self, frames):
+    def next_context(self):
+        return b""
+
+    def send(self, frames, send_timeout):
+        self.number += 1
         try:
             self.sock.send_multipart(frames, flags=self.zmq.NOBLOCK)
         except self.zmq.Again:

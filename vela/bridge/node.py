@@ -12,13 +12,22 @@ Membership: any authentic message from a peer marks it alive; silence for
 longer sent to, out of the cluster view). A dead peer that speaks again is
 alive again and resyncs. Workers reach the bridge on a local ipc socket per
 cache, only for calls that need cluster-wide totals.
+
+Incarnations: each bridge process has one (protocol.new_incarnation, ordered
+across restarts). A member that speaks with a newer one restarted: every
+topology is told at once (``member_restarted``), without waiting for the
+failure timeout; messages of an older one are refused, and so is any message
+number a member's incarnation already used (protocol.ReplayWindow), so a
+captured message replayed later is counted and dropped. A restart keeps its
+address: a newer incarnation of a live member from another address is another
+bridge with the same node id, refused (the younger of the two exits, naming
+--node-id).
 """
 
 import itertools
 import json
 import logging
 import os
-import random
 import signal
 import time
 
@@ -39,12 +48,17 @@ ALIVE, SUSPECT, DEAD = "alive", "suspect", "dead"
 BATCH_DELAY = 0.002  # seconds a change may wait to travel with others
 
 
+class NodeIdTaken(ValueError):
+    """Another live bridge of the cluster has this bridge's node id."""
+
+
 class Member:
     def __init__(self, node_id, addr):
         self.node_id = node_id
         self.addr = addr
         self.data_addr = None  # its data port (vela://host:port), for workers
         self.inc = None
+        self.window = protocol.ReplayWindow()  # message numbers of incarnation `inc` seen
         self.state = SUSPECT
         self.last_seen = 0.0
         self.received = 0
@@ -68,7 +82,10 @@ class Bridge:
         # with ZeroMQ CURVE; the HMAC still authenticates each message.
         self.curve = curve
         self.node_id = node_id if node_id is not None else _node_id_of(self.advertise)
-        self.inc = random.getrandbits(63)
+        self.inc = protocol.new_incarnation()
+        self.sent = itertools.count(1)  # message numbers of this incarnation
+        self.clash_probes = {}     # address -> when we last told it that it has our node id
+        self.refused = None        # NodeIdTaken: this bridge must not speak for its node id
         self.heartbeat = heartbeat
         self.failure_timeout = failure_timeout
         self.members = {}          # node id -> Member
@@ -83,6 +100,7 @@ class Bridge:
         self.leaving = set()       # members handing their partitions off before they go
         self.leaving_self = False
         self.controls = {}         # control socket -> cache name
+        self.control_paths = []    # their files (ipc): removed on exit
         self.rpc_waiting = {}      # rpc id -> dict(worker, socket, remaining, removed, deadline)
         self.rpc_ids = itertools.count(1)
         self.snap_ids = itertools.count(1)
@@ -92,7 +110,8 @@ class Bridge:
         self.started = time.monotonic()
         self.counters = {"messages_in": 0, "messages_out": 0, "bytes_in": 0, "bytes_out": 0,
                          "dropped_out": 0, "malformed": 0, "unauthenticated": 0, "batches_out": 0,
-                         "batches_in": 0, "rpcs": 0, "apply_errors": 0, "requests": 0}
+                         "batches_in": 0, "rpcs": 0, "apply_errors": 0, "requests": 0, "replayed": 0,
+                         "stale_incarnation": 0, "node_id_clash": 0, "restarts_seen": 0}
         self.ctx = zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -111,7 +130,7 @@ class Bridge:
         self.data_advertise = None
         if self.partitioned and not self.curve:
             self.dataport = DataPort(data_listen or _next_port(listen), self.poller, self._handle_data,
-                                     self.counters, self._connection_closed)
+                                     self.counters, self._connection_closed, self.secret)
             host = self.advertise.split("://", 1)[-1].rsplit(":", 1)[0]
             self.data_advertise = f"vela://{host}:{self.dataport.port}"
         for seed in self.seeds:
@@ -136,14 +155,24 @@ class Bridge:
             replica.ready_since = None if self.seeds else time.monotonic()
             self.replicas[name] = replica
         endpoint = (control or {}).get(name) or control_endpoint(name)
-        if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
+        if path:
             try:
-                os.unlink(endpoint[len("ipc://"):])  # a socket file left by a killed bridge
+                os.unlink(path)  # a socket file left by a killed bridge
             except FileNotFoundError:
                 pass
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(endpoint)
+        # Mode 0600 from the start (umask while binding), not after a window: any
+        # local process that can connect could flush the whole cluster.
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(endpoint)
+        finally:
+            os.umask(old_umask)
+        if path:
+            os.chmod(path, 0o600)
+            self.control_paths.append(path)
         self.controls[sock] = name
         self.poller.register(sock, zmq.POLLIN)
 
@@ -175,9 +204,11 @@ class Bridge:
 
     # ---- sending ------------------------------------------------------------------------
 
-    def _message(self, kind, **fields):
-        fields.update(t=kind, v=protocol.PROTOCOL, **{"from": self.node_id, "inc": self.inc})
-        return protocol.pack(self.secret, fields)
+    def _message(self, kind, context=b"", **fields):
+        """A message of ours; ``context``: what its MAC covers besides the payload (a
+        reply on the data port: the request's connection nonce and number)."""
+        fields.update(t=kind, v=protocol.PROTOCOL, n=next(self.sent), **{"from": self.node_id, "inc": self.inc})
+        return protocol.pack(self.secret, fields, context)
 
     def _send(self, addr, frames):
         sock = self._dealer(addr)
@@ -199,29 +230,33 @@ class Bridge:
         for m in self._alive():
             self._send(m.addr, frames)
 
-    def _hello(self):
+    def _hello_frames(self, **extra):
         members = [[m.node_id, m.addr] for m in self._alive()]
         # The last batch of each stream: a peer that lost one (dropped while the
         # connection was not up, say) sees the gap here even if no batch follows.
         seqs = {name: r.seq - 1 for name, r in self.replicas.items()}
-        extra = {"data": self.data_advertise} if self.data_advertise else {}
+        if self.data_advertise:
+            extra["data"] = self.data_advertise
         if self.partitioned:  # the last invalidation message of each cache (a lost last one shows)
             extra["iseqs"] = {name: parts.inval_seq for name, parts in self.partitioned.items()}
-        frames = self._message("hello", addr=self.advertise, members=members, seqs=seqs,
-                               repoch=self.ring_epoch, **extra)
+        return self._message("hello", addr=self.advertise, members=members, seqs=seqs,
+                             repoch=self.ring_epoch, **extra)
+
+    def _hello(self):
+        frames = self._hello_frames()
         targets = {m.addr for m in self.members.values()} | set(self.seeds)
         for addr in targets:
             self._send(addr, frames)
 
     # ---- receiving ------------------------------------------------------------------------
 
-    def _unpack(self, frames):
+    def _unpack(self, frames, context=b""):
         """The message in [mac, payload], counted; None (counted and dropped) when it is
         not authentic or not well-formed."""
         self.counters["messages_in"] += 1
         self.counters["bytes_in"] += sum(len(f) for f in frames)
         try:
-            return protocol.unpack(self.secret, frames)
+            return protocol.unpack(self.secret, frames, context)
         except protocol.Malformed as exc:
             key = "unauthenticated" if "authentication" in str(exc) else "malformed"
             self.counters[key] += 1
@@ -233,6 +268,13 @@ class Bridge:
         if msg is None:
             return
         if msg["t"] == "req":
+            if not self.curve:
+                # Without CURVE workers use the data port, whose requests are good on one
+                # connection only; here a request could be replayed from a capture.
+                self.counters["malformed"] += 1
+                return
+            # (CURVE: each connection has its own session keys and nonces, so a
+            # captured message can neither be read nor replayed.)
             self._serve_request(frames[0], msg)
             return
         if msg["t"] == "rep":
@@ -240,9 +282,7 @@ class Bridge:
             return
         sender = msg["from"]
         if sender == self.node_id:
-            if msg["inc"] != self.inc:
-                self.counters["malformed"] += 1
-                log.error("another bridge uses node id %d: give each host its own --node-id", sender)
+            self._same_node_id(msg)
             return
         member = self.members.get(sender)
         addr = msg.get("addr")
@@ -251,14 +291,10 @@ class Bridge:
                 return  # we learn members from hello messages, which carry a dialable address
             member = self.members[sender] = Member(sender, addr)
             self.epoch += 1
+        if not self._admit(member, msg):
+            return
         if addr and addr != member.addr and self._dealer(addr) is not None:
             member.addr = addr
-        if member.inc != msg["inc"]:
-            if member.inc is not None:
-                log.info("member %d restarted", sender)
-            member.inc = msg["inc"]
-            self.leaving.discard(sender)
-            self.epoch += 1
         if member.state != ALIVE:
             if member.state == DEAD:
                 log.info("member %d is back", sender)
@@ -274,8 +310,91 @@ class Bridge:
             self.counters["apply_errors"] += 1
             log.warning("could not apply a %s from member %d: %s", msg["t"], sender, exc)
 
+    def _admit(self, member, msg):
+        """Whether ``msg`` from ``member`` is taken: its incarnation is not older than the
+        member's, and its number was not used (replay window). A newer incarnation is
+        a restart, handled here at once."""
+        inc = msg["inc"]
+        if member.inc is not None and inc < member.inc:
+            self.counters["stale_incarnation"] += 1
+            return False
+        if member.inc is not None and inc > member.inc:
+            addr = msg.get("addr")
+            if member.state != DEAD and addr is not None and addr != member.addr:
+                # Not a restart (that keeps its address): a second bridge with this node id.
+                self.counters["node_id_clash"] += 1
+                self._probe_clash(addr)
+                return False
+            if member.state != DEAD and addr is None:
+                # A newer incarnation proves itself with a hello (it carries its address).
+                self.counters["stale_incarnation"] += 1
+                return False
+        if inc != member.inc:
+            restarted = member.inc is not None
+            addr = msg.get("addr")
+            if addr and addr != member.addr and self._dealer(addr) is not None:
+                member.addr = addr  # (before the restart is handled: it sends there)
+            member.inc = inc
+            member.window = protocol.ReplayWindow()
+            member.window.accept(msg["n"])
+            self.leaving.discard(member.node_id)
+            self.epoch += 1
+            if restarted:
+                self._member_restarted(member)
+            return True
+        if not member.window.accept(msg["n"]):
+            self.counters["replayed"] += 1
+            return False
+        return True
+
+    def _member_restarted(self, member):
+        """A member came back as a new incarnation: what it held in memory (streams,
+        snapshot requests, handoffs in flight) is gone; every topology starts over
+        with it now, not after the failure timeout."""
+        log.info("member %d restarted (new incarnation %d)", member.node_id, member.inc)
+        self.counters["restarts_seen"] += 1
+        for delegate in list(self.replicas.values()) + list(self.partitioned.values()):
+            restarted = getattr(delegate, "member_restarted", None)
+            if restarted is not None:
+                restarted(member.node_id)
+        for replica in self.replicas.values():
+            replica.synced.add((member.node_id, member.inc))  # (its hello need not ask again)
+            self._request_snapshot(replica, member)
+
+    def _same_node_id(self, msg):
+        """A message that names our node id: ours coming back, or another bridge with
+        the same id. Of two live bridges with one id, the younger incarnation refuses
+        to run; the elder tells it so (a hello that echoes its incarnation, which a
+        replayed message cannot)."""
+        addr = msg.get("addr")
+        if msg["inc"] == self.inc:
+            return  # our own (a seed that is our own address)
+        if addr is None or addr == self.advertise:
+            self.counters["malformed"] += 1  # an earlier incarnation of ours, late
+            return
+        self.counters["node_id_clash"] += 1
+        if msg["inc"] > self.inc:
+            self._probe_clash(addr, younger=msg["inc"])
+        elif msg["t"] == "hello" and msg.get("clash") == self.inc:
+            self.refused = NodeIdTaken(
+                f"node id {self.node_id} is taken by the live bridge at {addr} (this one advertises "
+                f"{self.advertise}): give each bridge its own --node-id (1..4095)")
+        else:
+            self._probe_clash(addr)  # make it answer with the echo
+
+    def _probe_clash(self, addr, younger=None):
+        """A hello straight to a bridge that has (or claims) our node id, at most once a
+        heartbeat per address; ``younger``: its incarnation, echoed to prove we live."""
+        now = time.monotonic()
+        if now - self.clash_probes.get(addr, -1e9) < self.heartbeat:
+            return
+        self.clash_probes[addr] = now
+        extra = {"clash": younger} if younger is not None else {}
+        self._send(addr, self._hello_frames(**extra))
+
     def _on_hello(self, member, msg):
         self.ring_epoch = max(self.ring_epoch, msg.get("repoch", 0))
+
         if msg.get("data") != member.data_addr:
             member.data_addr = msg.get("data")
             self.epoch += 1  # workers route to it: publish
@@ -297,7 +416,9 @@ class Bridge:
             if parts is not None:
                 parts.on_inval_seq(member.node_id, msg["inc"], last)
         for node_id, addr in msg["members"]:
-            if node_id != self.node_id and node_id not in self.members and self._dealer(addr) is not None:
+            if node_id == self.node_id and addr != self.advertise:
+                self._probe_clash(addr)  # the cluster knows another bridge by our id: ask it
+            elif node_id != self.node_id and node_id not in self.members and self._dealer(addr) is not None:
                 self.members[node_id] = Member(node_id, addr)
                 self.epoch += 1
 
@@ -345,15 +466,15 @@ class Bridge:
         for parts in self.partitioned.values():
             parts.release_leases(conn_id)
 
-    def _handle_data(self, frames, conn_id):
+    def _handle_data(self, frames, conn_id, context):
         """A request from the data port: the reply frames, or None for a malformed one."""
-        msg = self._unpack(frames)
+        msg = self._unpack(frames, context)
         if msg is None:
             return None
         if msg["t"] != "req":
             self.counters["malformed"] += 1
             return None
-        return self._answer(msg, conn_id)
+        return self._answer(msg, conn_id, context)
 
     def _serve_request(self, identity, msg):
         """A worker's request on the ROUTER (CURVE clusters): answered at once."""
@@ -362,9 +483,9 @@ class Bridge:
         except zmq.ZMQError:
             self.counters["dropped_out"] += 1
 
-    def _answer(self, msg, conn_id=None):
+    def _answer(self, msg, conn_id=None, context=b""):
         """The reply frames to a worker's request (it may run on any host); ``conn_id``:
-        the data port connection it came on."""
+        the data port connection it came on, ``context`` the request's."""
         self.counters["requests"] += 1
         parts = self.partitioned.get(msg["c"])
         if parts is None:
@@ -376,7 +497,7 @@ class Bridge:
                 reply = error_reply(exc)
                 log.debug("request %s failed: %s", msg.get("op"), exc)
         reply["epoch"] = self.ring_epoch
-        return self._message("rep", id=msg["id"], **reply)
+        return self._message("rep", context=context, id=msg["id"], **reply)
 
     def _on_hand(self, member, msg):
         parts = self._partitions(msg)
@@ -414,7 +535,7 @@ class Bridge:
         the others' (vela.bridge.partitions), writes made in place meanwhile included."""
         log.warning("this bridge stalled for %.1f s: the others have taken its partitions; "
                     "rejoining as a new incarnation (keeping the table, reconciling it)", stalled)
-        self.inc = random.getrandbits(63)
+        self.inc = protocol.new_incarnation(self.inc)
         for name, parts in list(self.partitioned.items()):
             self.partitioned[name] = Partitions(name, parts.cache, self, self.backups, parts.parts)
         self._publish_view()  # no table: workers stop writing in place before it is emptied
@@ -587,6 +708,7 @@ class Bridge:
 
     def _pump_logs(self):
         for replica in self.replicas.values():
+            replica.take_kept_marks()
             records = replica.read_local()
             if replica.lagged:
                 replica.lagged = False
@@ -760,6 +882,8 @@ class Bridge:
                             self._receive_peer(frames)
                         else:
                             self._receive_control(sock, frames)
+                if self.refused is not None:
+                    raise SystemExit(f"vela-bridge: {self.refused}")
                 self._pump_logs()
                 self._serve_snapshots()
                 now = time.monotonic()
@@ -816,8 +940,9 @@ class Bridge:
 
     def close(self):
         try:
-            self._pump_logs()  # what workers wrote last still goes out
-            self._broadcast(self._message("bye"))
+            if self.refused is None:  # (a bridge refused its node id speaks for nobody)
+                self._pump_logs()  # what workers wrote last still goes out
+                self._broadcast(self._message("bye"))
         except Exception:  # closing anyway
             log.exception("while leaving the cluster")
         for replica in self.replicas.values():
@@ -830,6 +955,11 @@ class Bridge:
             self.dataport.close()
         for sock in list(self.dealers.values()) + list(self.controls) + [self.router]:
             sock.close(0)
+        for path in self.control_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def bridge_exposition(status):

@@ -7,10 +7,21 @@ every field is type- and range-checked before use: a message that fails any
 of it raises Malformed and is counted and dropped by the caller. Values travel
 as opaque bytes with their codec and are stored as they are; the bridge never
 unpickles anything.
+
+Every message names its sender (``from``: node id, 0 for a worker), the
+sender's incarnation (``inc``: 64-bit, ordered across restarts of one bridge,
+see ``new_incarnation``) and its number ``n`` in what that incarnation sent,
+all under the MAC: a receiver refuses an older incarnation and any number it
+has seen (``ReplayWindow``). A worker's request on the data port has no
+incarnation: its MAC also covers the connection's nonce and the request's
+number on that connection (``context``, dataport.py), so it is good once, on
+that connection only.
 """
 
 import hashlib
 import hmac
+import random
+import time
 
 import msgpack
 
@@ -47,20 +58,37 @@ def load_curve(path):
     return lines[0], lines[1]
 
 
-def pack(secret, msg):
+def new_incarnation(after=0):
+    """A bridge process's incarnation: wall-clock nanoseconds with the low 20 bits
+    random, so a restart of the same node has a larger one (a receiver tells old
+    from new) and two bridges started in the same millisecond still differ; above
+    ``after`` (the incarnation it replaces) even if the clock went back."""
+    inc = (time.time_ns() >> 20 << 20) | random.getrandbits(20)
+    return max(inc, after + 1) & (2**64 - 1)
+
+
+def mac_of(secret, payload, context=b""):
+    """HMAC-SHA256 of ``context`` + ``payload`` (empty without a secret)."""
+    if not secret:
+        return b""
+    h = hmac.new(secret, context, hashlib.sha256)
+    h.update(payload)
+    return h.digest()
+
+
+def pack(secret, msg, context=b""):
     payload = msgpack.packb(msg, use_bin_type=True)
-    mac = hmac.new(secret, payload, hashlib.sha256).digest() if secret else b""
-    return [mac, payload]
+    return [mac_of(secret, payload, context), payload]
 
 
-def unpack(secret, frames):
+def unpack(secret, frames, context=b""):
     if len(frames) != 2:
         raise Malformed(f"expected 2 frames, got {len(frames)}")
     mac, payload = frames
     if len(payload) > MAX_MESSAGE:
         raise Malformed("message too large")
     if secret:
-        if not hmac.compare_digest(mac, hmac.new(secret, payload, hashlib.sha256).digest()):
+        if not hmac.compare_digest(mac, mac_of(secret, payload, context)):
             raise Malformed("bad or missing authentication code")
     try:
         # unpackb bounds every container and string by the payload's own size
@@ -74,10 +102,41 @@ def unpack(secret, frames):
         raise Malformed(f"unknown message type {kind!r}")
     _int(msg, "from", 0, 4095)
     _int(msg, "inc", 0, 2**64 - 1)
+    _int(msg, "n", 1, 2**63)
     if msg.get("v") != PROTOCOL:
         raise Malformed(f"protocol version {msg.get('v')!r}, this bridge speaks {PROTOCOL}")
     _CHECKS[kind](msg)
     return msg
+
+
+class ReplayWindow:
+    """The numbers one sender incarnation's messages carried that were accepted:
+    anything seen, or older than the window, is refused. Numbers may arrive out
+    of order (a sender reaches a peer by a new socket when its address changes)
+    or with gaps (a message for another member), but never twice. At first
+    contact everything before the first number seen counts as seen."""
+
+    SIZE = 1024
+
+    __slots__ = ("top", "seen")
+
+    def __init__(self):
+        self.top = None
+        self.seen = 0  # bit i: number top - i was accepted
+
+    def accept(self, n):
+        if self.top is None:
+            self.top, self.seen = n, (1 << self.SIZE) - 1
+            return True
+        if n > self.top:
+            self.seen = ((self.seen << (n - self.top)) | 1) & ((1 << self.SIZE) - 1)
+            self.top = n
+            return True
+        back = self.top - n
+        if back >= self.SIZE or self.seen >> back & 1:
+            return False
+        self.seen |= 1 << back
+        return True
 
 
 def _int(msg, key, lo, hi):
@@ -144,6 +203,8 @@ def _check_hello(msg):
     if data is not None and not (isinstance(data, str) and data.startswith("vela://") and 8 < len(data) <= 256):
         raise Malformed(f"not a data port address: {data!r}")
     _int(dict(repoch=msg.get("repoch", 0)), "repoch", 0, 2**63)
+    if "clash" in msg:  # the incarnation of a bridge that has the sender's node id
+        _int(msg, "clash", 0, 2**64 - 1)
     seqs = msg.get("seqs")
     if not isinstance(seqs, dict) or len(seqs) > 1024 or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and -1 <= v < 2**63

@@ -11,11 +11,13 @@ back only if it had been delayed longer than ``tombstone_ttl``.
 """
 
 import logging
+import os
 import time
 from collections import OrderedDict
 
 from ..errors import VelaError
 
+from .client import marks_path, take_marks
 from .protocol import DELETE, FLUSH, PUT, TAG
 
 log = logging.getLogger("vela.bridge")
@@ -32,6 +34,7 @@ class Replica:
         state = table.log_state()
         if not state["replicated"]:
             raise ValueError(f"cache {name!r} is not replicated: open it with topology='replicated'")
+        self.marks_path = marks_path(name)      # flushes/tag invalidations workers kept
         self.pos = state["bridge_pos"]          # resume where the last bridge stopped
         self.dropped = state["dropped"]
         self.seq = 0                            # batches sent by this incarnation
@@ -49,6 +52,16 @@ class Replica:
         self.removed_by = OrderedDict()
         self.stats = {"sent": 0, "applied": 0, "stale": 0, "suppressed": 0, "failed": 0, "resyncs": 0,
                       "snapshots_served": 0, "snapshots_applied": 0}
+
+    def member_restarted(self, node_id):
+        """A member came back as a new incarnation: what was in flight with the old
+        one (a snapshot it was sending us or we it, its stream's numbers) is void.
+        The caller asks the new one for a snapshot at once."""
+        self.snap_wait.pop(node_id, None)
+        self.snap_again.discard(node_id)
+        self.serving = [s for s in self.serving if s[0].node_id != node_id]
+        self.synced = {s for s in self.synced if s[0] != node_id}
+        self.expect = {k: v for k, v in self.expect.items() if k[0] != node_id}
 
     # ---- what stops late older puts --------------------------------------------------
 
@@ -79,6 +92,22 @@ class Replica:
         self.tag_marks = {k: v for k, v in self.tag_marks.items() if v[1] > now}
 
     # ---- outgoing: the local change log ------------------------------------------------
+
+    def take_kept_marks(self):
+        """The flushes and tag invalidations this host's workers kept (client.keep_mark):
+        recorded, so snapshots carry them even when the change log lost their records
+        (it wrapped while this bridge was stopped), and applied here again (a put from
+        another host may have come in between; idempotent)."""
+        try:
+            if os.stat(self.marks_path).st_size == 0:  # (one look per loop turn)
+                return
+        except FileNotFoundError:
+            return
+        for op, tag, version in take_marks(self.marks_path):
+            if op == FLUSH and 0 < version < 2**64:
+                self.apply_rpc("flush", version)
+            elif op == TAG and 0 < version < 2**64:
+                self.apply_rpc("tag", version, tag)
 
     def read_local(self):
         """Records this host's workers wrote since the last call (may be [])."""
