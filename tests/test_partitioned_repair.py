@@ -47,10 +47,12 @@ def _sender(host):
 
 
 def _as_member(member, kind, **fields):
-    """A message as bridge ``member`` sends it (its node id and incarnation)."""
+    """A message as bridge ``member`` sends it (its node id and incarnation, and a number
+    a little past its latest: inside the receiver's replay window, so the member's own
+    messages numbered in between are still taken)."""
     st = member.status()
     return protocol.pack(SECRET, dict(fields, t=kind, v=protocol.PROTOCOL, inc=st["incarnation"],
-                                      **{"from": st["node_id"]}))
+                                      n=st["numbered"] + 200, **{"from": st["node_id"]}))
 
 
 def _partition_roles(host):
@@ -90,7 +92,7 @@ def test_a_handoff_chunk_after_a_gap_is_not_taken(cluster3):
     sock = _sender(a)
     try:
         # chunk 1 of a stream whose chunk 0 never came, claiming to complete it
-        sock.send_multipart(_as_member(b, "hand", c=cluster3.name, sid=77, n=1, role="own", ps=[p], last=True,
+        sock.send_multipart(_as_member(b, "hand", c=cluster3.name, sid=77, chunk=1, role="own", ps=[p], last=True,
                                        entries=[[_native.encode_key(key), b"\x80x", 3, 0, []]], vers=[2**50],
                                        tombs=[]))
         eventually(lambda: a.status()["caches"][cluster3.name]["stream_gaps"] == gaps + 1, 10,
@@ -180,12 +182,12 @@ def test_a_handoff_carries_tombstones_and_marks_that_win_over_older_copies(parts
     # newer than an entry it carries with the tag
     p = partition_of(mine, parts.parts)
     newer = table.next_version() + 1000
-    taken = parts.on_hand(2, 7, dict(c=parts.name, sid=1, n=0, role="own", ps=[p], last=True, entries=[],
+    taken = parts.on_hand(2, 7, dict(c=parts.name, sid=1, chunk=0, role="own", ps=[p], last=True, entries=[],
                                      vers=[], tombs=[[mine, newer]], marks=[[tag, newer + 5]], fm=0))
     assert taken == [p]
     assert table.get_raw(mine) is None  # the delete won
     # an older put of the key arriving later is refused by the tombstone
-    parts.on_hand(2, 7, dict(c=parts.name, sid=2, n=0, role="own", ps=[p], last=True,
+    parts.on_hand(2, 7, dict(c=parts.name, sid=2, chunk=0, role="own", ps=[p], last=True,
                              entries=[[mine, b"\x80late", 3, 0, []]], vers=[newer - 1], tombs=[]))
     assert table.get_raw(mine) is None
     # the mark: an entry with the tag older than it is refused, a newer one kept

@@ -45,8 +45,10 @@ def partitioned(tmp_path):
         c.close()
 
 
-def _request(name, op, **fields):
-    return dict(fields, t="req", v=protocol.PROTOCOL, id=1, e=0, c=name, op=op, inc=0, **{"from": 0})
+def _request(name, op, e=0, **fields):
+    """A worker request; ``e``: the partition table's epoch it claims (a write routed by
+    an older table than the owner's is answered "retry")."""
+    return dict(fields, t="req", v=protocol.PROTOCOL, id=1, e=e, c=name, op=op, inc=0, **{"from": 0})
 
 
 def _json(value):
@@ -82,31 +84,32 @@ def test_five_replayed_data_port_requests_are_refused(partitioned):
     counter = next(k for k in (f"n{i}" for i in range(200)) if a.call("owner", key=k)[0] == b.node_id)
     tagged = [k for k in (f"t{i}" for i in range(400)) if a.call("owner", key=k)[0] == b.node_id][:5]
 
+    epoch = b.status()["ring_epoch"]
     sessions = {}
     for what in ("flush", "put", "del", "incr", "tag"):
         sessions[what] = DataPortSession(b.data_addr, SECRET)
     try:
         # Each request is made once, for real (the attacker records it), then the state moves on.
         a.put(survivor, "x")
-        sessions["flush"].ask(_request(name, "flush"))
+        sessions["flush"].ask(_request(name, "flush", e=epoch))
         assert a.get(survivor) is None
         a.put(survivor, "after flush")
 
         val, codec = _json("old")
-        assert sessions["put"].ask(_request(name, "put", k=_native.encode_key(key), val=val, codec=codec,
+        assert sessions["put"].ask(_request(name, "put", e=epoch, k=_native.encode_key(key), val=val, codec=codec,
                                             ttl=0, tags=[]))["ok"] is True
         assert a.get(key) == "old"
         a.put(key, "new")
 
         a.put(gone, "first")
-        assert sessions["del"].ask(_request(name, "del", k=_native.encode_key(gone)))["ok"] is True
+        assert sessions["del"].ask(_request(name, "del", e=epoch, k=_native.encode_key(gone)))["ok"] is True
         a.put(gone, "written again")
 
-        assert sessions["incr"].ask(_request(name, "incr", k=_native.encode_key(counter), delta=1,
+        assert sessions["incr"].ask(_request(name, "incr", e=epoch, k=_native.encode_key(counter), delta=1,
                                              ttl=0))["ok"] == 1
 
         a.put_many([(k, "before") for k in tagged], tags=["grp"])
-        assert sessions["tag"].ask(_request(name, "tag", tag=_native.tag_hash("grp")))["ok"] == len(tagged)
+        assert sessions["tag"].ask(_request(name, "tag", e=epoch, tag=_native.tag_hash("grp")))["ok"] == len(tagged)
         a.put_many([(k, "after") for k in tagged], tags=["grp"])
 
         for what, session in sessions.items():
@@ -128,7 +131,7 @@ def test_five_replayed_data_port_requests_are_refused(partitioned):
     # above were the replays', not a broken session
     fresh = DataPortSession(b.data_addr, SECRET)
     try:
-        assert fresh.ask(_request(name, "incr", k=_native.encode_key(counter), delta=1, ttl=0))["ok"] == 2
+        assert fresh.ask(_request(name, "incr", e=epoch, k=_native.encode_key(counter), delta=1, ttl=0))["ok"] == 2
     finally:
         fresh.close()
 

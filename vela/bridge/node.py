@@ -83,7 +83,7 @@ class Bridge:
         self.curve = curve
         self.node_id = node_id if node_id is not None else _node_id_of(self.advertise)
         self.inc = protocol.new_incarnation()
-        self.sent = itertools.count(1)  # message numbers of this incarnation
+        self.sent = 0  # the number of this incarnation's latest message
         self.clash_probes = {}     # address -> when we last told it that it has our node id
         self.refused = None        # NodeIdTaken: this bridge must not speak for its node id
         self.heartbeat = heartbeat
@@ -207,7 +207,8 @@ class Bridge:
     def _message(self, kind, context=b"", **fields):
         """A message of ours; ``context``: what its MAC covers besides the payload (a
         reply on the data port: the request's connection nonce and number)."""
-        fields.update(t=kind, v=protocol.PROTOCOL, n=next(self.sent), **{"from": self.node_id, "inc": self.inc})
+        self.sent += 1
+        fields.update(t=kind, v=protocol.PROTOCOL, n=self.sent, **{"from": self.node_id, "inc": self.inc})
         return protocol.pack(self.secret, fields, context)
 
     def _send(self, addr, frames):
@@ -786,7 +787,7 @@ class Bridge:
         now = time.monotonic()
         return {
             "node_id": self.node_id, "incarnation": self.inc, "listen": self.listen,
-            "advertise": self.advertise, "epoch": self.epoch, "pid": os.getpid(),
+            "advertise": self.advertise, "epoch": self.epoch, "pid": os.getpid(), "numbered": self.sent,
             "uptime": round(now - self.started, 3),
             "members": [{"node_id": m.node_id, "addr": m.addr, "state": m.state,
                          "last_seen_ago": round(now - m.last_seen, 3) if m.last_seen else None,

@@ -326,7 +326,7 @@ class Partitions:
                 elif codec < TOMBSTONE:
                     entries.append([k, v, codec, ttl, list(tags), ver])
             last = cursor is None
-            fields = dict(c=self.name, sid=s.sid, n=s.chunk, role=s.role, ps=sorted(s.ps), last=last,
+            fields = dict(c=self.name, sid=s.sid, chunk=s.chunk, role=s.role, ps=sorted(s.ps), last=last,
                           entries=[e[:5] for e in entries], vers=[e[5] for e in entries], tombs=tombs)
             if s.chunk == 0:
                 # The marks first: the receiver drops what they kill before any entry lands.
@@ -374,7 +374,7 @@ class Partitions:
         acknowledged, and its sender sends it again whole."""
         key = (sender, msg["sid"])
         expected = self.hand_next.get(key, 0)
-        if msg["n"] != expected:
+        if msg["chunk"] != expected:
             if expected != -1:
                 self.stats["stream_gaps"] += 1
                 if len(self.hand_next) > 10_000:
@@ -397,7 +397,7 @@ class Partitions:
         vers = msg["vers"]
         ps = set(msg["ps"])
         if msg["role"] == "backup":
-            if msg["n"] == 0:
+            if msg["chunk"] == 0:
                 # A fresh full copy: what we held of these partitions is replaced (but what
                 # we are handing to the owner ourselves stays until it was taken).
                 self.bgot[(sender, inc)] = msg.get("bseq", 0)

@@ -403,7 +403,7 @@ def _check_hand(msg):
     if not isinstance(msg.get("last"), bool):
         raise Malformed("field 'last' must be a bool")
     _partitions(msg)
-    _int(msg, "n", 0, 2**63)
+    _int(msg, "chunk", 0, 2**63)  # the chunk's number in its stream ("n" numbers every message)
     for k, ver in _pairs(msg, "tombs", MAX_RECORDS):
         _key(k)
         _version(ver)
