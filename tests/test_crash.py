@@ -237,7 +237,11 @@ def test_sigkill_writers_while_readers_verify(cache_name):
         started = time.monotonic()
         stall_every = KILL_PHASE / (len(stall_plan) + 1)
         next_stall = started + stall_every
-        while time.monotonic() < started + KILL_PHASE:
+        # At least KILL_PHASE seconds and at least min_kills kills: a loaded machine takes
+        # longer to reach the count rather than failing it (bounded at six times the phase).
+        min_kills = 100 if "libasan" in os.environ.get("LD_PRELOAD", "") else 200
+        while (time.monotonic() < started + KILL_PHASE or kills < min_kills or stall_plan) \
+                and time.monotonic() < started + 6 * KILL_PHASE:
             time.sleep(rng.uniform(0.002, 0.03))
             i = rng.randrange(WRITERS)
             check_writer(writers[i])
@@ -261,8 +265,8 @@ def test_sigkill_writers_while_readers_verify(cache_name):
     results = collect(readers, timeout=30)
 
     assert writer_errors == []
-    # Under AddressSanitizer (tools/asan.sh) every process runs about twice as slowly.
-    assert kills >= (100 if "libasan" in os.environ.get("LD_PRELOAD", "") else 200)
+    # (Under AddressSanitizer, tools/asan.sh, every process runs about twice as slowly.)
+    assert kills >= min_kills
     assert stall_kills == 4 * STALLS_PER_PHASE
     for r in results:
         assert r["reads"] > 1000, r
