@@ -22,7 +22,11 @@ import sys
 import time
 
 import posix_ipc
-import psutil
+
+try:
+    import psutil
+except ImportError:  # vela[inspect]; `vela ls` reads segments without it, `vela inspect` says so
+    psutil = None
 
 from . import _native, options
 from .backends import shm
@@ -35,7 +39,7 @@ EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_UNCHECKED = 0, 1, 2, 3
 CODECS = {0: "bytes", 1: "str", 2: "int", 3: "pickle", 4: "json", 5: "msgpack", 6: "custom"}
 EVICTION = {0: "lru", 1: "lfu", 2: "ttl_only"}
 # psutil statuses of a process that exists but cannot release a lock right now
-FROZEN = {psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP}
+FROZEN = {"stopped", "tracing-stop"}  # psutil.STATUS_STOPPED, STATUS_TRACING_STOP
 
 TAGS_NOTE = ("tag names are not stored in the segment (only 64-bit hashes), "
              "so entries per tag cannot be listed by name yet")
