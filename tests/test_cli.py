@@ -184,6 +184,14 @@ def test_run_on_a_cache_of_another_layout_is_one_line(namespace):
     assert_one_line_error(out, "cache 'plain' exists but is local", "topology='replicated'")
 
 
+def test_run_before_the_workers_made_the_cache_is_one_line_and_leaves_nothing(namespace):
+    out = bridge_cmd("run", "--cache", "early", "--listen", f"tcp://127.0.0.1:{free_port()}", env=namespace)
+    assert_one_line_error(out, "cache 'early' does not exist on this host yet", "start its workers first")
+    assert json.loads(vela_cmd("ls", "--json", env=namespace).stdout) == []  # no local segment left behind
+    # the workers can still make it with their topology
+    open_in(namespace, "early", capacity="2MiB", topology="replicated")
+
+
 def test_status_without_a_bridge_is_one_line(namespace):
     out = bridge_cmd("status", "--cache", "nobody", "--timeout", "0.3", env=namespace)
     assert_one_line_error(out, "bridge of cache 'nobody' did not answer", "vela-bridge run --cache nobody")

@@ -153,6 +153,22 @@ def _load_config(path):
     return data
 
 
+def _check_caches_exist(caches):
+    """The workers create a cache with its topology; a bridge that opened a missing one
+    would create it local, and the workers would then refuse it (LayoutMismatch)."""
+    from .. import options
+    from ..inspect import segment_exists
+
+    for name in caches:
+        try:
+            options.check_name(name)
+        except ValueError as exc:
+            raise OperatorError(f"--cache: {exc}") from None
+        if not segment_exists(name)[0]:
+            raise OperatorError(f"cache {name!r} does not exist on this host yet: start its workers first "
+                                "(they create it with its topology), then the bridge")
+
+
 def run(args):
     conf = _load_config(args.config) if args.config else {}
     def opt(name):
@@ -179,6 +195,7 @@ def run(args):
     if opt("curve_key_file"):
         curve = _read_file("--curve-key-file", opt("curve_key_file"), protocol.load_curve)
         warn_if_readable_by_others("--curve-key-file", opt("curve_key_file"))
+    _check_caches_exist(caches)
 
     try:
         bridge = Bridge(caches, opt("listen"), advertise=opt("advertise"), join=join, node_id=opt("node_id"),
