@@ -9,9 +9,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _using_vela_block():
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    section = text.split("## Using Vela", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    from apps import readme
+
+    return readme.python_blocks("Using Vela")[0]
 
 
 def _expected(comment):
@@ -70,19 +70,12 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
+from apps import readme  # noqa: E402
 from cluster import free_port  # noqa: E402
 
 
-def _readme():
-    return open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-
-
-def _section(title):
-    return _readme().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
-
-
-def _blocks(section, lang):
-    return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
+def _blocks(text, lang):
+    return [code for _, language, code in readme.blocks(text) if language == lang]
 
 
 def _commands(block):
@@ -97,7 +90,7 @@ def _commands(block):
 
 
 def quick_start_commands():
-    (block,) = _blocks(_section("Quick start"), "sh")
+    (block,) = _blocks(readme.section("Quick start"), "sh")
     return _commands(block)
 
 
@@ -209,7 +202,7 @@ def _members_alive(status, node_count):
 
 
 def test_replicated_section_runs_as_written(tmp_path):
-    section = _section("Running a cluster (replicated)")
+    section = readme.section("Running a cluster (replicated)")
     (worker_block,) = _blocks(section, "python")
     commands = _commands(_blocks(section, "sh")[0])
     assert [c.split()[1] for c in commands] == ["secret", "keygen", "run", "status"]
@@ -245,13 +238,13 @@ def test_replicated_section_runs_as_written(tmp_path):
 
 
 def test_partitioned_section_runs_as_written(tmp_path):
-    section = _section("Running a cluster (partitioned)")
+    section = readme.section("Running a cluster (partitioned)")
     (block,) = _blocks(section, "python")
     assert 'topology_opts={"secret_file": "/etc/vela/secret"}' in block
     worker_block = "\n".join(line for line in block.splitlines()
                              if not line.startswith(("cache.put", "cache.get")))
     (run_cmd,) = _commands(_blocks(section, "sh")[0])
-    secret_cmd = _commands(_blocks(_section("Running a cluster (replicated)"), "sh")[0])[0]
+    secret_cmd = _commands(_blocks(readme.section("Running a cluster (replicated)"), "sh")[0])[0]
     hosts = _Hosts(tmp_path)
     try:
         hosts.run(secret_cmd, "A")  # "set up as for the replicated topology"
@@ -283,3 +276,80 @@ def test_partitioned_section_runs_as_written(tmp_path):
         assert sorted(hosts.worker(no_secret, host) for host in "AB") == ["read", "refused"]
     finally:
         hosts.close("catalog")
+
+
+def test_install_section_names_extras_that_exist():
+    from test_packaging import _pyproject
+
+    commands = _commands(_blocks(readme.section("Install"), "sh")[0])
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert commands[0] == "pip install vela"
+    named = [re.fullmatch(r"pip install 'vela\[(\w+)\]'", c).group(1) for c in commands[1:]]
+    assert named == ["bridge", "redis", "inspect", "msgpack"]
+    assert set(named) <= set(extras)
+
+
+def test_telemetry_example_runs_as_written():
+    import vela
+
+    code = readme.python_blocks("Using Vela")[1]
+    readme.run_snippet(code, {"vela": vela})
+    assert "slow-gets" not in vela.telemetry.list_handlers()
+
+
+def test_file_backend_example_runs_as_written(tmp_path):
+    import vela
+
+    (code,) = readme.python_blocks("The file backend")
+    data_dir = tmp_path / "vela"
+    data_dir.mkdir()
+    code = code.replace("/var/lib/myapp/vela", str(data_dir)).replace('"256MiB"', '"8MiB"')
+    env = readme.run_snippet(code, {"vela": vela})
+    try:
+        env["cache"].put("session:1", {"user": 7})
+        env["cache"].close()
+        env = readme.run_snippet(code, {"vela": vela})  # a restart: the entries are on disk
+        assert env["cache"].get("session:1") == {"user": 7}
+        env["cache"].close()
+    finally:
+        out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vela"), "destroy", "sessions",
+                              "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert os.listdir(data_dir) == []
+
+
+def test_command_line_section_runs_as_written(tmp_path):
+    commands = _commands(_blocks(readme.section("Command line"), "sh")[0])
+    assert [" ".join(c.split()[:2]) for c in commands] == [
+        "vela ls", "vela ls", "vela inspect", "vela destroy", "vela destroy", "vela --version",
+        "vela-bridge secret", "vela-bridge status"]
+    hosts = _Hosts(tmp_path)
+    data_dir = tmp_path / "var-lib-myapp-vela"
+    data_dir.mkdir()
+    try:
+        # a host with the cache shop (replicated, with its bridge) and a file-backed shop
+        hosts.worker('cache = vela.Cache("shop", capacity="8MiB", topology="replicated")\n'
+                     'cache.put_many({f"k{i}": i for i in range(6)})\n'
+                     f'vela.Cache("shop", backend="file", backend_opts={{"data_dir": {str(data_dir)!r}}},'
+                     ' capacity="2MiB").close()\nprint(1)', "A")
+        bridge = hosts.start("vela-bridge run --cache shop --listen tcp://0.0.0.0:7700", "A",
+                             open(tmp_path / "bridge.log", "wb"))
+        hosts.wait("the bridge", lambda: hosts.status("shop", "A") is not None)
+        outputs = []
+        for command in commands:
+            command = command.replace("/var/lib/myapp/vela", str(data_dir))
+            if command.startswith("vela --version"):
+                command = command.split(" && ")[0]
+            outputs.append(hosts.run(command, "A"))
+        ls, ls_json, inspect_out, destroyed, destroyed_file, version, secret, status = outputs
+        assert ls.split("\n")[1].split() == ["shop", "8.0", "MiB", "6", "replicated", "alive", "(pid",
+                                             f"{bridge.pid})"]
+        assert [r["name"] for r in json.loads(ls_json)] == ["shop"]
+        assert "vela cache 'shop'" in inspect_out and "Sampled keys: 5" in inspect_out
+        assert destroyed == "destroyed cache 'shop' on this host\n"
+        assert destroyed_file == f"destroyed cache 'shop' in {data_dir}\n" and os.listdir(data_dir) == []
+        assert version.startswith("vela ")
+        assert (secret, oct((hosts.etc / "secret").stat().st_mode & 0o777)) == ("", "0o600")
+        assert json.loads(status)["pid"] == bridge.pid
+    finally:
+        hosts.close("shop")
