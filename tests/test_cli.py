@@ -192,6 +192,21 @@ def test_run_before_the_workers_made_the_cache_is_one_line_and_leaves_nothing(na
     open_in(namespace, "early", capacity="2MiB", topology="replicated")
 
 
+def test_run_on_ports_in_use_is_one_line(namespace):
+    import socket
+
+    open_in(namespace, "busy", capacity="2MiB", topology="replicated")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = bridge_cmd("run", "--cache", "busy", "--listen", f"tcp://127.0.0.1:{port}", env=namespace)
+        assert_one_line_error(out, "Address already in use")
+        out = bridge_cmd("run", "--cache", "busy", "--listen", f"tcp://127.0.0.1:{free_port()}",
+                         "--metrics-listen", f"127.0.0.1:{port}", env=namespace)
+        assert_one_line_error(out, f"--metrics-listen 127.0.0.1:{port}: Address already in use")
+
+
 def test_status_without_a_bridge_is_one_line(namespace):
     out = bridge_cmd("status", "--cache", "nobody", "--timeout", "0.3", env=namespace)
     assert_one_line_error(out, "bridge of cache 'nobody' did not answer", "vela-bridge run --cache nobody")

@@ -204,11 +204,16 @@ def run(args):
                         backups=int(opt("backups") or 0), data_listen=opt("data_listen"))
     except (ValueError, OSError, zmq.ZMQError, VelaError) as exc:  # a bad option, an address in use, a layout
         raise OperatorError(str(exc)) from None
+    if opt("metrics_listen"):
+        try:
+            host, port = bridge.serve_metrics(opt("metrics_listen"))
+        except (OSError, ValueError) as exc:  # in use, or not HOST:PORT
+            bridge.close()
+            raise OperatorError(f"--metrics-listen {opt('metrics_listen')}: {getattr(exc, 'strerror', None) or exc}"
+                                " (give a free HOST:PORT, e.g. 127.0.0.1:9464)") from None
+        logging.getLogger("vela.bridge").info("metrics on http://%s:%d/metrics", host, port)
     logging.getLogger("vela.bridge").info("node %d listening on %s for %s", bridge.node_id, bridge.listen,
                                           ", ".join(caches))
-    if opt("metrics_listen"):
-        host, port = bridge.serve_metrics(opt("metrics_listen"))
-        logging.getLogger("vela.bridge").info("metrics on http://%s:%d/metrics", host, port)
     bridge.run()
 
 
