@@ -192,11 +192,10 @@ def test_docs_cite_only_files_of_the_repository():
 # ---- tools/test, the README's test command ------------------------------------------------
 
 
-def _tools_test(*args, env=None, prefix=()):
+def _tools_test(*args, env=None, prefix=(), script=os.path.join(ROOT, "tools", "test")):
     env = dict(os.environ if env is None else env)
     env["VENV"] = os.path.dirname(os.path.dirname(sys.executable))  # this run's venv: no second install
-    return subprocess.run([*prefix, "bash", os.path.join(ROOT, "tools", "test"), *args], capture_output=True,
-                          text=True, timeout=600, env=env)
+    return subprocess.run([*prefix, "bash", script, *args], capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_tools_test_fails_on_a_skipped_test(tmp_path):
@@ -225,10 +224,13 @@ def test_tools_test_names_what_to_install_when_it_cannot():
     for program in ("bash", "cat", "sort", "id", "mktemp", "cksum", "tail", "rm", "dirname"):
         os.symlink(subprocess.run(["bash", "-c", f"command -v {program}"], capture_output=True, text=True,
                                   check=True).stdout.strip(), bin_dir / program)
+    # a copy of the script, where that user can read it (the checkout may be in /root)
+    (home / "tools").mkdir()
+    shutil.copy(os.path.join(ROOT, "tools", "test"), home / "tools" / "test")
     env = {"PATH": str(bin_dir), "HOME": str(home)}
     try:
         out = _tools_test(env=env, prefix=(shutil.which("setpriv"), "--reuid=65534", "--regid=65534",
-                                           "--clear-groups"))
+                                           "--clear-groups"), script=str(home / "tools" / "test"))
     finally:
         shutil.rmtree(home)
     assert out.returncode == 2, out.stdout + out.stderr

@@ -47,6 +47,9 @@ _HIT, _MINE, _TIMEOUT, _ALONE, _BUSY = 0, 1, 2, 3, 4
 _POLL_NS = 20_000_000
 # How long a fork waits for a maintenance job in progress to end (seconds).
 _FORK_JOIN_TIMEOUT = 2.0
+# True after a fork, in the parent, until its next write restarts its maintenance
+# (every writing method of Cache checks it first: see _after_fork_in_parent).
+_resume_due = False
 
 # Segment backends; backend="redis" is served by RedisCache (see _implementation).
 _BACKENDS = {"shm": shm, "file": file}
@@ -54,8 +57,10 @@ _BACKENDS = {"shm": shm, "file": file}
 # Open handles: their background thread restarts in a forked child, and their
 # get is rebound when telemetry handlers come and go.
 _live = weakref.WeakSet()
-# The maintenance threads alive (a fork waits for them to stop).
-_threads = weakref.WeakSet()
+# The maintenance threads not joined yet: a fork waits for them to end. (Strong
+# references: a thread that left Python can still be running in the OS, which is
+# what Python 3.12+ counts when it warns, and only join() waits for that.)
+_threads: set[threading.Thread] = set()
 
 
 def _implementation(kwargs):
@@ -282,6 +287,8 @@ class Cache:
         :raises vela.ValueTooLarge: the entry is bigger than ``max_entry_size``.
         :raises vela.CacheFull: no room and ``eviction_policy="ttl_only"``.
         """
+        if _resume_due:
+            _resume_maintenance()
         ns = options.ttl_ns(ttl, self.default_ttl)
         if telemetry.active:
             start = time.perf_counter_ns()
@@ -296,6 +303,8 @@ class Cache:
 
     def delete(self, key: Key) -> bool:
         """Remove ``key``; True when something was removed."""
+        if _resume_due:
+            _resume_maintenance()
         if telemetry.active:
             start = time.perf_counter_ns()
             removed = self._table.delete(key)
@@ -310,6 +319,8 @@ class Cache:
 
     def touch(self, key: Key, ttl: Optional[float] = None) -> bool:
         """Give ``key`` a new time to live (None: default_ttl); True when it exists."""
+        if _resume_due:
+            _resume_maintenance()
         return self._table.touch(key, options.ttl_ns(ttl, self.default_ttl))
 
     def incr(self, key: Key, delta: int = 1, ttl: Optional[float] = None) -> int:
@@ -320,6 +331,8 @@ class Cache:
         :raises TypeError: the stored value is not an integer.
         :raises OverflowError: the result leaves the signed 64-bit range.
         """
+        if _resume_due:
+            _resume_maintenance()
         if isinstance(delta, bool) or not isinstance(delta, int):
             raise TypeError(f"delta must be an int, not {type(delta).__name__}")
         return self._table.incr(key, delta, options.ttl_ns(ttl, self.default_ttl))
@@ -362,6 +375,8 @@ class Cache:
 
     def _fetch(self, key, fetch_fn, token, ns, tags):
         """Run the fetch, store its value and release the lease (if we hold one)."""
+        if _resume_due:
+            _resume_maintenance()
         try:
             value = fetch_fn(key)
         except BaseException:
@@ -463,6 +478,8 @@ class Cache:
 
         Every item is checked before the first is stored: a bad key or value stores nothing.
         """
+        if _resume_due:
+            _resume_maintenance()
         items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
         ns = options.ttl_ns(ttl, self.default_ttl)
         start = time.perf_counter_ns() if telemetry.active else 0
@@ -473,6 +490,8 @@ class Cache:
 
     def delete_many(self, keys: Iterable[Key]) -> int:
         """Remove the keys; returns how many were removed."""
+        if _resume_due:
+            _resume_maintenance()
         keys = list(keys)
         start = time.perf_counter_ns() if telemetry.active else 0
         removed = self._table.delete_many(keys)
@@ -498,6 +517,8 @@ class Cache:
         On a replicated cache the count is cluster-wide: the host's bridge asks
         every live member to apply the invalidation now and adds their counts.
         """
+        if _resume_due:
+            _resume_maintenance()
         start = time.perf_counter_ns() if telemetry.active else 0
         count = self._invalidate_tag_counted(tag)
         if telemetry.active:
@@ -508,6 +529,8 @@ class Cache:
 
     def flush(self) -> int:
         """Remove every entry; returns how many were removed (cluster-wide when replicated)."""
+        if _resume_due:
+            _resume_maintenance()
         start = time.perf_counter_ns() if telemetry.active else 0
         count = self._flush_counted()
         if telemetry.active:
@@ -532,6 +555,8 @@ class Cache:
 
     def expire(self) -> int:
         """Reclaim expired entries now; returns how many."""
+        if _resume_due:
+            _resume_maintenance()
         return self._table.expire()
 
     # ---- about the cache -----------------------------------------------------------
@@ -622,6 +647,8 @@ class Cache:
     def _start_maintenance(self):
         """One thread per handle runs the periodic jobs: the sweep (only in the host's
         elected sweeper) and the backend's own (the file backend's msync)."""
+        if self._stop is not None and not self._stop.is_set():
+            return  # running
         jobs = list(self._segment.periodic())
         if self.sweep_interval is not None:
             stale_ns = int(self.sweep_interval * 3e9)
@@ -636,6 +663,7 @@ class Cache:
         stop = self._stop = threading.Event()
         thread = threading.Thread(target=_maintenance_loop, args=(weakref.ref(self), stop, jobs),
                                   name=f"vela-maintenance-{self.name}", daemon=True)
+        _join_ended_threads(0.0)
         _threads.add(thread)
         thread.start()
 
@@ -674,19 +702,40 @@ def _before_fork():
     for cache in list(_live):
         if cache._stop is not None:
             cache._stop.set()
-    deadline = time.monotonic() + _FORK_JOIN_TIMEOUT
+    _join_ended_threads(_FORK_JOIN_TIMEOUT)
+
+
+def _join_ended_threads(timeout):
+    """Join the maintenance threads that end within ``timeout`` seconds (0: those
+    already told to stop and gone from Python), and forget them."""
+    deadline = time.monotonic() + timeout
     for thread in list(_threads):
-        if thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
+        if thread is threading.current_thread() or (not timeout and thread.is_alive()):
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if not thread.is_alive():
+            _threads.discard(thread)
 
 
 def _after_fork_in_parent():
+    # The parent's threads start again at its next write, not here: Python 3.13+
+    # counts the threads after these hooks run, and would warn about one started now.
+    # (A process that forks workers and writes no more needs no sweeps of its own.)
+    global _resume_due
+    _resume_due = True
+
+
+def _resume_maintenance():
+    global _resume_due
+    _resume_due = False
     for cache in list(_live):
         if not cache.closed:
             cache._start_maintenance()
 
 
 def _after_fork_in_child():
+    global _resume_due
+    _resume_due = False
     for cache in list(_live):
         if not cache.closed:
             cache._segment.after_fork()
