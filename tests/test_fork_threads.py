@@ -6,6 +6,9 @@ every fork: gunicorn --preload, multiprocessing and the suite's own workers fork
 after opening a cache. Vela stops its threads before a fork; the child starts its
 own at once, the parent at its next write (Python 3.13 counts the threads after the
 fork hooks have run, so the parent cannot start one in a hook).
+
+Each scenario runs in a forked child of the test process: a process with no thread
+but its own (threads do not survive a fork), whatever other tests left running here.
 """
 import os
 import threading
@@ -13,6 +16,7 @@ import time
 import warnings
 
 import vela
+from conftest import run_in_child
 
 
 def _maintenance_threads(name):
@@ -37,7 +41,7 @@ def _fork_recording_warnings(child):
     return report, [str(c.message) for c in caught if "multi-threaded" in str(c.message)]
 
 
-def test_fork_stops_the_maintenance_threads_and_both_sides_start_them_again(cache_name):
+def _fork_stops_and_restarts(cache_name):
     with vela.Cache(cache_name, capacity="2MiB", sweep_interval=0.05) as cache:
         (before,) = _maintenance_threads(cache_name)
         report, warned = _fork_recording_warnings(
@@ -60,10 +64,18 @@ def test_fork_stops_the_maintenance_threads_and_both_sides_start_them_again(cach
         cache.put("k2", 2)
         cache.delete("k2")
         assert len(_maintenance_threads(cache_name)) == 1
+    return "done"
+
+
+def test_fork_stops_the_maintenance_threads_and_both_sides_start_them_again(cache_name):
+    assert run_in_child(_fork_stops_and_restarts, cache_name, timeout=60) == "done"
+
+
+def _closed_before_fork(cache_name):
+    for _ in range(5):
+        vela.Cache(cache_name, capacity="2MiB").close()
+    return _fork_recording_warnings(lambda: b"ok")
 
 
 def test_a_handle_closed_just_before_a_fork_has_no_thread_left_at_the_fork(cache_name):
-    for _ in range(5):
-        vela.Cache(cache_name, capacity="2MiB").close()
-    report, warned = _fork_recording_warnings(lambda: b"ok")
-    assert (report, warned) == (b"ok", [])
+    assert run_in_child(_closed_before_fork, cache_name) == (b"ok", [])
