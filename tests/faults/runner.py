@@ -28,9 +28,9 @@ READ_RATE = 60.0
 HEARTBEAT = 0.5
 FAILURE_TIMEOUT = 2.0
 TIMEOUT = 3.0  # topology_opts["timeout"] (partitioned) / ["bridge_timeout"] (replicated)
-KEYS = 300
+KEYS = 1000
 COUNTERS = 20
-TAGS = 8
+TAGS = 16
 SECRET = b"fault-histories-shared-secret-0123456789"
 CONVERGE_WAIT = 30.0
 
@@ -71,10 +71,15 @@ class Run:
                                topology=self.topo["topology"], cache_opts=self.topo["cache_opts"],
                                bridge_extra=self.topo["bridge_extra"])
         run_id = uuid.uuid4().hex[:8]
+        if self.topo["topology"] == "partitioned":  # workers sign their requests to the data ports
+            self.topology_opts = dict(self.topo["topology_opts"], secret_file=self.cluster.secret_file)
+            agent_opts = dict(self.topo["cache_opts"], topology_opts={"secret_file": self.cluster.secret_file})
+        else:
+            self.topology_opts, agent_opts = dict(self.topo["topology_opts"]), self.topo["cache_opts"]
         for i in range(HOSTS):
-            host = Host("ABCDEFGHIJ"[i], self.cache_name, self.workdir, node_id=i + 1, capacity="64MiB",
+            host = Host("ABCDEFGHIJ"[i], self.cache_name, self.workdir, node_id=i + 1, capacity="32MiB",
                         run_id=run_id, bridge_timeout=TIMEOUT, listen_host=self.net.addr(i),
-                        topology=self.topo["topology"], cache_opts=self.topo["cache_opts"],
+                        topology=self.topo["topology"], cache_opts=agent_opts,
                         bridge_extra=self.topo["bridge_extra"])
             host.netns = self.net.ns(i)
             self.cluster.hosts.append(host)
@@ -106,7 +111,7 @@ class Run:
     def client_config(self, i, role, proc, **extra):
         return dict(role=role, proc=proc, host=self.hosts[i].label, cache=self.cache_name,
                     topology=self.topo["topology"], cache_opts=self.topo["cache_opts"],
-                    topology_opts=self.topo["topology_opts"], keys=KEYS, counters=COUNTERS, tags=TAGS,
+                    topology_opts=self.topology_opts, keys=KEYS, counters=COUNTERS, tags=TAGS,
                     seed=f"{self.seed}:{proc}", out=os.path.join(self.histdir, f"{proc}.jsonl"), **extra)
 
     def launch(self, i, cfg, stdout=None):
