@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from faults import checker
+from faults import checker, nemesis, net, runner
 from faults.history import op
 
 # ---- the checker on hand-written histories -----------------------------------------------
@@ -137,9 +137,53 @@ def test_counters_lose_nothing_acknowledged_and_count_nothing_twice():
     assert check(flushed, both({"c1": None}))["lost"] == 1
 
 
+def test_a_write_overridden_within_the_same_millisecond_is_a_tie_not_a_loss():
+    ops = [op("delete", "k1", None, 0, 1.0, host="C"), op("put", "k1", "B:1", 1.0004, 1.0005, host="B")]
+    result = check(ops, both({"k1": None}))
+    assert (result["lost"], result["ties"]) == (0, 1)
+    later = [op("delete", "k1", None, 0, 1.0, host="C"), op("put", "k1", "B:1", 1.01, 1.02, host="B")]
+    assert check(later, both({"k1": None}))["lost"] == 1
+    read = [op("put", "k1", "C:1", 0, 1.0, host="C"), op("delete", "k1", None, 1.0001, 1.0002, host="A"),
+            op("get", "k1", "C:1", 2, 2.1, host="A")]
+    assert check(read, both({"k1": "C:1"}))["stale_reads"] == 0
+
+
 def test_replicated_counters_are_registers_of_the_value_each_incr_returned():
     ops = [op("incr", "c1", 1, 0, 1, host="A"), op("incr", "c1", 1, 2, 3, host="B"),  # B had not seen A's
            op("incr", "c1", 2, 4, 5, host="B")]
     assert check(ops, both({"c1": 2}), counters="register").clean()
     assert check(ops, both({"c1": 1}), counters="register")["lost"] == 1
     assert check(ops, both({"c1": 2}))["lost"] == 1  # as an owner's counter, an increment is missing
+
+
+# ---- runs under faults ---------------------------------------------------------------------
+
+# (scenario, topology) pairs CI runs, each a real run of CI_DURATION seconds of workload
+# (about 30 s with setup and convergence, on 2 cores). Edit this list to choose.
+CI_SCENARIOS = [
+    # -- pass on the code this suite was written against (replicated)
+    ("none", "replicated"),
+    ("bridge-kill-fast", "replicated"),
+    ("worker-kill", "replicated"),
+    ("split-1|2", "replicated"),
+    # -- the partitioned topology fails these on that code (the README's table); the
+    #    cluster work of the same release must make them pass, then enable them:
+    # ("none", "partitioned+near"),
+    # ("bridge-kill-fast", "partitioned"),
+    # ("bridge-pause", "partitioned"),
+    # ("isolate", "partitioned"),
+    # ("split-1|2", "partitioned"),
+]
+CI_DURATION = 15.0
+
+
+@pytest.mark.parametrize("scenario,topology", CI_SCENARIOS, ids=[f"{s}-{t}" for s, t in CI_SCENARIOS])
+def test_no_anomaly_under_the_fault(scenario, topology, tmp_path):
+    reason = net.unavailable()
+    assert reason is None, f"the fault histories need root, ip and iptables: {reason}"
+    result = runner.run(nemesis.SCENARIOS[scenario], topology, tmp_path, duration=CI_DURATION, seed=1)
+    counts = {c: result[c] for c in checker.Result.COLUMNS + ("over_counted",)}
+    assert counts == dict.fromkeys(counts, 0), (
+        f"{scenario} on {topology}: {counts}\nexamples: {dict(result.examples)}\n"
+        f"notes: {result.notes}\nhistory and logs: {tmp_path}")
+    assert result.extra.get("replay", {}).get("changed_keys", 0) == 0, result.extra

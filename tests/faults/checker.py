@@ -28,7 +28,11 @@ Anomalies, counted in keys unless said otherwise:
   key are dropped asynchronously). A host is unhealthy while a fault touches it and
   for ``grace`` seconds after;
 - convergence: hosts that read different values for a key;
-- calls over the timeout (calls): a call that took longer than ``timeout`` + 0.5 s.
+- calls over the timeout (calls): a call that took longer than ``timeout`` + 0.5 s;
+- last-writer-wins ties (``ties``, keys; not an anomaly): a final read that is
+  unexplained only because an op started less than ``tie`` seconds (1 ms) after the
+  op it supersedes ended: versions that count milliseconds may order them either
+  way (a tie is broken by node id).
 
 Counters (keys ``c*``, only ``incr`` and ``flush``), with ``counters="sum"`` (an
 owner increments: partitioned): the final value is at least the acknowledged
@@ -128,10 +132,10 @@ class _Index:
         tags = {t for o in own if o["f"] == "put" for t in o["tags"]}
         return own + self.flushes + [i for t in tags for i in self.invalidations[t]]
 
-    def overriders(self, c):
-        """The kinds of acknowledged ops that started after ``c`` ended and override it:
-        a subset of write, delete, flush, invalidate_tag."""
-        k, end = c["k"], c["t1"]
+    def overriders(self, c, slack=0.0):
+        """The kinds of acknowledged ops that started after ``c`` ended (by more than
+        ``slack``) and override it: a subset of write, delete, flush, invalidate_tag."""
+        k, end = c["k"], c["t1"] + slack
         kinds = {what for what in ("write", "delete") if self.last_ok[(what, k)] > end}
         if self.last_ok[("flush", None)] > end:
             kinds.add("flush")
@@ -140,15 +144,15 @@ class _Index:
         return kinds
 
 
-def check(ops, reads, timeout, grace=5.0, delete_scope="host", counters="sum"):
+def check(ops, reads, timeout, grace=5.0, delete_scope="host", counters="sum", tie=0.001):
     """The anomalies of a history ``ops`` (``history.load``) with the final ``reads``
     ({host: {key: value}}; None for a host that could not be read)."""
     result = Result()
     if counters == "register":
         ops = [dict(o, f="put", tags=[]) if o["f"] == "incr" else o for o in ops]
     index = _Index(ops)
-    _check_final(index, reads, result, counters)
-    _check_stale_reads(index, result, grace, delete_scope)
+    _check_final(index, reads, result, counters, tie)
+    _check_stale_reads(index, result, grace, delete_scope, tie)
     for key in diverging_keys(reads):
         result.key_anomaly("diverging", key, {"key": key, "reads": {h: (r or {}).get(key, "unreadable")
                                                                      for h, r in reads.items()}})
@@ -170,7 +174,7 @@ def diverging_keys(reads):
     return [k for k in keys if any(r.get(k) != hosts[0].get(k) or isinstance(r.get(k), dict) for r in hosts)]
 
 
-def _check_final(index, reads, result, counters):
+def _check_final(index, reads, result, counters, tie):
     for host, values in reads.items():
         for key, value in (values or {}).items():
             if isinstance(value, dict):
@@ -178,24 +182,33 @@ def _check_final(index, reads, result, counters):
             if key.startswith("c") and counters == "sum":
                 _check_counter(index, host, key, value, result)
             else:
-                _check_register(index, host, key, value, result)
+                _check_register(index, host, key, value, result, tie)
 
 
-def _check_register(index, host, key, value, result):
-    ops = index.affecting(key)
-    acked = [o for o in ops if o["type"] == "ok"]
-    candidates = [o for o in ops if not index.overriders(dict(o, k=key))]
-    detail = {"key": key, "host": host, "read": value}
+def _explained(index, ops, key, value, slack):
+    """Whether some op not overridden (by more than ``slack``) leaves ``value``."""
+    candidates = [o for o in ops if not index.overriders(dict(o, k=key), slack)]
     if value is None:
-        initial_possible = not any(o["f"] in ("put", "delete", "incr", "flush") for o in acked)
-        removers = [o for o in candidates if o["f"] in REMOVERS]
-        if removers or (initial_possible and not any(o["f"] == "put" and o["type"] == "ok" for o in candidates)):
-            return
-        last = max((o for o in candidates if o["f"] == "put"), key=lambda o: o["t1"], default=None)
+        initial_possible = not any(o["f"] in ("put", "delete", "incr", "flush") and o["type"] == "ok"
+                                   for o in ops)
+        return (any(o["f"] in REMOVERS for o in candidates)
+                or (initial_possible and not any(o["f"] == "put" and o["type"] == "ok" for o in candidates)))
+    return any(c["f"] == "put" and c["v"] in (value, None) for c in candidates)  # None: an incr of unknown outcome
+
+
+def _check_register(index, host, key, value, result, tie):
+    ops = index.affecting(key)
+    if _explained(index, ops, key, value, 0.0):
+        return
+    detail = {"key": key, "host": host, "read": value}
+    if _explained(index, ops, key, value, tie):
+        result.key_anomaly("ties", key, detail)
+        return
+    if value is None:
+        candidates = [o for o in ops if o["f"] == "put" and not index.overriders(dict(o, k=key))]
+        last = max(candidates, key=lambda o: o["t1"], default=None)
         result.key_anomaly("lost", key, dict(detail, last_acknowledged=last and last["v"]))
         return
-    if any(c["f"] == "put" and c["v"] in (value, None) for c in candidates):
-        return  # (None: an incr of unknown outcome, checked as a register)
     put = index.put_of.get((key, value))
     if put is None:
         result.key_anomaly("lost", key, dict(detail, why="a value nobody wrote"))
@@ -229,7 +242,7 @@ def _healthy(spans, host, t0, t1):
     return not any(a <= t1 and t0 <= b for a, b in spans.get(host, ()))
 
 
-def _check_stale_reads(index, result, grace, delete_scope):
+def _check_stale_reads(index, result, grace, delete_scope, tie):
     spans = _unhealthy(index, grace)
     for r in index.calls:
         if r["f"] != "get" or r["type"] != "ok" or r["v"] is None or r["k"].startswith("c"):
@@ -240,6 +253,8 @@ def _check_stale_reads(index, result, grace, delete_scope):
         for d in _removers_of(index, put):
             if not (_supersedes(d, put) and d["t1"] < r["t0"]):
                 continue
+            if d["t0"] <= put["t1"] + tie:
+                continue  # the two may have the same version time: either order is right
             if d["f"] == "delete" and delete_scope == "host" and d["host"] != r["host"]:
                 continue
             if not _healthy(spans, r["host"], d["t0"], r["t1"]):

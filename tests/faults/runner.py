@@ -245,16 +245,33 @@ def run(scenario, topology, workdir, duration=30.0, seed=1):
         except AssertionError as exc:
             r.notes.append(f"membership after the heal: {str(exc).splitlines()[0]}")
         reads = converge(r)
+        with open(os.path.join(r.workdir, "reads.json"), "w") as f:
+            json.dump(reads, f)
         extra = scenario.after_converged(r, reads)
-        ops = history.load(r.histdir)
         history.merge(r.histdir, os.path.join(r.workdir, "history.jsonl"))
-        result = checker.check(ops, reads, timeout=TIMEOUT, grace=2 * FAILURE_TIMEOUT + 1.0,
-                               delete_scope="host" if topology != "partitioned" else "cluster",
-                               counters="register" if topology == "replicated" else "sum")
-        result.extra.update(extra or {})
-        result.notes.extend(r.notes)
-        with open(os.path.join(r.workdir, "result.json"), "w") as f:
-            json.dump(result.as_dict(), f, indent=1, default=str)
-        return result
+        return check_run(r.workdir, topology, extra or {}, r.notes)
     finally:
         r.close()
+
+
+def check_run(workdir, topology, extra, notes):
+    """The checker's result for the run kept in ``workdir`` (its ``ops/`` and
+    ``reads.json``), written to ``result.json``."""
+    with open(os.path.join(workdir, "reads.json")) as f:
+        reads = json.load(f)
+    result = checker.check(history.load(os.path.join(workdir, "ops")), reads, timeout=TIMEOUT,
+                           grace=2 * FAILURE_TIMEOUT + 1.0,
+                           delete_scope="host" if topology != "partitioned" else "cluster",
+                           counters="register" if topology == "replicated" else "sum")
+    result.extra.update(extra)
+    result.notes.extend(notes)
+    with open(os.path.join(workdir, "result.json"), "w") as f:
+        json.dump(dict(result.as_dict(), topology=topology), f, indent=1, default=str)
+    return result
+
+
+def recheck(workdir, topology):
+    """Check a kept run again (after a change of the checker)."""
+    with open(os.path.join(workdir, "result.json")) as f:
+        old = json.load(f)
+    return check_run(workdir, topology, old.get("extra", {}), old.get("notes", []))
