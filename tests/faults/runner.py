@@ -15,7 +15,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from cluster import Cluster, Host, _die_with_parent  # noqa: E402
+from cluster import Cluster, Host, _die_with_parent, free_port  # noqa: E402
 
 from . import checker, clock, history  # noqa: E402
 from .net import Network  # noqa: E402
@@ -82,6 +82,9 @@ class Run:
                         topology=self.topo["topology"], cache_opts=agent_opts,
                         bridge_extra=self.topo["bridge_extra"])
             host.netns = self.net.ns(i)
+            while host.data_port == host.port:  # two independent random picks can meet
+                host.data_port = free_port()
+                host.data_addr = f"vela://{self.net.addr(i)}:{host.data_port}"
             self.cluster.hosts.append(host)
         skew = self.scenario.skew
         if skew is not None:
