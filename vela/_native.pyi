@@ -16,14 +16,36 @@ CODEC_MSGPACK: Final[int]
 CODEC_CUSTOM: Final[int]
 BACKEND_SHM: Final[int]
 BACKEND_FILE: Final[int]
+CODEC_BYTES: Final[int]
+CODEC_STR: Final[int]
+CODEC_INT: Final[int]
+CODEC_TOMBSTONE: Final[int]
+EVICT_LRU: Final[int]
+EVICT_LFU: Final[int]
+EVICT_TTL_ONLY: Final[int]
+FETCH_HIT: Final[int]
+FETCH_MINE: Final[int]
+FETCH_TIMEOUT: Final[int]
+FETCH_ALONE: Final[int]
+FETCH_BUSY: Final[int]
+OP_PUT: Final[int]
+OP_DELETE: Final[int]
+OP_FLUSH: Final[int]
+OP_TAG: Final[int]
+TOPOLOGY_LOCAL: Final[int]
+TOPOLOGY_REPLICATED: Final[int]
+TOPOLOGY_PARTITIONED: Final[int]
+FORMAT: Final[int]
+MAGIC: Final[int]
+READY: Final[int]
+CLUSTER_BYTES: Final[int]
 
 def encode_key(key: _Key, /) -> bytes: ...
 def decode_key(data: bytes, /) -> _Key: ...
 def tag_hash(tag: str, /) -> int: ...
 def proc_start_time(pid: int, /) -> int: ...
 
-@final
-class Table:
+class Table:  # (not @final: BridgeTable derives from it in C; tests/test_typing.py)
     """A shared-memory table (internal; use vela.Cache)."""
 
     stats_enabled: bool
@@ -108,7 +130,13 @@ class Table:
     def partition_counts(self, parts: Any, /) -> list[int]: ...
     def drop_partitions(self, *args: Any) -> int: ...
     def next_version(self) -> int: ...
+    def observe(self, version: int, /) -> None: ...
     def set_cluster(self, view: bytes, /) -> None: ...
     def cluster(self) -> bytes: ...
     def cluster_seq(self) -> int: ...
     def debug_stall(self, phase: int, key: _Key, value: Any, /) -> None: ...
+
+
+@final
+class BridgeTable(Table):
+    """The bridge's own handle on a table (the change log reader, apply_*, snapshots)."""

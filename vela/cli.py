@@ -32,6 +32,9 @@ USAGE = ("usage: vela [--version] COMMAND [ARGS...]\n\ncommands:\n"
          + "\n`vela COMMAND --help` shows the options of a command.\n")
 
 SHM_DIR = "/dev/shm"
+# Files a cache keeps beside its segment (vela.bridge.client.control_endpoint and
+# marks_path, vela.near.HostElection): vela.<name>.<suffix>, not caches.
+SIDE_FILES = ("bridge", "marks", "listener")
 TOPOLOGIES = {0: "local", 1: "replicated", 2: "partitioned"}
 
 
@@ -85,7 +88,10 @@ def segment_names() -> List[str]:
         entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return []
-    return sorted(e[len(prefix):] for e in entries if e.startswith(prefix) and len(e) > len(prefix))
+    # Beside a segment live files of its own (vela.<name>.bridge, .marks, .listener): not caches.
+    return sorted(e[len(prefix):] for e in entries
+                  if e.startswith(prefix) and len(e) > len(prefix) and e.rsplit(".", 1)[-1] not in SIDE_FILES
+                  and os.path.isfile(os.path.join(SHM_DIR, e)))
 
 
 def describe(name: str) -> Dict[str, Any]:
