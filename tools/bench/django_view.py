@@ -30,6 +30,7 @@ import secrets
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +62,10 @@ LABELS = {
     "diskcache": "diskcache DjangoCache",
 }
 TARGET = 1.3
+
+
+# what a backend that fails (a server gone, a wrong page, the load generator) raises
+FAILURES = (RuntimeError, OSError, http.client.HTTPException, subprocess.SubprocessError)
 
 
 class Unavailable(Exception):
@@ -188,7 +193,8 @@ def parse_args():
     p.add_argument("--seconds", type=float, default=15, help="measured seconds per backend (default 15)")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds the measured time is split into, each running every backend (default 3)")
-    p.add_argument("--warmup", type=float, default=2, help="warm-up seconds per backend (default 2)")
+    p.add_argument("--warmup", type=float, default=2,
+                   help="warm-up seconds per backend, at least 1: it fills every worker's cache (default 2)")
     p.add_argument("--connections", type=int, default=4, help="connections kept busy (default 4)")
     p.add_argument("--backends", metavar="NAME[,...]", default=",".join(ORDER),
                    help="backends to run (default all): " + ", ".join(ORDER))
@@ -200,8 +206,8 @@ def parse_args():
     unknown = set(args.backends) - set(ORDER)
     if unknown:
         p.error(f"unknown backend(s): {', '.join(sorted(unknown))}; choose among {', '.join(ORDER)}")
-    if args.seconds <= 0 or args.rounds < 1 or args.connections < 1 or args.warmup < 0:
-        p.error("--seconds must be > 0, --rounds and --connections >= 1, --warmup >= 0")
+    if args.rounds < 1 or args.connections < 1 or args.warmup < 1:
+        p.error("--rounds, --connections and --warmup must be at least 1")
     if args.seconds / args.rounds < 1:
         p.error("each round must last at least 1 s: lower --rounds or raise --seconds")
     return args
@@ -216,9 +222,45 @@ def start_backends(names, res):
             running[name] = res.start(GunicornServer(conf))
         except Unavailable as exc:
             skipped[name] = str(exc)
-        except RuntimeError as exc:
-            skipped[name] = f"did not start: {exc}"
+        except RuntimeError as exc:  # the last line of the server's log says why
+            skipped[name] = f"did not start: {str(exc).strip().splitlines()[-1]}"
     return running, skipped
+
+
+def warm_up(running, load, args, expected, results):
+    """Load each backend for --warmup seconds and check its page; {name: []} of those that pass."""
+    slices = {}
+    print("warm-up:", end="", flush=True)
+    for name, server in running.items():
+        try:
+            load.run(HOST, server.port, django_site.PATH, args.connections, args.warmup)
+            check_page(server.port, expected)
+            slices[name] = []
+            print(f" {name}", end="", flush=True)
+        except FAILURES as exc:
+            results[name] = {"error": str(exc)}
+            print(f" {name}(ERROR)", end="", flush=True)
+    print()
+    return slices
+
+
+def measure(running, slices, load, args, results):
+    """The measured rounds: each runs every backend once, the order rotating by one each round."""
+    per_round = args.seconds / args.rounds
+    for r in range(args.rounds):
+        names = list(slices)
+        names = names[r % len(names):] + names[:r % len(names)] if names else names
+        print(f"round {r + 1}/{args.rounds}:", end="", flush=True)
+        for name in names:
+            try:
+                slices[name].append(load.run(HOST, running[name].port, django_site.PATH, args.connections,
+                                             per_round))
+                print(f" {name}", end="", flush=True)
+            except FAILURES as exc:
+                results[name] = {"error": str(exc)}
+                del slices[name]
+                print(f" {name}(ERROR)", end="", flush=True)
+        print()
 
 
 def summarize(slices):
@@ -260,7 +302,10 @@ def target(results):
 
 def main():
     args = parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below stops everything
+    # SIGTERM as an exception, so the finally below stops everything; Ctrl-C too, even
+    # when started from a shell that made this process ignore SIGINT.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     load = http_load.generator(None if args.loadgen == "auto" else args.loadgen)
     began = time.monotonic()
     load_start = os.getloadavg()
@@ -275,38 +320,18 @@ def main():
               "with other work")
     expected = django_site.expected_page().encode()
     res = Resources()
-    results, slices, skipped = {}, {}, {}
+    results, skipped = {}, {}
     try:
         running, skipped = start_backends(args.backends, res)
         for name, why in skipped.items():
             print(f"skipped {LABELS[name]}: {why}")
-        print("warm-up:", end="", flush=True)
-        for name, server in list(running.items()):
-            try:
-                if args.warmup:
-                    load.run(HOST, server.port, django_site.PATH, args.connections, args.warmup)
-                check_page(server.port, expected)
-                slices[name] = []
-                print(f" {name}", end="", flush=True)
-            except RuntimeError as exc:
-                results[name] = {"error": str(exc)}
-                print(f" {name}(ERROR)", end="", flush=True)
-        print()
-        per_round = args.seconds / args.rounds
-        for r in range(args.rounds):
-            names = list(slices)
-            names = names[r % len(names):] + names[:r % len(names)] if names else names
-            print(f"round {r + 1}/{args.rounds}:", end="", flush=True)
-            for name in names:
-                slices[name].append(load.run(HOST, running[name].port, django_site.PATH, args.connections,
-                                             per_round))
-                print(f" {name}", end="", flush=True)
-            print()
+        slices = warm_up(running, load, args, expected, results)
+        measure(running, slices, load, args, results)
         for name in slices:
             try:
                 check_page(running[name].port, expected)  # still right after the load
                 results[name] = summarize(slices[name])
-            except RuntimeError as exc:
+            except FAILURES as exc:
                 results[name] = {"error": f"after the measurement: {exc}"}
     finally:
         res.close()
@@ -316,6 +341,8 @@ def main():
         verdict = "met" if ratio["ratio"] >= TARGET else "NOT met"
         print(f"\nVela / best networked backend ({LABELS[ratio['best_networked']]}): {ratio['ratio']:.2f}x req/s "
               f"(target >= {TARGET}x: {verdict})")
+    else:
+        print("\nVela / best networked backend: not measured (it needs vela and redis or memcached)")
     load_end = os.getloadavg()
     print(f"total {time.monotonic() - began:.0f} s; load average at start {load_start[0]:.2f}, "
           f"at end {load_end[0]:.2f}")
@@ -331,4 +358,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every server this run started is stopped")
