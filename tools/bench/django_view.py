@@ -46,7 +46,7 @@ except ImportError:  # run from a checkout that is not installed
 
 import django_site  # noqa: E402
 import http_load  # noqa: E402
-from servers import MemcachedServer, RedisServer, Server, free_port  # noqa: E402
+from servers import MemcachedServer, RedisServer, Server  # noqa: E402
 
 HOST = "127.0.0.1"
 WORKERS = 2
@@ -84,7 +84,7 @@ class GunicornServer(Server):
 
     @classmethod
     def available(cls):
-        return importlib.util.find_spec("gunicorn") is not None
+        return all(importlib.util.find_spec(m) is not None for m in ("gunicorn", "django"))
 
     @classmethod
     def version(cls):
@@ -142,11 +142,13 @@ class Resources:
         return server.start()
 
     def close(self):
-        for server in reversed(self.servers):
-            server.stop()
-        for cache in self.vela_caches:
-            cache.destroy()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            for server in reversed(self.servers):  # each gunicorn before the server it uses
+                server.stop()
+            for cache in self.vela_caches:
+                cache.destroy()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _require(module, install):
@@ -302,6 +304,8 @@ def target(results):
 
 def main():
     args = parse_args()
+    if not GunicornServer.available():
+        sys.exit("django_view.py needs django and gunicorn: pip install -e '.[bench]'")
     # SIGTERM as an exception, so the finally below stops everything; Ctrl-C too, even
     # when started from a shell that made this process ignore SIGINT.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
