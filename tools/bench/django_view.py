@@ -192,7 +192,8 @@ def cache_conf(name, res):
 def parse_args():
     p = argparse.ArgumentParser(description="A Django view reading 20 cached fragments under gunicorn, "
                                             "per cache backend: req/s and latency side by side.")
-    p.add_argument("--seconds", type=float, default=15, help="measured seconds per backend (default 15)")
+    p.add_argument("--seconds", type=float, default=15,
+                   help="measured seconds per backend, split into the rounds, whole seconds each (default 15)")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds the measured time is split into, each running every backend (default 3)")
     p.add_argument("--warmup", type=float, default=2,
@@ -212,6 +213,9 @@ def parse_args():
         p.error("--rounds, --connections and --warmup must be at least 1")
     if args.seconds / args.rounds < 1:
         p.error("each round must last at least 1 s: lower --rounds or raise --seconds")
+    # whole seconds, as wrk takes them; the same for the Python load generator
+    args.round_seconds = round(args.seconds / args.rounds)
+    args.warmup = round(args.warmup)
     return args
 
 
@@ -248,7 +252,6 @@ def warm_up(running, load, args, expected, results):
 
 def measure(running, slices, load, args, results):
     """The measured rounds: each runs every backend once, the order rotating by one each round."""
-    per_round = args.seconds / args.rounds
     for r in range(args.rounds):
         names = list(slices)
         names = names[r % len(names):] + names[:r % len(names)] if names else names
@@ -256,7 +259,7 @@ def measure(running, slices, load, args, results):
         for name in names:
             try:
                 slices[name].append(load.run(HOST, running[name].port, django_site.PATH, args.connections,
-                                             per_round))
+                                             args.round_seconds))
                 print(f" {name}", end="", flush=True)
             except FAILURES as exc:
                 results[name] = {"error": str(exc)}
@@ -317,7 +320,7 @@ def main():
     print(f"Vela {vela.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs; "
           f"gunicorn {WORKERS} sync workers per backend; load generator: {load.name}"
           f"{' (' + load.version() + ')' if load.version() else ''}, {args.connections} connections; "
-          f"{args.warmup:g} s warm-up, {args.seconds:g} s measured in {args.rounds} round(s) per backend")
+          f"{args.warmup} s warm-up, then {args.rounds} round(s) of {args.round_seconds} s per backend")
     print(f"load average at start: {load_start[0]:.2f}")
     if load_start[0] >= 1:
         print("  WARNING: the host is busy; the server, the caches and the load generator share its cores "
