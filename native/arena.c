@@ -265,3 +265,11 @@ vela_err vela_arena_give_back(vela_table *t, uint32_t s)
     vela_stripe_unlock(t, s);
     return err;
 }
+
+uint64_t vela_arena_spare_bytes(const vela_table *t)
+{
+    uint64_t n = 0;
+    for (uint32_t s = 0; s <= t->stripe_mask; s++)
+        n += __atomic_load_n(&t->stripes[s].arena_bytes, __ATOMIC_RELAXED);
+    return n;
+}

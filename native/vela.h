@@ -178,6 +178,8 @@ int vela_arena_keep(vela_table *t, uint32_t s, uint32_t ref);
 void vela_arena_refill(vela_table *t, uint32_t s, uint32_t size);
 /* Heap locked too: give every spare block back to the heap. */
 void vela_arena_drain(vela_table *t, uint32_t s);
+/* Bytes of spare blocks in all arenas (of memory_used), read without locks. */
+uint64_t vela_arena_spare_bytes(const vela_table *t);
 /* Takes stripe s and the heap itself: give its arena back (crash tests: a put
  * that must refill). */
 vela_err vela_arena_give_back(vela_table *t, uint32_t s);
