@@ -16,10 +16,10 @@
  * an arena (any entry up to max_entry_size still fits whatever its stripe).
  *
  * Memory held by arenas is never lost to the cache: each is bounded (a few
- * blocks, at most 1/16 of the heap over all stripes), and an allocation that
- * finds the heap full first gives every arena it can lock back to the heap
- * (vela_arena_reclaim), before evicting; the evictor's clock hand also
- * drains every arena it passes over (evict.c).
+ * blocks, at most 1/16 of the heap over all stripes); the evictor's clock
+ * hand gives back every arena it passes over (evict.c), and a put that could
+ * evict nothing gives back every arena it can lock (vela_arena_reclaim) before
+ * it is refused, so "no memory while memory is free" cannot happen.
  *
  * Crash safety: a block joins or leaves an arena while it is recorded in the
  * stripe's `pending` slots, and the chain's head changes by one store, so a

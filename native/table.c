@@ -244,8 +244,9 @@ static void fill_entry(vela_table *t, vela_block *b, const vela_put_args *a, uin
 }
 
 /* The heap's part of a put, under one hold of its lock (left held in
- * *heap_held): room for max_size, the block (spare memory of the arenas is
- * given back before anything is evicted), and a refill of the stripe's arena. */
+ * *heap_held): room for max_size, the block (evicting if need be; the arenas'
+ * spare memory is given back before the put is refused), and a refill of the
+ * stripe's arena. */
 static uint32_t alloc_from_heap(vela_table *t, uint32_t s, uint32_t size, int room_needed, int *heap_held,
                                 vela_err *err)
 {
@@ -258,11 +259,13 @@ static uint32_t alloc_from_heap(vela_table *t, uint32_t s, uint32_t size, int ro
         return 0;
     }
     uint32_t ref = vela_heap_alloc(t, size, s, 0);
-    if (!ref) {
-        vela_arena_reclaim(t, s); /* spare memory first, before anything is evicted */
+    if (!ref) /* the clock hand gives spare blocks back as it passes them */
+        ref = vela_evict_alloc(t, s, size, 0);
+    if (!ref) { /* nothing could be evicted: every spare block in reach, then once more */
+        vela_arena_reclaim(t, s);
         ref = vela_heap_alloc(t, size, s, 0);
     }
-    if (!ref && !(ref = vela_evict_alloc(t, s, size, 0))) {
+    if (!ref) {
         vela_heap_unlock(t);
         *err = VELA_EFULL; /* message set by the evictor */
         return 0;
