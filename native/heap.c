@@ -10,6 +10,10 @@
  * evict.c walks the clock hand over blocks in address order, so evictions
  * free neighbours and make contiguous room.
  *
+ * A used block is an entry or a spare block of a stripe's arena (arena.c),
+ * which its stripe's lock holder hands out and takes back without the heap
+ * lock, changing only the block's kind and link, never its size or flags.
+ *
  * All of it runs under the heap lock. Crash safety: the physical chain (block
  * sizes) is changed only by single stores that keep it walkable, so a dead
  * owner's heap is rebuilt by vela_heap_repair from one walk.
