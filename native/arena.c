@@ -95,11 +95,12 @@ int vela_arena_keep(vela_table *t, uint32_t s, uint32_t ref)
     return 1;
 }
 
-/* Room for two more blocks of `size` bytes (the refill's and the one a
- * replacing put gives back right after, without a second heap hold). */
+/* Room for two more blocks of `size` bytes (the refill's, which the heap may
+ * make up to VELA_MIN_BLOCK - 8 bytes larger, and the one a replacing put gives
+ * back right after, without a second heap hold). */
 static int room_for_two(const vela_table *t, uint32_t s, uint32_t size)
 {
-    return t->stripes[s].arena_blocks + 1 < ARENA_BLOCKS && has_room(t, s, 2 * (uint64_t)size);
+    return t->stripes[s].arena_blocks + 1 < ARENA_BLOCKS && has_room(t, s, 2 * (uint64_t)size + VELA_MIN_BLOCK);
 }
 
 /* Free the oldest spare block (the chain's last) to the heap. */
@@ -121,7 +122,7 @@ static void drop_oldest(vela_table *t, uint32_t s)
 void vela_arena_refill(vela_table *t, uint32_t s, uint32_t size)
 {
     vela_stripe *st = &t->stripes[s];
-    if (size > ARENA_MAX_BLOCK || 2 * (uint64_t)size > budget(t))
+    if (size > ARENA_MAX_BLOCK || 2 * (uint64_t)size + VELA_MIN_BLOCK > budget(t))
         return;
     /* The arena follows the sizes asked for: a miss makes room for its size
      * by giving the oldest spare blocks back. */

@@ -34,6 +34,8 @@ HEADER = struct.Struct("<4sHQI")  # magic, key length, sequence, payload length
 MAGIC = b"VELA"
 DIGEST = 8
 POOL = 2000
+STALL_KEYS = 50  # the pool's last keys: written only by the stalled puts, one at a time, so
+                 # that what a stall point needs (an old entry of a given size) stays there
 STALL_PHASES = (1, 2, 3, 4, 5, 6, 7, 8)  # the stall points of a put (native/table.c, heap.c, arena.c)
 ARENA_PHASES = (6, 7, 8)  # in the stripe's arena: a small entry (a block an arena keeps)
 SMALL, LARGE = 300, 2000  # value bytes of a stalled put: served by the arena / by the heap
@@ -66,7 +68,7 @@ def writer(name, seed):
     seq = seed * 1_000_000_000
     while True:
         seq += 1
-        key = f"k:{rng.randrange(POOL)}"
+        key = f"k:{rng.randrange(POOL - STALL_KEYS)}"
         value = make_value(key, seq, rng.randint(30, 8000))
         r = rng.random()
         if r < 0.08:
@@ -192,7 +194,7 @@ def soak(name, kills, seed, writers=3, readers=2, stall_every=10, log=print):
         while done < kills:
             if stall_every and done % stall_every == stall_every - 1:
                 phase = STALL_PHASES[stall_kills % len(STALL_PHASES)]
-                key = f"k:{rng.randrange(POOL)}"
+                key = f"k:{POOL - STALL_KEYS + rng.randrange(STALL_KEYS)}"
                 size = SMALL if phase in ARENA_PHASES else LARGE
                 if not stall_and_kill(name, phase, key, make_value(key, 10 ** 14 + done, size)):
                     problems.append(f"a put did not reach stall point {phase}")
