@@ -127,8 +127,10 @@ void vela_tags_unlink(vela_table *t, uint32_t s, vela_entry *e)
 
 /* ---- removal ------------------------------------------------------------------- */
 
-/* Unlink the entry `ref` whose predecessor link is *pred, and free it. Stripe
- * locked, inside a write. Returns the ref of the free block it became part of. */
+/* Unlink the entry `ref` whose predecessor link is *pred, and free it; a caller
+ * without the heap lock gives a small block to the stripe's arena instead (no
+ * heap lock). Stripe locked, inside a write. Returns the ref of the free block
+ * it became part of, or of the spare block it became: nonzero when removed. */
 static uint32_t remove_at(vela_table *t, uint32_t s, uint32_t *pred, uint32_t ref, int heap_held,
                           vela_err *err)
 {
@@ -142,6 +144,10 @@ static uint32_t remove_at(vela_table *t, uint32_t s, uint32_t *pred, uint32_t re
     st->tombstones -= e->codec == VELA_CODEC_TOMBSTONE;
     st->bytes -= vela_block_size(b);
     uint32_t freed = 0;
+    if (!heap_held && vela_arena_keep(t, s, ref)) {
+        st->pending[1] = 0;
+        return ref;
+    }
     if (!heap_held && (*err = vela_heap_lock(t)) != VELA_OK)
         return 0; /* stays in pending: the block leaks rather than breaks */
     freed = vela_heap_free(t, ref);

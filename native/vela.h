@@ -223,8 +223,9 @@ vela_err vela_do_tombstone(vela_table *t, uint32_t s, const vela_key *k, uint64_
 /* Insert or replace (stripe s locked by the caller). */
 vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a);
 /* Unlink and free entry `ref` of stripe s (locked), inside a write of its own;
- * heap_held: the caller holds the heap lock. Returns the ref of the free block
- * it became part of (0 if it was not linked). */
+ * heap_held: the caller holds the heap lock (the block goes to the heap, else
+ * a small one to the stripe's arena). Returns the ref of the free block it
+ * became part of, or of the spare block it became (0 if it was not linked). */
 uint32_t vela_remove_entry(vela_table *t, uint32_t s, uint32_t ref, int heap_held, vela_err *err);
 /* Convenience wrappers that lock. */
 vela_err vela_put(vela_table *t, const vela_put_args *a);
