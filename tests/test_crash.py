@@ -104,10 +104,20 @@ def test_kill_inside_the_free_of_the_overwritten_entry(cache_name):
     _kill_inside_put(cache_name, 5, overwrite=True)
 
 
-def _kill_inside_put(cache_name, phase, overwrite):
+@pytest.mark.parametrize("phase", [6, 7, 8], ids=["arena-take", "arena-keep", "arena-refill"])
+def test_kill_inside_the_stripe_arena(cache_name, phase):
+    """Small entries: 6, a spare block leaves the stripe's arena (out of its chain,
+    not yet an entry); 7, the replaced block joins it (not yet its head); 8, a
+    refill took a block from the heap that is in no chain yet."""
+    _kill_inside_put(cache_name, phase, overwrite=True, size=300)
+
+
+def _kill_inside_put(cache_name, phase, overwrite, size=None):
+    """size None: entries too large for an arena (the heap path); else both the
+    old and the new value have this size, and the arena holds a block that fits."""
     key = "stalled"
-    old = make_value(key, 1, 700)
-    new = make_value(key, 2, 3000)
+    old = make_value(key, 1, size or 1700)
+    new = make_value(key, 2, size or 3000)
     newer = make_value(key, 3, 1500)
     # one stripe: every other entry shares the stripe of the stalled put
     neighbours = {f"n{i}": make_value(f"n{i}", i, 50 + (i * 97) % 4000) for i in range(200)}
@@ -116,6 +126,7 @@ def _kill_inside_put(cache_name, phase, overwrite):
             c.put(k, v)
         if overwrite:
             c.put(key, old)
+            c.put(key, old)  # a replacing put: its old block of this size is a spare block now
         recoveries_before = c.stats()["lock_recoveries"]
 
     stall_and_kill(cache_name, phase, key, new)
