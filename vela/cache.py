@@ -47,6 +47,8 @@ _HIT, _MINE, _TIMEOUT, _ALONE, _BUSY = 0, 1, 2, 3, 4
 _POLL_NS = 20_000_000
 # How long a fork waits for a maintenance job in progress to end (seconds).
 _FORK_JOIN_TIMEOUT = 2.0
+# How long it then waits for the OS threads of the joined ones to end (seconds).
+_OS_THREAD_EXIT_WAIT = 0.05
 # True after a fork, in the parent, until its next write restarts its maintenance
 # (every writing method of Cache checks it first: see _after_fork_in_parent).
 _resume_due = False
@@ -699,22 +701,40 @@ def _before_fork():
     process that forks with threads running risks its child, and Python 3.12+ warns
     about it. A job in progress (a sweep) is waited for, a couple of seconds at most;
     so are the threads of handles closed just before, which are on their way out."""
+    running = _os_thread_count()
     for cache in list(_live):
         if cache._stop is not None:
             cache._stop.set()
-    _join_ended_threads(_FORK_JOIN_TIMEOUT)
+    joined = _join_ended_threads(_FORK_JOIN_TIMEOUT)
+    if running is not None and joined:
+        # join() returns once a thread has left Python; its OS thread ends a moment
+        # later, and that is what Python 3.12+ counts when it warns: wait for it too.
+        deadline = time.monotonic() + _OS_THREAD_EXIT_WAIT
+        while (_os_thread_count() or 0) > running - joined and time.monotonic() < deadline:
+            time.sleep(0.0002)
+
+
+def _os_thread_count():
+    """The threads of this process as the OS counts them (None where /proc is not)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
 
 
 def _join_ended_threads(timeout):
     """Join the maintenance threads that end within ``timeout`` seconds (0: those
-    already told to stop and gone from Python), and forget them."""
+    already told to stop and gone from Python), and forget them; how many."""
     deadline = time.monotonic() + timeout
+    joined = 0
     for thread in list(_threads):
         if thread is threading.current_thread() or (not timeout and thread.is_alive()):
             continue
         thread.join(max(0.0, deadline - time.monotonic()))
         if not thread.is_alive():
             _threads.discard(thread)
+            joined += 1
+    return joined
 
 
 def _after_fork_in_parent():
