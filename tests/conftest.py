@@ -7,6 +7,7 @@ within its timeout fails the test (and is SIGKILLed) instead of blocking the run
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import traceback
 import uuid
@@ -22,6 +23,18 @@ FORK = multiprocessing.get_context("fork")
 def new_name():
     """A segment name that no other test (or earlier run) uses."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(autouse=True)
+def _no_zeromq_threads_left():
+    """A test that used ZeroMQ in this process ends the global context after it: its
+    I/O threads would make every later fork of the suite a fork with threads running
+    (unsafe, and warned about by Python 3.12+)."""
+    yield
+    zmq = sys.modules.get("zmq")
+    ctx = getattr(getattr(zmq, "Context", None), "_instance", None)
+    if ctx is not None and not ctx.closed:
+        ctx.destroy(linger=0)
 
 
 @pytest.fixture

@@ -6,6 +6,14 @@
     cache.get("user:1")
 """
 
+import logging
+
+__version__ = "0.1.0"  # the one place the version lives (pyproject.toml reads it)
+
+# A library logs, the application decides where to: nothing is printed unless it
+# configures logging.
+logging.getLogger("vela").addHandler(logging.NullHandler())
+
 from . import errors  # first: the C core raises these
 from . import telemetry
 from .cache import Cache, destroy
@@ -36,6 +44,5 @@ __all__ = [
     "CacheClosed",
     "LockTimeout",
     "SegmentCorrupt",
+    "__version__",
 ]
-
-__version__ = "0.1.0"

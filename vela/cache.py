@@ -1,25 +1,55 @@
 """Cache: the public handle on a shared table."""
 
+from __future__ import annotations
+
+import enum
 import functools
+import inspect
 import os
 import threading
 import time
 import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Final, NoReturn, Optional, ParamSpec, Tuple, TypeVar, Union, overload
 
 from . import _native, options, serializers, telemetry
+from ._extras import need
 from .backends import file, shm
 from .bridge.client import BridgeClient
 from .errors import CacheFull, OptionError
 
 __all__ = ["Cache", "destroy"]
 
+#: A key: str, bytes, int (bool counts as the int it equals) or a tuple of keys.
+Key = Union[str, bytes, int, Tuple["Key", ...]]
+KeyT = TypeVar("KeyT", bound=Key)
+V = TypeVar("V")
+P = ParamSpec("P")
+
+
+class _Adopt(enum.Enum):
+    """The default of a layout option: adopt the segment's value (or Vela's default
+    when this call creates the segment)."""
+
+    ADOPT = "adopt"
+
+    def __repr__(self) -> str:
+        return "ADOPT"
+
+
+ADOPT: Final = _Adopt.ADOPT
+_UNSET = ADOPT  # (the name the other topologies import)
 _MISSING = object()
-_UNSET = object()
 
 # fetch_begin statuses (native/vela.h, vela_fetch_status)
 _HIT, _MINE, _TIMEOUT, _ALONE, _BUSY = 0, 1, 2, 3, 4
 # A waiter checks at least this often that the lease holder still lives.
 _POLL_NS = 20_000_000
+# How long a fork waits for a maintenance job in progress to end (seconds).
+_FORK_JOIN_TIMEOUT = 2.0
+# True after a fork, in the parent, until its next write restarts its maintenance
+# (every writing method of Cache checks it first: see _after_fork_in_parent).
+_resume_due = False
 
 # Segment backends; backend="redis" is served by RedisCache (see _implementation).
 _BACKENDS = {"shm": shm, "file": file}
@@ -27,11 +57,20 @@ _BACKENDS = {"shm": shm, "file": file}
 # Open handles: their background thread restarts in a forked child, and their
 # get is rebound when telemetry handlers come and go.
 _live = weakref.WeakSet()
+# The maintenance threads not joined yet: a fork waits for them to end. (Strong
+# references: a thread that left Python can still be running in the OS, which is
+# what Python 3.12+ counts when it warns, and only join() waits for that.)
+_threads: set[threading.Thread] = set()
 
 
 def _implementation(kwargs):
-    """The Cache class that serves these options."""
+    """The Cache class that serves these options (an ImportError naming the extra to
+    install when a package they need is missing)."""
+    if kwargs.get("topology") in ("replicated", "partitioned"):
+        for module in ("zmq", "msgpack"):
+            need(module, f"topology={kwargs['topology']!r}")
     if kwargs.get("backend") == "redis":
+        need("redis", "backend='redis'")
         from .redis_cache import RedisCache  # imports redis-py only when used
 
         return RedisCache
@@ -57,24 +96,57 @@ class Cache:
     omitted one adopts the segment's value, a different one raises
     :class:`vela.LayoutMismatch`. Every other option belongs to this handle.
 
+    A layout option left at ``ADOPT`` takes the segment's value, or Vela's default
+    when this call creates the segment (capacity 64 MiB, stripes by capacity,
+    max_size unbounded, max_entry_size capacity // 64, eviction "lru", topology
+    "local").
+
+    :param name: ``[A-Za-z0-9_.-]{1,200}``, not starting with ``.``.
+    :param backend: "shm" (the default), "file" (``backend_opts={"data_dir": ...}``) or "redis".
+    :param topology: "local", "replicated" or "partitioned" (with a ``vela-bridge`` per host).
+    :param topology_opts: e.g. ``{"secret_file": ..., "timeout": 3.0}`` for the cluster topologies.
     :param capacity: bytes of the whole segment (int, or a string like "256MiB").
+    :param stripes: lock stripes, a power of two 1..4096.
+    :param max_size: at most this many entries (None: unbounded).
+    :param max_entry_size: bytes of the largest entry (int or a string like "1MiB").
+    :param eviction_policy: "lru", "lfu" or "ttl_only".
     :param default_ttl: seconds an entry lives when put without ``ttl`` (None: forever).
+    :param stampede_protection: one caller of the host fetches a missing key, the others wait.
+    :param stampede_timeout: seconds a waiter waits for another's fetch.
+    :param stats_enabled: count hits, misses, writes... (``stats()``).
+    :param telemetry_prefix: the first words of this handle's telemetry events.
+    :param sweep_interval: seconds between sweeps of expired entries (None: no sweep).
+    :param near_cache: keep copies of remote values in the host's table (redis, partitioned).
+    :param near_cache_l1_ttl: seconds a near-cache copy lives at most.
+    :param serializer: "pickle", "json", "msgpack" or an object with ``dumps``/``loads``.
+    :param lock_timeout: seconds a call waits for a stripe lock before ``LockTimeout``.
     :raises vela.OptionError: an unknown option or a bad value (the message names it).
+    :raises vela.LayoutMismatch: a layout option differs from the segment's.
     """
 
-    def __new__(cls, *args, **kwargs):
+    name: str
+    default_ttl: Optional[float]
+    stampede_protection: bool
+    stampede_timeout: float
+    sweep_interval: Optional[float]
+    telemetry_prefix: Tuple[str, ...]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Cache:
         # A cache whose entries live elsewhere (Redis) is served by a subclass with
         # the same API; vela.Cache(...) picks it from the options.
         if cls is Cache:
             cls = _implementation(kwargs)
         return super().__new__(cls)
 
-    def __init__(self, name, *, backend="shm", backend_opts=None, topology=_UNSET,
-                 topology_opts=None, capacity=_UNSET, stripes=_UNSET, max_size=_UNSET,
-                 max_entry_size=_UNSET, eviction_policy=_UNSET, default_ttl=None,
-                 stampede_protection=True, stampede_timeout=5.0, stats_enabled=True,
-                 telemetry_prefix=("vela", "cache"), sweep_interval=30.0, near_cache=False,
-                 near_cache_l1_ttl=60.0, serializer="pickle", lock_timeout=10.0, **unknown):
+    def __init__(self, name: str, *, backend: str = "shm", backend_opts: Optional[Mapping[str, Any]] = None,
+                 topology: Union[str, _Adopt] = ADOPT, topology_opts: Optional[Mapping[str, Any]] = None,
+                 capacity: Union[int, str, _Adopt] = ADOPT, stripes: Union[int, _Adopt] = ADOPT,
+                 max_size: Union[int, None, _Adopt] = ADOPT, max_entry_size: Union[int, str, _Adopt] = ADOPT,
+                 eviction_policy: Union[str, _Adopt] = ADOPT, default_ttl: Optional[float] = None,
+                 stampede_protection: bool = True, stampede_timeout: float = 5.0, stats_enabled: bool = True,
+                 telemetry_prefix: Tuple[str, ...] = ("vela", "cache"), sweep_interval: Optional[float] = 30.0,
+                 near_cache: bool = False, near_cache_l1_ttl: float = 60.0, serializer: Any = "pickle",
+                 lock_timeout: float = 10.0, **unknown: NoReturn) -> None:
         if unknown:
             raise OptionError(f"unknown option{'s' if len(unknown) > 1 else ''}: "
                               f"{', '.join(sorted(unknown))}")
@@ -168,7 +240,7 @@ class Cache:
 
     # ---- reading ----------------------------------------------------------------
 
-    def get(self, key, default=None):
+    def get(self, key: Key, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when absent or expired."""
         if telemetry.active:
             return self._traced_get(key, default)
@@ -182,19 +254,19 @@ class Cache:
                            "result": "miss" if value is _MISSING else "hit"})
         return default if value is _MISSING else value
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Key) -> Any:
         value = self.get(key, _MISSING)
         if value is _MISSING:
             raise KeyError(key)
         return value
 
-    def exists(self, key):
+    def exists(self, key: Key) -> bool:
         """True when a live entry is stored under ``key`` (not counted as a hit or miss)."""
         return self._table.contains(key)
 
     __contains__ = exists
 
-    def ttl(self, key):
+    def ttl(self, key: Key) -> Optional[float]:
         """Remaining seconds of ``key``; None when it never expires.
 
         :raises KeyError: when the key is absent.
@@ -206,7 +278,7 @@ class Cache:
 
     # ---- writing ----------------------------------------------------------------
 
-    def put(self, key, value, ttl=None, tags=()):
+    def put(self, key: Key, value: Any, ttl: Optional[float] = None, tags: Iterable[str] = ()) -> None:
         """Store ``value`` under ``key``.
 
         :param ttl: seconds to live; None uses ``default_ttl``; ``math.inf`` never expires.
@@ -215,6 +287,8 @@ class Cache:
         :raises vela.ValueTooLarge: the entry is bigger than ``max_entry_size``.
         :raises vela.CacheFull: no room and ``eviction_policy="ttl_only"``.
         """
+        if _resume_due:
+            _resume_maintenance()
         ns = options.ttl_ns(ttl, self.default_ttl)
         if telemetry.active:
             start = time.perf_counter_ns()
@@ -224,11 +298,13 @@ class Cache:
             return
         self._table.put(key, value, ns, tags)
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: Key, value: Any) -> None:
         self.put(key, value)
 
-    def delete(self, key):
+    def delete(self, key: Key) -> bool:
         """Remove ``key``; True when something was removed."""
+        if _resume_due:
+            _resume_maintenance()
         if telemetry.active:
             start = time.perf_counter_ns()
             removed = self._table.delete(key)
@@ -237,15 +313,17 @@ class Cache:
             return removed
         return self._table.delete(key)
 
-    def __delitem__(self, key):
+    def __delitem__(self, key: Key) -> None:
         if not self.delete(key):
             raise KeyError(key)
 
-    def touch(self, key, ttl=None):
+    def touch(self, key: Key, ttl: Optional[float] = None) -> bool:
         """Give ``key`` a new time to live (None: default_ttl); True when it exists."""
+        if _resume_due:
+            _resume_maintenance()
         return self._table.touch(key, options.ttl_ns(ttl, self.default_ttl))
 
-    def incr(self, key, delta=1, ttl=None):
+    def incr(self, key: Key, delta: int = 1, ttl: Optional[float] = None) -> int:
         """Add ``delta`` to the integer under ``key`` atomically across processes.
 
         A missing key starts at 0 and takes ``ttl``; an existing counter keeps its expiry.
@@ -253,15 +331,18 @@ class Cache:
         :raises TypeError: the stored value is not an integer.
         :raises OverflowError: the result leaves the signed 64-bit range.
         """
+        if _resume_due:
+            _resume_maintenance()
         if isinstance(delta, bool) or not isinstance(delta, int):
             raise TypeError(f"delta must be an int, not {type(delta).__name__}")
         return self._table.incr(key, delta, options.ttl_ns(ttl, self.default_ttl))
 
-    def decr(self, key, delta=1, ttl=None):
+    def decr(self, key: Key, delta: int = 1, ttl: Optional[float] = None) -> int:
         """``incr(key, -delta, ttl)``."""
         return self.incr(key, -delta, ttl)
 
-    def get_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
+    def get_or_fetch(self, key: KeyT, fetch_fn: Callable[[KeyT], V], ttl: Optional[float] = None,
+                     tags: Iterable[str] = ()) -> V:
         """The cached value of ``key``, or ``fetch_fn(key)`` stored and returned.
 
         With stampede protection (the default), one caller on the host runs
@@ -294,6 +375,8 @@ class Cache:
 
     def _fetch(self, key, fetch_fn, token, ns, tags):
         """Run the fetch, store its value and release the lease (if we hold one)."""
+        if _resume_due:
+            _resume_maintenance()
         try:
             value = fetch_fn(key)
         except BaseException:
@@ -310,7 +393,16 @@ class Cache:
             pass
         return value
 
-    async def aget_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
+    @overload
+    async def aget_or_fetch(self, key: KeyT, fetch_fn: Callable[[KeyT], Awaitable[V]],
+                            ttl: Optional[float] = None, tags: Iterable[str] = ()) -> V: ...
+
+    @overload
+    async def aget_or_fetch(self, key: KeyT, fetch_fn: Callable[[KeyT], V], ttl: Optional[float] = None,
+                            tags: Iterable[str] = ()) -> V: ...
+
+    async def aget_or_fetch(self, key: Any, fetch_fn: Callable[[Any], Any], ttl: Optional[float] = None,
+                            tags: Iterable[str] = ()) -> Any:
         """``get_or_fetch`` for asyncio: ``fetch_fn(key)`` may be a coroutine function.
 
         Waiting for another process's fetch happens in a worker thread, so the
@@ -341,7 +433,8 @@ class Cache:
             raise
         return self._fetch(key, lambda _key: value, token, ns, tags)
 
-    def memoize(self, ttl=None, tags=(), key=None):
+    def memoize(self, ttl: Optional[float] = None, tags: Iterable[str] = (),
+                key: Optional[Callable[..., Key]] = None) -> Callable[[Callable[P, V]], Callable[P, V]]:
         """Decorator: cache a function's results with ``get_or_fetch``.
 
         :param key: ``key(*args, **kwargs) -> cache key``; by default the
@@ -368,7 +461,7 @@ class Cache:
 
     # ---- batches: one native call each ------------------------------------------------
 
-    def get_many(self, keys):
+    def get_many(self, keys: Iterable[Key]) -> dict[Any, Any]:
         """``{key: value}`` for the keys that are present (absent keys are left out)."""
         keys = list(keys)
         if telemetry.active:
@@ -379,11 +472,14 @@ class Cache:
             return found
         return self._table.get_many(keys)
 
-    def put_many(self, mapping, ttl=None, tags=()):
+    def put_many(self, mapping: Union[Mapping[Any, Any], Iterable[Tuple[Key, Any]]], ttl: Optional[float] = None,
+                 tags: Iterable[str] = ()) -> None:
         """Store every item of ``mapping`` (a dict or (key, value) pairs).
 
         Every item is checked before the first is stored: a bad key or value stores nothing.
         """
+        if _resume_due:
+            _resume_maintenance()
         items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
         ns = options.ttl_ns(ttl, self.default_ttl)
         start = time.perf_counter_ns() if telemetry.active else 0
@@ -392,8 +488,10 @@ class Cache:
             telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
                               {"cache": self.name, "keys": len(items), "ttl": ttl})
 
-    def delete_many(self, keys):
+    def delete_many(self, keys: Iterable[Key]) -> int:
         """Remove the keys; returns how many were removed."""
+        if _resume_due:
+            _resume_maintenance()
         keys = list(keys)
         start = time.perf_counter_ns() if telemetry.active else 0
         removed = self._table.delete_many(keys)
@@ -402,23 +500,25 @@ class Cache:
                               {"cache": self.name, "keys": len(keys), "result": removed})
         return removed
 
-    def cluster(self):
+    def cluster(self) -> Optional[dict[str, Any]]:
         """The cluster view the host's bridge publishes (members, epoch, ready), or None."""
         import json
 
         raw = self._table.cluster()
         return json.loads(raw) if raw else None
 
-    def release_leases(self, pid):
+    def release_leases(self, pid: int) -> int:
         """Release the stampede leases held by process ``pid`` (it died); returns how many."""
         return self._table.release_leases(pid)
 
-    def invalidate_tag(self, tag):
+    def invalidate_tag(self, tag: str) -> int:
         """Remove every entry carrying ``tag``; returns how many live entries were removed.
 
         On a replicated cache the count is cluster-wide: the host's bridge asks
         every live member to apply the invalidation now and adds their counts.
         """
+        if _resume_due:
+            _resume_maintenance()
         start = time.perf_counter_ns() if telemetry.active else 0
         count = self._invalidate_tag_counted(tag)
         if telemetry.active:
@@ -427,8 +527,10 @@ class Cache:
                               {"cache": self.name, "tag": tag})
         return count
 
-    def flush(self):
+    def flush(self) -> int:
         """Remove every entry; returns how many were removed (cluster-wide when replicated)."""
+        if _resume_due:
+            _resume_maintenance()
         start = time.perf_counter_ns() if telemetry.active else 0
         count = self._flush_counted()
         if telemetry.active:
@@ -451,20 +553,22 @@ class Cache:
         count, version = self._table.flush_versioned()
         return count + self._bridge.total({"op": "flush", "version": version})
 
-    def expire(self):
+    def expire(self) -> int:
         """Reclaim expired entries now; returns how many."""
+        if _resume_due:
+            _resume_maintenance()
         return self._table.expire()
 
     # ---- about the cache -----------------------------------------------------------
 
-    def size(self):
+    def size(self) -> int:
         """Entries stored (an expired entry counts until it is reclaimed)."""
         return self._table.size()
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._table.size()
 
-    def stats(self, reset=False):
+    def stats(self, reset: bool = False) -> dict[str, Any]:
         """Counters summed over every process of the host, plus size and memory.
 
         :param reset: zero the counters after reading them.
@@ -477,28 +581,30 @@ class Cache:
                         hit_ratio=counters["hits"] / lookups if lookups else 0.0)
         return counters
 
-    def reset_stats(self):
+    def reset_stats(self) -> None:
+        """Zero the counters of every process of the host (``stats(reset=True)`` without the figures)."""
         self._table.stats(True)
 
-    def info(self):
+    def info(self) -> dict[str, Any]:
         """The segment's layout (the options agreed between processes) and memory figures."""
         return self._table.info()
 
-    def check(self):
+    def check(self) -> list[str]:
         """Verify every invariant of the table; [] when sound, else one line per problem."""
         return self._table.check()
 
     # ---- lifetime -----------------------------------------------------------------
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
+        """True once :meth:`close` (or :meth:`destroy`) was called on this handle."""
         return self._table is None or self._table.closed
 
-    def flush_to_disk(self):
+    def flush_to_disk(self) -> None:
         """Make every write so far durable (file backend: msync; others: nothing to do)."""
         self._segment.sync(self._table)
 
-    def close(self):
+    def close(self) -> None:
         """Release this handle (the cache itself stays for other processes)."""
         if self._stop is not None:
             self._stop.set()
@@ -509,30 +615,40 @@ class Cache:
                 self._table.close()
         _live.discard(self)
 
-    def destroy(self):
-        """Close this handle and remove the cache's segment."""
+    def destroy(self) -> bool:
+        """Close this handle and remove the cache's segment; True when it existed."""
         self.close()
         return self._backend.destroy(self.name, self._backend_opts)
 
-    def __enter__(self):
+    def __enter__(self) -> Cache:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         if getattr(self, "_stop", None) is not None:
             self._stop.set()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.size()} entries"
         return f"<vela.Cache {self.name!r} ({state})>"
+
+    # help(vela.Cache) and inspect.signature(vela.Cache) show the options of __init__
+    # (__new__, which only picks the implementation, would show as (*args, **kwargs)).
+    # Unknown option names are taken only to be refused with a clear OptionError.
+    __signature__ = inspect.signature(__init__).replace(
+        parameters=[p for p in list(inspect.signature(__init__).parameters.values())[1:]
+                    if p.kind is not p.VAR_KEYWORD],
+        return_annotation=inspect.Signature.empty)
 
     # ---- background work -----------------------------------------------------------
 
     def _start_maintenance(self):
         """One thread per handle runs the periodic jobs: the sweep (only in the host's
         elected sweeper) and the backend's own (the file backend's msync)."""
+        if self._stop is not None and not self._stop.is_set():
+            return  # running
         jobs = list(self._segment.periodic())
         if self.sweep_interval is not None:
             stale_ns = int(self.sweep_interval * 3e9)
@@ -547,6 +663,8 @@ class Cache:
         stop = self._stop = threading.Event()
         thread = threading.Thread(target=_maintenance_loop, args=(weakref.ref(self), stop, jobs),
                                   name=f"vela-maintenance-{self.name}", daemon=True)
+        _join_ended_threads(0.0)
+        _threads.add(thread)
         thread.start()
 
 
@@ -576,17 +694,60 @@ def _telemetry_changed(active):
 telemetry._listeners.append(_telemetry_changed)
 
 
+def _before_fork():
+    """Stop the maintenance threads before a fork (they start again after it): a
+    process that forks with threads running risks its child, and Python 3.12+ warns
+    about it. A job in progress (a sweep) is waited for, a couple of seconds at most;
+    so are the threads of handles closed just before, which are on their way out."""
+    for cache in list(_live):
+        if cache._stop is not None:
+            cache._stop.set()
+    _join_ended_threads(_FORK_JOIN_TIMEOUT)
+
+
+def _join_ended_threads(timeout):
+    """Join the maintenance threads that end within ``timeout`` seconds (0: those
+    already told to stop and gone from Python), and forget them."""
+    deadline = time.monotonic() + timeout
+    for thread in list(_threads):
+        if thread is threading.current_thread() or (not timeout and thread.is_alive()):
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if not thread.is_alive():
+            _threads.discard(thread)
+
+
+def _after_fork_in_parent():
+    # The parent's threads start again at its next write, not here: Python 3.13+
+    # counts the threads after these hooks run, and would warn about one started now.
+    # (A process that forks workers and writes no more needs no sweeps of its own.)
+    global _resume_due
+    _resume_due = True
+
+
+def _resume_maintenance():
+    global _resume_due
+    _resume_due = False
+    for cache in list(_live):
+        if not cache.closed:
+            cache._start_maintenance()
+
+
 def _after_fork_in_child():
+    global _resume_due
+    _resume_due = False
     for cache in list(_live):
         if not cache.closed:
             cache._segment.after_fork()
             cache._start_maintenance()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 
-def destroy(name, backend="shm", backend_opts=None, **_ignored):
+def destroy(name: str, backend: str = "shm", backend_opts: Optional[Mapping[str, Any]] = None,
+            **_ignored: Any) -> bool:
     """Remove the cache ``name`` from the host; True when it existed.
 
     Takes the same backend options as :class:`Cache` (a file-backed cache needs its

@@ -22,7 +22,11 @@ import sys
 import time
 
 import posix_ipc
-import psutil
+
+try:
+    import psutil
+except ImportError:  # vela[inspect]; `vela ls` reads segments without it, `vela inspect` says so
+    psutil = None
 
 from . import _native, options
 from .backends import shm
@@ -37,7 +41,7 @@ CODECS = {_native.CODEC_BYTES: "bytes", _native.CODEC_STR: "str", _native.CODEC_
           _native.CODEC_CUSTOM: "custom"}
 EVICTION = {_native.EVICT_LRU: "lru", _native.EVICT_LFU: "lfu", _native.EVICT_TTL_ONLY: "ttl_only"}
 # psutil statuses of a process that exists but cannot release a lock right now
-FROZEN = {psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP}
+FROZEN = {"stopped", "tracing-stop"}  # psutil.STATUS_STOPPED, STATUS_TRACING_STOP
 
 TAGS_NOTE = ("tag names are not stored in the segment (only 64-bit hashes), "
              "so entries per tag cannot be listed by name yet")

@@ -59,7 +59,7 @@ def resolve(serializer):
     loaders = {s.codec: s.loads for s in builtin.values()}
     if isinstance(serializer, str):
         if serializer not in builtin:
-            hint = " (install msgpack)" if serializer == "msgpack" else ""
+            hint = " (pip install 'vela[msgpack]')" if serializer == "msgpack" else ""
             raise OptionError(f"serializer must be one of {', '.join(sorted(builtin))} or an object "
                               f"with dumps/loads, not {serializer!r}{hint}")
         chosen = builtin[serializer]

@@ -3,16 +3,23 @@
     vela-bridge run --cache shop --listen tcp://10.0.0.5:7700 --join tcp://10.0.0.6:7700 \\
                     --secret-file /etc/vela/secret
     vela-bridge run --config /etc/vela/bridge.toml
-    vela-bridge secret > /etc/vela/secret      # a new shared secret for the cluster
-    vela-bridge keygen > /etc/vela/curve       # a CURVE key pair: encrypted links
+    vela-bridge secret --out /etc/vela/secret  # a new shared secret for the cluster (mode 0600)
+    vela-bridge keygen --out /etc/vela/curve   # a CURVE key pair: encrypted links (mode 0600)
     vela-bridge status --cache shop            # members, lag, counters (JSON)
+
+Exit status: 0 fine; 2 an operator mistake (a missing file, a cache of another
+layout, no bridge answering, a missing package), said in one line with its fix.
 """
 
 import argparse
 import json
 import logging
+import os
 import secrets
+import stat
 import sys
+
+EXIT_USAGE = 2
 
 _DEFAULTS = {"heartbeat": 1.0, "failure_timeout": 5.0, "tombstone_ttl": 300.0, "backups": 0}
 
@@ -52,25 +59,114 @@ def _parser():
     st = sub.add_parser("status", help="ask the bridge of a cache on this host for its state")
     st.add_argument("--cache", required=True)
     st.add_argument("--timeout", type=float, default=3.0)
-    sub.add_parser("secret", help="print a new random shared secret")
-    sub.add_parser("keygen", help="print a new CURVE key pair for --curve-key-file (two lines: public, secret)")
+    for name, what in (("secret", "a new random shared secret"),
+                       ("keygen", "a new CURVE key pair for --curve-key-file (two lines: public, secret)")):
+        cmd = sub.add_parser(name, help=f"print {what}, or write it to --out FILE")
+        cmd.add_argument("--out", metavar="FILE",
+                         help="write it to FILE, created with mode 0600 (an existing FILE is left alone)")
     return p
 
 
-def _load_config(path):
+class OperatorError(Exception):
+    """A mistake the operator can fix: printed as one line, exit status 2."""
+
+
+def _read_file(option, path, reader):
+    """reader(path), with a missing or unreadable file said as one line naming the option."""
     try:
+        return reader(path)
+    except FileNotFoundError:
+        fix = {"--secret-file": f" (make one with `vela-bridge secret --out {path}`)",
+               "--curve-key-file": f" (make one with `vela-bridge keygen --out {path}`)"}.get(option, "")
+        raise OperatorError(f"{option} {path}: no such file{fix}") from None
+    except (PermissionError, IsADirectoryError) as exc:
+        raise OperatorError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:  # a malformed secret, key or config
+        raise OperatorError(f"{option} {path}: {exc}") from None
+
+
+def warn_if_readable_by_others(option, path):
+    """A secret that the file's group or other users can read is no secret: say so."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        logging.getLogger("vela.bridge").warning(
+            "%s %s is readable by %s (mode %04o): chmod 600 %s", option, path,
+            "its group and other users" if mode & 0o044 == 0o044 else
+            ("other users" if mode & 0o004 else "its group"), mode, path)
+
+
+def _write_private(path, text):
+    """Create ``path`` with mode 0600 holding ``text``; never overwrite a file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise OperatorError(f"--out {path}: the file exists; remove it first if it is to be replaced "
+                            "(every bridge and worker of the cluster must then get the new one)") from None
+    except OSError as exc:
+        raise OperatorError(f"--out {path}: cannot create it ({exc.strerror})") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _emit(args, text):
+    if args.out:
+        _write_private(args.out, text)
+        return
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (OSError, ValueError):  # not a real file descriptor (captured output)
+        mode = 0
+    if stat.S_ISREG(mode) and stat.S_IMODE(mode) & 0o077:
+        print(f"vela-bridge {args.command}: warning: the output file is readable by other users "
+              f"(mode {stat.S_IMODE(mode):04o}); use --out FILE, which writes it with mode 0600", file=sys.stderr)
+    sys.stdout.write(text)
+
+
+def _tomllib():
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ImportError:  # Python < 3.11
-        import tomli as tomllib
+
+        return tomllib
+    from .._extras import need
+
+    return need("tomli", "vela-bridge --config on Python < 3.11")
+
+
+def _parse_config(path):
+    tomllib = _tomllib()
     with open(path, "rb") as f:
-        data = tomllib.load(f)
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"not valid TOML: {exc}") from None
+
+
+def _load_config(path):
+    data = _read_file("--config", path, _parse_config)
     known = {"cache", "listen", "advertise", "join", "node_id", "secret_file", "insecure", "curve_key_file",
              "heartbeat", "failure_timeout", "tombstone_ttl", "log_level", "metrics_listen", "backups",
              "data_listen"}
     unknown = set(data) - known
     if unknown:
-        raise SystemExit(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
+        raise OperatorError(f"--config {path}: unknown option(s) {', '.join(sorted(unknown))} "
+                            f"(known: {', '.join(sorted(known))})")
     return data
+
+
+def _check_caches_exist(caches):
+    """The workers create a cache with its topology; a bridge that opened a missing one
+    would create it local, and the workers would then refuse it (LayoutMismatch)."""
+    from .. import options
+    from ..inspect import segment_exists
+
+    for name in caches:
+        try:
+            options.check_name(name)
+        except ValueError as exc:
+            raise OperatorError(f"--cache: {exc}") from None
+        if not segment_exists(name)[0]:
+            raise OperatorError(f"cache {name!r} does not exist on this host yet: start its workers first "
+                                "(they create it with its topology), then the bridge")
 
 
 def run(args):
@@ -83,30 +179,41 @@ def run(args):
     join = opt("join") or []
     join = [join] if isinstance(join, str) else join
     if not caches or not opt("listen"):
-        raise SystemExit("vela-bridge run: --cache and --listen are required (or give them in --config)")
+        raise OperatorError("--cache and --listen are required (or give them in --config)")
     logging.basicConfig(level=str(opt("log_level") or "INFO").upper(),
                         format="%(asctime)s vela-bridge[%(process)d] %(levelname)s %(message)s")
+    import zmq
+
     from . import protocol
+    from ..errors import VelaError
     from .node import Bridge
 
-    try:
-        secret = protocol.load_secret(opt("secret_file")) if opt("secret_file") else None
-        curve = protocol.load_curve(opt("curve_key_file")) if opt("curve_key_file") else None
-    except ValueError as exc:
-        raise SystemExit(str(exc))
+    secret = curve = None
+    if opt("secret_file"):
+        secret = _read_file("--secret-file", opt("secret_file"), protocol.load_secret)
+        warn_if_readable_by_others("--secret-file", opt("secret_file"))
+    if opt("curve_key_file"):
+        curve = _read_file("--curve-key-file", opt("curve_key_file"), protocol.load_curve)
+        warn_if_readable_by_others("--curve-key-file", opt("curve_key_file"))
+    _check_caches_exist(caches)
 
     try:
         bridge = Bridge(caches, opt("listen"), advertise=opt("advertise"), join=join, node_id=opt("node_id"),
                         secret=secret, heartbeat=opt("heartbeat"), failure_timeout=opt("failure_timeout"),
                         tombstone_ttl=opt("tombstone_ttl"), insecure=bool(opt("insecure")), curve=curve,
                         backups=int(opt("backups") or 0), data_listen=opt("data_listen"))
-    except (ValueError, OSError) as exc:  # a bad option, an address in use
-        raise SystemExit(f"vela-bridge: {exc}")
+    except (ValueError, OSError, zmq.ZMQError, VelaError) as exc:  # a bad option, an address in use, a layout
+        raise OperatorError(str(exc)) from None
+    if opt("metrics_listen"):
+        try:
+            host, port = bridge.serve_metrics(opt("metrics_listen"))
+        except (OSError, ValueError) as exc:  # in use, or not HOST:PORT
+            bridge.close()
+            raise OperatorError(f"--metrics-listen {opt('metrics_listen')}: {getattr(exc, 'strerror', None) or exc}"
+                                " (give a free HOST:PORT, e.g. 127.0.0.1:9464)") from None
+        logging.getLogger("vela.bridge").info("metrics on http://%s:%d/metrics", host, port)
     logging.getLogger("vela.bridge").info("node %d listening on %s for %s", bridge.node_id, bridge.listen,
                                           ", ".join(caches))
-    if opt("metrics_listen"):
-        host, port = bridge.serve_metrics(opt("metrics_listen"))
-        logging.getLogger("vela.bridge").info("metrics on http://%s:%d/metrics", host, port)
     bridge.run()
 
 
@@ -114,11 +221,14 @@ def status(args):
     from .client import BridgeClient
 
     from ..errors import BridgeUnavailable
+    client = BridgeClient(args.cache, {"bridge_timeout": args.timeout})
     try:
-        reply = BridgeClient(args.cache, {"bridge_timeout": args.timeout}).call({"op": "status"})
-    except BridgeUnavailable as exc:
-        print(exc, file=sys.stderr)
-        return 1
+        reply = client.call({"op": "status"})
+    except BridgeUnavailable:
+        raise OperatorError(
+            f"the bridge of cache {args.cache!r} did not answer at {client.endpoint} within {args.timeout:g} s: "
+            f"is `vela-bridge run --cache {args.cache} ...` running on this host (with the same "
+            "VELA_NAMESPACE, if one is set)?") from None
     print(json.dumps(reply, indent=2, sort_keys=True))
     return 0
 
@@ -128,19 +238,26 @@ def main(argv=None):
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
-    if args.command == "secret":
-        print(secrets.token_urlsafe(32))
-        return 0
-    if args.command == "keygen":
-        import zmq
+    try:
+        if args.command == "secret":
+            _emit(args, secrets.token_urlsafe(32) + "\n")
+            return 0
+        from .._extras import need
 
-        public, secret = zmq.curve_keypair()
-        print(public.decode())
-        print(secret.decode())
-        return 0
-    if args.command == "status":
-        return status(args)
-    run(args)
+        for module in ("zmq", "msgpack"):
+            need(module, "vela-bridge")
+        if args.command == "keygen":
+            import zmq
+
+            public, secret = zmq.curve_keypair()
+            _emit(args, f"{public.decode()}\n{secret.decode()}\n")
+            return 0
+        if args.command == "status":
+            return status(args)
+        run(args)
+    except (OperatorError, ImportError) as exc:
+        print(f"vela-bridge {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

@@ -1,0 +1,78 @@
+"""A user's script calling every public method of vela.Cache; tests/test_typing.py runs
+mypy --strict on it, then runs it."""
+import asyncio
+import math
+import uuid
+from typing import Any, Optional
+
+import vela
+
+name = f"typing{uuid.uuid4().hex[:8]}"
+cache = vela.Cache(name, capacity="4MiB", default_ttl=300, eviction_policy="lru", max_size=None,
+                   stampede_timeout=2.0, serializer="pickle")
+cache.put("user:1", {"name": "Alice"}, ttl=60, tags=["users"])
+cache.put(("order", 7), b"raw", ttl=math.inf)
+cache["plain"] = "text"
+value: Any = cache.get("user:1")
+missing: Any = cache.get("absent", default=0)
+item: Any = cache["plain"]
+present: bool = cache.exists("user:1") and "plain" in cache
+remaining: Optional[float] = cache.ttl("user:1")
+touched: bool = cache.touch("user:1", ttl=120)
+count: int = cache.incr("hits") + cache.incr("hits", 5, ttl=60) + cache.decr("hits", 2)
+
+
+def load_user(key: str) -> dict[str, str]:
+    return {"id": key}
+
+
+user: dict[str, str] = cache.get_or_fetch("user:2", load_user, ttl=30, tags=["users"])
+
+
+async def load_async(key: tuple[str, int]) -> int:
+    return key[1] * 2
+
+
+async def main() -> int:
+    return await cache.aget_or_fetch(("n", 21), load_async)
+
+
+doubled: int = asyncio.run(main())
+
+
+@cache.memoize(ttl=60, tags=["squares"])
+def square(n: int) -> int:
+    return n * n
+
+
+squared: int = square(12)
+found: dict[Any, Any] = cache.get_many(["user:1", "plain", "absent"])
+cache.put_many({"a": 1, "b": 2}, ttl=60, tags=["batch"])
+cache.put_many([("c", 3)])
+removed: int = cache.delete_many(["a", "b"])
+deleted: bool = cache.delete("c")
+del cache["plain"]
+tagged: int = cache.invalidate_tag("users")
+expired: int = cache.expire()
+size: int = cache.size() + len(cache)
+stats: dict[str, Any] = cache.stats()
+cache.reset_stats()
+info: dict[str, Any] = cache.info()
+problems: list[str] = cache.check()
+view: Optional[dict[str, Any]] = cache.cluster()
+released: int = cache.release_leases(12345)
+cache.flush_to_disk()
+flushed: int = cache.flush()
+closed: bool = cache.closed
+text: str = repr(cache)
+with vela.Cache(name) as again:
+    again.put("k", 1)
+cache.close()
+existed: bool = vela.Cache(name).destroy() or vela.destroy(name)
+errors: tuple[type[vela.VelaError], ...] = (vela.CacheFull, vela.ValueTooLarge, vela.LayoutMismatch,
+                                             vela.BackendUnavailable, vela.BridgeUnavailable, vela.OptionError,
+                                             vela.CacheClosed, vela.LockTimeout, vela.SegmentCorrupt)
+version: str = vela.__version__
+print("ok", value, missing, item, present, remaining, touched, count, user, doubled, squared, sorted(found),
+      removed, deleted, tagged, expired, size, len(stats), len(info), problems, view, released, flushed, closed,
+      text, existed, len(errors), version)
