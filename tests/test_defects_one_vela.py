@@ -339,3 +339,61 @@ def test_defect8_replicated_flush_and_invalidate_tag_count_keys_not_hosts(replic
     assert c.flush() == 991  # 990 keys and the marker; the 10 tombstones are not entries
     assert c.flush() == 0
     assert replicated.on_host_b(lambda cache: (cache.size(), cache.flush())) == (0, 0)
+
+
+def test_defect2_a_file_backed_replicated_host_restarted_whole_keeps_its_data(monkeypatch):
+    """Host A of a file-backed replicated cache stops entirely (workers and bridge
+    SIGKILLed); started again, its table still holds what was written, and its bridge
+    rejoins the cluster."""
+    store = Store("file-replicated")
+    try:
+        monkeypatch.setenv("VELA_NAMESPACE", store.namespaces["A"])
+        host_a, host_b = store.cluster.hosts
+        written = {f"r{i}": {"n": i} for i in range(30)}
+        store.cache.put_many(written)
+        store.cache.flush_to_disk()
+        store.on_host_b(lambda cache: eventually(lambda: cache.get("r29") == {"n": 29}, 15,
+                                                 what="host B holds host A's writes"))
+        store.cache.close()
+        host_a.kill_bridge(signal.SIGKILL)
+        host_a.agent.kill()
+        host_a.agent.wait(10)
+        store.cache = store.open()  # the first process of the restarted host
+        assert store.cache.get_many(list(written)) == written
+        host_a.restart_bridge(wait=False)  # (host A's agent is gone: wait through the segment)
+        eventually(lambda: (store.cache.cluster() or {}).get("pid") == host_a.bridge.pid, 20,
+                   what=f"host A's restarted bridge publishes its view:\n{host_a.bridge_output()}")
+        store.on_host_b(lambda cache: cache.put("after-restart", "from B"))
+        eventually(lambda: store.cache.get("after-restart") == "from B", 20,
+                   what="host A's restarted bridge receives host B's writes")
+        assert store.cache.get_many(list(written)) == written
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"backend": "redis", "topology": "replicated"}, ("backend", "topology")),
+    ({"backend": "redis", "topology": "partitioned"}, ("backend", "topology")),
+    ({"near_cache": True}, ("near_cache", "backend")),
+    ({"near_cache": True, "backend": "file"}, ("near_cache", "backend")),
+    ({"near_cache": True, "topology": "replicated"}, ("near_cache", "topology")),
+])
+def test_refused_combinations_name_both_options_and_leave_nothing_behind(options, named, tmp_path,
+                                                                          monkeypatch):
+    """Issue 14, item 1: a combination no store serves is refused at construction with
+    OptionError naming both options; no segment, file or socket is left."""
+    namespace = f"vr{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("VELA_NAMESPACE", namespace)
+    options = dict(options)
+    if options.get("backend") == "file":
+        options["backend_opts"] = {"data_dir": str(tmp_path)}
+    if options.get("backend") == "redis":
+        options["backend_opts"] = {"url": "redis://127.0.0.1:1/0"}  # never reached: refused first
+    sockets = set(glob.glob("/tmp/vela-bridge.*"))
+    with pytest.raises(vela.OptionError) as raised:
+        vela.Cache(new_name(), **options)
+    for option in named:
+        assert option in str(raised.value), (option, str(raised.value))
+    assert glob.glob(f"/dev/shm/vela.{namespace}.*") == []
+    assert os.listdir(tmp_path) == []
+    assert set(glob.glob("/tmp/vela-bridge.*")) <= sockets
