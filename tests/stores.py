@@ -35,6 +35,8 @@ STORE_KINDS = ("shm-local", "file-local", "shm-replicated", "file-replicated", "
 CAPACITY = "16MiB"
 CAPACITY_BYTES = 16 << 20
 BRIDGE_TIMEOUT = 5.0
+# Long enough that a bridge paused for a test's timeout is not declared dead meanwhile.
+FAILURE_TIMEOUT = 4.0
 
 
 def _unlink_namespace_segments(namespace):
@@ -136,7 +138,11 @@ class Store:
                         bridge_extra=bridge_extra, bridge_timeout=BRIDGE_TIMEOUT)
             self.namespaces[label] = host.namespace
             self.cluster.hosts.append(host)
-        self.cluster.start()
+        hosts = self.cluster.hosts
+        for i, host in enumerate(hosts):
+            host.start_bridge(join=[hosts[1 - i]], wait=False, failure_timeout=FAILURE_TIMEOUT)
+        for host in hosts:
+            host.wait_bridge()
         self.cluster.wait_members(timeout=20)
 
     # ---- handles ------------------------------------------------------------------------
