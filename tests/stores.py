@@ -39,7 +39,8 @@ BRIDGE_TIMEOUT = 5.0
 FAILURE_TIMEOUT = 4.0
 
 
-def _unlink_namespace_segments(namespace):
+def unlink_namespace_segments(namespace):
+    """Remove every shared-memory segment of a simulated host (tables, bridge marks, L1)."""
     for path in glob.glob(f"/dev/shm/vela.{namespace}.*"):
         try:
             os.unlink(path)
@@ -196,5 +197,5 @@ class Store:
             except Exception:  # noqa: BLE001
                 pass
         for namespace in self.namespaces.values():
-            _unlink_namespace_segments(namespace)
+            unlink_namespace_segments(namespace)
         shutil.rmtree(self.workdir, ignore_errors=True)

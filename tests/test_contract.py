@@ -20,7 +20,7 @@ import pytest
 
 import vela
 from cluster import ROOT, eventually
-from conftest import FORK, Child, collect, run_children
+from conftest import FORK, Child, run_children
 from redis_server import RedisServer
 from stores import CAPACITY_BYTES, STORE_KINDS, Store
 

@@ -16,7 +16,7 @@ import vela
 from cluster import ROOT, Host, eventually, free_port
 from conftest import FORK, Child, new_name, run_in_child
 from redis_server import RedisServer
-from stores import Store
+from stores import Store, unlink_namespace_segments
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,7 @@ def test_defect3_bridge_started_before_any_worker_serves_the_cache(tmp_path, mon
                 bridge.wait(5)
         log.close()
         vela.destroy(name)
+        unlink_namespace_segments(namespace)
 
 
 # ---- 4 ---------------------------------------------------------------------------------------
@@ -222,6 +223,7 @@ def test_defect6_django_add_on_the_redis_backend_stores_in_redis():
 
     server = RedisServer().start()
     name = new_name()
+    other_host = f"vd{uuid.uuid4().hex[:8]}"
     try:
         params = {"OPTIONS": {"backend": "redis", "backend_opts": {"url": server.url}, "sweep_interval": None}}
         django_cache = VelaCache(name, params)
@@ -233,15 +235,16 @@ def test_defect6_django_add_on_the_redis_backend_stores_in_redis():
         with vela.Cache(name, backend="redis", backend_opts={"url": server.url}, sweep_interval=None) as direct:
             assert direct.get(key) == "v"  # in Redis, where every host reads it
 
-        def on_another_host(_):
-            os.environ["VELA_NAMESPACE"] = f"vd{uuid.uuid4().hex[:8]}"
+        def on_another_host(namespace):
+            os.environ["VELA_NAMESPACE"] = namespace
             with vela.Cache(name, backend="redis", backend_opts={"url": server.url}, sweep_interval=None) as c:
                 return c.get(key)
 
-        assert run_in_child(on_another_host, None) == "v"
+        assert run_in_child(on_another_host, other_host) == "v"
         django_cache.vela_cache.destroy()
     finally:
         server.stop()
+        unlink_namespace_segments(other_host)
 
 
 # ---- 7 ---------------------------------------------------------------------------------------
