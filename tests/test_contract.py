@@ -741,6 +741,98 @@ def test_value_too_large(store):
     assert "huge" not in c
 
 
+# ---- options, adoption, telemetry ---------------------------------------------------------------
+
+
+def test_bad_options_raise_option_error_naming_the_option(store):
+    for extra, named in (({"bogus_option": 1}, "bogus_option"), ({"default_ttl": -1}, "default_ttl"),
+                         ({"stampede_timeout": 0}, "stampede_timeout"), ({"serializer": "yaml"}, "serializer"),
+                         ({"eviction_policy": "fifo"}, "eviction_policy")):
+        with pytest.raises(vela.OptionError) as raised:
+            store.open(**extra)
+        assert named in str(raised.value), (extra, str(raised.value))
+    assert store.cache.size() == 0 and store.cache.check() == []
+
+
+def _minimal_options(store):
+    """What a worker must give to reach the store: the name, and where the table is
+    (file: its data_dir; Redis: its URL). Topology and layout are adopted."""
+    opts = {"name": store.name, "sweep_interval": None}
+    full = store.options()
+    for k in ("backend", "backend_opts", "near_cache"):
+        if k in full:
+            opts[k] = full[k]
+    return opts
+
+
+@case("put", "flush", "size")
+def test_a_handle_that_omits_the_segment_options_behaves_the_same(store):
+    """Issue 14, item 1: the store comes from what the segment records, so a handle
+    opened by name alone routes, replicates and counts like one given every option."""
+    with vela.Cache(**_minimal_options(store)) as adopted:
+        adopted.put_many({f"ad{i}": i for i in range(20)})
+        adopted.put("adopted", "yes")
+        assert adopted.size() == 21
+        assert store.cache.get_many([f"ad{i}" for i in range(20)]) == {f"ad{i}": i for i in range(20)}
+        if store.spans_hosts:
+            assert on_b_eventually(store, "adopted", "yes") == "yes"
+            assert store.on_host_b(lambda cache: cache.get_many([f"ad{i}" for i in range(20)])) == {
+                f"ad{i}": i for i in range(20)}
+        if store.topology == "replicated":
+            _wait_b_has(store, "adopted", "yes")
+        assert adopted.flush() == 21
+    assert store.cache.size() == 0
+
+
+def _telemetry_trace(c):
+    seen = []
+
+    def handler(event, measurements, metadata):
+        op = event[-2]
+        seen.append((op, metadata.get("key"), metadata.get("keys"),
+                     metadata.get("result") if op in ("get", "fetch") and "key" in metadata else None,
+                     measurements.get("count")))
+        assert event == ("vela", "cache", op, "stop") and isinstance(measurements["duration"], int)
+        assert metadata["cache"] == c.name
+
+    events = [("vela", "cache", op, "stop") for op in ("get", "put", "delete", "fetch", "invalidate_tag", "flush")]
+    vela.telemetry.attach("contract-trace", events, handler)
+    try:
+        c.put("a", 1)
+        c.get("a")
+        c.get("zz")
+        c.delete("a")
+        c.get_or_fetch("f", lambda k: 1)
+        c.get_or_fetch("f", lambda k: 2)
+        c.put_many({"b": 1, "c": 2})
+        c.get_many(["b", "zz"])
+        c.delete_many(["b"])
+        c.put("t", 1, tags=["x"])
+        c.invalidate_tag("x")
+        c.flush()
+    finally:
+        vela.telemetry.detach("contract-trace")
+    return seen
+
+
+@case("get", "put", "delete", "get_or_fetch", "get_many", "put_many", "delete_many", "invalidate_tag", "flush")
+def test_telemetry_events_are_the_same_on_every_store(store):
+    assert _telemetry_trace(store.cache) == [
+        ("put", "a", None, None, None),
+        ("get", "a", None, "hit", None),
+        ("get", "zz", None, "miss", None),
+        ("delete", "a", None, None, None),
+        ("fetch", "f", None, "fetched", None),
+        ("fetch", "f", None, "hit", None),
+        ("put", None, 2, None, None),
+        ("get", None, 2, None, None),
+        ("delete", None, 1, None, None),
+        ("put", "t", None, None, None),
+        ("invalidate_tag", None, None, None, 1),
+        ("flush", None, None, None, 2),
+    ]
+
+
 # ---- two hosts ---------------------------------------------------------------------------------
 
 
