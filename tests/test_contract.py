@@ -5,6 +5,15 @@ shm-partitioned, file-partitioned (two simulated hosts with real bridges), redis
 redis-near (a real redis-server). Each store is set up once for the module; every
 test starts from an empty cache with zeroed counters, as a worker of host A.
 
+Every case runs on every store; where the documented outcome differs by store the
+case says so: host B sees host A's writes only where the store spans hosts
+(replicated, partitioned, Redis; a local cache is the host's own); concurrent
+callers include workers of host B where the API is atomic across hosts
+(partitioned, Redis); ``expire()`` is 0 on Redis (Redis reclaims by itself);
+``cluster()`` is None without bridges; ``PartialWrite`` is provoked where a batch
+spans owners (partitioned); ``release_leases`` counts leases of the host table
+(every store but partitioned, whose leases live at the owner's bridge).
+
 ``CONTRACT`` maps each public name of ``vela.Cache`` to the tests that exercise it;
 ``test_every_public_method_has_a_contract_case`` fails when a method is added to
 ``Cache`` without one (and when the README's API names a method without one).
@@ -213,6 +222,21 @@ def test_incr_and_decr(store):
     with pytest.raises(TypeError):
         c.incr("n", "1")
     assert c.get("n") == 3
+
+
+def _incr_worker(cache, key, times):
+    return [cache.incr(key) for _ in range(times)]
+
+
+@case("incr")
+def test_incr_is_atomic_across_processes(store):
+    args = [store.worker_args("A", _incr_worker, "hits", 100) for _ in range(4)]
+    if store.topology == "partitioned" or store.backend == "redis":  # atomic at the owner / in Redis
+        args += [store.worker_args("B", _incr_worker, "hits", 100) for _ in range(2)]
+    results = run_children(Store.run_worker, args, timeout=120)
+    seen = sorted(n for r in results for n in r)
+    assert seen == list(range(1, 100 * len(args) + 1))  # every increment saw its own value
+    assert store.cache.get("hits") == 100 * len(args)
 
 
 @case("get_or_fetch")
