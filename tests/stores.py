@@ -198,4 +198,9 @@ class Store:
                 pass
         for namespace in self.namespaces.values():
             unlink_namespace_segments(namespace)
+        for path in glob.glob(f"/dev/shm/vela.{self.name}.*"):  # the Redis listener's election
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         shutil.rmtree(self.workdir, ignore_errors=True)
