@@ -3,6 +3,7 @@
  * close, attributes) with the methods of every bind_*.c file put together,
  * the module's functions and constants.
  */
+#include <stddef.h>
 #include "bind.h"
 
 #include <pthread.h>
@@ -301,7 +302,8 @@ static struct PyModuleDef native_module = {
 #define C(prefix, name) {#name, prefix##name}
 static const struct { const char *name; unsigned long long value; } constants[] = {
     {"MAGIC", VELA_MAGIC}, {"READY", VELA_READY}, {"MAX_KEY", VELA_MAX_KEY}, {"MAX_TAGS", VELA_MAX_TAGS}, {"ENTRY_OVERHEAD", (long)VELA_ENTRY_OVERHEAD},
-    {"FORMAT", VELA_FORMAT}, {"CLUSTER_BYTES", sizeof(((vela_cluster *)0)->json)},
+    {"FORMAT", VELA_FORMAT}, {"HEADER_TOPOLOGY_OFFSET", offsetof(vela_header, topology)},
+    {"CLUSTER_BYTES", sizeof(((vela_cluster *)0)->json)},
     C(VELA_, CODEC_BYTES), C(VELA_, CODEC_STR), C(VELA_, CODEC_INT), C(VELA_, CODEC_PICKLE),
     C(VELA_, CODEC_JSON), C(VELA_, CODEC_MSGPACK), C(VELA_, CODEC_CUSTOM), C(VELA_, CODEC_TOMBSTONE),
     C(VELA_, BACKEND_SHM), C(VELA_, BACKEND_FILE),

@@ -12,6 +12,7 @@ mistake (bad arguments, a missing package), said in one line with its fix.
 import argparse
 import json
 import os
+import stat
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -85,7 +86,16 @@ def segment_names() -> List[str]:
         entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return []
-    return sorted(e[len(prefix):] for e in entries if e.startswith(prefix) and len(e) > len(prefix))
+    # (regular files only: the bridge's control socket lives beside the segment)
+    return sorted(e[len(prefix):] for e in entries if e.startswith(prefix) and len(e) > len(prefix)
+                  and _is_file(os.path.join(SHM_DIR, e)))
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:  # gone meanwhile
+        return False
 
 
 def describe(name: str) -> Dict[str, Any]:

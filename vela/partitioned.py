@@ -199,8 +199,8 @@ class PartitionedCache(Cache):
         addr = view.addrs.get(view.owners[p])
         fields = dict(fields, op=op, k=enc, clk=self._table.next_version())  # (see _checked)
         # An owner that does not answer may be gone: look at the table again every slice.
-        # An incr is not repeated at the same owner (it may have been applied).
-        once = op == "incr"
+        # An incr or add is not repeated at the same owner (it may have been applied).
+        once = op in ("incr", "add")
         refused = 0  # fallback reads the old owner could not serve (it no longer holds the key)
         while True:
             if addr is None:  # (an owner the table names before its address: ask again)
@@ -339,15 +339,7 @@ class PartitionedCache(Cache):
         return self._table.decode_value(reply["val"], reply["codec"])
 
     def _encode_tags(self, tags):
-        if isinstance(tags, str):
-            raise TypeError("tags must be an iterable of str, not a single str")
-        tags = list(tags or ())
-        if len(tags) > 32:
-            raise ValueError("an entry may carry at most 32 tags")
-        for t in tags:
-            if not isinstance(t, str):
-                raise TypeError(f"tags must be str, not {type(t).__name__}")
-        return [_native.tag_hash(t) for t in tags]
+        return [_native.tag_hash(t) for t in options.tags(tags)]
 
     def _emit(self, op, start, meta):
         telemetry.execute(self._events[op], {"duration": time.perf_counter_ns() - start},
@@ -473,6 +465,22 @@ class PartitionedCache(Cache):
             self._written((key,))
         if telemetry.active:
             self._emit("put", start, {"key": key, "ttl": ttl})
+
+    @bounded
+    def add(self, key, value, ttl=None, tags=()):
+        """Store ``value`` under ``key`` only if absent, decided at the key's owner (its
+        bridge serves every add of the key, one at a time); True when stored."""
+        start = time.perf_counter_ns() if telemetry.active else 0
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        tag_ids = self._encode_tags(tags)
+        val, codec = self._encoded(value)
+        enc, p, view, local = self._locate(key)
+        stored = bool(self._key_request("add", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)["ok"])
+        if stored:
+            self._written((key,))
+        if telemetry.active:
+            self._emit("put", start, {"key": key, "ttl": ttl, "result": stored})
+        return stored
 
     def _written(self, keys):
         """Owners have written ``keys``: this host's L1 copies of them go at once (its

@@ -78,7 +78,7 @@ log = logging.getLogger("vela.bridge")
 CHUNK = 2000            # entries per handoff message
 LOG_BATCH = 5000        # change log records read per loop turn
 RESEND = 2.0            # seconds without an ack before a stream is sent again from the start
-WRITES = frozenset(("put", "putm", "del", "delm", "incr", "touch", "tag", "flush"))
+WRITES = frozenset(("put", "add", "putm", "del", "delm", "incr", "touch", "tag", "flush"))
 STREAM_STALL = 30.0     # seconds a stream may go unacknowledged, or an incoming partition unfed
 INVAL_BATCH = 10_000    # keys per invalidation message
 
@@ -739,7 +739,7 @@ class Partitions:
                 and not self.table.contains(_native.decode_key(k)):
             if op in ("get", "has", "ttl"):
                 return {"fb": addr_of(inc.source)}  # not here yet: read it where it still is
-            if op in ("incr", "touch", "fetch"):
+            if op in ("incr", "touch", "fetch", "add"):
                 return {"retry": "the partition is being handed over"}
         return getattr(self, "_op_" + op)(k, p, msg)
 
@@ -779,6 +779,12 @@ class Partitions:
         self.table.bump("writes")
         self._changed(k, p, [k, msg["val"], msg["codec"], msg["ttl"], list(msg["tags"]), version])
         return {"ok": True}
+
+    def _op_add(self, k, p, msg):
+        # Every add of a key is served here, one request at a time: check and put are one step.
+        if self.table.contains(_native.decode_key(k)):
+            return {"ok": False}
+        return self._op_put(k, p, msg)
 
     def _op_del(self, k, p, msg):
         version = self.table.next_version()
