@@ -284,9 +284,24 @@ static PyObject *mod_proc_start_time(PyObject *Py_UNUSED(m), PyObject *pid)
     return PyLong_FromUnsignedLongLong(vela_proc_start_time((uint32_t)p));
 }
 
+/* entry_size(key_len, value_len, ntags) -> bytes of the entry's block (0: too large);
+ * what max_entry_size bounds, for a check made before anything is sent. */
+static PyObject *mod_entry_size(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    Py_ssize_t key_len, value_len, ntags;
+    if (!PyArg_ParseTuple(args, "nnn", &key_len, &value_len, &ntags))
+        return NULL;
+    if (key_len < 0 || value_len < 0 || ntags < 0 || ntags > VELA_MAX_TAGS) {
+        PyErr_SetString(PyExc_ValueError, "entry_size: bad lengths");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(vela_entry_block_size((size_t)key_len, (size_t)value_len, (size_t)ntags));
+}
+
 static PyMethodDef module_methods[] = {
     {"encode_key", mod_encode_key, METH_O, "encode_key(key) -> canonical bytes"},
     {"tag_hash", mod_tag_hash, METH_O, "tag_hash(tag) -> the id entries store for it"},
+    {"entry_size", mod_entry_size, METH_VARARGS, "entry_size(key_len, value_len, ntags) -> block bytes"},
     {"decode_key", mod_decode_key, METH_O, "decode_key(bytes) -> key (inverse of encode_key)"},
     {"proc_start_time", mod_proc_start_time, METH_O, "start time of a process (clock ticks), 0 if gone"},
     {NULL, NULL, 0, NULL},

@@ -682,7 +682,9 @@ def test_flush_to_disk(store):
     c.put("durable", "yes")
     assert c.flush_to_disk() is None
     if store.backend == "file":
-        path = os.path.join(store.data_dir("A"), f"{store.name}.vela")
+        # (partitioned: the key is in its owner's file, issue 14: each key on one owner)
+        host = "AB"[_owner(c.cluster(), "durable") - 1] if store.topology == "partitioned" else "A"
+        path = os.path.join(store.data_dir(host), f"{store.name}.vela")
         with open(path, "rb") as f:
             assert b"durable" in f.read()
 

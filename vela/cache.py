@@ -566,7 +566,10 @@ class Cache:
         On a replicated cache the host's bridge asks every live member to apply the
         invalidation before this returns; the count is the keys removed (each host
         removes the same ones), not a sum over hosts.
+
+        :raises ValueError: the tag is not 1 to 255 bytes of UTF-8 (as for ``put``).
         """
+        options.tag(tag)
         if _resume_due:
             _resume_maintenance()
         start = time.perf_counter_ns() if telemetry.active else 0

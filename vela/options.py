@@ -145,3 +145,10 @@ def tags(tags):
         if len(out) > _native.MAX_TAGS:
             raise ValueError(f"an entry may carry at most {_native.MAX_TAGS} tags")
     return tuple(out)
+
+
+def tag(tag):
+    """One tag (invalidate_tag's), checked as ``tags`` checks each."""
+    if not isinstance(tag, str):
+        raise TypeError(f"a tag must be str, not {type(tag).__name__}")
+    return tags((tag,))[0]

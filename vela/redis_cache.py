@@ -1160,9 +1160,7 @@ class RedisCache(Cache):
             in Redis; that host's copies live until it is found stalled, or their age).
         """
         self._check_open()
-        if not isinstance(tag, str):
-            raise TypeError(f"a tag must be str, not {type(tag).__name__}")
-        b = _check_tags([tag])[0]
+        b = options.tag(tag).encode("utf-8")
         start = time.perf_counter_ns() if telemetry.active else 0
         ack = self._ack_key()
         count, encs, hosts = self._run("invalidate_tag", [self._P + b"t:" + b], [self._P, b, ack])

@@ -718,7 +718,7 @@ class Partitions:
             # now, with a new version, over what came after). Its worker, if still waiting,
             # asks again once its host's bridge has the newer table (a heartbeat at most).
             return {"retry": "the request was routed by an older partition table"}
-        if op in ("size", "stats", "flush", "tag", "near"):
+        if op in ("size", "stats", "flush", "tag", "near", "expire"):
             return getattr(self, "_op_" + op)(msg)
         if op in ("getm", "delm"):
             return self._op_many(op, msg, addr_of)
@@ -865,6 +865,9 @@ class Partitions:
     def owned_size(self):
         counts = self.table.partition_counts(self.parts)
         return sum(c for p, c in enumerate(counts) if self.mine(p))
+
+    def _op_expire(self, msg):
+        return {"ok": self.table.expire()}
 
     def _op_size(self, msg):
         return {"ok": self.owned_size()}
