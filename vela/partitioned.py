@@ -542,7 +542,10 @@ class PartitionedCache(Cache):
                 stored_again.append(k)
         except BridgeUnavailable as exc:
             self._written(item[0] for item in encoded)
-            raise self._partial(items, encoded, answered, stored_again, exc) from exc
+            partial = self._partial(items, encoded, answered, stored_again, exc)
+            if not partial.stored:
+                raise  # nothing was written: the owners' unavailability is the whole story
+            raise partial from exc
         self._written(item[0] for item in encoded)
         if telemetry.active:
             self._emit("put", start, {"keys": len(items), "ttl": ttl})

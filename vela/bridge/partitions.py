@@ -665,7 +665,7 @@ class Partitions:
 
     def _changed_entry(self, k, p):
         """Record the entry now stored under ``k`` (after incr/touch) for backups."""
-        raw = self.table.get_raw(k)
+        raw = self.table.get_raw(k, False)  # (no lookup of the caller's: not counted)
         if raw is None:
             self._changed(k, p, [k, None, 0, 0, [], self.table.next_version()])
         else:
