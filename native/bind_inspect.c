@@ -61,13 +61,14 @@ static PyObject *Table_info(TableObject *self, PyObject *Py_UNUSED(ignored))
     vela_header *h = self->t.hdr;
     static const char *const evictions[] = {"lru", "lfu", "ttl_only"};
     return Py_BuildValue(
-        "{s:I,s:s,s:K,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:L,s:I,s:I,s:k,s:I,s:I,s:I}",
+        "{s:I,s:s,s:K,s:I,s:I,s:I,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:L,s:I,s:I,s:k,s:I,s:I,s:I}",
         "format", h->format, "eviction_policy", evictions[h->eviction % 3],
         "capacity", (unsigned long long)h->capacity, "stripes", h->stripes, "buckets_per_stripe", h->buckets,
         "tag_buckets_per_stripe", h->tagbuckets, "max_size", (unsigned long long)h->max_size,
         "max_entry_size", (unsigned long long)h->max_entry_size, "heap_bytes",
         (unsigned long long)(h->heap_end - h->heap_off), "memory_used",
-        (unsigned long long)__atomic_load_n(&h->heap.used_bytes, __ATOMIC_RELAXED), "entries",
+        (unsigned long long)__atomic_load_n(&h->heap.used_bytes, __ATOMIC_RELAXED), "spare_bytes",
+        (unsigned long long)vela_arena_spare_bytes(&self->t), "entries",
         (unsigned long long)vela_size(&self->t), "index_bytes", (unsigned long long)h->heap_off,
         "created_ns", (long long)h->created_ns, "backend", h->backend, "sweeper_pid", h->sweeper_pid,
         "version_clock", (unsigned long)h->version_clock, "poisoned", h->poisoned,

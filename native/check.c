@@ -3,7 +3,9 @@
  *
  * Stops the world: takes every stripe lock in ascending order, then the heap
  * lock (lock.c explains why that cannot deadlock), so what it sees is one
- * consistent state. Cost: O(blocks + buckets); a diagnostic, not a hot path.
+ * consistent state: the heap, every stripe's chains, tags and arena, and that
+ * every used block is an entry a chain reaches or a spare block of one arena.
+ * Cost: O(blocks + buckets); a diagnostic, not a hot path.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -146,8 +148,8 @@ vela_err vela_check(vela_table *t, vela_report *r)
     uint32_t locked = 0, heap_locked = 0;
     uint32_t first = vela_heap_first(t), end = vela_heap_end(t);
     size_t map_bytes = ((size_t)(end - first) >> 3) + 1;
-    uint8_t *used = calloc(map_bytes, 1), *seen = calloc(map_bytes, 1);
-    if (!used || !seen) {
+    uint8_t *used = calloc(map_bytes, 1), *seen = calloc(map_bytes, 1), *spare = calloc(map_bytes, 1);
+    if (!used || !seen || !spare) {
         err = vela_fail(VELA_ESYS, "out of process memory for the check's maps");
         goto out;
     }
@@ -160,17 +162,24 @@ vela_err vela_check(vela_table *t, vela_report *r)
 
     if (t->hdr->poisoned)
         vela_report_add(r, "header: the table is marked poisoned");
-    vela_heap_check(t, r, used);
-    uint64_t total = 0;
-    for (uint32_t s = 0; s <= t->stripe_mask; s++)
+    vela_heap_check(t, r, used, spare);
+    uint64_t total = 0, in_arenas = 0;
+    for (uint32_t s = 0; s <= t->stripe_mask; s++) {
         check_stripe(t, s, r, seen, &total);
-    uint64_t leaked = 0;
-    for (size_t i = 0; i < map_bytes; i++)
+        vela_arena_check(t, s, r, spare, &in_arenas);
+    }
+    uint64_t leaked = 0, spare_blocks = 0;
+    for (size_t i = 0; i < map_bytes; i++) {
         if (used[i] & ~seen[i])
             leaked += (uint64_t)__builtin_popcount(used[i] & ~seen[i]);
+        spare_blocks += (uint64_t)__builtin_popcount(spare[i]);
+    }
     if (leaked)
         vela_report_add(r, "heap: %llu used entry blocks are not reachable from any stripe (leaked)",
                         (unsigned long long)leaked);
+    if (spare_blocks != in_arenas)
+        vela_report_add(r, "heap: %llu spare blocks, the stripes' arenas hold %llu (leaked)",
+                        (unsigned long long)spare_blocks, (unsigned long long)in_arenas);
     if (t->hdr->max_size && total > t->hdr->max_size)
         vela_report_add(r, "header: %llu entries exceed max_size %llu", (unsigned long long)total,
                         (unsigned long long)t->hdr->max_size);
@@ -183,5 +192,6 @@ out:
         vela_stripe_unlock(t, --locked);
     free(used);
     free(seen);
+    free(spare);
     return err;
 }

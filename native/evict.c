@@ -12,6 +12,10 @@
  * only happens when other processes hold the stripes in the way or the policy
  * is ttl_only. ttl_only evicts expired entries only.
  *
+ * The spare blocks of an arena the hand passes over are given back to the
+ * heap (every block of that arena), so arenas never hold memory eviction
+ * needs.
+ *
  * Runs with the caller's stripe s locked and the heap locked; every other
  * stripe is only try-locked (lock order in lock.c).
  */
@@ -74,10 +78,20 @@ static uint32_t walk(vela_table *t, uint32_t s, uint32_t need, int slot)
             walked += size;
             continue;
         }
-        visits++;
-        walked += size;
         uint32_t o = b->owner;
         int mine = o == s;
+        if (b->kind == VELA_KIND_ARENA && o <= t->stripe_mask &&
+            (mine || vela_stripe_trylock_holding_heap(t, o))) {
+            /* Spare memory goes back before anything is evicted; the frees
+             * keep the hand on a block (heap.c), looked at again next. */
+            vela_arena_drain(t, o);
+            if (!mine)
+                vela_stripe_unlock(t, o);
+            if (!(blk(t, h->hand)->size_flags & VELA_BLK_USED))
+                continue;
+        }
+        visits++;
+        walked += size;
         if (b->kind != VELA_KIND_ENTRY || o > t->stripe_mask || (!mine && !vela_stripe_trylock_holding_heap(t, o))) {
             h->hand = ref + (size >> 3);
             continue;

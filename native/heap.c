@@ -10,6 +10,10 @@
  * evict.c walks the clock hand over blocks in address order, so evictions
  * free neighbours and make contiguous room.
  *
+ * A used block is an entry or a spare block of a stripe's arena (arena.c),
+ * which its stripe's lock holder hands out and takes back without the heap
+ * lock, changing only the block's kind and link, never its size or flags.
+ *
  * All of it runs under the heap lock. Crash safety: the physical chain (block
  * sizes) is changed only by single stores that keep it walkable, so a dead
  * owner's heap is rebuilt by vela_heap_repair from one walk.
@@ -249,7 +253,7 @@ vela_err vela_heap_repair(vela_table *t)
         if (size < 8 || (uint64_t)ref + (size >> 3) > end)
             return vela_fail(VELA_ECORRUPT, "heap block at offset %llu has an impossible size %u",
                              (unsigned long long)ref << 3, size);
-        if (is_used(b) && b->kind != VELA_KIND_ENTRY) {
+        if (is_used(b) && b->kind != VELA_KIND_ENTRY && b->kind != VELA_KIND_ARENA) {
             /* A free cut short (kind stored, USED not yet cleared): its entry was
              * already unlinked, so the block is free. */
             b->size_flags &= ~VELA_BLK_USED;
@@ -283,7 +287,7 @@ vela_err vela_heap_repair(vela_table *t)
     return VELA_OK;
 }
 
-void vela_heap_check(vela_table *t, vela_report *r, uint8_t *used_map)
+void vela_heap_check(vela_table *t, vela_report *r, uint8_t *used_map, uint8_t *arena_map)
 {
     vela_heap_state *h = &t->hdr->heap;
     uint32_t first = vela_heap_first(t), end = vela_heap_end(t);
@@ -306,9 +310,10 @@ void vela_heap_check(vela_table *t, vela_report *r, uint8_t *used_map)
                             (unsigned long long)ref << 3, !prev_free, prev_free ? "free" : "used");
         if (is_used(b)) {
             used += size;
-            if (b->kind == VELA_KIND_ENTRY && used_map)
-                used_map[(ref - first) >> 3] |= (uint8_t)(1u << ((ref - first) & 7));
-            else if (b->kind != VELA_KIND_ENTRY)
+            if (b->kind == VELA_KIND_ENTRY || b->kind == VELA_KIND_ARENA)
+                (b->kind == VELA_KIND_ENTRY ? used_map : arena_map)[(ref - first) >> 3] |=
+                    (uint8_t)(1u << ((ref - first) & 7));
+            else
                 vela_report_add(r, "heap: used block at offset %llu has kind %u",
                                 (unsigned long long)ref << 3, b->kind);
             prev_free = 0;

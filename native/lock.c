@@ -5,8 +5,8 @@
  *   1. at most one stripe lock is taken by waiting;
  *   2. then, optionally, the heap lock;
  *   3. while holding the heap lock, other stripes may be TRY-locked (eviction,
- *      vela_stripe_trylock_holding_heap); a busy stripe is skipped, never
- *      waited for.
+ *      giving arenas back: vela_stripe_trylock_holding_heap); a busy stripe is
+ *      skipped, never waited for.
  *   Inspection try-locks stripes holding nothing (vela_stripe_trylock_without_heap).
  *   The change log's lock is taken with at most one stripe lock held (a
  *   record is appended while its key's stripe is still locked), never with

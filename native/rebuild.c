@@ -61,6 +61,8 @@ vela_err vela_rebuild(vela_table *t, uint64_t *kept_out, uint64_t *dropped_out)
             goto out;
         st->seq = 0;
         st->pending[0] = st->pending[1] = 0;
+        st->arena = st->arena_blocks = 0; /* spare blocks are no entries: the re-laid heap frees them */
+        st->arena_bytes = 0;
         st->sweep_cursor = 0;
         st->repair_due = 0;
     }

@@ -4,12 +4,13 @@
  * What a dead owner can have left (see table.c for the write order):
  *   - a block allocated for a put that was never published  -> pending[0]
  *   - an entry unlinked but not yet freed                     -> pending[1]
+ *   - a block on its way into or out of the arena             -> pending[0/1]
  *   - tag chains half updated, counters off by one
  * Published entries are whole (they were filled before the publishing store),
  * so repair keeps every entry a chain reaches and that validates, frees the
- * pending blocks no chain reaches, rebuilds the stripe's tag chains from its
- * entries and recounts it. Work: O(entries of the stripe), plus one heap walk
- * when a pending block must be confirmed to be a block boundary.
+ * pending blocks no chain reaches, gives the stripe's arena back to the heap,
+ * rebuilds the stripe's tag chains from its entries and recounts it. Work: O(entries of the stripe), plus a heap walk
+ * for each pending or spare block that must be confirmed to be a block boundary.
  */
 #include <stdlib.h>
 
@@ -46,9 +47,12 @@ static int cmp_ref(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-static int reachable(const uint32_t *refs, size_t n, uint32_t ref)
+typedef struct { const uint32_t *refs; size_t n; } sorted_refs;
+
+static int is_reached(void *ctx, uint32_t ref)
 {
-    return bsearch(&ref, refs, n, sizeof *refs, cmp_ref) != NULL;
+    const sorted_refs *r = ctx;
+    return bsearch(&ref, r->refs, r->n, sizeof *r->refs, cmp_ref) != NULL;
 }
 
 vela_err vela_stripe_repair(vela_table *t, uint32_t s, int heap_held)
@@ -97,20 +101,10 @@ vela_err vela_stripe_repair(vela_table *t, uint32_t s, int heap_held)
     }
     qsort(refs, n, sizeof *refs, cmp_ref);
 
-    /* Free what the dead write allocated or unlinked and no chain reaches. */
-    for (int slot = 0; slot < 2; slot++) {
-        uint32_t p = st->pending[slot];
-        while (p && p >= vela_heap_first(t) && p < vela_heap_end(t) && !reachable(refs, n, p) &&
-               vela_heap_is_block(t, p)) {
-            vela_block *b = blk(t, p);
-            if (!(b->size_flags & VELA_BLK_USED) || b->kind != VELA_KIND_ENTRY || b->owner != s)
-                break;
-            uint32_t next = vela_entry_of(b)->next;
-            vela_heap_free(t, p);
-            p = next;
-        }
-        st->pending[slot] = 0;
-    }
+    /* Free what the dead write allocated or unlinked and no chain reaches,
+     * and give the arena back to the heap. */
+    sorted_refs reached = {refs, n};
+    vela_arena_repair(t, s, is_reached, &reached);
 
     /* Rebuild the tag chains from the entries. */
     memset(&t->tagbuckets[(uint64_t)s * (t->tagbucket_mask + 1)], 0,

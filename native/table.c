@@ -127,8 +127,10 @@ void vela_tags_unlink(vela_table *t, uint32_t s, vela_entry *e)
 
 /* ---- removal ------------------------------------------------------------------- */
 
-/* Unlink the entry `ref` whose predecessor link is *pred, and free it. Stripe
- * locked, inside a write. Returns the ref of the free block it became part of. */
+/* Unlink the entry `ref` whose predecessor link is *pred, and free it; a caller
+ * without the heap lock gives a small block to the stripe's arena instead (no
+ * heap lock). Stripe locked, inside a write. Returns the ref of the free block
+ * it became part of, or of the spare block it became: nonzero when removed. */
 static uint32_t remove_at(vela_table *t, uint32_t s, uint32_t *pred, uint32_t ref, int heap_held,
                           vela_err *err)
 {
@@ -142,6 +144,10 @@ static uint32_t remove_at(vela_table *t, uint32_t s, uint32_t *pred, uint32_t re
     st->tombstones -= e->codec == VELA_CODEC_TOMBSTONE;
     st->bytes -= vela_block_size(b);
     uint32_t freed = 0;
+    if (!heap_held && vela_arena_keep(t, s, ref)) {
+        st->pending[1] = 0;
+        return ref;
+    }
     if (!heap_held && (*err = vela_heap_lock(t)) != VELA_OK)
         return 0; /* stays in pending: the block leaks rather than breaks */
     freed = vela_heap_free(t, ref);
@@ -243,6 +249,38 @@ static void fill_entry(vela_table *t, vela_block *b, const vela_put_args *a, uin
     b->access = t->hdr->eviction == VELA_EVICT_LFU ? 1 : 0;
 }
 
+/* The heap's part of a put, under one hold of its lock (left held in
+ * *heap_held): room for max_size, the block (evicting if need be; the arenas'
+ * spare memory is given back before the put is refused), and a refill of the
+ * stripe's arena. */
+static uint32_t alloc_from_heap(vela_table *t, uint32_t s, uint32_t size, int room_needed, int *heap_held,
+                                vela_err *err)
+{
+    if ((*err = vela_heap_lock(t)) != VELA_OK)
+        return 0;
+    if (room_needed && !vela_evict_one(t, s)) {
+        vela_heap_unlock(t);
+        *err = vela_fail(VELA_EFULL, "the cache holds max_size=%llu entries and none may be evicted "
+                         "(eviction_policy=ttl_only and none expired)", (unsigned long long)t->hdr->max_size);
+        return 0;
+    }
+    uint32_t ref = vela_heap_alloc(t, size, s, 0);
+    if (!ref) /* the clock hand gives spare blocks back as it passes them */
+        ref = vela_evict_alloc(t, s, size, 0);
+    if (!ref) { /* nothing could be evicted: every spare block in reach, then once more */
+        vela_arena_reclaim(t, s);
+        ref = vela_heap_alloc(t, size, s, 0);
+    }
+    if (!ref) {
+        vela_heap_unlock(t);
+        *err = VELA_EFULL; /* message set by the evictor */
+        return 0;
+    }
+    vela_arena_refill(t, s, size);
+    *heap_held = 1;
+    return ref;
+}
+
 vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
 {
     vela_stripe *st = &t->stripes[s];
@@ -258,22 +296,19 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
     if (old && a->only_if_absent && vela_entry_of(blk(t, old))->codec != VELA_CODEC_TOMBSTONE)
         return VELA_OK;
 
-    if ((err = vela_heap_lock(t)) != VELA_OK)
+    /* The block: from the stripe's arena under the stripe lock alone, else from
+     * the heap under one hold of its lock. */
+    int heap_held = 0, room_needed = !old && t->hdr->max_size && vela_size(t) >= t->hdr->max_size;
+    uint32_t ref = room_needed ? 0 : vela_arena_take(t, s, (uint32_t)size, 0);
+    if (!ref && !(ref = alloc_from_heap(t, s, (uint32_t)size, room_needed, &heap_held, &err)))
         return err;
-    if (!old && t->hdr->max_size && vela_size(t) >= t->hdr->max_size && !vela_evict_one(t, s)) {
-        vela_heap_unlock(t);
-        return vela_fail(VELA_EFULL, "the cache holds max_size=%llu entries and none may be evicted "
-                         "(eviction_policy=ttl_only and none expired)", (unsigned long long)t->hdr->max_size);
-    }
-    uint32_t ref = vela_heap_alloc(t, (uint32_t)size, s, 0);
-    if (!ref)
-        ref = vela_evict_alloc(t, s, (uint32_t)size, 0);
-    vela_heap_unlock(t);
-    if (!ref)
-        return VELA_EFULL; /* message set by the evictor */
 
     /* Eviction may have removed the old entry: look again. */
     old = entry_of_key(t, s, a->key); /* expired or not: it is replaced */
+    if (heap_held && (!old || vela_arena_would_keep(t, s, vela_block_size(blk(t, old))))) {
+        vela_heap_unlock(t); /* the arena keeps the replaced block: no free */
+        heap_held = 0;
+    }
     vela_write_begin(t, s);
     vela_block *b = blk(t, ref);
     vela_debug_stall(1);
@@ -294,12 +329,18 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a)
         st->entries--;
         st->tombstones -= vela_entry_of(ob)->codec == VELA_CODEC_TOMBSTONE;
         st->bytes -= vela_block_size(ob);
-        if ((err = vela_heap_lock(t)) == VELA_OK) {
-            vela_heap_free(t, old);
-            vela_heap_unlock(t);
+        if (!vela_arena_keep(t, s, old)) {
+            /* Not held yet only when the put was served by the arena and the
+             * replaced block is larger than what the arena keeps. */
+            if (!heap_held && (err = vela_heap_lock(t)) == VELA_OK)
+                heap_held = 1;
+            if (heap_held)
+                vela_heap_free(t, old);
         }
     }
     vela_write_end(t, s);
+    if (heap_held)
+        vela_heap_unlock(t);
     return err;
 }
 

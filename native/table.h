@@ -42,6 +42,9 @@
  *     that keep it walkable (split: write the remainder header, then shrink;
  *     merge: grow). A heap whose lock owner died is rebuilt by one walk.
  *   - A header word `used` flips a block between free and used with one store.
+ *   - A stripe's arena (spare blocks it owns, arena.c) is one chain whose head
+ *     a single store changes; a block leaving or joining it is recorded in
+ *     `pending` first, so repair finds every spare block and gives it back.
  *
  * Lock order (see lock.c): stripe -> heap. Other stripes are only ever
  * try-locked while holding the heap (eviction), so no cycle can form; and
@@ -61,7 +64,7 @@
  * it: the size and alignment of every shared struct is asserted for this
  * format at the end of the file, so a layout change fails to build until the
  * format is bumped and the sizes there are updated. */
-#define VELA_FORMAT 3u /* 3: vela_stripe.repair_due; header field `topology` */
+#define VELA_FORMAT 4u /* 4: per-stripe allocation arenas (vela_stripe.arena*, VELA_KIND_ARENA) */
 #define VELA_READY 0x52454459u /* "REDY": set last by the creator */
 
 #define VELA_LINE 128         /* padding unit: two x86 lines (adjacent prefetch) */
@@ -136,6 +139,7 @@ typedef struct vela_block {
 #define VELA_KIND_FREE 0
 #define VELA_KIND_ENTRY 1
 #define VELA_KIND_SENTINEL 2
+#define VELA_KIND_ARENA 3 /* a stripe's spare block (arena.c): used for the heap, not an entry */
 
 /* A free block: the header, then its list links, ..., footer = size. */
 typedef struct vela_free_block {
@@ -185,6 +189,11 @@ typedef struct vela_stripe {
     uint64_t bytes;        /* bytes of their blocks */
     uint32_t repair_due;   /* its owner died and inspection (no heap lock) took the lock
                               first: the next locker repairs it */
+    uint32_t arena;        /* first spare block of the stripe's arena (arena.c), chained by
+                              vela_entry.next; only the stripe's lock holder changes it */
+    uint32_t arena_blocks; /* spare blocks in the arena */
+    uint32_t pad_;
+    uint64_t arena_bytes;  /* their bytes */
 } __attribute__((aligned(VELA_LINE))) vela_stripe;
 
 /* A stampede lease: while `hash` is set, process holder_pid runs the fetch of
@@ -296,7 +305,7 @@ typedef struct vela_cluster {
 /* ---- the layout of VELA_FORMAT, checked by the compiler ---------------------------
  * Sizes are of x86-64 and aarch64 Linux; a process-shared mutex (pthread_mutex_t)
  * differs between them, so what contains one is counted in vela_lock's size. */
-#if VELA_FORMAT != 3
+#if VELA_FORMAT != 4
 #error "VELA_FORMAT changed: update the layout sizes below to the new format's"
 #endif
 #define VELA_LAYOUT(type, size, align)                                                        \
@@ -318,7 +327,7 @@ VELA_LAYOUT(vela_cluster, VELA_CLUSTER_BYTES, 4);
 _Static_assert(offsetof(vela_header, format) == 8 && offsetof(vela_header, ready) == 16,
                "the identity fields moved: tools read them at fixed offsets");
 /* vela_stripe's fields must fit in its line whatever the mutex's size. */
-_Static_assert(offsetof(vela_stripe, repair_due) + sizeof(uint32_t) <= VELA_LINE, "vela_stripe outgrew its line");
+_Static_assert(offsetof(vela_stripe, arena_bytes) + sizeof(uint64_t) <= VELA_LINE, "vela_stripe outgrew its line");
 #undef VELA_LAYOUT
 
 #endif /* VELA_TABLE_H */

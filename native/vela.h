@@ -159,9 +159,37 @@ vela_err vela_heap_repair(vela_table *t);
 int vela_heap_is_block(vela_table *t, uint32_t ref);
 uint32_t vela_heap_first(const vela_table *t);
 uint32_t vela_heap_end(const vela_table *t);
-/* Append heap problems to the report (check.c's collector). */
+/* Append heap problems to the report (check.c's collector); marks used entry
+ * blocks in used_map and spare (arena) blocks in arena_map. */
 struct vela_report;
-void vela_heap_check(vela_table *t, struct vela_report *r, uint8_t *used_map);
+void vela_heap_check(vela_table *t, struct vela_report *r, uint8_t *used_map, uint8_t *arena_map);
+
+/* ---- per-stripe arenas (arena.c): spare blocks a stripe allocates from without
+ * the heap lock. All with stripe s locked. ------------------------------------- */
+/* A spare block that fits an entry of `size` bytes, recorded in pending[slot],
+ * now an entry block; 0 when the arena has none. */
+uint32_t vela_arena_take(vela_table *t, uint32_t s, uint32_t size, int slot);
+/* Whether the arena would keep a block of `size` bytes (vela_arena_keep). */
+int vela_arena_would_keep(const vela_table *t, uint32_t s, uint32_t size);
+/* Keep the unlinked entry block `ref` (recorded in pending by the caller) as a
+ * spare block; 0 when there is no room (the caller frees it to the heap). */
+int vela_arena_keep(vela_table *t, uint32_t s, uint32_t ref);
+/* Heap locked too: add spare blocks of `size` bytes taken from free memory. */
+void vela_arena_refill(vela_table *t, uint32_t s, uint32_t size);
+/* Heap locked too: give every spare block back to the heap. */
+void vela_arena_drain(vela_table *t, uint32_t s);
+/* Bytes of spare blocks in all arenas (of memory_used), read without locks. */
+uint64_t vela_arena_spare_bytes(const vela_table *t);
+/* Takes stripe s and the heap itself: give its arena back (crash tests: a put
+ * that must refill). */
+vela_err vela_arena_give_back(vela_table *t, uint32_t s);
+/* Heap locked, stripe s locked: drain every arena that can be try-locked. */
+void vela_arena_reclaim(vela_table *t, uint32_t s);
+/* Stripe repair (heap locked): free pending blocks no chain reaches and the arena. */
+void vela_arena_repair(vela_table *t, uint32_t s, int (*reachable)(void *ctx, uint32_t ref), void *ctx);
+/* check(): verify stripe s's arena against the heap's arena_map; adds its blocks. */
+void vela_arena_check(vela_table *t, uint32_t s, struct vela_report *r, const uint8_t *arena_map,
+                      uint64_t *blocks);
 
 /* ---- entries (table.c) -------------------------------------------------------- */
 typedef struct vela_key {
@@ -195,8 +223,9 @@ vela_err vela_do_tombstone(vela_table *t, uint32_t s, const vela_key *k, uint64_
 /* Insert or replace (stripe s locked by the caller). */
 vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a);
 /* Unlink and free entry `ref` of stripe s (locked), inside a write of its own;
- * heap_held: the caller holds the heap lock. Returns the ref of the free block
- * it became part of (0 if it was not linked). */
+ * heap_held: the caller holds the heap lock (the block goes to the heap, else
+ * a small one to the stripe's arena). Returns the ref of the free block it
+ * became part of, or of the spare block it became (0 if it was not linked). */
 uint32_t vela_remove_entry(vela_table *t, uint32_t s, uint32_t ref, int heap_held, vela_err *err);
 /* Convenience wrappers that lock. */
 vela_err vela_put(vela_table *t, const vela_put_args *a);
@@ -428,7 +457,8 @@ typedef int (*vela_sample_fn)(void *ctx, vela_entry *e, int64_t now);
 int vela_sample_stripe(vela_table *t, uint32_t s, uint32_t max, vela_sample_fn fn, void *ctx);
 
 /* ---- test hooks ----------------------------------------------------------------------- */
-/* Phase at which vela_do_put stops forever (crash tests), 0 = never. */
+/* Phase at which vela_do_put stops forever (crash tests), 0 = never: 1-3 table.c,
+ * 4-5 heap.c, 6-8 arena.c. */
 extern int vela_debug_stall_phase;
 void vela_debug_stall(int phase);
 

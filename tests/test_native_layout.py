@@ -26,7 +26,7 @@ def test_enums_come_from_the_core():
 
 
 def test_a_segment_records_the_format_of_the_core_that_made_it(cache):
-    assert cache._table.info()["format"] == _native.FORMAT == 3
+    assert cache._table.info()["format"] == _native.FORMAT == 4
 
 
 def test_the_cluster_view_limit_is_the_cores(cache):

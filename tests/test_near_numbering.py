@@ -72,7 +72,7 @@ def test_numbered_messages_split_and_others_pass_through():
 def _peer(**fields):
     from vela.bridge import protocol
 
-    return protocol.pack(b"s" * 32, dict(fields, v=protocol.PROTOCOL, inc=9, **{"from": 3}))
+    return protocol.pack(b"s" * 32, dict(fields, v=protocol.PROTOCOL, inc=9, n=1, **{"from": 3}))
 
 
 def _refused(frames):

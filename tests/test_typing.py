@@ -4,6 +4,7 @@ signatures in help() (no ``(*args, **kwargs)``, no ``<object object at 0x...>``)
 import inspect
 import os
 import pydoc
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,11 @@ def test_the_native_stub_matches_the_built_module(tmp_path):
     shutil.copy(os.path.join(PACKAGE, "_native.pyi"), stubs / "_native.pyi")
     flags = ["--ignore-disjoint-bases"] if "--ignore-disjoint-bases" in subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", "--help"], capture_output=True, text=True, timeout=120).stdout else []
+    # Table cannot be subclassed from Python, yet BridgeTable derives from it in C: the
+    # stub cannot mark it @final, which stubtest would ask for.
+    allowlist = tmp_path / "allowlist"
+    allowlist.write_text("vela._native.Table\n")
+    flags += ["--allowlist", str(allowlist)]
     out = subprocess.run([sys.executable, "-m", "mypy.stubtest", *flags, "vela._native"], capture_output=True,
                          text=True, timeout=600, cwd=tmp_path, env=dict(os.environ, MYPYPATH=str(tmp_path / "stubs")))
     assert out.returncode == 0, out.stdout + out.stderr
@@ -105,7 +111,10 @@ def test_help_shows_the_real_signature():
     assert repr(params["capacity"].default) == "ADOPT"
     assert params["default_ttl"].default is None and params["stampede_timeout"].default == 5.0
     text = pydoc.render_doc(vela.Cache, renderer=pydoc.plaintext)
-    first = text.split("\n |  ")[0] + text.split("\n |  ")[1]
-    assert "Cache(name: 'str', *, backend: 'str' = 'shm'" in first and "capacity: 'Union[int, str, _Adopt]' = ADOPT" in first
+    # the class line, on one line or (3.13) one parameter a line
+    head = text.split("A cache shared by every process", 1)[0]
+    flat = re.sub(r"\(\s+", "(", re.sub(r"\s+", " ", head.replace(" | ", " ")))
+    assert "Cache(name: 'str', *, backend: 'str' = 'shm'," in flat
+    assert "capacity: 'Union[int, str, _Adopt]' = ADOPT," in flat
+    assert "*args" not in flat and "**kwargs" not in flat
     assert "object at 0x" not in text
-    assert "(*args, **kwargs)" not in first

@@ -6,8 +6,8 @@
 Writers put, overwrite, delete, tag, expire and invalidate self-checking values (key,
 sequence number and a digest of all of it) over a pool of keys; some of them are
 killed while stopped at a stall point inside a put (in the heap, between build and
-publish, inside the free of the old entry), the others at whatever instruction they
-are at. Readers verify every value they get, all the while, and a baseline written
+publish, inside the free of the old entry, in the stripe's arena: taking a spare block,
+keeping the replaced one, refilling), the others at whatever instruction they are at. Readers verify every value they get, all the while, and a baseline written
 before the first kill must never change. Afterwards one process checks the table
 (`check()` must return []), reads every key, writes every key again and checks again.
 
@@ -34,7 +34,11 @@ HEADER = struct.Struct("<4sHQI")  # magic, key length, sequence, payload length
 MAGIC = b"VELA"
 DIGEST = 8
 POOL = 2000
-STALL_PHASES = (1, 2, 3, 4, 5)  # the stall points of a put (native/table.c, native/heap.c)
+STALL_KEYS = 50  # the pool's last keys: written only by the stalled puts, one at a time, so
+                 # that what a stall point needs (an old entry of a given size) stays there
+STALL_PHASES = (1, 2, 3, 4, 5, 6, 7, 8)  # the stall points of a put (native/table.c, heap.c, arena.c)
+ARENA_PHASES = (6, 7, 8)  # in the stripe's arena: a small entry (a block an arena keeps)
+SMALL, LARGE = 300, 2000  # value bytes of a stalled put: served by the arena / by the heap
 
 
 def make_value(key, seq, size):
@@ -64,7 +68,7 @@ def writer(name, seed):
     seq = seed * 1_000_000_000
     while True:
         seq += 1
-        key = f"k:{rng.randrange(POOL)}"
+        key = f"k:{rng.randrange(POOL - STALL_KEYS)}"
         value = make_value(key, seq, rng.randint(30, 8000))
         r = rng.random()
         if r < 0.08:
@@ -83,8 +87,11 @@ def writer(name, seed):
 
 def staller(name, phase, key, value, ready):
     c = vela.Cache(name, sweep_interval=None)
-    if phase == 5:  # inside the free of the entry the put replaces: there must be one
-        c.put(key, make_value(key, 1, 100))
+    if phase == 5:  # inside the free of the entry the put replaces (too large for the arena)
+        c.put(key, make_value(key, 1, 1500))
+    elif phase in (6, 7):  # a replacing put of the stalled size: the arena keeps a block that fits
+        c.put(key, make_value(key, 1, SMALL))
+        c.put(key, make_value(key, 2, SMALL))
     ready.send(os.getpid())
     c._table.debug_stall(phase, key, value)  # never returns: stops holding its locks
 
@@ -187,8 +194,9 @@ def soak(name, kills, seed, writers=3, readers=2, stall_every=10, log=print):
         while done < kills:
             if stall_every and done % stall_every == stall_every - 1:
                 phase = STALL_PHASES[stall_kills % len(STALL_PHASES)]
-                key = f"k:{rng.randrange(POOL)}"
-                if not stall_and_kill(name, phase, key, make_value(key, 10 ** 14 + done, 2000)):
+                key = f"k:{POOL - STALL_KEYS + rng.randrange(STALL_KEYS)}"
+                size = SMALL if phase in ARENA_PHASES else LARGE
+                if not stall_and_kill(name, phase, key, make_value(key, 10 ** 14 + done, size)):
                     problems.append(f"a put did not reach stall point {phase}")
                 stall_kills += 1
             else:

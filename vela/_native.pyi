@@ -16,17 +16,9 @@ CODEC_MSGPACK: Final[int]
 CODEC_CUSTOM: Final[int]
 BACKEND_SHM: Final[int]
 BACKEND_FILE: Final[int]
-TOPOLOGY_LOCAL: Final[int]
-TOPOLOGY_REPLICATED: Final[int]
-TOPOLOGY_PARTITIONED: Final[int]
-MAGIC: Final[int]
-FORMAT: Final[int]
-READY: Final[int]
-HEADER_TOPOLOGY_OFFSET: Final[int]
-CLUSTER_BYTES: Final[int]
 CODEC_BYTES: Final[int]
-CODEC_INT: Final[int]
 CODEC_STR: Final[int]
+CODEC_INT: Final[int]
 CODEC_TOMBSTONE: Final[int]
 EVICT_LRU: Final[int]
 EVICT_LFU: Final[int]
@@ -40,6 +32,14 @@ OP_PUT: Final[int]
 OP_DELETE: Final[int]
 OP_FLUSH: Final[int]
 OP_TAG: Final[int]
+TOPOLOGY_LOCAL: Final[int]
+TOPOLOGY_REPLICATED: Final[int]
+TOPOLOGY_PARTITIONED: Final[int]
+FORMAT: Final[int]
+MAGIC: Final[int]
+READY: Final[int]
+CLUSTER_BYTES: Final[int]
+HEADER_TOPOLOGY_OFFSET: Final[int]
 
 def encode_key(key: _Key, /) -> bytes: ...
 def decode_key(data: bytes, /) -> _Key: ...
@@ -47,8 +47,7 @@ def tag_hash(tag: str, /) -> int: ...
 def entry_size(key_len: int, value_len: int, ntags: int, /) -> int: ...
 def proc_start_time(pid: int, /) -> int: ...
 
-@final
-class Table:
+class Table:  # (not @final: BridgeTable derives from it in C; tests/test_typing.py)
     """A shared-memory table (internal; use vela.Cache)."""
 
     stats_enabled: bool
@@ -127,7 +126,6 @@ class Table:
     def scan(self, cursor: int, max: int, /) -> Any: ...
     def get_routed(self, *args: Any) -> Any: ...
     def put_routed(self, *args: Any) -> bool: ...
-    def observe(self, version: int, /) -> None: ...
     def delete_routed(self, *args: Any) -> bool | None: ...
     def get_raw(self, key: bytes, count: bool = ..., /) -> tuple[bytes, int, int, list[int], int] | None: ...
     def encode_value(self, value: Any, /) -> tuple[bytes, int]: ...
@@ -135,11 +133,13 @@ class Table:
     def partition_counts(self, parts: Any, /) -> list[int]: ...
     def drop_partitions(self, *args: Any) -> int: ...
     def next_version(self) -> int: ...
+    def observe(self, version: int, /) -> None: ...
     def set_cluster(self, view: bytes, /) -> None: ...
     def cluster(self) -> bytes: ...
     def cluster_seq(self) -> int: ...
     def debug_stall(self, phase: int, key: _Key, value: Any, /) -> None: ...
 
+
 @final
-class BridgeTable(Table):  # type: ignore[misc]  # (a subtype the C core alone makes)
-    """The table as the vela-bridge opens it (internal)."""
+class BridgeTable(Table):
+    """The bridge's own handle on a table (the change log reader, apply_*, snapshots)."""

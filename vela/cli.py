@@ -12,7 +12,6 @@ mistake (bad arguments, a missing package), said in one line with its fix.
 import argparse
 import json
 import os
-import stat
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -33,6 +32,9 @@ USAGE = ("usage: vela [--version] COMMAND [ARGS...]\n\ncommands:\n"
          + "\n`vela COMMAND --help` shows the options of a command.\n")
 
 SHM_DIR = "/dev/shm"
+# Files a cache keeps beside its segment (vela.bridge.client.control_endpoint and
+# marks_path, vela.near.HostElection): vela.<name>.<suffix>, not caches.
+SIDE_FILES = ("bridge", "marks", "listener")
 TOPOLOGIES = {0: "local", 1: "replicated", 2: "partitioned"}
 
 
@@ -86,16 +88,10 @@ def segment_names() -> List[str]:
         entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return []
-    # (regular files only: the bridge's control socket lives beside the segment)
-    return sorted(e[len(prefix):] for e in entries if e.startswith(prefix) and len(e) > len(prefix)
-                  and _is_file(os.path.join(SHM_DIR, e)))
-
-
-def _is_file(path: str) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:  # gone meanwhile
-        return False
+    # Beside a segment live files of its own (vela.<name>.bridge, .marks, .listener): not caches.
+    return sorted(e[len(prefix):] for e in entries
+                  if e.startswith(prefix) and len(e) > len(prefix) and e.rsplit(".", 1)[-1] not in SIDE_FILES
+                  and os.path.isfile(os.path.join(SHM_DIR, e)))
 
 
 def describe(name: str) -> Dict[str, Any]:

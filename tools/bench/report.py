@@ -40,6 +40,18 @@ def _table(title, results, stores, row_fn, fmt):
         print(f"{workload:<14}" + "".join(f"{fmt(row_fn(workload, s)):>{width}}" for s in stores))
 
 
+def scaling(results, workload, store, lo=1, hi=2):
+    """ops/s with `hi` processes / with `lo`, or None."""
+    a, b = _fig(results, workload, store, lo), _fig(results, workload, store, hi)
+    return b / a if a and b else None
+
+
+def scaling_vs_floor(results, workload, lo=1, hi=2):
+    """Vela's scaling / the dict floor's (1: Vela scales as well as a process-local dict)."""
+    vela, floor = scaling(results, workload, "vela", lo, hi), scaling(results, workload, "floor", lo, hi)
+    return vela / floor if vela and floor else None
+
+
 def ratios(results, stores, procs_list):
     """Vela ops/s / peer ops/s for every workload, peer and process count."""
     out = {}
@@ -66,9 +78,9 @@ def tables(results, stores, procs_list):
                lambda w, s: r.get(w, {}).get(s), _ratio)
     if len(procs_list) > 1:
         lo, hi = min(procs_list), max(procs_list)
-        _table(f"scaling: ops/s with {hi} processes / with {lo}", results, stores,
-               lambda w, s: (_fig(results, w, s, hi) / _fig(results, w, s, lo))
-               if _fig(results, w, s, hi) and _fig(results, w, s, lo) else None, _ratio)
+        _table(f"scaling: ops/s with {hi} processes / with {lo}", results, stores + ["vela/floor"],
+               lambda w, s: scaling_vs_floor(results, w, lo, hi) if s == "vela/floor"
+               else scaling(results, w, s, lo, hi), _ratio)
     errors = [(w, s, cell["error"]) for w, row in results.items() for s, cell in row.items()
               if "error" in cell]
     for w, s, err in errors:
@@ -99,6 +111,9 @@ def targets(results, mem, tele):
     value = two / one if one and two else None
     rows.append(("get-hit 100 B, Vela: 2 processes >= 1.7x the ops/s of 1", value,
                  value is not None and value >= 1.7, _ratio(value)))
+    value = scaling_vs_floor(results, "put_100b")
+    rows.append(("put 100 B, Vela's 2-process/1-process ops/s >= 0.9x the floor's", value,
+                 value is not None and value >= 0.9, _ratio(value)))
     for what, key in (("heap only", "heap_overhead_per_entry"),
                       ("whole segment: header and index included", "segment_overhead_per_entry")):
         value = mem[key] if mem else None

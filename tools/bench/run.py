@@ -4,7 +4,8 @@
     python tools/bench/run.py --quick         # a smoke run, under 30 s
     python tools/bench/run.py --only get_hit_100b,put_100b --procs 1 --json out.json
 
-Prints ops/s and ns/op per store and workload, Vela / peer ratios, the memory
+Prints ops/s and ns/op per store and workload, Vela / peer ratios, scaling with
+processes (Vela's against the dict floor's in the last column), the memory
 figure, the telemetry-idle cost and the targets (met / NOT met; a missed target
 never fails the run), and writes every figure to JSON. See README.md here.
 """
@@ -192,6 +193,8 @@ def main():
     print(f"\ntotal {time.monotonic() - began:.0f} s; load average at start {load_start:.2f}, at end {load_end:.2f}")
     doc = {"meta": dict(about, load_average=[load_start, load_end], baselines=base), "results": results,
            "ratios": report.ratios(results, order, args.procs),
+           "scaling_vs_floor": {w: report.scaling_vs_floor(results, w, min(args.procs), max(args.procs))
+                                for w in results},
            "memory": mem, "telemetry_idle": tele, "targets": targets}
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=1)

@@ -29,6 +29,7 @@ class Server:
     """A child process with a temp dir; subclasses say how to start and ping it."""
 
     executable = None
+    start_timeout = 10  # seconds until it must answer ping()
 
     def __init__(self):
         self.proc = None
@@ -54,6 +55,10 @@ class Server:
         """True once the server answers."""
         raise NotImplementedError
 
+    def environment(self):
+        """The server's environment; None: this process's."""
+        return None
+
     def start(self, tries=3):
         last = None
         for _ in range(tries):  # a port taken between free_port() and bind: try another
@@ -63,10 +68,11 @@ class Server:
             # start_new_session: a Ctrl-C of the benchmark must not kill the server
             # before the finally block that stops it in order.
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         env=self.environment())
             log.close()
             _running.append(self)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + self.start_timeout
             while time.monotonic() < deadline and self.proc.poll() is None:
                 try:
                     if self.ping():
