@@ -249,15 +249,10 @@ def status(args):
     try:
         reply = client.call({"op": "status"})
     except BridgeUnavailable:
-        line = (f"the bridge of cache {args.cache!r} did not answer at {client.endpoint} within {args.timeout:g} s: "
-                f"is `vela-bridge run --cache {args.cache} ...` running on this host (with the same "
-                "VELA_NAMESPACE, if one is set)?")
-        from ..inspect import segment_exists
-
-        if not segment_exists(args.cache)[0]:
-            raise OperatorError(line) from None  # no such cache here: a mistake (status 2)
-        print(f"vela-bridge status: {line}", file=sys.stderr)
-        return 1  # the cache is here and its bridge is not: what status reports
+        raise OperatorError(
+            f"the bridge of cache {args.cache!r} did not answer at {client.endpoint} within {args.timeout:g} s: "
+            f"is `vela-bridge run --cache {args.cache} ...` running on this host (with the same "
+            "VELA_NAMESPACE, if one is set)?") from None
     print(json.dumps(reply, indent=2, sort_keys=True))
     return 0
 
