@@ -293,7 +293,7 @@ while len(c) < 1000 and time.monotonic() - t0 < 10:
     time.sleep(0.01)
 print(f"host B reads order 999 = {{c.get(('order', 999))}} ({{seen_ms:.0f}} ms after it looked) "
       f"and holds {{len(c)}} entries")
-print(f"  host B invalidates tag 'orders': {{c.invalidate_tag('orders')}} entries removed on both hosts")"""))
+print(f"  host B invalidates tag 'orders': {{c.invalidate_tag('orders')}} entries removed (on each host)")"""))
         print("  " + in_host(hosts[0], f"""
 c = vela.Cache({NAME!r}, {opts})
 print(f"host A now holds {{len(c)}} entries")"""))

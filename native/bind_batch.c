@@ -28,8 +28,58 @@ static PyObject *Table_get_many(TableObject *self, PyObject *keys)
     return out;
 }
 
+/* What a key held before a batch replaced it: the batch puts it back if a later
+ * item finds no room (ttl_only), so a batch that raises CacheFull changes nothing. */
+typedef struct {
+    int found;
+    uint8_t codec;
+    int64_t expire_at;
+    uint8_t *value;
+    size_t value_len;
+    uint64_t tags[VELA_MAX_TAGS];
+    size_t ntags;
+} prior_entry;
+
+static int copy_prior(void *ctx, vela_entry *e, int64_t now)
+{
+    (void)now;
+    prior_entry *p = ctx;
+    p->value = PyMem_Malloc(e->value_len ? e->value_len : 1);
+    if (!p->value) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(p->value, vela_value_of(e), e->value_len);
+    p->value_len = e->value_len;
+    p->codec = e->codec;
+    p->expire_at = e->expire_at;
+    p->ntags = e->ntags;
+    for (uint32_t i = 0; i < e->ntags; i++)
+        p->tags[i] = vela_tags_of(e)[i].tag & VELA_TAG_MASK;
+    return 0;
+}
+
+/* Put back what items [0, n) of a failed batch replaced, last first (a key twice in
+ * the batch ends as it was before the first). Best effort: the error raised is the
+ * batch's. */
+static void undo_batch(vela_table *t, vela_keybuf *kbs, prior_entry *prior, Py_ssize_t n)
+{
+    for (Py_ssize_t i = n - 1; i >= 0; i--) {
+        vela_err err = VELA_OK;
+        if (!prior[i].found) {
+            vela_delete(t, &kbs[i].key, &err);
+            continue;
+        }
+        vela_put_args a = {.key = &kbs[i].key, .value = prior[i].value, .value_len = prior[i].value_len,
+                           .codec = prior[i].codec, .expire_at = prior[i].expire_at, .tags = prior[i].tags,
+                           .ntags = prior[i].ntags};
+        vela_put(t, &a);
+    }
+}
+
 /* put_many(items, ttl_ns, tags): items is a sequence of (key, value). Every
- * item is encoded before the first is stored, so a bad one stores nothing. */
+ * item is encoded before the first is stored, so a bad one stores nothing; on a
+ * ttl_only cache, an item with no room undoes the items stored before it. */
 static PyObject *Table_put_many(TableObject *self, PyObject *args)
 {
     PyObject *items, *tags;
@@ -44,7 +94,8 @@ static PyObject *Table_put_many(TableObject *self, PyObject *args)
     PyObject *seq = PySequence_Fast(items, "put_many takes (key, value) pairs");
     if (!seq)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), done = 0;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), done = 0, nprior = 0;
+    prior_entry *prior = NULL;
     vela_keybuf *kbs = PyMem_Malloc(sizeof(vela_keybuf) * (size_t)(n ? n : 1));
     vela_valbuf *vbs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(vela_valbuf));
     PyObject *result = NULL;
@@ -72,19 +123,41 @@ static PyObject *Table_put_many(TableObject *self, PyObject *args)
         }
     }
     int64_t expire_at = bind_expire_at(&self->t, ttl_ns);
+    /* Only a ttl_only cache refuses a put for room (the others evict). */
+    if (self->t.hdr->eviction == VELA_EVICT_TTL_ONLY &&
+        !(prior = PyMem_Calloc((size_t)(n ? n : 1), sizeof(prior_entry)))) {
+        PyErr_NoMemory();
+        goto out;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         vela_put_args a = {.key = &kbs[i].key, .value = vbs[i].bytes, .value_len = vbs[i].len,
                            .codec = vbs[i].codec, .expire_at = expire_at, .tags = taghashes,
                            .ntags = (size_t)ntags};
-        vela_err err = vela_put(&self->t, &a);
+        vela_err err = VELA_OK;
+        if (prior) {
+            err = vela_with_entry(&self->t, &kbs[i].key, copy_prior, &prior[i], &prior[i].found);
+            nprior = i + 1;
+        }
+        if (err == VELA_OK)
+            err = vela_put(&self->t, &a);
         if (err != VELA_OK) {
-            bind_raise(err);
+            if (err != VELA_ECALLER)
+                bind_raise(err);
+            if (prior) {
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                undo_batch(&self->t, kbs, prior, i);
+                PyErr_Restore(type, value, tb);
+            }
             goto out;
         }
     }
     result = Py_None;
     Py_INCREF(result);
 out:
+    for (Py_ssize_t i = 0; prior && i < nprior; i++)
+        PyMem_Free(prior[i].value);
+    PyMem_Free(prior);
     for (Py_ssize_t i = 0; vbs && i < done && i < n; i++)
         vela_valbuf_release(&vbs[i]);
     PyMem_Free(kbs);

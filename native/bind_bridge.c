@@ -204,8 +204,14 @@ static int raw_entry(void *ctx, vela_entry *e, int64_t now)
 /* get_raw(key_bytes) -> None | (value_bytes, codec, remaining_ns, tags,
  * version): the bridge's read. Nothing is decoded (a bridge never unpickles); remaining_ns 0
  * means "never expires". Counts a hit or a miss. */
-static PyObject *Table_get_raw(TableObject *self, PyObject *key)
+static PyObject *Table_get_raw(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get_raw(key_bytes, count=True)");
+        return NULL;
+    }
+    PyObject *key = args[0];
+    int count = nargs < 2 || PyObject_IsTrue(args[1]);
     READY_OR_NULL(self);
     vela_keybuf kb;
     if (bind_raw_key(key, &kb) < 0)
@@ -216,7 +222,8 @@ static PyObject *Table_get_raw(TableObject *self, PyObject *key)
     vela_err err = vela_with_entry(t, &kb.key, raw_entry, &out, &found);
     if (err != VELA_OK)
         return err == VELA_ECALLER ? NULL : bind_raise(err);
-    VELA_COUNT(t, found ? VELA_STAT_HITS : VELA_STAT_MISSES);
+    if (count) /* (the bridge's own bookkeeping reads are no lookups) */
+        VELA_COUNT(t, found ? VELA_STAT_HITS : VELA_STAT_MISSES);
     if (!found)
         Py_RETURN_NONE;
     return out;
@@ -326,7 +333,7 @@ PyMethodDef bind_bridge_methods[] = {
     {"apply_flush", (PyCFunction)Table_apply_flush, METH_O, "bridge: apply_flush(version) -> removed"},
     {"apply_tag", (PyCFunction)Table_apply_tag, METH_VARARGS, "bridge: apply_tag(tag, version) -> removed"},
     {"scan", (PyCFunction)Table_scan, METH_VARARGS, "bridge: scan(cursor, max) for snapshots"},
-    {"get_raw", (PyCFunction)Table_get_raw, METH_O, "bridge: get_raw(key_bytes) -> None | (bytes, codec, ttl_ns, tags, version)"},
+    {"get_raw", (PyCFunction)(void (*)(void))Table_get_raw, METH_FASTCALL, "bridge: get_raw(key_bytes) -> None | (bytes, codec, ttl_ns, tags, version)"},
     {"partition_counts", (PyCFunction)Table_partition_counts, METH_O, "partition_counts(parts) -> [entries]"},
     {"drop_partitions", (PyCFunction)Table_drop_partitions, METH_VARARGS, "drop_partitions(parts, flags) -> removed"},
     {"next_version", (PyCFunction)Table_next_version, METH_NOARGS, "a new version (HLC)"},

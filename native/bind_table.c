@@ -92,6 +92,37 @@ static PyObject *Table_put(TableObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* add(key, value, ttl_ns, tags) -> stored? (only if no live entry has the key) */
+static PyObject *Table_add(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "add(key, value, ttl_ns, tags)");
+        return NULL;
+    }
+    READY_OR_NULL(self);
+    long long ttl_ns = PyLong_AsLongLong(args[2]);
+    if (ttl_ns == -1 && PyErr_Occurred())
+        return NULL;
+    uint64_t tags[VELA_MAX_TAGS];
+    Py_ssize_t ntags = vela_encode_tags(args[3], tags);
+    if (ntags < 0)
+        return NULL;
+    vela_keybuf kb;
+    if (vela_encode_key(args[0], &kb) < 0)
+        return NULL;
+    vela_valbuf vb;
+    if (vela_encode_value(args[1], self->dumps, self->dumps_codec, &vb) < 0)
+        return NULL;
+    vela_put_args a = {.key = &kb.key, .value = vb.bytes, .value_len = vb.len, .codec = vb.codec,
+                       .expire_at = bind_expire_at(&self->t, ttl_ns), .tags = tags, .ntags = (size_t)ntags};
+    int stored = 0;
+    vela_err err = vela_add(&self->t, &a, &stored);
+    vela_valbuf_release(&vb);
+    if (err != VELA_OK)
+        return bind_raise(err);
+    return PyBool_FromLong(stored);
+}
+
 static PyObject *Table_delete(TableObject *self, PyObject *key)
 {
     vela_keybuf kb;
@@ -234,6 +265,7 @@ PyMethodDef bind_table_methods[] = {
     {"get_hit", (PyCFunction)(void (*)(void))Table_get_hit, METH_FASTCALL, "get counting hits only"},
     {"contains", (PyCFunction)Table_contains, METH_O, "contains(key) -> bool (no stats)"},
     {"put", (PyCFunction)(void (*)(void))Table_put, METH_FASTCALL, "put(key, value, ttl_ns=0, tags=None)"},
+    {"add", (PyCFunction)(void (*)(void))Table_add, METH_FASTCALL, "add(key, value, ttl_ns, tags) -> stored?"},
     {"delete", (PyCFunction)Table_delete, METH_O, "delete(key) -> bool"},
     {"flush", (PyCFunction)Table_flush, METH_NOARGS, "flush() -> entries removed"},
     {"flush_versioned", (PyCFunction)Table_flush_versioned, METH_NOARGS, "-> (removed, version)"},

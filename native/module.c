@@ -3,6 +3,7 @@
  * close, attributes) with the methods of every bind_*.c file put together,
  * the module's functions and constants.
  */
+#include <stddef.h>
 #include "bind.h"
 
 #include <pthread.h>
@@ -283,9 +284,24 @@ static PyObject *mod_proc_start_time(PyObject *Py_UNUSED(m), PyObject *pid)
     return PyLong_FromUnsignedLongLong(vela_proc_start_time((uint32_t)p));
 }
 
+/* entry_size(key_len, value_len, ntags) -> bytes of the entry's block (0: too large);
+ * what max_entry_size bounds, for a check made before anything is sent. */
+static PyObject *mod_entry_size(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    Py_ssize_t key_len, value_len, ntags;
+    if (!PyArg_ParseTuple(args, "nnn", &key_len, &value_len, &ntags))
+        return NULL;
+    if (key_len < 0 || value_len < 0 || ntags < 0 || ntags > VELA_MAX_TAGS) {
+        PyErr_SetString(PyExc_ValueError, "entry_size: bad lengths");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(vela_entry_block_size((size_t)key_len, (size_t)value_len, (size_t)ntags));
+}
+
 static PyMethodDef module_methods[] = {
     {"encode_key", mod_encode_key, METH_O, "encode_key(key) -> canonical bytes"},
     {"tag_hash", mod_tag_hash, METH_O, "tag_hash(tag) -> the id entries store for it"},
+    {"entry_size", mod_entry_size, METH_VARARGS, "entry_size(key_len, value_len, ntags) -> block bytes"},
     {"decode_key", mod_decode_key, METH_O, "decode_key(bytes) -> key (inverse of encode_key)"},
     {"proc_start_time", mod_proc_start_time, METH_O, "start time of a process (clock ticks), 0 if gone"},
     {NULL, NULL, 0, NULL},
@@ -301,7 +317,8 @@ static struct PyModuleDef native_module = {
 #define C(prefix, name) {#name, prefix##name}
 static const struct { const char *name; unsigned long long value; } constants[] = {
     {"MAGIC", VELA_MAGIC}, {"READY", VELA_READY}, {"MAX_KEY", VELA_MAX_KEY}, {"MAX_TAGS", VELA_MAX_TAGS}, {"ENTRY_OVERHEAD", (long)VELA_ENTRY_OVERHEAD},
-    {"FORMAT", VELA_FORMAT}, {"CLUSTER_BYTES", sizeof(((vela_cluster *)0)->json)},
+    {"FORMAT", VELA_FORMAT}, {"HEADER_TOPOLOGY_OFFSET", offsetof(vela_header, topology)},
+    {"CLUSTER_BYTES", sizeof(((vela_cluster *)0)->json)},
     C(VELA_, CODEC_BYTES), C(VELA_, CODEC_STR), C(VELA_, CODEC_INT), C(VELA_, CODEC_PICKLE),
     C(VELA_, CODEC_JSON), C(VELA_, CODEC_MSGPACK), C(VELA_, CODEC_CUSTOM), C(VELA_, CODEC_TOMBSTONE),
     C(VELA_, BACKEND_SHM), C(VELA_, BACKEND_FILE),

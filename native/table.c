@@ -369,6 +369,23 @@ vela_err vela_put(vela_table *t, const vela_put_args *a)
     return err;
 }
 
+vela_err vela_add(vela_table *t, const vela_put_args *a, int *stored)
+{
+    uint32_t s = vela_stripe_of(t, a->key->hash);
+    *stored = 0;
+    vela_err err = vela_stripe_lock(t, s);
+    if (err != VELA_OK)
+        return err;
+    /* The check and the put under one stripe lock: one caller of every process wins. */
+    uint32_t live = vela_find(t, s, a->key, &err);
+    if (err == VELA_OK && !live && (err = put_logged(t, s, a)) == VELA_OK)
+        *stored = 1;
+    vela_stripe_unlock(t, s);
+    if (*stored)
+        VELA_COUNT(t, VELA_STAT_WRITES);
+    return err;
+}
+
 static int view_is(const vela_table *t, uint32_t view_seq)
 {
     return __atomic_load_n(&t->cluster->seq, __ATOMIC_ACQUIRE) == view_seq;
@@ -455,10 +472,13 @@ int vela_delete(vela_table *t, const vela_key *k, vela_err *err)
  * land after). */
 typedef int (*entry_pred)(const vela_entry *e, const void *ctx);
 
+/* *removed: the entries removed; with live_only, only those a reader would have found
+ * (a tombstone or an expired entry is no key of the cache). */
 static vela_err remove_where(vela_table *t, entry_pred doomed, const void *ctx, int void_fills,
-                             uint64_t *removed)
+                             int live_only, uint64_t *removed)
 {
     *removed = 0;
+    int64_t now = vela_now(t);
     for (uint32_t s = 0; s <= t->stripe_mask; s++) {
         vela_err err = vela_stripe_lock(t, s);
         if (err != VELA_OK)
@@ -474,8 +494,9 @@ static vela_err remove_where(vela_table *t, entry_pred doomed, const void *ctx, 
                         link = &vela_entry_of(blk(t, *link))->next;
                         continue;
                     }
+                    const vela_entry *e = vela_entry_of(blk(t, *link));
+                    *removed += !live_only || (e->codec != VELA_CODEC_TOMBSTONE && !vela_is_expired(t, e, now));
                     remove_at(t, s, link, *link, 1, &err);
-                    (*removed)++;
                 }
             vela_write_end(t, s);
             vela_heap_unlock(t);
@@ -494,7 +515,7 @@ static int older_than(const vela_entry *e, const void *below)
 
 vela_err vela_flush(vela_table *t, uint64_t below, uint64_t *removed)
 {
-    return remove_where(t, older_than, &below, 0, removed);
+    return remove_where(t, older_than, &below, 0, 1, removed);
 }
 
 typedef struct { uint32_t parts; const uint8_t *drop; } partition_set;
@@ -508,7 +529,7 @@ static int in_partitions(const vela_entry *e, const void *ctx)
 vela_err vela_drop_partitions(vela_table *t, uint32_t parts, const uint8_t *drop, uint64_t *removed)
 {
     partition_set ps = {parts, drop};
-    return remove_where(t, in_partitions, &ps, 1, removed);
+    return remove_where(t, in_partitions, &ps, 1, 0, removed);
 }
 
 vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t below, uint64_t *removed)

@@ -229,6 +229,8 @@ vela_err vela_do_put(vela_table *t, uint32_t s, const vela_put_args *a);
 uint32_t vela_remove_entry(vela_table *t, uint32_t s, uint32_t ref, int heap_held, vela_err *err);
 /* Convenience wrappers that lock. */
 vela_err vela_put(vela_table *t, const vela_put_args *a);
+/* Store only if no live entry has the key (*stored = 1 then), atomically. */
+vela_err vela_add(vela_table *t, const vela_put_args *a, int *stored);
 /* Partitioned: a worker's put/delete of a key its host owns, made (and logged for
  * the bridge) only while the cluster view is still `view_seq`, checked under the
  * key's stripe lock. The bridge publishes a new view before it copies a partition

@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 import vela
-from cluster import Cluster, free_port
+from cluster import Cluster, eventually, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,12 +184,27 @@ def test_run_on_a_cache_of_another_layout_is_one_line(namespace):
     assert_one_line_error(out, "cache 'plain' exists but is local", "topology='replicated'")
 
 
-def test_run_before_the_workers_made_the_cache_is_one_line_and_leaves_nothing(namespace):
-    out = bridge_cmd("run", "--cache", "early", "--listen", f"tcp://127.0.0.1:{free_port()}", env=namespace)
-    assert_one_line_error(out, "cache 'early' does not exist on this host yet", "start its workers first")
-    assert json.loads(vela_cmd("ls", "--json", env=namespace).stdout) == []  # no local segment left behind
-    # the workers can still make it with their topology
-    open_in(namespace, "early", capacity="2MiB", topology="replicated")
+def test_run_before_the_workers_made_the_cache_waits_says_so_and_leaves_nothing(namespace, tmp_path):
+    """Issue 14: a bridge started before any worker waits for the cache (one line says
+    so), makes no segment of its own, and serves the cache once the workers made it."""
+    log = open(tmp_path / "bridge.log", "w+")
+    bridge = subprocess.Popen([sys.executable, "-m", "vela.bridge", "run", "--cache", "early", "--listen",
+                               f"tcp://127.0.0.1:{free_port()}"], env=namespace, stdout=log, stderr=log, text=True, cwd=ROOT)
+    try:
+        eventually(lambda: "does not exist on this host yet" in (tmp_path / "bridge.log").read_text(), 20,
+                   what="the bridge says it waits")
+        assert bridge.poll() is None
+        assert json.loads(vela_cmd("ls", "--json", env=namespace).stdout) == []  # no local segment made
+        open_in(namespace, "early", capacity="2MiB", topology="replicated")  # the workers make it
+        eventually(lambda: "listening on" in (tmp_path / "bridge.log").read_text(), 20,
+                   what="the bridge serves the cache")
+        assert bridge.poll() is None
+        text = (tmp_path / "bridge.log").read_text()
+        assert "Traceback" not in text and text.count("does not exist on this host yet") == 1, text
+    finally:
+        bridge.terminate()
+        bridge.wait(10)
+        log.close()
 
 
 def test_run_on_ports_in_use_is_one_line(namespace):

@@ -51,7 +51,7 @@ def test_demo_runs_with_what_the_readme_installs_and_reports_what_it_promises(tm
     assert "fetch_fn ran once" in text
     assert "hits + misses" in text and ": match" in text
     assert "holds 1000 entries" in text
-    assert "2000 entries removed on both hosts" in text
+    assert "1000 entries removed (on each host)" in text  # issue 14: counts mean keys
     assert "host A now holds 0 entries" in text
     assert "host B reads 1000 orders" in text
     assert "reads 1000 orders (0 lost), size 1000" in text

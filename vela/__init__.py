@@ -25,6 +25,7 @@ from .errors import (
     LayoutMismatch,
     LockTimeout,
     OptionError,
+    PartialWrite,
     SegmentCorrupt,
     ValueTooLarge,
     VelaError,
@@ -44,5 +45,6 @@ __all__ = [
     "CacheClosed",
     "LockTimeout",
     "SegmentCorrupt",
+    "PartialWrite",
     "__version__",
 ]

@@ -65,9 +65,16 @@ _live = weakref.WeakSet()
 _threads: set[threading.Thread] = set()
 
 
-def _implementation(kwargs):
+def _implementation(args, kwargs):
     """The Cache class that serves these options (an ImportError naming the extra to
-    install when a package they need is missing)."""
+    install when a package they need is missing). A handle that omits ``topology``
+    gets the one its segment records, so every handle on a segment routes alike."""
+    if kwargs.get("topology", ADOPT) is ADOPT and kwargs.get("backend", "shm") in _BACKENDS:
+        name = args[0] if args else kwargs.get("name")
+        if isinstance(name, str) and options.NAME.match(name):
+            recorded = _BACKENDS[kwargs.get("backend", "shm")].peek_topology(name, kwargs.get("backend_opts"))
+            if recorded == _native.TOPOLOGY_PARTITIONED:
+                kwargs = dict(kwargs, topology="partitioned")
     if kwargs.get("topology") in ("replicated", "partitioned"):
         for module in ("zmq", "msgpack"):
             need(module, f"topology={kwargs['topology']!r}")
@@ -137,7 +144,7 @@ class Cache:
         # A cache whose entries live elsewhere (Redis) is served by a subclass with
         # the same API; vela.Cache(...) picks it from the options.
         if cls is Cache:
-            cls = _implementation(kwargs)
+            cls = _implementation(args, kwargs)
         return super().__new__(cls)
 
     def __init__(self, name: str, *, backend: str = "shm", backend_opts: Optional[Mapping[str, Any]] = None,
@@ -300,6 +307,22 @@ class Cache:
             return
         self._table.put(key, value, ns, tags)
 
+    def add(self, key: Key, value: Any, ttl: Optional[float] = None, tags: Iterable[str] = ()) -> bool:
+        """Store ``value`` under ``key`` only if no live entry has the key; True when stored.
+
+        Atomic across the processes of the host: of concurrent callers, exactly one stores.
+        Raises as :meth:`put` does.
+        """
+        if _resume_due:
+            _resume_maintenance()
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        stored = self._table.add(key, value, ns, tags)
+        if telemetry.active:
+            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "key": key, "ttl": ttl, "result": stored})
+        return stored
+
     def __setitem__(self, key: Key, value: Any) -> None:
         self.put(key, value)
 
@@ -417,9 +440,7 @@ class Cache:
         if self.stampede_protection:
             status, value, token, _ = self._table.fetch_begin(key, 0, _POLL_NS)
             if status == _BUSY:  # someone else fetches: wait off the loop
-                loop = asyncio.get_running_loop()
-                status, value, token, _ = await loop.run_in_executor(
-                    None, self._table.fetch_begin, key, self._budget_ns, _POLL_NS)
+                status, value, token, _ = await self._await_lease(key)
         else:
             value = self._table.get(key, _MISSING)
             status, token = (_HIT if value is not _MISSING else _ALONE), None
@@ -434,6 +455,34 @@ class Cache:
                 self._table.fetch_abort(token)
             raise
         return self._fetch(key, lambda _key: value, token, ns, tags)
+
+    async def _await_lease(self, key):
+        """``fetch_begin`` in a worker thread; a task cancelled meanwhile releases the
+        lease the thread then takes (else the next caller waits a whole stampede_timeout)."""
+        import asyncio
+
+        lock = threading.Lock()
+        outcome = {"abandoned": False, "result": None}
+
+        def wait():
+            result = self._table.fetch_begin(key, self._budget_ns, _POLL_NS)
+            with lock:
+                if not outcome["abandoned"]:
+                    outcome["result"] = result
+                    return result
+            if result[2] is not None:
+                self._table.fetch_abort(result[2])
+            return result
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, wait)
+        except asyncio.CancelledError:
+            with lock:
+                outcome["abandoned"] = True
+                result = outcome["result"]
+            if result is not None and result[2] is not None:
+                self._table.fetch_abort(result[2])
+            raise
 
     def memoize(self, ttl: Optional[float] = None, tags: Iterable[str] = (),
                 key: Optional[Callable[..., Key]] = None) -> Callable[[Callable[P, V]], Callable[P, V]]:
@@ -516,9 +565,13 @@ class Cache:
     def invalidate_tag(self, tag: str) -> int:
         """Remove every entry carrying ``tag``; returns how many live entries were removed.
 
-        On a replicated cache the count is cluster-wide: the host's bridge asks
-        every live member to apply the invalidation now and adds their counts.
+        On a replicated cache the host's bridge asks every live member to apply the
+        invalidation before this returns; the count is the keys removed (each host
+        removes the same ones), not a sum over hosts.
+
+        :raises ValueError: the tag is not 1 to 255 bytes of UTF-8 (as for ``put``).
         """
+        options.tag(tag)
         if _resume_due:
             _resume_maintenance()
         start = time.perf_counter_ns() if telemetry.active else 0
@@ -530,7 +583,7 @@ class Cache:
         return count
 
     def flush(self) -> int:
-        """Remove every entry; returns how many were removed (cluster-wide when replicated)."""
+        """Remove every entry; returns how many distinct live entries were removed."""
         if _resume_due:
             _resume_maintenance()
         start = time.perf_counter_ns() if telemetry.active else 0
@@ -546,14 +599,18 @@ class Cache:
     def _invalidate_tag_counted(self, tag):
         if self._bridge is None:
             return self._table.invalidate_tag(tag)
+        # Every live member applies it before we return; each removes the same keys,
+        # so the count is this host's (a sum over replicas would count a key per host).
         count, version, tag_id = self._table.invalidate_tag_versioned(tag)
-        return count + self._bridge.total({"op": "tag", "tag": tag_id, "version": version})
+        self._bridge.total({"op": "tag", "tag": tag_id, "version": version})
+        return count
 
     def _flush_counted(self):
         if self._bridge is None:
             return self._table.flush()
         count, version = self._table.flush_versioned()
-        return count + self._bridge.total({"op": "flush", "version": version})
+        self._bridge.total({"op": "flush", "version": version})
+        return count
 
     def expire(self) -> int:
         """Reclaim expired entries now; returns how many."""
@@ -764,6 +821,19 @@ def _after_fork_in_child():
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
+
+
+def open_table(name: str, backend: str = "shm", backend_opts: Optional[Mapping[str, Any]] = None) -> Cache:
+    """Internal (the bridge's): a handle on the segment's table as it is, whatever
+    topology the segment records (never the store a worker would get)."""
+    handle = object.__new__(Cache)
+    Cache.__init__(handle, name, backend=backend, backend_opts=backend_opts, sweep_interval=None)
+    return handle
+
+
+def segment_topology(name: str, backend: str = "shm", backend_opts: Optional[Mapping[str, Any]] = None):
+    """The topology (a _native.TOPOLOGY_* value) a ready segment records, or None."""
+    return _backend_module(backend).peek_topology(name, backend_opts)
 
 
 def destroy(name: str, backend: str = "shm", backend_opts: Optional[Mapping[str, Any]] = None,

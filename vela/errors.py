@@ -11,6 +11,7 @@ __all__ = [
     "CacheClosed",
     "LockTimeout",
     "SegmentCorrupt",
+    "PartialWrite",
 ]
 
 
@@ -52,3 +53,14 @@ class LockTimeout(VelaError, TimeoutError):
 
 class SegmentCorrupt(VelaError):
     """The segment is damaged beyond repair; destroy and recreate the cache."""
+
+
+class PartialWrite(VelaError):
+    """A batch spanning several owners (or Redis) was stored in part: ``stored`` and
+    ``failed`` are the sets of keys that were and were not written; ``__cause__`` is
+    the first failure."""
+
+    def __init__(self, message: str, stored=(), failed=()):
+        super().__init__(message)
+        self.stored = set(stored)
+        self.failed = set(failed)

@@ -3,6 +3,7 @@
 import math
 import re
 
+from . import _native
 from .errors import OptionError
 
 _UNITS = {
@@ -13,7 +14,7 @@ _UNITS = {
     "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 
 EVICTION_POLICIES = ("lru", "lfu", "ttl_only")
 
@@ -47,7 +48,7 @@ def capacity(value):
 
 
 def check_name(name):
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not NAME.match(name):
         raise OptionError(
             f"cache name {name!r} is not valid: use 1 to 200 letters, digits, '_', '-' or '.', "
             "not starting with '.' or '-'"
@@ -119,3 +120,35 @@ def eviction_policy(value):
     if value not in EVICTION_POLICIES:
         raise OptionError(f"eviction_policy must be one of {', '.join(EVICTION_POLICIES)}, not {value!r}")
     return EVICTION_POLICIES.index(value)
+
+
+def tags(tags):
+    """The distinct tags of an entry, checked as every store checks them: an iterable of
+    str (not one str), each 1 to 255 bytes of UTF-8, at most MAX_TAGS distinct
+    (duplicates count once). Raises TypeError or ValueError naming the problem."""
+    if not tags:
+        return ()
+    if isinstance(tags, (str, bytes)):
+        raise TypeError("tags must be an iterable of str, not a single str")
+    try:
+        items = list(tags)
+    except TypeError:
+        raise TypeError("tags must be an iterable of str") from None
+    out = {}
+    for tag in items:
+        if not isinstance(tag, str):
+            raise TypeError(f"tags must be str, not {type(tag).__name__}")
+        size = len(tag.encode("utf-8"))
+        if not 0 < size <= 255:
+            raise ValueError(f"a tag must be 1 to 255 bytes of UTF-8, not {size}")
+        out[tag] = None
+        if len(out) > _native.MAX_TAGS:
+            raise ValueError(f"an entry may carry at most {_native.MAX_TAGS} tags")
+    return tuple(out)
+
+
+def tag(tag):
+    """One tag (invalidate_tag's), checked as ``tags`` checks each."""
+    if not isinstance(tag, str):
+        raise TypeError(f"a tag must be str, not {type(tag).__name__}")
+    return tags((tag,))[0]

@@ -30,7 +30,7 @@ import time
 
 from . import _native, options, telemetry
 from .cache import Cache
-from .errors import BridgeUnavailable, CacheFull, LockTimeout, ValueTooLarge
+from .errors import BridgeUnavailable, CacheFull, LockTimeout, PartialWrite, ValueTooLarge
 from .bridge.links import Links, bounded
 from .near import L2, MISSING, NearCache, copy_tag
 from .ring import partition_of
@@ -199,8 +199,8 @@ class PartitionedCache(Cache):
         addr = view.addrs.get(view.owners[p])
         fields = dict(fields, op=op, k=enc, clk=self._table.next_version())  # (see _checked)
         # An owner that does not answer may be gone: look at the table again every slice.
-        # An incr is not repeated at the same owner (it may have been applied).
-        once = op == "incr"
+        # An incr or add is not repeated at the same owner (it may have been applied).
+        once = op in ("incr", "add")
         refused = 0  # fallback reads the old owner could not serve (it no longer holds the key)
         while True:
             if addr is None:  # (an owner the table names before its address: ask again)
@@ -292,14 +292,15 @@ class PartitionedCache(Cache):
             raise error
         time.sleep(_RETRY_PAUSE)
 
-    def _per_owner(self, items, size_of, request_of):
+    def _per_owner(self, items, size_of, request_of, answered=None):
         """``items`` (tuples, the encoded key second) sent to their owners: one request per
         owner and batch (request_of(batch) its fields), all at once; [(batch, reply)]. The
         items of an owner that cannot be reached are sent again by a fresh look at the
         partition table (a dead owner is replaced within the failure timeout), up to the
         call's deadline."""
         deadline = self._links.deadline()
-        answered, pending = [], items
+        answered = [] if answered is None else answered  # (the caller's list: what was answered if this raises)
+        pending = items
         while pending:
             view = self._routable_view(deadline)
             by_owner = {}
@@ -339,15 +340,7 @@ class PartitionedCache(Cache):
         return self._table.decode_value(reply["val"], reply["codec"])
 
     def _encode_tags(self, tags):
-        if isinstance(tags, str):
-            raise TypeError("tags must be an iterable of str, not a single str")
-        tags = list(tags or ())
-        if len(tags) > 32:
-            raise ValueError("an entry may carry at most 32 tags")
-        for t in tags:
-            if not isinstance(t, str):
-                raise TypeError(f"tags must be str, not {type(t).__name__}")
-        return [_native.tag_hash(t) for t in tags]
+        return [_native.tag_hash(t) for t in options.tags(tags)]
 
     def _emit(self, op, start, meta):
         telemetry.execute(self._events[op], {"duration": time.perf_counter_ns() - start},
@@ -474,6 +467,22 @@ class PartitionedCache(Cache):
         if telemetry.active:
             self._emit("put", start, {"key": key, "ttl": ttl})
 
+    @bounded
+    def add(self, key, value, ttl=None, tags=()):
+        """Store ``value`` under ``key`` only if absent, decided at the key's owner (its
+        bridge serves every add of the key, one at a time); True when stored."""
+        start = time.perf_counter_ns() if telemetry.active else 0
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        tag_ids = self._encode_tags(tags)
+        val, codec = self._encoded(value)
+        enc, p, view, local = self._locate(key)
+        stored = bool(self._key_request("add", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)["ok"])
+        if stored:
+            self._written((key,))
+        if telemetry.active:
+            self._emit("put", start, {"key": key, "ttl": ttl, "result": stored})
+        return stored
+
     def _written(self, keys):
         """Owners have written ``keys``: this host's L1 copies of them go at once (its
         bridge drops them too when the owners' invalidations arrive), so a read here
@@ -516,22 +525,52 @@ class PartitionedCache(Cache):
         ns = options.ttl_ns(ttl, self.default_ttl)
         tag_ids = self._encode_tags(tags)
         encoded = [(k, _native.encode_key(k)) + self._encoded(v) for k, v in items]
+        self._check_sizes(encoded, len(tag_ids))  # before anything is stored
         routes = self._routes()
         if routes is not None:  # the items of partitions this host owns: in place
             encoded = [item for item in encoded
                        if not self._put_here(item[0], item[2], item[3], ns, tag_ids, routes)]
-        again = []
-        for batch, reply in self._per_owner(
-                encoded, lambda item: len(item[1]) + len(item[2]),
-                lambda batch: {"op": "putm", "items": [[e, v, c] for _, e, v, c in batch], "ttl": ns,
-                               "tags": tag_ids}):
-            again += [batch[i] for i in reply.get("redo", ())]
-        for k, enc, val, codec in again:
-            self._key_request("put", enc, partition_of(enc, self._view().parts), val=val, codec=codec, ttl=ns,
-                              tags=tag_ids)
+        answered, stored_again = [], []
+        try:
+            self._per_owner(encoded, lambda item: len(item[1]) + len(item[2]),
+                            lambda batch: {"op": "putm", "items": [[e, v, c] for _, e, v, c in batch], "ttl": ns,
+                                           "tags": tag_ids}, answered)
+            again = [batch[i] for batch, reply in answered for i in reply.get("redo", ())]
+            for k, enc, val, codec in again:
+                self._key_request("put", enc, partition_of(enc, self._view().parts), val=val, codec=codec,
+                                  ttl=ns, tags=tag_ids)
+                stored_again.append(k)
+        except BridgeUnavailable as exc:
+            self._written(item[0] for item in encoded)
+            partial = self._partial(items, encoded, answered, stored_again, exc)
+            if not partial.stored:
+                raise  # nothing was written: the owners' unavailability is the whole story
+            raise partial from exc
         self._written(item[0] for item in encoded)
         if telemetry.active:
             self._emit("put", start, {"keys": len(items), "ttl": ttl})
+
+    def _check_sizes(self, encoded, ntags):
+        """ValueTooLarge for the first item bigger than max_entry_size (as the owner's table would say)."""
+        most = self._table.info()["max_entry_size"]
+        for i, (_, enc, val, _codec) in enumerate(encoded):
+            size = _native.entry_size(len(enc), len(val), ntags)
+            if size == 0 or size > most:
+                raise ValueTooLarge(f"entry of {size or 'too many'} bytes for item {i} is larger than "
+                                    f"max_entry_size ({most} bytes)")
+
+    @staticmethod
+    def _partial(items, remote, answered, stored_again, exc):
+        """The PartialWrite of a put_many some owners did not answer: the keys made in
+        place, by the owners that answered and by the retries, and the others."""
+        remote_keys = {item[0] for item in remote}
+        stored = {k for k, _ in items if k not in remote_keys} | set(stored_again)
+        for batch, reply in answered:
+            redo = set(reply.get("redo", ()))
+            stored |= {item[0] for i, item in enumerate(batch) if i not in redo}
+        failed = {k for k, _ in items} - stored
+        return PartialWrite(f"put_many stored {len(stored)} of {len(stored) + len(failed)} keys: {exc} "
+                            "(.stored and .failed name them)", stored, failed)
 
     def delete(self, key):
         start = time.perf_counter_ns() if telemetry.active else 0
@@ -553,6 +592,7 @@ class PartitionedCache(Cache):
     def delete_many(self, keys):
         """Remove the keys (those of this host's partitions in place, the others with one
         request per owner); returns how many were removed."""
+        start = time.perf_counter_ns() if telemetry.active else 0
         keys = list(dict.fromkeys(keys))
         routes = self._routes()
         removed, remote = 0, []
@@ -564,7 +604,15 @@ class PartitionedCache(Cache):
                 removed += here
         answered = self._grouped("delm", remote)
         self._written(remote)
-        return removed + sum(bool(answered[k]) if k in answered else self.delete(k) for k in remote)
+        removed += sum(bool(answered[k]) if k in answered else self._delete_one(k) for k in remote)
+        if telemetry.active:
+            self._emit("delete", start, {"keys": len(keys), "result": removed})
+        return removed
+
+    def _delete_one(self, key):
+        removed = self._delete_remote(key)
+        self._written((key,))
+        return removed
 
     @bounded
     def touch(self, key, ttl=None):
@@ -702,6 +750,11 @@ class PartitionedCache(Cache):
         removed = sum(r["ok"] for r in self._everyone("flush", deadline))
         self._everyone("near", deadline)
         return removed
+
+    @bounded
+    def expire(self):
+        """Reclaim expired entries on every member now; returns how many (the sum over owners)."""
+        return sum(r["ok"] for r in self._everyone("expire"))
 
     @bounded
     def size(self):

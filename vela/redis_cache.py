@@ -149,6 +149,25 @@ publish(encs)
 return n
 """
 
+# KEYS v m; ARGV P px ntags tag.. enc val -> 1 stored | 0 (a live entry has the key):
+# SET NX and the tags in one script, so no reader sees the value without its tags.
+_LUA_ADD = _LUA_HELPERS + """
+local px, ntags = tonumber(ARGV[2]), tonumber(ARGV[3])
+local enc, val = ARGV[4 + ntags], ARGV[5 + ntags]
+local set
+if px > 0 then set = redis.call('SET', KEYS[1], val, 'NX', 'PX', px)
+else set = redis.call('SET', KEYS[1], val, 'NX') end
+if not set then return 0 end
+untag(enc, KEYS[2], nil)
+for j = 1, ntags do
+  add_tag(ARGV[3 + j], enc, px)
+  redis.call('SADD', KEYS[2], ARGV[3 + j])
+end
+if ntags > 0 and px > 0 then redis.call('PEXPIRE', KEYS[2], px) end
+publish({enc})
+return 1
+"""
+
 # KEYS v1 m1 .. vN mN; ARGV P enc1 .. encN
 _LUA_DELETE = _LUA_HELPERS + """
 local removed, encs = 0, {}
@@ -265,7 +284,7 @@ return 0
 """
 
 _SCRIPTS = {
-    "store": _LUA_STORE, "delete": _LUA_DELETE, "touch": _LUA_TOUCH, "incr": _LUA_INCR,
+    "store": _LUA_STORE, "add": _LUA_ADD, "delete": _LUA_DELETE, "touch": _LUA_TOUCH, "incr": _LUA_INCR,
     "invalidate_tag": _LUA_INVALIDATE_TAG, "read": _LUA_READ, "read_many": _LUA_READ_MANY,
     "read_or_lease": _LUA_READ_OR_LEASE, "release": _LUA_RELEASE, "announce": _LUA_ANNOUNCE,
 }
@@ -403,28 +422,8 @@ def _make_client(o):
 
 
 def _check_tags(tags):
-    """The tags as UTF-8 bytes, checked as the shared table checks them."""
-    if not tags:
-        return ()
-    if isinstance(tags, str):
-        raise TypeError("tags must be an iterable of str, not a single str")
-    try:
-        items = list(tags)
-    except TypeError:
-        raise TypeError("tags must be an iterable of str") from None
-    out = []
-    for tag in items:
-        if not isinstance(tag, str):
-            raise TypeError(f"tags must be str, not {type(tag).__name__}")
-        b = tag.encode("utf-8")
-        if not 0 < len(b) <= 255:
-            raise ValueError(f"a tag must be 1 to 255 bytes of UTF-8, not {len(b)}")
-        if b in out:
-            continue
-        if len(out) == _native.MAX_TAGS:
-            raise ValueError(f"an entry may carry at most {_native.MAX_TAGS} tags")
-        out.append(b)
-    return tuple(out)
+    """The tags as UTF-8 bytes (vela.options.tags checks them as for every store)."""
+    return tuple(t.encode("utf-8") for t in options.tags(tags))
 
 
 def _px(ns):
@@ -874,6 +873,25 @@ class RedisCache(Cache):
             telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
                               {"cache": self.name, "key": key, "ttl": ttl})
 
+    def add(self, key, value, ttl=None, tags=()):
+        """Store ``value`` under ``key`` only if Redis holds no live entry of it (``SET NX``,
+        with its tags in the same script); True when stored. Atomic across hosts."""
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        self._check_open()
+        tags = _check_tags(tags)
+        enc, raw = self._entry(key, value, tags)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        stored = bool(self._run("add", [self._vkey(enc), self._mkey(enc)],
+                                [self._P, _px(ns), len(tags), *tags, enc, raw], idempotent=False))
+        if stored:
+            self._bump("writes")
+            if self._near is not None:
+                self._near.invalidate(key)
+        if telemetry.active:
+            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
+                              {"cache": self.name, "key": key, "ttl": ttl, "result": stored})
+        return stored
+
     def put_many(self, mapping, ttl=None, tags=()):
         """Store every item of ``mapping`` (a dict or (key, value) pairs).
 
@@ -1142,9 +1160,7 @@ class RedisCache(Cache):
             in Redis; that host's copies live until it is found stalled, or their age).
         """
         self._check_open()
-        if not isinstance(tag, str):
-            raise TypeError(f"a tag must be str, not {type(tag).__name__}")
-        b = _check_tags([tag])[0]
+        b = options.tag(tag).encode("utf-8")
         start = time.perf_counter_ns() if telemetry.active else 0
         ack = self._ack_key()
         count, encs, hosts = self._run("invalidate_tag", [self._P + b"t:" + b], [self._P, b, ack])

@@ -5,8 +5,15 @@ A backend module offers:
 - ``KIND``: the backend code stored in the segment header;
 - ``open_segment(name, backend_opts) -> Segment``: the memory to map, ready for the
   C core, plus what the backend must do around a handle's life;
-- ``destroy(name, backend_opts) -> bool``: remove the cache from the host.
+- ``destroy(name, backend_opts) -> bool``: remove the cache from the host;
+- ``peek_topology(name, backend_opts) -> int | None``: the topology an existing, ready
+  segment records (what a handle that omits ``topology`` adopts), None otherwise.
 """
+
+import os
+import struct
+
+from .. import _native
 
 
 class Segment:
@@ -43,3 +50,21 @@ class Segment:
 
     def sync(self, table):
         """Make what was written durable, as far as this backend can."""
+
+
+# The identity fields that open the segment's header (native/table.h: u64 magic,
+# u32 format, u32 header_size, u32 ready), then its topology where the C core says.
+_IDENTITY = struct.Struct("<QIII")
+_TOPOLOGY = struct.Struct("<I")
+
+
+def read_topology(fd):
+    """The topology a ready segment records (a _native.TOPOLOGY_* value), read without
+    mapping or locking it; None when the segment is new, not ready or not Vela's."""
+    head = os.pread(fd, _native.HEADER_TOPOLOGY_OFFSET + _TOPOLOGY.size, 0)
+    if len(head) < _native.HEADER_TOPOLOGY_OFFSET + _TOPOLOGY.size:
+        return None
+    magic, fmt, _, ready = _IDENTITY.unpack_from(head)
+    if magic != _native.MAGIC or fmt != _native.FORMAT or ready != _native.READY:
+        return None
+    return _TOPOLOGY.unpack_from(head, _native.HEADER_TOPOLOGY_OFFSET)[0]

@@ -23,7 +23,7 @@ import socket
 
 from .. import _native
 from ..errors import LayoutMismatch, OptionError, SegmentCorrupt, VelaError
-from . import Segment
+from . import Segment, read_topology
 
 KIND = _native.BACKEND_FILE
 log = logging.getLogger("vela.file")
@@ -197,3 +197,15 @@ def destroy(name, backend_opts=None):
             if exc.errno != errno.ENOENT:
                 raise
     return existed
+
+
+def peek_topology(name, backend_opts):
+    """The topology the cache's file records, or None (absent or not laid out yet)."""
+    try:
+        fd = os.open(path_of(name, _parse(backend_opts)[0]), os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, OptionError):
+        return None
+    try:
+        return read_topology(fd)
+    finally:
+        os.close(fd)

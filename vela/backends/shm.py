@@ -9,7 +9,7 @@ import posix_ipc
 
 from .. import _native
 from ..errors import OptionError
-from . import Segment
+from . import Segment, read_topology
 
 KIND = _native.BACKEND_SHM
 
@@ -68,3 +68,15 @@ def destroy(name, backend_opts=None):
     except posix_ipc.ExistentialError:
         return False
     return True
+
+
+def peek_topology(name, backend_opts=None):
+    """The topology the segment records, or None (absent or not laid out yet)."""
+    try:
+        shm = posix_ipc.SharedMemory(segment_name(name))
+    except posix_ipc.ExistentialError:
+        return None
+    try:
+        return read_topology(shm.fd)
+    finally:
+        shm.close_fd()

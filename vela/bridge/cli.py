@@ -18,6 +18,7 @@ import os
 import secrets
 import stat
 import sys
+import time
 
 EXIT_USAGE = 2
 
@@ -55,6 +56,9 @@ def _parser():
                      help="partitioned caches: keep a backup copy of each partition on a second member "
                           "(0 or 1, default 0; give every bridge the same)")
     run.add_argument("--metrics-listen", help="serve Prometheus metrics on HOST:PORT/metrics (e.g. 127.0.0.1:9464)")
+    run.add_argument("--backend", choices=("shm", "file"),
+                     help="where the host's table lives: shm (default) or file (with --data-dir)")
+    run.add_argument("--data-dir", help="backend file: the directory holding <cache>.vela")
     run.add_argument("--log-level", default="INFO")
     st = sub.add_parser("status", help="ask the bridge of a cache on this host for its state")
     st.add_argument("--cache", required=True)
@@ -145,7 +149,7 @@ def _load_config(path):
     data = _read_file("--config", path, _parse_config)
     known = {"cache", "listen", "advertise", "join", "node_id", "secret_file", "insecure", "curve_key_file",
              "heartbeat", "failure_timeout", "tombstone_ttl", "log_level", "metrics_listen", "backups",
-             "data_listen"}
+             "data_listen", "backend", "data_dir"}
     unknown = set(data) - known
     if unknown:
         raise OperatorError(f"--config {path}: unknown option(s) {', '.join(sorted(unknown))} "
@@ -153,20 +157,38 @@ def _load_config(path):
     return data
 
 
-def _check_caches_exist(caches):
-    """The workers create a cache with its topology; a bridge that opened a missing one
-    would create it local, and the workers would then refuse it (LayoutMismatch)."""
+def _backend(backend, data_dir):
+    """(backend, backend_opts) of the host's tables, checked."""
+    backend = backend or "shm"
+    if backend == "file":
+        if not data_dir:
+            raise OperatorError("--backend file needs --data-dir DIR (the directory holding <cache>.vela)")
+        return backend, {"data_dir": data_dir}
+    if data_dir:
+        raise OperatorError("--data-dir is for --backend file only")
+    return backend, None
+
+
+def _wait_for_caches(caches, backend, backend_opts, poll=0.2):
+    """Wait until the workers have created every cache (with its topology): a bridge
+    that made a missing one would make it local, and the workers would refuse it."""
     from .. import options
-    from ..inspect import segment_exists
+    from ..cache import segment_topology
 
     for name in caches:
         try:
             options.check_name(name)
         except ValueError as exc:
             raise OperatorError(f"--cache: {exc}") from None
-        if not segment_exists(name)[0]:
-            raise OperatorError(f"cache {name!r} does not exist on this host yet: start its workers first "
-                                "(they create it with its topology), then the bridge")
+    said = set()
+    for name in caches:
+        while segment_topology(name, backend, backend_opts) is None:
+            if name not in said:
+                said.add(name)
+                logging.getLogger("vela.bridge").warning(
+                    "cache %r does not exist on this host yet: waiting for its workers to create it "
+                    "(they give it its topology)", name)
+            time.sleep(poll)
 
 
 def run(args):
@@ -195,13 +217,15 @@ def run(args):
     if opt("curve_key_file"):
         curve = _read_file("--curve-key-file", opt("curve_key_file"), protocol.load_curve)
         warn_if_readable_by_others("--curve-key-file", opt("curve_key_file"))
-    _check_caches_exist(caches)
+    backend, backend_opts = _backend(opt("backend"), opt("data_dir"))
+    _wait_for_caches(caches, backend, backend_opts)
 
     try:
         bridge = Bridge(caches, opt("listen"), advertise=opt("advertise"), join=join, node_id=opt("node_id"),
                         secret=secret, heartbeat=opt("heartbeat"), failure_timeout=opt("failure_timeout"),
                         tombstone_ttl=opt("tombstone_ttl"), insecure=bool(opt("insecure")), curve=curve,
-                        backups=int(opt("backups") or 0), data_listen=opt("data_listen"))
+                        backups=int(opt("backups") or 0), data_listen=opt("data_listen"),
+                        backend=backend, backend_opts=backend_opts)
     except (ValueError, OSError, zmq.ZMQError, VelaError) as exc:  # a bad option, an address in use, a layout
         raise OperatorError(str(exc)) from None
     if opt("metrics_listen"):

@@ -109,7 +109,8 @@ class BridgeClient:
     def _sock(self):
         import zmq  # only replicated caches need pyzmq
 
-        if self._socket is None or self._pid != os.getpid():  # sockets do not survive fork
+        # Sockets do not survive fork, nor the end of their context (Context.destroy).
+        if self._socket is None or self._socket.closed or self._pid != os.getpid():
             self._socket = zmq.Context.instance().socket(zmq.REQ)
             self._socket.setsockopt(zmq.LINGER, 0)
             self._socket.setsockopt(zmq.RCVTIMEO, self.timeout_ms)

@@ -67,8 +67,9 @@ class Member:
 class Bridge:
     def __init__(self, caches, listen, advertise=None, join=(), node_id=None, secret=None,
                  heartbeat=1.0, failure_timeout=5.0, tombstone_ttl=300.0, control=None, insecure=False,
-                 curve=None, backups=0, data_listen=None):
+                 curve=None, backups=0, data_listen=None, backend="shm", backend_opts=None):
         self.listen = listen
+        self.backend, self.backend_opts = backend, backend_opts
         self.advertise = advertise or listen
         self.stop_asked = False  # SIGTERM/SIGINT: stop() at the next loop turn
         if ("0.0.0.0" in self.advertise or "*" in self.advertise):
@@ -139,9 +140,9 @@ class Bridge:
     # ---- setup -----------------------------------------------------------------------
 
     def _attach(self, name, tombstone_ttl, control):
-        import vela
+        from ..cache import open_table
 
-        cache = vela.Cache(name, sweep_interval=None)  # adopt the segment as it is
+        cache = open_table(name, self.backend, self.backend_opts)  # the segment as it is
         topology = cache._table.log_state()["replicated"]
         if topology not in (1, 2):
             raise LayoutMismatch(f"cache {name!r} exists but is local: its workers must open it with "

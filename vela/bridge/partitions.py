@@ -78,7 +78,7 @@ log = logging.getLogger("vela.bridge")
 CHUNK = 2000            # entries per handoff message
 LOG_BATCH = 5000        # change log records read per loop turn
 RESEND = 2.0            # seconds without an ack before a stream is sent again from the start
-WRITES = frozenset(("put", "putm", "del", "delm", "incr", "touch", "tag", "flush"))
+WRITES = frozenset(("put", "add", "putm", "del", "delm", "incr", "touch", "tag", "flush"))
 STREAM_STALL = 30.0     # seconds a stream may go unacknowledged, or an incoming partition unfed
 INVAL_BATCH = 10_000    # keys per invalidation message
 
@@ -665,7 +665,7 @@ class Partitions:
 
     def _changed_entry(self, k, p):
         """Record the entry now stored under ``k`` (after incr/touch) for backups."""
-        raw = self.table.get_raw(k)
+        raw = self.table.get_raw(k, False)  # (no lookup of the caller's: not counted)
         if raw is None:
             self._changed(k, p, [k, None, 0, 0, [], self.table.next_version()])
         else:
@@ -718,7 +718,7 @@ class Partitions:
             # now, with a new version, over what came after). Its worker, if still waiting,
             # asks again once its host's bridge has the newer table (a heartbeat at most).
             return {"retry": "the request was routed by an older partition table"}
-        if op in ("size", "stats", "flush", "tag", "near"):
+        if op in ("size", "stats", "flush", "tag", "near", "expire"):
             return getattr(self, "_op_" + op)(msg)
         if op in ("getm", "delm"):
             return self._op_many(op, msg, addr_of)
@@ -739,7 +739,7 @@ class Partitions:
                 and not self.table.contains(_native.decode_key(k)):
             if op in ("get", "has", "ttl"):
                 return {"fb": addr_of(inc.source)}  # not here yet: read it where it still is
-            if op in ("incr", "touch", "fetch"):
+            if op in ("incr", "touch", "fetch", "add"):
                 return {"retry": "the partition is being handed over"}
         return getattr(self, "_op_" + op)(k, p, msg)
 
@@ -779,6 +779,12 @@ class Partitions:
         self.table.bump("writes")
         self._changed(k, p, [k, msg["val"], msg["codec"], msg["ttl"], list(msg["tags"]), version])
         return {"ok": True}
+
+    def _op_add(self, k, p, msg):
+        # Every add of a key is served here, one request at a time: check and put are one step.
+        if self.table.contains(_native.decode_key(k)):
+            return {"ok": False}
+        return self._op_put(k, p, msg)
 
     def _op_del(self, k, p, msg):
         version = self.table.next_version()
@@ -859,6 +865,9 @@ class Partitions:
     def owned_size(self):
         counts = self.table.partition_counts(self.parts)
         return sum(c for p, c in enumerate(counts) if self.mine(p))
+
+    def _op_expire(self, msg):
+        return {"ok": self.table.expire()}
 
     def _op_size(self, msg):
         return {"ok": self.owned_size()}

@@ -372,9 +372,9 @@ def _near_fields(msg):
 # A worker's request to the owner of a key (or to every member): op -> its fields.
 REQUEST_OPS = {
     "get": _one_key, "has": _one_key, "ttl": _one_key, "getm": _keys,
-    "put": _put_fields, "putm": _putm_fields, "del": _one_key, "delm": _keys,
+    "put": _put_fields, "add": _put_fields, "putm": _putm_fields, "del": _one_key, "delm": _keys,
     "touch": _touch_fields, "incr": _incr_fields, "fetch": _fetch_fields, "abort": _fetch_fields,
-    "size": _no_fields, "stats": _stats_fields, "flush": _no_fields, "tag": _tag_fields,
+    "size": _no_fields, "expire": _no_fields, "stats": _stats_fields, "flush": _no_fields, "tag": _tag_fields,
     "near": _near_fields,
 }
 

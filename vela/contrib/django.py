@@ -33,8 +33,8 @@ import threading
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidCacheKey
 from django.core.exceptions import ImproperlyConfigured
 
-from .. import _native, options
-from ..cache import _HIT, _MINE, _POLL_NS, Cache
+from .. import _native
+from ..cache import Cache
 
 __all__ = ["VelaCache"]
 
@@ -128,35 +128,12 @@ class VelaCache(BaseCache):
     def add(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
         key = self.make_and_validate_key(key, version=version)
         ttl = self._ttl(timeout)
-        cache = self.vela_cache
         if ttl is None:
-            return not cache.exists(key)
-        # The stampede lease makes add atomic across processes: of the callers that
-        # find the key absent, only the lease holder stores. The others wait for it
-        # (at most stampede_timeout), then see the key.
-        table = cache._table
-        status, _, token, _ = table.fetch_begin(key, cache._budget_ns, _POLL_NS)
-        if status == _HIT:
-            return False
-        if status == _MINE:
-            try:
-                table.fetch_complete(token, key, value, options.ttl_ns(ttl, None), ())
-            except TypeError as e:
-                table.fetch_abort(token)
-                raise (_serializer_error(e) or e) from None
-            except BaseException:
-                table.fetch_abort(token)
-                raise
-            return True
-        # No lease (no free lease slot, or the holder outlived stampede_timeout):
-        # best effort.
-        if cache.exists(key):
-            return False
+            return not self.vela_cache.exists(key)
         try:
-            cache.put(key, value, ttl=ttl)
+            return self.vela_cache.add(key, value, ttl=ttl)  # atomic on every store
         except TypeError as e:
             raise (_serializer_error(e) or e) from None
-        return True
 
     def touch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
         key = self.make_and_validate_key(key, version=version)
