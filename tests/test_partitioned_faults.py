@@ -10,16 +10,15 @@ After the fault healed and the bridges settled, every host reads every key, and
 tests/history.py checks: no acknowledged write lost, no delete undone, no entry
 alive whose tag was invalidated after it was written, every host reads the same.
 """
-import os
 import random
-import shutil
-import subprocess
 import time
 import uuid
 
 import pytest
 
 from cluster import FAILURE_TIMEOUT, Cluster, eventually
+from faults.clock import libfaketime
+from faults.net import ip, unavailable
 from history import check
 
 pytest.importorskip("zmq")
@@ -190,23 +189,6 @@ def test_bridge_stopped_past_the_failure_timeout_loses_nothing(tmp_path):
 # the network
 
 
-def _ip(*args, check=True):
-    return subprocess.run(["ip"] + list(args), capture_output=True, text=True, timeout=20, check=check)
-
-
-def _netns_unavailable():
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "network namespaces need root (ip netns add)"
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not installed"
-    probe = f"vpfp{uuid.uuid4().hex[:6]}"
-    out = _ip("netns", "add", probe, check=False)
-    if out.returncode != 0:
-        return f"ip netns add failed: {out.stderr.strip()}"
-    _ip("netns", "del", probe, check=False)
-    return None
-
-
 class FarHost:
     """A network namespace for one whole host (agent, workers, bridge), joined to the
     test's by a veth pair on a subnet of its own (parallel runs do not meet)."""
@@ -221,27 +203,27 @@ class FarHost:
         self.made = False
 
     def __enter__(self):
-        _ip("netns", "add", self.ns)
+        ip("netns", "add", self.ns)
         self.made = True
-        _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-        _ip("link", "set", self.ns_if, "netns", self.ns)
-        _ip("addr", "add", f"{self.host_addr}/24", "dev", self.host_if)
-        _ip("link", "set", self.host_if, "up")
-        _ip("-n", self.ns, "addr", "add", f"{self.ns_addr}/24", "dev", self.ns_if)
-        _ip("-n", self.ns, "link", "set", self.ns_if, "up")
-        _ip("-n", self.ns, "link", "set", "lo", "up")
+        ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        ip("link", "set", self.ns_if, "netns", self.ns)
+        ip("addr", "add", f"{self.host_addr}/24", "dev", self.host_if)
+        ip("link", "set", self.host_if, "up")
+        ip("-n", self.ns, "addr", "add", f"{self.ns_addr}/24", "dev", self.ns_if)
+        ip("-n", self.ns, "link", "set", self.ns_if, "up")
+        ip("-n", self.ns, "link", "set", "lo", "up")
         return self
 
     def cut(self):
-        _ip("link", "set", self.host_if, "down")
+        ip("link", "set", self.host_if, "down")
 
     def heal(self):
-        _ip("link", "set", self.host_if, "up")
+        ip("link", "set", self.host_if, "up")
 
     def __exit__(self, *exc):
-        _ip("link", "del", self.host_if, check=False)
+        ip("link", "del", self.host_if, check=False)
         if self.made:
-            _ip("netns", "del", self.ns, check=False)
+            ip("netns", "del", self.ns, check=False)
 
 
 def _cut_off(c, far, net, seconds):
@@ -259,9 +241,8 @@ def _cut_off(c, far, net, seconds):
 
 @pytest.mark.parametrize("backups", [1, 0])
 def test_split_one_against_two_undoes_no_delete_or_invalidation(tmp_path, backups):
-    reason = _netns_unavailable()
-    if reason:
-        pytest.skip(reason=reason)
+    reason = unavailable()
+    assert reason is None, f"these tests need root, ip and iptables: {reason}"
     with FarHost() as net:
         c = make_cluster(tmp_path, backups, netns=net.ns, listen_host=net.host_addr, far_host=net.ns_addr)
         try:
@@ -273,9 +254,8 @@ def test_split_one_against_two_undoes_no_delete_or_invalidation(tmp_path, backup
 
 
 def test_host_cut_off_twice_undoes_nothing(tmp_path):
-    reason = _netns_unavailable()
-    if reason:
-        pytest.skip(reason=reason)
+    reason = unavailable()
+    assert reason is None, f"these tests need root, ip and iptables: {reason}"
     with FarHost() as net:
         c = make_cluster(tmp_path, 1, netns=net.ns, listen_host=net.host_addr, far_host=net.ns_addr)
         try:
@@ -291,19 +271,15 @@ def test_host_cut_off_twice_undoes_nothing(tmp_path):
             c.close()
 
 
-LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
-
-
 def test_a_host_whose_clock_is_3_s_behind_cut_off_loses_nothing(tmp_path):
     """The far host's processes (bridge, workers) see the wall clock 3 s behind. Its
     workers wrote their keys through the other hosts' bridges before the cut, and in
     place after it: the versions come from a hybrid logical clock that observed the
     owners' clocks in their replies, so the later writes win although their wall
     clock says they are older."""
-    reason = _netns_unavailable() or (None if os.path.exists(LIBFAKETIME) else "libfaketime is not installed")
-    if reason:
-        pytest.skip(reason=reason)
-    skew = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": "-3s"}  # (its monotonic clock too: sleep needs that)
+    reason = unavailable() or (None if libfaketime() else "libfaketime is not installed (apt-get install faketime)")
+    assert reason is None, f"this test needs root, ip, iptables and libfaketime: {reason}"
+    skew = {"LD_PRELOAD": libfaketime(), "FAKETIME": "-3s"}  # (its monotonic clock too: sleep needs that)
     with FarHost() as net:
         c = make_cluster(tmp_path, 1, netns=net.ns, listen_host=net.host_addr, far_host=net.ns_addr,
                          far_env=skew)
