@@ -537,11 +537,35 @@ vela_err vela_invalidate_tag(vela_table *t, uint64_t tag, uint64_t below, uint64
     return vela_invalidate_tag_counted(t, tag, below, 0, NULL, removed);
 }
 
+/* A clustered table keeps what a tag invalidation removed as a tombstone with the
+ * removed entry's version: a copy of the key older than that entry (the other side
+ * of a healed split, a late handoff) must not come back where the newer one was
+ * invalidated, whatever tags the older copy carries. The tombstone replaces the
+ * entry in place (key copied out first: the put may reuse the block). */
+static int tombstone_in_place(vela_table *t, uint32_t s, vela_entry *e, vela_err *err)
+{
+    uint8_t bytes[VELA_MAX_KEY];
+    memcpy(bytes, vela_key_of(e), e->key_len);
+    vela_key k = {.bytes = bytes, .len = e->key_len, .hash = e->hash};
+    vela_err put = vela_do_tombstone(t, s, &k, e->version);
+    if (put == VELA_OK)
+        return 1;
+    if (put != VELA_EFULL && put != VELA_ETOOLARGE) {
+        *err = put;
+        return 0;
+    }
+    uint32_t ref = entry_of_key(t, s, &k); /* no room: the invalidation itself still holds */
+    if (ref)
+        vela_remove_entry(t, s, ref, 0, err);
+    return 1;
+}
+
 vela_err vela_invalidate_tag_counted(vela_table *t, uint64_t tag, uint64_t below, uint32_t parts,
                                      const uint8_t *counted, uint64_t *removed)
 {
     *removed = 0;
     int64_t now = vela_now(t);
+    int keep_tombstones = t->hdr->topology != VELA_TOPOLOGY_LOCAL;
     for (uint32_t s = 0; s <= t->stripe_mask; s++) {
         uint32_t *head = vela_tagbucket(t, s, tag);
         if (!__atomic_load_n(head, __ATOMIC_RELAXED))
@@ -563,7 +587,14 @@ vela_err vela_invalidate_tag_counted(vela_table *t, uint64_t tag, uint64_t below
                         next = ((vela_taglink *)vela_at(t, next))->next;
                     int live = !vela_is_expired(t, e, now);
                     int owned = !counted || counted[e->hash % parts];
-                    vela_remove_entry(t, s, vela_ref(t, (vela_block *)e - 1), 0, &err);
+                    if (live && keep_tombstones) {
+                        /* The put may evict and reshape the chain: walk it again from
+                         * its head (the tombstone has no tags: it is not met again). */
+                        if (tombstone_in_place(t, s, e, &err))
+                            next = *head;
+                    } else {
+                        vela_remove_entry(t, s, vela_ref(t, (vela_block *)e - 1), 0, &err);
+                    }
                     if (live && owned)
                         (*removed)++;
                     else if (!live)

@@ -8,6 +8,8 @@ yet wait for it instead of failing.
 """
 import pytest
 
+from vela.bridge.quorum import Quorum
+
 from cluster import eventually
 from test_partitioned_faults import SECRET, make_cluster
 
@@ -137,6 +139,7 @@ def test_a_bridge_restarted_at_once_keeps_its_table_and_totals_wait_for_it(clust
 class _Node:
     node_id = 1
     ring_epoch = 1
+    quorum = Quorum(2.0)
 
 
 @pytest.fixture

@@ -84,6 +84,7 @@ class _View:
         self.incoming = {int(p) for p in (view.get("incoming") or {})}
         self.addrs = {int(n): a for n, a in (view.get("addrs") or {}).items()}
         self.published = view.get("published", 0.0)
+        self.writable = view.get("writable", True)  # False: the bridge hears no majority
         # The bridge republishes at every heartbeat; a view much older means it is gone
         # (and, past half the failure timeout, the others may soon take its partitions:
         # its workers stop serving and writing them in place before that).
@@ -94,8 +95,9 @@ class _View:
         return self.valid and time.time() - self.published < self.max_age
 
     def local(self, p):
-        """True when this host owns partition p and holds all of it."""
-        return self.owners[p] == self.me and p not in self.incoming
+        """True when this host owns partition p, holds all of it and may write it (its
+        bridge hears a majority of the cluster: vela.bridge.quorum)."""
+        return self.owners[p] == self.me and p not in self.incoming and self.writable
 
     def l1(self, p):
         """True when what this host keeps of partition p are L1 copies (the near cache):

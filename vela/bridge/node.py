@@ -40,6 +40,7 @@ from . import protocol
 from .client import control_endpoint
 from .dataport import DataPort
 from .partitions import Partitions, error_reply
+from .quorum import Quorum
 from .replica import Replica
 
 log = logging.getLogger("vela.bridge")
@@ -100,6 +101,8 @@ class Bridge:
         self.ring_epoch = 0        # partition table version: max seen + 1 at every change here
         self.leaving = set()       # members handing their partitions off before they go
         self.leaving_self = False
+        self.departed = set()      # members that said goodbye: not counted for the majority
+        self.quorum = Quorum(failure_timeout)
         self.controls = {}         # control socket -> cache name
         self.control_paths = []    # their files (ipc): removed on exit
         self.rpc_waiting = {}      # rpc id -> dict(worker, socket, remaining, removed, deadline)
@@ -301,6 +304,7 @@ class Bridge:
             if member.state == DEAD:
                 log.info("member %d is back", sender)
             member.state = ALIVE
+            self.departed.discard(sender)
             self.epoch += 1
         member.last_seen = time.monotonic()
         member.received += 1
@@ -426,6 +430,7 @@ class Bridge:
 
     def _on_bye(self, member, msg):
         member.state = DEAD
+        self.departed.add(member.node_id)
         self.leaving.discard(member.node_id)
         self.epoch += 1
 
@@ -550,9 +555,27 @@ class Bridge:
         heard = any(m.state == ALIVE for m in self.members.values())
         return (heard and now - self.started > 3 * self.heartbeat) or now - self.started > self.failure_timeout
 
+    def _check_quorum(self, now):
+        """Whether this bridge still hears a majority (vela.bridge.quorum); after a
+        spell without one long enough for the others to have taken its partitions over,
+        the partitions it owns are taken back before they serve read-modify-writes."""
+        known = {n for n in self.members if n not in self.departed}
+        heard = {n for n in known if self.members[n].state == ALIVE}
+        was = self.quorum.writable
+        spell = self.quorum.update(self.node_id, heard, known, now)
+        if was != self.quorum.writable:
+            self.epoch += 1  # workers stop (or resume) writing in place: publish
+        if spell is not None and spell >= self.failure_timeout / 2:
+            reachable = heard | {self.node_id}
+            for parts in self.partitioned.values():
+                parts.regained(reachable, settle=2 * self.failure_timeout)
+
     def _update_rings(self, now):
         if not self.partitioned or not self._ring_ready(now):
             return
+        self._check_quorum(now)
+        if not self.quorum.writable:
+            return  # a minority takes nothing over: the majority does
         alive = {m.node_id for m in self.members.values() if m.state != DEAD}
         ring = (alive - self.leaving) | ({self.node_id} if not self.leaving_self else set())
         if not ring:

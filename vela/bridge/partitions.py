@@ -446,6 +446,22 @@ class Partitions:
             self.stats["errors"] += 1
             log.warning("cache %s: could not keep a handed-off entry: %s", self.name, exc)
 
+    def regained(self, reachable, settle):
+        """This member hears a majority again after a spell long enough for the others to
+        have taken its partitions over (vela.bridge.quorum): each partition it owns settles
+        until the member that held it meanwhile hands it back (merged by version), or for
+        ``settle`` seconds; meanwhile a read-modify-write of a key not written here since
+        waits (an incr on the value this member kept would count from a stale number)."""
+        if self.owners is None:
+            return
+        others = [m for m in self.ring_members if m != self.me]
+        if not others:
+            return
+        holder = assign(others, self.parts)[0]  # who held our partitions while we were cut off
+        for p in range(self.parts):
+            if self.owners[p] == self.me and p not in self.incoming and holder[p] in reachable:
+                self.incoming[p] = Incoming(holder[p], settle, settling=True)
+
     def check_incoming(self, reachable):
         """Give up on partitions whose source died or went silent: what did not
         arrive is lost (misses), the rest is served."""
@@ -712,6 +728,10 @@ class Partitions:
         op = msg["op"]
         if self.owners is None:
             return {"retry": "this member has no partition table yet"}
+        if op in WRITES and not self.node.quorum.writable:
+            return {"err": "BridgeUnavailable",
+                    "msg": f"cache {self.name!r}: member {self.me} does not hear a majority of the cluster: "
+                           "it serves no writes until it does (reads go on)"}
         if op in WRITES and msg.get("e", 0) < self.node.ring_epoch:
             # Routed by an older table than ours: maybe a request that waited in the network
             # through a split, whose worker gave up on it and wrote since (it must not land
@@ -735,11 +755,13 @@ class Partitions:
         if not self.mine(p):
             return self._moved(p, addr_of)
         inc = self.incoming.get(p)
-        if inc is not None and inc.source is not None and k not in inc.touched and not inc.flushed \
-                and not self.table.contains(_native.decode_key(k)):
-            if op in ("get", "has", "ttl"):
-                return {"fb": addr_of(inc.source)}  # not here yet: read it where it still is
-            if op in ("incr", "touch", "fetch", "add"):
+        if inc is not None and inc.source is not None and k not in inc.touched and not inc.flushed:
+            # Not here yet, or (settling: this member may be back from a split or a restart)
+            # what is here may be older than what the former holder hands back.
+            here = self.table.contains(_native.decode_key(k))
+            if op in ("get", "has", "ttl") and not here:
+                return {"fb": addr_of(inc.source)}  # read it where it still is
+            if op in ("incr", "touch", "fetch", "add") and (inc.settling or not here):
                 return {"retry": "the partition is being handed over"}
         return getattr(self, "_op_" + op)(k, p, msg)
 
@@ -920,7 +942,8 @@ class Partitions:
         return {"partitions": self.parts, "owners": self.owners, "backups": self.backup_of,
                 "incoming": {str(p): inc.source for p, inc in self.incoming.items()},
                 "marks": self.mark_list(MARKS_PUBLISHED), "flushmark": self.flush_mark,
-                "outgoing": sorted(self.outgoing), "held": self.prev}  # (outgoing: held until handed off)
+                "outgoing": sorted(self.outgoing), "held": self.prev,  # (outgoing: held until handed off)
+                "writable": self.node.quorum.writable}  # (a minority: its workers write nothing in place)
 
 
 def error_reply(exc):
