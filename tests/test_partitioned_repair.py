@@ -203,3 +203,84 @@ def test_a_handoff_carries_tombstones_and_marks_that_win_over_older_copies(parts
     assert parts.repairs == set()
     parts.on_brec(3, 9, 4, [[other, b"\x80z", 3, 0, [], newer + 7]])  # seq 3 never came
     assert parts.repairs == {3}
+
+
+def test_a_tag_invalidation_leaves_a_tombstone_that_refuses_an_older_copy_with_other_tags(parts):
+    # The other side of a split wrote the key earlier with another tag; here a newer
+    # write with tag t was invalidated: the heal must not bring the older copy back.
+    table = parts.table
+    mine = _key_of(parts, parts.mine)
+    older, newer = table.next_version(), table.next_version() + 10
+    table.apply_put(mine, b"\x80new", 3, 0, [_native.tag_hash("t")], newer)
+    assert table.apply_tag(_native.tag_hash("t"), newer + 1) == 1
+    assert table.get_raw(mine) is None
+    assert not table.apply_put(mine, b"\x80old", 3, 0, [_native.tag_hash("u")], older)
+    assert table.get_raw(mine) is None
+    assert table.apply_put(mine, b"\x80later", 3, 0, [], newer + 2)  # a newer write is kept
+    assert table.get_raw(mine)[0] == b"\x80later"
+
+
+def test_a_local_cache_keeps_no_tombstone_after_a_tag_invalidation():
+    import uuid
+
+    import vela
+
+    cache = vela.Cache(f"l{uuid.uuid4().hex[:8]}", capacity="4MiB", sweep_interval=None)
+    try:
+        cache.put("k", 1, tags=["t"])
+        assert cache.invalidate_tag("t") == 1
+        assert cache._table.scan(0, 10) == (None, [])  # (a scan shows tombstones too)
+        assert cache.size() == 0 and cache.get("k") is None
+    finally:
+        cache.destroy()
+
+
+@pytest.mark.parametrize("heard, known, majority", [
+    ({1}, {1, 2, 3}, False),        # cut off from two of three
+    ({2, 3}, {1, 2, 3}, True),      # the other side of that cut
+    ({1, 2}, {1, 2, 3, 4}, True),   # an even split: the side with the smallest node id
+    ({3, 4}, {1, 2, 3, 4}, False),
+    ({1}, {1, 2}, True),            # two members: the first goes on alone
+    ({2}, {1, 2}, False),
+    ({5}, {5}, True),               # alone, and knowing nobody else
+])
+def test_has_majority(heard, known, majority):
+    from vela.bridge.quorum import has_majority
+
+    assert has_majority(min(heard), heard, known) is majority
+
+
+def test_quorum_reports_the_spell_without_a_majority_when_it_ends():
+    q = Quorum(2.0)
+    assert q.update(1, {1}, {1, 2, 3}, now=10.0) is None and not q.writable
+    assert q.update(1, {1}, {1, 2, 3}, now=11.0) is None and not q.writable
+    assert q.update(1, {1, 2}, {1, 2, 3}, now=14.5) == 4.5 and q.writable
+
+
+def test_a_member_without_a_majority_refuses_writes_and_serves_reads(parts, monkeypatch):
+    mine = _key_of(parts, parts.mine)
+    parts.table.apply_put(mine, b"\x80v", 3, 0, [], parts.table.next_version())
+    monkeypatch.setattr(parts.node, "quorum", Quorum(2.0))
+    parts.node.quorum.update(1, {1}, {1, 2, 3}, now=0.0)
+    put = parts.serve(dict(op="put", k=mine, val=b"\x80w", codec=3, ttl=0, tags=[], e=1), lambda n: f"a{n}")
+    assert put["err"] == "BridgeUnavailable" and "majority" in put["msg"]
+    assert parts.serve(dict(op="incr", k=mine, delta=1, ttl=0, e=1), lambda n: f"a{n}")["err"] == "BridgeUnavailable"
+    assert parts.serve(dict(op="get", k=mine), lambda n: f"a{n}")["val"] == b"\x80v"
+    assert parts.view()["writable"] is False
+
+
+def test_back_with_a_majority_its_partitions_wait_for_the_holder_before_an_incr(parts):
+    mine = _key_of(parts, parts.mine)
+    p = partition_of(mine, parts.parts)
+    parts.table.apply_put(mine, b"\x80stale", 3, 0, [], parts.table.next_version())
+    parts.regained({1, 2, 3}, settle=5.0)
+    holder = parts.incoming[p].source
+    assert holder in (2, 3) and parts.incoming[p].settling
+    reply = parts.serve(dict(op="incr", k=mine, delta=1, ttl=0, e=1), lambda n: f"a{n}")
+    assert "retry" in reply  # not counted from the copy kept through the split
+    # the holder hands the partition back (its newer value wins), and the incr goes on
+    taken = parts.on_hand(holder, 7, dict(c=parts.name, sid=1, chunk=0, role="own", ps=[p], last=True,
+                                          entries=[[mine, b"\x80fresh", 3, 0, []]],
+                                          vers=[parts.table.next_version()], tombs=[]))
+    assert taken == [p] and p not in parts.incoming
+    assert parts.table.get_raw(mine)[0] == b"\x80fresh"
