@@ -255,15 +255,42 @@ def test_without_its_bridge_a_host_gets_bridge_unavailable_not_a_hang(tmp_path):
     try:
         wait_ready(c)
         a, b = c
-        a.kill_bridge(signal.SIGKILL)
+        b.kill_bridge(signal.SIGKILL)
         time.sleep(2.0)  # the last view it published grows stale (3 heartbeats + 1 s)
         t = time.monotonic()
-        kind, name, msg = a.call("try", method="get", args=["any"])
+        kind, name, msg = b.call("try", method="get", args=["any"])
         assert (kind, name) == ("raised", "BridgeUnavailable")
         assert "publishes no partition table" in msg
         assert time.monotonic() - t < 3.0 + 2.0
-        assert b.call("try", method="put", args=["any", 1]) == ["ok", None]  # B goes on alone
-        assert b.get("any") == 1
+        # Of two members, the one with the smallest node id is a majority alone: it goes on.
+        assert a.call("try", method="put", args=["any", 1]) == ["ok", None]
+        assert a.get("any") == 1
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("on_split", ["refuse", "continue"])
+def test_a_member_that_hears_no_majority_refuses_writes_unless_told_to_continue(tmp_path, on_split):
+    c = Cluster(tmp_path, n=2, topology="partitioned", bridge_extra=["--on-split", on_split])
+    try:
+        wait_ready(c)
+        a, b = c
+        mine = owned_by(b, b.node_id, [f"k{i}" for i in range(200)])[0]  # a key B owns
+        b.put(mine, "before")
+        a.kill_bridge(signal.SIGKILL)
+        eventually(lambda: b.member_states().get(a.node_id) != "alive", 10, what="B no longer hears A")
+        if on_split == "refuse":
+            # B alone is half of two without the smallest node id: it writes nothing, not
+            # even the partitions it owns, and reads go on.
+            eventually(lambda: b.call("try", method="put", args=[mine, "after"])[:2]
+                       == ["raised", "BridgeUnavailable"], 10, what="B refuses writes")
+            kind, name, msg = b.call("try", method="put", args=[mine, "after"])
+            assert "does not hear a majority" in msg
+            assert b.get(mine) == "before"
+        else:
+            eventually(lambda: b.call("try", method="put", args=[mine, "after"]) == ["ok", None], 10,
+                       what="B writes alone")
+            assert b.get(mine) == "after"
     finally:
         c.close()
 

@@ -7,6 +7,7 @@ bridge restarted at once keeps its table, and totals asked while it has no table
 yet wait for it instead of failing.
 """
 import pytest
+from unittest.mock import ANY
 
 from vela.bridge.quorum import Quorum
 
@@ -278,6 +279,7 @@ def test_back_with_a_majority_its_partitions_wait_for_the_holder_before_an_incr(
     assert holder in (2, 3) and parts.incoming[p].settling
     reply = parts.serve(dict(op="incr", k=mine, delta=1, ttl=0, e=1), lambda n: f"a{n}")
     assert "retry" in reply  # not counted from the copy kept through the split
+    assert parts.serve(dict(op="get", k=mine), lambda n: f"a{n}") == {"fb": f"a{holder}", "ver": ANY}
     # the holder hands the partition back (its newer value wins), and the incr goes on
     taken = parts.on_hand(holder, 7, dict(c=parts.name, sid=1, chunk=0, role="own", ps=[p], last=True,
                                           entries=[[mine, b"\x80fresh", 3, 0, []]],

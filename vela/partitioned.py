@@ -43,7 +43,6 @@ _ERRORS = {"CacheFull": CacheFull, "ValueTooLarge": ValueTooLarge, "LockTimeout"
            "TypeError": TypeError, "OverflowError": OverflowError}
 _REMOTE = object()  # get_routed: the owner must be asked
 # The reply for a key neither the new nor the old owner of a partition holds.
-_ABSENT = {"get": {"miss": True}, "has": {"ok": False}, "ttl": {"ok": False}}
 _RETRY_PAUSE = 0.002
 _SLICE = 0.5  # seconds before a silent owner is looked up again
 
@@ -203,7 +202,6 @@ class PartitionedCache(Cache):
         # An owner that does not answer may be gone: look at the table again every slice.
         # An incr or add is not repeated at the same owner (it may have been applied).
         once = op in ("incr", "add")
-        refused = 0  # fallback reads the old owner could not serve (it no longer holds the key)
         while True:
             if addr is None:  # (an owner the table names before its address: ask again)
                 self._pause_or_raise(deadline, BridgeUnavailable(
@@ -232,9 +230,10 @@ class PartitionedCache(Cache):
                 if "moved" not in fb and "retry" not in fb:
                     return self._checked(fb)
                 if "moved" in fb:
-                    refused += 1
-                    if refused >= 3:  # neither holds it: the key is absent
-                        return _ABSENT[op]
+                    # The former holder no longer holds the partition (handed over, or never
+                    # taken: a member back from a fast restart): the owner's copy is the one.
+                    fields["own"] = True
+                    continue
             elif "retry" in reply:
                 pass
             else:

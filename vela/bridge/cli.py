@@ -22,7 +22,7 @@ import time
 
 EXIT_USAGE = 2
 
-_DEFAULTS = {"heartbeat": 1.0, "failure_timeout": 5.0, "tombstone_ttl": 300.0, "backups": 0}
+_DEFAULTS = {"heartbeat": 1.0, "failure_timeout": 5.0, "tombstone_ttl": 300.0, "backups": 0, "on_split": "refuse"}
 
 
 def _parser():
@@ -55,6 +55,11 @@ def _parser():
     run.add_argument("--backups", type=int, choices=(0, 1),
                      help="partitioned caches: keep a backup copy of each partition on a second member "
                           "(0 or 1, default 0; give every bridge the same)")
+    run.add_argument("--on-split", choices=("refuse", "continue"),
+                     help="partitioned caches, a member that does not hear a majority of the cluster: "
+                          "refuse writes (default: nothing acknowledged is lost when the split heals) or "
+                          "continue (every side writes; the heal keeps the newest version of each key, "
+                          "so writes and increments of one side can be lost)")
     run.add_argument("--metrics-listen", help="serve Prometheus metrics on HOST:PORT/metrics (e.g. 127.0.0.1:9464)")
     run.add_argument("--backend", choices=("shm", "file"),
                      help="where the host's table lives: shm (default) or file (with --data-dir)")
@@ -149,7 +154,7 @@ def _load_config(path):
     data = _read_file("--config", path, _parse_config)
     known = {"cache", "listen", "advertise", "join", "node_id", "secret_file", "insecure", "curve_key_file",
              "heartbeat", "failure_timeout", "tombstone_ttl", "log_level", "metrics_listen", "backups",
-             "data_listen", "backend", "data_dir"}
+             "data_listen", "backend", "data_dir", "on_split"}
     unknown = set(data) - known
     if unknown:
         raise OperatorError(f"--config {path}: unknown option(s) {', '.join(sorted(unknown))} "
@@ -225,7 +230,7 @@ def run(args):
                         secret=secret, heartbeat=opt("heartbeat"), failure_timeout=opt("failure_timeout"),
                         tombstone_ttl=opt("tombstone_ttl"), insecure=bool(opt("insecure")), curve=curve,
                         backups=int(opt("backups") or 0), data_listen=opt("data_listen"),
-                        backend=backend, backend_opts=backend_opts)
+                        on_split=opt("on_split"), backend=backend, backend_opts=backend_opts)
     except (ValueError, OSError, zmq.ZMQError, VelaError) as exc:  # a bad option, an address in use, a layout
         raise OperatorError(str(exc)) from None
     if opt("metrics_listen"):

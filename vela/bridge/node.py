@@ -68,7 +68,7 @@ class Member:
 class Bridge:
     def __init__(self, caches, listen, advertise=None, join=(), node_id=None, secret=None,
                  heartbeat=1.0, failure_timeout=5.0, tombstone_ttl=300.0, control=None, insecure=False,
-                 curve=None, backups=0, data_listen=None, backend="shm", backend_opts=None):
+                 curve=None, backups=0, data_listen=None, backend="shm", backend_opts=None, on_split="refuse"):
         self.listen = listen
         self.backend, self.backend_opts = backend, backend_opts
         self.advertise = advertise or listen
@@ -102,7 +102,9 @@ class Bridge:
         self.leaving = set()       # members handing their partitions off before they go
         self.leaving_self = False
         self.departed = set()      # members that said goodbye: not counted for the majority
-        self.quorum = Quorum(failure_timeout)
+        if on_split not in ("refuse", "continue"):
+            raise ValueError(f"--on-split must be refuse or continue, not {on_split!r}")
+        self.quorum = Quorum(failure_timeout, needed=on_split == "refuse")
         self.controls = {}         # control socket -> cache name
         self.control_paths = []    # their files (ipc): removed on exit
         self.rpc_waiting = {}      # rpc id -> dict(worker, socket, remaining, removed, deadline)
@@ -559,8 +561,12 @@ class Bridge:
         """Whether this bridge still hears a majority (vela.bridge.quorum); after a
         spell without one long enough for the others to have taken its partitions over,
         the partitions it owns are taken back before they serve read-modify-writes."""
-        known = {n for n in self.members if n not in self.departed}
-        heard = {n for n in known if self.members[n].state == ALIVE}
+        heard = {n for n, m in self.members.items() if m.state == ALIVE and n not in self.departed}
+        # The cluster is the last partition table (a member the majority took out of it no
+        # longer counts: two of three, then one of those two dies, and the first goes on)
+        # and whoever speaks to us now.
+        rings = [set(parts.ring_members) for parts in self.partitioned.values() if parts.owners is not None]
+        known = (rings[0] if rings else {n for n in self.members if n not in self.departed}) | heard
         was = self.quorum.writable
         spell = self.quorum.update(self.node_id, heard, known, now)
         if was != self.quorum.writable:

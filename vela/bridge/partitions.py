@@ -413,11 +413,14 @@ class Partitions:
             if not msg["last"]:
                 return None
             return [p for p in ps if self.backup_of[p] == self.me]
+        # What a handoff changes here, L1 copies elsewhere drop (they may have been read
+        # from this member before the newer copy arrived).
         for k, ver in msg.get("tombs", ()):
             p = partition_of(k, self.parts)
             inc_p = self.incoming.get(p)
             if p in ps and self.mine(p) and not (inc_p is not None and k in inc_p.touched):
-                self.table.apply_delete(k, ver)
+                if self.table.apply_delete(k, ver):
+                    self.invals.append(k)
         for (k, v, codec, ttl, tags), ver in zip(msg["entries"], vers):
             p = partition_of(k, self.parts)
             if p not in ps or not self.mine(p):
@@ -427,7 +430,8 @@ class Partitions:
             # of a healed network split, a restarted member's table) meet by version.
             if inc_p is not None and (inc_p.flushed or k in inc_p.touched or inc_p.dead_tags.intersection(tags)):
                 continue
-            self._apply(k, v, codec, ttl, tags, ver)
+            if self._apply(k, v, codec, ttl, tags, ver):
+                self.invals.append(k)
             self.stats["handed_in"] += 1
         if not msg["last"]:
             return None
@@ -438,13 +442,15 @@ class Partitions:
         return [p for p in ps if self.mine(p)]
 
     def _apply(self, k, v, codec, ttl, tags, version):
+        """Keep a copy of ``k`` made elsewhere if it is newer than ours; True when kept."""
         if self.killed(tags, version):
-            return  # older than a tag invalidation or a flush this member saw
+            return False  # older than a tag invalidation or a flush this member saw
         try:
-            self.table.apply_put(k, v, codec, ttl, tags, version)
+            return bool(self.table.apply_put(k, v, codec, ttl, tags, version))
         except (CacheFull, ValueTooLarge) as exc:
             self.stats["errors"] += 1
             log.warning("cache %s: could not keep a handed-off entry: %s", self.name, exc)
+            return False
 
     def regained(self, reachable, settle):
         """This member hears a majority again after a spell long enough for the others to
@@ -755,13 +761,16 @@ class Partitions:
         if not self.mine(p):
             return self._moved(p, addr_of)
         inc = self.incoming.get(p)
-        if inc is not None and inc.source is not None and k not in inc.touched and not inc.flushed:
-            # Not here yet, or (settling: this member may be back from a split or a restart)
-            # what is here may be older than what the former holder hands back.
-            here = self.table.contains(_native.decode_key(k))
-            if op in ("get", "has", "ttl") and not here:
-                return {"fb": addr_of(inc.source)}  # read it where it still is
-            if op in ("incr", "touch", "fetch", "add") and (inc.settling or not here):
+        if inc is not None and inc.source is not None and k not in inc.touched and not inc.flushed \
+                and not (msg.get("own") and op in ("get", "has", "ttl")) and (
+                inc.settling or not self.table.contains(_native.decode_key(k))):
+            # Not here yet, or (settling: this member is back from a restart or a split) what
+            # is here may be older than what the former holder hands back: read it there,
+            # and let a read-modify-write wait (an incr must not count from a stale copy).
+            # ("own": the former holder said it does not hold the partition.)
+            if op in ("get", "has", "ttl"):
+                return {"fb": addr_of(inc.source)}
+            if op in ("incr", "touch", "fetch", "add"):
                 return {"retry": "the partition is being handed over"}
         return getattr(self, "_op_" + op)(k, p, msg)
 
