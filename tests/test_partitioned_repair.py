@@ -274,7 +274,7 @@ def test_back_with_a_majority_its_partitions_wait_for_the_holder_before_an_incr(
     mine = _key_of(parts, parts.mine)
     p = partition_of(mine, parts.parts)
     parts.table.apply_put(mine, b"\x80stale", 3, 0, [], parts.table.next_version())
-    parts.regained({1, 2, 3}, settle=5.0)
+    parts.regained({1, 2, 3}, settle=5.0, since=0.0)
     holder = parts.incoming[p].source
     assert holder in (2, 3) and parts.incoming[p].settling
     reply = parts.serve(dict(op="incr", k=mine, delta=1, ttl=0, e=1), lambda n: f"a{n}")
@@ -286,3 +286,17 @@ def test_back_with_a_majority_its_partitions_wait_for_the_holder_before_an_incr(
                                           vers=[parts.table.next_version()], tombs=[]))
     assert taken == [p] and p not in parts.incoming
     assert parts.table.get_raw(mine)[0] == b"\x80fresh"
+
+
+def test_a_partition_handed_back_during_the_spell_does_not_settle_again(parts):
+    import time
+
+    mine = _key_of(parts, parts.mine)
+    p = partition_of(mine, parts.parts)
+    lost_at = time.monotonic()
+    holder = 2 if 2 in parts.ring_members else 3
+    parts.on_hand(holder, 7, dict(c=parts.name, sid=1, chunk=0, role="own", ps=[p], last=True,
+                                  entries=[[mine, b"\x80fresh", 3, 0, []]], vers=[parts.table.next_version()],
+                                  tombs=[]))
+    parts.regained({1, 2, 3}, settle=5.0, since=lost_at)
+    assert p not in parts.incoming  # (it came back before the majority did: an incr goes on at once)

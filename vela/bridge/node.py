@@ -571,10 +571,18 @@ class Bridge:
         spell = self.quorum.update(self.node_id, heard, known, now)
         if was != self.quorum.writable:
             self.epoch += 1  # workers stop (or resume) writing in place: publish
+        if spell is not None:
+            # Members this bridge declared dead while it heard nobody may be alive for the
+            # majority: suspects again (kept in the table) until they speak or stay silent
+            # for a failure timeout, so the first member heard does not take their partitions.
+            for n in known - heard - {self.node_id}:
+                m = self.members.get(n)
+                if m is not None and m.state == DEAD and n not in self.departed:
+                    m.state, m.last_seen = SUSPECT, now
         if spell is not None and spell >= self.failure_timeout / 2:
-            reachable = heard | {self.node_id}
+            reachable = {n for n, m in self.members.items() if m.state != DEAD} | {self.node_id}
             for parts in self.partitioned.values():
-                parts.regained(reachable, settle=2 * self.failure_timeout)
+                parts.regained(reachable, settle=2 * self.failure_timeout, since=now - spell)
 
     def _update_rings(self, now):
         if not self.partitioned or not self._ring_ready(now):

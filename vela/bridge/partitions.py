@@ -138,6 +138,7 @@ class Partitions:
         self.bgot = {}              # (owner, incarnation) -> seq of the last backup records received
         self.repairs = set()        # owners to ask for a full backup copy again (a gap)
         self.hand_next = {}         # (sender, sid) -> next chunk number (-1: a gap, never acknowledged)
+        self.taken_at = {}          # partition -> when a handoff of it to us last completed
         self.prev = self._previous_view()
         self.leases = {}            # key -> (holder, deadline, connection): get_or_fetch in progress
         self.conn_id = None         # the data port connection of the request being served
@@ -435,7 +436,9 @@ class Partitions:
             self.stats["handed_in"] += 1
         if not msg["last"]:
             return None
+        now = time.monotonic()
         for p in ps:
+            self.taken_at[p] = now
             inc = self.incoming.get(p)
             if inc is not None and (inc.settling or inc.source == sender):
                 del self.incoming[p]
@@ -452,12 +455,13 @@ class Partitions:
             log.warning("cache %s: could not keep a handed-off entry: %s", self.name, exc)
             return False
 
-    def regained(self, reachable, settle):
+    def regained(self, reachable, settle, since):
         """This member hears a majority again after a spell long enough for the others to
         have taken its partitions over (vela.bridge.quorum): each partition it owns settles
         until the member that held it meanwhile hands it back (merged by version), or for
         ``settle`` seconds; meanwhile a read-modify-write of a key not written here since
-        waits (an incr on the value this member kept would count from a stale number)."""
+        waits (an incr on the value this member kept would count from a stale number).
+        A partition handed back already (``since`` the majority was lost) has settled."""
         if self.owners is None:
             return
         others = [m for m in self.ring_members if m != self.me]
@@ -465,7 +469,8 @@ class Partitions:
             return
         holder = assign(others, self.parts)[0]  # who held our partitions while we were cut off
         for p in range(self.parts):
-            if self.owners[p] == self.me and p not in self.incoming and holder[p] in reachable:
+            if self.owners[p] == self.me and p not in self.incoming and holder[p] in reachable \
+                    and self.taken_at.get(p, -1.0) < since:
                 self.incoming[p] = Incoming(holder[p], settle, settling=True)
 
     def check_incoming(self, reachable):
