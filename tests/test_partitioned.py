@@ -542,3 +542,20 @@ def test_near_cache_copies_drop_after_a_write_on_the_owner(tmp_path):
         eventually(lambda: cc.call("local_get", key=key)[0] is False, 2, what="dropped on flush")
     finally:
         c.close()
+
+
+def test_a_worker_writes_nothing_in_place_once_its_bridge_was_killed(tmp_path):
+    # Before, for up to half the failure timeout (the view's age), a write to a partition
+    # the host owns was made in place and acknowledged though no bridge would ever send
+    # it to the backup; the others took the partition over without it.
+    c = make_cluster(tmp_path, n=2, topology_opts={"timeout": 1.0})
+    try:
+        wait_ready(c)
+        a, b = c
+        mine = owned_by(b, b.node_id, [f"k{i}" for i in range(200)])[0]
+        assert b.call("try", method="put", args=[mine, "before"]) == ["ok", None]
+        b.kill_bridge(signal.SIGKILL)
+        reply = b.call("try", method="put", args=[mine, "after"])  # at once: the view is still fresh
+        assert reply[:2] == ["raised", "BridgeUnavailable"]
+    finally:
+        c.close()

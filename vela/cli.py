@@ -33,8 +33,8 @@ USAGE = ("usage: vela [--version] COMMAND [ARGS...]\n\ncommands:\n"
 
 SHM_DIR = "/dev/shm"
 # Files a cache keeps beside its segment (vela.bridge.client.control_endpoint and
-# marks_path, vela.near.HostElection): vela.<name>.<suffix>, not caches.
-SIDE_FILES = ("bridge", "marks", "listener")
+# marks_path, vela.bridge.presence, vela.near.HostElection): vela.<name>.<suffix>, not caches.
+SIDE_FILES = ("bridge", "marks", "listener", "alive")
 TOPOLOGIES = {0: "local", 1: "replicated", 2: "partitioned"}
 
 
@@ -88,7 +88,7 @@ def segment_names() -> List[str]:
         entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return []
-    # Beside a segment live files of its own (vela.<name>.bridge, .marks, .listener): not caches.
+    # Beside a segment live files of its own (vela.<name>.bridge, .marks, .listener, .alive): not caches.
     return sorted(e[len(prefix):] for e in entries
                   if e.startswith(prefix) and len(e) > len(prefix) and e.rsplit(".", 1)[-1] not in SIDE_FILES
                   and os.path.isfile(os.path.join(SHM_DIR, e)))

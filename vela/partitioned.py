@@ -32,6 +32,7 @@ from . import _native, options, telemetry
 from .cache import Cache
 from .errors import BridgeUnavailable, CacheFull, LockTimeout, PartialWrite, ValueTooLarge
 from .bridge.links import Links, bounded
+from .bridge.presence import Presence
 from .near import L2, MISSING, NearCache, copy_tag
 from .ring import partition_of
 
@@ -153,6 +154,7 @@ class PartitionedCache(Cache):
         self._cached_view = None
         # (routes, view seq, monotonic deadline) for the one-call get: see _view
         self._route = (b"\x00", 0, 0.0)
+        self._presence = Presence(self.name)
         self._holder_base = f"{socket.gethostname()[:32]}:{os.getpid()}"
 
     # ---- routing ------------------------------------------------------------------
@@ -506,10 +508,12 @@ class PartitionedCache(Cache):
         self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
 
     def _routes(self):
-        """(routes, view seq) to write in place by, or None while the view is too old."""
+        """(routes, view seq) to write in place by, or None while the view is too old or
+        the host's bridge is not running (vela.bridge.presence: a killed one is known at
+        once; nothing written here would reach the backup)."""
         self._view()
         routes, seq, until = self._route
-        return (routes, seq) if until > _monotonic() else None
+        return (routes, seq) if until > _monotonic() and self._presence.running() else None
 
     def _put_here(self, key, val, codec, ns, tag_ids, routes=None):
         """True when ``key`` is in a partition this host owns and the put was made in

@@ -36,7 +36,7 @@ import xxhash
 import zmq
 
 from ..errors import LayoutMismatch, VelaError
-from . import protocol
+from . import presence, protocol
 from .client import control_endpoint
 from .dataport import DataPort
 from .partitions import Partitions, error_reply
@@ -107,6 +107,7 @@ class Bridge:
         self.quorum = Quorum(failure_timeout, needed=on_split == "refuse")
         self.controls = {}         # control socket -> cache name
         self.control_paths = []    # their files (ipc): removed on exit
+        self.presence_fds = []     # the locks that say we run (vela.bridge.presence)
         self.rpc_waiting = {}      # rpc id -> dict(worker, socket, remaining, removed, deadline)
         self.rpc_ids = itertools.count(1)
         self.snap_ids = itertools.count(1)
@@ -154,6 +155,7 @@ class Bridge:
                                  "topology='replicated' or 'partitioned' (destroy it if it was made otherwise)")
         cache._table.node_id = self.node_id
         if topology == 2:
+            self.presence_fds.append(presence.hold(name))  # its workers write in place while we run
             self.partitioned[name] = Partitions(name, cache, self, self.backups)
         else:
             replica = Replica(name, cache._table, tombstone_ttl)
@@ -990,6 +992,9 @@ class Bridge:
         for parts in self.partitioned.values():
             parts.table.set_cluster(parts.closing_view())  # no table: workers see it at once
             parts.cache.close()
+        for fd in self.presence_fds:
+            os.close(fd)  # (after the view: a worker that sees us gone finds no table either)
+        self.presence_fds = []
         if self.dataport is not None:
             self.dataport.close()
         for sock in list(self.dealers.values()) + list(self.controls) + [self.router]:
