@@ -253,7 +253,9 @@ def test_older_puts_arriving_late_do_not_resurrect(cluster3):
         b.put("kt", "late-from-B", tags=["t"])
         time.sleep(0.01)                       # A's changes are strictly later (HLC ms)
         assert a.delete("k") is True
-        a.invalidate_tag("t")                  # waits up to failure_timeout/2 for B's answer
+        # Waits up to failure_timeout/2 for B's answer, then says B did not confirm it.
+        reply = a.call("try", method="invalidate_tag", args=["t"])
+        assert reply[:2] == ["raised", "BridgeUnavailable"] and "did not confirm" in reply[2]
     finally:
         b.resume()
     dump = cluster3.wait_converged(timeout=10)
@@ -271,7 +273,7 @@ def test_older_puts_arriving_late_do_not_resurrect(cluster3):
     try:
         b.put("f", "late-from-B")
         time.sleep(0.01)
-        a.flush()
+        assert a.call("try", method="flush", args=[])[:2] == ["raised", "BridgeUnavailable"]
     finally:
         b.resume()
     time.sleep(0.3)

@@ -147,6 +147,14 @@ class BridgeClient:
 
     def total(self, request):
         """The other members' count for a flush or tag invalidation this host just did
-        (kept for the bridge first: it reaches the others even if this call fails)."""
+        (kept for the bridge first: it reaches the others even if this call fails).
+        BridgeUnavailable when a member did not confirm it: a read there may still find
+        what it removes, until the member takes it (its bridge's next turn, or a snapshot)."""
         keep_mark(self.cache_name, request["op"], request["version"], request.get("tag", 0))
-        return int(self.call(request).get("removed", 0))
+        reply = self.call(request)
+        if reply.get("missing"):
+            raise BridgeUnavailable(
+                f"cache {self.cache_name!r}: member(s) {', '.join(map(str, reply['missing']))} did not confirm "
+                f"the {'flush' if request['op'] == 'flush' else 'tag invalidation'} in time; it is made on this "
+                "host and reaches them when they answer")
+        return int(reply.get("removed", 0))

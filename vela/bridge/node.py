@@ -729,8 +729,17 @@ class Bridge:
         self.counters["rpcs"] += 1
         # The worker removed this host's entries and counted them; record the marks.
         replica.apply_rpc(op, req["version"], req.get("tag"))
+        if self.seeds and not any(m.state == ALIVE for m in self.members.values()) \
+                and time.monotonic() - self.started < self.failure_timeout:
+            # Just started: the members are not known yet (an answer now would count this
+            # host alone and say nothing of the others). The mark goes out all the same.
+            sock.send_multipart([identity, b"", msgpack.packb({"error": "this bridge has not heard from "
+                                                                        "the cluster yet"})])
+            return
         rid = next(self.rpc_ids)
-        alive = {m.node_id for m in self._alive() if m.state == ALIVE}
+        # Every member not declared dead (a dead one takes the mark from a snapshot when
+        # it is back); one that does not answer in time is reported "missing".
+        alive = {m.node_id for m in self._alive()}
         self.rpc_waiting[rid] = {"identity": identity, "socket": sock, "remaining": alive, "removed": 0,
                                  "deadline": time.monotonic() + self.failure_timeout / 2}
         frames = self._message("rpc", c=name, id=rid, op=op, version=req["version"],
