@@ -196,7 +196,7 @@ def test_a_handoff_carries_tombstones_and_marks_that_win_over_older_copies(parts
     assert table.get_raw(mine) is None
     # the mark: an entry with the tag older than it is refused, a newer one kept
     assert parts.killed([tag], newer) and not parts.killed([tag], newer + 6)
-    assert parts.on_brec(3, 9, 0, []) is None and parts.repairs == set()  # no records yet: no gap
+    assert parts.on_brec(3, 9, 0, []) is False and parts.repairs == set()  # no records yet: no gap
     parts.on_brec(3, 9, 1, [[other, b"\x80x", 3, 0, [tag], newer]])
     assert table.get_raw(other) is None  # older than the mark: not kept
     parts.on_brec(3, 9, 2, [[other, b"\x80y", 3, 0, [tag], newer + 6]])
@@ -300,3 +300,29 @@ def test_a_partition_handed_back_during_the_spell_does_not_settle_again(parts):
                                   tombs=[]))
     parts.regained({1, 2, 3}, settle=5.0, since=lost_at)
     assert p not in parts.incoming  # (it came back before the majority did: an incr goes on at once)
+
+
+def test_an_incr_is_acknowledged_only_once_its_backup_confirmed_the_record(parts):
+    mine = _key_of(parts, lambda p: parts.mine(p) and parts.backup_of[p] not in (None, parts.me))
+    p = partition_of(mine, parts.parts)
+    backup = parts.backup_of[p]
+    reply = parts.serve(dict(op="incr", k=mine, delta=1, ttl=0, e=1), lambda n: f"a{n}")
+    assert reply["ok"] == 1
+    wait = parts.take_wait()
+    assert wait == (backup, parts.bseq.get(backup, 0) + 1) and not parts.backed_up(wait)
+    (target, fields), = [m for m in parts.brec_messages(parts.take_outbound(10**9, 0)[0], False) if m[0] == backup]
+    assert fields["seq"] == wait[1] and fields["recs"][0][0] == mine
+    parts.on_brack(backup, fields["seq"] - 1)
+    assert not parts.backed_up(wait)
+    parts.on_brack(backup, fields["seq"])
+    assert parts.backed_up(wait)
+    assert parts.take_wait() is None  # (asked once per request)
+
+
+def test_a_backup_confirms_records_only_without_a_gap(parts):
+    other = _key_of(parts, lambda p: not parts.mine(p))
+    rec = [other, b"\x80x", 3, 0, [], parts.table.next_version()]
+    assert parts.on_brec(2, 5, 0, []) is False          # nothing to confirm
+    assert parts.on_brec(2, 5, 1, [rec]) is True
+    assert parts.on_brec(2, 5, 3, [rec]) is False        # seq 2 never came: a repair, no ack
+    assert parts.repairs == {2}

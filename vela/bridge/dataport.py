@@ -182,6 +182,14 @@ class DataPort:
         del buf[:pos]
         return True
 
+    def reply(self, conn_id, frames):
+        """A reply sent later (it waited for a backup) on connection ``conn_id``, if open."""
+        for conn in self.conns.values():
+            if conn.id == conn_id:
+                conn.outbuf += frame(frames)
+                self._write(conn)
+                return
+
     def _write(self, conn):
         try:
             sent = conn.sock.send(conn.outbuf)

@@ -108,6 +108,7 @@ class Bridge:
         self.controls = {}         # control socket -> cache name
         self.control_paths = []    # their files (ipc): removed on exit
         self.presence_fds = []     # the locks that say we run (vela.bridge.presence)
+        self.held_replies = []     # (deadline, Partitions, wait, build, respond): waiting for a backup
         self.rpc_waiting = {}      # rpc id -> dict(worker, socket, remaining, removed, deadline)
         self.rpc_ids = itertools.count(1)
         self.snap_ids = itertools.count(1)
@@ -478,37 +479,53 @@ class Bridge:
             parts.release_leases(conn_id)
 
     def _handle_data(self, frames, conn_id, context):
-        """A request from the data port: the reply frames, or None for a malformed one."""
+        """A request from the data port: the reply frames, or None for a malformed one
+        (or one whose reply is held: it goes later, on the same connection)."""
         msg = self._unpack(frames, context)
         if msg is None:
             return None
         if msg["t"] != "req":
             self.counters["malformed"] += 1
             return None
-        return self._answer(msg, conn_id, context)
+        return self._answer(msg, conn_id, context, respond=lambda f: self.dataport.reply(conn_id, f))
 
     def _serve_request(self, identity, msg):
-        """A worker's request on the ROUTER (CURVE clusters): answered at once."""
-        try:
-            self.router.send_multipart([identity] + self._answer(msg), flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            self.counters["dropped_out"] += 1
+        """A worker's request on the ROUTER (CURVE clusters)."""
+        def respond(frames):
+            try:
+                self.router.send_multipart([identity] + frames, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.counters["dropped_out"] += 1
 
-    def _answer(self, msg, conn_id=None, context=b""):
+        frames = self._answer(msg, respond=respond)
+        if frames is not None:
+            respond(frames)
+
+    def _answer(self, msg, conn_id=None, context=b"", respond=None):
         """The reply frames to a worker's request (it may run on any host); ``conn_id``:
-        the data port connection it came on, ``context`` the request's."""
+        the data port connection it came on, ``context`` the request's. None when the
+        reply waits for the backup to confirm the write (``respond(frames)`` sends it)."""
         self.counters["requests"] += 1
         parts = self.partitioned.get(msg["c"])
+        wait = None
         if parts is None:
             reply = {"err": "BridgeUnavailable", "msg": f"this bridge does not carry cache {msg['c']!r}"}
         else:
             try:
                 reply = parts.serve(msg, self._worker_addr, conn_id)
+                wait = parts.take_wait()
             except Exception as exc:  # noqa: BLE001 - one bad request never stops the bridge
                 reply = error_reply(exc)
                 log.debug("request %s failed: %s", msg.get("op"), exc)
-        reply["epoch"] = self.ring_epoch
-        return self._message("rep", context=context, id=msg["id"], **reply)
+
+        def build(instead):
+            answer = dict(instead or reply, epoch=self.ring_epoch)
+            return self._message("rep", context=context, id=msg["id"], **answer)
+
+        if wait is not None and respond is not None:
+            self.held_replies.append((time.monotonic() + self.failure_timeout, parts, wait, build, respond))
+            return None
+        return build(None)
 
     def _on_hand(self, member, msg):
         parts = self._partitions(msg)
@@ -526,8 +543,30 @@ class Bridge:
 
     def _on_brec(self, member, msg):
         parts = self._partitions(msg)
+        if parts is not None and parts.on_brec(member.node_id, msg["inc"], msg["seq"], msg["recs"],
+                                               msg.get("clk", 0)):
+            self._send(member.addr, self._message("brack", c=msg["c"], seq=msg["seq"]))
+
+    def _on_brack(self, member, msg):
+        parts = self._partitions(msg)
         if parts is not None:
-            parts.on_brec(member.node_id, msg["inc"], msg["seq"], msg["recs"], msg.get("clk", 0))
+            parts.on_brack(member.node_id, msg["seq"])
+            self._release_replies(time.monotonic())
+
+    def _release_replies(self, now):
+        """Send the replies whose backup records were confirmed; past the deadline, say
+        the write was not confirmed (it may have been made: the worker does not count on it)."""
+        still = []
+        for deadline, parts, wait, build, respond in self.held_replies:
+            if parts.backed_up(wait):
+                respond(build(None))
+            elif now > deadline:
+                respond(build({"err": "BridgeUnavailable",
+                               "msg": f"cache {parts.name!r}: the backup copy of this write was not confirmed "
+                                      "in time (it may have been made)"}))
+            else:
+                still.append((deadline, parts, wait, build, respond))
+        self.held_replies = still
 
     def _on_brepair(self, member, msg):
         parts = self._partitions(msg)
@@ -936,6 +975,8 @@ class Bridge:
                     raise SystemExit(f"vela-bridge: {self.refused}")
                 self._pump_logs()
                 self._serve_snapshots()
+                if self.held_replies:
+                    self._release_replies(time.monotonic())
                 now = time.monotonic()
                 beat = now >= next_beat
                 if self.partitioned:

@@ -81,6 +81,7 @@ RESEND = 2.0            # seconds without an ack before a stream is sent again f
 WRITES = frozenset(("put", "add", "putm", "del", "delm", "incr", "touch", "tag", "flush"))
 STREAM_STALL = 30.0     # seconds a stream may go unacknowledged, or an incoming partition unfed
 INVAL_BATCH = 10_000    # keys per invalidation message
+BREC_CHUNK = 2000       # backup records per message
 
 
 class Stream:
@@ -135,6 +136,8 @@ class Partitions:
         self.marks = {}             # tag -> (version, monotonic expiry): invalidate_tag marks
         self.flush_mark = 0         # version of the last flush seen: older entries are gone
         self.bseq = {}              # backup node -> seq of the last backup record message sent to it
+        self.backup_acked = {}      # backup node -> the last seq it confirmed (every record before it too)
+        self.wait = None            # (backup, seq) the reply to the request just served waits for
         self.bgot = {}              # (owner, incarnation) -> seq of the last backup records received
         self.repairs = set()        # owners to ask for a full backup copy again (a gap)
         self.hand_next = {}         # (sender, sid) -> next chunk number (-1: a gap, never acknowledged)
@@ -530,7 +533,8 @@ class Partitions:
         clock observes, so a promoted copy is newer than nothing the owner wrote before).
         ``seq`` numbers the owner's record messages to us (an empty one repeats the last
         number every heartbeat): a gap, or an owner incarnation we never had a full copy
-        from, asks the owner for a full copy again."""
+        from, asks the owner for a full copy again. True when ``seq`` is to be
+        acknowledged (records, and no gap before them)."""
         if clock:
             self.table.observe(clock)  # (an owner's clock: a backup promoted later writes past it)
         got = self.bgot.get((origin, inc))
@@ -541,6 +545,7 @@ class Partitions:
         if gap:
             self.repairs.add(origin)
         self.bgot[(origin, inc)] = seq if got is None else max(got, seq)
+        confirmed = bool(records) and not gap
         for k, v, codec, ttl, tags, ver in records:
             if self.mine(partition_of(k, self.parts)):
                 continue  # stale: we own it now
@@ -549,6 +554,21 @@ class Partitions:
             else:
                 self._apply(k, v, codec, ttl, tags, ver)
             self.stats["backup_records"] += 1
+        return confirmed  # the caller acknowledges ``seq`` (it and every record before it are here)
+
+    def on_brack(self, backup, seq):
+        """``backup`` holds our records up to message ``seq``."""
+        if seq > self.backup_acked.get(backup, -1):
+            self.backup_acked[backup] = seq
+
+    def take_wait(self):
+        """What the reply to the request just served waits for (None: nothing)."""
+        wait, self.wait = self.wait, None
+        return wait
+
+    def backed_up(self, wait):
+        backup, seq = wait
+        return self.backup_acked.get(backup, -1) >= seq
 
     def on_repair(self, node):
         """Backup ``node`` lost some of our records (or restarted): copy it again in full."""
@@ -576,7 +596,7 @@ class Partitions:
         out = []
         for b in targets:
             recs = brecs.get(b, [])
-            for chunk in [recs[i:i + 2000] for i in range(0, len(recs), 2000)] or [[]]:
+            for chunk in [recs[i:i + BREC_CHUNK] for i in range(0, len(recs), BREC_CHUNK)] or [[]]:
                 if chunk:
                     self.bseq[b] = self.bseq.get(b, 0) + 1
                 out.append((b, dict(c=self.name, recs=chunk, seq=self.bseq.get(b, 0), clk=self.table.next_version())))
@@ -689,6 +709,14 @@ class Partitions:
         inc = self.incoming.get(p)
         if inc is not None and touched:
             inc.touched.add(k)
+
+    def _await_backup(self, p):
+        """The reply to this read-modify-write waits until the backup holds its record: an
+        owner cut off a moment later must not have acknowledged an increment the member
+        that takes the partition over (from the backup copy) never saw."""
+        b = self.backup_of[p]
+        if b is not None and b != self.me and self.brecs.get(b):
+            self.wait = (b, self.bseq.get(b, 0) + 1 + (len(self.brecs[b]) - 1) // BREC_CHUNK)
 
     def _changed_entry(self, k, p):
         """Record the entry now stored under ``k`` (after incr/touch) for backups."""
@@ -820,7 +848,9 @@ class Partitions:
         # Every add of a key is served here, one request at a time: check and put are one step.
         if self.table.contains(_native.decode_key(k)):
             return {"ok": False}
-        return self._op_put(k, p, msg)
+        reply = self._op_put(k, p, msg)
+        self._await_backup(p)
+        return reply
 
     def _op_del(self, k, p, msg):
         version = self.table.next_version()
@@ -836,6 +866,7 @@ class Partitions:
         except OverflowError as exc:
             return {"err": "OverflowError", "msg": str(exc)}
         self._changed_entry(k, p)
+        self._await_backup(p)
         return {"ok": value}
 
     def _op_touch(self, k, p, msg):

@@ -488,6 +488,11 @@ def _check_brepair(msg):
     _str(msg, "c")
 
 
+def _check_brack(msg):
+    _str(msg, "c")
+    _int(msg, "seq", 0, 2**63)
+
+
 _CHECKS = {
     "hello": _check_hello,
     "batch": _check_batch,
@@ -505,4 +510,5 @@ _CHECKS = {
     "inval": _check_inval,
     "leaving": _check_leaving,
     "brepair": _check_brepair,
+    "brack": _check_brack,
 }
