@@ -77,10 +77,10 @@ def same(a, b):
 # the implementation is chosen by vela.Cache
 
 
-def test_cache_returns_redis_cache(cache):
-    from vela.redis_cache import RedisCache
+def test_cache_sits_on_the_redis_store(cache):
+    from vela.stores.redis import RedisStore
 
-    assert isinstance(cache, RedisCache) and isinstance(cache, vela.Cache)
+    assert type(cache) is vela.Cache and isinstance(cache._store, RedisStore)
     info = cache.info()
     assert info["backend"] == "redis"
     assert info["namespace"] == f"vela:{cache.name}:"
@@ -235,7 +235,7 @@ def test_stats_reset_and_disabled(cache, server):
 def test_stats_are_summed_over_the_processes_of_the_host(cache):
     cache.put("k", 1)
     name, l1 = cache.name, cache.info()["l1_segment"]
-    url = cache._o.url
+    url = cache._store._o.url
     near = cache.near_cache
 
     def reader(_):
@@ -564,7 +564,7 @@ def test_incr_is_atomic_across_processes(server):
                                                             "l1_segment": name + ".l1"}) as c:
             assert c.get("hits") == 1200
     finally:
-        from vela.redis_cache import destroy
+        from vela.stores.redis import destroy
 
         destroy(name, {"url": server.url, "l1_segment": name + ".l1"})
 
@@ -701,7 +701,7 @@ def test_get_or_fetch_runs_once_across_hosts_and_processes(server, raw):
         assert int(raw.get(counter_key)) == 1
     finally:
         raw.delete(counter_key)
-        from vela.redis_cache import destroy
+        from vela.stores.redis import destroy
 
         for host in ("hostA", "hostB"):
             destroy(name, {"url": server.url, "l1_segment": f"{name}.{host}"})
@@ -829,7 +829,7 @@ def test_unreachable_redis_raises_backend_unavailable_within_the_bound(near):
             "retries": 2, "retry_backoff": 0.01}
     c = vela.Cache(new_name(), backend="redis", backend_opts=opts, near_cache=near, capacity="8MiB")
     try:
-        bound = c._o.bound()
+        bound = c._store._o.bound()
         for call in (lambda: c.get("k"), lambda: c.put("k", 1), lambda: c.incr("n"),
                      lambda: c.get_or_fetch("k", lambda k: 1), lambda: c.flush(),
                      lambda: c.invalidate_tag("t"), lambda: c.delete("k")):
@@ -839,9 +839,9 @@ def test_unreachable_redis_raises_backend_unavailable_within_the_bound(near):
             assert time.monotonic() - start <= bound + 0.1
     finally:
         c.close()
-        from vela.redis_cache import _destroy_local
+        from vela.stores.redis import _destroy_local
 
-        _destroy_local(c._o.l1_segment)
+        _destroy_local(c._store._o.l1_segment)
 
 
 def test_paused_redis_times_out_within_the_bound():
@@ -857,7 +857,7 @@ def test_paused_redis_times_out_within_the_bound():
         start = time.monotonic()
         with pytest.raises(vela.BackendUnavailable):
             c.get("k")
-        assert time.monotonic() - start <= c._o.bound() + 0.1
+        assert time.monotonic() - start <= c._store._o.bound() + 0.1
         s.resume()
         assert c.get("k") == 1
     finally:
@@ -919,7 +919,7 @@ def test_cluster_url():
         assert c.info()["namespace"] == f"vela:{{{name}}}:"
         _exercise(c)
         deadline = time.monotonic() + 5
-        while not c._near.healthy():
+        while not c._store._near.healthy():
             assert time.monotonic() < deadline, "no listener over the cluster"
             time.sleep(0.02)
     finally:

@@ -32,8 +32,8 @@ USAGE = ("usage: vela [--version] COMMAND [ARGS...]\n\ncommands:\n"
          + "\n`vela COMMAND --help` shows the options of a command.\n")
 
 SHM_DIR = "/dev/shm"
-# Files a cache keeps beside its segment (vela.bridge.client.control_endpoint and
-# marks_path, vela.near.HostElection): vela.<name>.<suffix>, not caches.
+# Files a cache keeps beside its segment (vela.stores.replicated.control_endpoint and
+# marks_path, vela.stores.near.HostElection): vela.<name>.<suffix>, not caches.
 SIDE_FILES = ("bridge", "marks", "listener")
 TOPOLOGIES = {0: "local", 1: "replicated", 2: "partitioned"}
 

@@ -21,7 +21,7 @@ A copy carries the tags of its entry, so a tag's copies can be dropped without
 knowing their keys. Invalidation messages are numbered per origin (:class:`Numbering`):
 a receiver that finds one missing drops every copy the origin could have
 invalidated. invalidate_tag and flush wait until every host has dropped its copies
-(vela.redis_listener, vela.partitioned say how).
+(vela.stores.redis_listener, vela.stores.partitioned say how).
 
 The L2 is an interface (:class:`L2`), so the same code sits in front of Redis now
 and of the partitioned topology later; the message format (:func:`encode_keys`,
@@ -35,15 +35,14 @@ import os
 
 import posix_ipc
 
-from . import _native
-from .errors import CacheFull, ValueTooLarge
+from .. import _native
+from ..errors import CacheFull, ValueTooLarge
+from .base import MISSING
 
 __all__ = ["L2", "NearCache", "HostElection", "Numbering", "encode_keys", "decode_message", "split_number",
            "copy_tag", "FLUSH_ALL", "MISSING"]
 
 log = logging.getLogger("vela.near")
-
-MISSING = object()
 
 # Invalidation messages: b"*" drops all of L1; b"m" + (4-byte big-endian length +
 # canonical key encoding)* drops those keys. Anything else is malformed, and a
