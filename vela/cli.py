@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from . import __version__
+from . import __version__, _native
 
 __all__ = ["main"]
 
@@ -35,7 +35,8 @@ SHM_DIR = "/dev/shm"
 # Files a cache keeps beside its segment (vela.stores.replicated.control_endpoint and
 # marks_path, vela.stores.near.HostElection): vela.<name>.<suffix>, not caches.
 SIDE_FILES = ("bridge", "marks", "listener")
-TOPOLOGIES = {0: "local", 1: "replicated", 2: "partitioned"}
+TOPOLOGIES = {_native.TOPOLOGY_LOCAL: "local", _native.TOPOLOGY_REPLICATED: "replicated",
+              _native.TOPOLOGY_PARTITIONED: "partitioned"}
 
 
 class OperatorError(Exception):
