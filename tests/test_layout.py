@@ -152,3 +152,19 @@ def test_a_remote_store_has_every_method_of_the_interface(module, cls):
     missing = [n for n in _PROTOCOL if n != "table" and not hasattr(store, n)]
     assert missing == [], missing
     assert store.remote is True
+
+
+def test_the_near_cache_is_a_store_wrapping_the_redis_store():
+    from redis_server import RedisServer
+    from vela.stores.near import NearStore
+    from vela.stores.redis import RedisStore
+
+    with RedisServer() as server:
+        cache = vela.Cache(new_name(), backend="redis", backend_opts={"url": server.url}, near_cache=True,
+                           capacity="2MiB", sweep_interval=None)
+        try:
+            assert isinstance(cache._store, NearStore) and isinstance(cache._store.inner, RedisStore)
+            missing = [n for n in _PROTOCOL if not hasattr(cache._store, n)]
+            assert missing == [], missing
+        finally:
+            cache.destroy()

@@ -52,7 +52,7 @@ def _listener_main(conn, url, name, host):
     c = open_host(url, name, host)
     try:
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not (c.info()["listener"] and c._store._near.healthy()):
+        while time.monotonic() < deadline and not (c.info()["listener"] and c._store.near.healthy()):
             time.sleep(0.01)
         conn.send(bool(c.info()["listener"]))
         conn.poll(600)

@@ -7,7 +7,8 @@
 - ``partitioned``: each key on one owner's host, found in the partition table the
   host's bridge publishes in the segment;
 - ``redis``: Redis holds the entries, the host table the leases and counters;
-- ``near``: L1 copies in the host table in front of a remote store.
+- ``near``: L1 copies in the host table in front of the Redis store (a store that
+  wraps it: ``near_cache=True``).
 
 :func:`open_store` picks the store from what the segment records, so every handle
 on a segment gets the same store whatever options it omitted.
@@ -50,9 +51,17 @@ def open_store(name: str, *, backend: Any, backend_opts: Optional[Mapping[str, A
         need("redis", "backend='redis'")
         from .redis import RedisStore  # imports redis-py only when used
 
-        return RedisStore(name, backend_opts, layout=layout, serializer=serializer, stats_enabled=stats_enabled,
-                          lock_timeout=lock_timeout, sweep_interval=sweep_interval,
-                          stampede_timeout=stampede_timeout, near_l1_ttl=near_l1_ttl)
+        store = RedisStore(name, backend_opts, layout=layout, serializer=serializer, stats_enabled=stats_enabled,
+                           lock_timeout=lock_timeout, sweep_interval=sweep_interval, stampede_timeout=stampede_timeout)
+        if near_l1_ttl is None:
+            return store
+        from .near import NearStore
+
+        try:
+            return NearStore(store, near_l1_ttl)
+        except BaseException:
+            store.close()
+            raise
 
     segments = backend_module(backend)
     if topology is None:  # adopt: what the segment records (a new segment is local)

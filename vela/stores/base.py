@@ -18,7 +18,8 @@ host table, or every owner's). Errors are the public ones (``vela.errors``).
 The stores: ``local`` (the host's table), ``replicated`` (the same, plus the
 bridge's cluster-wide totals), ``partitioned`` (each key on its owner's host),
 ``redis`` (Redis holds the entries) and ``near`` (L1 copies in the host table in
-front of a remote store: it wraps the store that holds the entries).
+front of the Redis store: it wraps it; the partitioned store keeps its L1 copies in
+its own routing, with the same ``near.NearCache``).
 """
 
 from __future__ import annotations

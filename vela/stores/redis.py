@@ -54,7 +54,7 @@ from ..segments import shm
 from ..segments.table import OpenTable
 from .base import ALONE, HIT, MINE, MISSING, TIMEOUT
 from .local import POLL_NS
-from .near import FLUSH_ALL, HostElection, L2, NearCache
+from .near import FLUSH_ALL, HostElection, NearCache
 from .redis_listener import HostAgent, Listener
 
 _MISSING = MISSING  # the one sentinel of the L1 and L2 paths
@@ -458,32 +458,6 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class _RedisL2(L2):
-    """The L2 interface of vela.stores.near, served by a RedisStore."""
-
-    def __init__(self, cache):
-        self._cache = weakref.proxy(cache)
-
-    def read(self, key):
-        c = self._cache
-        enc = _native.encode_key(key)
-        r = c._run("read", [c._vkey(enc), c._mkey(enc)], [])
-        if r is None:
-            return MISSING, 0, ()
-        return c._decode(r[0]), _remaining_ns(r[1]), _tag_names(r[2])
-
-    def read_many(self, keys):
-        c = self._cache
-        names = []
-        for k in keys:
-            enc = _native.encode_key(k)
-            names += (c._vkey(enc), c._mkey(enc))
-        r = c._run("read_many", names, [])
-        return [(MISSING, 0, ()) if r[3 * i] is None else
-                (c._decode(r[3 * i]), _remaining_ns(r[3 * i + 1]), _tag_names(r[3 * i + 2]))
-                for i in range(len(keys))]
-
-
 class RedisStore:
     """A cache whose entries live in Redis, shared by every host that uses the same URL.
 
@@ -509,7 +483,7 @@ class RedisStore:
     remote = True
 
     def __init__(self, name, backend_opts, *, layout, serializer, stats_enabled, lock_timeout, sweep_interval,
-                 stampede_timeout, near_l1_ttl=None):
+                 stampede_timeout):
         self._closed = True  # until the end of __init__: close() then has nothing to undo
         self._agent = None
         self._client = None
@@ -539,29 +513,56 @@ class RedisStore:
         self._direct = None
         self._local = None
         self._shas = {}
-        self._l2 = _RedisL2(self)
-        self._near = None
+        self._near = None  # the L1 whose invalidations this host's listener applies (vela.stores.near)
         self._closed = False
         _live.add(self)
-        if near_l1_ttl is not None:
-            self._near = NearCache(self._table, near_l1_ttl, o.degraded_l1_ttl, marker_ttl=4 * o.heartbeat)
-            if o.listener:
-                try:
-                    self._start_agent()
-                except BaseException:
-                    self.close()
-                    raise
 
     # ---- plumbing ------------------------------------------------------------------
 
-    def _start_agent(self):
+    # ---- behind a near cache (vela.stores.near.NearStore) ----------------------------
+
+    def near_cache(self, l1_ttl):
+        """The L1 in the host table for a near cache in front of this store; starts this
+        host's invalidation listener (one per host, elected), unless
+        ``backend_opts['listener']`` is False. Every write here publishes its
+        invalidation in the same Lua call; the listener applies it to L1."""
         o = self._o
-        listener = Listener(self._near, lambda: _make_client(o), self._P,
-                            host=socket.gethostname() + shm.segment_name(o.l1_segment),
-                            heartbeat=o.heartbeat, timeout=o.socket_timeout + o.connect_timeout)
-        self._agent = HostAgent(HostElection(o.l1_segment), listener, poll=o.heartbeat, owner=self)
-        self._agent.try_lead_now()
-        self._agent.start(self.name)
+        self._near = NearCache(self._table, l1_ttl, o.degraded_l1_ttl, marker_ttl=4 * o.heartbeat)
+        if o.listener:
+            try:
+                listener = Listener(self._near, lambda: _make_client(o), self._P,
+                                    host=socket.gethostname() + shm.segment_name(o.l1_segment),
+                                    heartbeat=o.heartbeat, timeout=o.socket_timeout + o.connect_timeout)
+                self._agent = HostAgent(HostElection(o.l1_segment), listener, poll=o.heartbeat, owner=self)
+                self._agent.try_lead_now()
+                self._agent.start(self.name)
+            except BaseException:
+                self.close()
+                raise
+        return self._near
+
+    def count(self, counter, n=1):
+        """Count ``n`` on the host's counters (stats())."""
+        self._bump(counter, n)
+
+    def read(self, key):
+        """The L2 read of the near cache (uncounted): (value or MISSING, remaining ns, tags)."""
+        enc = _native.encode_key(key)
+        r = self._run("read", [self._vkey(enc), self._mkey(enc)], [])
+        if r is None:
+            return MISSING, 0, ()
+        return self._decode(r[0]), _remaining_ns(r[1]), _tag_names(r[2])
+
+    def read_many(self, keys):
+        """``read`` of several keys, one round trip, in the order of ``keys``."""
+        names = []
+        for k in keys:
+            enc = _native.encode_key(k)
+            names += (self._vkey(enc), self._mkey(enc))
+        r = self._run("read_many", names, [])
+        return [(MISSING, 0, ()) if r[3 * i] is None else
+                (self._decode(r[3 * i]), _remaining_ns(r[3 * i + 1]), _tag_names(r[3 * i + 2]))
+                for i in range(len(keys))]
 
     def _after_fork(self):
         self._client = None  # the parent's sockets stay the parent's
@@ -733,35 +734,18 @@ class RedisStore:
     # ---- reading ---------------------------------------------------------------------
 
     def get(self, key, default=None):
-        """The value stored under ``key``, or ``default`` when absent or expired.
-
-        With the near cache, a copy in the host table answers without Redis.
-        """
-        near = self._near
-        if near is not None:
-            value = near.l1.get(key, _MISSING)
-            if value is not _MISSING:
-                self._bump("hits")
-                return value
-        value = self._lookup(key)
-        return default if value is _MISSING else value
-
-    def _lookup(self, key):
-        """The value (or _MISSING) after an L1 miss, counted as a hit or a miss."""
-        if self._near is not None:
-            value = self._near.load(key, self._l2)
-        else:
-            self._check_open()
-            enc = _native.encode_key(key)
-            raw = self._call(("GET", self._vkey(enc)))
-            value = _MISSING if raw is None else self._decode(raw)
-        self._bump("misses" if value is _MISSING else "hits")
-        return value
+        """The value stored under ``key``, or ``default`` when absent or expired."""
+        self._check_open()
+        enc = _native.encode_key(key)
+        raw = self._call(("GET", self._vkey(enc)))
+        if raw is None:
+            self._bump("misses")
+            return default
+        self._bump("hits")
+        return self._decode(raw)
 
     def contains(self, key):
         """True when a live entry is stored under ``key`` (not counted as a hit or miss)."""
-        if self._near is not None and self._table.contains(key):
-            return True
         self._check_open()
         enc = _native.encode_key(key)
         return self._call(("EXISTS", self._vkey(enc))) == 1
@@ -780,11 +764,6 @@ class RedisStore:
         self._check_open()
         if not keys:
             found = {}
-        elif self._near is not None:
-            found = self._table.get_many(keys)
-            missing = [k for k in keys if k not in found]
-            if missing:
-                found.update(self._near.load_many(missing, self._l2))
         else:
             encs = [_native.encode_key(k) for k in keys]
             raws = self._call(("MGET", *[self._vkey(e) for e in encs]))
@@ -798,13 +777,6 @@ class RedisStore:
 
     # ---- writing ---------------------------------------------------------------------
 
-    def _dropped(self, keys):
-        """Redis has written ``keys``: this host's L1 copies of them go at once (every
-        host's listener drops its own when the write's invalidation arrives)."""
-        if self._near is not None:
-            for key in keys:
-                self._near.invalidate(key)
-
     def put(self, key, value, ns, tags):
         """Store ``value`` under ``key`` in Redis; every host's L1 copy is dropped.
 
@@ -815,7 +787,6 @@ class RedisStore:
         entry = self._entry(key, value, tags)
         self._store([entry], ns, tags)
         self._bump("writes")
-        self._dropped((key,))
 
     def add(self, key, value, ns, tags):
         """Store ``value`` under ``key`` only if Redis holds no live entry of it (``SET NX``,
@@ -827,7 +798,6 @@ class RedisStore:
                                 [self._P, _px(ns), len(tags), *tags, enc, raw], idempotent=False))
         if stored:
             self._bump("writes")
-            self._dropped((key,))
         return stored
 
     def put_many(self, items, ns, tags):
@@ -851,7 +821,6 @@ class RedisStore:
         finally:
             if done:
                 self._bump("writes", done)
-            self._dropped(k for k, _ in items)
 
     def _delete_encs(self, encs):
         removed = 0
@@ -869,7 +838,6 @@ class RedisStore:
         removed = self._delete_encs([_native.encode_key(key)]) == 1
         if removed:
             self._bump("deletes")
-        self._dropped((key,))
         return removed
 
     def delete_many(self, keys):
@@ -878,7 +846,6 @@ class RedisStore:
         removed = self._delete_encs([_native.encode_key(k) for k in keys]) if keys else 0
         if removed:
             self._bump("deletes", removed)
-        self._dropped(keys)
         return removed
 
     def touch(self, key, ns):
@@ -886,7 +853,6 @@ class RedisStore:
         self._check_open()
         enc = _native.encode_key(key)
         done = self._run("touch", [self._vkey(enc), self._mkey(enc)], [self._P, enc, _px(ns)]) == 1
-        self._dropped((key,))  # a copy must not outlive a shortened entry
         return done
 
     def incr(self, key, delta, ns):
@@ -905,7 +871,6 @@ class RedisStore:
                 raise TypeError("incr: the stored value is not an integer") from None
             raise
         self._bump("writes")
-        self._dropped((key,))
         return int(raw)
 
     # ---- get_or_fetch ------------------------------------------------------------------
@@ -915,29 +880,27 @@ class RedisStore:
     # hosts, that process takes a Redis lease (SET NX PX with an owner token, released
     # by compare-and-delete) or, when another host holds it, polls Redis until the
     # value appears, the lease goes, or the budget passes (then it fetches itself).
-    # The lease handed to vela.Cache: (host token, Redis owner token, lease key, L1
-    # reservation), or None when nothing is held.
+    # The lease handed to vela.Cache: (host token, Redis owner token, lease key), or
+    # None when nothing is held.
 
-    def fetch_begin(self, key, protect, budget_ns):
+    def fetch_begin(self, key, protect, budget_ns, reserve=None):
+        """(see vela.stores.base.Store) ``reserve``: a near cache's, called just before
+        Redis is read; it returns ``fill(value, remaining_ns, tags)``, called with what
+        was read (the near cache keeps its copy unless an invalidation came between)."""
         self._check_open()
         host_token, waited = None, False
         if protect:
             status, value, host_token, waited = self._table.fetch_begin(key, budget_ns, POLL_NS)
             if waited:
                 self._bump("stampede_waits")
-            if status == HIT:  # an L1 copy (near cache only)
+            if status == HIT:  # an L1 copy (a near cache shares the host table)
                 self._bump("hits")
                 return HIT, value, None, waited
             if status == TIMEOUT:
                 self._bump("stampede_timeouts")
-        elif self._near is not None:
-            value = self._table.get(key, _MISSING)
-            if value is not _MISSING:
-                self._bump("hits")
-                return HIT, value, None, False
         try:
             status, value, lease, waited = self._begin_in_redis(key, budget_ns, waited,
-                                                                lease=protect and host_token is not None)
+                                                                protect and host_token is not None, reserve)
         except BaseException:
             if host_token is not None:
                 self._table.fetch_abort(host_token)
@@ -950,10 +913,9 @@ class RedisStore:
             return HIT, value, None, waited
         return status, None, (host_token,) + lease, waited
 
-    def _begin_in_redis(self, key, budget_ns, waited, lease):
-        """(HIT, value, None, waited) or (MINE/ALONE, None, (owner, lease key, L1 token), waited)."""
-        near = self._near
-        token = near.l1.reserve(key) if near is not None else None
+    def _begin_in_redis(self, key, budget_ns, waited, lease, reserve):
+        """(HIT, value, None, waited) or (MINE/ALONE, None, (owner, lease key), waited)."""
+        fill = reserve() if reserve is not None else None
         enc = _native.encode_key(key)
         vkey, lkey = self._vkey(enc), self._P + b"l:" + enc
         owner = b""
@@ -966,8 +928,8 @@ class RedisStore:
                 r = self._run("read_or_lease", [vkey, lkey, self._mkey(enc)], [owner, self._lease_px])
                 if isinstance(r, list):
                     value = self._decode(r[0])
-                    if near is not None:
-                        near.fill(token, key, value, _remaining_ns(r[1]), _tag_names(r[2]))
+                    if fill is not None:
+                        fill(value, _remaining_ns(r[1]), _tag_names(r[2]))
                     self._bump("hits")
                     return HIT, value, None, waited
                 if r == 1:
@@ -983,8 +945,10 @@ class RedisStore:
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, 0.05)
         else:
-            if near is not None:
-                value = near.load(key, self._l2)
+            if fill is not None:
+                value, remaining_ns, tags = self.read(key)
+                if value is not _MISSING:
+                    fill(value, remaining_ns, tags)
             else:
                 raw = self._call(("GET", vkey))
                 value = _MISSING if raw is None else self._decode(raw)
@@ -995,7 +959,7 @@ class RedisStore:
         return (MINE if owner else ALONE), None, (owner, lkey), waited
 
     def fetch_complete(self, key, lease, value, ns, tags):
-        host_token, owner, lkey = lease
+        host_token, owner, lkey = lease or (None, b"", None)
         try:
             self._bump("fetches")
             tags = _tag_bytes(tags)
@@ -1009,7 +973,6 @@ class RedisStore:
                     return  # the caller still gets its value
                 raise
             self._bump("writes")
-            self._dropped((key,))
         finally:
             if host_token is not None:
                 self._table.fetch_abort(host_token)
@@ -1033,7 +996,7 @@ class RedisStore:
 
     # ---- tags, flush, size --------------------------------------------------------------
 
-    def invalidate_tag(self, tag):
+    def invalidate_tag(self, tag, drop_copies=None):
         """Remove every entry carrying ``tag`` (one atomic Lua call); returns how many
         live entries were removed. Returns once every host whose near-cache listener is
         subscribed has dropped its copies of them.
@@ -1047,7 +1010,8 @@ class RedisStore:
         count, encs, hosts = self._run("invalidate_tag", [self._P + b"t:" + b], [self._P, b, ack])
         if count:
             self._bump("invalidations", count)
-        self._dropped(_native.decode_key(enc) for enc in encs)
+        if drop_copies is not None:
+            drop_copies([_native.decode_key(enc) for enc in encs])
         self._confirm(ack, hosts, f"invalidate_tag removed {count} entries")
         return count
 
@@ -1076,15 +1040,15 @@ class RedisStore:
     def _scan(self, match):
         return self._call_client(lambda client: list(client.scan_iter(match=match, count=1000)))
 
-    def flush(self):
+    def flush(self, drop_copies=None):
         """Remove every entry of this cache from Redis (SCAN + UNLINK of its prefix only,
         never FLUSHDB) and drop every host's L1; returns how many entries were removed.
         Costs a SCAN of the whole Redis database. Returns once every host whose
         near-cache listener is subscribed has dropped its L1 (see invalidate_tag)."""
         self._check_open()
         count = self._flush_redis()
-        if self._near is not None:
-            self._near.drop_all(keep_marker=True)
+        if drop_copies is not None:
+            drop_copies(None)
         ack = self._ack_key()
         self._confirm(ack, self._run("announce", [], [self._P, FLUSH_ALL, ack]), f"flush removed {count} entries")
         return count
