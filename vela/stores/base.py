@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from .. import _native
 
-__all__ = ["Store", "Lease", "MISSING", "HIT", "MINE", "TIMEOUT", "ALONE", "BUSY"]
+__all__ = ["Store", "Lease", "MISSING", "HIT", "MINE", "TIMEOUT", "ALONE", "BUSY", "count_lookups"]
 
 #: The sentinel of "no value" on every store path (distinct from None, a value).
 MISSING: Any = object()
@@ -147,3 +147,13 @@ class Store(Protocol):
     def describe(self) -> str:
         """A few words for ``repr`` (the store and its state)."""
 
+
+
+def count_lookups(count, keys, found):
+    """Count the hits and misses of a batch read (``count(counter, n)``: a store that
+    counts in Python, where the C core does not count for it)."""
+    hits = sum(1 for k in keys if k in found)
+    if hits:
+        count("hits", hits)
+    if len(keys) - hits:
+        count("misses", len(keys) - hits)

@@ -43,7 +43,7 @@ import posix_ipc
 
 from .. import _native
 from ..errors import CacheFull, ValueTooLarge
-from .base import HIT, MISSING
+from .base import HIT, MISSING, count_lookups
 
 __all__ = ["L2", "NearCache", "NearStore", "HostElection", "Numbering", "encode_keys", "decode_message", "split_number",
            "copy_tag", "FLUSH_ALL", "MISSING"]
@@ -396,11 +396,7 @@ class NearStore:
         missing = [k for k in keys if k not in found]
         if missing:
             found.update(self.near.load_many(missing, self.inner))
-        hits = sum(1 for k in keys if k in found)
-        if hits:
-            self._count("hits", hits)
-        if len(keys) - hits:
-            self._count("misses", len(keys) - hits)
+        count_lookups(self._count, keys, found)
         return found
 
     def contains(self, key):

@@ -52,7 +52,7 @@ from ..errors import (BackendUnavailable, CacheClosed, CacheFull, OptionError, P
                       VelaError)
 from ..segments import shm
 from ..segments.table import OpenTable
-from .base import ALONE, HIT, MINE, MISSING, TIMEOUT
+from .base import ALONE, HIT, MINE, MISSING, TIMEOUT, count_lookups
 from .local import POLL_NS
 from .near import FLUSH_ALL, HostElection, NearCache
 from .redis_listener import HostAgent, Listener
@@ -371,6 +371,16 @@ def _seconds_opt(option, value):
     return options.seconds(f"backend_opts['{option}']", value, allow_none=False, allow_inf=False)
 
 
+def _credentials(kw, parts, scheme):
+    """The user, password and TLS of a sentinel or cluster URL, for redis-py's keywords."""
+    if parts.password is not None:
+        kw.setdefault("password", unquote(parts.password))
+    if parts.username:
+        kw.setdefault("username", unquote(parts.username))
+    if scheme.startswith("rediss"):
+        kw.setdefault("ssl", True)
+
+
 def _make_client(o):
     """A redis-py client for the URL (hiredis is used by redis-py when installed)."""
     kw = dict(socket_timeout=o.socket_timeout, socket_connect_timeout=o.connect_timeout,
@@ -389,12 +399,7 @@ def _make_client(o):
             raise OptionError("backend_opts['url']: a sentinel URL names the service: "
                               "redis+sentinel://host:port[,host:port]/service[/db]")
         service, db = path[0], int(path[1]) if len(path) > 1 else 0
-        if parts.password is not None:
-            kw.setdefault("password", unquote(parts.password))
-        if parts.username:
-            kw.setdefault("username", unquote(parts.username))
-        if o.scheme.startswith("rediss"):
-            kw.setdefault("ssl", True)
+        _credentials(kw, parts, o.scheme)
         sentinel_kwargs = dict(socket_timeout=o.socket_timeout, socket_connect_timeout=o.connect_timeout)
         sentinel_kwargs.update(kw.pop("sentinel_kwargs", {}))
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **{k: v for k, v in kw.items()
@@ -409,12 +414,7 @@ def _make_client(o):
             for hp in parts.netloc.rsplit("@", 1)[-1].split(","):
                 host, _, port = hp.rpartition(":")
                 nodes.append(ClusterNode(host.strip("[]") or "127.0.0.1", int(port or 6379)))
-            if parts.password is not None:
-                kw.setdefault("password", unquote(parts.password))
-            if parts.username:
-                kw.setdefault("username", unquote(parts.username))
-            if o.scheme.startswith("rediss"):
-                kw.setdefault("ssl", True)
+            _credentials(kw, parts, o.scheme)
             return RedisCluster(startup_nodes=nodes, **kw)
         return RedisCluster.from_url(o.url, **kw)
     return redis.Redis.from_url(o.url, **kw)
@@ -768,11 +768,7 @@ class RedisStore:
             encs = [_native.encode_key(k) for k in keys]
             raws = self._call(("MGET", *[self._vkey(e) for e in encs]))
             found = {k: self._decode(raw) for k, raw in zip(keys, raws) if raw is not None}
-        hits = sum(1 for k in keys if k in found)
-        if hits:
-            self._bump("hits", hits)
-        if len(keys) - hits:
-            self._bump("misses", len(keys) - hits)
+        count_lookups(self._bump, keys, found)
         return found
 
     # ---- writing ---------------------------------------------------------------------
