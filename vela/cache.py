@@ -133,7 +133,7 @@ class Cache:
         l1_ttl = options.seconds("near_cache_l1_ttl", near_cache_l1_ttl, allow_none=False, allow_inf=False)
         serializers.resolve(serializer)  # (refused here, before anything is opened)
         lock_timeout = options.seconds("lock_timeout", lock_timeout, allow_none=False, allow_inf=False)
-        if topology is not ADOPT and topology not in TOPOLOGIES:
+        if topology is not ADOPT and (not isinstance(topology, str) or topology not in TOPOLOGIES):
             raise OptionError(f"topology={topology!r}: must be one of local, replicated, partitioned")
         layout = {}
         if capacity is not ADOPT:
