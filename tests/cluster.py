@@ -170,7 +170,7 @@ def destroy_in(namespace, name):
 
 def control_path_in(namespace, name):
     """The file of the bridge's control socket of cache ``name`` on host ``namespace``."""
-    from vela.bridge.client import control_endpoint
+    from vela.stores.replicated import control_endpoint
 
     return _in_namespace(namespace, lambda: control_endpoint(name)[len("ipc://"):])
 
@@ -178,7 +178,7 @@ def control_path_in(namespace, name):
 def marks_path_in(namespace, name):
     """The file where workers of cache ``name`` on host ``namespace`` keep flushes and
     tag invalidations for the bridge."""
-    from vela.bridge.client import marks_path
+    from vela.stores.replicated import marks_path
 
     return _in_namespace(namespace, lambda: marks_path(name))
 
@@ -779,7 +779,7 @@ class Agent:
         if "k_str" in fields:
             fields["k"] = _native.encode_key(fields.pop("k_str"))
         epoch = fields.pop("e", None)  # (the partition table epoch to claim; default: the host's)
-        reply = self.cache._links.request(addr, fields, self.cache._view().epoch if epoch is None else epoch)
+        reply = self.cache._store._links.request(addr, fields, self.cache._store._view().epoch if epoch is None else epoch)
         return {k: v.hex() if isinstance(v, bytes) else v for k, v in reply.items()}
 
     def op_hold_fetch(self, key):
@@ -809,7 +809,7 @@ class Agent:
 
     def op_owned_entries(self):
         """Entries of the partitions this host owns, counted in its own table."""
-        view = self.cache._view()
+        view = self.cache._store._view()
         counts = self.cache._table.partition_counts(view.parts)
         return sum(n for p, n in enumerate(counts) if view.owners[p] == view.me)
 
@@ -840,7 +840,7 @@ class Agent:
         from vela import _native
         from vela.ring import partition_of
 
-        view = self.cache._view()
+        view = self.cache._store._view()
         p = partition_of(_native.encode_key(key), view.parts)
         return [view.owners[p], p]
 
@@ -849,8 +849,8 @@ class Agent:
         by the routes of the view last published, however old (a bridge stopped meanwhile
         publishes no other): how many were written. White-box: floods the change log."""
         table = self.cache._table
-        self.cache._view()
-        routes, seq, _ = self.cache._route
+        self.cache._store._view()
+        routes, seq, _ = self.cache._store._route
         done = 0
         for key, value in items:
             val, codec = table.encode_value(value)
@@ -1000,7 +1000,7 @@ class Agent:
         return self.cache.stats()
 
     def op_bridge_status(self, bridge_timeout=2.0):
-        from vela.bridge.client import BridgeClient
+        from vela.stores.replicated import BridgeClient
         from vela.errors import BridgeUnavailable
 
         client = BridgeClient(self.name, {"bridge_timeout": bridge_timeout})

@@ -894,7 +894,10 @@ def test_destroy(store):
     assert h.closed is True
     with pytest.raises(vela.CacheClosed):
         h.get("doomed")
-    assert vela.destroy(store.name, **destroy_options(store)) is False  # already gone
+    if not store.near:
+        # already gone (with the near cache, the listener of the store's other handle,
+        # still open on this host, registers the host again at its next heartbeat)
+        assert vela.destroy(store.name, **destroy_options(store)) is False
     if store.topology == "partitioned":
         return  # the key's owner may be host B, which keeps its table
     fresh = store.open(**({"topology": "local", "topology_opts": {}} if store.bridged else {}))

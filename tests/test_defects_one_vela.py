@@ -401,3 +401,36 @@ def test_refused_combinations_name_both_options_and_leave_nothing_behind(options
     assert glob.glob(f"/dev/shm/vela.{namespace}.*") == []
     assert os.listdir(tmp_path) == []
     assert set(glob.glob("/tmp/vela-bridge.*")) <= sockets
+
+
+def test_redis_put_many_cut_off_between_batches_says_which_keys_were_stored():
+    """Issue 14, item 4: a Redis ``put_many`` is written in Lua calls of 500 entries;
+    when Redis goes away after the first, the PartialWrite names exactly the keys
+    written (the first call's, which Redis holds) and those not written."""
+    server = RedisServer().start()
+    name = new_name()
+    cache = vela.Cache(name, backend="redis", backend_opts={"url": server.url, "retries": 0},
+                       sweep_interval=None)
+    store = cache._store
+    real_store = store._store
+    in_redis = []
+
+    def store_then_lose_redis(entries, *args, **kwargs):
+        real_store(entries, *args, **kwargs)
+        in_redis.append(len(store._scan(store._P + b"v:*")))
+        server.stop()  # the next call finds no server
+
+    store._store = store_then_lose_redis
+    items = {f"k{i}": i for i in range(700)}
+    try:
+        with pytest.raises(vela.PartialWrite) as raised:
+            cache.put_many(items)
+        assert in_redis == [500]
+        assert raised.value.stored == {f"k{i}" for i in range(500)}
+        assert raised.value.failed == {f"k{i}" for i in range(500, 700)}
+        assert isinstance(raised.value.__cause__, vela.BackendUnavailable)
+    finally:
+        store._store = real_store
+        cache.close()
+        server.stop()
+        vela.destroy(store._o.l1_segment)  # the host table

@@ -8,7 +8,7 @@ import pytest
 
 import vela
 from vela import _native
-from vela.backends import shm
+from vela.segments import shm
 
 
 def test_enums_come_from_the_core():

@@ -16,9 +16,9 @@ import redis
 import vela
 from conftest import FORK, new_name
 from redis_server import RedisServer, available
-from vela import near as near_module
-from vela.redis_cache import _destroy_local
-from vela.redis_cache import destroy as redis_destroy
+from vela.stores import near as near_module
+from vela.stores.redis import _destroy_local
+from vela.stores.redis import destroy as redis_destroy
 
 pytestmark = pytest.mark.skipif(not available(), reason="redis-server is not installed "
                                 "(apt-get install redis-server; .ci/run installs it)")
@@ -82,7 +82,7 @@ def hosts(server):
     a = host(server, name, "A")
     b = host(server, name, "B")
     try:
-        assert wait_for(lambda: a._near.healthy() and b._near.healthy(), 5)
+        assert wait_for(lambda: a._store.near.healthy() and b._store.near.healthy(), 5)
         yield a, b
     finally:
         a.destroy()
@@ -107,7 +107,7 @@ class ListenerProcess:
     def _main(conn, url, name, host_name, opts):
         c = host(url, name, host_name, backend_opts=opts)
         try:
-            ok = wait_for(lambda: c.info()["listener"] and c._near.healthy(), 5)
+            ok = wait_for(lambda: c.info()["listener"] and c._store.near.healthy(), 5)
             conn.send("ready" if ok else "not elected")
             conn.poll(120)  # until told to stop (or the test is long gone)
         finally:
@@ -138,7 +138,7 @@ def test_one_listener_per_host(hosts, server):
     a2 = host(server, a.name, "A")
     try:
         assert a2.info()["listener"] is False
-        assert a2._near.healthy()
+        assert a2._store.near.healthy()
     finally:
         a2.close()
 
@@ -220,7 +220,7 @@ def test_every_copy_has_a_maximum_age(server):
     name = new_name()
     c = host(server, name, "A", near_cache_l1_ttl=0.2)
     try:
-        assert wait_for(c._near.healthy, 5)
+        assert wait_for(c._store.near.healthy, 5)
         c.put("forever", 1)
         c.put("long", 3, ttl=100)
         c.put("short", 2, ttl=0.15)
@@ -240,7 +240,7 @@ def test_without_a_healthy_listener_copies_are_capped(server):
     name = new_name()
     c = host(server, name, "A", backend_opts={"listener": False, "degraded_l1_ttl": 0.3})
     try:
-        assert not c._near.healthy()
+        assert not c._store.near.healthy()
         c.put("k", "v")
         assert cached(c, "k") == "v"
         assert 0 < c._table.ttl("k")[1] <= 0.3e9
@@ -259,8 +259,8 @@ def test_malformed_invalidation_drops_all_of_l1(hosts, server):
         r.close()
     # the listener runs on its own: wait for it to have seen the garbage, not only
     # for L1 to be empty (a slow heartbeat under load also empties it)
-    assert wait_for(lambda: l1(b, "k") is M and b._near.malformed == 1, 5)
-    assert b._near.malformed == 1 and b.get("k") == 1
+    assert wait_for(lambda: l1(b, "k") is M and b._store.near.malformed == 1, 5)
+    assert b._store.near.malformed == 1 and b.get("k") == 1
 
 
 def _lose_one_message(server, name):
@@ -282,15 +282,15 @@ def test_no_loss_is_seen_where_none_happened(hosts):
         a.put(("w", i), i)
         i += 1
     time.sleep(0.3)
-    assert (a._agent.listener.numbering.gaps, b._agent.listener.numbering.gaps) == (0, 0)
-    assert b._agent.listener.numbering.highest(None) >= i
+    assert (a._store.inner._agent.listener.numbering.gaps, b._store.inner._agent.listener.numbering.gaps) == (0, 0)
+    assert b._store.inner._agent.listener.numbering.highest(None) >= i
 
 
 def test_a_lost_message_followed_by_another_drops_all_of_l1(hosts, server):
     a, b = hosts
     a.put_many({"k": 1, "j": 2})
     assert settled(b, "k") == 1 and cached(b, "j") == 2
-    listener = b._agent.listener
+    listener = b._store.inner._agent.listener
     assert listener.numbering.gaps == 0
     _lose_one_message(server, a.name)
     a.put("other", 3)                        # numbered one past the lost one
@@ -303,7 +303,7 @@ def test_a_lost_last_message_is_found_by_the_heartbeat(hosts, server):
     a, b = hosts
     a.put("k", 1)
     assert settled(b, "k") == 1
-    listener = b._agent.listener
+    listener = b._store.inner._agent.listener
     _lose_one_message(server, a.name)        # and nothing is published after it
     assert wait_for(lambda: listener.numbering.gaps == 1, 3)
     assert l1(b, "k") is M
@@ -352,20 +352,20 @@ def _race(a, b):
     """B misses, reads v1 from Redis; before B fills its L1, A writes v2 and B's
     listener applies the invalidation; then B's fill happens. Returns what B's L1 holds."""
     a.put("k", "v1")
-    real_read = b._l2.read
+    real_read = b._store.inner.read
 
     def read_then_race(key):
         got = real_read(key)                   # v1, read before the write below
-        applied = b._near.applied
+        applied = b._store.near.applied
         a.put("k", "v2")
-        assert wait_for(lambda: b._near.applied > applied, 2), "B's listener did not apply"
+        assert wait_for(lambda: b._store.near.applied > applied, 2), "B's listener did not apply"
         return got
 
-    b._l2.read = read_then_race
+    b._store.inner.read = read_then_race
     try:
         assert b.get("k") == "v1"              # the read itself returns what it read
     finally:
-        b._l2.read = real_read
+        b._store.inner.read = real_read
     return l1(b, "k")
 
 
@@ -399,11 +399,11 @@ def test_redis_killed_then_restarted_on_the_same_port():
     try:
         a = host(s, name, "A")
         b = host(s, name, "B")
-        assert wait_for(lambda: a._near.healthy() and b._near.healthy(), 5)
+        assert wait_for(lambda: a._store.near.healthy() and b._store.near.healthy(), 5)
         a.put("k", "v")
         assert cached(b, "k") == "v"
-        bound = b._o.bound()
-        cap = b._o.heartbeat + b._o.socket_timeout + b._o.connect_timeout  # loss detection
+        bound = b._store.inner._o.bound()
+        cap = b._store.inner._o.heartbeat + b._store.inner._o.socket_timeout + b._store.inner._o.connect_timeout  # loss detection
         s.kill()
         killed = time.monotonic()
         # L1 may answer until the listener sees the loss, never beyond that cap.
@@ -415,7 +415,7 @@ def test_redis_killed_then_restarted_on_the_same_port():
                 break
             time.sleep(0.01)
         assert l1(b, "k") is M
-        assert not b._near.healthy()
+        assert not b._store.near.healthy()
         for call in (lambda: b.get("k"), lambda: a.put("k", 2), lambda: b.get_or_fetch("x", lambda k: 1),
                      lambda: a.incr("n"), lambda: b.invalidate_tag("t"), lambda: b.size()):
             start = time.monotonic()
@@ -423,7 +423,7 @@ def test_redis_killed_then_restarted_on_the_same_port():
                 call()
             assert time.monotonic() - start <= bound + 0.1
         s.start()                              # the same port, an empty server
-        assert wait_for(lambda: a._near.healthy() and b._near.healthy(), 5)
+        assert wait_for(lambda: a._store.near.healthy() and b._store.near.healthy(), 5)
         assert b.get("k") is None
         a.put("k", "back")
         assert cached(b, "k") == "back"
@@ -453,7 +453,7 @@ def test_listener_death_hands_the_role_over(server):
         assert b.get("k") == "v2"
         lp.kill()                                        # SIGKILL: the lock goes with it
         assert wait_for(lambda: b.info()["listener"], 3)
-        assert wait_for(b._near.healthy, 3)
+        assert wait_for(b._store.near.healthy, 3)
         assert b.get("k") == "v2"
         a.put("k", "v3")
         assert wait_for(lambda: l1(b, "k") is M, 2)
@@ -488,11 +488,11 @@ def test_a_stalled_listener_is_noticed_by_the_other_workers(server):
         assert l1(b, "k") == "v1"
         stopped = time.monotonic()
         a.put("k", "v2")                                 # nobody applies this on B
-        o = b._o
-        bound = 4 * o.heartbeat + (b._agent.WATCHDOG_STRIKES + 1) * o.heartbeat + 0.5
+        o = b._store.inner._o
+        bound = 4 * o.heartbeat + (b._store.inner._agent.WATCHDOG_STRIKES + 1) * o.heartbeat + 0.5
         assert wait_for(lambda: l1(b, "k") is M, bound)
         assert time.monotonic() - stopped <= bound
-        assert not b._near.healthy()
+        assert not b._store.near.healthy()
         assert b.get("k") == "v2"
         assert 0 < b._table.ttl("k")[1] <= o.degraded_l1_ttl * 1e9   # capped meanwhile
         os.kill(lp.proc.pid, signal.SIGCONT)

@@ -306,7 +306,7 @@ def _slow_listener(conn, name, opts, delay):
     """A forked process that becomes its host's listener and applies every message
     ``delay`` seconds late (a loaded host): until told to stop."""
     import vela
-    from vela import redis_listener
+    from vela.stores import redis_listener
 
     real = redis_listener.Listener.on_message
 

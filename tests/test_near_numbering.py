@@ -1,5 +1,5 @@
-"""vela.near.Numbering: when a receiver of numbered invalidations must drop copies."""
-from vela.near import Numbering, split_number
+"""vela.stores.near.Numbering: when a receiver of numbered invalidations must drop copies."""
+from vela.stores.near import Numbering, split_number
 
 
 def test_in_order_messages_lose_nothing_after_the_first_contact():

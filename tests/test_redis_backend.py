@@ -73,14 +73,23 @@ def same(a, b):
     return a == b
 
 
+
+
+def _redis(cache):
+    """The Redis store of a handle (with near_cache=True, the one the near cache wraps)."""
+    return getattr(cache._store, "inner", cache._store)
+
 # --------------------------------------------------------------------------------------
 # the implementation is chosen by vela.Cache
 
 
-def test_cache_returns_redis_cache(cache):
-    from vela.redis_cache import RedisCache
+def test_cache_sits_on_the_redis_store(cache):
+    from vela.stores.near import NearStore
+    from vela.stores.redis import RedisStore
 
-    assert isinstance(cache, RedisCache) and isinstance(cache, vela.Cache)
+    assert type(cache) is vela.Cache and isinstance(_redis(cache), RedisStore)
+    # the near cache is a store wrapping the Redis one
+    assert isinstance(cache._store, NearStore) is cache.near_cache
     info = cache.info()
     assert info["backend"] == "redis"
     assert info["namespace"] == f"vela:{cache.name}:"
@@ -235,7 +244,7 @@ def test_stats_reset_and_disabled(cache, server):
 def test_stats_are_summed_over_the_processes_of_the_host(cache):
     cache.put("k", 1)
     name, l1 = cache.name, cache.info()["l1_segment"]
-    url = cache._o.url
+    url = _redis(cache)._o.url
     near = cache.near_cache
 
     def reader(_):
@@ -564,7 +573,7 @@ def test_incr_is_atomic_across_processes(server):
                                                             "l1_segment": name + ".l1"}) as c:
             assert c.get("hits") == 1200
     finally:
-        from vela.redis_cache import destroy
+        from vela.stores.redis import destroy
 
         destroy(name, {"url": server.url, "l1_segment": name + ".l1"})
 
@@ -701,7 +710,7 @@ def test_get_or_fetch_runs_once_across_hosts_and_processes(server, raw):
         assert int(raw.get(counter_key)) == 1
     finally:
         raw.delete(counter_key)
-        from vela.redis_cache import destroy
+        from vela.stores.redis import destroy
 
         for host in ("hostA", "hostB"):
             destroy(name, {"url": server.url, "l1_segment": f"{name}.{host}"})
@@ -829,7 +838,7 @@ def test_unreachable_redis_raises_backend_unavailable_within_the_bound(near):
             "retries": 2, "retry_backoff": 0.01}
     c = vela.Cache(new_name(), backend="redis", backend_opts=opts, near_cache=near, capacity="8MiB")
     try:
-        bound = c._o.bound()
+        bound = _redis(c)._o.bound()
         for call in (lambda: c.get("k"), lambda: c.put("k", 1), lambda: c.incr("n"),
                      lambda: c.get_or_fetch("k", lambda k: 1), lambda: c.flush(),
                      lambda: c.invalidate_tag("t"), lambda: c.delete("k")):
@@ -839,9 +848,9 @@ def test_unreachable_redis_raises_backend_unavailable_within_the_bound(near):
             assert time.monotonic() - start <= bound + 0.1
     finally:
         c.close()
-        from vela.redis_cache import _destroy_local
+        from vela.stores.redis import _destroy_local
 
-        _destroy_local(c._o.l1_segment)
+        _destroy_local(_redis(c)._o.l1_segment)
 
 
 def test_paused_redis_times_out_within_the_bound():
@@ -857,7 +866,7 @@ def test_paused_redis_times_out_within_the_bound():
         start = time.monotonic()
         with pytest.raises(vela.BackendUnavailable):
             c.get("k")
-        assert time.monotonic() - start <= c._o.bound() + 0.1
+        assert time.monotonic() - start <= _redis(c)._o.bound() + 0.1
         s.resume()
         assert c.get("k") == 1
     finally:
@@ -919,7 +928,7 @@ def test_cluster_url():
         assert c.info()["namespace"] == f"vela:{{{name}}}:"
         _exercise(c)
         deadline = time.monotonic() + 5
-        while not c._near.healthy():
+        while not c._store.near.healthy():
             assert time.monotonic() < deadline, "no listener over the cluster"
             time.sleep(0.02)
     finally:

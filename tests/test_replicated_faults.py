@@ -240,7 +240,7 @@ def test_a_host_whose_clock_is_3_s_behind_loses_no_write_and_undoes_no_delete_it
 def test_kept_marks_stay_small_while_no_bridge_takes_them(monkeypatch):
     """With no bridge running, every flush and tag invalidation is still kept, but
     the file keeps only the newest of each once it passes its bound."""
-    from vela.bridge import client
+    from vela.stores import replicated as client
 
     monkeypatch.setenv("VELA_NAMESPACE", f"tmarks{uuid.uuid4().hex[:8]}")
     path = client.marks_path("c")

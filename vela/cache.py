@@ -1,11 +1,20 @@
-"""Cache: the public handle on a shared table."""
+"""Cache: the public handle on a cache, whatever store holds its entries.
+
+One class, one implementation of the API: options, argument checks (once, before
+any lock or request), telemetry events, stats, the stampede protocol of
+``get_or_fetch``, batches and async. What holds the entries is a *store*
+(vela.stores: local, replicated, partitioned, redis, and the near cache wrapping
+a remote one), chosen from what the segment records, so every handle on a segment
+behaves alike whatever options it omitted.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import functools
 import inspect
-import os
+import json
 import threading
 import time
 import weakref
@@ -14,9 +23,10 @@ from typing import Any, Final, NoReturn, Optional, ParamSpec, Tuple, TypeVar, Un
 
 from . import _native, options, serializers, telemetry
 from ._extras import need
-from .backends import file, shm
-from .bridge.client import BridgeClient
-from .errors import CacheFull, OptionError
+from .errors import OptionError
+from .segments import table as _tables
+from .stores import open_store
+from .stores.base import BUSY, HIT, MISSING
 
 __all__ = ["Cache", "destroy"]
 
@@ -38,62 +48,12 @@ class _Adopt(enum.Enum):
 
 
 ADOPT: Final = _Adopt.ADOPT
-_UNSET = ADOPT  # (the name the other topologies import)
-_MISSING = object()
 
-# fetch_begin statuses (native/vela.h, vela_fetch_status)
-_HIT, _MINE, _TIMEOUT, _ALONE, _BUSY = 0, 1, 2, 3, 4
-# A waiter checks at least this often that the lease holder still lives.
-_POLL_NS = 20_000_000
-# How long a fork waits for a maintenance job in progress to end (seconds).
-_FORK_JOIN_TIMEOUT = 2.0
-# How long it then waits for the OS threads of the joined ones to end (seconds).
-_OS_THREAD_EXIT_WAIT = 0.05
-# True after a fork, in the parent, until its next write restarts its maintenance
-# (every writing method of Cache checks it first: see _after_fork_in_parent).
-_resume_due = False
+TOPOLOGIES = {"local": _native.TOPOLOGY_LOCAL, "replicated": _native.TOPOLOGY_REPLICATED,
+              "partitioned": _native.TOPOLOGY_PARTITIONED}
 
-# Segment backends; backend="redis" is served by RedisCache (see _implementation).
-_BACKENDS = {"shm": shm, "file": file}
-
-# Open handles: their background thread restarts in a forked child, and their
-# get is rebound when telemetry handlers come and go.
-_live = weakref.WeakSet()
-# The maintenance threads not joined yet: a fork waits for them to end. (Strong
-# references: a thread that left Python can still be running in the OS, which is
-# what Python 3.12+ counts when it warns, and only join() waits for that.)
-_threads: set[threading.Thread] = set()
-
-
-def _implementation(args, kwargs):
-    """The Cache class that serves these options (an ImportError naming the extra to
-    install when a package they need is missing). A handle that omits ``topology``
-    gets the one its segment records, so every handle on a segment routes alike."""
-    if kwargs.get("topology", ADOPT) is ADOPT and kwargs.get("backend", "shm") in _BACKENDS:
-        name = args[0] if args else kwargs.get("name")
-        if isinstance(name, str) and options.NAME.match(name):
-            recorded = _BACKENDS[kwargs.get("backend", "shm")].peek_topology(name, kwargs.get("backend_opts"))
-            if recorded == _native.TOPOLOGY_PARTITIONED:
-                kwargs = dict(kwargs, topology="partitioned")
-    if kwargs.get("topology") in ("replicated", "partitioned"):
-        for module in ("zmq", "msgpack"):
-            need(module, f"topology={kwargs['topology']!r}")
-    if kwargs.get("backend") == "redis":
-        need("redis", "backend='redis'")
-        from .redis_cache import RedisCache  # imports redis-py only when used
-
-        return RedisCache
-    if kwargs.get("topology") == "partitioned":
-        from .partitioned import PartitionedCache
-
-        return PartitionedCache
-    return Cache
-
-
-def _backend_module(backend):
-    if isinstance(backend, str) and backend in _BACKENDS:
-        return _BACKENDS[backend]
-    raise OptionError(f"backend must be one of {', '.join(_BACKENDS)} or redis, not {backend!r}")
+# Open handles: their get is rebound when telemetry handlers come and go.
+_live: "weakref.WeakSet[Cache]" = weakref.WeakSet()
 
 
 class Cache:
@@ -134,18 +94,12 @@ class Cache:
     """
 
     name: str
+    near_cache: bool
     default_ttl: Optional[float]
     stampede_protection: bool
     stampede_timeout: float
     sweep_interval: Optional[float]
     telemetry_prefix: Tuple[str, ...]
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Cache:
-        # A cache whose entries live elsewhere (Redis) is served by a subclass with
-        # the same API; vela.Cache(...) picks it from the options.
-        if cls is Cache:
-            cls = _implementation(args, kwargs)
-        return super().__new__(cls)
 
     def __init__(self, name: str, *, backend: str = "shm", backend_opts: Optional[Mapping[str, Any]] = None,
                  topology: Union[str, _Adopt] = ADOPT, topology_opts: Optional[Mapping[str, Any]] = None,
@@ -156,84 +110,11 @@ class Cache:
                  telemetry_prefix: Tuple[str, ...] = ("vela", "cache"), sweep_interval: Optional[float] = 30.0,
                  near_cache: bool = False, near_cache_l1_ttl: float = 60.0, serializer: Any = "pickle",
                  lock_timeout: float = 10.0, **unknown: NoReturn) -> None:
+        self._store: Any = None
         if unknown:
             raise OptionError(f"unknown option{'s' if len(unknown) > 1 else ''}: "
                               f"{', '.join(sorted(unknown))}")
-        self._table = None
         self.name = options.check_name(name)
-        self._backend = _backend_module(backend)
-        self._backend_opts = dict(backend_opts or {})
-        if topology is _UNSET:
-            replicated = -1  # adopt the segment's (local when creating)
-            self._bridge = None
-        elif topology == "local":
-            replicated = 0
-            self._bridge = None
-        elif topology == "replicated":
-            replicated = 1
-            self._bridge = BridgeClient(self.name, topology_opts)
-        elif topology == "partitioned" and type(self) is not Cache:
-            replicated = 2  # PartitionedCache: its requests go to the bridges themselves
-            self._bridge = None
-        else:
-            raise OptionError(f"topology={topology!r}: must be one of local, replicated, partitioned")
-        if topology in (_UNSET, "local") and topology_opts not in (None, {}):
-            raise OptionError(f"topology_opts: the local topology takes no options, got {topology_opts!r}")
-        if near_cache:
-            raise OptionError("near_cache=True needs a remote store behind the table: "
-                              "backend='redis' or topology='partitioned'")
-        options.seconds("near_cache_l1_ttl", near_cache_l1_ttl, allow_none=False, allow_inf=False)
-        self._handle_options(default_ttl, stampede_protection, stampede_timeout, sweep_interval,
-                             telemetry_prefix)
-        dumps, codec, loaders = serializers.resolve(serializer)
-        lock_timeout = options.seconds("lock_timeout", lock_timeout, allow_none=False, allow_inf=False)
-
-        layout = dict(
-            backend=self._backend.KIND,
-            capacity=-1 if capacity is _UNSET else options.capacity(capacity),
-            stripes=-1 if stripes is _UNSET else options.stripes(stripes),
-            max_size=-1 if max_size is _UNSET else (options.positive_int("max_size", max_size,
-                                                                         allow_none=True) or 0),
-            max_entry_size=-1 if max_entry_size is _UNSET
-            else options.parse_size("max_entry_size", max_entry_size),
-            eviction=-1 if eviction_policy is _UNSET else options.eviction_policy(eviction_policy),
-            replicated=replicated,
-        )
-        segment = self._backend.open_segment(self.name, self._backend_opts)
-
-        def make_table(fd, lock_fd, reinit_unready):
-            try:
-                return _native.Table(fd=fd, lock_fd=lock_fd, reinit_unready=reinit_unready, dumps=dumps,
-                                     dumps_codec=codec, loaders=loaders, **layout)
-            except BaseException:
-                os.close(fd)
-                raise
-
-        try:
-            self._table = segment.open_table(make_table)
-        except BaseException:
-            segment.failed()  # nothing half-made stays behind
-            raise
-        segment.attached(self._table)
-        self._segment = segment
-        self._table.stats_enabled = bool(stats_enabled)
-        self._table.lock_timeout = lock_timeout
-        self._stop = None
-        self._start_maintenance()
-        _live.add(self)
-        self._bind_get(telemetry.active)
-
-    def _bind_get(self, traced):
-        """With no telemetry handler attached, ``get`` is the native method itself
-        (no Python frame, no flag check); with one, the traced method of the class."""
-        if traced or type(self) is not Cache:
-            self.__dict__.pop("get", None)
-        else:
-            self.get = self._table.get
-
-    def _handle_options(self, default_ttl, stampede_protection, stampede_timeout, sweep_interval,
-                        telemetry_prefix):
-        """Validate and keep the options that belong to this handle (every backend)."""
         self.default_ttl = options.seconds("default_ttl", default_ttl)
         self.stampede_protection = bool(stampede_protection)
         self.stampede_timeout = options.seconds("stampede_timeout", stampede_timeout, allow_none=False,
@@ -246,32 +127,70 @@ class Cache:
         self.telemetry_prefix = tuple(telemetry_prefix)
         self._events = {op: self.telemetry_prefix + (op, "stop")
                         for op in ("get", "put", "fetch", "delete", "invalidate_tag", "flush")}
+        if not isinstance(near_cache, bool):
+            raise OptionError(f"near_cache must be True or False, not {near_cache!r}")
+        self.near_cache = near_cache
+        l1_ttl = options.seconds("near_cache_l1_ttl", near_cache_l1_ttl, allow_none=False, allow_inf=False)
+        serializers.resolve(serializer)  # (refused here, before anything is opened)
+        lock_timeout = options.seconds("lock_timeout", lock_timeout, allow_none=False, allow_inf=False)
+        if topology is not ADOPT and (not isinstance(topology, str) or topology not in TOPOLOGIES):
+            raise OptionError(f"topology={topology!r}: must be one of local, replicated, partitioned")
+        layout = {}
+        if capacity is not ADOPT:
+            layout["capacity"] = options.capacity(capacity)
+        if stripes is not ADOPT:
+            layout["stripes"] = options.stripes(stripes)
+        if max_size is not ADOPT:
+            layout["max_size"] = options.positive_int("max_size", max_size, allow_none=True) or 0
+        if max_entry_size is not ADOPT:
+            layout["max_entry_size"] = options.parse_size("max_entry_size", max_entry_size)
+        if eviction_policy is not ADOPT:
+            layout["eviction"] = options.eviction_policy(eviction_policy)
+        self._store = open_store(
+            self.name, backend=backend, backend_opts=backend_opts,
+            topology=None if topology is ADOPT else TOPOLOGIES[topology], topology_opts=topology_opts,
+            layout=layout, near_l1_ttl=l1_ttl if near_cache else None, serializer=serializer,
+            stats_enabled=bool(stats_enabled), lock_timeout=lock_timeout, sweep_interval=self.sweep_interval,
+            stampede_timeout=self.stampede_timeout)
+        # The host's table, and where it lives (vela.inspect and the tools read them).
+        self._table = self._store.table
+        self._segment = getattr(self._store, "segment", None)
+        _live.add(self)
+        self._bind_get(telemetry.active)
+
+    def _bind_get(self, traced):
+        """With no telemetry handler attached, ``get`` is the store's own (on a local
+        table, the native method itself: no Python frame, no flag check); with one,
+        the traced method of the class."""
+        if traced:
+            self.__dict__.pop("get", None)
+        else:
+            self.get = self._store.get
+
+    def _emit(self, op, start, meta):
+        telemetry.execute(self._events[op], {"duration": time.perf_counter_ns() - start},
+                          dict(meta, cache=self.name))
 
     # ---- reading ----------------------------------------------------------------
 
     def get(self, key: Key, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when absent or expired."""
-        if telemetry.active:
-            return self._traced_get(key, default)
-        return self._table.get(key, default)
-
-    def _traced_get(self, key, default):
+        if not telemetry.active:
+            return self._store.get(key, default)
         start = time.perf_counter_ns()
-        value = self._table.get(key, _MISSING)
-        telemetry.execute(self._events["get"], {"duration": time.perf_counter_ns() - start},
-                          {"cache": self.name, "key": key,
-                           "result": "miss" if value is _MISSING else "hit"})
-        return default if value is _MISSING else value
+        value = self._store.get(key, MISSING)
+        self._emit("get", start, {"key": key, "result": "miss" if value is MISSING else "hit"})
+        return default if value is MISSING else value
 
     def __getitem__(self, key: Key) -> Any:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
+        value = self.get(key, MISSING)
+        if value is MISSING:
             raise KeyError(key)
         return value
 
     def exists(self, key: Key) -> bool:
         """True when a live entry is stored under ``key`` (not counted as a hit or miss)."""
-        return self._table.contains(key)
+        return self._store.contains(key)
 
     __contains__ = exists
 
@@ -280,7 +199,7 @@ class Cache:
 
         :raises KeyError: when the key is absent.
         """
-        found, remaining = self._table.ttl(key)
+        found, remaining = self._store.ttl(key)
         if not found:
             raise KeyError(key)
         return None if remaining < 0 else remaining / 1e9
@@ -296,31 +215,31 @@ class Cache:
         :raises vela.ValueTooLarge: the entry is bigger than ``max_entry_size``.
         :raises vela.CacheFull: no room and ``eviction_policy="ttl_only"``.
         """
-        if _resume_due:
-            _resume_maintenance()
+        if _tables.resume_due:
+            _tables.resume_if_due()
         ns = options.ttl_ns(ttl, self.default_ttl)
+        tags = options.tags(tags)
         if telemetry.active:
             start = time.perf_counter_ns()
-            self._table.put(key, value, ns, tags)
-            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "key": key, "ttl": ttl})
+            self._store.put(key, value, ns, tags)
+            self._emit("put", start, {"key": key, "ttl": ttl})
             return
-        self._table.put(key, value, ns, tags)
+        self._store.put(key, value, ns, tags)
 
     def add(self, key: Key, value: Any, ttl: Optional[float] = None, tags: Iterable[str] = ()) -> bool:
         """Store ``value`` under ``key`` only if no live entry has the key; True when stored.
 
-        Atomic across the processes of the host: of concurrent callers, exactly one stores.
-        Raises as :meth:`put` does.
+        Atomic where the key lives: of concurrent callers (on any host, for a store
+        that spans hosts), exactly one stores. Raises as :meth:`put` does.
         """
-        if _resume_due:
-            _resume_maintenance()
+        if _tables.resume_due:
+            _tables.resume_if_due()
         ns = options.ttl_ns(ttl, self.default_ttl)
+        tags = options.tags(tags)
         start = time.perf_counter_ns() if telemetry.active else 0
-        stored = self._table.add(key, value, ns, tags)
+        stored = self._store.add(key, value, ns, tags)
         if telemetry.active:
-            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "key": key, "ttl": ttl, "result": stored})
+            self._emit("put", start, {"key": key, "ttl": ttl, "result": stored})
         return stored
 
     def __setitem__(self, key: Key, value: Any) -> None:
@@ -328,15 +247,14 @@ class Cache:
 
     def delete(self, key: Key) -> bool:
         """Remove ``key``; True when something was removed."""
-        if _resume_due:
-            _resume_maintenance()
+        if _tables.resume_due:
+            _tables.resume_if_due()
         if telemetry.active:
             start = time.perf_counter_ns()
-            removed = self._table.delete(key)
-            telemetry.execute(self._events["delete"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "key": key, "result": removed})
+            removed = self._store.delete(key)
+            self._emit("delete", start, {"key": key, "result": removed})
             return removed
-        return self._table.delete(key)
+        return self._store.delete(key)
 
     def __delitem__(self, key: Key) -> None:
         if not self.delete(key):
@@ -344,78 +262,64 @@ class Cache:
 
     def touch(self, key: Key, ttl: Optional[float] = None) -> bool:
         """Give ``key`` a new time to live (None: default_ttl); True when it exists."""
-        if _resume_due:
-            _resume_maintenance()
-        return self._table.touch(key, options.ttl_ns(ttl, self.default_ttl))
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        return self._store.touch(key, options.ttl_ns(ttl, self.default_ttl))
 
     def incr(self, key: Key, delta: int = 1, ttl: Optional[float] = None) -> int:
-        """Add ``delta`` to the integer under ``key`` atomically across processes.
+        """Add ``delta`` to the integer under ``key`` atomically (across processes; for a
+        store that spans hosts, at the key's owner).
 
         A missing key starts at 0 and takes ``ttl``; an existing counter keeps its expiry.
 
         :raises TypeError: the stored value is not an integer.
         :raises OverflowError: the result leaves the signed 64-bit range.
         """
-        if _resume_due:
-            _resume_maintenance()
+        if _tables.resume_due:
+            _tables.resume_if_due()
         if isinstance(delta, bool) or not isinstance(delta, int):
             raise TypeError(f"delta must be an int, not {type(delta).__name__}")
-        return self._table.incr(key, delta, options.ttl_ns(ttl, self.default_ttl))
+        if not -(1 << 63) <= delta < (1 << 63):
+            raise OverflowError("delta leaves the signed 64-bit range")
+        return self._store.incr(key, delta, options.ttl_ns(ttl, self.default_ttl))
 
     def decr(self, key: Key, delta: int = 1, ttl: Optional[float] = None) -> int:
         """``incr(key, -delta, ttl)``."""
         return self.incr(key, -delta, ttl)
 
+    # ---- get_or_fetch: the stampede protocol ----------------------------------------
+
     def get_or_fetch(self, key: KeyT, fetch_fn: Callable[[KeyT], V], ttl: Optional[float] = None,
                      tags: Iterable[str] = ()) -> V:
         """The cached value of ``key``, or ``fetch_fn(key)`` stored and returned.
 
-        With stampede protection (the default), one caller on the host runs
-        ``fetch_fn`` for a key while every other caller, in any process or
-        thread, waits for its value. A fetch that raises reaches its caller and
-        one waiter retries; a waiter never waits past ``stampede_timeout``
-        (then it fetches itself); a holder that dies is replaced at once.
-        No lock is held while ``fetch_fn`` runs. A value that cannot be stored
-        (``ttl_only`` and full) is still returned.
+        With stampede protection (the default), one caller runs ``fetch_fn`` for a
+        key while every other caller, in any process or thread of the host (of the
+        cluster, for a partitioned or Redis store), waits for its value. A fetch
+        that raises reaches its caller and one waiter retries; a waiter never waits
+        past ``stampede_timeout`` (then it fetches itself); a holder that dies is
+        replaced at once. No lock is held while ``fetch_fn`` runs. A value that
+        cannot be stored (``ttl_only`` and full) is still returned.
         """
         ns = options.ttl_ns(ttl, self.default_ttl)
+        tags = options.tags(tags)
         start = time.perf_counter_ns() if telemetry.active else 0
-        value = self._table.get_hit(key, _MISSING)  # lock-free; a hit ends here
-        if value is not _MISSING:
-            status, token, waited = _HIT, None, False
-        elif self.stampede_protection:
-            status, value, token, waited = self._table.fetch_begin(key, self._budget_ns, _POLL_NS)
-        else:
-            self._table.bump("misses")
-            status, token, waited = _ALONE, None, False
-        if status == _HIT:
+        store = self._store
+        status, value, lease, waited = store.fetch_begin(key, self.stampede_protection, self._budget_ns)
+        if status == HIT:
             result = "waited" if waited else "hit"
         else:
-            value = self._fetch(key, fetch_fn, token, ns, tags)
+            if _tables.resume_due:
+                _tables.resume_if_due()
+            try:
+                value = fetch_fn(key)
+            except BaseException:
+                store.fetch_abort(key, lease)
+                raise
+            store.fetch_complete(key, lease, value, ns, tags)
             result = "fetched"
         if telemetry.active:
-            telemetry.execute(self._events["fetch"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "key": key, "result": result})
-        return value
-
-    def _fetch(self, key, fetch_fn, token, ns, tags):
-        """Run the fetch, store its value and release the lease (if we hold one)."""
-        if _resume_due:
-            _resume_maintenance()
-        try:
-            value = fetch_fn(key)
-        except BaseException:
-            if token is not None:
-                self._table.fetch_abort(token)
-            raise
-        self._table.bump("fetches")
-        try:
-            if token is not None:
-                self._table.fetch_complete(token, key, value, ns, tags)
-            else:
-                self._table.put(key, value, ns, tags)
-        except CacheFull:
-            pass
+            self._emit("fetch", start, {"key": key, "result": result})
         return value
 
     @overload
@@ -430,59 +334,76 @@ class Cache:
                             tags: Iterable[str] = ()) -> Any:
         """``get_or_fetch`` for asyncio: ``fetch_fn(key)`` may be a coroutine function.
 
-        Waiting for another process's fetch happens in a worker thread, so the
-        event loop keeps running.
+        Waiting for another caller's fetch, and every call to a remote store, happens
+        in a worker thread, so the event loop keeps running. A task cancelled at any
+        await releases the lease it held or was about to get.
         """
-        import asyncio
-        import inspect
-
         ns = options.ttl_ns(ttl, self.default_ttl)
-        if self.stampede_protection:
-            status, value, token, _ = self._table.fetch_begin(key, 0, _POLL_NS)
-            if status == _BUSY:  # someone else fetches: wait off the loop
-                status, value, token, _ = await self._await_lease(key)
+        tags = options.tags(tags)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        store = self._store
+        loop = asyncio.get_running_loop()
+        if store.remote:
+            status, value, lease, waited = await self._begin_off_loop(loop, key)
         else:
-            value = self._table.get(key, _MISSING)
-            status, token = (_HIT if value is not _MISSING else _ALONE), None
-        if status == _HIT:
-            return value
-        try:
-            value = fetch_fn(key)
-            if inspect.isawaitable(value):
-                value = await value
-        except BaseException:
-            if token is not None:
-                self._table.fetch_abort(token)
-            raise
-        return self._fetch(key, lambda _key: value, token, ns, tags)
+            status, value, lease, waited = store.fetch_begin(key, self.stampede_protection, 0)
+            if status == BUSY:  # someone else fetches: wait off the loop
+                status, value, lease, waited = await self._begin_off_loop(loop, key)
+        if status == HIT:
+            result = "waited" if waited else "hit"
+        else:
+            try:
+                value = fetch_fn(key)
+                if inspect.isawaitable(value):
+                    value = await value
+            except BaseException:
+                self._release(loop, key, lease)
+                raise
+            if _tables.resume_due:
+                _tables.resume_if_due()
+            if store.remote:
+                await loop.run_in_executor(None, store.fetch_complete, key, lease, value, ns, tags)
+            else:
+                store.fetch_complete(key, lease, value, ns, tags)
+            result = "fetched"
+        if telemetry.active:
+            self._emit("fetch", start, {"key": key, "result": result})
+        return value
 
-    async def _await_lease(self, key):
+    async def _begin_off_loop(self, loop, key):
         """``fetch_begin`` in a worker thread; a task cancelled meanwhile releases the
         lease the thread then takes (else the next caller waits a whole stampede_timeout)."""
-        import asyncio
-
+        store = self._store
         lock = threading.Lock()
-        outcome = {"abandoned": False, "result": None}
+        outcome: dict[str, Any] = {"abandoned": False, "result": None}
 
-        def wait():
-            result = self._table.fetch_begin(key, self._budget_ns, _POLL_NS)
+        def begin():
+            result = store.fetch_begin(key, self.stampede_protection, self._budget_ns)
             with lock:
                 if not outcome["abandoned"]:
                     outcome["result"] = result
                     return result
-            if result[2] is not None:
-                self._table.fetch_abort(result[2])
+            store.fetch_abort(key, result[2])
             return result
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, wait)
+            return await loop.run_in_executor(None, begin)
         except asyncio.CancelledError:
             with lock:
                 outcome["abandoned"] = True
                 result = outcome["result"]
-            if result is not None and result[2] is not None:
-                self._table.fetch_abort(result[2])
+            if result is not None:
+                self._release(loop, key, result[2])
             raise
+
+    def _release(self, loop, key, lease):
+        """Release a lease without blocking the loop (a remote store's release is a request)."""
+        if lease is None:
+            return
+        if self._store.remote:
+            loop.run_in_executor(None, self._store.fetch_abort, key, lease)
+        else:
+            self._store.fetch_abort(key, lease)
 
     def memoize(self, ttl: Optional[float] = None, tags: Iterable[str] = (),
                 key: Optional[Callable[..., Key]] = None) -> Callable[[Callable[P, V]], Callable[P, V]]:
@@ -510,72 +431,64 @@ class Cache:
 
         return decorate
 
-    # ---- batches: one native call each ------------------------------------------------
+    # ---- batches --------------------------------------------------------------------
 
     def get_many(self, keys: Iterable[Key]) -> dict[Any, Any]:
         """``{key: value}`` for the keys that are present (absent keys are left out)."""
         keys = list(keys)
         if telemetry.active:
             start = time.perf_counter_ns()
-            found = self._table.get_many(keys)
-            telemetry.execute(self._events["get"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "keys": len(keys), "hits": len(found)})
+            found = self._store.get_many(keys)
+            self._emit("get", start, {"keys": len(keys), "hits": len(found)})
             return found
-        return self._table.get_many(keys)
+        return self._store.get_many(keys)
 
     def put_many(self, mapping: Union[Mapping[Any, Any], Iterable[Tuple[Key, Any]]], ttl: Optional[float] = None,
                  tags: Iterable[str] = ()) -> None:
         """Store every item of ``mapping`` (a dict or (key, value) pairs).
 
-        Every item is checked before the first is stored: a bad key or value stores nothing.
+        Every item is checked before the first is stored: a bad key or value stores
+        nothing. Where one host holds the keys (local, replicated) a batch that raises
+        stores nothing; where it spans owners (partitioned) or Redis, the exception is
+        a :class:`vela.PartialWrite` naming the keys stored (``.stored``) and not (``.failed``).
         """
-        if _resume_due:
-            _resume_maintenance()
+        if _tables.resume_due:
+            _tables.resume_if_due()
         items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
         ns = options.ttl_ns(ttl, self.default_ttl)
+        tags = options.tags(tags)
         start = time.perf_counter_ns() if telemetry.active else 0
-        self._table.put_many(items, ns, tags)
+        self._store.put_many(items, ns, tags)
         if telemetry.active:
-            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "keys": len(items), "ttl": ttl})
+            self._emit("put", start, {"keys": len(items), "ttl": ttl})
 
     def delete_many(self, keys: Iterable[Key]) -> int:
         """Remove the keys; returns how many were removed."""
-        if _resume_due:
-            _resume_maintenance()
+        if _tables.resume_due:
+            _tables.resume_if_due()
         keys = list(keys)
         start = time.perf_counter_ns() if telemetry.active else 0
-        removed = self._table.delete_many(keys)
+        removed = self._store.delete_many(keys)
         if telemetry.active:
-            telemetry.execute(self._events["delete"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "keys": len(keys), "result": removed})
+            self._emit("delete", start, {"keys": len(keys), "result": removed})
         return removed
 
-    def cluster(self) -> Optional[dict[str, Any]]:
-        """The cluster view the host's bridge publishes (members, epoch, ready), or None."""
-        import json
-
-        raw = self._table.cluster()
-        return json.loads(raw) if raw else None
-
-    def release_leases(self, pid: int) -> int:
-        """Release the stampede leases held by process ``pid`` (it died); returns how many."""
-        return self._table.release_leases(pid)
+    # ---- every entry ------------------------------------------------------------------
 
     def invalidate_tag(self, tag: str) -> int:
         """Remove every entry carrying ``tag``; returns how many live entries were removed.
 
-        On a replicated cache the host's bridge asks every live member to apply the
-        invalidation before this returns; the count is the keys removed (each host
-        removes the same ones), not a sum over hosts.
+        Cluster-wide: on a replicated cache every live member applies it before this
+        returns and the count is the keys removed (each host removes the same ones),
+        not a sum over hosts; on a partitioned one, the sum over owners.
 
         :raises ValueError: the tag is not 1 to 255 bytes of UTF-8 (as for ``put``).
         """
-        options.tag(tag)
-        if _resume_due:
-            _resume_maintenance()
+        tag = options.tag(tag)
+        if _tables.resume_due:
+            _tables.resume_if_due()
         start = time.perf_counter_ns() if telemetry.active else 0
-        count = self._invalidate_tag_counted(tag)
+        count = self._store.invalidate_tag(tag)
         if telemetry.active:
             telemetry.execute(self._events["invalidate_tag"],
                               {"duration": time.perf_counter_ns() - start, "count": count},
@@ -584,100 +497,86 @@ class Cache:
 
     def flush(self) -> int:
         """Remove every entry; returns how many distinct live entries were removed."""
-        if _resume_due:
-            _resume_maintenance()
+        if _tables.resume_due:
+            _tables.resume_if_due()
         start = time.perf_counter_ns() if telemetry.active else 0
-        count = self._flush_counted()
+        count = self._store.flush()
         if telemetry.active:
             telemetry.execute(self._events["flush"],
                               {"duration": time.perf_counter_ns() - start, "count": count},
                               {"cache": self.name})
         return count
 
-    # What invalidate_tag and flush remove, and count (a topology counts its way).
-
-    def _invalidate_tag_counted(self, tag):
-        if self._bridge is None:
-            return self._table.invalidate_tag(tag)
-        # Every live member applies it before we return; each removes the same keys,
-        # so the count is this host's (a sum over replicas would count a key per host).
-        count, version, tag_id = self._table.invalidate_tag_versioned(tag)
-        self._bridge.total({"op": "tag", "tag": tag_id, "version": version})
-        return count
-
-    def _flush_counted(self):
-        if self._bridge is None:
-            return self._table.flush()
-        count, version = self._table.flush_versioned()
-        self._bridge.total({"op": "flush", "version": version})
-        return count
-
     def expire(self) -> int:
         """Reclaim expired entries now; returns how many."""
-        if _resume_due:
-            _resume_maintenance()
-        return self._table.expire()
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        return self._store.expire()
 
     # ---- about the cache -----------------------------------------------------------
 
     def size(self) -> int:
         """Entries stored (an expired entry counts until it is reclaimed)."""
-        return self._table.size()
+        return self._store.size()
 
     def __len__(self) -> int:
-        return self._table.size()
+        return self._store.size()
 
     def stats(self, reset: bool = False) -> dict[str, Any]:
-        """Counters summed over every process of the host, plus size and memory.
+        """Counters summed over every process of the host (every member, for a
+        partitioned cache), plus size and memory.
 
         :param reset: zero the counters after reading them.
         """
-        counters = self._table.stats(reset)
-        info = self._table.info()
-        lookups = counters["hits"] + counters["misses"]
-        counters.update(size=info["entries"], memory_used=info["memory_used"],
-                        capacity=info["capacity"],
-                        hit_ratio=counters["hits"] / lookups if lookups else 0.0)
+        counters = self._store.stats(reset)
+        lookups = counters.get("hits", 0) + counters.get("misses", 0)
+        counters["hit_ratio"] = counters.get("hits", 0) / lookups if lookups else 0.0
         return counters
 
     def reset_stats(self) -> None:
-        """Zero the counters of every process of the host (``stats(reset=True)`` without the figures)."""
-        self._table.stats(True)
+        """Zero the counters (``stats(reset=True)`` without the figures)."""
+        self._store.reset_stats()
 
     def info(self) -> dict[str, Any]:
         """The segment's layout (the options agreed between processes) and memory figures."""
-        return self._table.info()
+        return self._store.info()
 
     def check(self) -> list[str]:
         """Verify every invariant of the table; [] when sound, else one line per problem."""
-        return self._table.check()
+        return self._store.check()
+
+    def cluster(self) -> Optional[dict[str, Any]]:
+        """The cluster view the host's bridge publishes (members, epoch, ready), or None."""
+        raw = self._store.table.cluster()
+        return json.loads(raw) if raw else None
+
+    def release_leases(self, pid: int) -> int:
+        """Release the stampede leases the host table holds for process ``pid`` (it died);
+        returns how many."""
+        return self._store.table.release_leases(pid)
 
     # ---- lifetime -----------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
         """True once :meth:`close` (or :meth:`destroy`) was called on this handle."""
-        return self._table is None or self._table.closed
+        return self._store is None or self._store.closed
 
     def flush_to_disk(self) -> None:
         """Make every write so far durable (file backend: msync; others: nothing to do)."""
-        self._segment.sync(self._table)
+        self._store.sync()
 
     def close(self) -> None:
         """Release this handle (the cache itself stays for other processes)."""
-        if self._stop is not None:
-            self._stop.set()
-        if self._table is not None and not self._table.closed:
-            try:
-                self._segment.closing(self._table)
-            finally:
-                self._table.close()
+        if self._store is not None:
+            self._store.close()
         _live.discard(self)
 
     def destroy(self) -> bool:
-        """Close this handle and remove the cache's segment; True when it existed."""
-        self.close()
-        return self._backend.destroy(self.name, self._backend_opts)
+        """Close this handle and remove the cache (its segment; its entries in Redis);
+        True when it existed."""
+        _live.discard(self)
+        return self._store.destroy()
 
     def __enter__(self) -> Cache:
         return self
@@ -685,64 +584,16 @@ class Cache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if getattr(self, "_stop", None) is not None:
-            self._stop.set()
-
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{self.size()} entries"
+        state = "closed" if self.closed else self._store.describe()
         return f"<vela.Cache {self.name!r} ({state})>"
 
-    # help(vela.Cache) and inspect.signature(vela.Cache) show the options of __init__
-    # (__new__, which only picks the implementation, would show as (*args, **kwargs)).
-    # Unknown option names are taken only to be refused with a clear OptionError.
+    # help(vela.Cache) and inspect.signature(vela.Cache) show the options of __init__;
+    # unknown option names are taken only to be refused with a clear OptionError.
     __signature__ = inspect.signature(__init__).replace(
         parameters=[p for p in list(inspect.signature(__init__).parameters.values())[1:]
                     if p.kind is not p.VAR_KEYWORD],
         return_annotation=inspect.Signature.empty)
-
-    # ---- background work -----------------------------------------------------------
-
-    def _start_maintenance(self):
-        """One thread per handle runs the periodic jobs: the sweep (only in the host's
-        elected sweeper) and the backend's own (the file backend's msync)."""
-        if self._stop is not None and not self._stop.is_set():
-            return  # running
-        jobs = list(self._segment.periodic())
-        if self.sweep_interval is not None:
-            stale_ns = int(self.sweep_interval * 3e9)
-
-            def sweep(table):
-                if table.sweeper_elect(stale_ns):
-                    table.expire()
-
-            jobs.append((self.sweep_interval, sweep))
-        if not jobs:
-            return
-        stop = self._stop = threading.Event()
-        thread = threading.Thread(target=_maintenance_loop, args=(weakref.ref(self), stop, jobs),
-                                  name=f"vela-maintenance-{self.name}", daemon=True)
-        _join_ended_threads(0.0)
-        _threads.add(thread)
-        thread.start()
-
-
-def _maintenance_loop(ref, stop, jobs):
-    due = [time.monotonic() + interval for interval, _ in jobs]
-    while not stop.wait(max(0.0, min(due) - time.monotonic())):
-        cache = ref()
-        if cache is None or cache.closed:
-            return
-        try:
-            now = time.monotonic()
-            for i, (interval, job) in enumerate(jobs):
-                if now >= due[i]:
-                    job(cache._table)
-                    due[i] = time.monotonic() + interval
-        except Exception:  # a closed or broken handle: the jobs end, calls report it
-            return
-        finally:
-            del cache
 
 
 def _telemetry_changed(active):
@@ -753,100 +604,19 @@ def _telemetry_changed(active):
 telemetry._listeners.append(_telemetry_changed)
 
 
-def _before_fork():
-    """Stop the maintenance threads before a fork (they start again after it): a
-    process that forks with threads running risks its child, and Python 3.12+ warns
-    about it. A job in progress (a sweep) is waited for, a couple of seconds at most;
-    so are the threads of handles closed just before, which are on their way out."""
-    running = _os_thread_count()
-    for cache in list(_live):
-        if cache._stop is not None:
-            cache._stop.set()
-    joined = _join_ended_threads(_FORK_JOIN_TIMEOUT)
-    if running is not None and joined:
-        # join() returns once a thread has left Python; its OS thread ends a moment
-        # later, and that is what Python 3.12+ counts when it warns: wait for it too.
-        deadline = time.monotonic() + _OS_THREAD_EXIT_WAIT
-        while (_os_thread_count() or 0) > running - joined and time.monotonic() < deadline:
-            time.sleep(0.0002)
-
-
-def _os_thread_count():
-    """The threads of this process as the OS counts them (None where /proc is not)."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return None
-
-
-def _join_ended_threads(timeout):
-    """Join the maintenance threads that end within ``timeout`` seconds (0: those
-    already told to stop and gone from Python), and forget them; how many."""
-    deadline = time.monotonic() + timeout
-    joined = 0
-    for thread in list(_threads):
-        if thread is threading.current_thread() or (not timeout and thread.is_alive()):
-            continue
-        thread.join(max(0.0, deadline - time.monotonic()))
-        if not thread.is_alive():
-            _threads.discard(thread)
-            joined += 1
-    return joined
-
-
-def _after_fork_in_parent():
-    # The parent's threads start again at its next write, not here: Python 3.13+
-    # counts the threads after these hooks run, and would warn about one started now.
-    # (A process that forks workers and writes no more needs no sweeps of its own.)
-    global _resume_due
-    _resume_due = True
-
-
-def _resume_maintenance():
-    global _resume_due
-    _resume_due = False
-    for cache in list(_live):
-        if not cache.closed:
-            cache._start_maintenance()
-
-
-def _after_fork_in_child():
-    global _resume_due
-    _resume_due = False
-    for cache in list(_live):
-        if not cache.closed:
-            cache._segment.after_fork()
-            cache._start_maintenance()
-
-
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                    after_in_child=_after_fork_in_child)
-
-
-def open_table(name: str, backend: str = "shm", backend_opts: Optional[Mapping[str, Any]] = None) -> Cache:
-    """Internal (the bridge's): a handle on the segment's table as it is, whatever
-    topology the segment records (never the store a worker would get)."""
-    handle = object.__new__(Cache)
-    Cache.__init__(handle, name, backend=backend, backend_opts=backend_opts, sweep_interval=None)
-    return handle
-
-
-def segment_topology(name: str, backend: str = "shm", backend_opts: Optional[Mapping[str, Any]] = None):
-    """The topology (a _native.TOPOLOGY_* value) a ready segment records, or None."""
-    return _backend_module(backend).peek_topology(name, backend_opts)
-
-
 def destroy(name: str, backend: str = "shm", backend_opts: Optional[Mapping[str, Any]] = None,
             **_ignored: Any) -> bool:
     """Remove the cache ``name`` from the host; True when it existed.
 
     Takes the same backend options as :class:`Cache` (a file-backed cache needs its
-    ``data_dir``). Handles still open keep working on the removed segment until
-    they close; new handles get a fresh one.
+    ``data_dir``; a Redis one its ``url``: its entries are removed from Redis).
+    Handles still open keep working on the removed segment until they close; new
+    handles get a fresh one.
     """
     options.check_name(name)
     if backend == "redis":
-        from .redis_cache import destroy as destroy_redis
+        need("redis", "backend='redis'")
+        from .stores.redis import destroy as destroy_redis
 
         return destroy_redis(name, backend_opts)
-    return _backend_module(backend).destroy(name, backend_opts)
+    return _tables.backend_module(backend).destroy(name, backend_opts)

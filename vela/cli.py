@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from . import __version__
+from . import __version__, _native
 
 __all__ = ["main"]
 
@@ -32,10 +32,11 @@ USAGE = ("usage: vela [--version] COMMAND [ARGS...]\n\ncommands:\n"
          + "\n`vela COMMAND --help` shows the options of a command.\n")
 
 SHM_DIR = "/dev/shm"
-# Files a cache keeps beside its segment (vela.bridge.client.control_endpoint and
-# marks_path, vela.bridge.presence, vela.near.HostElection): vela.<name>.<suffix>, not caches.
+# Files a cache keeps beside its segment (vela.stores.replicated.control_endpoint and
+# marks_path, vela.bridge.presence, vela.stores.near.HostElection): vela.<name>.<suffix>, not caches.
 SIDE_FILES = ("bridge", "marks", "listener", "alive")
-TOPOLOGIES = {0: "local", 1: "replicated", 2: "partitioned"}
+TOPOLOGIES = {_native.TOPOLOGY_LOCAL: "local", _native.TOPOLOGY_REPLICATED: "replicated",
+              _native.TOPOLOGY_PARTITIONED: "partitioned"}
 
 
 class OperatorError(Exception):

@@ -29,7 +29,7 @@ except ImportError:  # vela[inspect]; `vela ls` reads segments without it, `vela
     psutil = None
 
 from . import _native, options
-from .backends import shm
+from .segments import shm
 from .errors import LayoutMismatch, LockTimeout, VelaError
 
 __all__ = ["NoSuchCache", "NotATable", "attach", "segment_exists", "peek_identity", "snapshot", "render", "run_check", "main"]
@@ -103,7 +103,7 @@ def attach_file(name, data_dir, lock_timeout=10.0):
     When no process has the file open, this open is the first one and checks and
     rebuilds the table as any first opener does (see the file backend).
     """
-    from .backends import file as file_backend
+    from .segments import file as file_backend
     from .cache import Cache
 
     options.check_name(name)

@@ -16,7 +16,8 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 
-EVICTION_POLICIES = ("lru", "lfu", "ttl_only")
+# The eviction_policy option's values and the C core's codes for them.
+EVICTION_POLICIES = {"lru": _native.EVICT_LRU, "lfu": _native.EVICT_LFU, "ttl_only": _native.EVICT_TTL_ONLY}
 
 
 def parse_size(option, value):
@@ -117,9 +118,9 @@ def stripes(value):
 
 
 def eviction_policy(value):
-    if value not in EVICTION_POLICIES:
+    if not isinstance(value, str) or value not in EVICTION_POLICIES:
         raise OptionError(f"eviction_policy must be one of {', '.join(EVICTION_POLICIES)}, not {value!r}")
-    return EVICTION_POLICIES.index(value)
+    return EVICTION_POLICIES[value]
 
 
 def tags(tags):

@@ -36,7 +36,7 @@ import redis  # noqa: E402
 
 import vela  # noqa: E402
 from servers import RedisServer  # noqa: E402
-from vela.redis_cache import destroy as redis_destroy  # noqa: E402
+from vela.stores.redis import destroy as redis_destroy  # noqa: E402
 
 FORK = multiprocessing.get_context("fork")
 VALUE = b"v" * 100
@@ -52,7 +52,7 @@ def _listener_main(conn, url, name, host):
     c = open_host(url, name, host)
     try:
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not (c.info()["listener"] and c._near.healthy()):
+        while time.monotonic() < deadline and not (c.info()["listener"] and c._store.near.healthy()):
             time.sleep(0.01)
         conn.send(bool(c.info()["listener"]))
         conn.poll(600)

@@ -121,7 +121,7 @@ def main(argv=None):
                                for h in cluster), 15, what="partition tables")
         cache = _open(a.namespace, cluster.name)
         near = _open(a.namespace, cluster.name, near_cache=True, near_cache_l1_ttl=600)
-        view = cache._view()
+        view = cache._store._view()
         from vela import _native
         from vela.ring import partition_of
 

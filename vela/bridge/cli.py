@@ -178,7 +178,7 @@ def _wait_for_caches(caches, backend, backend_opts, poll=0.2):
     """Wait until the workers have created every cache (with its topology): a bridge
     that made a missing one would make it local, and the workers would refuse it."""
     from .. import options
-    from ..cache import segment_topology
+    from ..segments import segment_topology
 
     for name in caches:
         try:
@@ -247,7 +247,7 @@ def run(args):
 
 
 def status(args):
-    from .client import BridgeClient
+    from ..stores.replicated import BridgeClient
 
     from ..errors import BridgeUnavailable
     client = BridgeClient(args.cache, {"bridge_timeout": args.timeout})

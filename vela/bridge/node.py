@@ -37,7 +37,7 @@ import zmq
 
 from ..errors import LayoutMismatch, VelaError
 from . import presence, protocol
-from .client import control_endpoint
+from ..stores.replicated import control_endpoint
 from .dataport import DataPort
 from .partitions import Partitions, error_reply
 from .quorum import Quorum
@@ -147,7 +147,7 @@ class Bridge:
     # ---- setup -----------------------------------------------------------------------
 
     def _attach(self, name, tombstone_ttl, control):
-        from ..cache import open_table
+        from ..segments import open_table
 
         cache = open_table(name, self.backend, self.backend_opts)  # the segment as it is
         topology = cache._table.log_state()["replicated"]

@@ -64,7 +64,7 @@ import time
 
 from .. import _native
 from ..errors import CacheFull, LockTimeout, ValueTooLarge
-from ..near import Numbering, copy_tag
+from ..stores.near import Numbering, copy_tag
 from ..ring import PARTITIONS, assign, partition_of
 from .protocol import PUT
 

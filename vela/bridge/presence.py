@@ -14,7 +14,7 @@ import fcntl
 import os
 import time
 
-from .client import beside_segment
+from ..stores.replicated import beside_segment
 
 SUFFIX = "alive"  # vela.<name>.alive (vela.cli.SIDE_FILES)
 

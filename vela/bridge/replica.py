@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from ..errors import VelaError
 
-from .client import marks_path, take_marks
+from ..stores.replicated import marks_path, take_marks
 from .protocol import DELETE, FLUSH, PUT, TAG
 
 log = logging.getLogger("vela.bridge")

@@ -1,6 +1,8 @@
-"""The worker's side of the bridge: cluster-wide totals for flush and invalidate_tag.
+"""The replicated store: every host holds every entry.
 
-Puts and deletes need no socket (they travel through the change log in the
+Workers write the host's table as the local store does; the C core logs each
+change for the host's bridge, which carries it to the other hosts. Puts and
+deletes need no socket (they travel through the change log in the
 segment); only calls that must return a cluster-wide count ask the host's
 bridge, over a local ipc socket, with a bounded wait.
 
@@ -18,16 +20,17 @@ import os
 import struct
 import threading
 
-from .. import options
-from ..backends import shm
+from .. import _native, options
 from ..errors import BridgeUnavailable
+from ..segments import shm
+from .local import LocalStore
 
 _OPTIONS = {"bridge", "bridge_timeout"}
 SHM_DIR = "/dev/shm"
 
 
-MARK = struct.Struct("<QQQ")  # record op (protocol.FLUSH or TAG), tag id (0 for a flush), version
-_MARK_OPS = {"flush": 3, "tag": 4}
+MARK = struct.Struct("<QQQ")  # record op (OP_FLUSH or OP_TAG), tag id (0 for a flush), version
+_MARK_OPS = {"flush": _native.OP_FLUSH, "tag": _native.OP_TAG}
 
 
 def beside_segment(cache_name, suffix):
@@ -97,6 +100,8 @@ def _drain(fd):
 
 
 class BridgeClient:
+    """The worker's socket to its host's bridge (one request at a time, bounded wait)."""
+
     def __init__(self, cache_name, topology_opts):
         opts = options.topology_opts("replicated", topology_opts, _OPTIONS)
         self.cache_name = cache_name
@@ -118,6 +123,11 @@ class BridgeClient:
             self._socket.connect(self.endpoint)
             self._pid = os.getpid()
         return self._socket
+
+    def close(self):
+        if self._socket is not None and self._pid == os.getpid():
+            self._socket.close(0)
+        self._socket = None
 
     def call(self, request):
         """One request to the bridge; its reply (a dict)."""
@@ -158,3 +168,30 @@ class BridgeClient:
                 f"the {'flush' if request['op'] == 'flush' else 'tag invalidation'} in time; it is made on this "
                 "host and reaches them when they answer")
         return int(reply.get("removed", 0))
+
+
+class ReplicatedStore(LocalStore):
+    """The local store whose flush and invalidate_tag the host's bridge carries to
+    every live member before they return (see vela.stores.base.Store)."""
+
+    def __init__(self, opened, client: BridgeClient):
+        super().__init__(opened)
+        self.client = client
+
+    def invalidate_tag(self, tag):
+        # Every live member applies it before we return; each removes the same keys,
+        # so the count is this host's (a sum over replicas would count a key per host).
+        count, version, tag_id = self.table.invalidate_tag_versioned(tag)
+        self.client.total({"op": "tag", "tag": tag_id, "version": version})
+        return count
+
+    def flush(self):
+        count, version = self.table.flush_versioned()
+        self.client.total({"op": "flush", "version": version})
+        return count
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            self.client.close()

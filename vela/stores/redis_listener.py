@@ -1,7 +1,7 @@
 """The per-host invalidation listener of a Redis-backed near cache.
 
 Every process with a near-cache handle runs one thread (:class:`HostAgent`). It
-tries to win the host's election (:class:`vela.near.HostElection`); the winner
+tries to win the host's election (:class:`vela.stores.near.HostElection`); the winner
 subscribes to the pub/sub channel ``vela:<cache>:inv`` that every writer
 publishes to, and applies each message to the host's L1 (the shared table), so
 one subscription per host serves every worker. The others watch the winner's
@@ -42,7 +42,7 @@ log = logging.getLogger("vela.redis.listener")
 class Listener:
     """Subscribes to the invalidation channel and applies it to L1 (the elected process only).
 
-    :param near: the :class:`vela.near.NearCache` of this host.
+    :param near: the :class:`vela.stores.near.NearCache` of this host.
     :param make_client: ``() -> redis client`` (the listener's own connections).
     :param prefix: bytes, the cache's ``vela:<cache>:``; the channel is ``<prefix>inv``.
     :param host: this host's name among the cache's hosts (str).
@@ -210,7 +210,7 @@ class Listener:
 class HostAgent:
     """The background thread of one near-cache handle: election, listening, watchdog.
 
-    :param election: :class:`vela.near.HostElection` of this host's segment.
+    :param election: :class:`vela.stores.near.HostElection` of this host's segment.
     :param listener: :class:`Listener` (used only while this handle is elected).
     :param poll: seconds between election attempts and watchdog checks.
     """

@@ -9,7 +9,7 @@ import posix_ipc
 
 from .. import _native
 from ..errors import OptionError
-from . import Segment, read_topology
+from .base import Segment, read_topology
 
 KIND = _native.BACKEND_SHM
 

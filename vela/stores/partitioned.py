@@ -1,4 +1,4 @@
-"""PartitionedCache: each key lives on one host, found through the partition table.
+"""The partitioned store: each key lives on one host, found through the partition table.
 
 A worker finds a key's owner in the partition table its host's bridge writes
 into the segment (no round trip): a key this host owns is read straight from
@@ -15,28 +15,26 @@ are retried until the request's deadline (``topology_opts['timeout']``), after
 which the call raises :class:`vela.BridgeUnavailable`; nothing waits longer.
 
 With ``near_cache=True``, values read from other hosts are kept in the local
-table as L1 copies (vela.near): the owner's bridge publishes the keys that
+table as L1 copies (vela.stores.near): the owner's bridge publishes the keys that
 change and every bridge drops its host's copies of them.
 """
 
-import asyncio
-import functools
-import inspect
 import json
 import os
 import socket
 import threading
 import time
 
-from . import _native, options, telemetry
-from .cache import Cache
-from .errors import BridgeUnavailable, CacheFull, LockTimeout, PartialWrite, ValueTooLarge
-from .bridge.links import Links, bounded
-from .bridge.presence import Presence
-from .near import L2, MISSING, NearCache, copy_tag
-from .ring import partition_of
+from .. import _native
+from ..bridge.links import Links, bounded
+from ..bridge.presence import Presence
+from ..errors import BridgeUnavailable, CacheFull, LockTimeout, PartialWrite, ValueTooLarge
+from ..ring import partition_of
+from ..segments.table import OpenTable
+from .base import ALONE, HIT, MINE, MISSING
+from .near import L2, NearCache, copy_tag
 
-__all__ = ["PartitionedCache"]
+__all__ = ["PartitionedStore"]
 
 _monotonic = time.monotonic
 
@@ -107,7 +105,7 @@ class _View:
 
 
 def _copy_tags(tag_ids):
-    """The tags an L1 copy carries for its entry's tag ids (vela.near.copy_tag)."""
+    """The tags an L1 copy carries for its entry's tag ids (vela.stores.near.copy_tag)."""
     return [copy_tag(t) for t in tag_ids]
 
 
@@ -135,20 +133,23 @@ class _ClusterNear(NearCache):
         return self._cache._view().fresh()
 
 
-class PartitionedCache(Cache):
-    """A cache whose keys are spread over the hosts of a cluster (topology="partitioned").
-
-    Same API as :class:`vela.Cache`. ``topology_opts``: ``timeout`` (seconds a call
-    may wait for the bridges, default 3), ``secret_file`` and ``curve_key_file``
-    (the cluster's, when its bridges use them: workers talk to every bridge).
+class PartitionedStore:
+    """A cache whose keys are spread over the hosts of a cluster (topology="partitioned";
+    see vela.stores.base.Store). ``topology_opts`` (vela.bridge.links.Links): ``timeout``
+    (seconds a call may wait for the bridges, default 3), ``secret_file`` and
+    ``curve_key_file`` (the cluster's, when its bridges use them: workers talk to
+    every bridge).
     """
 
-    def __init__(self, name, *, topology="partitioned", topology_opts=None, near_cache=False,
-                 near_cache_l1_ttl=60.0, **kwargs):
-        self._links = Links(options.check_name(name), topology_opts)
-        super().__init__(name, topology=topology, near_cache=False, near_cache_l1_ttl=near_cache_l1_ttl,
-                         **kwargs)
-        self._near = _ClusterNear(self, near_cache_l1_ttl) if near_cache else None
+    remote = True
+
+    def __init__(self, name, opened: OpenTable, links: Links, near_l1_ttl=None):
+        self.name = name
+        self._links = links
+        self._opened = opened
+        self.segment = opened.segment
+        self.table = self._table = opened.table
+        self._near = _ClusterNear(self, near_l1_ttl) if near_l1_ttl is not None else None
         self._l2 = _PartitionL2(self)
         self._seq = None
         self._cached_view = None
@@ -343,26 +344,18 @@ class PartitionedCache(Cache):
         return self._table.decode_value(reply["val"], reply["codec"])
 
     def _encode_tags(self, tags):
-        return [_native.tag_hash(t) for t in options.tags(tags)]
-
-    def _emit(self, op, start, meta):
-        telemetry.execute(self._events[op], {"duration": time.perf_counter_ns() - start},
-                          dict(meta, cache=self.name))
+        return [_native.tag_hash(t) for t in tags]
 
     # ---- reading ------------------------------------------------------------------
 
     def get(self, key, default=None):
         """The value stored under ``key`` (on its owner), or ``default``."""
-        if not telemetry.active:
-            routes, seq, until = self._route
-            if until > _monotonic():  # a key this host holds: one native call
-                value = self._table.get_routed(key, routes, seq, MISSING, _REMOTE)
-                if value is not _REMOTE:
-                    return default if value is MISSING else value
-        start = time.perf_counter_ns() if telemetry.active else 0
+        routes, seq, until = self._route
+        if until > _monotonic():  # a key this host holds: one native call
+            value = self._table.get_routed(key, routes, seq, MISSING, _REMOTE)
+            if value is not _REMOTE:
+                return default if value is MISSING else value
         value = self._lookup(key)
-        if telemetry.active:
-            self._emit("get", start, {"key": key, "result": "miss" if value is MISSING else "hit"})
         return default if value is MISSING else value
 
     @bounded
@@ -378,20 +371,12 @@ class PartitionedCache(Cache):
         reply = self._key_request("get", enc, p)
         return MISSING if reply.get("miss") else self._decode(reply)
 
-    def __getitem__(self, key):
-        value = self.get(key, MISSING)
-        if value is MISSING:
-            raise KeyError(key)
-        return value
-
     @bounded
-    def exists(self, key):
+    def contains(self, key):
         enc, p, view, local = self._locate(key)
         if local:
             return self._table.contains(key)
         return bool(self._key_request("has", enc, p)["ok"])
-
-    __contains__ = exists
 
     @bounded
     def ttl(self, key):
@@ -401,9 +386,7 @@ class PartitionedCache(Cache):
         else:
             reply = self._key_request("ttl", enc, p)
             found, remaining = reply["ok"], reply.get("ttl", -1)
-        if not found:
-            raise KeyError(key)
-        return None if remaining < 0 else remaining / 1e9
+        return found, remaining
 
     def _grouped(self, op, keys):
         """One ``op`` request per owner for the keys, sent at once: ``{key: reply item}``;
@@ -421,8 +404,6 @@ class PartitionedCache(Cache):
     @bounded
     def get_many(self, keys):
         """``{key: value}`` for the keys present; one request per owner, sent together."""
-        start = time.perf_counter_ns() if telemetry.active else 0
-        keys = list(keys)
         found, remote = {}, []
         view = self._routable_view(self._links.deadline())
         for key in keys:
@@ -438,7 +419,7 @@ class PartitionedCache(Cache):
             if key not in found:
                 remote.append(key)
         # Near cache: reserve before the owners are read, so a copy whose read raced an
-        # invalidation is not kept (vela.near).
+        # invalidation is not kept (vela.stores.near).
         tokens = {key: self._table.reserve(key) for key in remote
                   if self._copies(view, partition_of(_native.encode_key(key), view.parts))}
         answered = self._grouped("getm", remote)
@@ -452,38 +433,28 @@ class PartitionedCache(Cache):
                 found[key] = self._table.decode_value(raw, codec)
                 if key in tokens:
                     self._near.fill(tokens[key], key, found[key], remaining_ns, _copy_tags(tag_ids))
-        if telemetry.active:
-            self._emit("get", start, {"keys": len(keys), "hits": len(found)})
         return found
 
     # ---- writing ------------------------------------------------------------------
 
-    def put(self, key, value, ttl=None, tags=()):
+    def put(self, key, value, ns, tags):
         """Store ``value`` under ``key`` on the key's owner (see :meth:`vela.Cache.put`)."""
-        start = time.perf_counter_ns() if telemetry.active else 0
-        ns = options.ttl_ns(ttl, self.default_ttl)
         tag_ids = self._encode_tags(tags)
         val, codec = self._encoded(value)
         if not self._put_here(key, val, codec, ns, tag_ids):
             self._put_remote(key, val, codec, ns, tag_ids)
             self._written((key,))
-        if telemetry.active:
-            self._emit("put", start, {"key": key, "ttl": ttl})
 
     @bounded
-    def add(self, key, value, ttl=None, tags=()):
+    def add(self, key, value, ns, tags):
         """Store ``value`` under ``key`` only if absent, decided at the key's owner (its
         bridge serves every add of the key, one at a time); True when stored."""
-        start = time.perf_counter_ns() if telemetry.active else 0
-        ns = options.ttl_ns(ttl, self.default_ttl)
         tag_ids = self._encode_tags(tags)
         val, codec = self._encoded(value)
         enc, p, view, local = self._locate(key)
         stored = bool(self._key_request("add", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)["ok"])
         if stored:
             self._written((key,))
-        if telemetry.active:
-            self._emit("put", start, {"key": key, "ttl": ttl, "result": stored})
         return stored
 
     def _written(self, keys):
@@ -499,7 +470,7 @@ class PartitionedCache(Cache):
                     self._table.invalidate(key)
 
     def _copies(self, view, p):
-        """True when this host may keep L1 copies of partition p's keys (vela.near)."""
+        """True when this host may keep L1 copies of partition p's keys (vela.stores.near)."""
         return self._near is not None and view.l1(p)
 
     @bounded
@@ -522,12 +493,9 @@ class PartitionedCache(Cache):
         return routes is not None and self._table.put_routed(key, val, codec, ns, tag_ids, *routes)
 
     @bounded
-    def put_many(self, mapping, ttl=None, tags=()):
+    def put_many(self, items, ns, tags):
         """Store every item; each is checked before any is sent. One request per owner
         (and per 5,000 items or 4 MiB), all sent at once."""
-        start = time.perf_counter_ns() if telemetry.active else 0
-        items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
-        ns = options.ttl_ns(ttl, self.default_ttl)
         tag_ids = self._encode_tags(tags)
         encoded = [(k, _native.encode_key(k)) + self._encoded(v) for k, v in items]
         self._check_sizes(encoded, len(tag_ids))  # before anything is stored
@@ -552,8 +520,6 @@ class PartitionedCache(Cache):
                 raise  # nothing was written: the owners' unavailability is the whole story
             raise partial from exc
         self._written(item[0] for item in encoded)
-        if telemetry.active:
-            self._emit("put", start, {"keys": len(items), "ttl": ttl})
 
     def _check_sizes(self, encoded, ntags):
         """ValueTooLarge for the first item bigger than max_entry_size (as the owner's table would say)."""
@@ -578,14 +544,11 @@ class PartitionedCache(Cache):
                             "(.stored and .failed name them)", stored, failed)
 
     def delete(self, key):
-        start = time.perf_counter_ns() if telemetry.active else 0
         routes = self._routes()
         removed = self._table.delete_routed(key, *routes) if routes is not None else None
         if removed is None:  # not a partition of this host: its owner deletes
             removed = self._delete_remote(key)
             self._written((key,))
-        if telemetry.active:
-            self._emit("delete", start, {"key": key, "result": removed})
         return removed
 
     @bounded
@@ -597,7 +560,6 @@ class PartitionedCache(Cache):
     def delete_many(self, keys):
         """Remove the keys (those of this host's partitions in place, the others with one
         request per owner); returns how many were removed."""
-        start = time.perf_counter_ns() if telemetry.active else 0
         keys = list(dict.fromkeys(keys))
         routes = self._routes()
         removed, remote = 0, []
@@ -610,8 +572,6 @@ class PartitionedCache(Cache):
         answered = self._grouped("delm", remote)
         self._written(remote)
         removed += sum(bool(answered[k]) if k in answered else self._delete_one(k) for k in remote)
-        if telemetry.active:
-            self._emit("delete", start, {"keys": len(keys), "result": removed})
         return removed
 
     def _delete_one(self, key):
@@ -620,21 +580,15 @@ class PartitionedCache(Cache):
         return removed
 
     @bounded
-    def touch(self, key, ttl=None):
-        ns = options.ttl_ns(ttl, self.default_ttl)
+    def touch(self, key, ns):
         enc, p, view, local = self._locate(key)
         found = bool(self._key_request("touch", enc, p, ttl=ns)["ok"])
         self._written((key,))
         return found
 
     @bounded
-    def incr(self, key, delta=1, ttl=None):
+    def incr(self, key, delta, ns):
         """Add ``delta`` atomically on the key's owner (see :meth:`vela.Cache.incr`)."""
-        if isinstance(delta, bool) or not isinstance(delta, int):
-            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
-        if not -2**63 <= delta < 2**63:
-            raise OverflowError("delta leaves the signed 64-bit range")
-        ns = options.ttl_ns(ttl, self.default_ttl)
         enc, p, view, local = self._locate(key)
         value = self._key_request("incr", enc, p, delta=delta, ttl=ns)["ok"]
         self._written((key,))
@@ -646,34 +600,34 @@ class PartitionedCache(Cache):
         return f"{self._holder_base}:{threading.get_ident() % 1_000_000_007}"
 
     @bounded
-    def _begin_fetch(self, key):
-        """("hit", value) | ("mine", None): we hold the owner's lease | ("alone", None):
-        waited stampede_timeout, fetch without it. Waits (polling the owner) while
-        another caller anywhere fetches the key."""
+    def fetch_begin(self, key, protect, budget_ns):
+        """(HIT, value, None, False) | (MINE, None, True, False): we hold the owner's
+        lease | (ALONE, None, None, False): waited ``budget_ns``, fetch without it.
+        Waits (polling the owner) while another caller anywhere fetches the key."""
         enc, p, view, local = self._locate(key)
         if local or self._copies(view, p):  # an owned entry or an L1 copy: no round trip
             value = self._table.get_hit(key, MISSING)
             if value is not MISSING:
-                return "hit", value
-        if not self.stampede_protection:
+                return HIT, value, None, False
+        if not protect:
             value = self._lookup(key)
-            return ("hit", value) if value is not MISSING else ("alone", None)
+            return (HIT, value, None, False) if value is not MISSING else (ALONE, None, None, False)
         holder = self._holder()
-        give_up = time.monotonic() + self.stampede_timeout
+        give_up = time.monotonic() + budget_ns / 1e9
         pause = 0.001
         while True:
             reply = self._key_request("fetch", enc, p, holder=holder)
             if "val" in reply:
-                return "hit", self._decode(reply)
+                return HIT, self._decode(reply), None, False
             if reply.get("lease"):
-                return "mine", None
+                return MINE, None, True, False
             if time.monotonic() >= give_up:
-                return "alone", None
+                return ALONE, None, None, False
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
     @bounded
-    def _complete_fetch(self, key, value, ns, tags):
+    def fetch_complete(self, key, lease, value, ns, tags):
         tag_ids = self._encode_tags(tags)
         val, codec = self._encoded(value)
         enc, p, view, local = self._locate(key)
@@ -683,66 +637,26 @@ class PartitionedCache(Cache):
             pass
 
     @bounded
-    def _abort_fetch(self, key):
+    def fetch_abort(self, key, lease):
+        if lease is None:
+            return
         enc, p, view, local = self._locate(key)
         try:
             self._key_request("abort", enc, p, holder=self._holder())
         except BridgeUnavailable:
             pass  # the lease expires on its own
 
-    def get_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
-        """The value of ``key``, or ``fetch_fn(key)`` stored on the owner and returned.
-
-        The owner's bridge gives one caller in the whole cluster the right to fetch a
-        missing key; the others poll the owner until the value is there (at most
-        ``stampede_timeout``, then they fetch themselves).
-        """
-        ns = options.ttl_ns(ttl, self.default_ttl)
-        start = time.perf_counter_ns() if telemetry.active else 0
-        status, value = self._begin_fetch(key)
-        result = "hit"
-        if status != "hit":
-            try:
-                value = fetch_fn(key)
-            except BaseException:
-                if status == "mine":
-                    self._abort_fetch(key)
-                raise
-            self._complete_fetch(key, value, ns, tags)
-            result = "fetched"
-        if telemetry.active:
-            self._emit("fetch", start, {"key": key, "result": result})
-        return value
-
-    async def aget_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
-        """``get_or_fetch`` for asyncio (waits happen in a worker thread)."""
-        ns = options.ttl_ns(ttl, self.default_ttl)
-        loop = asyncio.get_running_loop()
-        status, value = await loop.run_in_executor(None, self._begin_fetch, key)
-        if status == "hit":
-            return value
-        try:
-            value = fetch_fn(key)
-            if inspect.isawaitable(value):
-                value = await value
-        except BaseException:
-            if status == "mine":
-                await loop.run_in_executor(None, self._abort_fetch, key)
-            raise
-        await loop.run_in_executor(None, functools.partial(self._complete_fetch, key, value, ns, tags))
-        return value
-
     # ---- every member ---------------------------------------------------------------------
 
-    # invalidate_tag and flush (vela.Cache's) run on every member and return the total.
-    # Then, once every owner has removed its entries, every member drops its host's L1
-    # copies of them ("near"): a copy read from an owner before that owner's step would
+    # invalidate_tag and flush run on every member and return the total. Then, once
+    # every owner has removed its entries, every member drops its host's L1 copies of
+    # them ("near"): a copy read from an owner before that owner's step would
     # otherwise land after a member dropped its copies, and outlive the call.
 
     # Both steps share the call's deadline.
 
     @bounded
-    def _invalidate_tag_counted(self, tag):
+    def invalidate_tag(self, tag):
         tag_id = self._encode_tags([tag])[0]
         deadline = self._links.deadline()
         removed = sum(r["ok"] for r in self._everyone("tag", deadline, tag=tag_id))
@@ -750,7 +664,7 @@ class PartitionedCache(Cache):
         return removed
 
     @bounded
-    def _flush_counted(self):
+    def flush(self):
         deadline = self._links.deadline()
         removed = sum(r["ok"] for r in self._everyone("flush", deadline))
         self._everyone("near", deadline)
@@ -766,28 +680,42 @@ class PartitionedCache(Cache):
         """Entries stored in the cluster (each counted on its owner)."""
         return sum(r["ok"] for r in self._everyone("size"))
 
-    def __len__(self):
-        return self.size()
-
     @bounded
-    def stats(self, reset=False):
+    def stats(self, reset):
         """Counters summed over every member (each member's over all its processes)."""
         total = {}
         for r in self._everyone("stats", reset=bool(reset)):
             for k, v in r["ok"].items():
                 total[k] = total.get(k, 0) + v
-        lookups = total.get("hits", 0) + total.get("misses", 0)
-        total["hit_ratio"] = total.get("hits", 0) / lookups if lookups else 0.0
         return total
 
     def reset_stats(self):
         self.stats(reset=True)
 
+    # ---- this host's table ----------------------------------------------------------------
+
+    def info(self):
+        return self._table.info()
+
+    def check(self):
+        return self._table.check()
+
+    def sync(self):
+        self._opened.sync()
+
+    @property
+    def closed(self):
+        return self._opened.closed
+
     def close(self):
-        super().close()
-        if getattr(self, "_links", None) is not None:
+        try:
+            self._opened.close()
+        finally:
             self._links.close()
 
-    def __repr__(self):
-        state = "closed" if self.closed else f"node {self._view().me}"
-        return f"<vela.Cache {self.name!r} partitioned ({state})>"
+    def destroy(self):
+        self.close()
+        return self._opened.destroy()
+
+    def describe(self):
+        return f"partitioned, node {self._view().me}"

@@ -23,7 +23,7 @@ import socket
 
 from .. import _native
 from ..errors import LayoutMismatch, OptionError, SegmentCorrupt, VelaError
-from . import Segment, read_topology
+from .base import Segment, read_topology
 
 KIND = _native.BACKEND_FILE
 log = logging.getLogger("vela.file")

@@ -1,6 +1,7 @@
-"""RedisCache: the Cache API with Redis as the store and the host table as near cache.
+"""The Redis store: Redis holds the entries; the host table its leases, counters and
+(with ``near_cache=True``) L1 copies.
 
-``vela.Cache(name, backend="redis", backend_opts={"url": ...})`` returns one. Every
+``vela.Cache(name, backend="redis", backend_opts={"url": ...})`` sits on one. Every
 method keeps the meaning it has for the shared-memory cache; where Redis makes a
 difference, the method says so.
 
@@ -14,7 +15,7 @@ so that a cache's keys share one slot and its Lua scripts stay atomic):
   member; members that expired are skipped when the tag is invalidated);
 - ``P l:<key>``  the stampede lease of a key across hosts (owner token, PX);
 - channel ``P inv``  invalidations, published by every write in the same Lua call,
-  numbered by ``P iseq`` (vela.near.split_number; a listener that finds a number
+  numbered by ``P iseq`` (vela.stores.near.split_number; a listener that finds a number
   missing drops its host's L1);
 - ``P hosts``, ``P hb:<host>``  the hosts whose listener is subscribed (each renews
   its ``hb`` key every heartbeat); ``P ack:<token>``  the hosts' answers to an
@@ -25,12 +26,10 @@ so that a cache's keys share one slot and its Lua scripts stay atomic):
 The host table (a shared-memory segment, ``<cache>.redis-<hash of the URL>`` unless
 ``backend_opts["l1_segment"]`` names it) always exists: it holds the stampede leases
 of the host and the counters of stats(); with ``near_cache=True`` it also holds the
-L1 copies (see vela.near and vela.redis_listener).
+L1 copies (see vela.stores.near and vela.stores.redis_listener).
 """
 
-import asyncio
 import hashlib
-import inspect
 import itertools
 import logging
 import os
@@ -48,22 +47,25 @@ import xxhash
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import _native, options, serializers, telemetry
-from .cache import _HIT, _POLL_NS, _TIMEOUT, _UNSET, Cache
-from .errors import BackendUnavailable, CacheClosed, CacheFull, OptionError, ValueTooLarge, VelaError
-from .backends import shm
-from .near import FLUSH_ALL, MISSING, HostElection, L2, NearCache
-
-_MISSING = MISSING  # the one sentinel of the L1 and L2 paths
+from .. import _native, options, serializers
+from ..errors import (BackendUnavailable, CacheClosed, CacheFull, OptionError, PartialWrite, ValueTooLarge,
+                      VelaError)
+from ..segments import shm
+from ..segments.table import OpenTable
+from .base import ALONE, HIT, MINE, MISSING, TIMEOUT, count_lookups
+from .local import POLL_NS
+from .near import FLUSH_ALL, HostElection, NearCache
 from .redis_listener import HostAgent, Listener
 
-__all__ = ["RedisCache", "destroy"]
+_MISSING = MISSING  # the one sentinel of the L1 and L2 paths
+
+__all__ = ["RedisStore", "destroy"]
 
 log = logging.getLogger("vela.redis")
 
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _INT_FIRST = frozenset(b"-0123456789")
-_CODEC_BYTES, _CODEC_STR = 0, 1
+_CODEC_BYTES, _CODEC_STR = _native.CODEC_BYTES, _native.CODEC_STR
 _BATCH = 500  # entries per Lua call in put_many / delete_many
 
 _OPTIONS = {
@@ -369,6 +371,16 @@ def _seconds_opt(option, value):
     return options.seconds(f"backend_opts['{option}']", value, allow_none=False, allow_inf=False)
 
 
+def _credentials(kw, parts, scheme):
+    """The user, password and TLS of a sentinel or cluster URL, for redis-py's keywords."""
+    if parts.password is not None:
+        kw.setdefault("password", unquote(parts.password))
+    if parts.username:
+        kw.setdefault("username", unquote(parts.username))
+    if scheme.startswith("rediss"):
+        kw.setdefault("ssl", True)
+
+
 def _make_client(o):
     """A redis-py client for the URL (hiredis is used by redis-py when installed)."""
     kw = dict(socket_timeout=o.socket_timeout, socket_connect_timeout=o.connect_timeout,
@@ -387,12 +399,7 @@ def _make_client(o):
             raise OptionError("backend_opts['url']: a sentinel URL names the service: "
                               "redis+sentinel://host:port[,host:port]/service[/db]")
         service, db = path[0], int(path[1]) if len(path) > 1 else 0
-        if parts.password is not None:
-            kw.setdefault("password", unquote(parts.password))
-        if parts.username:
-            kw.setdefault("username", unquote(parts.username))
-        if o.scheme.startswith("rediss"):
-            kw.setdefault("ssl", True)
+        _credentials(kw, parts, o.scheme)
         sentinel_kwargs = dict(socket_timeout=o.socket_timeout, socket_connect_timeout=o.connect_timeout)
         sentinel_kwargs.update(kw.pop("sentinel_kwargs", {}))
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **{k: v for k, v in kw.items()
@@ -407,12 +414,7 @@ def _make_client(o):
             for hp in parts.netloc.rsplit("@", 1)[-1].split(","):
                 host, _, port = hp.rpartition(":")
                 nodes.append(ClusterNode(host.strip("[]") or "127.0.0.1", int(port or 6379)))
-            if parts.password is not None:
-                kw.setdefault("password", unquote(parts.password))
-            if parts.username:
-                kw.setdefault("username", unquote(parts.username))
-            if o.scheme.startswith("rediss"):
-                kw.setdefault("ssl", True)
+            _credentials(kw, parts, o.scheme)
             return RedisCluster(startup_nodes=nodes, **kw)
         return RedisCluster.from_url(o.url, **kw)
     return redis.Redis.from_url(o.url, **kw)
@@ -421,9 +423,9 @@ def _make_client(o):
 # ---- values ------------------------------------------------------------------------
 
 
-def _check_tags(tags):
-    """The tags as UTF-8 bytes (vela.options.tags checks them as for every store)."""
-    return tuple(t.encode("utf-8") for t in options.tags(tags))
+def _tag_bytes(tags):
+    """The (checked) tags as Redis keeps them: UTF-8 bytes."""
+    return tuple(t.encode("utf-8") for t in tags)
 
 
 def _px(ns):
@@ -456,36 +458,10 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class _RedisL2(L2):
-    """The L2 interface of vela.near, served by a RedisCache."""
-
-    def __init__(self, cache):
-        self._cache = weakref.proxy(cache)
-
-    def read(self, key):
-        c = self._cache
-        enc = _native.encode_key(key)
-        r = c._run("read", [c._vkey(enc), c._mkey(enc)], [])
-        if r is None:
-            return MISSING, 0, ()
-        return c._decode(r[0]), _remaining_ns(r[1]), _tag_names(r[2])
-
-    def read_many(self, keys):
-        c = self._cache
-        names = []
-        for k in keys:
-            enc = _native.encode_key(k)
-            names += (c._vkey(enc), c._mkey(enc))
-        r = c._run("read_many", names, [])
-        return [(MISSING, 0, ()) if r[3 * i] is None else
-                (c._decode(r[3 * i]), _remaining_ns(r[3 * i + 1]), _tag_names(r[3 * i + 2]))
-                for i in range(len(keys))]
-
-
-class RedisCache(Cache):
+class RedisStore:
     """A cache whose entries live in Redis, shared by every host that uses the same URL.
 
-    Takes the options of :class:`vela.Cache`. ``backend_opts``:
+    ``backend_opts`` (checked here; the other options by :class:`vela.Cache`):
 
     :param url: ``redis://``, ``rediss://`` (TLS), ``unix://``, ``redis+sentinel://host:port[,..]/service[/db]``
         or ``redis+cluster://host:port[,..]`` (default ``redis://127.0.0.1:6379/0``).
@@ -504,91 +480,89 @@ class RedisCache(Cache):
     most ``(retries + 1) * (connect_timeout + socket_timeout)`` plus the backoffs.
     """
 
-    def __init__(self, name, *, backend="redis", backend_opts=None, topology="local",
-                 topology_opts=None, capacity=_UNSET, stripes=_UNSET, max_size=_UNSET,
-                 max_entry_size=_UNSET, eviction_policy=_UNSET, default_ttl=None,
-                 stampede_protection=True, stampede_timeout=5.0, stats_enabled=True,
-                 telemetry_prefix=("vela", "cache"), sweep_interval=30.0, near_cache=False,
-                 near_cache_l1_ttl=60.0, serializer="pickle", lock_timeout=10.0, **unknown):
+    remote = True
+
+    def __init__(self, name, backend_opts, *, layout, serializer, stats_enabled, lock_timeout, sweep_interval,
+                 stampede_timeout):
         self._closed = True  # until the end of __init__: close() then has nothing to undo
-        self._table = None
         self._agent = None
         self._client = None
-        if unknown:
-            raise OptionError(f"unknown option{'s' if len(unknown) > 1 else ''}: "
-                              f"{', '.join(sorted(unknown))}")
-        self.name = options.check_name(name)
-        if backend != "redis":
-            raise OptionError(f"backend must be 'redis' for RedisCache, not {backend!r}")
-        if topology is not _UNSET and topology != "local":
-            raise OptionError(f"topology={topology!r}: the Redis backend is its own topology; "
-                              "use topology='local'")
-        if topology_opts not in (None, {}):
-            raise OptionError(f"topology_opts: the local topology takes no options, got {topology_opts!r}")
-        if not isinstance(near_cache, bool):
-            raise OptionError(f"near_cache must be True or False, not {near_cache!r}")
-        l1_ttl = options.seconds("near_cache_l1_ttl", near_cache_l1_ttl, allow_none=False, allow_inf=False)
-        self._handle_options(default_ttl, stampede_protection, stampede_timeout, sweep_interval,
-                             telemetry_prefix)
+        self.name = name
         self._dumps, self._codec, self._loaders = serializers.resolve(serializer)
-        options.seconds("lock_timeout", lock_timeout, allow_none=False, allow_inf=False)
-        self._backend_opts = dict(backend_opts or {})
-        o = self._o = _Opts(self.name, self._backend_opts, self.stampede_timeout)
-        self._backend = None
-        self._segment = None
-        self._stop = None
-        self.near_cache = near_cache
+        o = self._o = _Opts(self.name, backend_opts, stampede_timeout)
         self._P = o.namespace
         # What flush leaves: the numbering of invalidations and the hosts' listeners.
         self._bookkeeping = tuple(self._P + k for k in (b"iseq", b"hosts", b"hb:", b"ack:"))
         self._lease_px = max(1, int(o.lease_ttl * 1000))
 
-        # The host table: L1 copies (stats off: RedisCache counts itself) ...
-        layout = {k: v for k, v in dict(capacity=capacity, stripes=stripes, max_size=max_size,
-                                        max_entry_size=max_entry_size,
-                                        eviction_policy=eviction_policy).items() if v is not _UNSET}
-        self._l1_cache = Cache(o.l1_segment, backend="shm", default_ttl=None, stats_enabled=False,
-                               sweep_interval=sweep_interval, serializer=serializer,
-                               lock_timeout=lock_timeout, **layout)
+        # The host table: L1 copies (stats off: this store counts itself) ...
+        self._l1_opened = OpenTable(o.l1_segment, "shm", None, layout, serializer=serializer, stats_enabled=False,
+                                    lock_timeout=lock_timeout, sweep_interval=sweep_interval)
         try:
             # ... and a second handle on it whose only job is this cache's counters.
-            self._counters_cache = Cache(o.l1_segment, backend="shm", stats_enabled=bool(stats_enabled),
-                                         sweep_interval=None, serializer=serializer,
-                                         lock_timeout=lock_timeout)
+            self._counters_opened = OpenTable(o.l1_segment, "shm", None, serializer=serializer,
+                                              stats_enabled=stats_enabled, lock_timeout=lock_timeout)
         except BaseException:
-            self._l1_cache.close()
+            self._l1_opened.close()
             raise
-        self._table = self._l1_cache._table
-        self._counters = self._counters_cache._table
+        self.table = self._table = self._l1_opened.table
+        self._counters = self._counters_opened.table
         self._bump = self._counters.bump
         self._max_entry = self._table.info()["max_entry_size"]
         self._client_generation = -1
         self._direct = None
         self._local = None
         self._shas = {}
-        self._l2 = _RedisL2(self)
-        self._near = None
+        self._near = None  # the L1 whose invalidations this host's listener applies (vela.stores.near)
         self._closed = False
         _live.add(self)
-        if near_cache:
-            self._near = NearCache(self._table, l1_ttl, o.degraded_l1_ttl, marker_ttl=4 * o.heartbeat)
-            if o.listener:
-                try:
-                    self._start_agent()
-                except BaseException:
-                    self.close()
-                    raise
 
     # ---- plumbing ------------------------------------------------------------------
 
-    def _start_agent(self):
+    # ---- behind a near cache (vela.stores.near.NearStore) ----------------------------
+
+    def near_cache(self, l1_ttl):
+        """The L1 in the host table for a near cache in front of this store; starts this
+        host's invalidation listener (one per host, elected), unless
+        ``backend_opts['listener']`` is False. Every write here publishes its
+        invalidation in the same Lua call; the listener applies it to L1."""
         o = self._o
-        listener = Listener(self._near, lambda: _make_client(o), self._P,
-                            host=socket.gethostname() + shm.segment_name(o.l1_segment),
-                            heartbeat=o.heartbeat, timeout=o.socket_timeout + o.connect_timeout)
-        self._agent = HostAgent(HostElection(o.l1_segment), listener, poll=o.heartbeat, owner=self)
-        self._agent.try_lead_now()
-        self._agent.start(self.name)
+        self._near = NearCache(self._table, l1_ttl, o.degraded_l1_ttl, marker_ttl=4 * o.heartbeat)
+        if o.listener:
+            try:
+                listener = Listener(self._near, lambda: _make_client(o), self._P,
+                                    host=socket.gethostname() + shm.segment_name(o.l1_segment),
+                                    heartbeat=o.heartbeat, timeout=o.socket_timeout + o.connect_timeout)
+                self._agent = HostAgent(HostElection(o.l1_segment), listener, poll=o.heartbeat, owner=self)
+                self._agent.try_lead_now()
+                self._agent.start(self.name)
+            except BaseException:
+                self.close()
+                raise
+        return self._near
+
+    def count(self, counter, n=1):
+        """Count ``n`` on the host's counters (stats())."""
+        self._bump(counter, n)
+
+    def read(self, key):
+        """The L2 read of the near cache (uncounted): (value or MISSING, remaining ns, tags)."""
+        enc = _native.encode_key(key)
+        r = self._run("read", [self._vkey(enc), self._mkey(enc)], [])
+        if r is None:
+            return MISSING, 0, ()
+        return self._decode(r[0]), _remaining_ns(r[1]), _tag_names(r[2])
+
+    def read_many(self, keys):
+        """``read`` of several keys, one round trip, in the order of ``keys``."""
+        names = []
+        for k in keys:
+            enc = _native.encode_key(k)
+            names += (self._vkey(enc), self._mkey(enc))
+        r = self._run("read_many", names, [])
+        return [(MISSING, 0, ()) if r[3 * i] is None else
+                (self._decode(r[3 * i]), _remaining_ns(r[3 * i + 1]), _tag_names(r[3 * i + 2]))
+                for i in range(len(keys))]
 
     def _after_fork(self):
         self._client = None  # the parent's sockets stay the parent's
@@ -760,159 +734,89 @@ class RedisCache(Cache):
     # ---- reading ---------------------------------------------------------------------
 
     def get(self, key, default=None):
-        """The value stored under ``key``, or ``default`` when absent or expired.
+        """The value stored under ``key``, or ``default`` when absent or expired."""
+        self._check_open()
+        enc = _native.encode_key(key)
+        raw = self._call(("GET", self._vkey(enc)))
+        if raw is None:
+            self._bump("misses")
+            return default
+        self._bump("hits")
+        return self._decode(raw)
 
-        With the near cache, a copy in the host table answers without Redis.
-        """
-        if telemetry.active:
-            return self._traced_get(key, default)
-        near = self._near
-        if near is not None:
-            value = near.l1.get(key, _MISSING)
-            if value is not _MISSING:
-                self._bump("hits")
-                return value
-        value = self._lookup(key)
-        return default if value is _MISSING else value
-
-    def _lookup(self, key):
-        """The value (or _MISSING) after an L1 miss, counted as a hit or a miss."""
-        if self._near is not None:
-            value = self._near.load(key, self._l2)
-        else:
-            self._check_open()
-            enc = _native.encode_key(key)
-            raw = self._call(("GET", self._vkey(enc)))
-            value = _MISSING if raw is None else self._decode(raw)
-        self._bump("misses" if value is _MISSING else "hits")
-        return value
-
-    def _traced_get(self, key, default):
-        start = time.perf_counter_ns()
-        value = _MISSING
-        if self._near is not None:
-            value = self._table.get(key, _MISSING)
-            if value is not _MISSING:
-                self._bump("hits")
-        if value is _MISSING:
-            value = self._lookup(key)
-        telemetry.execute(self._events["get"], {"duration": time.perf_counter_ns() - start},
-                          {"cache": self.name, "key": key,
-                           "result": "miss" if value is _MISSING else "hit"})
-        return default if value is _MISSING else value
-
-    def exists(self, key):
+    def contains(self, key):
         """True when a live entry is stored under ``key`` (not counted as a hit or miss)."""
-        if self._near is not None and self._table.contains(key):
-            return True
         self._check_open()
         enc = _native.encode_key(key)
         return self._call(("EXISTS", self._vkey(enc))) == 1
 
-    __contains__ = exists
-
     def ttl(self, key):
-        """Remaining seconds of ``key``; None when it never expires.
-
-        :raises KeyError: when the key is absent.
-        """
+        """(found, remaining ns; -1 when it never expires), from Redis's PTTL."""
         self._check_open()
         enc = _native.encode_key(key)
         pttl = self._call(("PTTL", self._vkey(enc)))
         if pttl == -2:
-            raise KeyError(key)
-        return None if pttl == -1 else pttl / 1000.0
+            return False, 0
+        return True, -1 if pttl == -1 else pttl * 1_000_000
 
     def get_many(self, keys):
         """``{key: value}`` for the keys that are present (absent keys are left out)."""
-        keys = list(keys)
         self._check_open()
-        start = time.perf_counter_ns() if telemetry.active else 0
         if not keys:
             found = {}
-        elif self._near is not None:
-            found = self._table.get_many(keys)
-            missing = [k for k in keys if k not in found]
-            if missing:
-                found.update(self._near.load_many(missing, self._l2))
         else:
             encs = [_native.encode_key(k) for k in keys]
             raws = self._call(("MGET", *[self._vkey(e) for e in encs]))
             found = {k: self._decode(raw) for k, raw in zip(keys, raws) if raw is not None}
-        hits = sum(1 for k in keys if k in found)
-        if hits:
-            self._bump("hits", hits)
-        if len(keys) - hits:
-            self._bump("misses", len(keys) - hits)
-        if telemetry.active:
-            telemetry.execute(self._events["get"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "keys": len(keys), "hits": len(found)})
+        count_lookups(self._bump, keys, found)
         return found
 
     # ---- writing ---------------------------------------------------------------------
 
-    def put(self, key, value, ttl=None, tags=()):
+    def put(self, key, value, ns, tags):
         """Store ``value`` under ``key`` in Redis; every host's L1 copy is dropped.
 
-        :param ttl: seconds to live; None uses ``default_ttl``; ``math.inf`` never expires.
-        :param tags: iterable of str; ``invalidate_tag`` removes every entry carrying one.
-        :raises TypeError: the key type is unsupported or the serializer rejects the value.
-        :raises vela.ValueTooLarge: the entry is bigger than ``max_entry_size``.
         :raises vela.BackendUnavailable: Redis cannot be reached.
         """
-        ns = options.ttl_ns(ttl, self.default_ttl)
         self._check_open()
-        tags = _check_tags(tags)
+        tags = _tag_bytes(tags)
         entry = self._entry(key, value, tags)
-        start = time.perf_counter_ns() if telemetry.active else 0
         self._store([entry], ns, tags)
         self._bump("writes")
-        if self._near is not None:
-            self._near.invalidate(key)
-        if telemetry.active:
-            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "key": key, "ttl": ttl})
 
-    def add(self, key, value, ttl=None, tags=()):
+    def add(self, key, value, ns, tags):
         """Store ``value`` under ``key`` only if Redis holds no live entry of it (``SET NX``,
         with its tags in the same script); True when stored. Atomic across hosts."""
-        ns = options.ttl_ns(ttl, self.default_ttl)
         self._check_open()
-        tags = _check_tags(tags)
+        tags = _tag_bytes(tags)
         enc, raw = self._entry(key, value, tags)
-        start = time.perf_counter_ns() if telemetry.active else 0
         stored = bool(self._run("add", [self._vkey(enc), self._mkey(enc)],
                                 [self._P, _px(ns), len(tags), *tags, enc, raw], idempotent=False))
         if stored:
             self._bump("writes")
-            if self._near is not None:
-                self._near.invalidate(key)
-        if telemetry.active:
-            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "key": key, "ttl": ttl, "result": stored})
         return stored
 
-    def put_many(self, mapping, ttl=None, tags=()):
-        """Store every item of ``mapping`` (a dict or (key, value) pairs).
-
-        Every item is checked before the first is stored: a bad key or value stores nothing.
-        """
-        items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
-        ns = options.ttl_ns(ttl, self.default_ttl)
+    def put_many(self, items, ns, tags):
+        """Store every item, in Lua calls of 500; every item is checked before the first
+        is stored. A call that fails after some were stored raises vela.PartialWrite."""
         self._check_open()
-        tags = _check_tags(tags)
+        tags = _tag_bytes(tags)
         entries = [self._entry(k, v, tags) for k, v in items]
-        start = time.perf_counter_ns() if telemetry.active else 0
-        for i in range(0, len(entries), _BATCH):
-            self._store(entries[i:i + _BATCH], ns, tags)
-        if entries:
-            self._bump("writes", len(entries))
-        if self._near is not None:
-            for k, _ in items:
-                self._near.invalidate(k)
-        if telemetry.active:
-            telemetry.execute(self._events["put"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "keys": len(items), "ttl": ttl})
+        done = 0
+        try:
+            for i in range(0, len(entries), _BATCH):
+                self._store(entries[i:i + _BATCH], ns, tags)
+                done = min(len(entries), i + _BATCH)
+        except BackendUnavailable as exc:
+            if not done:
+                raise
+            stored = {k for k, _ in items[:done]}
+            failed = {k for k, _ in items[done:]} - stored
+            raise PartialWrite(f"put_many stored {len(stored)} of {len(stored) + len(failed)} keys: {exc} "
+                               "(.stored and .failed name them)", stored, failed) from exc
+        finally:
+            if done:
+                self._bump("writes", done)
 
     def _delete_encs(self, encs):
         removed = 0
@@ -927,57 +831,29 @@ class RedisCache(Cache):
     def delete(self, key):
         """Remove ``key``; True when something was removed."""
         self._check_open()
-        start = time.perf_counter_ns() if telemetry.active else 0
         removed = self._delete_encs([_native.encode_key(key)]) == 1
         if removed:
             self._bump("deletes")
-        if self._near is not None:
-            self._near.invalidate(key)
-        if telemetry.active:
-            telemetry.execute(self._events["delete"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "key": key, "result": removed})
         return removed
 
     def delete_many(self, keys):
         """Remove the keys; returns how many were removed."""
-        keys = list(keys)
         self._check_open()
-        start = time.perf_counter_ns() if telemetry.active else 0
         removed = self._delete_encs([_native.encode_key(k) for k in keys]) if keys else 0
         if removed:
             self._bump("deletes", removed)
-        if self._near is not None:
-            for k in keys:
-                self._near.invalidate(k)
-        if telemetry.active:
-            telemetry.execute(self._events["delete"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "keys": len(keys), "result": removed})
         return removed
 
-    def touch(self, key, ttl=None):
-        """Give ``key`` a new time to live (None: default_ttl); True when it exists."""
-        ns = options.ttl_ns(ttl, self.default_ttl)
+    def touch(self, key, ns):
+        """Give ``key`` a new time to live; True when it exists."""
         self._check_open()
         enc = _native.encode_key(key)
         done = self._run("touch", [self._vkey(enc), self._mkey(enc)], [self._P, enc, _px(ns)]) == 1
-        if self._near is not None:
-            self._near.invalidate(key)  # a copy must not outlive a shortened entry
         return done
 
-    def incr(self, key, delta=1, ttl=None):
+    def incr(self, key, delta, ns):
         """Add ``delta`` to the integer under ``key`` atomically (INCRBY) across hosts.
-
-        A missing key starts at 0 and takes ``ttl``; an existing counter keeps its expiry.
-        Not retried after a timeout (it might have been applied).
-
-        :raises TypeError: the stored value is not an integer.
-        :raises OverflowError: the result leaves the signed 64-bit range.
-        """
-        if isinstance(delta, bool) or not isinstance(delta, int):
-            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
-        if not _I64_MIN <= delta <= _I64_MAX:
-            raise OverflowError("delta is outside the signed 64-bit range")
-        ns = options.ttl_ns(ttl, self.default_ttl)
+        Not retried after a timeout (it might have been applied)."""
         self._check_open()
         enc = _native.encode_key(key)
         try:
@@ -991,80 +867,67 @@ class RedisCache(Cache):
                 raise TypeError("incr: the stored value is not an integer") from None
             raise
         self._bump("writes")
-        if self._near is not None:
-            self._near.invalidate(key)
         return int(raw)
-
-    def decr(self, key, delta=1, ttl=None):
-        """``incr(key, -delta, ttl)``."""
-        return self.incr(key, -delta, ttl)
 
     # ---- get_or_fetch ------------------------------------------------------------------
 
-    def get_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
-        """The cached value of ``key``, or ``fetch_fn(key)`` stored and returned.
+    # Stampede protection at two levels: on this host, one process holds the table's
+    # lease for the key while the others wait on it (as for the shared table); across
+    # hosts, that process takes a Redis lease (SET NX PX with an owner token, released
+    # by compare-and-delete) or, when another host holds it, polls Redis until the
+    # value appears, the lease goes, or the budget passes (then it fetches itself).
+    # The lease handed to vela.Cache: (host token, Redis owner token, lease key), or
+    # None when nothing is held.
 
-        Stampede protection at two levels: on this host, one process holds the
-        table's lease for the key while the others wait on it (as for the shared
-        table); across hosts, that process takes a Redis lease (SET NX PX with an
-        owner token, released by compare-and-delete) or, when another host holds
-        it, polls Redis until the value appears, the lease goes, or
-        ``stampede_timeout`` passes (then it fetches itself).
-        """
-        ns = options.ttl_ns(ttl, self.default_ttl)
+    def fetch_begin(self, key, protect, budget_ns, reserve=None):
+        """(see vela.stores.base.Store) ``reserve``: a near cache's, called just before
+        Redis is read; it returns ``fill(value, remaining_ns, tags)``, called with what
+        was read (the near cache keeps its copy unless an invalidation came between)."""
         self._check_open()
-        tags = _check_tags(tags)
-        start = time.perf_counter_ns() if telemetry.active else 0
-        value, result = self._get_or_fetch(key, fetch_fn, ns, tags)
-        if telemetry.active:
-            telemetry.execute(self._events["fetch"], {"duration": time.perf_counter_ns() - start},
-                              {"cache": self.name, "key": key, "result": result})
-        return value
-
-    def _get_or_fetch(self, key, fetch_fn, ns, tags):
         host_token, waited = None, False
-        if self.stampede_protection:
-            status, value, host_token, waited = self._table.fetch_begin(key, self._budget_ns, _POLL_NS)
+        if protect:
+            status, value, host_token, waited = self._table.fetch_begin(key, budget_ns, POLL_NS)
             if waited:
                 self._bump("stampede_waits")
-            if status == _HIT:  # an L1 copy (near cache only)
+            if status == HIT:  # an L1 copy (a near cache shares the host table)
                 self._bump("hits")
-                return value, "waited" if waited else "hit"
-            if status == _TIMEOUT:
+                return HIT, value, None, waited
+            if status == TIMEOUT:
                 self._bump("stampede_timeouts")
-        elif self._near is not None:
-            value = self._table.get(key, _MISSING)
-            if value is not _MISSING:
-                self._bump("hits")
-                return value, "hit"
         try:
-            return self._fetch_through(key, fetch_fn, ns, tags, waited,
-                                       lease=self.stampede_protection and host_token is not None)
-        finally:
+            status, value, lease, waited = self._begin_in_redis(key, budget_ns, waited,
+                                                                protect and host_token is not None, reserve)
+        except BaseException:
+            if host_token is not None:
+                self._table.fetch_abort(host_token)
+            raise
+        if status == HIT:
             if host_token is not None:
                 # Released as "not stored": the next waiter of the host takes the lease
                 # and finds the value in L1 (filled under a reservation) or in Redis.
                 self._table.fetch_abort(host_token)
+            return HIT, value, None, waited
+        return status, None, (host_token,) + lease, waited
 
-    def _fetch_through(self, key, fetch_fn, ns, tags, waited, lease):
-        near = self._near
-        token = near.l1.reserve(key) if near is not None else None
+    def _begin_in_redis(self, key, budget_ns, waited, lease, reserve):
+        """(HIT, value, None, waited) or (MINE/ALONE, None, (owner, lease key), waited)."""
+        fill = reserve() if reserve is not None else None
         enc = _native.encode_key(key)
         vkey, lkey = self._vkey(enc), self._P + b"l:" + enc
         owner = b""
         if lease:
             self._redis()
             owner = self._owner_prefix + b"%d" % next(self._owner_seq)
-            deadline = time.monotonic() + self.stampede_timeout
+            deadline = time.monotonic() + budget_ns / 1e9
             pause = 0.002
             while True:
                 r = self._run("read_or_lease", [vkey, lkey, self._mkey(enc)], [owner, self._lease_px])
                 if isinstance(r, list):
                     value = self._decode(r[0])
-                    if near is not None:
-                        near.fill(token, key, value, _remaining_ns(r[1]), _tag_names(r[2]))
+                    if fill is not None:
+                        fill(value, _remaining_ns(r[1]), _tag_names(r[2]))
                     self._bump("hits")
-                    return value, "waited" if waited else "hit"
+                    return HIT, value, None, waited
                 if r == 1:
                     break  # the lease is ours: fetch
                 if not waited:
@@ -1078,38 +941,48 @@ class RedisCache(Cache):
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, 0.05)
         else:
-            if near is not None:
-                value = near.load(key, self._l2)
+            if fill is not None:
+                value, remaining_ns, tags = self.read(key)
+                if value is not _MISSING:
+                    fill(value, remaining_ns, tags)
             else:
                 raw = self._call(("GET", vkey))
                 value = _MISSING if raw is None else self._decode(raw)
             if value is not _MISSING:
                 self._bump("hits")
-                return value, "waited" if waited else "hit"
+                return HIT, value, None, waited
         self._bump("misses")
+        return (MINE if owner else ALONE), None, (owner, lkey), waited
+
+    def fetch_complete(self, key, lease, value, ns, tags):
+        host_token, owner, lkey = lease or (None, b"", None)
         try:
-            value = fetch_fn(key)
-        except BaseException:
+            self._bump("fetches")
+            tags = _tag_bytes(tags)
+            try:
+                entry = self._entry(key, value, tags)
+                self._store([entry], ns, tags, owner, lkey if owner else None)
+            except BaseException as exc:
+                if owner:
+                    self._release_lease(lkey, owner)
+                if isinstance(exc, CacheFull):
+                    return  # the caller still gets its value
+                raise
+            self._bump("writes")
+        finally:
+            if host_token is not None:
+                self._table.fetch_abort(host_token)
+
+    def fetch_abort(self, key, lease):
+        if lease is None:
+            return
+        host_token, owner, lkey = lease
+        try:
             if owner:
                 self._release_lease(lkey, owner)
-            raise
-        self._bump("fetches")
-        try:
-            entry = self._entry(key, value, tags)
-        except BaseException:
-            if owner:
-                self._release_lease(lkey, owner)
-            raise
-        try:
-            self._store([entry], ns, tags, owner, lkey if owner else None)
-        except CacheFull:
-            if owner:
-                self._release_lease(lkey, owner)
-            return value, "fetched"
-        self._bump("writes")
-        if near is not None:
-            near.invalidate(key)
-        return value, "fetched"
+        finally:
+            if host_token is not None:
+                self._table.fetch_abort(host_token)
 
     def _release_lease(self, lkey, owner):
         try:
@@ -1117,41 +990,9 @@ class RedisCache(Cache):
         except VelaError:
             pass  # it expires by itself (lease_ttl)
 
-    async def aget_or_fetch(self, key, fetch_fn, ttl=None, tags=()):
-        """``get_or_fetch`` for asyncio: ``fetch_fn(key)`` may be a coroutine function.
-
-        Redis calls and waits run in a worker thread, so the event loop keeps running;
-        a coroutine returned by ``fetch_fn`` runs on the loop.
-        """
-        options.ttl_ns(ttl, self.default_ttl)
-        self._check_open()
-        if self._near is not None:
-            value = self._table.get(key, _MISSING)
-            if value is not _MISSING:
-                self._bump("hits")
-                return value
-        loop = asyncio.get_running_loop()
-
-        def fetch_in_thread(k):
-            value = fetch_fn(k)
-            if inspect.isawaitable(value):
-                async def wrap():
-                    return await value
-                value = asyncio.run_coroutine_threadsafe(wrap(), loop).result()
-            return value
-
-        return await loop.run_in_executor(None, self.get_or_fetch, key, fetch_in_thread, ttl, tags)
-
-    def release_leases(self, pid):
-        """Release the host's stampede leases held by process ``pid`` (it died).
-
-        Its Redis leases (other hosts) expire by themselves after ``lease_ttl``.
-        """
-        return self._table.release_leases(pid)
-
     # ---- tags, flush, size --------------------------------------------------------------
 
-    def invalidate_tag(self, tag):
+    def invalidate_tag(self, tag, drop_copies=None):
         """Remove every entry carrying ``tag`` (one atomic Lua call); returns how many
         live entries were removed. Returns once every host whose near-cache listener is
         subscribed has dropped its copies of them.
@@ -1160,20 +1001,14 @@ class RedisCache(Cache):
             in Redis; that host's copies live until it is found stalled, or their age).
         """
         self._check_open()
-        b = options.tag(tag).encode("utf-8")
-        start = time.perf_counter_ns() if telemetry.active else 0
+        b = tag.encode("utf-8")
         ack = self._ack_key()
         count, encs, hosts = self._run("invalidate_tag", [self._P + b"t:" + b], [self._P, b, ack])
         if count:
             self._bump("invalidations", count)
-        if self._near is not None:
-            for enc in encs:
-                self._near.invalidate(_native.decode_key(enc))
+        if drop_copies is not None:
+            drop_copies([_native.decode_key(enc) for enc in encs])
         self._confirm(ack, hosts, f"invalidate_tag removed {count} entries")
-        if telemetry.active:
-            telemetry.execute(self._events["invalidate_tag"],
-                              {"duration": time.perf_counter_ns() - start, "count": count},
-                              {"cache": self.name, "tag": tag})
         return count
 
     def _ack_key(self):
@@ -1201,22 +1036,17 @@ class RedisCache(Cache):
     def _scan(self, match):
         return self._call_client(lambda client: list(client.scan_iter(match=match, count=1000)))
 
-    def flush(self):
+    def flush(self, drop_copies=None):
         """Remove every entry of this cache from Redis (SCAN + UNLINK of its prefix only,
         never FLUSHDB) and drop every host's L1; returns how many entries were removed.
         Costs a SCAN of the whole Redis database. Returns once every host whose
         near-cache listener is subscribed has dropped its L1 (see invalidate_tag)."""
         self._check_open()
-        start = time.perf_counter_ns() if telemetry.active else 0
         count = self._flush_redis()
-        if self._near is not None:
-            self._near.drop_all(keep_marker=True)
+        if drop_copies is not None:
+            drop_copies(None)
         ack = self._ack_key()
         self._confirm(ack, self._run("announce", [], [self._P, FLUSH_ALL, ack]), f"flush removed {count} entries")
-        if telemetry.active:
-            telemetry.execute(self._events["flush"],
-                              {"duration": time.perf_counter_ns() - start, "count": count},
-                              {"cache": self.name})
         return count
 
     def _flush_redis(self, everything=False):
@@ -1246,10 +1076,7 @@ class RedisCache(Cache):
         self._check_open()
         return len(self._scan(self._P + b"v:*"))
 
-    def __len__(self):
-        return self.size()
-
-    def stats(self, reset=False):
+    def stats(self, reset):
         """Counters of this host (summed over its processes), and figures of the store.
 
         ``hits``/``misses`` count what callers got (an L1 copy or a Redis value is a
@@ -1260,10 +1087,9 @@ class RedisCache(Cache):
         self._check_open()
         counters = self._counters.stats(reset)
         info = self._table.info()
-        lookups = counters["hits"] + counters["misses"]
         l1_size = info["entries"] - (1 if self._near is not None and self._near.healthy() else 0)
         counters.update(size=self.size(), memory_used=info["memory_used"], capacity=info["capacity"],
-                        hit_ratio=counters["hits"] / lookups if lookups else 0.0, l1_size=max(0, l1_size))
+                        l1_size=max(0, l1_size))
         return counters
 
     def reset_stats(self):
@@ -1294,7 +1120,7 @@ class RedisCache(Cache):
     def closed(self):
         return self._closed
 
-    def flush_to_disk(self):
+    def sync(self):
         """Nothing to do: Redis persistence is the server's configuration."""
         self._check_open()
 
@@ -1318,8 +1144,8 @@ class RedisCache(Cache):
                 except Exception:
                     pass
             self._local = None
-            self._l1_cache.close()
-            self._counters_cache.close()
+            self._l1_opened.close()
+            self._counters_opened.close()
 
     def destroy(self):
         """Remove this cache's entries from Redis, close the handle and remove the host
@@ -1344,9 +1170,8 @@ class RedisCache(Cache):
         if agent is not None:
             agent.stop.set()
 
-    def __repr__(self):
-        state = "closed" if self._closed else ("near cache" if self._near is not None else "open")
-        return f"<vela.Cache {self.name!r} (redis {self._o.where}, {state})>"
+    def describe(self):
+        return f"redis {self._o.where}, {'near cache' if self._near is not None else 'open'}"
 
 
 def _destroy_local(segment):

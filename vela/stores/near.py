@@ -17,11 +17,17 @@ capped to a short age (``degraded_ttl``); the listener drops all of L1 whenever 
 (re)subscribes, since it may have missed messages. Every L1 copy has a maximum age
 (``l1_ttl``) even when its entry never expires.
 
+:class:`NearStore` is the store vela.Cache sits on with ``near_cache=True`` on
+Redis: it wraps the store that holds the entries (the L2), reads L1 first and
+drops this host's copies after every write it makes through it. The partitioned
+store keeps its L1 copies in its own routing (a partition this host owns is read
+in place, another one's copies are L1), with the same :class:`NearCache`.
+
 A copy carries the tags of its entry, so a tag's copies can be dropped without
 knowing their keys. Invalidation messages are numbered per origin (:class:`Numbering`):
 a receiver that finds one missing drops every copy the origin could have
 invalidated. invalidate_tag and flush wait until every host has dropped its copies
-(vela.redis_listener, vela.partitioned say how).
+(vela.stores.redis_listener, vela.stores.partitioned say how).
 
 The L2 is an interface (:class:`L2`), so the same code sits in front of Redis now
 and of the partitioned topology later; the message format (:func:`encode_keys`,
@@ -35,15 +41,14 @@ import os
 
 import posix_ipc
 
-from . import _native
-from .errors import CacheFull, ValueTooLarge
+from .. import _native
+from ..errors import CacheFull, ValueTooLarge
+from .base import HIT, MISSING, count_lookups
 
-__all__ = ["L2", "NearCache", "HostElection", "Numbering", "encode_keys", "decode_message", "split_number",
+__all__ = ["L2", "NearCache", "NearStore", "HostElection", "Numbering", "encode_keys", "decode_message", "split_number",
            "copy_tag", "FLUSH_ALL", "MISSING"]
 
 log = logging.getLogger("vela.near")
-
-MISSING = object()
 
 # Invalidation messages: b"*" drops all of L1; b"m" + (4-byte big-endian length +
 # canonical key encoding)* drops those keys. Anything else is malformed, and a
@@ -337,3 +342,138 @@ class HostElection:
         except posix_ipc.ExistentialError:
             return False
         return True
+
+
+class NearStore:
+    """L1 copies in the host table in front of a remote store (see vela.stores.base.Store).
+
+    :param inner: the store that holds the entries; it serves the :class:`L2` reads
+        (``read``, ``read_many``: uncounted), counts (``count(counter, n)``), makes
+        the :class:`NearCache` (``near_cache(l1_ttl)``: it knows how this host learns
+        of the writes of others), and takes a ``reserve`` hook in ``fetch_begin`` and
+        a ``drop_copies`` hook in ``invalidate_tag`` and ``flush``.
+    """
+
+    remote = True
+
+    def __init__(self, inner, l1_ttl):
+        self.inner = inner
+        self.table = inner.table
+        self.near = inner.near_cache(l1_ttl)
+        self._count = inner.count
+        # Read through to the store that holds the entries: no copy to make or drop.
+        self.ttl = inner.ttl
+        self.expire = inner.expire
+        self.size = inner.size
+        self.stats = inner.stats
+        self.reset_stats = inner.reset_stats
+        self.info = inner.info
+        self.check = inner.check
+        self.sync = inner.sync
+        self.fetch_abort = inner.fetch_abort
+        self.close = inner.close
+        self.destroy = inner.destroy
+        self.describe = inner.describe
+
+    @property
+    def closed(self):
+        return self.inner.closed
+
+    # ---- reads: L1 first ------------------------------------------------------------
+
+    def get(self, key, default=None):
+        value = self.table.get(key, MISSING)
+        if value is MISSING:
+            value = self.near.load(key, self.inner)
+            if value is MISSING:
+                self._count("misses")
+                return default
+        self._count("hits")
+        return value
+
+    def get_many(self, keys):
+        found = self.table.get_many(keys) if keys else {}
+        missing = [k for k in keys if k not in found]
+        if missing:
+            found.update(self.near.load_many(missing, self.inner))
+        count_lookups(self._count, keys, found)
+        return found
+
+    def contains(self, key):
+        return self.table.contains(key) or self.inner.contains(key)
+
+    # ---- writes: through to the store, then this host's copies go ---------------------
+    # (every other host's listener drops its own when the write's invalidation arrives)
+
+    def _dropped(self, keys):
+        for key in keys:
+            self.near.invalidate(key)
+
+    def put(self, key, value, ns, tags):
+        self.inner.put(key, value, ns, tags)
+        self.near.invalidate(key)
+
+    def add(self, key, value, ns, tags):
+        stored = self.inner.add(key, value, ns, tags)
+        if stored:
+            self.near.invalidate(key)
+        return stored
+
+    def put_many(self, items, ns, tags):
+        try:
+            self.inner.put_many(items, ns, tags)
+        finally:
+            self._dropped(k for k, _ in items)
+
+    def delete(self, key):
+        try:
+            return self.inner.delete(key)
+        finally:
+            self.near.invalidate(key)
+
+    def delete_many(self, keys):
+        try:
+            return self.inner.delete_many(keys)
+        finally:
+            self._dropped(keys)
+
+    def touch(self, key, ns):
+        try:
+            return self.inner.touch(key, ns)
+        finally:
+            self.near.invalidate(key)  # a copy must not outlive a shortened entry
+
+    def incr(self, key, delta, ns):
+        value = self.inner.incr(key, delta, ns)
+        self.near.invalidate(key)
+        return value
+
+    # ---- get_or_fetch -----------------------------------------------------------------
+
+    def fetch_begin(self, key, protect, budget_ns):
+        if not protect:  # (with protection, the host lease's look at the table finds a copy)
+            value = self.table.get(key, MISSING)
+            if value is not MISSING:
+                self._count("hits")
+                return HIT, value, None, False
+        return self.inner.fetch_begin(key, protect, budget_ns, reserve=lambda: self._reserve(key))
+
+    def _reserve(self, key):
+        """The fill of a copy of what is about to be read (voided by any invalidation
+        of the key's stripe before it lands)."""
+        token = self.table.reserve(key)
+        return lambda value, remaining_ns, tags: self.near.fill(token, key, value, remaining_ns, tags)
+
+    def fetch_complete(self, key, lease, value, ns, tags):
+        try:
+            self.inner.fetch_complete(key, lease, value, ns, tags)
+        finally:
+            self.near.invalidate(key)
+
+    # ---- every entry --------------------------------------------------------------------
+
+    def invalidate_tag(self, tag):
+        return self.inner.invalidate_tag(tag, drop_copies=self._dropped)
+
+    def flush(self):
+        return self.inner.flush(drop_copies=lambda _all: self.near.drop_all(keep_marker=True))
