@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, Final, NoReturn, Optional, ParamSpec, Tuple, TypeVar, Union, overload
 
 from . import _native, options, serializers, telemetry
@@ -17,6 +17,7 @@ from ._extras import need
 from .backends import file, shm
 from .bridge.client import BridgeClient
 from .errors import CacheFull, OptionError
+from .memoize import Memoized, memoize
 
 __all__ = ["Cache", "destroy"]
 
@@ -485,30 +486,19 @@ class Cache:
             raise
 
     def memoize(self, ttl: Optional[float] = None, tags: Iterable[str] = (),
-                key: Optional[Callable[..., Key]] = None) -> Callable[[Callable[P, V]], Callable[P, V]]:
-        """Decorator: cache a function's results with ``get_or_fetch``.
+                key: Optional[Callable[..., Key]] = None, *, prefix: Optional[str] = None,
+                version: Union[int, str, None] = None, typed: bool = False,
+                ignore: Optional[Collection[str]] = None,
+                unless: Optional[Callable[[Any], bool]] = None) -> Callable[[Callable[P, V]], Memoized[P, V]]:
+        """Decorator: cache the results of a function or ``async def`` with ``get_or_fetch``
+        (one caller computes a missing result, the others wait for it).
 
-        :param key: ``key(*args, **kwargs) -> cache key``; by default the
-            function's qualified name with its positional arguments and sorted
-            keyword arguments (all must be valid key parts: str, bytes, int, tuples).
+        The key hashes the bound arguments (stable across processes and hosts);
+        ``fn.key(*args, **kwargs)`` is a call's key, ``fn.invalidate(*args, **kwargs)``
+        drops its result. See :func:`vela.memoize.memoize` for every parameter.
         """
-        def decorate(fn):
-            name = f"{fn.__module__}.{fn.__qualname__}"
-
-            def make_key(args, kwargs):
-                if key is not None:
-                    return key(*args, **kwargs)
-                return (name, tuple(args), tuple(sorted(kwargs.items())))
-
-            @functools.wraps(fn)
-            def wrapper(*args, **kwargs):
-                return self.get_or_fetch(make_key(args, kwargs), lambda _k: fn(*args, **kwargs),
-                                         ttl=ttl, tags=tags)
-
-            wrapper.cache_key = lambda *args, **kwargs: make_key(args, kwargs)
-            return wrapper
-
-        return decorate
+        return memoize(self, ttl, tags, key, prefix=prefix, version=version, typed=typed, ignore=ignore,
+                       unless=unless)
 
     # ---- batches: one native call each ------------------------------------------------
 
