@@ -12,6 +12,7 @@ __all__ = [
     "LockTimeout",
     "SegmentCorrupt",
     "PartialWrite",
+    "UntrustedValue",
 ]
 
 
@@ -64,3 +65,8 @@ class PartialWrite(VelaError):
         super().__init__(message)
         self.stored = set(stored)
         self.failed = set(failed)
+
+
+class UntrustedValue(VelaError, ValueError):
+    """A cache with a signed serializer read a value that is not signed with its key
+    (written without the key, with another key, or altered): refused, never unpickled."""
