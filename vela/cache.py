@@ -17,6 +17,7 @@ from ._extras import need
 from .backends import file, shm
 from .bridge.client import BridgeClient
 from .errors import CacheFull, OptionError
+from .locks import Lock, Throttle
 from .memoize import Memoized, memoize
 
 __all__ = ["Cache", "destroy"]
@@ -715,6 +716,19 @@ class Cache:
         _join_ended_threads(0.0)
         _threads.add(thread)
         thread.start()
+
+    # ---- locks and rate limits (vela/locks.py: built on add/get/touch/delete/incr) -----------
+
+    def lock(self, name: str, ttl: float = 30.0, timeout: Optional[float] = None) -> Lock:
+        """A lock shared by every process (and host) of this cache: ``with cache.lock("job",
+        ttl=60, timeout=5): ...`` or ``async with``; entering raises ``vela.LockTimeout`` after
+        ``timeout`` seconds (None: waits on). See :class:`vela.locks.Lock`."""
+        return Lock(self, name, ttl, timeout)
+
+    def throttle(self, name: str, rate: int, per: float = 1.0) -> Throttle:
+        """At most ``rate`` events in any ``per`` seconds, counted by every process:
+        ``cache.throttle("api", 100, per=60).allow()``. See :class:`vela.locks.Throttle`."""
+        return Throttle(self, name, rate, per)
 
 
 def _maintenance_loop(ref, stop, jobs):
