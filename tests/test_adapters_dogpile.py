@@ -121,3 +121,14 @@ def test_a_mutex_whose_holder_is_killed_is_free_at_once():
     finally:
         holder.close()
         vela.destroy(name)
+
+
+def test_readme_example_runs_as_written():
+    from apps import readme
+
+    name = f"dp{uuid.uuid4().hex[:10]}"
+    code = readme.python_blocks("Flask, dogpile.cache and FastAPI")[1]
+    try:
+        readme.run_snippet(code.replace('"shop"', repr(name)), {"__name__": "readme_dogpile"})
+    finally:
+        vela.destroy(name)

@@ -142,3 +142,10 @@ def test_plain_starlette_and_bad_options(name):
         CachedResponses(app, cache=cache, paths="/catalog")
     with pytest.raises(vela.OptionError, match="cache must be a vela.Cache or a CacheDependency"):
         CachedResponses(app, cache="shop")
+
+
+def test_readme_example_runs_as_written(name):
+    from apps import readme
+
+    code = readme.python_blocks("Flask, dogpile.cache and FastAPI")[2]
+    readme.run_snippet(code.replace('"shop"', repr(name)), {"__name__": "readme_fastapi"})

@@ -165,3 +165,10 @@ def test_worker_processes_share_cached_views_and_memoized_functions(name):
     run_in_child(_serve, name, ["/forget/A-1"])
     third = run_in_child(_serve, name, ["/price/A-1", "/report/1"])
     assert third[0]["computed by"] != computer and third[1] == first[0]
+
+
+def test_readme_example_runs_as_written(name):
+    from apps import readme
+
+    code = readme.python_blocks("Flask, dogpile.cache and FastAPI")[0]
+    readme.run_snippet(code.replace('"shop"', repr(name)), {"__name__": "readme_flask"})
