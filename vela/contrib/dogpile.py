@@ -22,7 +22,7 @@ how long a regeneration may hold it; a holder that dies on this host frees it at
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
 
 from dogpile.cache.api import NO_VALUE, BytesBackend, CacheMutex, NoValue
@@ -68,7 +68,8 @@ class VelaBackend(BytesBackend):
         value = self.cache.get(key, NO_VALUE)
         return value if value is NO_VALUE or isinstance(value, bytes) else NO_VALUE
 
-    def get_serialized_multi(self, keys: Sequence[str]) -> list[Union[bytes, NoValue]]:
+    def get_serialized_multi(self, keys: Iterable[str]) -> list[Union[bytes, NoValue]]:
+        keys = list(keys)
         found = self.cache.get_many(keys)
         return [found[k] if isinstance(found.get(k), bytes) else NO_VALUE for k in keys]
 
@@ -81,7 +82,7 @@ class VelaBackend(BytesBackend):
     def delete(self, key: str) -> None:
         self.cache.delete(key)
 
-    def delete_multi(self, keys: Sequence[str]) -> None:
+    def delete_multi(self, keys: Iterable[str]) -> None:
         self.cache.delete_many(keys)
 
 
