@@ -49,7 +49,8 @@ class CacheClosed(VelaError, ValueError):
 
 
 class LockTimeout(VelaError, TimeoutError):
-    """A stripe lock stayed held past the lock timeout (its holder is stopped?)."""
+    """A lock was not acquired in time: a stripe lock stayed held past the lock timeout
+    (its holder is stopped?), or ``cache.lock(...)`` was not free within its timeout."""
 
 
 class SegmentCorrupt(VelaError):

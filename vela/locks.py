@@ -18,6 +18,7 @@ import os
 import random
 import secrets
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Optional
 
@@ -130,38 +131,37 @@ class Lock:
         """Take the lock; True when taken. ``timeout`` (default: the lock's) bounds the
         wait; ``blocking=False`` tries once. Returns False when it was not taken in time
         (entering the context manager raises :class:`vela.LockTimeout` instead)."""
-        deadline = self._deadline(blocking, timeout)
-        pause = _FIRST_POLL
+        pauses = self._pauses(blocking, timeout)
         while not self._try():
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            pause = next(pauses, None)
+            if pause is None:
                 return False
-            time.sleep(self._pause(pause, deadline, now))
-            pause = min(pause * 2, _MAX_POLL)
+            time.sleep(pause)
         return True
 
     async def acquire_async(self, blocking: bool = True, timeout: Optional[float] = None) -> bool:
         """:meth:`acquire` for asyncio: the waits are ``asyncio.sleep`` (the loop runs on)."""
-        deadline = self._deadline(blocking, timeout)
-        pause = _FIRST_POLL
+        pauses = self._pauses(blocking, timeout)
         while not self._try():
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            pause = next(pauses, None)
+            if pause is None:
                 return False
-            await asyncio.sleep(self._pause(pause, deadline, now))
-            pause = min(pause * 2, _MAX_POLL)
+            await asyncio.sleep(pause)
         return True
 
-    def _deadline(self, blocking: bool, timeout: Optional[float]) -> Optional[float]:
-        wait = self.timeout if timeout is None else _wait_seconds(timeout)
-        if not blocking:
-            wait = 0.0
-        return None if wait is None else time.monotonic() + wait
-
-    @staticmethod
-    def _pause(pause: float, deadline: Optional[float], now: float) -> float:
-        pause *= 0.5 + random.random()  # waiters in step would poll in step
-        return pause if deadline is None else max(0.0, min(pause, deadline - now))
+    def _pauses(self, blocking: bool, timeout: Optional[float]) -> Iterator[float]:
+        """The waits between attempts, growing, jittered (waiters in step would poll in
+        step), until the deadline passes."""
+        wait = 0.0 if not blocking else (self.timeout if timeout is None else _wait_seconds(timeout))
+        deadline = None if wait is None else time.monotonic() + wait
+        pause = _FIRST_POLL
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return
+            jittered = pause * (0.5 + random.random())
+            yield jittered if deadline is None else min(jittered, deadline - now)
+            pause = min(pause * 2, _MAX_POLL)
 
     def release(self) -> None:
         """Free the lock. :raises RuntimeError: it is not held by this object (also when
