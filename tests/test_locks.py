@@ -66,6 +66,35 @@ def test_a_held_lock_times_out_and_is_freed_when_its_holder_is_killed(cache, cac
         holder.close()
 
 
+def _hold_on_redis(name, url, ready):
+    cache = vela.Cache(name, backend="redis", backend_opts={"url": url})
+    assert cache.lock("job", ttl=600).acquire(blocking=False)
+    ready.set()
+    time.sleep(600)
+
+
+def test_on_redis_a_killed_holder_frees_the_lock_too():
+    from redis_server import RedisServer
+
+    server = RedisServer().start()
+    name = f"lk{uuid.uuid4().hex[:8]}"
+    ready = FORK.Event()
+    holder = Child(_hold_on_redis, name, server.url, ready)
+    try:
+        assert ready.wait(BARRIER_TIMEOUT)
+        cache = vela.Cache(name, backend="redis", backend_opts={"url": server.url})
+        assert cache.lock("job", timeout=0).acquire() is False
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.proc.join(10)
+        with cache.lock("job", ttl=5, timeout=5) as lock:
+            assert lock.held
+        cache.close()
+    finally:
+        holder.close()
+        vela.destroy(name, backend="redis", backend_opts={"url": server.url})
+        server.stop()
+
+
 def _wait_for_dead_holders_lock(name, barrier):
     cache = vela.Cache(name)
     barrier.wait(BARRIER_TIMEOUT)
