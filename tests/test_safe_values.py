@@ -249,3 +249,25 @@ def test_readme_safe_values_section_runs_as_written(tmp_path, monkeypatch):
     finally:
         vela.destroy(name)
     assert serializers.MIN_KEY_BYTES == 16
+
+
+def test_changing_the_key_with_previous_keys(cache_name):
+    old_writer = vela.Cache(cache_name, serializer=signed(key=OTHER_KEY))
+    rolled = vela.Cache(cache_name, serializer=signed(key=KEY, previous_keys=[OTHER_KEY]))
+    new_only = vela.Cache(cache_name, serializer=signed(key=KEY))
+    try:
+        old_writer.put("old", {"v": 1})
+        assert rolled.get("old") == {"v": 1}  # still accepted during the roll-out
+        rolled.put("new", {"v": 2})           # ... but signed with the new key
+        assert new_only.get("new") == {"v": 2}
+        with pytest.raises(vela.UntrustedValue, match="does not match"):
+            new_only.get("old")               # the old key dropped: refused
+        with pytest.raises(vela.UntrustedValue, match="does not match"):
+            old_writer.get("new")
+    finally:
+        for handle in (old_writer, rolled, new_only):
+            handle.close()
+    with pytest.raises(vela.OptionError, match="previous key #1 holds 5 bytes"):
+        signed(key=KEY, previous_keys=["short"])
+    with pytest.raises(vela.OptionError, match="takes a list of keys, not one key"):
+        signed(key=KEY, previous_keys=OTHER_KEY)

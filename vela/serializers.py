@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import zlib
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn, Optional, Union
 
 from . import _native
@@ -173,7 +174,7 @@ class Envelope:
     """
 
     def __init__(self, inner: Any = "pickle", key: Optional[bytes] = None, compress_over: Optional[int] = None,
-                 compression: str = "zlib") -> None:
+                 compression: str = "zlib", previous_keys: Sequence[bytes] = ()) -> None:
         builtin = _builtin()
         if isinstance(inner, str):
             if inner not in builtin:
@@ -189,6 +190,8 @@ class Envelope:
             raise OptionError(f"compression must be one of {', '.join(_COMPRESSORS)}, not {compression!r}")
         self._inner = inner
         self._key = key
+        # the key that signs, then the ones still accepted while a new key rolls out
+        self._verifying = [key, *previous_keys] if key is not None else []
         self.exclusive = key is not None  # read by resolve(): refuse the other codecs
         self.compress_over = compress_over
         self._compressor = _compressor(compression) if compress_over is not None else None
@@ -219,7 +222,8 @@ class Envelope:
         flags = data[3]
         if flags & _SIGNED:
             mac, payload = data[4:4 + _MAC_SIZE], data[4 + _MAC_SIZE:]
-            if self._key is not None and not hmac.compare_digest(mac, self._mac(self._key, data[:4], payload)):
+            if self._verifying and not any(hmac.compare_digest(mac, self._mac(key, data[:4], payload))
+                                           for key in self._verifying):
                 _untrusted("its signature does not match this cache's key (written with "
                                        "another key, or altered)")
         else:
@@ -256,6 +260,10 @@ def _read_key(key: Union[bytes, str, None], key_file: Optional[str], key_env: Op
         secret, source = (key.encode() if isinstance(key, str) else key), "key"
     else:
         raise OptionError(f"signed(key=...) must be bytes or str, not {type(key).__name__}")
+    return _long_enough(secret, source)
+
+
+def _long_enough(secret: bytes, source: str) -> bytes:
     if len(secret) < MIN_KEY_BYTES:
         raise OptionError(f"signed(): the {source} holds {len(secret)} bytes, at least {MIN_KEY_BYTES} are "
                           f"needed (make one: python -c 'import secrets; print(secrets.token_hex(32))')")
@@ -263,7 +271,8 @@ def _read_key(key: Union[bytes, str, None], key_file: Optional[str], key_env: Op
 
 
 def signed(key_file: Optional[str] = None, *, key_env: Optional[str] = None, key: Union[bytes, str, None] = None,
-           inner: Any = "pickle", compress_over: Optional[int] = None, compression: str = "zlib") -> Envelope:
+           inner: Any = "pickle", compress_over: Optional[int] = None, compression: str = "zlib",
+           previous_keys: Iterable[Union[bytes, str]] = ()) -> Envelope:
     """A serializer whose values carry an HMAC-SHA256 under a secret key: a value written
     without the key (another serializer, an unsigned envelope) or with another key is
     refused when read (``vela.UntrustedValue``), before it is unpickled.
@@ -276,10 +285,17 @@ def signed(key_file: Optional[str] = None, *, key_env: Optional[str] = None, key
     :param inner: the serializer inside: "pickle", "json", "msgpack" or an object with dumps/loads.
     :param compress_over: compress payloads longer than this many bytes (None: never).
     :param compression: "zlib" (always there), "zstd" (``pip install zstandard``) or "lz4" (``pip install lz4``).
+    :param previous_keys: keys whose values are still accepted (never used to sign): to change
+        the key without refusing what is cached, give every process the new key with the old
+        one here, then, once the old values are gone, drop it.
     :raises vela.OptionError: not exactly one key source, a key shorter than 16 bytes, an unreadable file.
     :raises ImportError: the compression's package is not installed.
     """
-    return Envelope(inner, _read_key(key, key_file, key_env), compress_over, compression)
+    if isinstance(previous_keys, (bytes, str)):
+        raise OptionError("signed(previous_keys=...) takes a list of keys, not one key")
+    previous = [_long_enough(k.encode() if isinstance(k, str) else bytes(k), f"previous key #{i + 1}")
+                for i, k in enumerate(previous_keys)]
+    return Envelope(inner, _read_key(key, key_file, key_env), compress_over, compression, previous)
 
 
 def compressed(compress_over: int = 4096, compression: str = "zlib", inner: Any = "pickle") -> Envelope:
