@@ -90,18 +90,28 @@ def test_get_responses_are_cached_by_path_query_and_vary_headers(name):
     assert renders.value == 3
     # what must not be stored is rendered every time
     for path, status in (("/missing", 404), ("/private", 200), ("/login", 200)):
-        responses = [client.get(path) for _ in range(2)]
+        responses = []
+        for _ in range(2):
+            responses.append(client.get(path))
+            client.cookies.clear()  # (else /login's cookie would make the next request private)
         assert [r.status_code for r in responses] == [status, status]
         assert [r.headers["x-vela-cache"] for r in responses] == ["miss", "miss"]
     assert client.get("/login").cookies.get("session") == "s3cret"
-    assert renders.value == 3 + 6 + 1
+    client.cookies.clear()
+    # a request with credentials or cookies is someone's own: it bypasses the cache
+    for headers in ({"authorization": "Bearer t0ken"}, {"cookie": "session=abc"}):
+        private = client.get("/catalog/shoe?page=2&size=5", headers=headers)
+        assert private.status_code == 200 and "x-vela-cache" not in private.headers
+    assert client.get("/catalog/shoe?page=2&size=5", headers={"host": "other.example"}).headers[
+        "x-vela-cache"] == "miss"  # another site: another entry
+    assert renders.value == 3 + 6 + 1 + 2 + 1
     # POST goes through, and the dependency gives the same handle to every route
     assert client.post("/catalog/shoe").json() == {"changes": 1}
     assert client.post("/catalog/shoe").json() == {"changes": 2}
     assert client.get("/visits").json() == {"visits": 1, "same handle": True}
     assert "x-vela-cache" not in client.get("/visits").headers  # not under paths
     # the tag drops every stored page
-    assert CacheDependency(name, capacity="8MiB")().invalidate_tag("pages") == 3
+    assert CacheDependency(name, capacity="8MiB")().invalidate_tag("pages") == 4
     assert client.get("/catalog/shoe?page=2&size=5").headers["x-vela-cache"] == "miss"
 
 

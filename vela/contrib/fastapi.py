@@ -16,7 +16,9 @@ The middleware caches GET and HEAD responses under ``paths`` through
 :meth:`vela.Cache.memoize`, so of the requests that miss the same page at once (in
 any worker process), one renders it and the others wait for it. The key is the
 method, the path, the query parameters (in any order) and the request headers
-named by ``vary``. A response is stored only when its status is in
+named by ``vary``. A request that carries one of the ``private`` headers
+(``Authorization`` and ``Cookie``: what it gets may be someone's own) goes to the
+app as it is, neither read from nor stored in the cache. A response is stored only when its status is in
 ``status_codes``, it sets no cookie, its ``Cache-Control`` does not say
 ``no-store``, ``no-cache`` or ``private``, and its body is at most ``max_body``
 bytes. Every response it handles carries ``x-vela-cache: hit`` or ``miss``.
@@ -63,7 +65,8 @@ class CachedResponses:
     :param ttl: seconds a response is kept (None: the cache's ``default_ttl``).
     :param tags: tags of every stored response (``cache.invalidate_tag`` drops them).
     :param paths: path prefixes whose responses are cached (default: every path).
-    :param vary: request headers that are part of the key (lower case).
+    :param vary: request headers that are part of the key.
+    :param private: request headers whose presence makes a request bypass the cache.
     :param status_codes: statuses of the responses that are stored.
     :param max_body: largest body stored, bytes.
     :param prefix: first part of every key (change it to drop every cached page at once).
@@ -71,7 +74,8 @@ class CachedResponses:
 
     def __init__(self, app: ASGIApp, cache: Union[Cache, CacheDependency], ttl: Optional[float] = 60.0,
                  tags: Iterable[str] = (), paths: Collection[str] = ("/",),
-                 vary: Collection[str] = ("accept", "accept-encoding"), status_codes: Collection[int] = (200,),
+                 vary: Collection[str] = ("host", "accept", "accept-encoding"),
+                 private: Collection[str] = ("authorization", "cookie"), status_codes: Collection[int] = (200,),
                  max_body: int = 1 << 20, prefix: str = "vela.http") -> None:
         if isinstance(paths, str) or not all(isinstance(p, str) and p.startswith("/") for p in paths):
             raise OptionError(f"paths must be a list of path prefixes starting with '/', not {paths!r}")
@@ -81,6 +85,7 @@ class CachedResponses:
         self._cache = cache
         self.paths = tuple(paths)
         self.vary = tuple(h.lower().encode("latin-1") for h in vary)
+        self.private = frozenset(h.lower().encode("latin-1") for h in private)
         self.status_codes = frozenset(status_codes)
         self.max_body = max_body
         self.ttl, self.tags, self.prefix = ttl, tuple(tags), prefix
@@ -95,11 +100,11 @@ class CachedResponses:
         return self._render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
         if (scope["type"] != "http" or scope["method"] not in ("GET", "HEAD")
-                or not scope["path"].startswith(self.paths)):
+                or not scope["path"].startswith(self.paths) or not self.private.isdisjoint(headers)):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
         query = sorted(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
         rendered: list[bool] = []
         status, response_headers, body = await self._memoized_render()(
