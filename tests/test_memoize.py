@@ -7,6 +7,7 @@ import datetime
 import decimal
 import enum
 import fractions
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import time
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import vela
 from vela.memoize import canonical, digest
@@ -74,6 +77,51 @@ def test_values_that_compare_equal_encode_alike():
                  ("a", "b"), ("ab",), ["a", ["b"]], [["a"], "b"], int, str]
     encodings = [canonical(v) for v in different]
     assert len(set(encodings)) == len(different)
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.integers(), st.sampled_from([0.0, -0.0, 0.5, 1.0, 2.0]),
+                     st.floats(allow_nan=False), st.text(max_size=3), st.binary(max_size=3),
+                     st.fractions(max_denominator=4), st.decimals(allow_nan=False, places=2))
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.lists(inner, max_size=3).map(tuple),
+    st.dictionaries(st.one_of(st.integers(-3, 3), st.text(max_size=2)), inner, max_size=3),
+    st.frozensets(st.one_of(st.integers(-3, 3), st.text(max_size=2), st.sampled_from([1.0, 0.5])), max_size=3)),
+    max_leaves=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_values, _values)
+def test_equal_exactly_when_the_encodings_are(a, b):
+    assert (a == b) == (canonical(a) == canonical(b)), (a, b)
+    assert canonical(a) == canonical(a)
+
+
+def _reexpress(value):
+    """An equal value written otherwise: numbers as other number types, dicts in
+    another order, bytes as bytearray."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return fractions.Fraction(value) if value % 2 else decimal.Decimal(value)
+    if isinstance(value, (float, decimal.Decimal)):
+        return fractions.Fraction(value) if math.isfinite(value) else float(value)
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, list):
+        return [_reexpress(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_reexpress(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _reexpress(v) for k, v in reversed(list(value.items()))}
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(_values)
+def test_a_value_written_otherwise_has_the_same_encoding(value):
+    other = _reexpress(value)
+    assert other == value  # the premise
+    assert canonical(other) == canonical(value)
 
 
 def test_typed_tells_equal_values_of_other_types_apart():
