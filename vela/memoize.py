@@ -168,11 +168,29 @@ def _hashed_key(fn: Callable[..., Any], prefix: Optional[str], version: Union[in
     head = prefix if prefix is not None else f"{fn.__module__}.{fn.__qualname__}"
     start: tuple[Any, ...] = (head,) if version is None else (head, version)
 
-    def make_key(*args: Any, **kwargs: Any) -> Key:
+    params = list(signature.parameters.values())
+    plain = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    defaults = [p.default for p in params]
+    name_parts = {name: _sized(b"a", name.encode()) for name in names}
+
+    def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterable[tuple[str, Any]]:
+        """(name, value) of every parameter, as Signature.bind + apply_defaults give them
+        (positional arguments only: the same, without their cost)."""
+        if plain and not kwargs and len(args) <= len(params) and all(
+                d is not inspect.Parameter.empty for d in defaults[len(args):]):
+            return zip(names, (*args, *defaults[len(args):]))
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        kept = [(name, value) for name, value in bound.arguments.items() if name not in ignored]
-        return start + (digest(kept, typed=typed),)
+        return bound.arguments.items()
+
+    def make_key(*args: Any, **kwargs: Any) -> Key:
+        out: list[bytes] = []
+        open_ids: set[int] = set()
+        for name, value in bind(args, kwargs):
+            if name not in ignored:
+                out.append(name_parts[name])
+                _encode(value, typed, out, open_ids)
+        return start + (hashlib.blake2b(b"".join(out), digest_size=16).hexdigest(),)
 
     return make_key
 
@@ -206,6 +224,13 @@ def _sized(tag: bytes, payload: bytes) -> bytes:
 def _number(value: Any) -> bytes:
     """Equal numbers of any type (int, float, Fraction, Decimal, bool) give equal bytes:
     they are written as the exact rational they are."""
+    if type(value) is int:  # the common cases, first
+        return _sized(b"i", str(value).encode())
+    if type(value) is float and math.isfinite(value):
+        numerator, denominator = value.as_integer_ratio()  # exact, in lowest terms
+        if denominator == 1:
+            return _sized(b"i", str(numerator).encode())
+        return _sized(b"q", f"{numerator}/{denominator}".encode())
     if isinstance(value, complex):
         if value.imag:
             return b"c" + _number(value.real) + _number(value.imag)
@@ -224,7 +249,11 @@ def _encode(value: Any, typed: bool, out: list[bytes], open_ids: set[int]) -> No
     kind = type(value)
     if typed:
         out.append(_sized(b"@", f"{kind.__module__}.{kind.__qualname__}".encode()))
-    if value is None:
+    if kind is str:  # the common cases first (the same bytes as below)
+        out.append(_sized(b"s", value.encode("utf-8", "surrogatepass")))
+    elif kind is int:
+        out.append(_sized(b"i", str(value).encode()))
+    elif value is None:
         out.append(b"N")
     elif isinstance(value, str):  # before enums: a str enum equals its str
         out.append(_sized(b"s", value.encode("utf-8", "surrogatepass")))
