@@ -49,9 +49,15 @@ def _host_identity() -> str:
 _HOST = _host_identity()
 
 
+_holder = (0, "")  # (pid, the first parts of its tokens): the start time is read once per process
+
+
 def _new_token() -> str:
+    global _holder
     pid = os.getpid()
-    return f"{_HOST}|{pid}|{_native.proc_start_time(pid)}|{secrets.token_hex(8)}"
+    if _holder[0] != pid:  # first call, or a forked child
+        _holder = (pid, f"{_HOST}|{pid}|{_native.proc_start_time(pid)}|")
+    return _holder[1] + secrets.token_hex(8)
 
 
 def _holder_is_dead(token: object) -> bool:
