@@ -344,6 +344,57 @@ def test_memoize(store):
     assert c.get(("user", "ann")) == "profile of ann"
 
 
+def _try_lock(cache, name):
+    """Another process: whether it could take the lock (released again at once)."""
+    lock = cache.lock(name, timeout=0)
+    if not lock.acquire():
+        return False
+    lock.release()
+    return True
+
+
+@case("lock")
+def test_lock(store):
+    c = store.cache
+    with c.lock("job", ttl=30, timeout=0) as lock:
+        assert lock.held and lock.locked()
+        assert store.on_host_a(_try_lock, "job") is False
+        if store.topology == "partitioned" or store.backend == "redis":  # one lock for every host
+            assert store.on_host_b(_try_lock, "job") is False
+        elif not store.spans_hosts:  # a local cache is the host's own
+            assert store.on_host_b(_try_lock, "job") is True
+        with pytest.raises(vela.LockTimeout):
+            with c.lock("job", timeout=0.05):
+                pass
+    assert not lock.locked()
+    assert store.on_host_a(_try_lock, "job") is True
+
+
+def _allow(cache, name, rate, times):
+    throttle = cache.throttle(name, rate, per=600)
+    return [throttle.allow() for _ in range(times)]
+
+
+@case("throttle")
+def test_throttle(store):
+    c = store.cache
+    assert _allow(c, "api", 3, 2) == [True, True]
+    assert store.on_host_a(_allow, "api", 3, 2) == [True, False]
+    if store.topology == "partitioned" or store.backend == "redis":
+        assert store.on_host_b(_allow, "api", 3, 1) == [False]
+    elif not store.spans_hosts:
+        assert store.on_host_b(_allow_then_flush, "api", 3, 4) == [True, True, True, False]
+    assert c.throttle("api", 3, per=600).used() == 3
+
+
+def _allow_then_flush(cache, name, rate, times):
+    """Host B of a local store (its own cache): the counts, then its cache empty again."""
+    try:
+        return _allow(cache, name, rate, times)
+    finally:
+        cache.flush()
+
+
 # ---- batches ---------------------------------------------------------------------------
 
 

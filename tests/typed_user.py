@@ -46,6 +46,36 @@ def square(n: int) -> int:
 
 
 squared: int = square(12)
+square_key: vela.cache.Key = square.key(12)
+dropped: bool = square.invalidate(12) and not square.invalidate(n=12)
+
+
+class Repo:
+    @cache.memoize(ttl=60, prefix="repo.find", version=2, typed=True, unless=lambda r: r is None)
+    def find(self, item_id: int) -> Optional[str]:
+        return str(item_id)
+
+    @cache.memoize(ignore=("self",))
+    async def afind(self, item_id: int) -> str:
+        return str(item_id)
+
+
+repo = Repo()
+found_item: Optional[str] = repo.find(3)
+found_async: str = asyncio.run(repo.afind(4))
+forgot: bool = Repo.find.invalidate(repo, 3)
+with cache.lock("job", ttl=30, timeout=5) as job_lock:
+    job_held: bool = job_lock.held
+lock_free: bool = not cache.lock("job").locked() and cache.lock("job").acquire(blocking=False, timeout=None)
+
+
+async def locked_work() -> bool:
+    async with cache.lock("async-job", ttl=10.0, timeout=1.0) as lock:
+        return lock.held
+
+
+async_held: bool = asyncio.run(locked_work())
+allowed: bool = cache.throttle("api", 10, per=60.0).allow() and cache.throttle("api", 10).used() == 1
 found: dict[Any, Any] = cache.get_many(["user:1", "plain", "absent"])
 cache.put_many({"a": 1, "b": 2}, ttl=60, tags=["batch"])
 cache.put_many([("c", 3)])

@@ -27,6 +27,7 @@ from .errors import (
     OptionError,
     PartialWrite,
     SegmentCorrupt,
+    UntrustedValue,
     ValueTooLarge,
     VelaError,
 )
@@ -46,5 +47,6 @@ __all__ = [
     "LockTimeout",
     "SegmentCorrupt",
     "PartialWrite",
+    "UntrustedValue",
     "__version__",
 ]

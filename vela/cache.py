@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import inspect
 import json
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, Final, NoReturn, Optional, ParamSpec, Tuple, TypeVar, Union, overload
 
 from . import _native, options, serializers, telemetry
 from ._extras import need
 from .errors import OptionError
+from .locks import Lock, Throttle
+from .memoize import Memoized, memoize
 from .segments import table as _tables
 from .stores import open_store
 from .stores.base import BUSY, HIT, MISSING
@@ -406,30 +407,19 @@ class Cache:
             self._store.fetch_abort(key, lease)
 
     def memoize(self, ttl: Optional[float] = None, tags: Iterable[str] = (),
-                key: Optional[Callable[..., Key]] = None) -> Callable[[Callable[P, V]], Callable[P, V]]:
-        """Decorator: cache a function's results with ``get_or_fetch``.
+                key: Optional[Callable[..., Key]] = None, *, prefix: Optional[str] = None,
+                version: Union[int, str, None] = None, typed: bool = False,
+                ignore: Optional[Collection[str]] = None,
+                unless: Optional[Callable[[Any], bool]] = None) -> Callable[[Callable[P, V]], Memoized[P, V]]:
+        """Decorator: cache the results of a function or ``async def`` with ``get_or_fetch``
+        (one caller computes a missing result, the others wait for it).
 
-        :param key: ``key(*args, **kwargs) -> cache key``; by default the
-            function's qualified name with its positional arguments and sorted
-            keyword arguments (all must be valid key parts: str, bytes, int, tuples).
+        The key hashes the bound arguments (stable across processes and hosts);
+        ``fn.key(*args, **kwargs)`` is a call's key, ``fn.invalidate(*args, **kwargs)``
+        drops its result. See :func:`vela.memoize.memoize` for every parameter.
         """
-        def decorate(fn):
-            name = f"{fn.__module__}.{fn.__qualname__}"
-
-            def make_key(args, kwargs):
-                if key is not None:
-                    return key(*args, **kwargs)
-                return (name, tuple(args), tuple(sorted(kwargs.items())))
-
-            @functools.wraps(fn)
-            def wrapper(*args, **kwargs):
-                return self.get_or_fetch(make_key(args, kwargs), lambda _k: fn(*args, **kwargs),
-                                         ttl=ttl, tags=tags)
-
-            wrapper.cache_key = lambda *args, **kwargs: make_key(args, kwargs)
-            return wrapper
-
-        return decorate
+        return memoize(self, ttl, tags, key, prefix=prefix, version=version, typed=typed, ignore=ignore,
+                       unless=unless)
 
     # ---- batches --------------------------------------------------------------------
 
@@ -594,6 +584,20 @@ class Cache:
         parameters=[p for p in list(inspect.signature(__init__).parameters.values())[1:]
                     if p.kind is not p.VAR_KEYWORD],
         return_annotation=inspect.Signature.empty)
+
+    # ---- locks and rate limits (vela/locks.py: built on add/get/touch/delete/incr) -----------
+
+    def lock(self, name: str, ttl: float = 30.0, timeout: Optional[float] = None) -> Lock:
+        """A lock shared by every process (and host) of this cache: ``with cache.lock("job",
+        ttl=60, timeout=5): ...`` or ``async with``; entering raises ``vela.LockTimeout`` after
+        ``timeout`` seconds (None: waits on). See :class:`vela.locks.Lock`."""
+        return Lock(self, name, ttl, timeout)
+
+    def throttle(self, name: str, rate: int, per: float = 1.0) -> Throttle:
+        """At most ``rate`` events in any ``per`` seconds, counted by every process:
+        ``cache.throttle("api", 100, per=60).allow()``. See :class:`vela.locks.Throttle`."""
+        return Throttle(self, name, rate, per)
+
 
 
 def _telemetry_changed(active):

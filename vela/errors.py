@@ -12,6 +12,7 @@ __all__ = [
     "LockTimeout",
     "SegmentCorrupt",
     "PartialWrite",
+    "UntrustedValue",
 ]
 
 
@@ -48,7 +49,8 @@ class CacheClosed(VelaError, ValueError):
 
 
 class LockTimeout(VelaError, TimeoutError):
-    """A stripe lock stayed held past the lock timeout (its holder is stopped?)."""
+    """A lock was not acquired in time: a stripe lock stayed held past the lock timeout
+    (its holder is stopped?), or ``cache.lock(...)`` was not free within its timeout."""
 
 
 class SegmentCorrupt(VelaError):
@@ -64,3 +66,8 @@ class PartialWrite(VelaError):
         super().__init__(message)
         self.stored = set(stored)
         self.failed = set(failed)
+
+
+class UntrustedValue(VelaError, ValueError):
+    """A cache with a signed serializer read a value that is not signed with its key
+    (written without the key, with another key, or altered): refused, never unpickled."""

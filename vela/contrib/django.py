@@ -28,30 +28,17 @@ atomic across processes. The underlying :class:`vela.Cache` is ``.vela_cache``
 """
 
 import math
-import threading
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidCacheKey
 from django.core.exceptions import ImproperlyConfigured
 
 from .. import _native
-from ..cache import Cache
+from ._handles import shared_handle as _shared_handle
 
 __all__ = ["VelaCache"]
 
-_lock = threading.Lock()
-_handles = {}  # (name, options) -> Cache, shared by the backend objects of this process
-
 # Django options that are not vela.Cache options
 _DJANGO_OPTIONS = ("MAX_ENTRIES", "CULL_FREQUENCY")
-
-
-def _shared_handle(name, options):
-    ident = (name, repr(sorted(options.items())))
-    with _lock:
-        handle = _handles.get(ident)
-        if handle is None or handle.closed:
-            handle = _handles[ident] = Cache(name, **options)
-        return handle
 
 
 def _serializer_error(exc):
