@@ -160,16 +160,16 @@ def test_replicated_counters_are_registers_of_the_value_each_incr_returned():
 # (scenario, topology) pairs CI runs, each a real run of CI_DURATION seconds of workload
 # (about 30 s with setup and convergence, on 2 cores). Edit this list to choose.
 CI_SCENARIOS = [
-    # Clean in every run made of them on this code. The other cells of the README's
-    # table (isolation, splits, clock offset, packet loss, slow restarts) show anomalies
-    # there, and bridge-pause on partitioned was clean in the table's run but not in a
-    # CI run (stale reads and an incr counted twice): they join this list when they pass.
+    # Clean in every run made of them on this code (the README's table says which other
+    # cells still show anomalies; they join this list when they pass every time).
     ("none", "replicated"),
     ("none", "partitioned"),
     ("none", "partitioned+near"),
     ("bridge-pause", "replicated"),
     ("worker-kill", "replicated"),
     ("bridge-kill-fast", "partitioned"),
+    ("split-1|2", "partitioned"),
+    ("clock-3s-behind+isolate", "partitioned"),
 ]
 CI_DURATION = 15.0
 

@@ -52,12 +52,22 @@ def _resolve(module, path, node):
     return found
 
 
+def _runtime_nodes(tree):
+    """The nodes of a module that run: not the bodies of ``if TYPE_CHECKING:`` (imports
+    made for annotations only, which never load at run time)."""
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            skipped.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return [n for n in ast.walk(tree) if id(n) not in skipped]
+
+
 def import_graph():
-    """{module: set of the vela modules it imports}."""
+    """{module: set of the vela modules it imports when it runs}."""
     graph = {}
     for module, path in _modules().items():
         edges = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 edges.update(m for m in _resolve(module, path, node) if m != module)
         graph[module] = edges
