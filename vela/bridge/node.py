@@ -35,6 +35,7 @@ import msgpack
 import xxhash
 import zmq
 
+from .. import _native
 from ..errors import LayoutMismatch, VelaError
 from . import presence, protocol
 from ..stores.replicated import control_endpoint
@@ -151,11 +152,11 @@ class Bridge:
 
         cache = open_table(name, self.backend, self.backend_opts)  # the segment as it is
         topology = cache._table.log_state()["replicated"]
-        if topology not in (1, 2):
+        if topology not in (_native.TOPOLOGY_REPLICATED, _native.TOPOLOGY_PARTITIONED):
             raise LayoutMismatch(f"cache {name!r} exists but is local: its workers must open it with "
                                  "topology='replicated' or 'partitioned' (destroy it if it was made otherwise)")
         cache._table.node_id = self.node_id
-        if topology == 2:
+        if topology == _native.TOPOLOGY_PARTITIONED:
             self.presence_fds.append(presence.hold(name))  # its workers write in place while we run
             self.partitioned[name] = Partitions(name, cache, self, self.backups)
         else:

@@ -68,7 +68,7 @@ from ..stores.near import Numbering, copy_tag
 from ..ring import PARTITIONS, assign, partition_of
 from .protocol import PUT
 
-TOMBSTONE = 7           # the codec of a delete kept as a tombstone (native/table.h)
+TOMBSTONE = _native.CODEC_TOMBSTONE  # the codec of a delete kept as a tombstone
 MARK_TTL = 300.0        # seconds a tag or flush mark is kept (as long as a tombstone)
 MARKS_PUBLISHED = 64    # newest marks written into the cluster view (its size is bounded)
 MARKS_KEPT = 10_000     # marks remembered (and sent at the head of a stream) at most: the oldest go first
@@ -677,7 +677,7 @@ class Partitions:
             self._lost_invals(origin, before, last)
 
     def _lost_invals(self, origin, before, last):
-        """Invalidations of ``origin`` may be lost (vela.near.Numbering): every L1 copy of
+        """Invalidations of ``origin`` may be lost (vela.stores.near.Numbering): every L1 copy of
         its partitions goes (on a first contact or a restart, too)."""
         if self.numbering.gaps != self.stats["inval_gaps"]:
             self.stats["inval_gaps"] = self.numbering.gaps

@@ -25,6 +25,8 @@ import time
 
 import msgpack
 
+from .. import _native
+
 MAX_MESSAGE = 64 << 20
 MAX_KEY = 1024
 MAX_TAGS = 32
@@ -32,7 +34,7 @@ MAX_RECORDS = 100_000
 PROTOCOL = 1
 
 # record ops (native/table.h, enum vela_log_op)
-PUT, DELETE, FLUSH, TAG = 1, 2, 3, 4
+PUT, DELETE, FLUSH, TAG = _native.OP_PUT, _native.OP_DELETE, _native.OP_FLUSH, _native.OP_TAG
 
 
 class Malformed(ValueError):
@@ -187,7 +189,7 @@ def check_record(r):
         raise Malformed("bad record key")
     if not isinstance(value, bytes):
         raise Malformed("bad record value")
-    if isinstance(codec, bool) or not isinstance(codec, int) or not 0 <= codec <= 7:  # 7: tombstone
+    if isinstance(codec, bool) or not isinstance(codec, int) or not 0 <= codec <= _native.CODEC_TOMBSTONE:
         raise Malformed("bad record codec")
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not -1 <= ttl < 2**63:
         raise Malformed("bad record ttl")
@@ -295,7 +297,7 @@ def _bool(msg, key):
 def _value(v, codec):
     if not isinstance(v, bytes):
         raise Malformed("bad value")
-    if isinstance(codec, bool) or not isinstance(codec, int) or not 0 <= codec <= 6:
+    if isinstance(codec, bool) or not isinstance(codec, int) or not 0 <= codec < _native.CODEC_TOMBSTONE:
         raise Malformed("bad value codec")
 
 
