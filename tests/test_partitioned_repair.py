@@ -326,3 +326,20 @@ def test_a_backup_confirms_records_only_without_a_gap(parts):
     assert parts.on_brec(2, 5, 1, [rec]) is True
     assert parts.on_brec(2, 5, 3, [rec]) is False        # seq 2 never came: a repair, no ack
     assert parts.repairs == {2}
+
+
+def test_a_copy_killed_by_a_mark_still_supersedes_the_older_one_held_here(parts):
+    # Here: an old copy of the key (tag u). Elsewhere the key was written again with tag
+    # t, and t was invalidated after that write: the newer write arrives killed by the
+    # mark; the old copy must not stay (every other member has the key gone).
+    table = parts.table
+    mine = _key_of(parts, parts.mine)
+    p = partition_of(mine, parts.parts)
+    old = table.next_version()
+    table.apply_put(mine, b"\x80old", 3, 0, [_native.tag_hash("u")], old)
+    parts.take_marks([[_native.tag_hash("t"), old + 100]], 0)
+    parts.on_hand(2, 7, dict(c=parts.name, sid=1, chunk=0, role="own", ps=[p], last=True,
+                             entries=[[mine, b"\x80newer", 3, 0, [_native.tag_hash("t")]]], vers=[old + 50],
+                             tombs=[]))
+    assert table.get_raw(mine) is None
+    assert not table.apply_put(mine, b"\x80old", 3, 0, [_native.tag_hash("u")], old + 10)  # stays out

@@ -450,7 +450,10 @@ class Partitions:
     def _apply(self, k, v, codec, ttl, tags, version):
         """Keep a copy of ``k`` made elsewhere if it is newer than ours; True when kept."""
         if self.killed(tags, version):
-            return False  # older than a tag invalidation or a flush this member saw
+            # Older than a tag invalidation or a flush this member saw: it existed and is
+            # gone, and so is what we hold of the key from before it (a tombstone at its version).
+            self.table.apply_delete(k, version)
+            return False
         try:
             return bool(self.table.apply_put(k, v, codec, ttl, tags, version))
         except (CacheFull, ValueTooLarge) as exc:

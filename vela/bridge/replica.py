@@ -173,6 +173,9 @@ class Replica:
         op, key, value, codec, ttl, tags, version = record
         if op == PUT:
             if ttl == -1 or self.suppressed(key, tags, version):
+                # It existed and is gone (invalidated, flushed, expired): what this host
+                # holds of the key from before it goes too, as the put would have replaced it.
+                self.table.apply_delete(key, version)
                 self.stats["suppressed"] += 1
             elif self.table.apply_put(key, value, codec, ttl, tags, version):
                 self.stats["applied"] += 1
