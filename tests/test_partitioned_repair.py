@@ -343,3 +343,13 @@ def test_a_copy_killed_by_a_mark_still_supersedes_the_older_one_held_here(parts)
                              tombs=[]))
     assert table.get_raw(mine) is None
     assert not table.apply_put(mine, b"\x80old", 3, 0, [_native.tag_hash("u")], old + 10)  # stays out
+
+
+def test_a_backup_that_owns_the_partition_now_does_not_confirm_the_former_owners_records(parts):
+    # The former owner (cut off one way: it still hears us) goes on serving an incr and
+    # waits for our confirmation; we took the partition over and ignore its record: no ack.
+    mine = _key_of(parts, parts.mine)
+    rec = [mine, b"\x80x", 3, 0, [], parts.table.next_version()]
+    assert parts.on_brec(2, 5, 0, []) is False
+    assert parts.on_brec(2, 5, 1, [rec]) is False
+    assert parts.table.get_raw(mine) is None

@@ -551,7 +551,10 @@ class Partitions:
         confirmed = bool(records) and not gap
         for k, v, codec, ttl, tags, ver in records:
             if self.mine(partition_of(k, self.parts)):
-                continue  # stale: we own it now
+                # Stale: we own it now (the sender does not know yet). Not confirmed: the
+                # owner we replaced must not acknowledge a write that is not in our copy.
+                confirmed = False
+                continue
             if v is None:
                 self.table.apply_delete(k, ver)  # a tombstone (a put the owner made after it may be here first)
             else:
