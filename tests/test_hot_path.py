@@ -30,11 +30,15 @@ def _measure(fn, n):
         tracemalloc.stop()
 
 
-def _peak_during(fn, n):
+def _peak_during(fn, n, attempts=3):
     """(peak, growth, blocks) of n calls of fn, less what n calls of a no-op cost
-    (the loop and the measurement itself allocate a little)."""
-    noop = _measure(lambda: None, n)
-    return tuple(a - b for a, b in zip(_measure(fn, n), noop))
+    (the loop and the measurement itself allocate a little): the smallest of a few
+    attempts, as a garbage collection or a background thread may free or allocate
+    a few blocks during one; an allocation per call shows in every attempt, n times."""
+    def once():
+        noop = _measure(lambda: None, n)
+        return tuple(a - b for a, b in zip(_measure(fn, n), noop))
+    return tuple(map(min, zip(*(once() for _ in range(attempts)))))
 
 
 def test_get_allocates_only_its_result(cache):
@@ -49,10 +53,10 @@ def test_get_allocates_only_its_result(cache):
 
 def test_miss_and_exists_allocate_nothing(cache):
     peak, growth, blocks = _peak_during(lambda: cache.get("absent"), 20000)
-    assert peak == 0 and growth <= 0 and blocks <= 0, (peak, growth, blocks)
+    assert peak <= 0 and growth <= 0 and blocks <= 0, (peak, growth, blocks)
     cache.put("k", 1)
     peak, growth, blocks = _peak_during(lambda: cache.exists("k"), 20000)
-    assert peak == 0 and growth <= 0 and blocks <= 0, (peak, growth, blocks)
+    assert peak <= 0 and growth <= 0 and blocks <= 0, (peak, growth, blocks)
 
 
 def _leak_per_call(fn):
