@@ -159,3 +159,12 @@ def run_in_child(fn, *args, timeout=30.0):
     """Run fn(*args) in one forked child (so that a hang in native code fails the test
     instead of blocking pytest) and return its result."""
     return run_children(fn, [args], timeout=timeout)[0]
+
+
+def stripe_of_new_key(table, key):
+    """The stripe a key lands in, seen from the entry counters (put, then deleted)."""
+    before = [s[0] for s in table.stripes_info()]
+    table.put(key, b"probe", 0, None)
+    after = [s[0] for s in table.stripes_info()]
+    table.delete(key)
+    return next(i for i, (a, b) in enumerate(zip(after, before)) if a != b)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import vela
-from conftest import Child, run_in_child
+from conftest import Child, run_in_child, stripe_of_new_key
 
 SMALL = b"s" * 100
 
@@ -52,15 +52,6 @@ def _delete_all(name, keys):
     return failed
 
 
-def _stripe_of(table, key):
-    """The stripe a new key lands in, seen from the entry counters (put, then deleted)."""
-    before = [s[0] for s in table.stripes_info()]
-    table.put(key, b"probe", 0, None)
-    after = [s[0] for s in table.stripes_info()]
-    table.delete(key)
-    return next(i for i, (a, b) in enumerate(zip(after, before)) if a != b)
-
-
 def test_small_writes_do_not_wait_for_the_heap_lock(cache_name):
     """While another process holds the heap lock (stopped inside the heap), overwrites,
     inserts and deletes of small entries in the other stripes complete with their
@@ -68,8 +59,8 @@ def test_small_writes_do_not_wait_for_the_heap_lock(cache_name):
     with vela.Cache(cache_name, capacity="8MiB", stripes=16, sweep_interval=None) as cache:
         table = cache._table
         # keys of one length: with values of one size, every entry's block has one size
-        stripe = {f"k{i}": _stripe_of(table, f"k{i}") for i in range(10, 74)}
-        new_stripe = {f"x{i}": _stripe_of(table, f"x{i}") for i in range(10, 42)}
+        stripe = {f"k{i}": stripe_of_new_key(table, f"k{i}") for i in range(10, 74)}
+        new_stripe = {f"x{i}": stripe_of_new_key(table, f"x{i}") for i in range(10, 42)}
         for k in stripe:  # an insert refills its stripe's arena, an overwrite keeps the old block
             cache.put(k, SMALL)
             cache.put(k, SMALL)

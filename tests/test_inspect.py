@@ -14,7 +14,7 @@ import pytest
 
 import vela
 import vela.inspect
-from conftest import Child
+from conftest import Child, stripe_of_new_key
 from vela.inspect import human_bytes, human_seconds, segment_exists
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,15 +314,6 @@ def _stall_in_put(name, phase, key):
     c._table.debug_stall(phase, key, b"v" * 3000)  # stops forever at `phase` of the put
 
 
-def _stripe_of_new_key(table, key):
-    """The stripe a key lands in, seen from the entry counters (put, then deleted)."""
-    before = [s[0] for s in table.stripes_info()]
-    table.put(key, b"probe", 0, None)
-    after = [s[0] for s in table.stripes_info()]
-    table.delete(key)
-    return next(i for i, (a, b) in enumerate(zip(after, before)) if a != b)
-
-
 def test_sample_never_repairs_a_dead_owners_stripe_while_the_heap_is_held(cache_name):
     """The race of inspection: the repair of a stripe whose owner died frees its pending
     blocks into the heap, so it needs the heap lock. sample() holds none and must not
@@ -332,7 +323,7 @@ def test_sample_never_repairs_a_dead_owners_stripe_while_the_heap_is_held(cache_
         table = cache._table
         keys = {}
         for i in range(100):
-            keys.setdefault(_stripe_of_new_key(table, f"k{i}"), f"k{i}")
+            keys.setdefault(stripe_of_new_key(table, f"k{i}"), f"k{i}")
         dead_key, live_key = keys[0], keys[1]
         neighbours = {f"n{i}": bytes([i]) * (100 + i * 37) for i in range(100)}
         for k, v in neighbours.items():
