@@ -17,6 +17,10 @@ typedef struct {
     PyObject *dumps;
     int dumps_codec;
     PyObject *loaders[VELA_CODEC_COUNT];
+    /* local objects (bind_objects.c): key -> (version, decoded value), at most
+     * objects_max of them; NULL when the handle keeps none */
+    PyObject *objects;
+    Py_ssize_t objects_max;
 } TableObject;
 
 /* ---- errors and the handle (bind_common.c) --------------------------------- */
@@ -61,11 +65,14 @@ void bind_drop_raw(void *ctx, int copied);
 /* Find k and, with `value`, decode it. 1 found, 0 absent, -1 error.
  * count: 0 nothing, 1 a hit or a miss, 2 only a hit. */
 int bind_lookup(TableObject *self, const vela_key *k, PyObject **value, int count);
+/* The arguments of get(key, default=None) (FASTCALL|KEYWORDS); 0, or -1 with TypeError. */
+int bind_get_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **key, PyObject **dflt);
 
 /* ---- the method tables, one per concern ------------------------------------ */
 extern PyMethodDef bind_table_methods[];     /* bind_table.c: the worker API, one key */
 extern PyMethodDef bind_batch_methods[];     /* bind_batch.c: many keys */
 extern PyMethodDef bind_near_methods[];      /* bind_near.c: near-cache fills */
+extern PyMethodDef bind_objects_methods[];   /* bind_objects.c: decoded values kept per process */
 extern PyMethodDef bind_lease_methods[];     /* bind_lease.c: stampede leases */
 extern PyMethodDef bind_inspect_methods[];   /* bind_inspect.c: counters, check, views */
 extern PyMethodDef bind_bridge_methods[];    /* bind_bridge.c: the bridge's side */

@@ -4,27 +4,35 @@
  */
 #include "bind.h"
 
-/* get(key, default=None): the arguments as Cache.get takes them (FASTCALL|KEYWORDS). */
-static PyObject *get_counting(TableObject *self, PyObject *const *args, Py_ssize_t nargs,
-                             PyObject *kwnames, int count)
+int bind_get_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **key, PyObject **dflt)
 {
-    PyObject *key = nargs > 0 ? args[0] : NULL, *dflt = nargs > 1 ? args[1] : Py_None;
+    *key = nargs > 0 ? args[0] : NULL;
+    *dflt = nargs > 1 ? args[1] : Py_None;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         const char *name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, i));
         if (name && strcmp(name, "default") == 0 && nargs < 2)
-            dflt = args[nargs + i];
+            *dflt = args[nargs + i];
         else if (name && strcmp(name, "key") == 0 && nargs < 1)
-            key = args[nargs + i];
+            *key = args[nargs + i];
         else {
             PyErr_Format(PyExc_TypeError, "get() got an unexpected keyword argument '%s'", name ? name : "?");
-            return NULL;
+            return -1;
         }
     }
-    if (!key || nargs > 2) {
+    if (!*key || nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "get(key, default=None)");
-        return NULL;
+        return -1;
     }
+    return 0;
+}
+
+static PyObject *get_counting(TableObject *self, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames, int count)
+{
+    PyObject *key, *dflt;
+    if (bind_get_args(args, nargs, kwnames, &key, &dflt) < 0)
+        return NULL;
     vela_keybuf kb;
     vela_table *t = bind_keyed(self, key, &kb);
     if (!t)

@@ -15,6 +15,7 @@ static void table_release(TableObject *self)
         vela_close(&self->t);
         self->open = 0;
     }
+    Py_CLEAR(self->objects);
 }
 
 static void Table_dealloc(TableObject *self)
@@ -201,7 +202,8 @@ static PyMethodDef handle_methods[] = {
  * bridge's methods are also on BridgeTable, the bridge's own type: they stay on
  * Table only until the bridge opens its table as a BridgeTable. */
 static PyMethodDef *const method_tables[] = {
-    handle_methods, bind_table_methods, bind_batch_methods, bind_near_methods, bind_lease_methods,
+    handle_methods, bind_table_methods, bind_batch_methods, bind_near_methods, bind_objects_methods,
+    bind_lease_methods,
     bind_inspect_methods, bind_bridge_methods, bind_route_methods, bind_testhook_methods,
 };
 #define MAX_METHODS 96

@@ -62,6 +62,7 @@ vela_read_result vela_find_unlocked(const vela_table *t, uint32_t s, const vela_
                 out->codec = codec;
                 out->value = key + key_len;
                 out->value_len = value_len;
+                out->version = ONCE(e->version);
                 return VELA_READ_FOUND;
             }
         }
@@ -120,6 +121,35 @@ vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader
         return VELA_OK;
     }
     return vela_with_entry(t, k, reader ? copy_entry : NULL, (void *)reader, found);
+}
+
+static int note_version(void *ctx, vela_entry *e, int64_t now)
+{
+    (void)now;
+    *(uint64_t *)ctx = e->version;
+    return 0;
+}
+
+vela_err vela_version_of(vela_table *t, const vela_key *k, uint64_t *version)
+{
+    uint32_t s = vela_stripe_of(t, k->hash);
+    vela_view view;
+    for (int attempt = 0; attempt < LOCK_FREE_ATTEMPTS; attempt++) {
+        uint32_t seq = vela_read_begin(t, s);
+        if (seq & 1)
+            continue;
+        vela_read_result r = vela_find_unlocked(t, s, k, &view);
+        if (r == VELA_READ_LOCKED)
+            break;
+        if (r != VELA_READ_RETRY && vela_read_valid(t, s, seq)) {
+            *version = r == VELA_READ_FOUND ? view.version : 0;
+            return VELA_OK;
+        }
+    }
+    /* expired (to reclaim) or an access mark due: the locked path does both */
+    int found = 0;
+    *version = 0;
+    return vela_with_entry(t, k, note_version, version, &found);
 }
 
 vela_err vela_with_entry(vela_table *t, const vela_key *k, vela_scan_fn fn, void *ctx, int *found)

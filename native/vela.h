@@ -329,6 +329,7 @@ typedef struct vela_view {
     uint8_t codec;
     const uint8_t *value;
     uint32_t value_len;
+    uint64_t version;
 } vela_view;
 vela_read_result vela_find_unlocked(const vela_table *t, uint32_t s, const vela_key *k, vela_view *out);
 /* How a lookup hands a value out. copy() is called once per attempt, either
@@ -343,6 +344,9 @@ typedef struct vela_reader {
 /* Look k up: a few lock-free attempts (seqlock), then under the stripe lock.
  * reader NULL: only whether it is there. *found 1/0; VELA_ECALLER when copy failed. */
 vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader, int *found);
+/* The write version of k's live entry, 0 when absent, expired or deleted: what a
+ * process's decoded copy of the value is checked against (nothing copied). */
+vela_err vela_version_of(vela_table *t, const vela_key *k, uint64_t *version);
 /* Call fn(ctx, entry, now) on k's live entry under its stripe lock, marking
  * the access (the bridge's raw read; fn NULL: only whether it is there).
  * *found; VELA_ECALLER when fn failed. */

@@ -90,6 +90,9 @@ class Cache:
     :param near_cache_l1_ttl: seconds a near-cache copy lives at most.
     :param serializer: "pickle", "json", "msgpack" or an object with ``dumps``/``loads``.
     :param lock_timeout: seconds a call waits for a stripe lock before ``LockTimeout``.
+    :param local_objects: keep decoded values in this process (True: up to 4096, or how
+        many): ``get`` of a key whose entry has not changed since returns the same
+        object, without copying or unpickling (local and replicated topologies).
     :raises vela.OptionError: an unknown option or a bad value (the message names it).
     :raises vela.LayoutMismatch: a layout option differs from the segment's.
     """
@@ -110,7 +113,8 @@ class Cache:
                  stampede_protection: bool = True, stampede_timeout: float = 5.0, stats_enabled: bool = True,
                  telemetry_prefix: Tuple[str, ...] = ("vela", "cache"), sweep_interval: Optional[float] = 30.0,
                  near_cache: bool = False, near_cache_l1_ttl: float = 60.0, serializer: Any = "pickle",
-                 lock_timeout: float = 10.0, **unknown: NoReturn) -> None:
+                 lock_timeout: float = 10.0, local_objects: Union[bool, int] = False,
+                 **unknown: NoReturn) -> None:
         self._store: Any = None
         if unknown:
             raise OptionError(f"unknown option{'s' if len(unknown) > 1 else ''}: "
@@ -134,6 +138,7 @@ class Cache:
         l1_ttl = options.seconds("near_cache_l1_ttl", near_cache_l1_ttl, allow_none=False, allow_inf=False)
         serializers.resolve(serializer)  # (refused here, before anything is opened)
         lock_timeout = options.seconds("lock_timeout", lock_timeout, allow_none=False, allow_inf=False)
+        kept_objects = options.local_objects(local_objects)
         if topology is not ADOPT and (not isinstance(topology, str) or topology not in TOPOLOGIES):
             raise OptionError(f"topology={topology!r}: must be one of local, replicated, partitioned")
         layout = {}
@@ -152,7 +157,7 @@ class Cache:
             topology=None if topology is ADOPT else TOPOLOGIES[topology], topology_opts=topology_opts,
             layout=layout, near_l1_ttl=l1_ttl if near_cache else None, serializer=serializer,
             stats_enabled=bool(stats_enabled), lock_timeout=lock_timeout, sweep_interval=self.sweep_interval,
-            stampede_timeout=self.stampede_timeout)
+            stampede_timeout=self.stampede_timeout, local_objects=kept_objects)
         # The host's table, and where it lives (vela.inspect and the tools read them).
         self._table = self._store.table
         self._segment = getattr(self._store, "segment", None)

@@ -110,6 +110,19 @@ def positive_int(option, value, allow_none=False):
     return value
 
 
+# Decoded values a process keeps with ``local_objects=True``.
+LOCAL_OBJECTS_DEFAULT = 4096
+
+
+def local_objects(value):
+    """How many decoded values a handle keeps (``local_objects=``): 0 for False or 0."""
+    if value is False or (type(value) is int and value == 0):
+        return 0
+    if value is True:
+        return LOCAL_OBJECTS_DEFAULT
+    return positive_int("local_objects", value)
+
+
 def stripes(value):
     value = positive_int("stripes", value)
     if value & (value - 1) or value > 4096:

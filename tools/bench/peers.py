@@ -75,6 +75,7 @@ class VelaStore(Store):
     """The cache under test: one segment per workload, uniquely named, destroyed after."""
 
     name = "vela"
+    options = {}
 
     def __init__(self, capacity="128MiB"):
         self.capacity = capacity
@@ -83,7 +84,7 @@ class VelaStore(Store):
     def setup(self, label):
         import vela
         self.cache = vela.Cache(f"bench-{label}-{os.getpid()}-{secrets.token_hex(3)}",
-                                capacity=self.capacity)
+                                capacity=self.capacity, **self.options)
         # Workers use the handle inherited through fork, the documented pattern
         # (create in the master, then fork); each child counts in its own stats slot.
         c = self.cache
@@ -96,6 +97,14 @@ class VelaStore(Store):
         if self.cache is not None:
             self.cache.destroy()
             self.cache = None
+
+
+class VelaObjectsStore(VelaStore):
+    """Vela with ``local_objects``: each process keeps the values it decoded (enough
+    for the whole key space of a workload), checked against the entry's version."""
+
+    name = "vela-objects"
+    options = {"local_objects": 16_384}
 
 
 class FloorStore(Store):
@@ -373,4 +382,4 @@ class LmdbStore(Store):
 
 
 # The order of the columns in the tables.
-ORDER = ["vela", "floor", "diskcache", "redis-unix", "redis-tcp", "memcached", "lmdb"]
+ORDER = ["vela", "vela-objects", "floor", "diskcache", "redis-unix", "redis-tcp", "memcached", "lmdb"]

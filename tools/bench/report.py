@@ -89,22 +89,23 @@ def tables(results, stores, procs_list):
 
 
 # (label, workload, peer, minimum ratio of Vela's ops/s to the peer's), 1 process
-RATIO_TARGETS = [
-    ("get-hit 100 B >= 0.5x the floor", "get_hit_100b", "floor", 0.5),
-    ("get-hit small dict >= 0.4x the floor", "get_hit_dict", "floor", 0.4),
-    ("get-hit 100 B >= 30x redis-py (unix socket)", "get_hit_100b", "redis-unix", 30),
-    ("get-hit 100 B >= 10x diskcache", "get_hit_100b", "diskcache", 10),
-    ("get-hit 100 B >= 1x lmdb", "get_hit_100b", "lmdb", 1),
-    ("put 100 B >= 10x diskcache", "put_100b", "diskcache", 10),
-    ("put 100 B >= 20x redis-py (unix socket)", "put_100b", "redis-unix", 20),
+RATIO_TARGETS = [  # (label, workload, Vela's store, peer, at least)
+    ("get-hit 100 B >= 0.5x the floor", "get_hit_100b", "vela", "floor", 0.5),
+    ("get-hit small dict >= 0.4x the floor", "get_hit_dict", "vela", "floor", 0.4),
+    ("get-hit small dict, local_objects >= 1.0x the floor", "get_hit_dict", "vela-objects", "floor", 1.0),
+    ("get-hit 100 B >= 30x redis-py (unix socket)", "get_hit_100b", "vela", "redis-unix", 30),
+    ("get-hit 100 B >= 10x diskcache", "get_hit_100b", "vela", "diskcache", 10),
+    ("get-hit 100 B >= 1x lmdb", "get_hit_100b", "vela", "lmdb", 1),
+    ("put 100 B >= 10x diskcache", "put_100b", "vela", "diskcache", 10),
+    ("put 100 B >= 20x redis-py (unix socket)", "put_100b", "vela", "redis-unix", 20),
 ]
 
 
 def targets(results, mem, tele):
     """Print and return every target: met, NOT met, or not measured in this run."""
     rows = []
-    for label, workload, peer, want in RATIO_TARGETS:
-        vela, other = _fig(results, workload, "vela", 1), _fig(results, workload, peer, 1)
+    for label, workload, store, peer, want in RATIO_TARGETS:
+        vela, other = _fig(results, workload, store, 1), _fig(results, workload, peer, 1)
         value = vela / other if vela and other else None
         rows.append((label, value, value is not None and value >= want, f"{_ratio(value)}"))
     one, two = _fig(results, "get_hit_100b", "vela", 1), _fig(results, "get_hit_100b", "vela", 2)

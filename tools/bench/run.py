@@ -81,6 +81,8 @@ def make_stores(wanted, servers):
 
     if want("vela", peers.VelaStore):
         stores.append(peers.VelaStore())
+    if want("vela-objects", peers.VelaObjectsStore):
+        stores.append(peers.VelaObjectsStore())
     if want("floor", peers.FloorStore):
         stores.append(peers.FloorStore())
     if want("diskcache", peers.DiskCacheStore):

@@ -33,16 +33,21 @@ _NAMES = {_native.TOPOLOGY_LOCAL: "local", _native.TOPOLOGY_REPLICATED: "replica
 def open_store(name: str, *, backend: Any, backend_opts: Optional[Mapping[str, Any]], topology: Optional[int],
                topology_opts: Optional[Mapping[str, Any]], layout: Mapping[str, int],
                near_l1_ttl: Optional[float], serializer: Any, stats_enabled: bool, lock_timeout: float,
-               sweep_interval: Optional[float], stampede_timeout: float):
+               sweep_interval: Optional[float], stampede_timeout: float, local_objects: int = 0):
     """The store of the cache ``name`` (its options checked by vela.Cache).
 
     :param topology: a _native.TOPOLOGY_* value, or None: the segment's (local when
         this call creates it).
     :param near_l1_ttl: None, or the maximum age of L1 copies (``near_cache=True``).
+    :param local_objects: how many decoded values the handle keeps (0: none); only a
+        store whose entries are all in the host's table keeps them.
     :raises vela.OptionError: a combination no store serves (naming both options);
         nothing is created.
     """
     if backend == "redis":
+        if local_objects:
+            raise OptionError("local_objects: the Redis backend holds its entries in Redis, not in this "
+                              "host's table; use near_cache=True for copies on the host")
         if topology not in (None, _native.TOPOLOGY_LOCAL):
             raise OptionError(f"topology={_NAMES[topology]!r}: the Redis backend is its own topology "
                               "(every host that uses the URL shares the entries); use topology='local'")
@@ -73,6 +78,9 @@ def open_store(name: str, *, backend: Any, backend_opts: Optional[Mapping[str, A
         raise OptionError("near_cache=True needs a remote store behind the table: "
                           f"backend='redis' or topology='partitioned' (not backend={backend!r}, "
                           f"topology={_NAMES[chosen]!r})")
+    if local_objects and chosen == _native.TOPOLOGY_PARTITIONED:
+        raise OptionError("local_objects: topology='partitioned' holds most keys on other hosts; "
+                          "decoded values are kept for the local and replicated topologies")
     client = _topology_client(name, chosen, topology_opts)
     opened = None
     try:
@@ -90,10 +98,10 @@ def open_store(name: str, *, backend: Any, backend_opts: Optional[Mapping[str, A
         if chosen == _native.TOPOLOGY_REPLICATED:
             from .replicated import ReplicatedStore
 
-            return ReplicatedStore(opened, client)
+            return ReplicatedStore(opened, client, local_objects)
         from .local import LocalStore
 
-        return LocalStore(opened)
+        return LocalStore(opened, local_objects)
     except BaseException:
         if opened is not None:
             opened.close()

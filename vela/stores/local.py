@@ -23,12 +23,18 @@ class LocalStore:
 
     remote = False
 
-    def __init__(self, opened: OpenTable):
+    def __init__(self, opened: OpenTable, local_objects: int = 0):
+        """:param local_objects: how many decoded values this process keeps (0: none);
+        ``get`` then returns a kept value while its entry's version is unchanged."""
         self.opened = opened
         self.segment = opened.segment
         t = self.table = opened.table
         # The native methods themselves: vela.Cache.get is bound to self.get.
-        self.get = t.get
+        if local_objects:
+            t.keep_objects(local_objects)
+            self.get = t.get_object
+        else:
+            self.get = t.get
         self.get_many = t.get_many
         self.contains = t.contains
         self.ttl = t.ttl

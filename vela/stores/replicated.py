@@ -174,8 +174,8 @@ class ReplicatedStore(LocalStore):
     """The local store whose flush and invalidate_tag the host's bridge carries to
     every live member before they return (see vela.stores.base.Store)."""
 
-    def __init__(self, opened, client: BridgeClient):
-        super().__init__(opened)
+    def __init__(self, opened, client: BridgeClient, local_objects: int = 0):
+        super().__init__(opened, local_objects)
         self.client = client
 
     def invalidate_tag(self, tag):
