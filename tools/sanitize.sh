@@ -32,5 +32,5 @@ fi
 echo "    clean ($((SECONDS - start)) s)"
 
 echo "==> crash and API tests under AddressSanitizer + UndefinedBehaviorSanitizer"
-PYTHON="$PYTHON" VELA_SANITIZE=address,undefined bash tools/asan.sh tests/test_crash.py tests/test_api.py
+PYTHON="$PYTHON" VELA_SANITIZE=address,undefined bash tools/asan.sh tests/test_crash.py tests/test_api.py tests/test_local_objects.py
 echo "==> sanitize.sh: clean in $((SECONDS - start)) s"
