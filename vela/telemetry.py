@@ -3,16 +3,24 @@
     vela.telemetry.attach("log-gets", [("vela", "cache", "get", "stop")], handler)
     def handler(event, measurements, metadata): ...
 
-Handlers run in the calling process and thread, after the cache call's work.
+A traced call emits, as ``:telemetry.span`` does, ``(*prefix, op, "start")``
+before its work, then ``(*prefix, op, "stop")`` when it returns or
+``(*prefix, op, "exception")`` when it raises (see :class:`span`).
+Handlers run in the calling process, thread and asyncio task, synchronously.
 A handler that raises is detached and logged; the cache call is not affected.
 With no handler attached, the cost to a cache call is one attribute check, and
 ``Cache.get`` is the native call itself: no check at all.
 """
 
+from __future__ import annotations
+
 import logging
 import threading
+import time
+from types import TracebackType
+from typing import Any, Optional
 
-__all__ = ["attach", "detach", "execute", "list_handlers"]
+__all__ = ["attach", "detach", "execute", "list_handlers", "span"]
 
 log = logging.getLogger("vela.telemetry")
 
@@ -80,3 +88,41 @@ def execute(event, measurements, metadata):
         except Exception:
             log.exception("telemetry handler %r raised and was detached", handler_id)
             detach(handler_id)
+
+
+class span:
+    """Emit the events of one call around a ``with`` block (Elixir's ``:telemetry.span``).
+
+    On entry ``(*prefix, "start")`` with ``{"system_time": ns since the epoch}`` and
+    ``metadata``. On a normal exit ``(*prefix, "stop")`` with ``{"duration": ns}``
+    plus :attr:`measurements`, and :attr:`metadata` (the block may add to both, e.g.
+    ``metadata["result"]``). When the block raises, ``(*prefix, "exception")`` with
+    ``{"duration": ns}`` and the metadata plus ``kind`` (the exception's class) and
+    ``reason`` (the exception), then the exception propagates unchanged.
+
+    :param prefix: the event name without its last word, e.g. ``("vela", "cache", "get")``.
+    :param metadata: the metadata of every event of the call (this dict, not a copy).
+    """
+
+    __slots__ = ("prefix", "metadata", "measurements", "_start")
+
+    def __init__(self, prefix: tuple[str, ...], metadata: dict[str, Any]) -> None:
+        self.prefix = prefix
+        self.metadata = metadata
+        self.measurements: dict[str, Any] = {}
+
+    def __enter__(self) -> span:
+        # A copy: a stop handler must not see what a start handler wrote.
+        execute(self.prefix + ("start",), {"system_time": time.time_ns()}, dict(self.metadata))
+        self._start = time.perf_counter_ns()
+        return self
+
+    def __exit__(self, kind: Optional[type[BaseException]], reason: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        duration = time.perf_counter_ns() - self._start
+        if kind is None:
+            self.measurements["duration"] = duration
+            execute(self.prefix + ("stop",), self.measurements, self.metadata)
+        else:
+            execute(self.prefix + ("exception",), {"duration": duration},
+                    dict(self.metadata, kind=kind, reason=reason))
