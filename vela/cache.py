@@ -121,10 +121,7 @@ class Cache:
                                                 allow_inf=False)
         self._budget_ns = int(self.stampede_timeout * 1e9)
         self.sweep_interval = options.seconds("sweep_interval", sweep_interval, allow_inf=False)
-        if (not isinstance(telemetry_prefix, (tuple, list)) or not telemetry_prefix
-                or not all(isinstance(p, str) for p in telemetry_prefix)):
-            raise OptionError(f"telemetry_prefix must be a non-empty tuple of str, not {telemetry_prefix!r}")
-        self.telemetry_prefix = tuple(telemetry_prefix)
+        self.telemetry_prefix = telemetry.check_prefix("telemetry_prefix", telemetry_prefix)
         if not isinstance(near_cache, bool):
             raise OptionError(f"near_cache must be True or False, not {near_cache!r}")
         self.near_cache = near_cache

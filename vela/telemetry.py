@@ -20,6 +20,8 @@ import time
 from types import TracebackType
 from typing import Any, Optional
 
+from .errors import OptionError
+
 __all__ = ["attach", "detach", "execute", "list_handlers", "span"]
 
 log = logging.getLogger("vela.telemetry")
@@ -33,6 +35,16 @@ _lock = threading.Lock()
 _listeners = []
 _by_event = {}   # event tuple -> tuple of (handler_id, fn)
 _by_id = {}      # handler_id -> (events, fn)
+
+
+def check_prefix(option: str, prefix: Any) -> tuple[str, ...]:
+    """``prefix`` as a tuple: the first words of event names, a non-empty tuple (or list) of str.
+
+    :raises vela.OptionError: anything else (the message names ``option``).
+    """
+    if not isinstance(prefix, (tuple, list)) or not prefix or not all(isinstance(p, str) for p in prefix):
+        raise OptionError(f"{option} must be a non-empty tuple of str, not {prefix!r}")
+    return tuple(prefix)
 
 
 def _rebuild():
