@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from types import TracebackType
-from typing import Any, Optional
+from typing import Any, Callable, Hashable, Iterable, Optional
 
 from .errors import OptionError
 
@@ -32,9 +32,12 @@ active = False
 _lock = threading.Lock()
 # Called with the new `active` after every change (the cache module rebinds its
 # handles' get between the bare native call and the traced one).
-_listeners = []
-_by_event = {}   # event tuple -> tuple of (handler_id, fn)
-_by_id = {}      # handler_id -> (events, fn)
+Event = tuple[str, ...]
+Handler = Callable[[Event, dict[str, Any], dict[str, Any]], Any]
+
+_listeners: list[Callable[[bool], None]] = []
+_by_event: dict[Event, tuple[tuple[Hashable, Handler], ...]] = {}
+_by_id: dict[Hashable, tuple[list[Event], Handler]] = {}
 
 
 def check_prefix(option: str, prefix: Any) -> tuple[str, ...]:
@@ -47,9 +50,9 @@ def check_prefix(option: str, prefix: Any) -> tuple[str, ...]:
     return tuple(prefix)
 
 
-def _rebuild():
+def _rebuild() -> None:
     global active
-    by_event = {}
+    by_event: dict[Event, list[tuple[Hashable, Handler]]] = {}
     for handler_id, (events, fn) in _by_id.items():
         for event in events:
             by_event.setdefault(event, []).append((handler_id, fn))
@@ -60,7 +63,7 @@ def _rebuild():
         listener(active)
 
 
-def attach(handler_id, events, fn):
+def attach(handler_id: Hashable, events: Iterable[Iterable[str]], fn: Handler) -> None:
     """Call ``fn(event, measurements, metadata)`` for each event in ``events``.
 
     :param handler_id: any hashable; attaching an id twice raises ValueError.
@@ -68,17 +71,17 @@ def attach(handler_id, events, fn):
     """
     if not callable(fn):
         raise TypeError("telemetry handler must be callable")
-    events = [tuple(e) for e in events]
-    if not events or not all(events):
+    wanted = [tuple(e) for e in events]
+    if not wanted or not all(wanted):
         raise ValueError("attach needs at least one non-empty event tuple")
     with _lock:
         if handler_id in _by_id:
             raise ValueError(f"a telemetry handler with id {handler_id!r} is already attached")
-        _by_id[handler_id] = (events, fn)
+        _by_id[handler_id] = (wanted, fn)
         _rebuild()
 
 
-def detach(handler_id):
+def detach(handler_id: Hashable) -> bool:
     """Remove a handler; True when it was attached."""
     with _lock:
         if _by_id.pop(handler_id, None) is None:
@@ -87,12 +90,13 @@ def detach(handler_id):
         return True
 
 
-def list_handlers():
+def list_handlers() -> dict[Hashable, list[Event]]:
+    """``{handler_id: [event, ...]}`` of the attached handlers."""
     with _lock:
         return {hid: list(events) for hid, (events, _) in _by_id.items()}
 
 
-def execute(event, measurements, metadata):
+def execute(event: Event, measurements: dict[str, Any], metadata: dict[str, Any]) -> None:
     """Deliver an event to its handlers."""
     for handler_id, fn in _by_event.get(event, ()):
         try:
