@@ -7,6 +7,8 @@ in-memory metric reader. Every test leaves no telemetry handler behind.
 import asyncio
 import contextlib
 import itertools
+import subprocess
+import sys
 import time
 import uuid
 
@@ -417,6 +419,15 @@ def test_a_start_handler_that_raises_is_detached_and_the_call_completes(cache):
         assert cache.get("k") == 2
     finally:
         vela.telemetry.detach("bad-start")
+
+
+def test_without_the_api_the_import_names_the_extra():
+    code = ("import sys; sys.modules['opentelemetry.trace'] = None\n"
+            "try:\n    import vela.contrib.otel\n"
+            "except ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout == ("vela.contrib.otel needs the Python package opentelemetry-api, which is not "
+                          "installed: pip install 'vela[otel]'\n"), out.stderr
 
 
 # --------------------------------------------------------------------------------------
