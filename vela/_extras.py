@@ -13,6 +13,7 @@ _PROVIDERS = {
     "tomli": ("tomli", "bridge"),
     "redis": ("redis", "redis"),
     "psutil": ("psutil", "inspect"),
+    "opentelemetry.trace": ("opentelemetry-api", "otel"),
 }
 
 

@@ -15,7 +15,6 @@ import enum
 import inspect
 import json
 import threading
-import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, Final, NoReturn, Optional, ParamSpec, Tuple, TypeVar, Union, overload
@@ -126,12 +125,7 @@ class Cache:
                                                 allow_inf=False)
         self._budget_ns = int(self.stampede_timeout * 1e9)
         self.sweep_interval = options.seconds("sweep_interval", sweep_interval, allow_inf=False)
-        if (not isinstance(telemetry_prefix, (tuple, list)) or not telemetry_prefix
-                or not all(isinstance(p, str) for p in telemetry_prefix)):
-            raise OptionError(f"telemetry_prefix must be a non-empty tuple of str, not {telemetry_prefix!r}")
-        self.telemetry_prefix = tuple(telemetry_prefix)
-        self._events = {op: self.telemetry_prefix + (op, "stop")
-                        for op in ("get", "put", "fetch", "delete", "invalidate_tag", "flush")}
+        self.telemetry_prefix = telemetry.check_prefix("telemetry_prefix", telemetry_prefix)
         if not isinstance(near_cache, bool):
             raise OptionError(f"near_cache must be True or False, not {near_cache!r}")
         self.near_cache = near_cache
@@ -173,9 +167,13 @@ class Cache:
         else:
             self.get = self._store.get
 
-    def _emit(self, op, start, meta):
-        telemetry.execute(self._events[op], {"duration": time.perf_counter_ns() - start},
-                          dict(meta, cache=self.name))
+    def _traced(self, op: str, meta: dict[str, Any]) -> telemetry.span:
+        """The telemetry of one call of ``op``: ``with self._traced(op, meta) as call:``
+        emits start, then stop (with what the block adds to ``call.metadata`` and
+        ``call.measurements``) or exception. Callers check ``telemetry.active`` first,
+        so a handle with no handler pays one flag check."""
+        meta["cache"] = self.name
+        return telemetry.span(self.telemetry_prefix + (op,), meta)
 
     # ---- reading ----------------------------------------------------------------
 
@@ -183,9 +181,9 @@ class Cache:
         """The value stored under ``key``, or ``default`` when absent or expired."""
         if not telemetry.active:
             return self._store.get(key, default)
-        start = time.perf_counter_ns()
-        value = self._store.get(key, MISSING)
-        self._emit("get", start, {"key": key, "result": "miss" if value is MISSING else "hit"})
+        with self._traced("get", {"key": key}) as call:
+            value = self._store.get(key, MISSING)
+            call.metadata["result"] = "miss" if value is MISSING else "hit"
         return default if value is MISSING else value
 
     def __getitem__(self, key: Key) -> Any:
@@ -226,9 +224,8 @@ class Cache:
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
         if telemetry.active:
-            start = time.perf_counter_ns()
-            self._store.put(key, value, ns, tags)
-            self._emit("put", start, {"key": key, "ttl": ttl})
+            with self._traced("put", {"key": key, "ttl": ttl}):
+                self._store.put(key, value, ns, tags)
             return
         self._store.put(key, value, ns, tags)
 
@@ -242,10 +239,10 @@ class Cache:
             _tables.resume_if_due()
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
-        start = time.perf_counter_ns() if telemetry.active else 0
-        stored = self._store.add(key, value, ns, tags)
-        if telemetry.active:
-            self._emit("put", start, {"key": key, "ttl": ttl, "result": stored})
+        if not telemetry.active:
+            return self._store.add(key, value, ns, tags)
+        with self._traced("put", {"key": key, "ttl": ttl}) as call:
+            stored = call.metadata["result"] = self._store.add(key, value, ns, tags)
         return stored
 
     def __setitem__(self, key: Key, value: Any) -> None:
@@ -256,9 +253,8 @@ class Cache:
         if _tables.resume_due:
             _tables.resume_if_due()
         if telemetry.active:
-            start = time.perf_counter_ns()
-            removed = self._store.delete(key)
-            self._emit("delete", start, {"key": key, "result": removed})
+            with self._traced("delete", {"key": key}) as call:
+                removed = call.metadata["result"] = self._store.delete(key)
             return removed
         return self._store.delete(key)
 
@@ -309,7 +305,14 @@ class Cache:
         """
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
-        start = time.perf_counter_ns() if telemetry.active else 0
+        if not telemetry.active:
+            return self._fetch(key, fetch_fn, ns, tags)[0]
+        with self._traced("fetch", {"key": key}) as call:
+            value, call.metadata["result"] = self._fetch(key, fetch_fn, ns, tags)
+        return value
+
+    def _fetch(self, key, fetch_fn, ns, tags):
+        """``get_or_fetch`` after its argument checks: (value, "hit" | "waited" | "fetched")."""
         store = self._store
         status, value, lease, waited = store.fetch_begin(key, self.stampede_protection, self._budget_ns)
         if status == HIT:
@@ -324,9 +327,7 @@ class Cache:
                 raise
             store.fetch_complete(key, lease, value, ns, tags)
             result = "fetched"
-        if telemetry.active:
-            self._emit("fetch", start, {"key": key, "result": result})
-        return value
+        return value, result
 
     @overload
     async def aget_or_fetch(self, key: KeyT, fetch_fn: Callable[[KeyT], Awaitable[V]],
@@ -346,7 +347,14 @@ class Cache:
         """
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
-        start = time.perf_counter_ns() if telemetry.active else 0
+        if not telemetry.active:
+            return (await self._afetch(key, fetch_fn, ns, tags))[0]
+        with self._traced("fetch", {"key": key}) as call:
+            value, call.metadata["result"] = await self._afetch(key, fetch_fn, ns, tags)
+        return value
+
+    async def _afetch(self, key, fetch_fn, ns, tags):
+        """``aget_or_fetch`` after its argument checks: (value, "hit" | "waited" | "fetched")."""
         store = self._store
         loop = asyncio.get_running_loop()
         if store.remote:
@@ -372,9 +380,7 @@ class Cache:
             else:
                 store.fetch_complete(key, lease, value, ns, tags)
             result = "fetched"
-        if telemetry.active:
-            self._emit("fetch", start, {"key": key, "result": result})
-        return value
+        return value, result
 
     async def _begin_off_loop(self, loop, key):
         """``fetch_begin`` in a worker thread; a task cancelled meanwhile releases the
@@ -432,9 +438,9 @@ class Cache:
         """``{key: value}`` for the keys that are present (absent keys are left out)."""
         keys = list(keys)
         if telemetry.active:
-            start = time.perf_counter_ns()
-            found = self._store.get_many(keys)
-            self._emit("get", start, {"keys": len(keys), "hits": len(found)})
+            with self._traced("get", {"keys": len(keys)}) as call:
+                found = self._store.get_many(keys)
+                call.metadata["hits"] = len(found)
             return found
         return self._store.get_many(keys)
 
@@ -452,20 +458,21 @@ class Cache:
         items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
-        start = time.perf_counter_ns() if telemetry.active else 0
-        self._store.put_many(items, ns, tags)
         if telemetry.active:
-            self._emit("put", start, {"keys": len(items), "ttl": ttl})
+            with self._traced("put", {"keys": len(items), "ttl": ttl}):
+                self._store.put_many(items, ns, tags)
+            return
+        self._store.put_many(items, ns, tags)
 
     def delete_many(self, keys: Iterable[Key]) -> int:
         """Remove the keys; returns how many were removed."""
         if _tables.resume_due:
             _tables.resume_if_due()
         keys = list(keys)
-        start = time.perf_counter_ns() if telemetry.active else 0
-        removed = self._store.delete_many(keys)
-        if telemetry.active:
-            self._emit("delete", start, {"keys": len(keys), "result": removed})
+        if not telemetry.active:
+            return self._store.delete_many(keys)
+        with self._traced("delete", {"keys": len(keys)}) as call:
+            removed = call.metadata["result"] = self._store.delete_many(keys)
         return removed
 
     # ---- every entry ------------------------------------------------------------------
@@ -482,24 +489,20 @@ class Cache:
         tag = options.tag(tag)
         if _tables.resume_due:
             _tables.resume_if_due()
-        start = time.perf_counter_ns() if telemetry.active else 0
-        count = self._store.invalidate_tag(tag)
-        if telemetry.active:
-            telemetry.execute(self._events["invalidate_tag"],
-                              {"duration": time.perf_counter_ns() - start, "count": count},
-                              {"cache": self.name, "tag": tag})
+        if not telemetry.active:
+            return self._store.invalidate_tag(tag)
+        with self._traced("invalidate_tag", {"tag": tag}) as call:
+            count = call.measurements["count"] = self._store.invalidate_tag(tag)
         return count
 
     def flush(self) -> int:
         """Remove every entry; returns how many distinct live entries were removed."""
         if _tables.resume_due:
             _tables.resume_if_due()
-        start = time.perf_counter_ns() if telemetry.active else 0
-        count = self._store.flush()
-        if telemetry.active:
-            telemetry.execute(self._events["flush"],
-                              {"duration": time.perf_counter_ns() - start, "count": count},
-                              {"cache": self.name})
+        if not telemetry.active:
+            return self._store.flush()
+        with self._traced("flush", {}) as call:
+            count = call.measurements["count"] = self._store.flush()
         return count
 
     def expire(self) -> int:
