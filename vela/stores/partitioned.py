@@ -31,7 +31,7 @@ from ..bridge.presence import Presence
 from ..errors import BridgeUnavailable, CacheFull, LockTimeout, PartialWrite, ValueTooLarge
 from ..ring import partition_of
 from ..segments.table import OpenTable
-from .base import ALONE, HIT, MINE, MISSING
+from .base import ALONE, BUSY, HIT, MINE, MISSING
 from .near import L2, NearCache, copy_tag
 
 __all__ = ["PartitionedStore"]
@@ -601,8 +601,9 @@ class PartitionedStore:
 
     @bounded
     def fetch_begin(self, key, protect, budget_ns):
-        """(HIT, value, None, False) | (MINE, None, True, False): we hold the owner's
-        lease | (ALONE, None, None, False): waited ``budget_ns``, fetch without it.
+        """(HIT, value, None, False) | (MINE, None, holder, False): we hold the owner's
+        lease | (ALONE, None, None, False): waited ``budget_ns``, fetch without it |
+        (BUSY, None, None, False): budget 0 and another caller holds the lease.
         Waits (polling the owner) while another caller anywhere fetches the key."""
         enc, p, view, local = self._locate(key)
         if local or self._copies(view, p):  # an owned entry or an L1 copy: no round trip
@@ -620,7 +621,9 @@ class PartitionedStore:
             if "val" in reply:
                 return HIT, self._decode(reply), None, False
             if reply.get("lease"):
-                return MINE, None, True, False
+                return MINE, None, holder, False  # (released by whichever thread completes)
+            if budget_ns == 0:
+                return BUSY, None, None, False
             if time.monotonic() >= give_up:
                 return ALONE, None, None, False
             time.sleep(pause)
@@ -632,7 +635,8 @@ class PartitionedStore:
         val, codec = self._encoded(value)
         enc, p, view, local = self._locate(key)
         try:  # the holder marks a fetched value (counted), and releases our lease if we hold it
-            self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids, holder=self._holder())
+            self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids,
+                              holder=lease or self._holder())
         except CacheFull:
             pass
 
@@ -642,7 +646,7 @@ class PartitionedStore:
             return
         enc, p, view, local = self._locate(key)
         try:
-            self._key_request("abort", enc, p, holder=self._holder())
+            self._key_request("abort", enc, p, holder=lease)
         except BridgeUnavailable:
             pass  # the lease expires on its own
 

@@ -52,7 +52,7 @@ from ..errors import (BackendUnavailable, CacheClosed, CacheFull, OptionError, P
                       VelaError)
 from ..segments import shm
 from ..segments.table import OpenTable
-from .base import ALONE, HIT, MINE, MISSING, TIMEOUT, count_lookups
+from .base import ALONE, BUSY, HIT, MINE, MISSING, TIMEOUT, count_lookups
 from .local import POLL_NS
 from .near import FLUSH_ALL, HostElection, NearCache
 from .redis_listener import HostAgent, Listener
@@ -892,6 +892,8 @@ class RedisStore:
             if status == HIT:  # an L1 copy (a near cache shares the host table)
                 self._bump("hits")
                 return HIT, value, None, waited
+            if status == BUSY:  # budget 0: another process of the host fetches
+                return BUSY, None, None, False
             if status == TIMEOUT:
                 self._bump("stampede_timeouts")
         try:
@@ -901,12 +903,12 @@ class RedisStore:
             if host_token is not None:
                 self._table.fetch_abort(host_token)
             raise
-        if status == HIT:
+        if status in (HIT, BUSY):
             if host_token is not None:
                 # Released as "not stored": the next waiter of the host takes the lease
                 # and finds the value in L1 (filled under a reservation) or in Redis.
                 self._table.fetch_abort(host_token)
-            return HIT, value, None, waited
+            return status, value, None, waited
         return status, None, (host_token,) + lease, waited
 
     def _begin_in_redis(self, key, budget_ns, waited, lease, reserve):
@@ -930,6 +932,8 @@ class RedisStore:
                     return HIT, value, None, waited
                 if r == 1:
                     break  # the lease is ours: fetch
+                if budget_ns == 0:  # a try only: a process of another host fetches
+                    return BUSY, None, None, waited
                 if not waited:
                     waited = True
                     self._bump("stampede_waits")
