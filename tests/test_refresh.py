@@ -375,3 +375,17 @@ def test_past_the_stale_window_one_fetches_and_the_others_wait_for_it(store):
         for c in children:
             c.close()
     assert counter.value == 1
+
+
+# ---- the README ---------------------------------------------------------------------------------
+
+
+def test_readme_section_runs_as_written():
+    from apps import readme
+
+    name = f"readme{os.urandom(5).hex()}"
+    (code,) = readme.python_blocks("Stale values and early refresh")
+    try:
+        readme.run_snippet(code.replace('"shop"', repr(name)), {"__name__": "readme_refresh"})
+    finally:
+        vela.destroy(name)
