@@ -29,7 +29,7 @@ from vela.stamp import MAGIC, Stamped
 
 N = 6
 TIMEOUT = 60
-KINDS = ("shm-local", "redis", "shm-partitioned")
+KINDS = ("shm-local", "redis", "redis-near", "shm-partitioned")
 
 
 def _bump(counter):
@@ -173,7 +173,7 @@ def redis_server():
 
 @pytest.fixture(scope="module", params=KINDS)
 def opened(request):
-    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
+    url = request.getfixturevalue("redis_server").url if request.param.startswith("redis") else None
     store = Store(request.param, redis_url=url)
     yield store
     store.close()
@@ -293,6 +293,27 @@ def test_a_sigkilled_refresher_is_replaced(store):
     assert collect([taker], TIMEOUT * 2) == ["old"]
     assert counter.value == 2
     assert store.cache.get(key) == "new"
+
+
+def _reads_then_refreshes(cache, key, counter):
+    def fetch(k):
+        _bump(counter)
+        return "new"
+
+    # plain reads first: a near cache keeps its copy, and the copy must keep the stamp
+    assert cache.get(key) == "old" and cache.get_many([key]) == {key: "old"} and cache.get(key) == "old"
+    first = cache.get_or_fetch(key, fetch, ttl=60, stale_ttl=60)
+    eventually(lambda: cache.get(key) == "new", TIMEOUT, what="the refresh")
+    return first, type(refresh.read(cache._store, key)).__name__
+
+
+def test_a_value_read_plainly_first_is_still_judged_stale(store):
+    key = "read-first"
+    store.cache.put(key, _stale("old"), ttl=120)
+    counter = FORK.Value("i", 0)
+    child = _worker(store, "B" if store.spans_hosts else "A", _reads_then_refreshes, key, counter)
+    assert collect([child], TIMEOUT) == [("old", "Stamped")]
+    assert counter.value == 1
 
 
 def _failing_reader(cache, key, window):

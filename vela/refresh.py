@@ -129,9 +129,12 @@ def refresh_key(key: Any) -> tuple[str, bytes]:
 
 
 def read(store: Any, key: Any) -> Any:
-    """The value under ``key`` as stored (a :class:`Stamped` when stamped), or MISSING."""
+    """The value under ``key`` as stored (a :class:`Stamped` when stamped), or MISSING.
+    Read where the entries are, past a near cache's copies: a copy may not have heard
+    yet of the refresh this read looks for."""
+    source = getattr(store, "source", None)
     with reading_stamps():
-        return store.get(key, MISSING)
+        return store.get(key, MISSING) if source is None else source.read(key)[0]
 
 
 def begin(store: Any, key: Any, protect: bool, budget_ns: int) -> tuple[int, Any, Any, bool]:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["Stamped", "MAGIC", "stamping", "unstamping", "reading_stamps"]
+__all__ = ["Stamped", "MAGIC", "stamping", "unstamping", "reading_stamps", "as_read"]
 
 # No pickle, JSON or msgpack payload starts with a NUL followed by more bytes; a custom
 # serializer's output would have to start with these 12 bytes to be mistaken for a stamp.
@@ -89,11 +89,21 @@ _reading = threading.local()
 @contextmanager
 def reading_stamps() -> Iterator[None]:
     """Within it (this thread), a stamped value reads as its :class:`Stamped`."""
+    before = getattr(_reading, "on", False)
     _reading.on = True
     try:
         yield
     finally:
-        _reading.on = False
+        _reading.on = before
+
+
+def as_read(value: Any) -> Any:
+    """``value``, read within :func:`reading_stamps`, as a read here returns it: a store
+    that keeps a copy of what it read (a near cache) reads with the stamp, so that the
+    copy keeps it, then hands its caller this."""
+    if type(value) is Stamped and not getattr(_reading, "on", False):
+        return value.value
+    return value
 
 
 def stamping(dumps: Callable[[Any], bytes]) -> Callable[[Any], bytes]:

@@ -31,6 +31,7 @@ from ..bridge.presence import Presence
 from ..errors import BridgeUnavailable, CacheFull, LockTimeout, PartialWrite, ValueTooLarge
 from ..ring import partition_of
 from ..segments.table import OpenTable
+from ..stamp import as_read, reading_stamps
 from .base import ALONE, BUSY, HIT, MINE, MISSING
 from .near import L2, NearCache, copy_tag
 
@@ -151,6 +152,8 @@ class PartitionedStore:
         self.table = self._table = opened.table
         self._near = _ClusterNear(self, near_l1_ttl) if near_l1_ttl is not None else None
         self._l2 = _PartitionL2(self)
+        # The owners, read past the L1 copies (uncounted): see NearStore.source.
+        self.source = self._l2 if self._near is not None else None
         self._seq = None
         self._cached_view = None
         # (routes, view seq, monotonic deadline) for the one-call get: see _view
@@ -430,9 +433,11 @@ class PartitionedStore:
                     found[key] = value
             elif answered[key] is not None:
                 raw, codec, remaining_ns, tag_ids = answered[key]
-                found[key] = self._table.decode_value(raw, codec)
+                with reading_stamps():  # (a copy keeps a stamped value's stamp)
+                    value = self._table.decode_value(raw, codec)
                 if key in tokens:
-                    self._near.fill(tokens[key], key, found[key], remaining_ns, _copy_tags(tag_ids))
+                    self._near.fill(tokens[key], key, value, remaining_ns, _copy_tags(tag_ids))
+                found[key] = as_read(value)
         return found
 
     # ---- writing ------------------------------------------------------------------

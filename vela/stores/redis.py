@@ -52,6 +52,7 @@ from ..errors import (BackendUnavailable, CacheClosed, CacheFull, OptionError, P
                       VelaError)
 from ..segments import shm
 from ..segments.table import OpenTable
+from ..stamp import as_read, reading_stamps
 from .base import ALONE, BUSY, HIT, MINE, MISSING, TIMEOUT, count_lookups
 from .local import POLL_NS
 from .near import FLUSH_ALL, HostElection, NearCache
@@ -925,11 +926,12 @@ class RedisStore:
             while True:
                 r = self._run("read_or_lease", [vkey, lkey, self._mkey(enc)], [owner, self._lease_px])
                 if isinstance(r, list):
-                    value = self._decode(r[0])
+                    with reading_stamps():  # (a copy keeps a stamped value's stamp)
+                        value = self._decode(r[0])
                     if fill is not None:
                         fill(value, _remaining_ns(r[1]), _tag_names(r[2]))
                     self._bump("hits")
-                    return HIT, value, None, waited
+                    return HIT, as_read(value), None, waited
                 if r == 1:
                     break  # the lease is ours: fetch
                 if budget_ns == 0:  # a try only: a process of another host fetches
@@ -946,9 +948,11 @@ class RedisStore:
                 pause = min(pause * 2, 0.05)
         else:
             if fill is not None:
-                value, remaining_ns, tags = self.read(key)
+                with reading_stamps():
+                    value, remaining_ns, tags = self.read(key)
                 if value is not _MISSING:
                     fill(value, remaining_ns, tags)
+                value = as_read(value)
             else:
                 raw = self._call(("GET", vkey))
                 value = _MISSING if raw is None else self._decode(raw)
