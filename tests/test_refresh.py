@@ -161,6 +161,70 @@ def test_memoize_refuses_a_refresh_option_without_ttl(cache):
         cache.memoize(ttl=5, early="soon")
 
 
+def test_telemetry_says_stale_and_stale_on_error(cache):
+    seen = []
+    vela.telemetry.attach("refresh-test", [("vela", "cache", "fetch", "stop")],
+                          lambda event, m, meta: seen.append(meta["result"]))
+    try:
+        cache.put("k", _stale("old"), ttl=60)
+        assert cache.get_or_fetch("k", lambda k: "new", ttl=30, stale_ttl=30) == "old"
+        eventually(lambda: cache.get("k") == "new", 10, what="the refresh")
+        assert cache.get_or_fetch("k", lambda k: "newer", ttl=30, stale_ttl=30) == "new"
+
+        def down(k):
+            raise ConnectionError("down")
+
+        cache.put("e", Stamped("old", time.time_ns() - 10**9, 1), ttl=60)
+        assert cache.get_or_fetch("e", down, ttl=30, stale_if_error=30) == "old"
+        assert cache.get_or_fetch("f", lambda k: "v", ttl=30, stale_if_error=30) == "v"
+    finally:
+        vela.telemetry.detach("refresh-test")
+    assert seen == ["stale", "hit", "stale_on_error", "fetched"]
+
+
+def test_async_too_old_value_one_task_fetches_the_others_wait(cache):
+    calls = []
+
+    async def slow(k):
+        calls.append(k)
+        await asyncio.sleep(0.2)
+        return "new"
+
+    async def down(k):
+        raise ConnectionError("down")
+
+    async def main():
+        cache.put("k", Stamped("old", time.time_ns() - 100 * 10**9, 1), ttl=600)  # past stale_ttl
+        got = await asyncio.gather(*(cache.aget_or_fetch("k", slow, ttl=30, stale_ttl=1) for _ in range(5)))
+        cache.put("e", Stamped("old", time.time_ns() - 10**9, 1), ttl=600)
+        on_error = await cache.aget_or_fetch("e", down, ttl=30, stale_if_error=60)
+        with pytest.raises(ConnectionError):
+            await cache.aget_or_fetch("e", down, ttl=30, stale_if_error=0.5)
+        return got, on_error
+
+    got, on_error = asyncio.run(main())
+    assert got == ["new"] * 5 and calls == ["k"]
+    assert on_error == "old"
+
+
+def test_async_stale_value_is_refreshed_by_a_task(cache):
+    calls = []
+
+    async def fetch(k):
+        calls.append(k)
+        return "new"
+
+    async def main():
+        cache.put("k", _stale("old"), ttl=60)
+        got = await asyncio.gather(*(cache.aget_or_fetch("k", fetch, ttl=30, stale_ttl=30) for _ in range(5)))
+        while cache.get("k") != "new":
+            await asyncio.sleep(0.01)
+        return got
+
+    assert asyncio.run(main()) == ["old"] * 5
+    assert calls == ["k"]
+
+
 # ---- real processes, every store ------------------------------------------------------------
 
 
