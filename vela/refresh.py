@@ -140,7 +140,8 @@ def read(store: Any, key: Any) -> Any:
 def begin(store: Any, key: Any, protect: bool, budget_ns: int) -> tuple[int, Any, Any, bool]:
     """``store.fetch_begin``, a stamped value read as its :class:`Stamped`."""
     with reading_stamps():
-        return store.fetch_begin(key, protect, budget_ns)
+        began: tuple[int, Any, Any, bool] = store.fetch_begin(key, protect, budget_ns)
+    return began
 
 
 def refreshed(found: Stamped, current: Any) -> bool:

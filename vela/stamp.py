@@ -54,6 +54,7 @@ class Stamped:
 def _encode(stamped: Stamped, dumps: Callable[[Any], bytes]) -> bytes:
     value = stamped.value
     kind = type(value)
+    payload: bytes
     if kind is bytes:
         code, payload = _BYTES, value
     elif kind is str:
