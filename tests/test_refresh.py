@@ -225,6 +225,24 @@ def test_async_stale_value_is_refreshed_by_a_task(cache):
     assert calls == ["k"]
 
 
+def test_memoize_early_refreshes_a_fresh_result_with_a_seeded_draw(cache):
+    calls = []
+
+    @cache.memoize(ttl=60, early=100)
+    def rate(currency):
+        calls.append(currency)
+        return f"{currency} v{len(calls)}"
+
+    seed = 7
+    weight = -math.log(1.0 - random.Random(seed).random())
+    assert 1.0 * 100 * weight >= 30  # fetch took 1 s, 30 s left: beta 100 refreshes
+    cache.put(rate.key("EUR"), Stamped("EUR v0", time.time_ns() + 30 * 10**9, 10**9), ttl=60)
+    refresh._random.seed(seed)
+    assert rate("EUR") == "EUR v0"  # still fresh: served, refreshed behind
+    eventually(lambda: cache.get(rate.key("EUR")) == "EUR v1", 10, what="the early refresh")
+    assert calls == ["EUR"]
+
+
 # ---- real processes, every store ------------------------------------------------------------
 
 
@@ -282,6 +300,19 @@ def _stale_reader(cache, key, counter, reads, release, i, mode):
 
     if mode == "async":
         return asyncio.run(areader())
+    if mode == "amemoize":
+        @cache.memoize(ttl=60, stale_ttl=60, key=lambda x: key)
+        async def acompute(x):
+            return await afetch(x)
+
+        async def amemoized():
+            got = await acompute(1)
+            reads.put((i, got))
+            while cache.get(key) != "new":
+                await asyncio.sleep(0.02)
+            return got
+
+        return asyncio.run(amemoized())
     if mode == "memoize":
         @cache.memoize(ttl=60, stale_ttl=60, key=lambda x: key)
         def compute(x):
@@ -294,7 +325,7 @@ def _stale_reader(cache, key, counter, reads, release, i, mode):
     return got
 
 
-@pytest.mark.parametrize("mode", ["sync", "async", "memoize"])
+@pytest.mark.parametrize("mode", ["sync", "async", "memoize", "amemoize"])
 def test_n_processes_get_the_stale_value_and_one_refreshes(store, mode):
     key = ("stale", mode)
     store.cache.put(key, _stale("old"), ttl=120)
