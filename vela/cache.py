@@ -349,7 +349,7 @@ class Cache:
         if plan is None:
             self._store.fetch_complete(key, lease, value, ns, tags)
         else:
-            self._store.fetch_complete(key, lease, plan.stamp(value, took), plan.store_ns, tags)
+            refresh.store_fetched(self._store, key, lease, value, took, plan, tags)
 
     def _judged(self, key, found, fetch_fn, plan, tags, result):
         """(value, telemetry result) of a stamped value found by get_or_fetch."""
@@ -381,7 +381,7 @@ class Cache:
                 if plan.may_serve_on_error(found, time.time_ns()):
                     return found.value, "stale_on_error"
                 raise
-            self._complete(key, None, value, took, 0, tags, plan)
+            refresh.store_fetched(store, key, None, value, took, plan, tags)
             return value, "fetched"
         finally:
             store.fetch_abort(rkey, lease)
@@ -471,7 +471,7 @@ class Cache:
                 if plan.may_serve_on_error(found, time.time_ns()):
                     return found.value, "stale_on_error"
                 raise
-            await refresh.off_loop(store, self._complete, key, None, value, took, 0, tags, plan)
+            await refresh.off_loop(store, refresh.store_fetched, store, key, None, value, took, plan, tags)
             return value, "fetched"
         finally:
             refresh.release(loop, store, rkey, lease)

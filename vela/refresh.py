@@ -144,6 +144,12 @@ def begin(store: Any, key: Any, protect: bool, budget_ns: int) -> tuple[int, Any
     return began
 
 
+def store_fetched(store: Any, key: Any, lease: Any, value: Any, fetch_ns: int, plan: Plan,
+                  tags: tuple[str, ...]) -> None:
+    """Store ``value``, fetched in ``fetch_ns``, stamped for ``plan`` (and release ``lease``)."""
+    store.fetch_complete(key, lease, plan.stamp(value, fetch_ns), plan.store_ns, tags)
+
+
 def refreshed(found: Stamped, current: Any) -> bool:
     """True when ``current`` (what the key holds now) was written after the ``found`` stamp."""
     return current is not MISSING and (type(current) is not Stamped or current.fresh_until != found.fresh_until)
@@ -241,7 +247,7 @@ def refresh_once(store: Any, key: Any, rkey: Any, found: Stamped, fetch_fn: Call
         except Exception:  # noqa: BLE001 - nobody waits for it: logged, the stale value stays
             log.warning("vela: background refresh of %r failed; the stale value stays", key, exc_info=True)
             return
-        store.fetch_complete(key, None, plan.stamp(value, took), plan.store_ns, tags)
+        store_fetched(store, key, None, value, took, plan, tags)
     finally:
         store.fetch_abort(rkey, lease)
 
@@ -285,7 +291,7 @@ async def arefresh_once(store: Any, key: Any, rkey: Any, found: Stamped, fetch_f
         except Exception:  # noqa: BLE001 - nobody waits for it: logged, the stale value stays
             log.warning("vela: background refresh of %r failed; the stale value stays", key, exc_info=True)
             return
-        await off_loop(store, store.fetch_complete, key, None, plan.stamp(value, took), plan.store_ns, tags)
+        await off_loop(store, store_fetched, store, key, None, value, took, plan, tags)
     finally:
         release(asyncio.get_running_loop(), store, rkey, lease)
 
