@@ -417,6 +417,30 @@ def test_a_value_read_plainly_first_is_still_judged_stale(store):
     assert counter.value == 1
 
 
+def test_a_refresher_checks_past_a_near_copy_that_has_not_heard_of_the_refresh(redis_server):
+    store = Store("redis-near", redis_url=redis_server.url)
+    try:
+        cache = store.cache
+        cache.put("k", _stale("old"), ttl=60)
+        assert cache.get("k") == "old"  # the host keeps a copy, with its stamp
+        assert type(_stamp(cache, "k")) is Stamped
+        # A refresh elsewhere stored "new"; this host's copy still says "old" (as before
+        # the invalidation arrives): written into the host table, where copies live.
+        copy = _stale("old")
+        cache._store.inner.put("k", Stamped("new", time.time_ns() + 60 * 10**9, 1), 60 * 10**9, ())
+        cache._store.table.put("k", copy, 60 * 10**9, ())
+        assert cache.get("k") == "old"
+        calls = []
+        # a reader that found the copy stale wins the refresh lease: it checks where the
+        # entries are, finds "new", and does not fetch a second time
+        refresh.refresh_once(cache._store, "k", refresh.refresh_key("k"), copy, calls.append,
+                             refresh.plan(60 * 10**9, 60, None, None), ())
+        assert calls == []
+        assert _stamp(cache, "k").value == "new"
+    finally:
+        store.close()
+
+
 def _failing_reader(cache, key, window):
     def down(k):
         raise ConnectionError("backend down")
