@@ -182,6 +182,19 @@ def test_telemetry_says_stale_and_stale_on_error(cache):
     assert seen == ["stale", "hit", "stale_on_error", "fetched"]
 
 
+def test_counters_of_a_stale_read_and_its_refresh(cache):
+    cache.put("k", _stale("old"), ttl=60)
+    cache.stats(reset=True)
+    assert cache.get_or_fetch("k", lambda k: "new", ttl=30, stale_ttl=30) == "old"
+    eventually(lambda: not refresh._running, 10, what="the refresh thread ended")
+    stats = cache.stats()
+    # the stale value served: a hit; the refresh: a miss (its lease), a hit (its check),
+    # a fetch and a write
+    assert {k: stats[k] for k in ("hits", "misses", "fetches", "writes", "stampede_waits")} == {
+        "hits": 2, "misses": 1, "fetches": 1, "writes": 1, "stampede_waits": 0}
+    assert cache.get("k") == "new"
+
+
 def test_async_too_old_value_one_task_fetches_the_others_wait(cache):
     calls = []
 
