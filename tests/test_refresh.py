@@ -102,6 +102,24 @@ def test_get_returns_the_bare_value_of_a_stamped_entry(cache):
     assert 59 < cache.ttl(("k", 0)) <= 60
 
 
+def test_a_signed_serializer_verifies_stamped_values(cache_name):
+    from vela.serializers import signed
+
+    safe = vela.Cache(cache_name, capacity="8MiB", serializer=signed(key=b"k" * 32))
+    intruder = vela.Cache(cache_name)
+    try:
+        assert safe.get_or_fetch("k", lambda k: {"v": 1}, ttl=30, stale_ttl=30) == {"v": 1}
+        assert safe.get("k") == {"v": 1}
+        intruder.put("k", _stale({"forged": True}), ttl=60)  # stamped, pickled, unsigned
+        with pytest.raises(vela.UntrustedValue):
+            safe.get("k")
+        with pytest.raises(vela.UntrustedValue):
+            safe.get_or_fetch("k", lambda k: {"v": 2}, ttl=30, stale_ttl=30)
+    finally:
+        safe.close()
+        intruder.close()
+
+
 def test_get_and_plain_get_or_fetch_serve_a_stale_entry_until_its_real_ttl(cache):
     cache.put("k", _stale("old"), ttl=30)
     assert cache.get("k") == "old"
