@@ -308,8 +308,8 @@ class Cache:
             one caller of the host (of the cluster, for a partitioned or Redis store)
             refreshes it in a background thread.
         :param early: XFetch beta (``True``: 1.0): before ``ttl`` ends, a caller refreshes
-            the value in the background when ``now - fetch_time * beta * log(random())``
-            passes the fresh-until time (sooner for values slow to fetch).
+            the value in the background when ``now - fetch_seconds * beta * log(random())``
+            passes the fresh-until time (``fetch_seconds``: how long the value's fetch took).
         :param stale_if_error: seconds past ``ttl`` a fetch that raises returns the stale
             value instead of the exception.
         :raises vela.OptionError: a bad refresh option, or one without a finite ttl.
