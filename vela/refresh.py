@@ -15,7 +15,7 @@ stale_if_error)``. A caller that finds it judges it (:meth:`Plan.judge`):
 One refresher at a time: a refresh holds the stampede lease (``fetch_begin`` of the
 store, taken without waiting) of the key's *refresh key*, a key that never holds a
 value, so the lease works as it does for a miss: per host table with dead-holder
-take-over, at the owner for a partitioned cache, in Redis across hosts. Once it
+take-over, at the refresh key's owner for a partitioned cache, in Redis across hosts. Once it
 holds the lease the refresher reads the key again: a refresh that another caller
 completed meanwhile is not run twice.
 """
