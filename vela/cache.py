@@ -316,10 +316,14 @@ class Cache:
         """
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
-        plan = refresh.plan(ns, stale_ttl, early, stale_if_error)
+        plan = (None if stale_ttl is None and early is None and stale_if_error is None  # (the hot path)
+                else refresh.plan(ns, stale_ttl, early, stale_if_error))
         start = time.perf_counter_ns() if telemetry.active else 0
         store = self._store
-        status, value, lease, waited = self._begin(key, self._budget_ns, plan)
+        if plan is None:
+            status, value, lease, waited = store.fetch_begin(key, self.stampede_protection, self._budget_ns)
+        else:
+            status, value, lease, waited = self._begin(key, self._budget_ns, plan)
         if status == HIT:
             result = "waited" if waited else "hit"
             if plan is not None and type(value) is Stamped:
