@@ -19,12 +19,13 @@ import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, Final, NoReturn, Optional, ParamSpec, Tuple, TypeVar, Union, overload
 
-from . import _native, options, serializers, telemetry
+from . import _native, options, refresh, serializers, telemetry
 from ._extras import need
 from .errors import OptionError
 from .locks import Lock, Throttle
 from .memoize import Memoized, memoize
 from .segments import table as _tables
+from .stamp import Stamped
 from .stores import open_store
 from .stores.base import BUSY, HIT, MISSING
 
@@ -292,7 +293,8 @@ class Cache:
     # ---- get_or_fetch: the stampede protocol ----------------------------------------
 
     def get_or_fetch(self, key: KeyT, fetch_fn: Callable[[KeyT], V], ttl: Optional[float] = None,
-                     tags: Iterable[str] = ()) -> V:
+                     tags: Iterable[str] = (), *, stale_ttl: Optional[float] = None,
+                     early: Union[float, bool, None] = None, stale_if_error: Optional[float] = None) -> V:
         """The cached value of ``key``, or ``fetch_fn(key)`` stored and returned.
 
         With stampede protection (the default), one caller runs ``fetch_fn`` for a
@@ -302,87 +304,195 @@ class Cache:
         past ``stampede_timeout`` (then it fetches itself); a holder that dies is
         replaced at once. No lock is held while ``fetch_fn`` runs. A value that
         cannot be stored (``ttl_only`` and full) is still returned.
+
+        :param stale_ttl: seconds past ``ttl`` the value is still returned at once while
+            one caller of the host (of the cluster, for a partitioned or Redis store)
+            refreshes it in a background thread.
+        :param early: XFetch beta (``True``: 1.0): before ``ttl`` ends, a caller refreshes
+            the value in the background when ``now - fetch_seconds * beta * log(random())``
+            passes the fresh-until time (``fetch_seconds``: how long the value's fetch took).
+        :param stale_if_error: seconds past ``ttl`` a fetch that raises returns the stale
+            value instead of the exception.
+        :raises vela.OptionError: a bad refresh option, or one without a finite ttl.
         """
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
+        plan = (None if stale_ttl is None and early is None and stale_if_error is None  # (the hot path)
+                else refresh.plan(ns, stale_ttl, early, stale_if_error))
         if not telemetry.active:
-            return self._fetch(key, fetch_fn, ns, tags)[0]
+            return self._fetch(key, fetch_fn, ns, tags, plan)[0]
         with self._traced("fetch", {"key": key}) as call:
-            value, call.metadata["result"] = self._fetch(key, fetch_fn, ns, tags)
+            value, call.metadata["result"] = self._fetch(key, fetch_fn, ns, tags, plan)
         return value
 
-    def _fetch(self, key, fetch_fn, ns, tags):
-        """``get_or_fetch`` after its argument checks: (value, "hit" | "waited" | "fetched")."""
+    def _fetch(self, key, fetch_fn, ns, tags, plan):
+        """``get_or_fetch`` after its argument checks: (value, "hit" | "waited" | "fetched"
+        | "stale" | "stale_on_error")."""
         store = self._store
-        status, value, lease, waited = store.fetch_begin(key, self.stampede_protection, self._budget_ns)
+        if plan is None:
+            status, value, lease, waited = store.fetch_begin(key, self.stampede_protection, self._budget_ns)
+        else:
+            status, value, lease, waited = self._begin(key, self._budget_ns, plan)
         if status == HIT:
             result = "waited" if waited else "hit"
+            if plan is not None and type(value) is Stamped:
+                value, result = self._judged(key, value, fetch_fn, plan, tags, result)
         else:
             if _tables.resume_due:
                 _tables.resume_if_due()
             try:
-                value = fetch_fn(key)
+                value, took = refresh.timed(fetch_fn, key)
             except BaseException:
                 store.fetch_abort(key, lease)
                 raise
-            store.fetch_complete(key, lease, value, ns, tags)
+            self._complete(key, lease, value, took, ns, tags, plan)
             result = "fetched"
         return value, result
 
+    def _begin(self, key, budget_ns, plan):
+        """``fetch_begin`` of the key; with a refresh plan, a stamped value comes as its Stamped."""
+        if plan is None:
+            return self._store.fetch_begin(key, self.stampede_protection, budget_ns)
+        return refresh.begin(self._store, key, self.stampede_protection, budget_ns)
+
+    def _complete(self, key, lease, value, took, ns, tags, plan):
+        """Store a fetched value (stamped with a refresh plan) and release the lease."""
+        if plan is None:
+            self._store.fetch_complete(key, lease, value, ns, tags)
+        else:
+            refresh.store_fetched(self._store, key, lease, value, took, plan, tags)
+
+    def _judged(self, key, found, fetch_fn, plan, tags, result):
+        """(value, telemetry result) of a stamped value found by get_or_fetch."""
+        now = time.time_ns()
+        verdict = plan.judge(found, now)
+        if verdict == refresh.FRESH:
+            return found.value, result
+        if verdict == refresh.REFRESH:
+            refresh.start_thread(self._store, key, found, fetch_fn, plan, tags)
+            return found.value, "stale" if now >= found.fresh_until else result
+        return self._refetch(key, found, fetch_fn, plan, tags)
+
+    def _refetch(self, key, found, fetch_fn, plan, tags):
+        """A value too old to serve: fetch it now, one caller at a time (the others wait
+        on the refresh lease, then take what it stored); the stale value if the fetch
+        raises within ``stale_if_error``."""
+        store = self._store
+        rkey = refresh.refresh_key(key)
+        _, _, lease, _ = store.fetch_begin(rkey, self.stampede_protection, self._budget_ns)
+        try:
+            current = refresh.read(store, key)
+            if refresh.usable(found, current, plan):
+                return (current.value if type(current) is Stamped else current), "waited"
+            try:
+                value, took = refresh.timed(fetch_fn, key)
+            except refresh.NotStored:
+                raise
+            except Exception:
+                if plan.may_serve_on_error(found, time.time_ns()):
+                    return found.value, "stale_on_error"
+                raise
+            refresh.store_fetched(store, key, None, value, took, plan, tags)
+            return value, "fetched"
+        finally:
+            store.fetch_abort(rkey, lease)
+
     @overload
     async def aget_or_fetch(self, key: KeyT, fetch_fn: Callable[[KeyT], Awaitable[V]],
-                            ttl: Optional[float] = None, tags: Iterable[str] = ()) -> V: ...
+                            ttl: Optional[float] = None, tags: Iterable[str] = (), *,
+                            stale_ttl: Optional[float] = None, early: Union[float, bool, None] = None,
+                            stale_if_error: Optional[float] = None) -> V: ...
 
     @overload
     async def aget_or_fetch(self, key: KeyT, fetch_fn: Callable[[KeyT], V], ttl: Optional[float] = None,
-                            tags: Iterable[str] = ()) -> V: ...
+                            tags: Iterable[str] = (), *, stale_ttl: Optional[float] = None,
+                            early: Union[float, bool, None] = None, stale_if_error: Optional[float] = None) -> V: ...
 
     async def aget_or_fetch(self, key: Any, fetch_fn: Callable[[Any], Any], ttl: Optional[float] = None,
-                            tags: Iterable[str] = ()) -> Any:
+                            tags: Iterable[str] = (), *, stale_ttl: Optional[float] = None,
+                            early: Union[float, bool, None] = None, stale_if_error: Optional[float] = None) -> Any:
         """``get_or_fetch`` for asyncio: ``fetch_fn(key)`` may be a coroutine function.
 
         Waiting for another caller's fetch, and every call to a remote store, happens
         in a worker thread, so the event loop keeps running. A task cancelled at any
-        await releases the lease it held or was about to get.
+        await releases the lease it held or was about to get. With ``stale_ttl`` or
+        ``early``, the background refresh is a task of the running loop.
         """
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
+        plan = refresh.plan(ns, stale_ttl, early, stale_if_error)
         if not telemetry.active:
-            return (await self._afetch(key, fetch_fn, ns, tags))[0]
+            return (await self._afetch(key, fetch_fn, ns, tags, plan))[0]
         with self._traced("fetch", {"key": key}) as call:
-            value, call.metadata["result"] = await self._afetch(key, fetch_fn, ns, tags)
+            value, call.metadata["result"] = await self._afetch(key, fetch_fn, ns, tags, plan)
         return value
 
-    async def _afetch(self, key, fetch_fn, ns, tags):
-        """``aget_or_fetch`` after its argument checks: (value, "hit" | "waited" | "fetched")."""
+    async def _afetch(self, key, fetch_fn, ns, tags, plan):
+        """``aget_or_fetch`` after its argument checks: (value, telemetry result)."""
         store = self._store
         loop = asyncio.get_running_loop()
         if store.remote:
-            status, value, lease, waited = await self._begin_off_loop(loop, key)
+            status, value, lease, waited = await self._begin_off_loop(loop, key, plan)
         else:
-            status, value, lease, waited = store.fetch_begin(key, self.stampede_protection, 0)
+            status, value, lease, waited = self._begin(key, 0, plan)
             if status == BUSY:  # someone else fetches: wait off the loop
-                status, value, lease, waited = await self._begin_off_loop(loop, key)
+                status, value, lease, waited = await self._begin_off_loop(loop, key, plan)
         if status == HIT:
             result = "waited" if waited else "hit"
+            if plan is not None and type(value) is Stamped:
+                value, result = await self._ajudged(key, value, fetch_fn, plan, tags, result)
         else:
             try:
-                value = fetch_fn(key)
-                if inspect.isawaitable(value):
-                    value = await value
+                value, took = await refresh.atimed(fetch_fn, key)
             except BaseException:
                 self._release(loop, key, lease)
                 raise
             if _tables.resume_due:
                 _tables.resume_if_due()
-            if store.remote:
-                await loop.run_in_executor(None, store.fetch_complete, key, lease, value, ns, tags)
-            else:
-                store.fetch_complete(key, lease, value, ns, tags)
+            await refresh.off_loop(store, self._complete, key, lease, value, took, ns, tags, plan)
             result = "fetched"
         return value, result
 
-    async def _begin_off_loop(self, loop, key):
+    async def _ajudged(self, key, found, fetch_fn, plan, tags, result):
+        """``_judged`` for asyncio: the background refresh is a task."""
+        now = time.time_ns()
+        verdict = plan.judge(found, now)
+        if verdict == refresh.FRESH:
+            return found.value, result
+        if verdict == refresh.REFRESH:
+            refresh.start_task(self._store, key, found, fetch_fn, plan, tags)
+            return found.value, "stale" if now >= found.fresh_until else result
+        return await self._arefetch(key, found, fetch_fn, plan, tags)
+
+    async def _arefetch(self, key, found, fetch_fn, plan, tags):
+        """``_refetch`` for asyncio: waits for the refresh lease off the loop."""
+        store = self._store
+        loop = asyncio.get_running_loop()
+        rkey = refresh.refresh_key(key)
+        if store.remote:
+            _, _, lease, _ = await self._begin_off_loop(loop, rkey)
+        else:
+            status, _, lease, _ = store.fetch_begin(rkey, self.stampede_protection, 0)
+            if status == BUSY:
+                _, _, lease, _ = await self._begin_off_loop(loop, rkey)
+        try:
+            current = await refresh.off_loop(store, refresh.read, store, key)
+            if refresh.usable(found, current, plan):
+                return (current.value if type(current) is Stamped else current), "waited"
+            try:
+                value, took = await refresh.atimed(fetch_fn, key)
+            except refresh.NotStored:
+                raise
+            except Exception:
+                if plan.may_serve_on_error(found, time.time_ns()):
+                    return found.value, "stale_on_error"
+                raise
+            await refresh.off_loop(store, refresh.store_fetched, store, key, None, value, took, plan, tags)
+            return value, "fetched"
+        finally:
+            refresh.release(loop, store, rkey, lease)
+
+    async def _begin_off_loop(self, loop, key, plan=None):
         """``fetch_begin`` in a worker thread; a task cancelled meanwhile releases the
         lease the thread then takes (else the next caller waits a whole stampede_timeout)."""
         store = self._store
@@ -390,7 +500,7 @@ class Cache:
         outcome: dict[str, Any] = {"abandoned": False, "result": None}
 
         def begin():
-            result = store.fetch_begin(key, self.stampede_protection, self._budget_ns)
+            result = self._begin(key, self._budget_ns, plan)
             with lock:
                 if not outcome["abandoned"]:
                     outcome["result"] = result
@@ -410,18 +520,15 @@ class Cache:
 
     def _release(self, loop, key, lease):
         """Release a lease without blocking the loop (a remote store's release is a request)."""
-        if lease is None:
-            return
-        if self._store.remote:
-            loop.run_in_executor(None, self._store.fetch_abort, key, lease)
-        else:
-            self._store.fetch_abort(key, lease)
+        refresh.release(loop, self._store, key, lease)
 
     def memoize(self, ttl: Optional[float] = None, tags: Iterable[str] = (),
                 key: Optional[Callable[..., Key]] = None, *, prefix: Optional[str] = None,
                 version: Union[int, str, None] = None, typed: bool = False,
                 ignore: Optional[Collection[str]] = None,
-                unless: Optional[Callable[[Any], bool]] = None) -> Callable[[Callable[P, V]], Memoized[P, V]]:
+                unless: Optional[Callable[[Any], bool]] = None, stale_ttl: Optional[float] = None,
+                early: Union[float, bool, None] = None,
+                stale_if_error: Optional[float] = None) -> Callable[[Callable[P, V]], Memoized[P, V]]:
         """Decorator: cache the results of a function or ``async def`` with ``get_or_fetch``
         (one caller computes a missing result, the others wait for it).
 
@@ -430,7 +537,7 @@ class Cache:
         drops its result. See :func:`vela.memoize.memoize` for every parameter.
         """
         return memoize(self, ttl, tags, key, prefix=prefix, version=version, typed=typed, ignore=ignore,
-                       unless=unless)
+                       unless=unless, stale_ttl=stale_ttl, early=early, stale_if_error=stale_if_error)
 
     # ---- batches --------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Optional, ParamSpec, Protocol, TypeVar, Union, overload
 
 from .errors import OptionError
+from . import options
+from .refresh import NotStored, plan
 
 if TYPE_CHECKING:
     from .cache import Cache, Key
@@ -74,8 +76,9 @@ class Memoized(Protocol[P, R_co]):
 def memoize(cache: Cache, ttl: Optional[float] = None, tags: Iterable[str] = (),
             key: Optional[Callable[..., Key]] = None, *, prefix: Optional[str] = None,
             version: Union[int, str, None] = None, typed: bool = False,
-            ignore: Optional[Collection[str]] = None,
-            unless: Optional[Callable[[Any], bool]] = None) -> Callable[[Callable[P, R]], Memoized[P, R]]:
+            ignore: Optional[Collection[str]] = None, unless: Optional[Callable[[Any], bool]] = None,
+            stale_ttl: Optional[float] = None, early: Union[float, bool, None] = None,
+            stale_if_error: Optional[float] = None) -> Callable[[Callable[P, R]], Memoized[P, R]]:
     """Decorator: cache the results of a function (sync or ``async def``) in ``cache``.
 
     :param ttl: seconds a result lives (None: the cache's ``default_ttl``).
@@ -89,6 +92,11 @@ def memoize(cache: Cache, ttl: Optional[float] = None, tags: Iterable[str] = (),
         named ``self`` or ``cls``; give ``ignore=()`` to key on the instance too).
     :param unless: ``unless(result) -> bool``: a result for which it is true is returned
         but not stored.
+    :param stale_ttl: seconds past ``ttl`` a result is still returned at once while one
+        caller recomputes it in the background (see ``Cache.get_or_fetch``).
+    :param early: XFetch beta (``True``: 1.0): recompute in the background before ``ttl``
+        ends, the sooner the slower the function.
+    :param stale_if_error: seconds past ``ttl`` a call that raises returns the old result.
     :raises vela.OptionError: a bad option (a parameter name the function lacks...).
     """
     tags = tuple(tags)
@@ -103,6 +111,8 @@ def memoize(cache: Cache, ttl: Optional[float] = None, tags: Iterable[str] = (),
         raise OptionError(f"memoize: ignore must be a collection of parameter names, not the str {ignore!r}")
     if unless is not None and not callable(unless):
         raise OptionError("memoize: unless must be a callable taking the result")
+    refresh = {"stale_ttl": stale_ttl, "early": early, "stale_if_error": stale_if_error}
+    plan(options.ttl_ns(ttl, cache.default_ttl), **refresh)  # (refused here, not at the first call)
 
     def decorate(fn: Any) -> Any:
         if isinstance(fn, (classmethod, staticmethod)):  # @memoize above @classmethod
@@ -113,7 +123,7 @@ def memoize(cache: Cache, ttl: Optional[float] = None, tags: Iterable[str] = (),
 
         def refuse(value: Any) -> Any:
             if unless is not None and unless(value):
-                raise _NotStored(value)
+                raise NotStored(value)
             return value
 
         if inspect.iscoroutinefunction(fn):
@@ -122,16 +132,18 @@ def memoize(cache: Cache, ttl: Optional[float] = None, tags: Iterable[str] = (),
                 async def fetch(_key: Any) -> Any:
                     return refuse(await fn(*args, **kwargs))
                 try:
-                    return await cache.aget_or_fetch(make_key(*args, **kwargs), fetch, ttl=ttl, tags=tags)
-                except _NotStored as skipped:
+                    return await cache.aget_or_fetch(make_key(*args, **kwargs), fetch, ttl=ttl, tags=tags,
+                                                     **refresh)
+                except NotStored as skipped:
                     return skipped.value
         else:
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 try:
                     return cache.get_or_fetch(make_key(*args, **kwargs),
-                                              lambda _key: refuse(fn(*args, **kwargs)), ttl=ttl, tags=tags)
-                except _NotStored as skipped:
+                                              lambda _key: refuse(fn(*args, **kwargs)), ttl=ttl, tags=tags,
+                                              **refresh)
+                except NotStored as skipped:
                     return skipped.value
 
         w: Any = wrapper
@@ -141,15 +153,6 @@ def memoize(cache: Cache, ttl: Optional[float] = None, tags: Iterable[str] = (),
         return wrapper
 
     return decorate
-
-
-class _NotStored(Exception):
-    """Carries a result ``unless`` refused out of ``get_or_fetch``: a fetch that raises
-    stores nothing and releases its stampede lease (the waiters then compute their own)."""
-
-    def __init__(self, value: Any) -> None:
-        super().__init__("result not stored (unless=)")
-        self.value = value
 
 
 def _hashed_key(fn: Callable[..., Any], prefix: Optional[str], version: Union[int, str, None], typed: bool,

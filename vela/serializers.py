@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn, Optional, Union
 
-from . import _native
+from . import _native, stamp
 from .errors import OptionError, UntrustedValue
 
 __all__ = ["signed", "compressed", "Envelope"]
@@ -76,7 +76,13 @@ def _builtin():
 
 
 def resolve(serializer):
-    """(dumps, codec, loaders) for the serializer option."""
+    """(dumps, codec, loaders) for the serializer option; they also write and read the
+    stamped values of get_or_fetch's stale_ttl/early/stale_if_error (vela.stamp)."""
+    dumps, codec, loaders = _resolve(serializer)
+    return stamp.stamping(dumps), codec, {c: stamp.unstamping(loads) for c, loads in loaders.items()}
+
+
+def _resolve(serializer):
     builtin = _builtin()
     loaders = {s.codec: s.loads for s in builtin.values()}
     if isinstance(serializer, str):

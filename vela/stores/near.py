@@ -43,6 +43,7 @@ import posix_ipc
 
 from .. import _native
 from ..errors import CacheFull, ValueTooLarge
+from ..stamp import as_read, reading_stamps
 from .base import HIT, MISSING, count_lookups
 
 __all__ = ["L2", "NearCache", "NearStore", "HostElection", "Numbering", "encode_keys", "decode_message", "split_number",
@@ -204,19 +205,22 @@ class NearCache:
     def load(self, key, l2):
         """L1 miss: read ``key`` from ``l2`` and keep a copy; returns the value or MISSING."""
         token = self.l1.reserve(key)
-        value, remaining_ns, tags = l2.read(key)
+        with reading_stamps():  # (the copy keeps a stamped value's stamp)
+            value, remaining_ns, tags = l2.read(key)
         if value is not MISSING:
             self.fill(token, key, value, remaining_ns, tags)
-        return value
+        return as_read(value)
 
     def load_many(self, keys, l2):
         """Like :meth:`load` for several keys, one L2 round trip; ``{key: value}`` of those found."""
         tokens = [self.l1.reserve(k) for k in keys]
         found = {}
-        for key, token, (value, remaining_ns, tags) in zip(keys, tokens, l2.read_many(keys)):
+        with reading_stamps():
+            read = l2.read_many(keys)
+        for key, token, (value, remaining_ns, tags) in zip(keys, tokens, read):
             if value is not MISSING:
                 self.fill(token, key, value, remaining_ns, tags)
-                found[key] = value
+                found[key] = as_read(value)
         return found
 
     def fill(self, token, key, value, remaining_ns, tags=()):
@@ -360,6 +364,9 @@ class NearStore:
         self.inner = inner
         self.table = inner.table
         self.near = inner.near_cache(l1_ttl)
+        # What holds the entries, read past the copies (uncounted): vela.refresh checks
+        # there whether a key was refreshed (a copy may not have heard of it yet).
+        self.source = inner
         self._count = inner.count
         # Read through to the store that holds the entries: no copy to make or drop.
         self.ttl = inner.ttl

@@ -31,7 +31,8 @@ from ..bridge.presence import Presence
 from ..errors import BridgeUnavailable, CacheFull, LockTimeout, PartialWrite, ValueTooLarge
 from ..ring import partition_of
 from ..segments.table import OpenTable
-from .base import ALONE, HIT, MINE, MISSING
+from ..stamp import as_read, reading_stamps
+from .base import ALONE, BUSY, HIT, MINE, MISSING
 from .near import L2, NearCache, copy_tag
 
 __all__ = ["PartitionedStore"]
@@ -151,6 +152,8 @@ class PartitionedStore:
         self.table = self._table = opened.table
         self._near = _ClusterNear(self, near_l1_ttl) if near_l1_ttl is not None else None
         self._l2 = _PartitionL2(self)
+        # The owners, read past the L1 copies (uncounted): see NearStore.source.
+        self.source = self._l2 if self._near is not None else None
         self._seq = None
         self._cached_view = None
         # (routes, view seq, monotonic deadline) for the one-call get: see _view
@@ -430,9 +433,11 @@ class PartitionedStore:
                     found[key] = value
             elif answered[key] is not None:
                 raw, codec, remaining_ns, tag_ids = answered[key]
-                found[key] = self._table.decode_value(raw, codec)
+                with reading_stamps():  # (a copy keeps a stamped value's stamp)
+                    value = self._table.decode_value(raw, codec)
                 if key in tokens:
-                    self._near.fill(tokens[key], key, found[key], remaining_ns, _copy_tags(tag_ids))
+                    self._near.fill(tokens[key], key, value, remaining_ns, _copy_tags(tag_ids))
+                found[key] = as_read(value)
         return found
 
     # ---- writing ------------------------------------------------------------------
@@ -601,8 +606,9 @@ class PartitionedStore:
 
     @bounded
     def fetch_begin(self, key, protect, budget_ns):
-        """(HIT, value, None, False) | (MINE, None, True, False): we hold the owner's
-        lease | (ALONE, None, None, False): waited ``budget_ns``, fetch without it.
+        """(HIT, value, None, False) | (MINE, None, holder, False): we hold the owner's
+        lease | (ALONE, None, None, False): waited ``budget_ns``, fetch without it |
+        (BUSY, None, None, False): budget 0 and another caller holds the lease.
         Waits (polling the owner) while another caller anywhere fetches the key."""
         enc, p, view, local = self._locate(key)
         if local or self._copies(view, p):  # an owned entry or an L1 copy: no round trip
@@ -620,7 +626,9 @@ class PartitionedStore:
             if "val" in reply:
                 return HIT, self._decode(reply), None, False
             if reply.get("lease"):
-                return MINE, None, True, False
+                return MINE, None, holder, False  # (released by whichever thread completes)
+            if budget_ns == 0:
+                return BUSY, None, None, False
             if time.monotonic() >= give_up:
                 return ALONE, None, None, False
             time.sleep(pause)
@@ -632,7 +640,8 @@ class PartitionedStore:
         val, codec = self._encoded(value)
         enc, p, view, local = self._locate(key)
         try:  # the holder marks a fetched value (counted), and releases our lease if we hold it
-            self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids, holder=self._holder())
+            self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids,
+                              holder=lease or self._holder())
         except CacheFull:
             pass
 
@@ -642,7 +651,7 @@ class PartitionedStore:
             return
         enc, p, view, local = self._locate(key)
         try:
-            self._key_request("abort", enc, p, holder=self._holder())
+            self._key_request("abort", enc, p, holder=lease)
         except BridgeUnavailable:
             pass  # the lease expires on its own
 

@@ -52,7 +52,8 @@ from ..errors import (BackendUnavailable, CacheClosed, CacheFull, OptionError, P
                       VelaError)
 from ..segments import shm
 from ..segments.table import OpenTable
-from .base import ALONE, HIT, MINE, MISSING, TIMEOUT, count_lookups
+from ..stamp import as_read, reading_stamps
+from .base import ALONE, BUSY, HIT, MINE, MISSING, TIMEOUT, count_lookups
 from .local import POLL_NS
 from .near import FLUSH_ALL, HostElection, NearCache
 from .redis_listener import HostAgent, Listener
@@ -892,6 +893,8 @@ class RedisStore:
             if status == HIT:  # an L1 copy (a near cache shares the host table)
                 self._bump("hits")
                 return HIT, value, None, waited
+            if status == BUSY:  # budget 0: another process of the host fetches
+                return BUSY, None, None, False
             if status == TIMEOUT:
                 self._bump("stampede_timeouts")
         try:
@@ -901,12 +904,12 @@ class RedisStore:
             if host_token is not None:
                 self._table.fetch_abort(host_token)
             raise
-        if status == HIT:
+        if status in (HIT, BUSY):
             if host_token is not None:
                 # Released as "not stored": the next waiter of the host takes the lease
                 # and finds the value in L1 (filled under a reservation) or in Redis.
                 self._table.fetch_abort(host_token)
-            return HIT, value, None, waited
+            return status, value, None, waited
         return status, None, (host_token,) + lease, waited
 
     def _begin_in_redis(self, key, budget_ns, waited, lease, reserve):
@@ -923,13 +926,16 @@ class RedisStore:
             while True:
                 r = self._run("read_or_lease", [vkey, lkey, self._mkey(enc)], [owner, self._lease_px])
                 if isinstance(r, list):
-                    value = self._decode(r[0])
+                    with reading_stamps():  # (a copy keeps a stamped value's stamp)
+                        value = self._decode(r[0])
                     if fill is not None:
                         fill(value, _remaining_ns(r[1]), _tag_names(r[2]))
                     self._bump("hits")
-                    return HIT, value, None, waited
+                    return HIT, as_read(value), None, waited
                 if r == 1:
                     break  # the lease is ours: fetch
+                if budget_ns == 0:  # a try only: a process of another host fetches
+                    return BUSY, None, None, waited
                 if not waited:
                     waited = True
                     self._bump("stampede_waits")
@@ -942,9 +948,11 @@ class RedisStore:
                 pause = min(pause * 2, 0.05)
         else:
             if fill is not None:
-                value, remaining_ns, tags = self.read(key)
+                with reading_stamps():
+                    value, remaining_ns, tags = self.read(key)
                 if value is not _MISSING:
                     fill(value, remaining_ns, tags)
+                value = as_read(value)
             else:
                 raw = self._call(("GET", vkey))
                 value = _MISSING if raw is None else self._decode(raw)
