@@ -15,6 +15,7 @@ import enum
 import inspect
 import json
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, Final, NoReturn, Optional, ParamSpec, Tuple, TypeVar, Union, overload
