@@ -583,6 +583,7 @@ def _cas_increment_worker(cache, key, times):
         while True:
             attempts += 1
             seen = cache.get(key)
+            os.sched_yield()  # let the other loops read the same value meanwhile: they collide
             if cache.cas(key, seen, seen + 1):
                 break
     return attempts
