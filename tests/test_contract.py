@@ -196,6 +196,14 @@ def test_touch(store):
     with pytest.raises(ValueError):
         c.touch("t", ttl=0)
     assert c.get("t") == "v"
+    c.put("tagged", "w", ttl=100, tags=["touched"])
+    assert c.touch("tagged", ttl=200) is True
+    assert 195 < c.ttl("tagged") <= 200
+    assert c.invalidate_tag("touched") == 1  # the entry kept its tags
+    c.put("short", "v", ttl=0.2)
+    time.sleep(0.4)
+    assert c.touch("short", ttl=100) is False  # an expired entry is absent, and stays so
+    assert "short" not in c
 
 
 @case("incr", "decr")
@@ -556,9 +564,13 @@ def test_cas(store):
     c.put("i", 1)
     assert c.cas("i", "1", 2) is False
     assert c.cas("i", b"1", 2) is False
+    if store.spans_hosts:  # host B reads (and keeps an L1 copy, near caches): the cas reaches it
+        assert on_b_eventually(store, "i", 1) == 1
     assert c.cas("i", 1, "two") is True
     assert c.cas("i", "two", b"three") is True
     assert c.get("i") == b"three"
+    if store.spans_hosts:
+        assert on_b_eventually(store, "i", b"three") == b"three"
     c.put("none", None)
     assert c.cas("none", None, 0) is True
     assert c.incr("none") == 1  # a cas-stored int is a counter
