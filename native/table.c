@@ -417,6 +417,8 @@ vela_err vela_put_if(vela_table *t, const vela_put_args *a, vela_put_cond cond, 
 {
     uint32_t s = vela_stripe_of(t, a->key->hash);
     *stored = 0;
+    if ((cond == VELA_IF_EQUAL) != (expected != NULL))
+        return vela_fail(VELA_EINVAL, "a conditional put has an expected value for cas only");
     vela_err err = vela_stripe_lock(t, s);
     if (err != VELA_OK)
         return err;
