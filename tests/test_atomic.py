@@ -195,3 +195,26 @@ def test_well_formed_cas_replace_and_incr_requests_pass():
     for bad in ("1", 2**63, True):
         with pytest.raises(protocol.Malformed):
             protocol._CHECKS["req"](dict(incr, init=bad))
+
+
+# ---- telemetry --------------------------------------------------------------------------
+
+
+def test_replace_and_cas_emit_put_events_with_their_result(cache):
+    seen = []
+
+    def handler(event, measurements, metadata):
+        seen.append((event[-2], metadata["key"], metadata["result"]))
+
+    vela.telemetry.attach("atomic-trace", [("vela", "cache", "put", "stop")], handler)
+    try:
+        cache.replace("k", 1)
+        cache.add("k", 1)
+        cache.replace("k", 2)
+        cache.cas("k", 1, 3)
+        cache.cas("k", 2, 3)
+    finally:
+        vela.telemetry.detach("atomic-trace")
+    assert seen == [("put", "k", False), ("put", "k", True), ("put", "k", True), ("put", "k", False),
+                    ("put", "k", True)]
+    assert cache.get("k") == 3
