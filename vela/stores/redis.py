@@ -319,10 +319,11 @@ return 0
 """
 
 _SCRIPTS = {
-    "store": _LUA_STORE, "add": _LUA_ADD, "replace": _LUA_REPLACE, "cas": _LUA_CAS, "delete": _LUA_DELETE, "touch": _LUA_TOUCH, "incr": _LUA_INCR,
+    "store": _LUA_STORE, "add": _LUA_ADD, "delete": _LUA_DELETE, "touch": _LUA_TOUCH, "incr": _LUA_INCR,
     "invalidate_tag": _LUA_INVALIDATE_TAG, "read": _LUA_READ, "read_many": _LUA_READ_MANY,
     "read_or_lease": _LUA_READ_OR_LEASE, "release": _LUA_RELEASE, "announce": _LUA_ANNOUNCE,
 }
+_SCRIPTS.update(replace=_LUA_REPLACE, cas=_LUA_CAS)  # the conditional puts beside add
 
 # ---- options -----------------------------------------------------------------------
 
