@@ -93,6 +93,39 @@ static PyObject *Table_apply_put(TableObject *self, PyObject *args)
     return bind_result(err, PyBool_FromLong(applied));
 }
 
+/* put_if_raw(key_bytes, cond, expected_bytes, expected_codec, value_bytes, codec, ttl_ns, tags)
+ * -> stored? The owner's conditional put of encoded values (cond: PUT_IF_*; the
+ * expected value counts for PUT_IF_EQUAL only). */
+static PyObject *Table_put_if_raw(TableObject *self, PyObject *args)
+{
+    PyObject *key, *tags;
+    const char *value, *expected;
+    Py_ssize_t vlen, xlen;
+    int cond, codec, xcodec;
+    long long ttl_ns;
+    if (!PyArg_ParseTuple(args, "Oiy#iy#iLO", &key, &cond, &expected, &xlen, &xcodec, &value, &vlen, &codec,
+                          &ttl_ns, &tags))
+        return NULL;
+    READY_OR_NULL(self);
+    vela_keybuf kb;
+    uint64_t taghashes[VELA_MAX_TAGS];
+    Py_ssize_t ntags;
+    if (bind_raw_key(key, &kb) < 0 || (ntags = bind_tag_ints(tags, taghashes)) < 0)
+        return NULL;
+    if (cond < VELA_IF_ABSENT || cond > VELA_IF_EQUAL || codec < 0 || codec >= VELA_CODEC_COUNT ||
+        xcodec < 0 || xcodec >= VELA_CODEC_COUNT || ttl_ns < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad condition, codec or ttl");
+        return NULL;
+    }
+    vela_put_args a = {.key = &kb.key, .value = (const uint8_t *)value, .value_len = (size_t)vlen,
+                       .codec = (uint8_t)codec, .expire_at = bind_expire_at(&self->t, ttl_ns),
+                       .tags = taghashes, .ntags = (size_t)ntags};
+    vela_expected x = {.value = (const uint8_t *)expected, .value_len = (size_t)xlen, .codec = (uint8_t)xcodec};
+    int stored = 0;
+    vela_err err = vela_put_if(&self->t, &a, (vela_put_cond)cond, cond == VELA_IF_EQUAL ? &x : NULL, &stored);
+    return bind_result(err, PyBool_FromLong(stored));
+}
+
 static PyObject *Table_apply_delete(TableObject *self, PyObject *args)
 {
     PyObject *key;
@@ -329,6 +362,8 @@ PyMethodDef bind_bridge_methods[] = {
     {"log_state", (PyCFunction)Table_log_state, METH_NOARGS, "bridge: change log positions"},
     {"log_commit", (PyCFunction)Table_log_commit, METH_O, "bridge: log_commit(pos)"},
     {"apply_put", (PyCFunction)Table_apply_put, METH_VARARGS, "bridge: last-writer-wins put"},
+    {"put_if_raw", (PyCFunction)Table_put_if_raw, METH_VARARGS,
+     "bridge: put_if_raw(key, cond, expected, expected_codec, value, codec, ttl_ns, tags) -> stored?"},
     {"apply_delete", (PyCFunction)Table_apply_delete, METH_VARARGS, "bridge: apply_delete(key, version)"},
     {"apply_flush", (PyCFunction)Table_apply_flush, METH_O, "bridge: apply_flush(version) -> removed"},
     {"apply_tag", (PyCFunction)Table_apply_tag, METH_VARARGS, "bridge: apply_tag(tag, version) -> removed"},

@@ -1,6 +1,6 @@
 /*
  * bind_table.c -- the worker API of the Table type, one key at a time: get, put,
- * delete, ttl, touch, incr; flush and tag invalidation; expiry sweeps.
+ * add/replace/cas, delete, ttl, touch, incr; flush and tag invalidation; expiry sweeps.
  */
 #include "bind.h"
 
@@ -100,6 +100,42 @@ static PyObject *Table_put(TableObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* The conditional puts: store `value` under `key` when `cond` holds (cas: `expected`,
+ * encoded as a put would encode it, equals the stored bytes). -> stored? */
+static PyObject *put_if(TableObject *self, PyObject *key, PyObject *value, PyObject *ttl, PyObject *tagseq,
+                        vela_put_cond cond, PyObject *expected)
+{
+    READY_OR_NULL(self);
+    long long ttl_ns = PyLong_AsLongLong(ttl);
+    if (ttl_ns == -1 && PyErr_Occurred())
+        return NULL;
+    uint64_t tags[VELA_MAX_TAGS];
+    Py_ssize_t ntags = vela_encode_tags(tagseq, tags);
+    if (ntags < 0)
+        return NULL;
+    vela_keybuf kb;
+    if (vela_encode_key(key, &kb) < 0)
+        return NULL;
+    vela_valbuf vb, xb = {0};
+    if (vela_encode_value(value, self->dumps, self->dumps_codec, &vb) < 0)
+        return NULL;
+    if (expected && vela_encode_value(expected, self->dumps, self->dumps_codec, &xb) < 0) {
+        vela_valbuf_release(&vb);
+        return NULL;
+    }
+    vela_put_args a = {.key = &kb.key, .value = vb.bytes, .value_len = vb.len, .codec = vb.codec,
+                       .expire_at = bind_expire_at(&self->t, ttl_ns), .tags = tags, .ntags = (size_t)ntags};
+    vela_expected x = {.value = xb.bytes, .value_len = xb.len, .codec = xb.codec};
+    int stored = 0;
+    vela_err err = vela_put_if(&self->t, &a, cond, expected ? &x : NULL, &stored);
+    vela_valbuf_release(&vb);
+    if (expected)
+        vela_valbuf_release(&xb);
+    if (err != VELA_OK)
+        return bind_raise(err);
+    return PyBool_FromLong(stored);
+}
+
 /* add(key, value, ttl_ns, tags) -> stored? (only if no live entry has the key) */
 static PyObject *Table_add(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -107,28 +143,27 @@ static PyObject *Table_add(TableObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "add(key, value, ttl_ns, tags)");
         return NULL;
     }
-    READY_OR_NULL(self);
-    long long ttl_ns = PyLong_AsLongLong(args[2]);
-    if (ttl_ns == -1 && PyErr_Occurred())
+    return put_if(self, args[0], args[1], args[2], args[3], VELA_IF_ABSENT, NULL);
+}
+
+/* replace(key, value, ttl_ns, tags) -> stored? (only if a live entry has the key) */
+static PyObject *Table_replace(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "replace(key, value, ttl_ns, tags)");
         return NULL;
-    uint64_t tags[VELA_MAX_TAGS];
-    Py_ssize_t ntags = vela_encode_tags(args[3], tags);
-    if (ntags < 0)
+    }
+    return put_if(self, args[0], args[1], args[2], args[3], VELA_IF_PRESENT, NULL);
+}
+
+/* cas(key, expected, new, ttl_ns) -> stored? (only if the live entry's value is `expected`) */
+static PyObject *Table_cas(TableObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "cas(key, expected, new, ttl_ns)");
         return NULL;
-    vela_keybuf kb;
-    if (vela_encode_key(args[0], &kb) < 0)
-        return NULL;
-    vela_valbuf vb;
-    if (vela_encode_value(args[1], self->dumps, self->dumps_codec, &vb) < 0)
-        return NULL;
-    vela_put_args a = {.key = &kb.key, .value = vb.bytes, .value_len = vb.len, .codec = vb.codec,
-                       .expire_at = bind_expire_at(&self->t, ttl_ns), .tags = tags, .ntags = (size_t)ntags};
-    int stored = 0;
-    vela_err err = vela_add(&self->t, &a, &stored);
-    vela_valbuf_release(&vb);
-    if (err != VELA_OK)
-        return bind_raise(err);
-    return PyBool_FromLong(stored);
+    }
+    return put_if(self, args[0], args[2], args[3], NULL, VELA_IF_EQUAL, args[1]);
 }
 
 static PyObject *Table_delete(TableObject *self, PyObject *key)
@@ -171,19 +206,19 @@ static PyObject *Table_touch(TableObject *self, PyObject *args)
     return bind_result(err, PyBool_FromLong(found));
 }
 
-/* incr(key, delta, ttl_ns) -> int */
+/* incr(key, delta, ttl_ns, initial=0) -> int */
 static PyObject *Table_incr(TableObject *self, PyObject *args)
 {
     PyObject *key;
-    long long delta, ttl_ns;
-    if (!PyArg_ParseTuple(args, "OLL", &key, &delta, &ttl_ns))
+    long long delta, ttl_ns, initial = 0;
+    if (!PyArg_ParseTuple(args, "OLL|L", &key, &delta, &ttl_ns, &initial))
         return NULL;
     vela_keybuf kb;
     vela_table *t = bind_keyed(self, key, &kb);
     if (!t)
         return NULL;
     int64_t result = 0;
-    vela_err err = vela_incr(t, &kb.key, delta, bind_expire_at(t, ttl_ns), &result);
+    vela_err err = vela_incr(t, &kb.key, delta, initial, bind_expire_at(t, ttl_ns), &result);
     return bind_result(err, PyLong_FromLongLong(result));
 }
 
@@ -274,6 +309,9 @@ PyMethodDef bind_table_methods[] = {
     {"contains", (PyCFunction)Table_contains, METH_O, "contains(key) -> bool (no stats)"},
     {"put", (PyCFunction)(void (*)(void))Table_put, METH_FASTCALL, "put(key, value, ttl_ns=0, tags=None)"},
     {"add", (PyCFunction)(void (*)(void))Table_add, METH_FASTCALL, "add(key, value, ttl_ns, tags) -> stored?"},
+    {"replace", (PyCFunction)(void (*)(void))Table_replace, METH_FASTCALL,
+     "replace(key, value, ttl_ns, tags) -> stored?"},
+    {"cas", (PyCFunction)(void (*)(void))Table_cas, METH_FASTCALL, "cas(key, expected, new, ttl_ns) -> stored?"},
     {"delete", (PyCFunction)Table_delete, METH_O, "delete(key) -> bool"},
     {"flush", (PyCFunction)Table_flush, METH_NOARGS, "flush() -> entries removed"},
     {"flush_versioned", (PyCFunction)Table_flush_versioned, METH_NOARGS, "-> (removed, version)"},
@@ -283,7 +321,7 @@ PyMethodDef bind_table_methods[] = {
     {"invalidate_tag", (PyCFunction)Table_invalidate_tag, METH_O, "invalidate_tag(tag) -> live entries removed"},
     {"ttl", (PyCFunction)Table_ttl, METH_O, "ttl(key) -> (found, remaining_ns or -1)"},
     {"touch", (PyCFunction)Table_touch, METH_VARARGS, "touch(key, ttl_ns) -> bool"},
-    {"incr", (PyCFunction)Table_incr, METH_VARARGS, "incr(key, delta, ttl_ns) -> int"},
+    {"incr", (PyCFunction)Table_incr, METH_VARARGS, "incr(key, delta, ttl_ns, initial=0) -> int"},
     {"expire", (PyCFunction)Table_expire, METH_NOARGS, "expire() -> expired entries reclaimed"},
     {"sweeper_elect", (PyCFunction)Table_sweeper_elect, METH_O, "sweeper_elect(stale_ns) -> bool"},
     {NULL, NULL, 0, NULL},

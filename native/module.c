@@ -328,7 +328,8 @@ static const struct { const char *name; unsigned long long value; } constants[] 
     C(VELA_, TOPOLOGY_LOCAL), C(VELA_, TOPOLOGY_REPLICATED), C(VELA_, TOPOLOGY_PARTITIONED),
     C(VELA_, OP_PUT), C(VELA_, OP_DELETE), C(VELA_, OP_FLUSH), C(VELA_, OP_TAG),
     C(VELA_, FETCH_HIT), C(VELA_, FETCH_MINE), C(VELA_, FETCH_TIMEOUT), C(VELA_, FETCH_ALONE),
-    C(VELA_, FETCH_BUSY),
+    C(VELA_, FETCH_BUSY), {"PUT_IF_ABSENT", VELA_IF_ABSENT}, {"PUT_IF_PRESENT", VELA_IF_PRESENT},
+    {"PUT_IF_EQUAL", VELA_IF_EQUAL},
 };
 #undef C
 

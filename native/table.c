@@ -1,5 +1,6 @@
 /*
- * table.c -- entries: find, put, remove, flush, tags, expiry, incr, touch.
+ * table.c -- entries: find, put, conditional puts (add/replace/cas), remove, flush, tags,
+ * expiry, incr, touch.
  *
  * Convention (memcached's): a public vela_* function takes the stripe lock and
  * calls a vela_do_* / static function that assumes it is held.
@@ -369,17 +370,60 @@ vela_err vela_put(vela_table *t, const vela_put_args *a)
     return err;
 }
 
-vela_err vela_add(vela_table *t, const vela_put_args *a, int *stored)
+/* Copy the tags of entry e into tags[VELA_MAX_TAGS] (a copy of the entry made by a
+ * read-modify-write keeps them); how many. */
+static size_t tags_of_entry(vela_entry *e, uint64_t *tags)
+{
+    for (uint32_t i = 0; i < e->ntags; i++)
+        tags[i] = vela_tags_of(e)[i].tag;
+    return e->ntags;
+}
+
+/* Does `cond` hold for the live entry `ref` (0: none) of stripe s (locked)? */
+static int cond_holds(vela_table *t, uint32_t ref, vela_put_cond cond, const vela_expected *x)
+{
+    if (cond == VELA_IF_ABSENT)
+        return !ref;
+    if (!ref)
+        return 0;
+    if (cond == VELA_IF_PRESENT)
+        return 1;
+    vela_entry *e = vela_entry_of(blk(t, ref));
+    return e->codec == x->codec && e->value_len == x->value_len &&
+           memcmp(vela_value_of(e), x->value, x->value_len) == 0;
+}
+
+/* The conditional put, stripe s locked. */
+static vela_err do_put_if(vela_table *t, uint32_t s, const vela_put_args *a, vela_put_cond cond,
+                          const vela_expected *x, int *stored)
+{
+    vela_err err = VELA_OK;
+    uint32_t live = vela_find(t, s, a->key, &err);
+    if (err != VELA_OK || !cond_holds(t, live, cond, x))
+        return err;
+    uint64_t tags[VELA_MAX_TAGS];
+    vela_put_args b = *a;
+    if (cond == VELA_IF_EQUAL) { /* the new value of the same entry: its tags stay */
+        b.tags = tags;
+        b.ntags = tags_of_entry(vela_entry_of(blk(t, live)), tags);
+    }
+    if ((err = put_logged(t, s, &b)) == VELA_OK)
+        *stored = 1;
+    return err;
+}
+
+vela_err vela_put_if(vela_table *t, const vela_put_args *a, vela_put_cond cond, const vela_expected *expected,
+                     int *stored)
 {
     uint32_t s = vela_stripe_of(t, a->key->hash);
     *stored = 0;
+    if ((cond == VELA_IF_EQUAL) != (expected != NULL))
+        return vela_fail(VELA_EINVAL, "a conditional put has an expected value for cas only");
     vela_err err = vela_stripe_lock(t, s);
     if (err != VELA_OK)
         return err;
     /* The check and the put under one stripe lock: one caller of every process wins. */
-    uint32_t live = vela_find(t, s, a->key, &err);
-    if (err == VELA_OK && !live && (err = put_logged(t, s, a)) == VELA_OK)
-        *stored = 1;
+    err = do_put_if(t, s, a, cond, expected, stored);
     vela_stripe_unlock(t, s);
     if (*stored)
         VELA_COUNT(t, VELA_STAT_WRITES);
@@ -634,8 +678,7 @@ vela_err vela_touch(vela_table *t, const vela_key *k, int64_t expire_at, int *fo
         goto unlock;
     vela_entry *e = vela_entry_of(blk(t, ref));
     uint64_t tags[VELA_MAX_TAGS];
-    for (uint32_t i = 0; i < e->ntags; i++)
-        tags[i] = vela_tags_of(e)[i].tag;
+    size_t ntags = tags_of_entry(e, tags);
     /* The copy needs the bytes while the old entry may move: copy out first. */
     size_t vlen = e->value_len;
     if (vlen > sizeof stackbuf && !(buf = malloc(vlen))) {
@@ -644,7 +687,7 @@ vela_err vela_touch(vela_table *t, const vela_key *k, int64_t expire_at, int *fo
     }
     memcpy(buf, vela_value_of(e), vlen);
     vela_put_args a = {.key = k, .value = buf, .value_len = vlen, .codec = e->codec,
-                       .expire_at = expire_at, .tags = tags, .ntags = e->ntags};
+                       .expire_at = expire_at, .tags = tags, .ntags = ntags};
     err = put_logged(t, s, &a);
 unlock:
     vela_stripe_unlock(t, s);
@@ -671,13 +714,14 @@ vela_err vela_ttl(vela_table *t, const vela_key *k, int64_t *remaining, int *fou
     return err;
 }
 
-vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t expire_at, int64_t *result)
+vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t initial, int64_t expire_at,
+                   int64_t *result)
 {
     uint32_t s = vela_stripe_of(t, k->hash);
     vela_err err = vela_stripe_lock(t, s);
     if (err != VELA_OK)
         return err;
-    int64_t value = 0;
+    int64_t value = initial;
     uint64_t tags[VELA_MAX_TAGS];
     vela_put_args a = {.key = k, .codec = VELA_CODEC_INT, .expire_at = expire_at, .tags = tags};
     uint32_t ref = vela_find(t, s, k, &err);
@@ -691,9 +735,7 @@ vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t expi
         }
         memcpy(&value, vela_value_of(e), 8);
         a.expire_at = e->expire_at; /* an existing counter keeps its expiry */
-        a.ntags = e->ntags;
-        for (uint32_t i = 0; i < e->ntags; i++)
-            tags[i] = vela_tags_of(e)[i].tag;
+        a.ntags = tags_of_entry(e, tags);
     }
     if (__builtin_add_overflow(value, delta, &value)) {
         err = vela_fail(VELA_EOVERFLOW, "the counter would leave the signed 64-bit range");

@@ -230,7 +230,25 @@ uint32_t vela_remove_entry(vela_table *t, uint32_t s, uint32_t ref, int heap_hel
 /* Convenience wrappers that lock. */
 vela_err vela_put(vela_table *t, const vela_put_args *a);
 /* Store only if no live entry has the key (*stored = 1 then), atomically. */
-vela_err vela_add(vela_table *t, const vela_put_args *a, int *stored);
+/* What a conditional put asks of the key's live entry, checked under its stripe lock
+ * (so one check-and-store at a time, in every process of the host). */
+typedef enum vela_put_cond {
+    VELA_IF_ABSENT,  /* add: no live entry has the key */
+    VELA_IF_PRESENT, /* replace: a live entry has it */
+    VELA_IF_EQUAL,   /* cas: a live entry whose codec and value bytes are `expected`'s;
+                        the entry keeps its tags (a->tags is ignored) */
+} vela_put_cond;
+
+typedef struct vela_expected {
+    const uint8_t *value;
+    size_t value_len;
+    uint8_t codec;
+} vela_expected;
+
+/* Store a's entry only when `cond` holds (expected: VELA_IF_EQUAL only, else NULL);
+ * *stored says whether it did. Logged and counted as a put. */
+vela_err vela_put_if(vela_table *t, const vela_put_args *a, vela_put_cond cond, const vela_expected *expected,
+                     int *stored);
 /* Partitioned: a worker's put/delete of a key its host owns, made (and logged for
  * the bridge) only while the cluster view is still `view_seq`, checked under the
  * key's stripe lock. The bridge publishes a new view before it copies a partition
@@ -258,7 +276,9 @@ vela_err vela_invalidate_tag_counted(vela_table *t, uint64_t tag, uint64_t below
 vela_err vela_touch(vela_table *t, const vela_key *k, int64_t expire_at, int *found);
 /* Remaining ns: -1 never expires; sets *found. */
 vela_err vela_ttl(vela_table *t, const vela_key *k, int64_t *remaining, int *found);
-vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t expire_at, int64_t *result);
+/* A missing key starts at `initial` (and takes expire_at); an existing counter keeps its expiry. */
+vela_err vela_incr(vela_table *t, const vela_key *k, int64_t delta, int64_t initial, int64_t expire_at,
+                   int64_t *result);
 int vela_is_expired(const vela_table *t, const vela_entry *e, int64_t now);
 /* Whether a read of an entry with this mark should update it (lfu rolls dice). */
 int vela_access_due(const vela_table *t, uint8_t access);

@@ -196,6 +196,14 @@ def test_touch(store):
     with pytest.raises(ValueError):
         c.touch("t", ttl=0)
     assert c.get("t") == "v"
+    c.put("tagged", "w", ttl=100, tags=["touched"])
+    assert c.touch("tagged", ttl=200) is True
+    assert 195 < c.ttl("tagged") <= 200
+    assert c.invalidate_tag("touched") == 1  # the entry kept its tags
+    c.put("short", "v", ttl=0.2)
+    time.sleep(0.4)
+    assert c.touch("short", ttl=100) is False  # an expired entry is absent, and stays so
+    assert "short" not in c
 
 
 @case("incr", "decr")
@@ -510,6 +518,129 @@ def test_add_concurrent_exactly_one_wins(store):
     assert store.cache.get("race") == winner
 
 
+@case("replace")
+def test_replace(store):
+    c = store.cache
+    assert c.replace("r", "x") is False  # absent: nothing stored
+    assert "r" not in c
+    c.put("r", "old", ttl=60, tags=["before"])
+    assert c.replace("r", "new", ttl=100, tags=["after"]) is True
+    assert c.get("r") == "new"
+    assert 95 < c.ttl("r") <= 100  # the replacement's ttl
+    assert c.invalidate_tag("before") == 0  # and its tags
+    assert c.invalidate_tag("after") == 1
+    assert c.replace("r", "again") is False  # invalidated: absent
+    c.put("short", "old", ttl=0.2)
+    time.sleep(0.4)
+    assert c.replace("short", "new") is False  # an expired entry is absent
+    assert "short" not in c
+    c.put("n", 1)
+    assert c.replace("n", 2) is True
+    assert c.incr("n") == 3  # an int stays an int
+    with pytest.raises(TypeError):
+        c.replace(1.5, "x")
+    with pytest.raises(ValueError):
+        c.replace("n", "x", tags=[""])
+    assert c.get("n") == 3
+    assert c.stats()["writes"] == 6  # three puts, two replaces that stored, one incr
+
+
+@case("cas")
+def test_cas(store):
+    c = store.cache
+    assert c.cas("k", None, "v") is False  # absent: no value equals, not even None
+    assert "k" not in c
+    c.put("k", {"n": 1, "l": [1, 2]}, ttl=60, tags=["cas"])
+    assert c.cas("k", {"n": 2, "l": [1, 2]}, "lost") is False  # mismatch
+    assert c.get("k") == {"n": 1, "l": [1, 2]}
+    assert 55 < c.ttl("k") <= 60  # untouched
+    assert c.cas("k", {"n": 1, "l": [1, 2]}, {"n": 2}, ttl=100) is True
+    assert c.get("k") == {"n": 2}
+    assert 95 < c.ttl("k") <= 100  # the new value's ttl
+    assert c.cas("k", {"n": 1, "l": [1, 2]}, "late") is False  # the old value no longer matches
+    assert c.invalidate_tag("cas") == 1  # the entry kept its tags
+    assert c.cas("k", {"n": 2}, "gone") is False
+    # values compare as stored: bytes, str and int are not pickled, so 1 is not "1" nor b"1"
+    c.put("i", 1)
+    assert c.cas("i", "1", 2) is False
+    assert c.cas("i", b"1", 2) is False
+    if store.spans_hosts:  # host B reads (and keeps an L1 copy, near caches): the cas reaches it
+        assert on_b_eventually(store, "i", 1) == 1
+    assert c.cas("i", 1, "two") is True
+    assert c.cas("i", "two", b"three") is True
+    assert c.get("i") == b"three"
+    if store.spans_hosts:
+        assert on_b_eventually(store, "i", b"three") == b"three"
+    c.put("none", None)
+    assert c.cas("none", None, 0) is True
+    assert c.incr("none") == 1  # a cas-stored int is a counter
+    c.put("short", "v", ttl=0.2)
+    time.sleep(0.4)
+    assert c.cas("short", "v", "w") is False  # an expired entry is absent
+    assert "short" not in c
+    with pytest.raises(TypeError):
+        c.cas(1.5, 1, 2)
+    with pytest.raises(ValueError):
+        c.cas("i", b"three", "x", ttl=0)
+    with pytest.raises(vela.ValueTooLarge):
+        c.cas("i", b"three", b"x" * (CAPACITY_BYTES // 64 + 1))
+    assert c.get("i") == b"three"
+    assert c.stats()["writes"] == 9  # four puts, four cas that stored, one incr
+
+
+def _cas_increment_worker(cache, key, times):
+    """Add 1 to the int under ``key`` ``times`` times with a get/cas loop; the attempts made."""
+    attempts = 0
+    for _ in range(times):
+        while True:
+            attempts += 1
+            seen = cache.get(key)
+            os.sched_yield()  # let the other loops read the same value meanwhile: they collide
+            if cache.cas(key, seen, seen + 1):
+                break
+    return attempts
+
+
+@case("cas")
+def test_cas_increments_of_many_processes_lose_no_update(store):
+    store.cache.put("ctr", 0)
+    args = [store.worker_args("A", _cas_increment_worker, "ctr", 50) for _ in range(4)]
+    if store.topology == "partitioned" or store.backend == "redis":  # decided at the owner / in Redis
+        args += [store.worker_args("B", _cas_increment_worker, "ctr", 50) for _ in range(2)]
+    results = run_children(Store.run_worker, args, timeout=180)
+    assert store.cache.get("ctr") == 50 * len(args)
+    assert all(attempts >= 50 for attempts in results)
+
+
+@case("incr", "decr")
+def test_incr_and_decr_with_an_initial_value(store):
+    c = store.cache
+    assert c.incr("n", 5, initial=10) == 15  # a missing key starts at initial
+    assert c.incr("n", 1, initial=1000) == 16  # an existing counter ignores it
+    assert c.decr("d", 2, initial=100) == 98
+    assert c.decr("d", initial=-7) == 97
+    assert c.incr("z", 0, initial=-3) == -3
+    assert c.get("z") == -3
+    assert c.incr("t", 1, ttl=100, initial=41) == 42  # a missing key takes the ttl
+    assert 95 < c.ttl("t") <= 100
+    assert c.incr("t", 1, ttl=5, initial=0) == 43  # an existing counter keeps its expiry
+    assert 95 < c.ttl("t") <= 100
+    assert c.ttl("n") is None
+    with pytest.raises(OverflowError):
+        c.incr("o", 1, initial=2 ** 63 - 1)  # the result leaves int64: nothing is stored
+    assert "o" not in c
+    with pytest.raises(OverflowError):
+        c.incr("o", 1, initial=2 ** 63)
+    with pytest.raises(TypeError):
+        c.incr("o", 1, initial=1.5)
+    with pytest.raises(TypeError):
+        c.incr("o", 1, initial=True)
+    with pytest.raises(TypeError):
+        c.incr("o", 1, 10, 5)  # initial is keyword-only
+    assert "o" not in c
+    assert c.stats()["writes"] == 7
+
+
 # ---- tags, flush, counts -----------------------------------------------------------------
 
 
@@ -775,14 +906,15 @@ def test_tag_limits_are_the_same_on_every_store(store):
 BAD_KEYS = [1.5, None, [1], {"a": 1}, object(), ("ok", 2.5), {1, 2}]
 
 
-@case("get", "put", "delete", "exists", "ttl", "touch", "incr", "add", "get_many", "put_many",
+@case("get", "put", "delete", "exists", "ttl", "touch", "incr", "add", "replace", "cas", "get_many", "put_many",
       "delete_many", "get_or_fetch")
 def test_bad_keys_raise_type_error(store):
     c = store.cache
     for key in BAD_KEYS:
         calls = [lambda: c.get(key), lambda: c.put(key, 1), lambda: c.delete(key), lambda: c.exists(key),
                  lambda: key in c, lambda: c[key], lambda: c.ttl(key), lambda: c.touch(key),
-                 lambda: c.incr(key), lambda: c.add(key, 1), lambda: c.get_many([key]),
+                 lambda: c.incr(key), lambda: c.add(key, 1), lambda: c.replace(key, 1),
+                 lambda: c.cas(key, 1, 2), lambda: c.get_many([key]),
                  lambda: c.put_many([(key, 1)]), lambda: c.delete_many([key]),
                  lambda: c.get_or_fetch(key, lambda k: 1)]
         for i, call in enumerate(calls):
@@ -799,7 +931,8 @@ def test_keys_longer_than_1_kib_raise_value_error(store):
     long_key = "k" * 1025
     for call in (lambda: c.put(long_key, 1), lambda: c.get(long_key), lambda: c.delete(long_key),
                  lambda: c.exists(long_key), lambda: c.add(long_key, 1), lambda: c.put_many({long_key: 1}),
-                 lambda: c.incr(long_key), lambda: c.get_or_fetch(long_key, lambda k: 1)):
+                 lambda: c.incr(long_key), lambda: c.replace(long_key, 1), lambda: c.cas(long_key, 1, 2),
+                 lambda: c.get_or_fetch(long_key, lambda k: 1)):
         with pytest.raises(ValueError):
             call()
     assert c.size() == 1

@@ -247,6 +247,49 @@ class Cache:
             stored = call.metadata["result"] = self._store.add(key, value, ns, tags)
         return stored
 
+    def replace(self, key: Key, value: Any, ttl: Optional[float] = None, tags: Iterable[str] = ()) -> bool:
+        """Store ``value`` under ``key`` only if a live entry has the key; True when stored.
+
+        The check and the store are one step where the key lives (the stripe lock of
+        the host table, the owner's bridge, one Redis script). Raises as :meth:`put` does.
+        """
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        tags = options.tags(tags)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        stored = self._store.replace(key, value, ns, tags)
+        if telemetry.active:
+            self._emit("put", start, {"key": key, "ttl": ttl, "result": stored})
+        return stored
+
+    def cas(self, key: Key, expected: Any, new: Any, ttl: Optional[float] = None) -> bool:
+        """Compare and set: store ``new`` only if the live value of ``key`` equals
+        ``expected``; True when stored.
+
+        Values are compared as stored: ``expected`` is encoded as a put would encode it
+        (``bytes``/``str``/``int`` as themselves, anything else by the serializer) and
+        compared byte for byte with the stored value, so two equal objects whose
+        pickles differ (a dict built in another order) do not match. The entry keeps
+        its tags and takes ``ttl`` as :meth:`put` does (None: ``default_ttl``).
+
+        Atomic on the host for the shared table (every process), at the key's owner for
+        a partitioned cache and in Redis for the Redis store. A replicated cache decides
+        on each host: concurrent ``cas`` calls on two hosts may both succeed, and the
+        last writer wins when their copies meet (see the README).
+
+        :raises TypeError: the key type is unsupported or the serializer rejects a value.
+        :raises vela.ValueTooLarge: the entry is bigger than ``max_entry_size``.
+        """
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        stored = self._store.cas(key, expected, new, ns)
+        if telemetry.active:
+            self._emit("put", start, {"key": key, "ttl": ttl, "result": stored})
+        return stored
+
     def __setitem__(self, key: Key, value: Any) -> None:
         self.put(key, value)
 
@@ -270,26 +313,25 @@ class Cache:
             _tables.resume_if_due()
         return self._store.touch(key, options.ttl_ns(ttl, self.default_ttl))
 
-    def incr(self, key: Key, delta: int = 1, ttl: Optional[float] = None) -> int:
+    def incr(self, key: Key, delta: int = 1, ttl: Optional[float] = None, *, initial: int = 0) -> int:
         """Add ``delta`` to the integer under ``key`` atomically (across processes; for a
-        store that spans hosts, at the key's owner).
+        store that spans hosts, at the key's owner); the new value.
 
-        A missing key starts at 0 and takes ``ttl``; an existing counter keeps its expiry.
+        A missing key starts at ``initial`` (so the first call returns ``initial + delta``)
+        and takes ``ttl``; an existing counter keeps its expiry.
 
-        :raises TypeError: the stored value is not an integer.
-        :raises OverflowError: the result leaves the signed 64-bit range.
+        :raises TypeError: the stored value is not an integer, or delta/initial is not an int.
+        :raises OverflowError: delta, initial or the result leaves the signed 64-bit range.
         """
         if _tables.resume_due:
             _tables.resume_if_due()
-        if isinstance(delta, bool) or not isinstance(delta, int):
-            raise TypeError(f"delta must be an int, not {type(delta).__name__}")
-        if not -(1 << 63) <= delta < (1 << 63):
-            raise OverflowError("delta leaves the signed 64-bit range")
-        return self._store.incr(key, delta, options.ttl_ns(ttl, self.default_ttl))
+        _int64("delta", delta)
+        _int64("initial", initial)
+        return self._store.incr(key, delta, options.ttl_ns(ttl, self.default_ttl), initial)
 
-    def decr(self, key: Key, delta: int = 1, ttl: Optional[float] = None) -> int:
-        """``incr(key, -delta, ttl)``."""
-        return self.incr(key, -delta, ttl)
+    def decr(self, key: Key, delta: int = 1, ttl: Optional[float] = None, *, initial: int = 0) -> int:
+        """``incr(key, -delta, ttl, initial=initial)``."""
+        return self.incr(key, -delta, ttl, initial=initial)
 
     # ---- get_or_fetch: the stampede protocol ----------------------------------------
 
@@ -714,6 +756,14 @@ class Cache:
         ``cache.throttle("api", 100, per=60).allow()``. See :class:`vela.locks.Throttle`."""
         return Throttle(self, name, rate, per)
 
+
+
+def _int64(name, value):
+    """Refuse an argument that is no int of the signed 64-bit range (naming it)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not -(1 << 63) <= value < (1 << 63):
+        raise OverflowError(f"{name} leaves the signed 64-bit range")
 
 
 def _telemetry_changed(active):

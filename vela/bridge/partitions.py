@@ -6,7 +6,7 @@ is made under the key's stripe lock only while the cluster view the worker
 routed by is still the current one, and logged; the bridge reads the log
 (``pump_local``) for the backup copies and near-cache invalidations. Every
 other write -- from other hosts, for partitions in transit, get_or_fetch,
-incr/touch -- is made by the owner's bridge. A handoff starts only after the
+incr/touch/add/replace/cas -- is made by the owner's bridge. A handoff starts only after the
 bridge has published the table that no longer names this host the owner, and
 copies stripe by stripe under the same locks, so a write made in place is in
 the copy or was refused. A backup copy receives the owner's writes in the order
@@ -78,7 +78,7 @@ log = logging.getLogger("vela.bridge")
 CHUNK = 2000            # entries per handoff message
 LOG_BATCH = 5000        # change log records read per loop turn
 RESEND = 2.0            # seconds without an ack before a stream is sent again from the start
-WRITES = frozenset(("put", "add", "putm", "del", "delm", "incr", "touch", "tag", "flush"))
+WRITES = frozenset(("put", "add", "repl", "cas", "putm", "del", "delm", "incr", "touch", "tag", "flush"))
 STREAM_STALL = 30.0     # seconds a stream may go unacknowledged, or an incoming partition unfed
 INVAL_BATCH = 10_000    # keys per invalidation message
 BREC_CHUNK = 2000       # backup records per message
@@ -809,7 +809,7 @@ class Partitions:
             # ("own": the former holder said it does not hold the partition.)
             if op in ("get", "has", "ttl"):
                 return {"fb": addr_of(inc.source)}
-            if op in ("incr", "touch", "fetch", "add"):
+            if op in ("incr", "touch", "fetch", "add", "repl", "cas"):
                 return {"retry": "the partition is being handed over"}
         return getattr(self, "_op_" + op)(k, p, msg)
 
@@ -850,13 +850,25 @@ class Partitions:
         self._changed(k, p, [k, msg["val"], msg["codec"], msg["ttl"], list(msg["tags"]), version])
         return {"ok": True}
 
+    def _put_if(self, k, p, msg, cond):
+        """A conditional put (add, replace, cas): checked and made in one step under the
+        key's stripe lock (so also atomic with the writes this host's workers make in
+        place); its reply waits for the backup, as an incr's does."""
+        stored = self.table.put_if_raw(k, cond, msg.get("xval", b""), msg.get("xcodec", 0), msg["val"],
+                                       msg["codec"], msg["ttl"], msg["tags"])
+        if stored:
+            self._changed_entry(k, p)
+            self._await_backup(p)
+        return {"ok": stored}
+
     def _op_add(self, k, p, msg):
-        # Every add of a key is served here, one request at a time: check and put are one step.
-        if self.table.contains(_native.decode_key(k)):
-            return {"ok": False}
-        reply = self._op_put(k, p, msg)
-        self._await_backup(p)
-        return reply
+        return self._put_if(k, p, msg, _native.PUT_IF_ABSENT)
+
+    def _op_repl(self, k, p, msg):
+        return self._put_if(k, p, msg, _native.PUT_IF_PRESENT)
+
+    def _op_cas(self, k, p, msg):
+        return self._put_if(k, p, msg, _native.PUT_IF_EQUAL)
 
     def _op_del(self, k, p, msg):
         version = self.table.next_version()
@@ -866,7 +878,7 @@ class Partitions:
 
     def _op_incr(self, k, p, msg):
         try:
-            value = self.table.incr(_native.decode_key(k), msg["delta"], msg["ttl"])
+            value = self.table.incr(_native.decode_key(k), msg["delta"], msg["ttl"], msg.get("init", 0))
         except TypeError as exc:
             return {"err": "TypeError", "msg": str(exc)}
         except OverflowError as exc:

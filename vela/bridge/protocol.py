@@ -323,6 +323,11 @@ def _put_fields(msg):
         _holder(msg)
 
 
+def _cas_fields(msg):
+    _put_fields(msg)
+    _value(msg.get("xval"), msg.get("xcodec"))  # the expected value, encoded as stored
+
+
 def _putm_fields(msg):
     for item in _list(msg, "items", MAX_BATCH_KEYS):
         if not isinstance(item, list) or len(item) != 3:
@@ -341,6 +346,8 @@ def _one_key(msg):
 def _incr_fields(msg):
     _key(msg.get("k"))
     _int(msg, "delta", -2**63, 2**63 - 1)
+    if "init" in msg:  # where a missing counter starts (0 when left out)
+        _int(msg, "init", -2**63, 2**63 - 1)
     _ttl(msg)
 
 
@@ -374,7 +381,8 @@ def _near_fields(msg):
 # A worker's request to the owner of a key (or to every member): op -> its fields.
 REQUEST_OPS = {
     "get": _one_key, "has": _one_key, "ttl": _one_key, "getm": _keys,
-    "put": _put_fields, "add": _put_fields, "putm": _putm_fields, "del": _one_key, "delm": _keys,
+    "put": _put_fields, "add": _put_fields, "repl": _put_fields, "cas": _cas_fields, "putm": _putm_fields,
+    "del": _one_key, "delm": _keys,
     "touch": _touch_fields, "incr": _incr_fields, "fetch": _fetch_fields, "abort": _fetch_fields,
     "size": _no_fields, "expire": _no_fields, "stats": _stats_fields, "flush": _no_fields, "tag": _tag_fields,
     "near": _near_fields,

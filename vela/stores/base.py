@@ -73,6 +73,14 @@ class Store(Protocol):
     def add(self, key: Any, value: Any, ns: int, tags: tuple[str, ...]) -> bool:
         """Store only if no live entry has the key (atomic where the key lives); True when stored."""
 
+    def replace(self, key: Any, value: Any, ns: int, tags: tuple[str, ...]) -> bool:
+        """Store only if a live entry has the key (atomic where the key lives); True when stored."""
+
+    def cas(self, key: Any, expected: Any, new: Any, ns: int) -> bool:
+        """Store ``new`` only if the live entry's encoded value is ``expected``'s encoding
+        (compared where the key lives, in one step with the store); the entry keeps its
+        tags. True when stored, counted as a write."""
+
     def put_many(self, items: Sequence[tuple[Any, Any]], ns: int, tags: tuple[str, ...]) -> None:
         """Store every item; a store whose keys live on one host stores all or none,
         one that spans owners raises ``vela.PartialWrite`` naming what was stored."""
@@ -86,8 +94,9 @@ class Store(Protocol):
     def touch(self, key: Any, ns: int) -> bool:
         """A new time to live; True when the key exists."""
 
-    def incr(self, key: Any, delta: int, ns: int) -> int:
-        """Add ``delta`` (a checked int64) atomically; the new value. A missing key starts at 0."""
+    def incr(self, key: Any, delta: int, ns: int, initial: int = 0) -> int:
+        """Add ``delta`` (a checked int64) atomically; the new value. A missing key starts at
+        ``initial`` (a checked int64) and takes ``ns``."""
 
     # ---- get_or_fetch: the stampede protocol (vela.Cache runs it) -------------------
 

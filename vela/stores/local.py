@@ -40,6 +40,8 @@ class LocalStore:
         self.ttl = t.ttl
         self.put = t.put
         self.add = t.add
+        self.replace = t.replace
+        self.cas = t.cas
         self.put_many = t.put_many
         self.delete = t.delete
         self.delete_many = t.delete_many

@@ -426,6 +426,18 @@ class NearStore:
             self.near.invalidate(key)
         return stored
 
+    def replace(self, key, value, ns, tags):
+        stored = self.inner.replace(key, value, ns, tags)
+        if stored:
+            self.near.invalidate(key)
+        return stored
+
+    def cas(self, key, expected, new, ns):
+        stored = self.inner.cas(key, expected, new, ns)
+        if stored:
+            self.near.invalidate(key)
+        return stored
+
     def put_many(self, items, ns, tags):
         try:
             self.inner.put_many(items, ns, tags)
@@ -450,8 +462,8 @@ class NearStore:
         finally:
             self.near.invalidate(key)  # a copy must not outlive a shortened entry
 
-    def incr(self, key, delta, ns):
-        value = self.inner.incr(key, delta, ns)
+    def incr(self, key, delta, ns, initial=0):
+        value = self.inner.incr(key, delta, ns, initial)
         self.near.invalidate(key)
         return value
 

@@ -206,8 +206,9 @@ class PartitionedStore:
         addr = view.addrs.get(view.owners[p])
         fields = dict(fields, op=op, k=enc, clk=self._table.next_version())  # (see _checked)
         # An owner that does not answer may be gone: look at the table again every slice.
-        # An incr or add is not repeated at the same owner (it may have been applied).
-        once = op in ("incr", "add")
+        # An incr, add or cas is not repeated at the same owner (it may have been applied:
+        # a second try would answer False for a change that was made).
+        once = op in ("incr", "add", "cas")
         while True:
             if addr is None:  # (an owner the table names before its address: ask again)
                 self._pause_or_raise(deadline, BridgeUnavailable(
@@ -452,12 +453,28 @@ class PartitionedStore:
 
     @bounded
     def add(self, key, value, ns, tags):
-        """Store ``value`` under ``key`` only if absent, decided at the key's owner (its
-        bridge serves every add of the key, one at a time); True when stored."""
+        """Store ``value`` under ``key`` only if absent, decided at the key's owner; True when stored."""
+        return self._put_at_owner("add", key, value, ns, tags)
+
+    @bounded
+    def replace(self, key, value, ns, tags):
+        """Store ``value`` under ``key`` only if present, decided at the key's owner; True when stored."""
+        return self._put_at_owner("repl", key, value, ns, tags)
+
+    @bounded
+    def cas(self, key, expected, new, ns):
+        """Store ``new`` only if the value is ``expected`` (as encoded here), decided at the
+        key's owner; True when stored."""
+        xval, xcodec = self._encoded(expected)
+        return self._put_at_owner("cas", key, new, ns, (), xval=xval, xcodec=xcodec)
+
+    def _put_at_owner(self, op, key, value, ns, tags, **fields):
+        """A conditional put, made by the owner's bridge in one step under the key's stripe
+        lock there (one request of any host at a time for the key); True when stored."""
         tag_ids = self._encode_tags(tags)
         val, codec = self._encoded(value)
         enc, p, view, local = self._locate(key)
-        stored = bool(self._key_request("add", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)["ok"])
+        stored = bool(self._key_request(op, enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids, **fields)["ok"])
         if stored:
             self._written((key,))
         return stored
@@ -592,10 +609,10 @@ class PartitionedStore:
         return found
 
     @bounded
-    def incr(self, key, delta, ns):
+    def incr(self, key, delta, ns, initial=0):
         """Add ``delta`` atomically on the key's owner (see :meth:`vela.Cache.incr`)."""
         enc, p, view, local = self._locate(key)
-        value = self._key_request("incr", enc, p, delta=delta, ttl=ns)["ok"]
+        value = self._key_request("incr", enc, p, delta=delta, ttl=ns, init=initial)["ok"]
         self._written((key,))
         return value
 

@@ -171,6 +171,34 @@ publish({enc})
 return 1
 """
 
+
+def _set_xx(add_script):
+    """The add script with SET XX in place of SET NX: replace is add's rule turned round
+    (same tags, expiry and invalidation), kept as one script text."""
+    if add_script.count("'NX'") != 2:
+        raise RuntimeError("the add script no longer has the two SET NX calls replace is made from")
+    return add_script.replace("'NX'", "'XX'")
+
+
+# KEYS v m; ARGV P px ntags tag.. enc val -> 1 stored | 0 (no live entry has the key)
+_LUA_REPLACE = _set_xx(_LUA_ADD)
+
+# KEYS v m; ARGV P enc expected new px -> 1 stored | 0: the stored bytes compared with
+# the expected value's encoding and the new value set in one script (atomic in Redis);
+# the entry keeps its tags, which follow its new expiry.
+_LUA_CAS = _LUA_HELPERS + """
+if redis.call('GET', KEYS[1]) ~= ARGV[3] then return 0 end
+local px = tonumber(ARGV[5])
+if px > 0 then redis.call('SET', KEYS[1], ARGV[4], 'PX', px) else redis.call('SET', KEYS[1], ARGV[4]) end
+local tags = redis.call('SMEMBERS', KEYS[2])
+if #tags > 0 then
+  if px > 0 then redis.call('PEXPIRE', KEYS[2], px) else redis.call('PERSIST', KEYS[2]) end
+  for i = 1, #tags do add_tag(tags[i], ARGV[2], px) end
+end
+publish({ARGV[2]})
+return 1
+"""
+
 # KEYS v1 m1 .. vN mN; ARGV P enc1 .. encN
 _LUA_DELETE = _LUA_HELPERS + """
 local removed, encs = 0, {}
@@ -198,12 +226,17 @@ publish({ARGV[2]})
 return 1
 """
 
-# KEYS v m; ARGV P enc delta px. The result is read back with GET: Lua numbers are
-# doubles and would round counters past 2^53.
+# KEYS v m; ARGV P enc delta px initial. The result is read back with GET: Lua numbers
+# are doubles and would round counters past 2^53. A missing counter starts at initial
+# (removed again when the increment fails: nothing half-done stays).
 _LUA_INCR = _LUA_HELPERS + """
 local existed = redis.call('EXISTS', KEYS[1])
+if existed == 0 and ARGV[5] ~= '0' then redis.call('SET', KEYS[1], ARGV[5]) end
 local r = redis.pcall('INCRBY', KEYS[1], ARGV[3])
-if type(r) == 'table' and r.err then return r end
+if type(r) == 'table' and r.err then
+  if existed == 0 then redis.call('DEL', KEYS[1]) end
+  return r
+end
 if existed == 0 then
   untag(ARGV[2], KEYS[2], nil)
   local px = tonumber(ARGV[4])
@@ -291,6 +324,7 @@ _SCRIPTS = {
     "invalidate_tag": _LUA_INVALIDATE_TAG, "read": _LUA_READ, "read_many": _LUA_READ_MANY,
     "read_or_lease": _LUA_READ_OR_LEASE, "release": _LUA_RELEASE, "announce": _LUA_ANNOUNCE,
 }
+_SCRIPTS.update(replace=_LUA_REPLACE, cas=_LUA_CAS)  # the conditional puts beside add
 
 # ---- options -----------------------------------------------------------------------
 
@@ -797,6 +831,30 @@ class RedisStore:
             self._bump("writes")
         return stored
 
+    def replace(self, key, value, ns, tags):
+        """Store ``value`` under ``key`` only if Redis holds a live entry of it (``SET XX``,
+        with its tags in the same script); True when stored. Atomic across hosts."""
+        self._check_open()
+        tags = _tag_bytes(tags)
+        enc, raw = self._entry(key, value, tags)
+        stored = bool(self._run("replace", [self._vkey(enc), self._mkey(enc)],
+                                [self._P, _px(ns), len(tags), *tags, enc, raw]))
+        if stored:
+            self._bump("writes")
+        return stored
+
+    def cas(self, key, expected, new, ns):
+        """Store ``new`` only if the stored bytes are ``expected``'s encoding, compared and
+        set in one Lua script (atomic across hosts); True when stored. Not retried after a
+        timeout (a second try would answer False for a change that was made)."""
+        self._check_open()
+        enc, raw = self._entry(key, new)
+        stored = bool(self._run("cas", [self._vkey(enc), self._mkey(enc)],
+                                [self._P, enc, self._encode(expected), raw, _px(ns)], idempotent=False))
+        if stored:
+            self._bump("writes")
+        return stored
+
     def put_many(self, items, ns, tags):
         """Store every item, in Lua calls of 500; every item is checked before the first
         is stored. A call that fails after some were stored raises vela.PartialWrite."""
@@ -852,13 +910,14 @@ class RedisStore:
         done = self._run("touch", [self._vkey(enc), self._mkey(enc)], [self._P, enc, _px(ns)]) == 1
         return done
 
-    def incr(self, key, delta, ns):
-        """Add ``delta`` to the integer under ``key`` atomically (INCRBY) across hosts.
-        Not retried after a timeout (it might have been applied)."""
+    def incr(self, key, delta, ns, initial=0):
+        """Add ``delta`` to the integer under ``key`` atomically (INCRBY) across hosts; a
+        missing key starts at ``initial``. Not retried after a timeout (it might have been
+        applied)."""
         self._check_open()
         enc = _native.encode_key(key)
         try:
-            raw = self._run("incr", [self._vkey(enc), self._mkey(enc)], [self._P, enc, delta, _px(ns)],
+            raw = self._run("incr", [self._vkey(enc), self._mkey(enc)], [self._P, enc, delta, _px(ns), initial],
                             idempotent=False)
         except VelaError as exc:
             msg = str(exc)
