@@ -237,15 +237,8 @@ class Cache:
         Atomic where the key lives: of concurrent callers (on any host, for a store
         that spans hosts), exactly one stores. Raises as :meth:`put` does.
         """
-        if _tables.resume_due:
-            _tables.resume_if_due()
-        ns = options.ttl_ns(ttl, self.default_ttl)
-        tags = options.tags(tags)
-        if not telemetry.active:
-            return self._store.add(key, value, ns, tags)
-        with self._traced("put", {"key": key, "ttl": ttl}) as call:
-            stored = call.metadata["result"] = self._store.add(key, value, ns, tags)
-        return stored
+        return self._put_if(self._store.add, key, ttl, value, options.ttl_ns(ttl, self.default_ttl),
+                            options.tags(tags))
 
     def replace(self, key: Key, value: Any, ttl: Optional[float] = None, tags: Iterable[str] = ()) -> bool:
         """Store ``value`` under ``key`` only if a live entry has the key; True when stored.
@@ -253,15 +246,8 @@ class Cache:
         The check and the store are one step where the key lives (the stripe lock of
         the host table, the owner's bridge, one Redis script). Raises as :meth:`put` does.
         """
-        if _tables.resume_due:
-            _tables.resume_if_due()
-        ns = options.ttl_ns(ttl, self.default_ttl)
-        tags = options.tags(tags)
-        start = time.perf_counter_ns() if telemetry.active else 0
-        stored = self._store.replace(key, value, ns, tags)
-        if telemetry.active:
-            self._emit("put", start, {"key": key, "ttl": ttl, "result": stored})
-        return stored
+        return self._put_if(self._store.replace, key, ttl, value, options.ttl_ns(ttl, self.default_ttl),
+                            options.tags(tags))
 
     def cas(self, key: Key, expected: Any, new: Any, ttl: Optional[float] = None) -> bool:
         """Compare and set: store ``new`` only if the live value of ``key`` equals
@@ -281,13 +267,17 @@ class Cache:
         :raises TypeError: the key type is unsupported or the serializer rejects a value.
         :raises vela.ValueTooLarge: the entry is bigger than ``max_entry_size``.
         """
+        return self._put_if(self._store.cas, key, ttl, expected, new, options.ttl_ns(ttl, self.default_ttl))
+
+    def _put_if(self, store_call, key, ttl, *args):
+        """A conditional store (add, replace, cas) of ``key``: ``store_call(key, *args)``,
+        traced as a ``put`` whose ``result`` is whether it stored."""
         if _tables.resume_due:
             _tables.resume_if_due()
-        ns = options.ttl_ns(ttl, self.default_ttl)
-        start = time.perf_counter_ns() if telemetry.active else 0
-        stored = self._store.cas(key, expected, new, ns)
-        if telemetry.active:
-            self._emit("put", start, {"key": key, "ttl": ttl, "result": stored})
+        if not telemetry.active:
+            return store_call(key, *args)
+        with self._traced("put", {"key": key, "ttl": ttl}) as call:
+            stored = call.metadata["result"] = store_call(key, *args)
         return stored
 
     def __setitem__(self, key: Key, value: Any) -> None:
