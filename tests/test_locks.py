@@ -229,15 +229,24 @@ def test_throttle_admits_rate_events_among_all_processes(cache, cache_name):
     assert cache.throttle("api", 30, per=600).allow() is False
 
 
-def test_throttle_window_slides(cache):
-    throttle = cache.throttle("burst", 5, per=0.5)
+def test_throttle_bucket_refills_one_token_per_interval(cache):
+    throttle = cache.throttle("burst", 5, per=5)  # a token a second, 5 at most
     assert [throttle.allow() for _ in range(7)] == [True] * 5 + [False] * 2
     assert throttle.allow(2) is False and throttle.used() == 5
-    time.sleep(0.7)  # the window has moved past every event
-    assert throttle.used() == 0
-    assert throttle.allow(5) is True and throttle.allow() is False
+    time.sleep(1.2)  # one token back (two only after 2 s)
+    assert throttle.used() == 4
+    assert throttle.allow() is True and throttle.allow() is False
     with pytest.raises(ValueError, match="n must be an int >= 1"):
         throttle.allow(0)
+
+
+def test_throttle_burst_bounds_what_a_full_bucket_admits(cache):
+    throttle = cache.throttle("api", 1, per=600, burst=3)
+    assert throttle.allow(4) is False  # more than the bucket ever holds
+    assert [throttle.allow() for _ in range(4)] == [True, True, True, False]
+    assert throttle.used() == 3
+    with pytest.raises(vela.OptionError, match="burst must be an int >= 1"):
+        cache.throttle("api", 1, burst=0)
 
 
 # ---- the README ---------------------------------------------------------------------------------

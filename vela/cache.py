@@ -741,10 +741,11 @@ class Cache:
         ``timeout`` seconds (None: waits on). See :class:`vela.locks.Lock`."""
         return Lock(self, name, ttl, timeout)
 
-    def throttle(self, name: str, rate: int, per: float = 1.0) -> Throttle:
-        """At most ``rate`` events in any ``per`` seconds, counted by every process:
-        ``cache.throttle("api", 100, per=60).allow()``. See :class:`vela.locks.Throttle`."""
-        return Throttle(self, name, rate, per)
+    def throttle(self, name: str, rate: int, per: float = 1.0, burst: Optional[int] = None) -> Throttle:
+        """A token bucket shared by every process: ``rate`` tokens per ``per`` seconds,
+        ``burst`` (default ``rate``) at most; ``cache.throttle("api", 100, per=60).allow()``.
+        See :class:`vela.locks.Throttle`."""
+        return Throttle(self, name, rate, per, burst)
 
 
 

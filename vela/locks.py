@@ -1,6 +1,6 @@
 """Locks and rate limits shared by every process that opens the cache (and every host,
 where the store spans hosts), built on the public API of :class:`vela.Cache` alone:
-``add``, ``get``, ``touch``, ``delete``, ``incr`` and ``get_many``, each atomic on every store.
+``add``, ``get``, ``touch``, ``delete`` and ``cas``, each atomic on every store.
 
 A lock is an entry ``("vela.lock", name)`` holding its holder's token: the host
 (kernel boot and pid namespace), pid, process start time and a random part. It is
@@ -231,53 +231,65 @@ class Lock:
 
 
 class Throttle:
-    """At most ``rate`` events in any ``per`` seconds, counted by every process (and
-    host, where the store spans hosts): ``allow()`` says whether one more fits.
+    """A token bucket shared by every process (and host, where the store spans hosts):
+    it holds ``burst`` tokens (``rate`` when omitted), gains ``rate`` tokens every
+    ``per`` seconds, and ``allow(n)`` takes ``n`` of them when it holds that many.
 
-    The window is kept as ``slots`` counters of ``per / slots`` seconds each
-    (``incr`` with a ttl). ``allow()`` counts the event in the current slot, then sums
-    the slots of the last ``per`` seconds; over ``rate``, it takes the event back and
-    says False. The oldest slot counts whole, so the limit is never exceeded in any
-    window of ``per`` seconds (a freed slot returns its capacity at once, as a bucket
-    refilling ``rate`` tokens per ``per`` seconds would over time). Concurrent callers
-    that all see the limit passed are all refused: it errs on the side of refusing.
-    Times are the hosts' wall clocks (keep them in sync across hosts).
+    The bucket is one entry: the time at which it will be full again (the
+    "theoretical arrival time" of GCRA, the rule of redis-cell and of ATM networks).
+    Each event moves that time ``per / rate`` seconds later; an event that would move
+    it more than ``burst * per / rate`` seconds past now does not fit. ``allow`` reads
+    the entry and moves it with ``cas`` (``add`` when absent), retrying when another
+    caller moved it first, so of concurrent callers exactly as many are admitted as
+    there are tokens. The entry expires when the bucket is full again. Times are the
+    hosts' wall clocks (keep them in sync across hosts).
     """
 
-    def __init__(self, cache: Cache, name: str, rate: int, per: float = 1.0, slots: int = 10) -> None:
+    def __init__(self, cache: Cache, name: str, rate: int, per: float = 1.0, burst: Optional[int] = None) -> None:
         if not isinstance(name, str) or not name:
             raise OptionError(f"throttle name must be a non-empty str, not {name!r}")
-        for option, value in (("rate", rate), ("slots", slots)):
+        burst = rate if burst is None else burst
+        for option, value in (("rate", rate), ("burst", burst)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"{option} must be an int >= 1, not {value!r}")
         self.cache = cache
         self.name = name
         self.rate = rate
         self.per = options.seconds("per", per, allow_none=False, allow_inf=False)
-        self.slots = slots
-        self._width = self.per / slots
-
-    def _slot_keys(self, now: float) -> list[tuple[str, str, int]]:
-        current = math.floor(now / self._width)
-        return [("vela.throttle", self.name, current - i) for i in range(self.slots + 1)]
+        self.burst = burst
+        self._key = ("vela.throttle", name)
+        self._interval_ns = self.per * 1e9 / rate  # one token's worth of time
+        self._capacity_ns = burst * self._interval_ns
 
     def allow(self, n: int = 1) -> bool:
-        """Count ``n`` events if they fit in the window; True when they did."""
+        """Take ``n`` tokens if the bucket holds them; True when it did."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, not {n!r}")
-        keys = self._slot_keys(time.time())
-        # Each slot lives long enough to be summed by every caller that still needs it.
-        self.cache.incr(keys[0], n, ttl=self.per + 2 * self._width)
-        used = sum(v for v in self.cache.get_many(keys).values() if isinstance(v, int))
-        if used > self.rate:
-            self.cache.decr(keys[0], n)
-            return False
-        return True
+        cost = n * self._interval_ns
+        if cost > self._capacity_ns:
+            return False  # more than the bucket ever holds
+        cache = self.cache
+        while True:
+            now = time.time_ns()
+            current = cache.get(self._key)
+            full_at = current if isinstance(current, int) and current > now else now
+            moved = round(full_at + cost)
+            if moved - now > self._capacity_ns:
+                return False
+            ttl = (moved - now) / 1e9
+            if current is None:
+                if cache.add(self._key, moved, ttl=ttl):
+                    return True
+            elif cache.cas(self._key, current, moved, ttl=ttl):
+                return True
+            # another caller moved it first: judge again against what it stored
 
     def used(self) -> int:
-        """Events counted in the current window (what ``allow`` compares with ``rate``)."""
-        counts = self.cache.get_many(self._slot_keys(time.time()))
-        return sum(v for v in counts.values() if isinstance(v, int))
+        """Tokens missing from the bucket now (0: full, ``burst``: empty)."""
+        current = self.cache.get(self._key)
+        if not isinstance(current, int):
+            return 0
+        return min(self.burst, max(0, math.ceil((current - time.time_ns()) / self._interval_ns)))
 
     def __repr__(self) -> str:
-        return f"<vela.Throttle {self.name!r} {self.rate} per {self.per} s>"
+        return f"<vela.Throttle {self.name!r} {self.rate} per {self.per} s, burst {self.burst}>"
