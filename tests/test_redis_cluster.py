@@ -178,41 +178,91 @@ def test_batches_and_single_key_calls_across_shards(cache):
     assert cache.size() == 2
 
 
-def test_near_caches_of_two_hosts_see_every_shard_change(cluster):
+def test_near_caches_of_two_hosts_see_every_shard_change(two_hosts):
+    a, b = two_hosts
+    keys = [f"k{i}" for i in range(300)]
+    b.put_many({k: 1 for k in keys}, tags=["t"])
+    # Reads fill A's L1 (a fill racing B's invalidations in flight is dropped: read again).
+    deadline = time.monotonic() + 10
+    while True:
+        assert a.get_many(keys) == {k: 1 for k in keys}
+        if a.info()["entries"] >= 300:
+            break
+        assert time.monotonic() < deadline, "A's L1 did not fill"
+        time.sleep(0.02)
+    # invalidate_tag returns once A's listener applied every shard's invalidations.
+    assert b.invalidate_tag("t") == 300
+    assert a.get_many(keys) == {}
+    b.put_many({k: 2 for k in keys})
+    assert a.get_many(keys) == {k: 2 for k in keys}
+    b.put_many({k: 3 for k in keys})  # each shard's message reaches A's listener
+    deadline = time.monotonic() + 10
+    while a.get_many(keys) != {k: 3 for k in keys}:
+        assert time.monotonic() < deadline, "A kept stale copies"
+        time.sleep(0.02)
+    assert b.flush() == 300
+    assert a.get_many(keys) == {}
+
+
+@pytest.fixture
+def two_hosts(cluster):
+    """Near caches of two hosts (two host tables) on one cache, their listeners healthy."""
     name = new_name()
     a = open_cache(cluster, name, l1_segment=name + ".A", near_cache=True)
     b = open_cache(cluster, name, l1_segment=name + ".B", near_cache=True)
+    deadline = time.monotonic() + 10
+    while not (a.info()["listener_healthy"] and b.info()["listener_healthy"]):
+        assert time.monotonic() < deadline, "no healthy listener over the cluster"
+        time.sleep(0.02)
+    yield a, b
+    b.close()
+    a.destroy()
+    vela.destroy(name, backend="redis", backend_opts={"url": cluster.url, "l1_segment": name + ".B"})
+
+
+def listener_of(cache):
+    return cache._store.inner._agent.listener
+
+
+def test_writes_streaming_over_every_shard_show_no_loss(two_hosts):
+    """The heartbeat's checks, made while every shard's messages come over the cluster
+    bus, find no gap where none happened."""
+    a, b = two_hosts
+    deadline = time.monotonic() + 1.5  # 15 heartbeats
+    i = 0
+    while time.monotonic() < deadline:
+        a.put(("w", i), i)
+        i += 1
+    time.sleep(0.3)
+    assert (listener_of(a).numbering.gaps, listener_of(b).numbering.gaps) == (0, 0)
+    channels = listener_of(b).channels
+    assert len(channels) == 64
+    assert sum(listener_of(b).numbering.highest(c) for c in channels) >= i
+
+
+def test_a_lost_message_of_one_shard_drops_l1(cluster, two_hosts):
+    a, b = two_hosts
+    a.put("k", 1)
+    deadline = time.monotonic() + 5
+    while b._table.get("k", None) != 1:  # B's L1 holds a copy
+        assert b.get("k") == 1
+        assert time.monotonic() < deadline, "B kept no copy"
+        time.sleep(0.02)
+    # A number taken in the shard of another key, its message never sent: a lost one.
+    shard_of = a._store.inner._layout().of
+    other = next(shard_of(_native.encode_key(f"o{i}")) for i in range(1000)
+                 if shard_of(_native.encode_key(f"o{i}")) != shard_of(_native.encode_key("k")))
+    client = redis.RedisCluster(host="127.0.0.1", port=cluster.masters()[0].port)
     try:
-        deadline = time.monotonic() + 10
-        while not (a.info()["listener_healthy"] and b.info()["listener_healthy"]):
-            assert time.monotonic() < deadline, "no healthy listener over the cluster"
-            time.sleep(0.02)
-        keys = [f"k{i}" for i in range(300)]
-        b.put_many({k: 1 for k in keys}, tags=["t"])
-        # Reads fill A's L1 (a fill racing B's invalidations in flight is dropped: read again).
-        deadline = time.monotonic() + 10
-        while True:
-            assert a.get_many(keys) == {k: 1 for k in keys}
-            if a.info()["entries"] >= 300:
-                break
-            assert time.monotonic() < deadline, "A's L1 did not fill"
-            time.sleep(0.02)
-        # invalidate_tag returns once A's listener applied every shard's invalidations.
-        assert b.invalidate_tag("t") == 300
-        assert a.get_many(keys) == {}
-        b.put_many({k: 2 for k in keys})
-        assert a.get_many(keys) == {k: 2 for k in keys}
-        b.put_many({k: 3 for k in keys})  # each shard's message reaches A's listener
-        deadline = time.monotonic() + 10
-        while a.get_many(keys) != {k: 3 for k in keys}:
-            assert time.monotonic() < deadline, "A kept stale copies"
-            time.sleep(0.02)
-        assert b.flush() == 300
-        assert a.get_many(keys) == {}
+        client.incr(other + b"iseq")
     finally:
-        b.close()
-        a.destroy()
-        vela.destroy(name, backend="redis", backend_opts={"url": cluster.url, "l1_segment": name + ".B"})
+        client.close()
+    deadline = time.monotonic() + 5  # the heartbeat finds it (a few heartbeats of 0.1 s)
+    while listener_of(b).numbering.gaps != 1:
+        assert time.monotonic() < deadline, "the lost message was not found"
+        time.sleep(0.02)
+    assert b._table.get("k", None) is None  # what it named is unknown: L1 is dropped
+    assert b.get("k") == 1
 
 
 # ---- a master dies ---------------------------------------------------------------------------

@@ -108,8 +108,8 @@ class Listener:
             elif time.monotonic() >= deadline:
                 raise redis.exceptions.TimeoutError("no confirmation of the subscription")
         # Numbers up to these were published before we dropped L1: accounted for.
-        for channel, last in self._last_numbers().items():
-            self.numbering.start(channel, None, last)
+        for origin, last in self._last_numbers().items():
+            self.numbering.start(origin, None, last)
         self.near.drop_all()
         self.near.mark_healthy()
         self._register()
@@ -118,9 +118,10 @@ class Listener:
         self.subscriptions += 1
 
     def _last_numbers(self):
-        """{channel: the last number its shard published}"""
+        """{origin: the last number it published}; an origin is a shard's channel, or
+        None when the cache has one shard (one channel)."""
         if len(self.channels) == 1:
-            return {self.channels[0]: int(self.client.get(self.prefix + b"iseq") or 0)}
+            return {None: int(self.client.get(self.prefix + b"iseq") or 0)}
         pipe = self.client.pipeline(transaction=False)
         for channel in self.channels:
             pipe.get(channel[:-len(b"inv")] + b"iseq")
@@ -162,9 +163,9 @@ class Listener:
             self._dropped = True
 
     def on_message(self, data, channel=None):
-        """Apply one message of ``channel`` (None: the home shard's), numbered or not."""
+        """Apply one message of ``channel`` (None: the only one), numbered or not."""
         number, body = split_number(data)
-        if number is not None and self.numbering.received(channel or self.channels[0], None, number):
+        if number is not None and self.numbering.received(channel, None, number):
             self._gap(number - 1)
         if body[:1] == b"a":
             self._acknowledge(body[1:])
@@ -191,7 +192,7 @@ class Listener:
         last_rx = time.monotonic()
         next_ping = last_rx + hb
         pings = pongs = 0
-        check = None  # (pong awaited, {channel: last number published before the ping})
+        check = None  # (pong awaited, {origin: last number published before the ping})
         sharded = len(self.channels) > 1
         while not stop.is_set():
             msg = ps.get_message(timeout=min(hb, max(0.0, next_ping - time.monotonic())))
@@ -207,15 +208,15 @@ class Listener:
                 elif kind == "pong" and msg.get("data") == b"vela":
                     pongs += 1
                     if check is not None and pongs >= check[0]:
-                        for channel, last in check[1].items():
-                            if self.numbering.announced(channel, None, last):
+                        for origin, last in check[1].items():
+                            if self.numbering.announced(origin, None, last):
                                 self._gap(last)
                         check = None
             if now >= next_ping:
                 if check is None:
                     lasts = self._last_numbers()
-                    for channel, last in lasts.items():
-                        if self.numbering.counted(channel, None, last):
+                    for origin, last in lasts.items():
+                        if self.numbering.counted(origin, None, last):
                             self._gap(last)
                     check = (pings + 1 + self.lag, lasts)
                 ps.ping(b"vela")
