@@ -134,8 +134,10 @@ class RedisCluster:
     def __init__(self, masters=3, replicas=0, node_timeout_ms=1000):
         self.masters_wanted = masters
         self.replicas = replicas
+        # The bus port is named: the default (port + 10000) is past 65535 for high ports.
         self.servers = [RedisServer(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                     "--cluster-node-timeout", str(node_timeout_ms)])
+                                     "--cluster-node-timeout", str(node_timeout_ms),
+                                     "--cluster-port", str(free_port())])
                         for _ in range(masters * (1 + replicas))]
 
     @property

@@ -912,7 +912,8 @@ def _exercise(c):
 
 def test_cluster_url():
     """A one-node Redis Cluster holding every slot; keys spread over the cache's shards."""
-    s = RedisServer(extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]).start()
+    s = RedisServer(extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                "--cluster-port", str(free_port())]).start()
     c = None
     try:
         r = redis.Redis(port=s.port)
