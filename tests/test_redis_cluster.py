@@ -268,24 +268,42 @@ def test_a_lost_message_of_one_shard_drops_l1(cluster, two_hosts):
 # ---- a master dies ---------------------------------------------------------------------------
 
 
+def wait_until(predicate, what, timeout=30.0):
+    """Call ``predicate`` until it is true; BackendUnavailable counts as not yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except vela.BackendUnavailable:
+            pass
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 def test_a_killed_master_fails_over_while_the_cache_keeps_answering():
     cl = RedisCluster(masters=3, replicas=1, node_timeout_ms=1000).start()
     name = new_name()
-    c = None
+    c = near = None
     try:
         c = open_cache(cl, name)
+        # Another host's near cache: its listener is subscribed on the home shard's master.
+        near = open_cache(cl, name, l1_segment=name + ".N", near_cache=True)
         n = 3000
         c.put_many({f"k{i}": i for i in range(n)}, tags=["t"])
-        victim = cl.masters()[0]
+        shards = c._store._layout()
+        ranges = {(lo, hi): node[1] for lo, hi, node, *_ in cl.node_command(cl.masters()[0], "CLUSTER", "SLOTS")}
+
+        def master_port(prefix):
+            slot = redis.crc.key_slot(prefix)
+            return next(port for (lo, hi), port in ranges.items() if lo <= slot <= hi)
+
+        # The victim holds the home shard: the listener's node, the hosts' registrations.
+        victim = next(m for m in cl.masters() if m.port == master_port(shards.home))
         cl.wait_replicated(victim)  # every acknowledged write is on its replica
-        store = c._store
-        shards = store._layout()
-        victim_slots = [(lo, hi) for lo, hi, node, *_ in cl.node_command(victim, "CLUSTER", "SLOTS")
-                        if node[1] == victim.port]
 
         def on_victim(key):
-            slot = redis.crc.key_slot(shards.of(_native.encode_key(key)))
-            return any(lo <= slot <= hi for lo, hi in victim_slots)
+            return master_port(shards.of(_native.encode_key(key))) == victim.port
 
         batch = [f"new{i}" for i in range(2000)]
         dead = [k for k in batch if on_victim(k)]
@@ -303,18 +321,8 @@ def test_a_killed_master_fails_over_while_the_cache_keeps_answering():
         assert stored and stored.isdisjoint(dead) and stored | failed == set(batch) and not stored & failed
 
         # The replica is promoted; meanwhile calls either answer or raise BackendUnavailable.
-        answered = 0
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert c.get(dead[0]) is None and c.get("k1") == 1
-                c.put(dead[0], "after")
-                answered += 1
-                break
-            except vela.BackendUnavailable:
-                assert time.monotonic() < deadline, "the cache did not answer after the failover"
-                time.sleep(0.1)
-        assert answered == 1
+        wait_until(lambda: c.get(dead[0]) is None and c.get("k1") == 1, "no answer after the failover")
+        c.put(dead[0], "after")
         cl.wait_healthy()
         assert victim.port not in {m.port for m in cl.masters()}
 
@@ -322,16 +330,25 @@ def test_a_killed_master_fails_over_while_the_cache_keeps_answering():
         assert c.get_many([f"k{i}" for i in range(n)]) == {f"k{i}": i for i in range(n)}
         assert set(c.get_many(batch)) == stored | {dead[0]}
         assert c.size() == n + len(stored) + 1
-        assert c.invalidate_tag("t") == n
+
+        # The near cache's listener is back on the new master and sees every change again.
+        wait_until(lambda: near.info()["listener_healthy"], "the listener did not come back")
+        wait_until(lambda: near.get("k5") == 5 and near._table.get("k5", None) == 5, "no L1 copy")
+        c.put("k5", "changed")
+        wait_until(lambda: near.get("k5") == "changed", "the near cache kept a stale copy")
+        assert near.get_many([f"k{i}" for i in range(100)]) == {**{f"k{i}": i for i in range(100)}, "k5": "changed"}
+        assert c.invalidate_tag("t") == n - 1  # (k5 was rewritten untagged)
+        assert near.get_many([f"k{i}" for i in range(100)]) == {"k5": "changed"}  # confirmed by its host
         c.put_many({k: 2 for k in batch})
         assert c.get_many(batch) == {k: 2 for k in batch}
-        assert c.flush() == len(batch)
+        assert c.flush() == len(batch) + 1  # and k5
     finally:
-        if c is not None:
-            try:
-                c.destroy()
-            except vela.VelaError:
-                c.close()
+        for handle in (near, c):
+            if handle is not None:
+                try:
+                    handle.destroy()
+                except vela.VelaError:
+                    handle.close()
         cl.stop()
 
 
