@@ -126,9 +126,10 @@ def test_every_process_agrees_on_the_recorded_shard_count(cluster):
 
 
 @pytest.mark.parametrize("opts, message", [
-    ({"shards": 0}, r"'shards'\] must be an int from 1 to 1024, not 0"),
-    ({"shards": True}, r"'shards'\] must be an int from 1 to 1024, not True"),
-    ({"shards": 2000}, r"'shards'\] must be an int from 1 to 1024, not 2000"),
+    ({"shards": 0}, r"'shards'\] must be an int from 1 to 256, not 0"),
+    ({"shards": True}, r"'shards'\] must be an int from 1 to 256, not True"),
+    ({"shards": 257}, r"'shards'\] must be an int from 1 to 256, not 257"),
+    ({"shards": "8"}, r"'shards'\] must be an int from 1 to 256, not '8'"),
 ])
 def test_bad_shard_counts_are_refused(opts, message):
     with pytest.raises(vela.OptionError, match=message):

@@ -43,6 +43,7 @@ of the host and the counters of stats(); with ``near_cache=True`` it also holds 
 L1 copies (see vela.stores.near and vela.stores.redis_listener).
 """
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -83,6 +84,7 @@ _INT_FIRST = frozenset(b"-0123456789")
 _CODEC_BYTES, _CODEC_STR = _native.CODEC_BYTES, _native.CODEC_STR
 _BATCH = 500  # entries per Lua call in put_many / delete_many
 _SHARDS = 64  # virtual shards of a cache on Redis Cluster (backend_opts['shards'])
+_MAX_SHARDS = 256  # (finding the shards' hash tags costs about N * N CRC16s: 70 ms for 256)
 _SLOTS = 16384  # hash slots of a Redis Cluster
 # What flush leaves in a shard: the numbering of invalidations and the hosts' listeners.
 _BOOKKEEPING = (b"iseq", b"hosts", b"hb:", b"ack:")
@@ -339,8 +341,8 @@ class _Opts:
             raise OptionError(f"backend_opts['cluster']: a {self.scheme}:// URL is not a cluster")
         shards = opts.get("shards")
         if shards is not None:
-            if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= 1024:
-                raise OptionError(f"backend_opts['shards'] must be an int from 1 to 1024, not {shards!r}")
+            if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= _MAX_SHARDS:
+                raise OptionError(f"backend_opts['shards'] must be an int from 1 to {_MAX_SHARDS}, not {shards!r}")
             if not self.cluster:
                 raise OptionError("backend_opts['shards'] applies to Redis Cluster only (a redis+cluster:// "
                                   "URL or cluster=True); any other URL keeps a cache in one namespace")
@@ -497,6 +499,12 @@ def _shard_tag(name, shard, count):
             return tag
 
 
+@functools.lru_cache(maxsize=64)
+def _cluster_shards(name, count):
+    """Shards of a cluster cache (computed once per process: see _shard_tag)."""
+    return Shards(name, count, True)
+
+
 def _resolve_shards(client, o):
     """The cache's Shards: on a cluster, the count recorded in Redis (recorded now if
     absent). Raises redis errors, or LayoutMismatch when ``o.shards`` disagrees."""
@@ -507,7 +515,7 @@ def _resolve_shards(client, o):
     if o.shards is not None and count != o.shards:
         raise LayoutMismatch(f"backend_opts['shards']={o.shards}, but the cache {o.name!r} in Redis at "
                              f"{o.where} has {count} shards (vela.destroy it to change)")
-    return Shards(o.name, count, True)
+    return _cluster_shards(o.name, count)
 
 
 # ---- values ------------------------------------------------------------------------
@@ -1374,7 +1382,7 @@ def destroy(name, backend_opts=None):
         keys = list(client.scan_iter(match=o.namespace + b"*", count=1000))
         removed = sum(client.unlink(*keys[i:i + 1000]) for i in range(0, len(keys), 1000)) if keys else 0
         if o.cluster:
-            home = Shards(o.name, int(client.get(o.shards_record) or 1), True).home
+            home = _cluster_shards(o.name, int(client.get(o.shards_record) or 1)).home
             client.unlink(o.shards_record)
         else:
             home = o.namespace
