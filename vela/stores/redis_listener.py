@@ -201,7 +201,7 @@ class Listener:
                 last_rx = now
                 kind = msg.get("type")
                 if kind == "message":
-                    if sharded:
+                    if sharded:  # (else the one-argument call, as wrappers of on_message expect)
                         self.on_message(msg["data"], msg["channel"])
                     else:
                         self.on_message(msg["data"])
