@@ -12,7 +12,7 @@ import redis
 
 import vela
 from conftest import new_name, run_in_child
-from redis_server import RedisCluster
+from redis_server import RedisCluster, free_port
 from stores import Store
 from test_contract import *  # noqa: F401,F403 - the contract cases, run below against the cluster
 from vela import _native
@@ -139,6 +139,19 @@ def test_bad_shard_counts_are_refused(opts, message):
 def test_shards_apply_to_a_cluster_only():
     with pytest.raises(vela.OptionError, match=r"'shards'\] applies to Redis Cluster only"):
         vela.Cache(new_name(), backend="redis", backend_opts={"url": "redis://127.0.0.1:1/0", "shards": 4})
+
+
+def test_a_cluster_with_no_reachable_node_is_unavailable():
+    name = new_name()
+    c = vela.Cache(name, backend="redis", backend_opts=dict(FAST, url=f"redis+cluster://127.0.0.1:{free_port()}",
+                                                            l1_segment=name + ".A"))
+    try:
+        for call in (lambda: c.get("k"), lambda: c.put("k", 1), lambda: c.get_many(["a", "b"]), c.size):
+            with pytest.raises(vela.BackendUnavailable, match="Redis Cluster cannot be connected"):
+                call()
+    finally:
+        c.close()
+        assert vela.destroy(name + ".A")  # the host table (Redis holds nothing of it)
 
 
 # ---- tags, flush, batches ------------------------------------------------------------------

@@ -96,7 +96,9 @@ _OPTIONS = {
 
 # Errors that mean "Redis cannot be reached now" (retried, then BackendUnavailable).
 _UNREACHABLE = (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, rex.TryAgainError,
-                rex.ReadOnlyError, rex.MasterDownError, OSError)
+                rex.ReadOnlyError, rex.MasterDownError, OSError,
+                # a cluster with no reachable node, or a slot without a master (a failover)
+                rex.SlotNotCoveredError, getattr(rex, "RedisClusterUnreachableError", rex.SlotNotCoveredError))
 
 # ---- Lua ---------------------------------------------------------------------------
 # Every script that changes an entry publishes the invalidation in the same call, so
