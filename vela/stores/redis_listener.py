@@ -24,9 +24,9 @@ Redis Cluster: each virtual shard of the cache (vela.stores.redis) numbers its
 messages and publishes them on its own channel; the listener subscribes to all of
 them on one node (a cluster forwards every PUBLISH to every node) and keeps one
 numbering per channel. A pong then vouches only for messages published on the node
-it is subscribed to, so there the heartbeat's check waits one more heartbeat for the
-other nodes' messages to arrive over the cluster bus (a bus slower than that costs a
-needless drop of L1, never a missed invalidation).
+it is subscribed to, so there the heartbeat's check waits BUS_GRACE longer (in
+heartbeats) for the other nodes' messages to arrive over the cluster bus (a bus
+slower than that costs a needless drop of L1, never a missed invalidation).
 
 Confirmation: the listener keeps its host registered (``P hosts``, ``P hb:<host>``
 with a lifetime of a few heartbeats). invalidate_tag and flush publish, after
@@ -36,6 +36,7 @@ before it, and the caller waits for every registered host.
 """
 
 import logging
+import math
 import threading
 import time
 import weakref
@@ -59,7 +60,7 @@ class Listener:
     :param heartbeat: seconds between pings (and heartbeats in L1 and in Redis).
     :param timeout: seconds a ping may take before Redis counts as lost.
     :param cross_node: messages may reach the subscription from other nodes (Redis
-        Cluster): the check of the numbers waits one more heartbeat.
+        Cluster): the check of the numbers waits BUS_GRACE longer.
     """
 
     #: heartbeats a host's registration outlives its last renewal: longer than the other
@@ -68,13 +69,17 @@ class Listener:
     #: its copies are gone (or until it answers again)
     REGISTRATION_BEATS = 8
 
+    #: seconds a message published on another node of a cluster may take to arrive
+    #: before the heartbeat's check counts it as lost (cluster bus: well under this)
+    BUS_GRACE = 0.5
+
     def __init__(self, near, make_client, prefix, host, heartbeat, timeout, cross_node=False):
         self.near = near
         self.make_client = make_client
         self.prefixes_of = prefix if callable(prefix) else (lambda client: [prefix])
         self.prefix = None if callable(prefix) else prefix   # the home shard's (known once connected)
         self.channels = []  # one per shard: the home's first
-        self.lag = 1 if cross_node else 0
+        self.lag = math.ceil(self.BUS_GRACE / heartbeat) if cross_node else 0  # in heartbeats
         self.host = host
         self.heartbeat = heartbeat
         self.timeout = timeout
