@@ -117,3 +117,120 @@ class RedisServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class RedisCluster:
+    """A real Redis Cluster on loopback: ``masters`` masters, ``replicas`` replicas each
+    (``redis-cli --cluster create``: even slot ranges), a short ``cluster-node-timeout``
+    so that a killed master's replica takes over within seconds.
+
+        cluster = RedisCluster(masters=3, replicas=1).start()
+        try:
+            ... cluster.url ... cluster.masters() ... cluster.kill(server) ...
+        finally:
+            cluster.stop()
+    """
+
+    def __init__(self, masters=3, replicas=0, node_timeout_ms=1000):
+        self.masters_wanted = masters
+        self.replicas = replicas
+        # The bus port is named: the default (port + 10000) is past 65535 for high ports.
+        self.servers = [RedisServer(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                     "--cluster-node-timeout", str(node_timeout_ms),
+                                     "--cluster-port", str(free_port())])
+                        for _ in range(masters * (1 + replicas))]
+
+    @property
+    def url(self):
+        """A redis+cluster:// URL naming every node (any of them serves as a start)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in self.servers)
+
+    def start(self, timeout=30.0):
+        try:
+            for server in self.servers:
+                server.start()
+            create = subprocess.run(
+                ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{s.port}" for s in self.servers],
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            if create.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout.decode()[-2000:]}"
+                                   f"{create.stderr.decode()[-2000:]}")
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def node_command(self, server, *args):
+        """One command to one node (not routed)."""
+        import redis
+
+        client = redis.Redis(port=server.port, socket_timeout=2.0)
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
+
+    def alive(self):
+        return [s for s in self.servers if s.proc is not None and s.proc.poll() is None]
+
+    def masters(self):
+        """The live masters, as the live nodes see them: [RedisServer, ..]."""
+        by_port = {s.port: s for s in self.alive()}
+        nodes = self.node_command(self.alive()[0], "CLUSTER", "NODES").decode().splitlines()
+        found = []
+        for line in nodes:
+            fields = line.split()
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            if "master" in fields[2].split(",") and "fail" not in fields[2] and port in by_port:
+                found.append(by_port[port])
+        return found
+
+    def replica_of(self, master):
+        """The live replica following ``master``."""
+        for server in self.alive():
+            role = self.node_command(server, "ROLE")
+            if role[0] == b"slave" and role[2] == master.port:
+                return server
+        raise AssertionError(f"no replica follows the master on port {master.port}")
+
+    def wait_healthy(self, timeout=30.0):
+        """Until every live node says cluster_state:ok and all 16384 slots have a live master."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if all(b"cluster_state:ok" in self.node_command(s, "CLUSTER", "INFO") for s in self.alive()) \
+                        and len(self.masters()) == self.masters_wanted:
+                    return
+            except Exception:  # noqa: BLE001 - a node still starting or just killed: ask again
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not become healthy")
+            time.sleep(0.05)
+
+    def wait_replicated(self, master, timeout=10.0):
+        """Until ``master``'s replica has applied every write the master has."""
+        replica = self.replica_of(master)
+        deadline = time.monotonic() + timeout
+        while True:
+            offset = _info_field(self.node_command(master, "INFO", "replication"), b"master_repl_offset")
+            if _info_field(self.node_command(replica, "INFO", "replication"), b"slave_repl_offset") >= offset:
+                return replica
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the replica of port {master.port} did not catch up")
+            time.sleep(0.02)
+
+    def stop(self):
+        for server in self.servers:
+            server.stop()
+
+
+def _info_field(info, name):
+    """An integer field of an INFO reply (raw bytes or redis-py's parsed dict)."""
+    if isinstance(info, dict):
+        return int(info[name.decode()])
+    for line in info.splitlines():
+        if line.startswith(name + b":"):
+            return int(line.split(b":", 1)[1])
+    raise KeyError(name)

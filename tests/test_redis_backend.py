@@ -911,8 +911,9 @@ def _exercise(c):
 
 
 def test_cluster_url():
-    """A one-node Redis Cluster holding every slot; keys share the {cache} hash slot."""
-    s = RedisServer(extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]).start()
+    """A one-node Redis Cluster holding every slot; keys spread over the cache's shards."""
+    s = RedisServer(extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                "--cluster-port", str(free_port())]).start()
     c = None
     try:
         r = redis.Redis(port=s.port)
@@ -925,8 +926,9 @@ def test_cluster_url():
         name = new_name()
         c = vela.Cache(name, backend="redis", near_cache=True, capacity="8MiB",
                        backend_opts={"url": f"redis+cluster://127.0.0.1:{s.port}", "l1_segment": name + ".A"})
-        assert c.info()["namespace"] == f"vela:{{{name}}}:"
+        assert c.info()["namespace"] == f"vela:{{{name}:*}}:"
         _exercise(c)
+        assert c.info()["shards"] == 64
         deadline = time.monotonic() + 5
         while not c._store.near.healthy():
             assert time.monotonic() < deadline, "no listener over the cluster"

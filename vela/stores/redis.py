@@ -5,8 +5,8 @@
 method keeps the meaning it has for the shared-memory cache; where Redis makes a
 difference, the method says so.
 
-Layout in Redis (``P`` = ``vela:<cache>:``; for Redis Cluster ``vela:{<cache>}:``,
-so that a cache's keys share one slot and its Lua scripts stay atomic):
+Layout in Redis (``P`` = ``vela:<cache>:``; on Redis Cluster, one ``P`` per virtual
+shard, see below):
 
 - ``P v:<key>``  the value: a codec byte + payload (0 bytes, 1 UTF-8 str, 3+ the
   serializer's), or the decimal digits of an int64 so that INCRBY works on it;
@@ -23,12 +23,27 @@ so that a cache's keys share one slot and its Lua scripts stay atomic):
 
 ``<key>`` is the canonical key encoding (the same bytes on every host).
 
+Redis Cluster (``redis+cluster://`` or ``cluster=True``): a cache is cut into N
+virtual shards (``backend_opts['shards']``, default 64), each a namespace
+``P = vela:{<cache>:<s>.<j>}:`` whose hash tag puts all of the shard's keys in one
+slot, so every Lua script keeps its keys in one shard and stays atomic. A key's shard
+is ``xxh3_64(<key>) % N`` (vela.ring.partition_of); a tag has one ``t:`` set per shard
+and invalidate_tag, flush and size run per shard and sum. ``j`` is the smallest number
+that puts shard ``s``'s slot in the s-th N-th of the 16384 slots: the shards spread
+evenly over the slot space, hence over masters holding even slot ranges. N is
+recorded once in ``vela:{<cache>}:shards`` (SET NX), so every process agrees; a
+handle asking for another N gets LayoutMismatch. Each shard numbers and publishes its
+own invalidations on its own channel ``P inv`` (a cluster forwards PUBLISH to every
+node: one subscription sees them all); the hosts' registrations and the acks live in
+shard 0's namespace. Any other URL is one shard, ``P = vela:<cache>:``, as before.
+
 The host table (a shared-memory segment, ``<cache>.redis-<hash of the URL>`` unless
 ``backend_opts["l1_segment"]`` names it) always exists: it holds the stampede leases
 of the host and the counters of stats(); with ``near_cache=True`` it also holds the
 L1 copies (see vela.stores.near and vela.stores.redis_listener).
 """
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -45,11 +60,12 @@ import redis
 import redis.exceptions as rex
 import xxhash
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.retry import Retry
 
-from .. import _native, options, serializers
-from ..errors import (BackendUnavailable, CacheClosed, CacheFull, OptionError, PartialWrite, ValueTooLarge,
-                      VelaError)
+from .. import _native, options, ring, serializers
+from ..errors import (BackendUnavailable, CacheClosed, CacheFull, LayoutMismatch, OptionError, PartialWrite,
+                      ValueTooLarge, VelaError)
 from ..segments import shm
 from ..segments.table import OpenTable
 from ..stamp import as_read, reading_stamps
@@ -68,15 +84,22 @@ _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _INT_FIRST = frozenset(b"-0123456789")
 _CODEC_BYTES, _CODEC_STR = _native.CODEC_BYTES, _native.CODEC_STR
 _BATCH = 500  # entries per Lua call in put_many / delete_many
+_SHARDS = 64  # virtual shards of a cache on Redis Cluster (backend_opts['shards'])
+_MAX_SHARDS = 256  # (finding the shards' hash tags costs about N * N CRC16s: 70 ms for 256)
+_SLOTS = 16384  # hash slots of a Redis Cluster
+# What flush leaves in a shard: the numbering of invalidations and the hosts' listeners.
+_BOOKKEEPING = (b"iseq", b"hosts", b"hb:", b"ack:")
 
 _OPTIONS = {
     "url", "cluster", "socket_timeout", "connect_timeout", "retries", "retry_backoff",
-    "l1_segment", "degraded_l1_ttl", "heartbeat", "lease_ttl", "listener", "client_options",
+    "l1_segment", "degraded_l1_ttl", "heartbeat", "lease_ttl", "listener", "client_options", "shards",
 }
 
 # Errors that mean "Redis cannot be reached now" (retried, then BackendUnavailable).
 _UNREACHABLE = (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, rex.TryAgainError,
-                rex.ReadOnlyError, rex.MasterDownError, OSError)
+                rex.ReadOnlyError, rex.MasterDownError, OSError,
+                # a cluster with no reachable node, or a slot without a master (a failover)
+                rex.SlotNotCoveredError, getattr(rex, "RedisClusterUnreachableError", rex.SlotNotCoveredError))
 
 # ---- Lua ---------------------------------------------------------------------------
 # Every script that changes an entry publishes the invalidation in the same call, so
@@ -353,6 +376,15 @@ class _Opts:
         self.cluster = cluster or self.scheme.endswith("+cluster")
         if self.cluster and self.scheme in ("unix", "redis+sentinel", "rediss+sentinel"):
             raise OptionError(f"backend_opts['cluster']: a {self.scheme}:// URL is not a cluster")
+        shards = opts.get("shards")
+        if shards is not None:
+            if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= _MAX_SHARDS:
+                raise OptionError(f"backend_opts['shards'] must be an int from 1 to {_MAX_SHARDS}, not {shards!r}")
+            if not self.cluster:
+                raise OptionError("backend_opts['shards'] applies to Redis Cluster only (a redis+cluster:// "
+                                  "URL or cluster=True); any other URL keeps a cache in one namespace")
+        self.shards = shards
+        self.name = name
         secs = _seconds_opt
         self.socket_timeout = secs("socket_timeout", opts.get("socket_timeout", 0.5))
         self.connect_timeout = secs("connect_timeout", opts.get("connect_timeout", 0.5))
@@ -389,7 +421,9 @@ class _Opts:
             self.l1_segment = options.check_name(segment)
         except OptionError as exc:
             raise OptionError(f"backend_opts['l1_segment']: {exc}") from None
-        self.namespace = (f"vela:{{{name}}}:" if self.cluster else f"vela:{name}:").encode()
+        # The namespace of a one-shard cache; a glob of every shard's on a cluster.
+        self.namespace = (f"vela:{{{name}:*}}:" if self.cluster else f"vela:{name}:").encode()
+        self.shards_record = f"vela:{{{name}}}:shards".encode()
 
     @property
     def where(self):
@@ -455,6 +489,72 @@ def _make_client(o):
     return redis.Redis.from_url(o.url, **kw)
 
 
+# ---- shards --------------------------------------------------------------------------
+
+
+class Shards:
+    """The namespaces (prefixes ``P``) of a cache's virtual shards; shard 0 is its home
+    (hosts' registrations, acks). One shard, ``vela:<cache>:``, unless on a cluster."""
+
+    def __init__(self, name, count, cluster):
+        if cluster:
+            self.prefixes = [f"vela:{{{_shard_tag(name, s, count)}}}:".encode() for s in range(count)]
+        else:
+            self.prefixes = [f"vela:{name}:".encode()]
+        self.count = len(self.prefixes)
+        self.home = self.prefixes[0]
+        self._index = {p: s for s, p in enumerate(self.prefixes)}
+
+    def of(self, enc):
+        """The prefix of the shard holding the encoded key ``enc``."""
+        if self.count == 1:
+            return self.home
+        return self.prefixes[ring.partition_of(enc, self.count)]
+
+    def group(self, encs):
+        """{prefix: [position in encs, ..]} in the order of first appearance."""
+        groups = {}
+        for i, enc in enumerate(encs):
+            groups.setdefault(self.of(enc), []).append(i)
+        return groups
+
+    def split(self, key):
+        """(prefix, rest) of a Redis key of this cache; (None, key) for any other key."""
+        if self.count == 1:
+            return (self.home, key[len(self.home):]) if key.startswith(self.home) else (None, key)
+        end = key.find(b"}:")
+        prefix = key[:end + 2]
+        return (prefix, key[end + 2:]) if end >= 0 and prefix in self._index else (None, key)
+
+
+def _shard_tag(name, shard, count):
+    """The hash tag of ``shard``: ``<name>:<shard>.<j>``, j the first that hashes into the
+    shard's N-th of the slots (about N tries of CRC16 each)."""
+    for j in itertools.count():
+        tag = f"{name}:{shard}.{j}"
+        if key_slot(tag.encode()) * count // _SLOTS == shard:
+            return tag
+
+
+@functools.lru_cache(maxsize=64)
+def _cluster_shards(name, count):
+    """Shards of a cluster cache (computed once per process: see _shard_tag)."""
+    return Shards(name, count, True)
+
+
+def _resolve_shards(client, o):
+    """The cache's Shards: on a cluster, the count recorded in Redis (recorded now if
+    absent). Raises redis errors, or LayoutMismatch when ``o.shards`` disagrees."""
+    if not o.cluster:
+        return Shards(o.name, 1, False)
+    old = client.set(o.shards_record, o.shards or _SHARDS, nx=True, get=True)
+    count = int(old) if old is not None else o.shards or _SHARDS
+    if o.shards is not None and count != o.shards:
+        raise LayoutMismatch(f"backend_opts['shards']={o.shards}, but the cache {o.name!r} in Redis at "
+                             f"{o.where} has {count} shards (vela.destroy it to change)")
+    return _cluster_shards(o.name, count)
+
+
 # ---- values ------------------------------------------------------------------------
 
 
@@ -510,6 +610,9 @@ class RedisStore:
     :param lease_ttl: seconds the cross-host stampede lease lives (default stampede_timeout).
     :param listener: False: this handle never becomes its host's listener (True).
     :param client_options: extra keyword arguments for redis-py (e.g. TLS certificates).
+    :param shards: Redis Cluster only: the virtual shards the cache is spread over (64),
+        recorded with the cache in Redis; a handle that gives another number gets
+        :class:`vela.LayoutMismatch`, one that gives none adopts the recorded one.
 
     A call that cannot reach Redis raises :class:`vela.BackendUnavailable` after at
     most ``(retries + 1) * (connect_timeout + socket_timeout)`` plus the backoffs.
@@ -525,9 +628,8 @@ class RedisStore:
         self.name = name
         self._dumps, self._codec, self._loaders = serializers.resolve(serializer)
         o = self._o = _Opts(self.name, backend_opts, stampede_timeout)
-        self._P = o.namespace
-        # What flush leaves: the numbering of invalidations and the hosts' listeners.
-        self._bookkeeping = tuple(self._P + k for k in (b"iseq", b"hosts", b"hb:", b"ack:"))
+        # On a cluster the shard count is read from Redis with the first client.
+        self._shards = None if o.cluster else Shards(name, 1, False)
         self._lease_px = max(1, int(o.lease_ttl * 1000))
 
         # The host table: L1 copies (stats off: this store counts itself) ...
@@ -565,9 +667,11 @@ class RedisStore:
         self._near = NearCache(self._table, l1_ttl, o.degraded_l1_ttl, marker_ttl=4 * o.heartbeat)
         if o.listener:
             try:
-                listener = Listener(self._near, lambda: _make_client(o), self._P,
+                prefixes = (lambda client: _resolve_shards(client, o).prefixes) if o.cluster else o.namespace
+                listener = Listener(self._near, lambda: _make_client(o), prefixes,
                                     host=socket.gethostname() + shm.segment_name(o.l1_segment),
-                                    heartbeat=o.heartbeat, timeout=o.socket_timeout + o.connect_timeout)
+                                    heartbeat=o.heartbeat, timeout=o.socket_timeout + o.connect_timeout,
+                                    cross_node=o.cluster)
                 self._agent = HostAgent(HostElection(o.l1_segment), listener, poll=o.heartbeat, owner=self)
                 self._agent.try_lead_now()
                 self._agent.start(self.name)
@@ -589,15 +693,18 @@ class RedisStore:
         return self._decode(r[0]), _remaining_ns(r[1]), _tag_names(r[2])
 
     def read_many(self, keys):
-        """``read`` of several keys, one round trip, in the order of ``keys``."""
-        names = []
-        for k in keys:
-            enc = _native.encode_key(k)
-            names += (self._vkey(enc), self._mkey(enc))
-        r = self._run("read_many", names, [])
-        return [(MISSING, 0, ()) if r[3 * i] is None else
-                (self._decode(r[3 * i]), _remaining_ns(r[3 * i + 1]), _tag_names(r[3 * i + 2]))
-                for i in range(len(keys))]
+        """``read`` of several keys, one round trip per shard, in the order of ``keys``."""
+        encs = [_native.encode_key(k) for k in keys]
+        out = [None] * len(keys)
+        for group in self._layout().group(encs).values():
+            names = []
+            for i in group:
+                names += (self._vkey(encs[i]), self._mkey(encs[i]))
+            r = self._run("read_many", names, [])
+            for j, i in enumerate(group):
+                out[i] = ((MISSING, 0, ()) if r[3 * j] is None else
+                          (self._decode(r[3 * j]), _remaining_ns(r[3 * j + 1]), _tag_names(r[3 * j + 2])))
+        return out
 
     def _after_fork(self):
         self._client = None  # the parent's sockets stay the parent's
@@ -621,6 +728,8 @@ class RedisStore:
             self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SCRIPTS.items()}
             self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}:".encode()
             self._owner_seq = itertools.count()
+            if self._o.cluster:
+                self._shards = _resolve_shards(client, self._o)
             self._client = client
             self._client_generation = _fork_generation
         return self._client
@@ -683,6 +792,27 @@ class RedisStore:
         except rex.RedisError as exc:
             raise VelaError(f"Redis at {self._o.where}: {exc}") from exc
 
+    def _call_many(self, commands):
+        """Several idempotent commands (each within one shard) in one pipeline; a
+        cluster sends each node its share. Retried and translated as ``_call``."""
+        if len(commands) == 1:
+            return [self._call(commands[0])]
+
+        def run(client):
+            pipe = client.pipeline(transaction=False)
+            for args in commands:
+                pipe.execute_command(*args)
+            return pipe.execute()
+
+        for attempt in range(self._o.retries + 1):
+            if attempt:
+                time.sleep(self._o.retry_backoff * 2 ** (attempt - 1))
+            try:
+                return self._call_client(run)
+            except BackendUnavailable:
+                if attempt == self._o.retries:
+                    raise
+
     def _script_of(self, sha):
         return next(name for name, h in self._shas.items() if h == sha)
 
@@ -699,11 +829,33 @@ class RedisStore:
             return BackendUnavailable(f"Redis at {self._o.where} is unavailable: {msg}")
         return VelaError(f"Redis at {self._o.where}: {msg}")
 
+    # Key naming: every Redis key of an entry comes from these helpers. A script given
+    # an entry's keys takes ``self._prefix(enc)`` as its ARGV[1] (its shard's ``P``).
+
+    def _layout(self):
+        """The Shards of this cache (on a cluster, read from Redis the first time)."""
+        shards = self._shards
+        if shards is None:
+            shards = self._call_client(lambda client: self._shards)
+        return shards
+
+    @property
+    def _P(self):
+        """The home shard's prefix (the only one off a cluster)."""
+        return self._layout().home
+
+    def _prefix(self, enc):
+        """The prefix ``P`` of the shard holding the encoded key ``enc``."""
+        return (self._shards or self._layout()).of(enc)
+
     def _vkey(self, enc):
-        return self._P + b"v:" + enc
+        return self._prefix(enc) + b"v:" + enc
 
     def _mkey(self, enc):
-        return self._P + b"m:" + enc
+        return self._prefix(enc) + b"m:" + enc
+
+    def _lkey(self, enc):
+        return self._prefix(enc) + b"l:" + enc
 
     def _encode(self, value):
         t = type(value)
@@ -752,14 +904,14 @@ class RedisStore:
         return enc, raw
 
     def _store(self, entries, ns, tags, owner=b"", lease_key=None):
-        """Write entries [(enc, raw)] in one Lua call (publishes their invalidation)."""
+        """Write entries [(enc, raw)] of one shard in one Lua call (publishes their invalidation)."""
         keys, vals = [], []
         for enc, raw in entries:
             keys += (self._vkey(enc), self._mkey(enc))
             vals += (enc, raw)
         if lease_key is not None:
             keys.append(lease_key)
-        args = [self._P, _px(ns), owner, len(tags), *tags, *vals]
+        args = [self._prefix(entries[0][0]), _px(ns), owner, len(tags), *tags, *vals]
         self._run("store", keys, args)
 
     def _check_open(self):
@@ -801,7 +953,12 @@ class RedisStore:
             found = {}
         else:
             encs = [_native.encode_key(k) for k in keys]
-            raws = self._call(("MGET", *[self._vkey(e) for e in encs]))
+            groups = list(self._layout().group(encs).values())  # one MGET per shard
+            replies = self._call_many([("MGET", *[self._vkey(encs[i]) for i in group]) for group in groups])
+            raws = [None] * len(keys)
+            for group, reply in zip(groups, replies):
+                for i, raw in zip(group, reply):
+                    raws[i] = raw
             found = {k: self._decode(raw) for k, raw in zip(keys, raws) if raw is not None}
         count_lookups(self._bump, keys, found)
         return found
@@ -826,7 +983,7 @@ class RedisStore:
         tags = _tag_bytes(tags)
         enc, raw = self._entry(key, value, tags)
         stored = bool(self._run("add", [self._vkey(enc), self._mkey(enc)],
-                                [self._P, _px(ns), len(tags), *tags, enc, raw], idempotent=False))
+                                [self._prefix(enc), _px(ns), len(tags), *tags, enc, raw], idempotent=False))
         if stored:
             self._bump("writes")
         return stored
@@ -838,7 +995,7 @@ class RedisStore:
         tags = _tag_bytes(tags)
         enc, raw = self._entry(key, value, tags)
         stored = bool(self._run("replace", [self._vkey(enc), self._mkey(enc)],
-                                [self._P, _px(ns), len(tags), *tags, enc, raw]))
+                                [self._prefix(enc), _px(ns), len(tags), *tags, enc, raw]))
         if stored:
             self._bump("writes")
         return stored
@@ -850,41 +1007,46 @@ class RedisStore:
         self._check_open()
         enc, raw = self._entry(key, new)
         stored = bool(self._run("cas", [self._vkey(enc), self._mkey(enc)],
-                                [self._P, enc, self._encode(expected), raw, _px(ns)], idempotent=False))
+                                [self._prefix(enc), enc, self._encode(expected), raw, _px(ns)],
+                                idempotent=False))
         if stored:
             self._bump("writes")
         return stored
 
     def put_many(self, items, ns, tags):
-        """Store every item, in Lua calls of 500; every item is checked before the first
-        is stored. A call that fails after some were stored raises vela.PartialWrite."""
+        """Store every item, in Lua calls of 500 per shard (each call all or nothing);
+        every item is checked before the first is stored. A call that fails after some
+        were stored raises vela.PartialWrite naming the keys of the calls that succeeded."""
         self._check_open()
         tags = _tag_bytes(tags)
         entries = [self._entry(k, v, tags) for k, v in items]
-        done = 0
+        calls = [group[i:i + _BATCH] for group in self._layout().group([e[0] for e in entries]).values()
+                 for i in range(0, len(group), _BATCH)]
+        done = []  # positions in items of the calls that succeeded
         try:
-            for i in range(0, len(entries), _BATCH):
-                self._store(entries[i:i + _BATCH], ns, tags)
-                done = min(len(entries), i + _BATCH)
+            for call in calls:
+                self._store([entries[i] for i in call], ns, tags)
+                done += call
         except BackendUnavailable as exc:
             if not done:
                 raise
-            stored = {k for k, _ in items[:done]}
-            failed = {k for k, _ in items[done:]} - stored
+            stored = {items[i][0] for i in done}
+            failed = {k for k, _ in items} - stored
             raise PartialWrite(f"put_many stored {len(stored)} of {len(stored) + len(failed)} keys: {exc} "
                                "(.stored and .failed name them)", stored, failed) from exc
         finally:
             if done:
-                self._bump("writes", done)
+                self._bump("writes", len(done))
 
     def _delete_encs(self, encs):
         removed = 0
-        for i in range(0, len(encs), _BATCH):
-            chunk = encs[i:i + _BATCH]
-            keys = []
-            for enc in chunk:
-                keys += (self._vkey(enc), self._mkey(enc))
-            removed += self._run("delete", keys, [self._P, *chunk])
+        for group in self._layout().group(encs).values():
+            for i in range(0, len(group), _BATCH):
+                chunk = [encs[j] for j in group[i:i + _BATCH]]
+                keys = []
+                for enc in chunk:
+                    keys += (self._vkey(enc), self._mkey(enc))
+                removed += self._run("delete", keys, [self._prefix(chunk[0]), *chunk])
         return removed
 
     def delete(self, key):
@@ -907,7 +1069,7 @@ class RedisStore:
         """Give ``key`` a new time to live; True when it exists."""
         self._check_open()
         enc = _native.encode_key(key)
-        done = self._run("touch", [self._vkey(enc), self._mkey(enc)], [self._P, enc, _px(ns)]) == 1
+        done = self._run("touch", [self._vkey(enc), self._mkey(enc)], [self._prefix(enc), enc, _px(ns)]) == 1
         return done
 
     def incr(self, key, delta, ns, initial=0):
@@ -917,7 +1079,8 @@ class RedisStore:
         self._check_open()
         enc = _native.encode_key(key)
         try:
-            raw = self._run("incr", [self._vkey(enc), self._mkey(enc)], [self._P, enc, delta, _px(ns), initial],
+            raw = self._run("incr", [self._vkey(enc), self._mkey(enc)],
+                            [self._prefix(enc), enc, delta, _px(ns), initial],
                             idempotent=False)
         except VelaError as exc:
             msg = str(exc)
@@ -975,7 +1138,7 @@ class RedisStore:
         """(HIT, value, None, waited) or (MINE/ALONE, None, (owner, lease key), waited)."""
         fill = reserve() if reserve is not None else None
         enc = _native.encode_key(key)
-        vkey, lkey = self._vkey(enc), self._P + b"l:" + enc
+        vkey, lkey = self._vkey(enc), self._lkey(enc)
         owner = b""
         if lease:
             self._redis()
@@ -1060,31 +1223,42 @@ class RedisStore:
     # ---- tags, flush, size --------------------------------------------------------------
 
     def invalidate_tag(self, tag, drop_copies=None):
-        """Remove every entry carrying ``tag`` (one atomic Lua call); returns how many
-        live entries were removed. Returns once every host whose near-cache listener is
-        subscribed has dropped its copies of them.
+        """Remove every entry carrying ``tag`` (one atomic Lua call per shard); returns
+        how many live entries were removed. Returns once every host whose near-cache
+        listener is subscribed has dropped its copies of them.
 
         :raises vela.BackendUnavailable: a host did not confirm (the entries are removed
-            in Redis; that host's copies live until it is found stalled, or their age).
+            in Redis; that host's copies live until it is found stalled, or their age),
+            or a shard could not be reached (the shards before it are done: call again).
         """
         self._check_open()
         b = tag.encode("utf-8")
         ack = self._ack_key()
-        count, encs, hosts = self._run("invalidate_tag", [self._P + b"t:" + b], [self._P, b, ack])
+        count, encs, hosts = 0, [], []
+        prefixes = self._layout().prefixes
+        for prefix in prefixes:
+            # Each shard asks for the ack after its own invalidations (in its stream);
+            # the hosts registered in the home shard answer once per shard.
+            n, removed, live = self._run("invalidate_tag", [prefix + b"t:" + b], [prefix, b, ack])
+            count += n
+            encs += removed
+            hosts = live if prefix == prefixes[0] else hosts
         if count:
             self._bump("invalidations", count)
         if drop_copies is not None:
             drop_copies([_native.decode_key(enc) for enc in encs])
-        self._confirm(ack, hosts, f"invalidate_tag removed {count} entries")
+        self._confirm(ack, hosts, f"invalidate_tag removed {count} entries", times=len(prefixes))
         return count
 
     def _ack_key(self):
         return self._P + b"ack:" + secrets.token_hex(8).encode()
 
-    def _confirm(self, ack, hosts, done):
-        """Wait until every host in ``hosts`` answered on the list ``ack`` (its listener
-        applied every invalidation published before the request), ack_timeout at most."""
-        waiting = {h.decode() if isinstance(h, bytes) else h for h in hosts}
+    def _confirm(self, ack, hosts, done, times=1):
+        """Wait until every host in ``hosts`` answered ``times`` on the list ``ack`` (its
+        listener applied every invalidation published before the requests), ack_timeout
+        at most."""
+        due = {h.decode() if isinstance(h, bytes) else h: times for h in hosts}
+        waiting = set(due)
         deadline = time.monotonic() + self._o.ack_timeout
         while waiting:
             left = deadline - time.monotonic()
@@ -1096,7 +1270,10 @@ class RedisStore:
             answer = self._call(("BLPOP", ack, "%.3f" % max(0.001, min(left, self._o.socket_timeout / 2))),
                                 idempotent=False)
             if answer:
-                waiting.discard(answer[1].decode())
+                host = answer[1].decode()
+                due[host] = due.get(host, 1) - 1
+                if due[host] <= 0:
+                    waiting.discard(host)
         if hosts:
             self._call(("UNLINK", ack))
 
@@ -1113,21 +1290,37 @@ class RedisStore:
         if drop_copies is not None:
             drop_copies(None)
         ack = self._ack_key()
-        self._confirm(ack, self._run("announce", [], [self._P, FLUSH_ALL, ack]), f"flush removed {count} entries")
+        home = self._P  # (the script's key only routes it to the home shard's node)
+        hosts = self._run("announce", [home + b"hosts"], [home, FLUSH_ALL, ack])
+        self._confirm(ack, hosts, f"flush removed {count} entries")
         return count
 
+    def _keys_by_shard(self, kind=b""):
+        """{prefix: [key, ..]} of the Redis keys of this cache whose name goes on with
+        ``kind`` (b"v:": the entries) after their shard's prefix (one SCAN of the
+        database; on a cluster, of every master)."""
+        shards = self._layout()
+        found = {}
+        for key in self._scan(self._o.namespace + kind + b"*"):
+            prefix, rest = shards.split(key)
+            if prefix is not None and rest.startswith(kind):
+                found.setdefault(prefix, []).append(key)
+        return found
+
     def _flush_redis(self, everything=False):
-        """Remove the entries; the hosts' bookkeeping too when ``everything``."""
-        keys = self._scan(self._P + b"*")
-        values = [k for k in keys if k.startswith(self._P + b"v:")]
-        others = [k for k in keys if not k.startswith(self._P + b"v:")
-                  and (everything or not k.startswith(self._bookkeeping))]
+        """Remove the entries, shard by shard; the hosts' bookkeeping too when ``everything``."""
         count = 0
-        for i in range(0, len(values), 1000):
-            count += self._call(("UNLINK", *values[i:i + 1000]))
-        for i in range(0, len(others), 1000):
-            self._call(("UNLINK", *others[i:i + 1000]))
+        for prefix, keys in self._keys_by_shard().items():
+            values = [k for k in keys if k.startswith(prefix + b"v:")]
+            others = [k for k in keys if not k.startswith(prefix + b"v:")
+                      and (everything or not k[len(prefix):].startswith(_BOOKKEEPING))]
+            for i in range(0, len(values), 1000):
+                count += self._call(("UNLINK", *values[i:i + 1000]))
+            for i in range(0, len(others), 1000):
+                self._call(("UNLINK", *others[i:i + 1000]))
         if everything:
+            if self._o.cluster:
+                self._call(("UNLINK", self._o.shards_record))
             self._call(("PUBLISH", self._P + b"inv", FLUSH_ALL))
         return count
 
@@ -1139,9 +1332,10 @@ class RedisStore:
         return 0
 
     def size(self):
-        """Entries of this cache in Redis (expired ones never count). Costs a SCAN."""
+        """Entries of this cache in Redis (expired ones never count). Costs a SCAN
+        (on a cluster, of every master), counted per shard."""
         self._check_open()
-        return len(self._scan(self._P + b"v:*"))
+        return sum(len(keys) for keys in self._keys_by_shard(b"v:").values())
 
     def stats(self, reset):
         """Counters of this host (summed over its processes), and figures of the store.
@@ -1164,11 +1358,13 @@ class RedisStore:
         self._counters.stats(True)
 
     def info(self):
-        """The host table's layout and memory figures, plus where the entries live."""
+        """The host table's layout and memory figures, plus where the entries live
+        (``shards`` is None on a cluster until this handle first reached Redis)."""
         self._check_open()
         info = dict(self._table.info())
         agent = self._agent
-        info.update(backend="redis", url=self._o.where, namespace=self._P.decode(),
+        info.update(backend="redis", url=self._o.where, namespace=self._o.namespace.decode(),
+                    shards=self._shards.count if self._shards is not None else None,
                     l1_segment=self._o.l1_segment, near_cache=self._near is not None,
                     listener=bool(agent and agent.is_listener),
                     listener_healthy=bool(self._near and self._near.healthy()))
@@ -1256,7 +1452,12 @@ def destroy(name, backend_opts=None):
     try:
         keys = list(client.scan_iter(match=o.namespace + b"*", count=1000))
         removed = sum(client.unlink(*keys[i:i + 1000]) for i in range(0, len(keys), 1000)) if keys else 0
-        client.publish(o.namespace + b"inv", b"*")
+        if o.cluster:
+            home = _cluster_shards(o.name, int(client.get(o.shards_record) or 1)).home
+            client.unlink(o.shards_record)
+        else:
+            home = o.namespace
+        client.publish(home + b"inv", b"*")
     except (rex.ConnectionError, rex.TimeoutError) as exc:
         raise BackendUnavailable(f"Redis at {o.where} is unavailable: {exc}") from exc
     finally:

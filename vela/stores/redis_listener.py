@@ -20,6 +20,14 @@ number skipped drops all of L1 too; at every heartbeat the listener reads the
 last number, then pings on the subscription: when the pong arrives, every
 message numbered up to it has arrived, or was lost (then L1 is dropped).
 
+Redis Cluster: each virtual shard of the cache (vela.stores.redis) numbers its
+messages and publishes them on its own channel; the listener subscribes to all of
+them on one node (a cluster forwards every PUBLISH to every node) and keeps one
+numbering per channel. A pong then vouches only for messages published on the node
+it is subscribed to, so there the heartbeat's check waits BUS_GRACE longer (in
+heartbeats) for the other nodes' messages to arrive over the cluster bus (a bus
+slower than that costs a needless drop of L1, never a missed invalidation).
+
 Confirmation: the listener keeps its host registered (``P hosts``, ``P hb:<host>``
 with a lifetime of a few heartbeats). invalidate_tag and flush publish, after
 their invalidation, a request to acknowledge (``a`` + a list's name); the
@@ -28,6 +36,7 @@ before it, and the caller waits for every registered host.
 """
 
 import logging
+import math
 import threading
 import time
 import weakref
@@ -45,9 +54,13 @@ class Listener:
     :param near: the :class:`vela.stores.near.NearCache` of this host.
     :param make_client: ``() -> redis client`` (the listener's own connections).
     :param prefix: bytes, the cache's ``vela:<cache>:``; the channel is ``<prefix>inv``.
+        Or, for a sharded cache, ``(client) -> [prefix, ..]`` (home shard first), read
+        at each connection: one channel per shard; registrations and acks in the home's.
     :param host: this host's name among the cache's hosts (str).
     :param heartbeat: seconds between pings (and heartbeats in L1 and in Redis).
     :param timeout: seconds a ping may take before Redis counts as lost.
+    :param cross_node: messages may reach the subscription from other nodes (Redis
+        Cluster): the check of the numbers waits BUS_GRACE longer.
     """
 
     #: heartbeats a host's registration outlives its last renewal: longer than the other
@@ -56,11 +69,17 @@ class Listener:
     #: its copies are gone (or until it answers again)
     REGISTRATION_BEATS = 8
 
-    def __init__(self, near, make_client, prefix, host, heartbeat, timeout):
+    #: seconds a message published on another node of a cluster may take to arrive
+    #: before the heartbeat's check counts it as lost (cluster bus: well under this)
+    BUS_GRACE = 0.5
+
+    def __init__(self, near, make_client, prefix, host, heartbeat, timeout, cross_node=False):
         self.near = near
         self.make_client = make_client
-        self.prefix = prefix
-        self.channel = prefix + b"inv"
+        self.prefixes_of = prefix if callable(prefix) else (lambda client: [prefix])
+        self.prefix = None if callable(prefix) else prefix   # the home shard's (known once connected)
+        self.channels = []  # one per shard: the home's first
+        self.lag = math.ceil(self.BUS_GRACE / heartbeat) if cross_node else 0  # in heartbeats
         self.host = host
         self.heartbeat = heartbeat
         self.timeout = timeout
@@ -80,18 +99,22 @@ class Listener:
         """
         self.close_pubsub()
         self.client = self.make_client()
+        prefixes = self.prefixes_of(self.client)
+        self.prefix, self.channels = prefixes[0], [p + b"inv" for p in prefixes]
         ps = self.client.pubsub()
         self.pubsub = ps
-        ps.subscribe(self.channel)
+        ps.subscribe(*self.channels)
         deadline = time.monotonic() + self.timeout
-        while True:
+        confirmed = 0
+        while confirmed < len(self.channels):
             msg = ps.get_message(timeout=max(0.0, deadline - time.monotonic()))
             if msg is not None and msg.get("type") == "subscribe":
-                break
-            if time.monotonic() >= deadline:
+                confirmed += 1
+            elif time.monotonic() >= deadline:
                 raise redis.exceptions.TimeoutError("no confirmation of the subscription")
-        # Numbers up to this one were published before we dropped L1: accounted for.
-        self.numbering.start(None, None, self._last_number())
+        # Numbers up to these were published before we dropped L1: accounted for.
+        for origin, last in self._last_numbers().items():
+            self.numbering.start(origin, None, last)
         self.near.drop_all()
         self.near.mark_healthy()
         self._register()
@@ -99,8 +122,15 @@ class Listener:
         self._dropped = False
         self.subscriptions += 1
 
-    def _last_number(self):
-        return int(self.client.get(self.prefix + b"iseq") or 0)
+    def _last_numbers(self):
+        """{origin: the last number it published}; an origin is a shard's channel, or
+        None when the cache has one shard (one channel)."""
+        if len(self.channels) == 1:
+            return {None: int(self.client.get(self.prefix + b"iseq") or 0)}
+        pipe = self.client.pipeline(transaction=False)
+        for channel in self.channels:
+            pipe.get(channel[:-len(b"inv")] + b"iseq")
+        return {channel: int(n or 0) for channel, n in zip(self.channels, pipe.execute())}
 
     def _register(self):
         ttl_ms = max(1, int(self.REGISTRATION_BEATS * self.heartbeat * 1000))
@@ -112,7 +142,7 @@ class Listener:
     def unregister(self):
         """Leaving the role: callers need not wait for this host any more (best effort;
         a registration left behind expires by itself)."""
-        if self.client is None:
+        if self.client is None or self.prefix is None:
             return
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -137,10 +167,10 @@ class Listener:
             self.near.drop_all()
             self._dropped = True
 
-    def on_message(self, data):
-        """Apply one message of the channel (numbered or not)."""
+    def on_message(self, data, channel=None):
+        """Apply one message of ``channel`` (None: the only one), numbered or not."""
         number, body = split_number(data)
-        if number is not None and self.numbering.received(None, None, number):
+        if number is not None and self.numbering.received(channel, None, number):
             self._gap(number - 1)
         if body[:1] == b"a":
             self._acknowledge(body[1:])
@@ -167,7 +197,8 @@ class Listener:
         last_rx = time.monotonic()
         next_ping = last_rx + hb
         pings = pongs = 0
-        check = None  # (ping number, last message number published before that ping)
+        check = None  # (pong awaited, {origin: last number published before the ping})
+        sharded = len(self.channels) > 1
         while not stop.is_set():
             msg = ps.get_message(timeout=min(hb, max(0.0, next_ping - time.monotonic())))
             now = time.monotonic()
@@ -175,19 +206,24 @@ class Listener:
                 last_rx = now
                 kind = msg.get("type")
                 if kind == "message":
-                    self.on_message(msg["data"])
+                    if sharded:  # (else the one-argument call, as wrappers of on_message expect)
+                        self.on_message(msg["data"], msg["channel"])
+                    else:
+                        self.on_message(msg["data"])
                 elif kind == "pong" and msg.get("data") == b"vela":
                     pongs += 1
                     if check is not None and pongs >= check[0]:
-                        if self.numbering.announced(None, None, check[1]):
-                            self._gap(check[1])
+                        for origin, last in check[1].items():
+                            if self.numbering.announced(origin, None, last):
+                                self._gap(last)
                         check = None
             if now >= next_ping:
                 if check is None:
-                    last = self._last_number()
-                    if self.numbering.counted(None, None, last):
-                        self._gap(last)
-                    check = (pings + 1, last)
+                    lasts = self._last_numbers()
+                    for origin, last in lasts.items():
+                        if self.numbering.counted(origin, None, last):
+                            self._gap(last)
+                    check = (pings + 1 + self.lag, lasts)
                 ps.ping(b"vela")
                 pings += 1
                 near.mark_healthy()
