@@ -480,10 +480,13 @@ class Cache:
         start = time.perf_counter_ns() if telemetry.active else 0
         count = self._store.invalidate_tag(tag)
         if telemetry.active:
-            telemetry.execute(self._events["invalidate_tag"],
-                              {"duration": time.perf_counter_ns() - start, "count": count},
-                              {"cache": self.name, "tag": tag})
+            self._emit_count("invalidate_tag", start, count, {"tag": tag})
         return count
+
+    def _emit_count(self, op, start, count, meta):
+        """The event of a call that removes entries (its count is a measurement)."""
+        telemetry.execute(self._events[op], {"duration": time.perf_counter_ns() - start, "count": count},
+                          dict(meta, cache=self.name))
 
     def flush(self) -> int:
         """Remove every entry; returns how many distinct live entries were removed."""
@@ -492,9 +495,7 @@ class Cache:
         start = time.perf_counter_ns() if telemetry.active else 0
         count = self._store.flush()
         if telemetry.active:
-            telemetry.execute(self._events["flush"],
-                              {"duration": time.perf_counter_ns() - start, "count": count},
-                              {"cache": self.name})
+            self._emit_count("flush", start, count, {})
         return count
 
     def expire(self) -> int:
@@ -574,6 +575,114 @@ class Cache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ---- asyncio ----------------------------------------------------------------------
+    # The same checks, counters and events as the sync methods; only the store call
+    # differs: a store's async variant (``a<op>``: Redis through redis.asyncio, a
+    # partitioned cache through asyncio streams, a replicated flush waiting on its
+    # bridge) when it has one, else its sync method inline (a shared-memory call takes
+    # microseconds). Every call is cancel-safe: cancelled at its await, it leaves no
+    # half-written entry, connection or lease behind (vela/stores: each async variant
+    # says how).
+
+    def _astore(self, op: str) -> Callable[..., Any]:
+        store = self._store
+        if store.closed:  # (its sync method raises CacheClosed, as the sync call does)
+            return _inline(getattr(store, op))
+        return getattr(store, "a" + op, None) or _inline(getattr(store, op))
+
+    async def aget(self, key: Key, default: Any = None) -> Any:
+        """:meth:`get` for asyncio: the value stored under ``key``, or ``default``."""
+        start = time.perf_counter_ns() if telemetry.active else 0
+        value = await self._astore("get")(key, MISSING)
+        if telemetry.active:
+            self._emit("get", start, {"key": key, "result": "miss" if value is MISSING else "hit"})
+        return default if value is MISSING else value
+
+    async def aexists(self, key: Key) -> bool:
+        """:meth:`exists` for asyncio (not counted as a hit or miss)."""
+        return await self._astore("contains")(key)
+
+    async def aput(self, key: Key, value: Any, ttl: Optional[float] = None, tags: Iterable[str] = ()) -> None:
+        """:meth:`put` for asyncio; takes and raises what :meth:`put` does."""
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        tags = options.tags(tags)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        await self._astore("put")(key, value, ns, tags)
+        if telemetry.active:
+            self._emit("put", start, {"key": key, "ttl": ttl})
+
+    async def adelete(self, key: Key) -> bool:
+        """:meth:`delete` for asyncio: True when something was removed."""
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        start = time.perf_counter_ns() if telemetry.active else 0
+        removed = await self._astore("delete")(key)
+        if telemetry.active:
+            self._emit("delete", start, {"key": key, "result": removed})
+        return removed
+
+    async def aget_many(self, keys: Iterable[Key]) -> dict[Any, Any]:
+        """:meth:`get_many` for asyncio: ``{key: value}`` for the keys present."""
+        keys = list(keys)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        found = await self._astore("get_many")(keys)
+        if telemetry.active:
+            self._emit("get", start, {"keys": len(keys), "hits": len(found)})
+        return found
+
+    async def aput_many(self, mapping: Union[Mapping[Any, Any], Iterable[Tuple[Key, Any]]],
+                        ttl: Optional[float] = None, tags: Iterable[str] = ()) -> None:
+        """:meth:`put_many` for asyncio: every item is checked before the first is stored;
+        raises what :meth:`put_many` does (``vela.PartialWrite`` where a batch spans owners)."""
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        tags = options.tags(tags)
+        start = time.perf_counter_ns() if telemetry.active else 0
+        await self._astore("put_many")(items, ns, tags)
+        if telemetry.active:
+            self._emit("put", start, {"keys": len(items), "ttl": ttl})
+
+    async def ainvalidate_tag(self, tag: str) -> int:
+        """:meth:`invalidate_tag` for asyncio: how many live entries were removed.
+
+        Waiting for the other members (replicated, partitioned) or hosts (a near cache)
+        never blocks the event loop. Cancelled while it waits, the removal stands where
+        it was made and still reaches the members (as when they do not answer in time).
+        """
+        tag = options.tag(tag)
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        start = time.perf_counter_ns() if telemetry.active else 0
+        count = await self._astore("invalidate_tag")(tag)
+        if telemetry.active:
+            self._emit_count("invalidate_tag", start, count, {"tag": tag})
+        return count
+
+    async def aflush(self) -> int:
+        """:meth:`flush` for asyncio: how many distinct live entries were removed (waits
+        as :meth:`ainvalidate_tag` does)."""
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        start = time.perf_counter_ns() if telemetry.active else 0
+        count = await self._astore("flush")()
+        if telemetry.active:
+            self._emit_count("flush", start, count, {})
+        return count
+
+    async def __aenter__(self) -> Cache:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Closes the handle (as ``with``; the async stores' connections of this handle go too)."""
+        aclose = getattr(self._store, "aclose", None)
+        if aclose is not None and not self.closed:
+            await aclose()
+        self.close()
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else self._store.describe()
         return f"<vela.Cache {self.name!r} ({state})>"
@@ -598,6 +707,13 @@ class Cache:
         ``cache.throttle("api", 100, per=60).allow()``. See :class:`vela.locks.Throttle`."""
         return Throttle(self, name, rate, per)
 
+
+
+def _inline(method: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """The sync store call as a coroutine function that runs it at once (a local call)."""
+    async def call(*args: Any) -> Any:
+        return method(*args)
+    return call
 
 
 def _telemetry_changed(active):
