@@ -55,7 +55,6 @@ from ..segments.table import OpenTable
 from .base import ALONE, HIT, MINE, MISSING, TIMEOUT, count_lookups
 from .local import POLL_NS
 from .near import FLUSH_ALL, HostElection, NearCache
-from .redis_aio import RedisAsync
 from .redis_listener import HostAgent, Listener
 
 _MISSING = MISSING  # the one sentinel of the L1 and L2 paths
@@ -459,7 +458,7 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RedisStore(RedisAsync):
+class RedisStore:
     """A cache whose entries live in Redis, shared by every host that uses the same URL.
 
     ``backend_opts`` (checked here; the other options by :class:`vela.Cache`):
@@ -720,6 +719,16 @@ class RedisStore(RedisAsync):
     def _store(self, entries, ns, tags, owner=b"", lease_key=None):
         """Write entries [(enc, raw)] in one Lua call (publishes their invalidation)."""
         self._run("store", *self._store_call(entries, ns, tags, owner, lease_key))
+
+    def _store_call(self, entries, ns, tags, owner=b"", lease_key=None):
+        """(keys, args) of the "store" script for entries [(enc, raw)] (the async API sends it too)."""
+        keys, vals = [], []
+        for enc, raw in entries:
+            keys += (self._vkey(enc), self._mkey(enc))
+            vals += (enc, raw)
+        if lease_key is not None:
+            keys.append(lease_key)
+        return keys, [self._P, _px(ns), owner, len(tags), *tags, *vals]
 
     def _check_open(self):
         if self._closed:

@@ -1,7 +1,8 @@
 """The Redis store's asyncio API: the same commands and Lua scripts, sent with ``redis.asyncio``.
 
-:class:`RedisAsync` is a base class of :class:`vela.stores.redis.RedisStore`: its
-``a*`` methods are the store's async variants (vela.Cache's ``aget``, ``aput``, ...).
+:class:`AsyncRedisStore` is the Redis store vela.Cache opens: the sync store of
+vela.stores.redis plus its async variants, the ``a*`` methods vela.Cache's ``aget``,
+``aput``, ... call.
 They build key names, values and script arguments with the store's own helpers and
 count on the same host counters; only the client differs: one ``redis.asyncio``
 client per event loop (a connection belongs to the loop that opened it), made on
@@ -21,39 +22,38 @@ import asyncio
 import os
 import weakref
 
+import redis.asyncio
+import redis.exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
 from .. import _native
 from ..errors import BackendUnavailable, OptionError, VelaError
 from .base import MISSING, count_lookups
+from .near import FLUSH_ALL
+from .redis import _BATCH, _SCRIPTS, _UNREACHABLE, RedisStore, _remaining_ns, _tag_bytes, _tag_names
 
-__all__ = ["RedisAsync"]
-
-
-def _sync_module():
-    """vela.stores.redis (it subclasses RedisAsync, so it is imported by the time a call runs)."""
-    from . import redis as module
-
-    return module
+__all__ = ["AsyncRedisStore"]
 
 
-class RedisAsync:
-    """The async variants of the Redis store's calls (see the module's doc)."""
+class AsyncRedisStore(RedisStore):
+    """The Redis store with the async variants of its calls (see the module's doc)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._aio_clients = weakref.WeakKeyDictionary()  # event loop -> its redis.asyncio client
+        self._aio_pid = os.getpid()
 
     # ---- the client of this event loop ---------------------------------------------
 
     def _aclient(self):
-        r = _sync_module()
-        self._redis()  # the sync client's state: script digests, owner tokens (raises CacheClosed)
-        clients = self.__dict__.get("_aio_clients")
-        if clients is None or self.__dict__.get("_aio_pid") != os.getpid():
-            clients = self.__dict__["_aio_clients"] = weakref.WeakKeyDictionary()
-            self.__dict__["_aio_pid"] = os.getpid()  # (a forked child opens its own)
+        self._redis()  # the sync client's state: script digests (raises CacheClosed)
+        if self._aio_pid != os.getpid():  # a forked child opens its own
+            self._aio_clients = weakref.WeakKeyDictionary()
+            self._aio_pid = os.getpid()
         loop = asyncio.get_running_loop()
-        client = clients.get(loop)
+        client = self._aio_clients.get(loop)
         if client is None:
-            import redis.asyncio
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
             o = self._o
             if o.cluster or o.scheme.endswith("+sentinel"):
                 raise VelaError(f"the async API of the Redis backend serves redis://, rediss:// and unix:// URLs; "
@@ -62,15 +62,14 @@ class RedisAsync:
                       retry=Retry(NoBackoff(), 0))  # retried below, idempotent calls only (as the sync _call)
             kw.update(o.client_options)
             try:
-                client = clients[loop] = redis.asyncio.Redis.from_url(o.url, **kw)
+                client = self._aio_clients[loop] = redis.asyncio.Redis.from_url(o.url, **kw)
             except (TypeError, ValueError) as exc:
                 raise OptionError(f"backend_opts: redis.asyncio refuses the URL or client_options: {exc}") from None
         return client
 
     async def aclose(self):
         """Close this event loop's client (vela.Cache's ``async with`` calls it)."""
-        clients = self.__dict__.get("_aio_clients")
-        client = clients.pop(asyncio.get_running_loop(), None) if clients is not None else None
+        client = self._aio_clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.aclose()
 
@@ -78,8 +77,6 @@ class RedisAsync:
         """``await fn(client)`` with the sync ``_call``'s rules: connection errors and
         timeouts are retried (idempotent calls only) and end as BackendUnavailable; a
         script the server forgot is loaded and run again; Redis's errors are translated."""
-        r = _sync_module()
-        rex = r.rex
         o = self._o
         client = self._aclient()
         attempts = o.retries + 1 if idempotent else 1
@@ -90,11 +87,11 @@ class RedisAsync:
             try:
                 return await fn(client)
             except rex.ResponseError as exc:
-                if isinstance(exc, r._UNREACHABLE):
+                if isinstance(exc, _UNREACHABLE):
                     last = exc
                     continue
                 raise self._translate(exc) from exc
-            except r._UNREACHABLE as exc:
+            except _UNREACHABLE as exc:
                 last = exc
             except rex.RedisError as exc:
                 raise VelaError(f"Redis at {o.where}: {exc}") from exc
@@ -105,13 +102,11 @@ class RedisAsync:
 
     def _arun(self, script, keys, args, idempotent=True):
         """A Lua script by its digest (loaded again when the server forgot it)."""
-        rex = _sync_module().rex
-
         async def run(client):
             try:
                 return await client.execute_command("EVALSHA", self._shas[script], len(keys), *keys, *args)
             except rex.NoScriptError:
-                await client.execute_command("SCRIPT", "LOAD", _sync_module()._SCRIPTS[script])
+                await client.execute_command("SCRIPT", "LOAD", _SCRIPTS[script])
                 return await client.execute_command("EVALSHA", self._shas[script], len(keys), *keys, *args)
         return self._acall(run, idempotent)
 
@@ -141,40 +136,28 @@ class RedisAsync:
 
     async def aread(self, key):
         """``read`` (the near cache's uncounted L2 read) for asyncio."""
-        r = _sync_module()
         enc = _native.encode_key(key)
         got = await self._arun("read", [self._vkey(enc), self._mkey(enc)], [])
         if got is None:
             return MISSING, 0, ()
-        return self._decode(got[0]), r._remaining_ns(got[1]), r._tag_names(got[2])
+        return self._decode(got[0]), _remaining_ns(got[1]), _tag_names(got[2])
 
     async def aread_many(self, keys):
         """``read_many`` for asyncio."""
-        r = _sync_module()
         names = []
         for k in keys:
             enc = _native.encode_key(k)
             names += (self._vkey(enc), self._mkey(enc))
         got = await self._arun("read_many", names, [])
         return [(MISSING, 0, ()) if got[3 * i] is None else
-                (self._decode(got[3 * i]), r._remaining_ns(got[3 * i + 1]), r._tag_names(got[3 * i + 2]))
+                (self._decode(got[3 * i]), _remaining_ns(got[3 * i + 1]), _tag_names(got[3 * i + 2]))
                 for i in range(len(keys))]
 
     # ---- writing -------------------------------------------------------------------
 
-    def _store_call(self, entries, ns, tags, owner=b"", lease_key=None):
-        """(keys, args) of the "store" script for entries [(enc, raw)] (the sync ``_store`` runs it too)."""
-        keys, vals = [], []
-        for enc, raw in entries:
-            keys += (self._vkey(enc), self._mkey(enc))
-            vals += (enc, raw)
-        if lease_key is not None:
-            keys.append(lease_key)
-        return keys, [self._P, _sync_module()._px(ns), owner, len(tags), *tags, *vals]
-
     async def aput(self, key, value, ns, tags):
         self._check_open()
-        tags = _sync_module()._tag_bytes(tags)
+        tags = _tag_bytes(tags)
         entry = self._entry(key, value, tags)
         await self._arun("store", *self._store_call([entry], ns, tags))
         self._bump("writes")
@@ -182,12 +165,11 @@ class RedisAsync:
     async def aput_many(self, items, ns, tags):
         """Every item in one MULTI/EXEC (batches of 500 entries a script call): all or none."""
         self._check_open()
-        r = _sync_module()
-        tags = r._tag_bytes(tags)
+        tags = _tag_bytes(tags)
         entries = [self._entry(k, v, tags) for k, v in items]
         if not entries:
             return
-        calls = [self._store_call(entries[i:i + r._BATCH], ns, tags) for i in range(0, len(entries), r._BATCH)]
+        calls = [self._store_call(entries[i:i + _BATCH], ns, tags) for i in range(0, len(entries), _BATCH)]
 
         async def transaction(client):
             for attempt in range(2):
@@ -197,9 +179,9 @@ class RedisAsync:
                 try:
                     await pipe.execute()
                     return
-                except r.rex.NoScriptError:
+                except rex.NoScriptError:
                     # (every call of the transaction runs the same script: all failed, none applied)
-                    await client.execute_command("SCRIPT", "LOAD", r._SCRIPTS["store"])
+                    await client.execute_command("SCRIPT", "LOAD", _SCRIPTS["store"])
                 finally:
                     await pipe.reset()
             raise VelaError(f"Redis at {self._o.where} does not keep the store script")
@@ -232,7 +214,6 @@ class RedisAsync:
     async def aflush(self, drop_copies=None):
         """``flush`` for asyncio: SCAN + UNLINK of this cache's prefix (never FLUSHDB)."""
         self._check_open()
-        r = _sync_module()
 
         async def scan(client):
             return [k async for k in client.scan_iter(match=self._P + b"*", count=1000)]
@@ -248,7 +229,7 @@ class RedisAsync:
         if drop_copies is not None:
             drop_copies(None)
         ack = self._ack_key()
-        hosts = await self._arun("announce", [], [self._P, r.FLUSH_ALL, ack])
+        hosts = await self._arun("announce", [], [self._P, FLUSH_ALL, ack])
         await self._aconfirm(ack, hosts, f"flush removed {count} entries")
         return count
 
