@@ -9,10 +9,12 @@ the handle usable, no connection behind and nothing half-written.
 """
 import asyncio
 import os
+import uuid
 
 import pytest
 
 import vela
+from apps import readme
 from cluster import eventually
 from test_contract import _owner, opened, redis_server, store  # noqa: F401 - the contract suite's fixtures
 
@@ -343,3 +345,12 @@ def test_a_cancelled_redis_batch_is_stored_whole_or_not_at_all(store):
         admin.close()
     assert stored in ({}, items)
     assert after == 1
+
+
+def test_the_readme_example_runs_and_returns_what_it_says():
+    name = f"readme{uuid.uuid4().hex[:10]}"
+    (code,) = readme.python_blocks("asyncio")
+    try:
+        readme.run_snippet(code.replace('"shop-async"', repr(name)), {})
+    finally:
+        vela.destroy(name)

@@ -34,7 +34,10 @@ async def within(deadline, awaitable):
         if asyncio.iscoroutine(awaitable):
             awaitable.close()
         raise TimeoutError()
-    return await asyncio.wait_for(awaitable, left)
+    try:
+        return await asyncio.wait_for(awaitable, left)
+    except asyncio.TimeoutError:  # (not the builtin one before Python 3.11)
+        raise TimeoutError() from None
 
 
 class _StreamConn:
@@ -91,6 +94,7 @@ class _ZmqConn:
         import zmq
         import zmq.asyncio
 
+        self.zmq = zmq
         # (on the process's one context, the sync sockets' own: no second set of I/O threads)
         sock = self.sock = zmq.asyncio.Context.shadow(zmq.Context.instance().underlying).socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -106,10 +110,16 @@ class _ZmqConn:
 
     async def send(self, frames):
         self.number += 1
-        await self.sock.send_multipart(frames)
+        try:
+            await self.sock.send_multipart(frames)
+        except self.zmq.ZMQError as exc:
+            raise OSError(exc.errno, str(exc)) from None
 
     async def recv(self):
-        return await self.sock.recv_multipart()
+        try:
+            return await self.sock.recv_multipart()
+        except self.zmq.ZMQError as exc:
+            raise OSError(exc.errno, str(exc)) from None
 
     def close(self):
         self.sock.close(0)
