@@ -211,6 +211,23 @@ def test_one_handle_serves_several_event_loops_and_concurrent_tasks(store):
     assert run(main()) == keys  # a second loop: connections of the first one are not reused
 
 
+def test_async_reads_keep_near_cache_copies_and_writes_drop_them(store):
+    if not store.near:
+        return
+    c = store.cache
+
+    async def main():
+        await c.aput("n1", "v1")
+        await c.aput_many({"n2": "v2", "n3": "v3"})
+        assert (await c.aget("n1"), await c.aget_many(["n2", "n3"])) == ("v1", {"n2": "v2", "n3": "v3"})
+        copies = c.stats()["l1_size"]
+        await c.aput("n1", "new")  # this host's copy goes with the write
+        await c.adelete("n2")
+        return copies, c.stats()["l1_size"], await c.aget("n1"), await c.aget("n2")
+
+    assert run(main()) == (3, 1, "new", None)
+
+
 # ---- the loop is not blocked; timeouts -------------------------------------------------
 
 
