@@ -15,7 +15,8 @@ import pytest
 
 import vela
 from apps import readme
-from cluster import eventually
+from cluster import Cluster, eventually
+from conftest import run_in_child
 from test_contract import _owner, opened, redis_server, store  # noqa: F401 - the contract suite's fixtures
 
 SHORT = 1.0  # seconds: the timeout of the handles that wait on a stopped bridge
@@ -371,3 +372,40 @@ def test_the_readme_example_runs_and_returns_what_it_says():
         readme.run_snippet(code.replace('"shop-async"', repr(name)), {})
     finally:
         vela.destroy(name)
+
+
+def _curve_worker(namespace, name, keyfile, keys):
+    os.environ["VELA_NAMESPACE"] = namespace
+    with vela.Cache(name, topology="partitioned", topology_opts={"curve_key_file": keyfile}) as h:
+        async def main():
+            await h.aput_many({k: k.upper() for k in keys})
+            await h.aput("one", 1)
+            return (await h.aget_many(keys), await h.aget("one"), await h.aexists("one"), await h.adelete("one"),
+                    await h.aflush())
+        return asyncio.run(main())
+
+
+def test_async_calls_in_a_cluster_with_curve_keys_use_the_encrypted_routers(tmp_path):
+    """With CURVE keys there is no data port: the async calls go to the bridges' ROUTERs
+    on a zmq.asyncio DEALER (the same messages)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vela.bridge", "keygen"], capture_output=True, text=True,
+                         timeout=30, check=True)
+    keyfile = tmp_path / "curve"
+    keyfile.write_text(out.stdout)
+    c = Cluster(tmp_path, n=2, topology="partitioned", bridge_extra=["--curve-key-file", str(keyfile)],
+                cache_opts={"topology_opts": {"curve_key_file": str(keyfile)}})
+    try:
+        c.wait_members()
+        eventually(lambda: all((h.status() or {}).get("caches", {}).get(c.name, {}).get("ready") for h in c),
+                   15, what="partition tables")
+        a, b = c
+        keys = [f"c{i}" for i in range(40)]
+        assert {a.call("owner", key=k)[0] for k in keys} == {a.node_id, b.node_id}
+        got = run_in_child(_curve_worker, a.namespace, c.name, str(keyfile), keys)
+        assert got == ({k: k.upper() for k in keys}, 1, True, True, len(keys))
+        assert b.get(keys[0]) is None
+    finally:
+        c.close()
