@@ -444,7 +444,7 @@ class Cache:
         """
         if _tables.resume_due:
             _tables.resume_if_due()
-        items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
+        items = _items(mapping)
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
         start = time.perf_counter_ns() if telemetry.active else 0
@@ -638,7 +638,7 @@ class Cache:
         raises what :meth:`put_many` does (``vela.PartialWrite`` where a batch spans owners)."""
         if _tables.resume_due:
             _tables.resume_if_due()
-        items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
+        items = _items(mapping)
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
         start = time.perf_counter_ns() if telemetry.active else 0
@@ -707,6 +707,11 @@ class Cache:
         ``cache.throttle("api", 100, per=60).allow()``. See :class:`vela.locks.Throttle`."""
         return Throttle(self, name, rate, per)
 
+
+
+def _items(mapping: Any) -> list[Any]:
+    """The (key, value) pairs of a put_many: a dict's items, or the pairs given."""
+    return list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
 
 
 def _inline(method: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
