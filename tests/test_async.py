@@ -290,7 +290,7 @@ async def cancel_when_pending(coro, after_ticks=5):
 def test_a_cancelled_call_to_a_stopped_owner_leaves_the_handle_usable(store):
     if store.topology != "partitioned":
         return
-    key = key_owned_by(store, 2, prefix="cx")
+    key, mine = key_owned_by(store, 2, prefix="cx"), key_owned_by(store, 1, prefix="cm")
     host_b = store.cluster.hosts[1]
     with store.open(topology_opts={"timeout": 5.0}) as h:
         run(h.aput(key, "old"))
@@ -301,12 +301,28 @@ def test_a_cancelled_call_to_a_stopped_owner_leaves_the_handle_usable(store):
             host_b.pause()
             try:
                 await cancel_when_pending(h.aget(key))
-                await cancel_when_pending(h.aput_many({key: "new", "x": 1}))
+                await cancel_when_pending(h.aput_many({key: "new", mine: 1}))
             finally:
                 host_b.resume()
-            # the cancelled requests' connections were closed, not pooled: their late
-            # replies cannot meet the next request, which gets its own answer
-            assert await h.aget(key) in ("old", "new")
+            # The cancelled requests' connections were closed, not pooled: their late
+            # replies cannot meet the next request, which gets its own answer. The batch's
+            # share of A was stored in place before its first await; its share of B waited
+            # for a new connection's challenge (the cancelled get took the pooled one with
+            # it) and was never sent.
+            assert await h.aget_many([key, mine]) == {key: "old", mine: 1}
+            # A request sent on a pooled connection, then cancelled: it reached B's socket
+            # whole, and B stores it when it goes on.
+            assert await h.aget(key) == "old"  # (a pooled connection to B again)
+            host_b.pause()
+            try:
+                await cancel_when_pending(h.aput(key, "sent"))
+            finally:
+                host_b.resume()
+            for _ in range(500):
+                if await h.aget(key) == "sent":
+                    break
+                await asyncio.sleep(0.02)
+            assert await h.aget(key) == "sent"
             await h.aput(key, "after")
             assert await h.aget(key) == "after"
             return fds, open_fds()
