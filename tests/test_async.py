@@ -8,6 +8,7 @@ owner, a replicated flush) never blocks the event loop and ends with
 the handle usable, no connection behind and nothing half-written.
 """
 import asyncio
+import concurrent.futures
 import os
 import uuid
 
@@ -210,6 +211,8 @@ def test_one_handle_serves_several_event_loops_and_concurrent_tasks(store):
 
     assert run(main()) == keys
     assert run(main()) == keys  # a second loop: connections of the first one are not reused
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three loops at once, one per thread
+        assert [f.result(60) for f in [pool.submit(run, main()) for _ in range(3)]] == [keys] * 3
 
 
 def test_async_reads_keep_near_cache_copies_and_writes_drop_them(store):

@@ -16,6 +16,7 @@ import asyncio
 import errno
 import os
 import socket
+import threading
 import weakref
 
 from ..errors import BridgeUnavailable
@@ -134,12 +135,15 @@ class AsyncLinks:
         # event loop -> {address: [idle connections]} (a stream belongs to its loop)
         self._idle = weakref.WeakKeyDictionary()
         self._pid = os.getpid()
+        self._lock = threading.Lock()  # (event loops of several threads may share the handle)
 
     def _pool(self, addr):
-        if self._pid != os.getpid():  # a forked child: the parent's connections stay its own
-            self._idle = weakref.WeakKeyDictionary()
-            self._pid = os.getpid()
-        return self._idle.setdefault(asyncio.get_running_loop(), {}).setdefault(addr, [])
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's connections stay its own
+                self._idle = weakref.WeakKeyDictionary()
+                self._pid = os.getpid()
+            return self._idle.setdefault(loop, {}).setdefault(addr, [])
 
     async def _open(self, addr):
         if addr.startswith("vela://"):
@@ -195,7 +199,9 @@ class AsyncLinks:
     def close(self):
         """Close the idle connections of every event loop (those of a request in flight
         close when it ends)."""
-        for pools in list(self._idle.values()):
+        with self._lock:
+            pools_of_loops = list(self._idle.values())
+        for pools in pools_of_loops:
             for conns in pools.values():
                 while conns:
                     try:

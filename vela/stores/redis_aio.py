@@ -20,6 +20,7 @@ Cluster URLs raise :class:`vela.VelaError` in the async API (their sync API work
 
 import asyncio
 import os
+import threading
 import weakref
 
 import redis.asyncio
@@ -43,16 +44,18 @@ class AsyncRedisStore(RedisStore):
         super().__init__(*args, **kwargs)
         self._aio_clients = weakref.WeakKeyDictionary()  # event loop -> its redis.asyncio client
         self._aio_pid = os.getpid()
+        self._aio_lock = threading.Lock()  # (event loops of several threads may share the handle)
 
     # ---- the client of this event loop ---------------------------------------------
 
     def _aclient(self):
         self._redis()  # the sync client's state: script digests (raises CacheClosed)
-        if self._aio_pid != os.getpid():  # a forked child opens its own
-            self._aio_clients = weakref.WeakKeyDictionary()
-            self._aio_pid = os.getpid()
         loop = asyncio.get_running_loop()
-        client = self._aio_clients.get(loop)
+        with self._aio_lock:
+            if self._aio_pid != os.getpid():  # a forked child opens its own
+                self._aio_clients = weakref.WeakKeyDictionary()
+                self._aio_pid = os.getpid()
+            client = self._aio_clients.get(loop)
         if client is None:
             o = self._o
             if o.cluster or o.scheme.endswith("+sentinel"):
@@ -62,14 +65,17 @@ class AsyncRedisStore(RedisStore):
                       retry=Retry(NoBackoff(), 0))  # retried below, idempotent calls only (as the sync _call)
             kw.update(o.client_options)
             try:
-                client = self._aio_clients[loop] = redis.asyncio.Redis.from_url(o.url, **kw)
+                client = redis.asyncio.Redis.from_url(o.url, **kw)
             except (TypeError, ValueError) as exc:
                 raise OptionError(f"backend_opts: redis.asyncio refuses the URL or client_options: {exc}") from None
+            with self._aio_lock:
+                self._aio_clients[loop] = client
         return client
 
     async def aclose(self):
         """Close this event loop's client (vela.Cache's ``async with`` calls it)."""
-        client = self._aio_clients.pop(asyncio.get_running_loop(), None)
+        with self._aio_lock:
+            client = self._aio_clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.aclose()
 
