@@ -276,6 +276,26 @@ def test_a_replicated_flush_waiting_on_its_bridge_does_not_block_the_loop(store)
     assert store.on_host_b(read_eventually, "r", None) is None
 
 
+def test_a_call_waiting_on_a_paused_redis_does_not_block_the_loop(store):
+    if store.backend != "redis":
+        return
+    import redis
+
+    admin = redis.Redis.from_url(store.redis_url)
+    opts = {"url": store.redis_url, "socket_timeout": 0.3, "retries": 1}
+    with store.open(backend_opts=opts) as h:
+        run(h.aput("p", "before"))
+        admin.execute_command("CLIENT", "PAUSE", 5000, "ALL")
+        try:
+            outcome, ticks = run(with_ticker(h.aget("unseen")))
+        finally:
+            admin.execute_command("CLIENT", "UNPAUSE")
+            admin.close()
+        assert isinstance(outcome, vela.BackendUnavailable), outcome
+        assert ticks > 5, ticks
+        assert run(h.aget("p")) == "before"
+
+
 # ---- cancellation ----------------------------------------------------------------------
 
 
