@@ -77,7 +77,7 @@ class AsyncRedisStore(RedisStore):
         with self._aio_lock:
             client = self._aio_clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
-            await client.aclose()
+            await (client.aclose() if hasattr(client, "aclose") else client.close())  # (aclose: redis-py 5+)
 
     async def _acall(self, fn, idempotent=True):
         """``await fn(client)`` with the sync ``_call``'s rules: connection errors and
