@@ -14,6 +14,10 @@ partition: read the old owner, named) and "retry" (wait a moment). All of them
 are retried until the request's deadline (``topology_opts['timeout']``), after
 which the call raises :class:`vela.BridgeUnavailable`; nothing waits longer.
 
+A call that talks to bridges is written once, as steps (requests, pauses) that the
+sync API runs on blocking sockets and the async API (``aget``, ``aput``, ...) on
+asyncio streams to the same data ports (vela.bridge.alinks): see ``_drive``.
+
 With ``near_cache=True``, values read from other hosts are kept in the local
 table as L1 copies (vela.stores.near): the owner's bridge publishes the keys that
 change and every bridge drops its host's copies of them.
