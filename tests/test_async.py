@@ -253,8 +253,9 @@ def test_a_call_waiting_on_a_stopped_owner_does_not_block_the_loop(store):
                 assert ticks > 5, ticks  # another task ran all along
         finally:
             host_b.resume()
-        # B read the requests sent while it was stopped once it went on (their connections
-        # closed after them): the put, then the flush
+        # B reads the requests sent while it was stopped once it goes on (their connections
+        # closed after them): the put, then the flush (maybe after this handle's next get)
+        eventually(lambda: h.get(key) is None, 10, what="the flush sent to the stopped owner is applied")
         assert run(h.aget(key)) is None
 
 
