@@ -325,6 +325,23 @@ def test_aget_or_fetch(store):
     assert asyncio.run(c.aget_or_fetch("abad", fetch)) == "ABAD"
 
 
+@case("aget", "aput", "adelete", "aexists", "aget_many", "aput_many", "ainvalidate_tag", "aflush")
+def test_async_api(store):
+    """The asyncio twins of get/put/...; tests/test_async.py has the full cases (every
+    store, the loop never blocked, cancellation)."""
+    c = store.cache
+
+    async def main():
+        await c.aput("a1", "one", tags=["at"])
+        await c.aput_many({"a2": 2, "a3": 3})
+        seen = (await c.aget("a1"), await c.aget("none", "dflt"), await c.aexists("a2"),
+                await c.aget_many(["a2", "a3", "none"]))
+        return seen, await c.adelete("a2"), await c.ainvalidate_tag("at"), await c.aflush()
+
+    assert asyncio.run(main()) == (("one", "dflt", True, {"a2": 2, "a3": 3}), True, 1, 1)
+    assert c.size() == 0
+
+
 @case("memoize")
 def test_memoize(store):
     c = store.cache

@@ -40,6 +40,19 @@ async def main() -> int:
 doubled: int = asyncio.run(main())
 
 
+async def async_calls() -> tuple[Any, bool, dict[Any, Any], bool, int]:
+    async with vela.Cache(name) as handle:
+        await handle.aput("async", 1, ttl=60, tags=["async"])
+        await handle.aput_many({"async2": 2}, ttl=None)
+        got: Any = await handle.aget("async", default=None)
+        return (got, await handle.aexists("async"), await handle.aget_many(["async", "async2"]),
+                await handle.adelete("async2"), await handle.ainvalidate_tag("async"))
+
+
+async_results: tuple[Any, bool, dict[Any, Any], bool, int] = asyncio.run(async_calls())
+assert async_results == (1, True, {"async": 1, "async2": 2}, True, 1), async_results
+
+
 @cache.memoize(ttl=60, tags=["squares"])
 def square(n: int) -> int:
     return n * n

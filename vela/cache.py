@@ -595,7 +595,7 @@ class Cache:
         """
         if _tables.resume_due:
             _tables.resume_if_due()
-        items = list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
+        items = _items(mapping)
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
         if telemetry.active:
@@ -722,6 +722,119 @@ class Cache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ---- asyncio ----------------------------------------------------------------------
+    # The same checks, counters and events as the sync methods; only the store call
+    # differs: a store's async variant (``a<op>``: Redis through redis.asyncio, a
+    # partitioned cache through asyncio streams, a replicated flush waiting on its
+    # bridge) when it has one, else its sync method inline (a shared-memory call takes
+    # microseconds). Every call is cancel-safe: cancelled at its await, it leaves no
+    # half-written entry, connection or lease behind (vela/stores: each async variant
+    # says how).
+
+    def _astore(self, op: str) -> Callable[..., Any]:
+        store = self._store
+        if store.closed:  # (its sync method raises CacheClosed, as the sync call does)
+            return _inline(getattr(store, op))
+        return getattr(store, "a" + op, None) or _inline(getattr(store, op))
+
+    async def aget(self, key: Key, default: Any = None) -> Any:
+        """:meth:`get` for asyncio: the value stored under ``key``, or ``default``."""
+        if not telemetry.active:
+            value = await self._astore("get")(key, MISSING)
+            return default if value is MISSING else value
+        with self._traced("get", {"key": key}) as call:
+            value = await self._astore("get")(key, MISSING)
+            call.metadata["result"] = "miss" if value is MISSING else "hit"
+        return default if value is MISSING else value
+
+    async def aexists(self, key: Key) -> bool:
+        """:meth:`exists` for asyncio (not counted as a hit or miss)."""
+        return await self._astore("contains")(key)
+
+    async def aput(self, key: Key, value: Any, ttl: Optional[float] = None, tags: Iterable[str] = ()) -> None:
+        """:meth:`put` for asyncio; takes and raises what :meth:`put` does."""
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        tags = options.tags(tags)
+        if not telemetry.active:
+            await self._astore("put")(key, value, ns, tags)
+            return
+        with self._traced("put", {"key": key, "ttl": ttl}):
+            await self._astore("put")(key, value, ns, tags)
+
+    async def adelete(self, key: Key) -> bool:
+        """:meth:`delete` for asyncio: True when something was removed."""
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        if not telemetry.active:
+            return await self._astore("delete")(key)
+        with self._traced("delete", {"key": key}) as call:
+            removed = call.metadata["result"] = await self._astore("delete")(key)
+        return removed
+
+    async def aget_many(self, keys: Iterable[Key]) -> dict[Any, Any]:
+        """:meth:`get_many` for asyncio: ``{key: value}`` for the keys present."""
+        keys = list(keys)
+        if not telemetry.active:
+            return await self._astore("get_many")(keys)
+        with self._traced("get", {"keys": len(keys)}) as call:
+            found = await self._astore("get_many")(keys)
+            call.metadata["hits"] = len(found)
+        return found
+
+    async def aput_many(self, mapping: Union[Mapping[Any, Any], Iterable[Tuple[Key, Any]]],
+                        ttl: Optional[float] = None, tags: Iterable[str] = ()) -> None:
+        """:meth:`put_many` for asyncio: every item is checked before the first is stored;
+        raises what :meth:`put_many` does (``vela.PartialWrite`` where a batch spans owners)."""
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        items = _items(mapping)
+        ns = options.ttl_ns(ttl, self.default_ttl)
+        tags = options.tags(tags)
+        if not telemetry.active:
+            await self._astore("put_many")(items, ns, tags)
+            return
+        with self._traced("put", {"keys": len(items), "ttl": ttl}):
+            await self._astore("put_many")(items, ns, tags)
+
+    async def ainvalidate_tag(self, tag: str) -> int:
+        """:meth:`invalidate_tag` for asyncio: how many live entries were removed.
+
+        Waiting for the other members (replicated, partitioned) or hosts (a near cache)
+        never blocks the event loop. Cancelled while it waits, the removal stands where
+        it was made and still reaches the members (as when they do not answer in time).
+        """
+        tag = options.tag(tag)
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        if not telemetry.active:
+            return await self._astore("invalidate_tag")(tag)
+        with self._traced("invalidate_tag", {"tag": tag}) as call:
+            count = call.measurements["count"] = await self._astore("invalidate_tag")(tag)
+        return count
+
+    async def aflush(self) -> int:
+        """:meth:`flush` for asyncio: how many distinct live entries were removed (waits
+        as :meth:`ainvalidate_tag` does)."""
+        if _tables.resume_due:
+            _tables.resume_if_due()
+        if not telemetry.active:
+            return await self._astore("flush")()
+        with self._traced("flush", {}) as call:
+            count = call.measurements["count"] = await self._astore("flush")()
+        return count
+
+    async def __aenter__(self) -> Cache:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Closes the handle (as ``with``; the async stores' connections of this handle go too)."""
+        aclose = getattr(self._store, "aclose", None)
+        if aclose is not None and not self.closed:
+            await aclose()
+        self.close()
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else self._store.describe()
         return f"<vela.Cache {self.name!r} ({state})>"
@@ -755,6 +868,18 @@ def _int64(name, value):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if not -(1 << 63) <= value < (1 << 63):
         raise OverflowError(f"{name} leaves the signed 64-bit range")
+
+
+def _items(mapping: Any) -> list[Any]:
+    """The (key, value) pairs of a put_many: a dict's items, or the pairs given."""
+    return list(mapping.items()) if hasattr(mapping, "items") else [tuple(p) for p in mapping]
+
+
+def _inline(method: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """The sync store call as a coroutine function that runs it at once (a local call)."""
+    async def call(*args: Any) -> Any:
+        return method(*args)
+    return call
 
 
 def _telemetry_changed(active):

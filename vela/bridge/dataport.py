@@ -70,6 +70,33 @@ def header_tag(secret, ctx, length, maclen):
     return hmac.digest(secret, ctx + HEADER.pack(length, maclen), "sha256")[:16]
 
 
+def request_bytes(secret, ctx, frames):
+    """Bytes on the wire for a worker's [mac, payload] request whose MAC covers ``ctx``
+    (header, tag, MAC, payload: see the module's doc)."""
+    mac, payload = frames
+    tag = header_tag(secret, ctx, len(payload), len(mac))
+    return REQUEST.pack(len(payload), len(mac), tag) + mac + payload
+
+
+def next_reply(buf):
+    """The first [mac, payload] frame a bridge sent, taken from ``buf`` (a bytearray of
+    what was received), or None while it is incomplete.
+
+    :raises OSError: a frame out of bounds (the stream cannot be trusted past it).
+    """
+    if len(buf) < HEADER.size:
+        return None
+    length, maclen = HEADER.unpack_from(buf)
+    if length > protocol.MAX_MESSAGE or maclen > 64:
+        raise OSError(errno.EPROTO, "bad frame from the bridge")
+    end = HEADER.size + maclen + length
+    if len(buf) < end:
+        return None
+    frames = [bytes(buf[HEADER.size:HEADER.size + maclen]), bytes(buf[HEADER.size + maclen:end])]
+    del buf[:end]
+    return frames
+
+
 class Connection:
     __slots__ = ("sock", "fd", "id", "inbuf", "outbuf", "nonce", "number")
 
@@ -257,10 +284,8 @@ class Client:
         return context(self.nonce, self.number)
 
     def send(self, frames, send_timeout):
-        mac, payload = frames
-        tag = header_tag(self.secret, self.next_context(), len(payload), len(mac))
+        data = request_bytes(self.secret, self.next_context(), frames)
         self.number += 1
-        data = REQUEST.pack(len(payload), len(mac), tag) + mac + payload
         try:  # the common case: it fits in the socket's buffer at once
             sent = self.sock.send(data, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -273,16 +298,9 @@ class Client:
         """The next [mac, payload]; raises TimeoutError after ``timeout`` seconds, or OSError."""
         deadline = time.monotonic() + timeout
         while True:
-            if len(self.buf) >= HEADER.size:
-                length, maclen = HEADER.unpack_from(self.buf)
-                if length > protocol.MAX_MESSAGE or maclen > 64:
-                    raise OSError(errno.EPROTO, "bad frame from the bridge")
-                end = HEADER.size + maclen + length
-                if len(self.buf) >= end:
-                    mac = bytes(self.buf[HEADER.size:HEADER.size + maclen])
-                    payload = bytes(self.buf[HEADER.size + maclen:end])
-                    del self.buf[:end]
-                    return [mac, payload]
+            frames = next_reply(self.buf)
+            if frames is not None:
+                return frames
             try:
                 data = self.sock.recv(RECV_BYTES)
             except BlockingIOError:  # SO_RCVTIMEO ran out

@@ -111,17 +111,32 @@ class Links:
 
     def _send(self, addr, fields, epoch, deadline):
         """Sends a request; (its id, the context its reply's MAC covers)."""
-        rid = next(self._ids)
         conn = self._conn(addr, deadline)
-        ctx = conn.next_context()
-        msg = dict(fields, t="req", v=protocol.PROTOCOL, inc=0, n=conn.number, id=rid, c=self.cache_name, e=epoch)
-        msg["from"] = 0
+        rid, ctx, frames = self.message(conn, fields, epoch)
         try:
-            conn.send(protocol.pack(self.secret, msg, ctx), deadline - time.monotonic())
+            conn.send(frames, deadline - time.monotonic())
         except (OSError, _Full) as exc:
             self._drop(addr)
             raise BridgeUnavailable(f"the vela-bridge at {addr} takes no request: {exc}") from None
         return rid, ctx
+
+    def message(self, conn, fields, epoch):
+        """(id, context, frames) of a request on ``conn`` (about to be its next one); the
+        asyncio client (vela.bridge.alinks) sends the same."""
+        rid = next(self._ids)
+        ctx = conn.next_context()
+        msg = dict(fields, t="req", v=protocol.PROTOCOL, inc=0, n=conn.number, id=rid, c=self.cache_name, e=epoch)
+        msg["from"] = 0
+        return rid, ctx, protocol.pack(self.secret, msg, ctx)
+
+    def reply_to(self, frames, ctx, rid):
+        """The reply to request ``rid`` if ``frames`` are it, else None (not from a bridge
+        of ours, or not this reply: ignored)."""
+        try:
+            msg = protocol.unpack(self.secret, frames, ctx)
+        except protocol.Malformed:
+            return None
+        return msg if msg["t"] == "rep" and msg["id"] == rid else None
 
     def request_all(self, targets, epoch, deadline=None):
         """Several requests at once [(addr, fields)], answered in that order: for each, its
@@ -159,11 +174,8 @@ class Links:
                 why = f"within {self.timeout:g} s" if isinstance(exc, TimeoutError) else f"({exc})"
                 raise BridgeUnavailable(f"no answer from the vela-bridge at {addr} {why} "
                                         f"(cache {self.cache_name!r})") from None
-            try:
-                msg = protocol.unpack(self.secret, frames, ctx)
-            except protocol.Malformed:
-                continue  # not from a bridge of ours: ignored
-            if msg["t"] == "rep" and msg["id"] == rid:
+            msg = self.reply_to(frames, ctx, rid)
+            if msg is not None:
                 return msg
 
 

@@ -54,9 +54,9 @@ def open_store(name: str, *, backend: Any, backend_opts: Optional[Mapping[str, A
         if topology_opts not in (None, {}):
             raise OptionError(f"topology_opts: the local topology takes no options, got {topology_opts!r}")
         need("redis", "backend='redis'")
-        from .redis import RedisStore  # imports redis-py only when used
+        from .redis_aio import AsyncRedisStore  # imports redis-py only when used
 
-        store = RedisStore(name, backend_opts, layout=layout, serializer=serializer, stats_enabled=stats_enabled,
+        store = AsyncRedisStore(name, backend_opts, layout=layout, serializer=serializer, stats_enabled=stats_enabled,
                            lock_timeout=lock_timeout, sweep_interval=sweep_interval, stampede_timeout=stampede_timeout)
         if near_l1_ttl is None:
             return store

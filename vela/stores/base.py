@@ -43,7 +43,15 @@ Lease = Any
 
 
 class Store(Protocol):
-    """A place that holds a cache's entries (see the module's doc for the arguments)."""
+    """A place that holds a cache's entries (see the module's doc for the arguments).
+
+    A store whose calls may wait (on a bridge, on Redis) also has async variants of
+    them, ``async def a<name>`` with the same arguments and results (``aget``,
+    ``acontains``, ``aput``, ``aput_many``, ``adelete``, ``aget_many``,
+    ``ainvalidate_tag``, ``aflush``; ``aclose`` for its event-loop clients): vela.Cache's
+    async methods call them, and run the sync method inline where a store has none
+    (a call into the host's table takes microseconds). Each must be cancel-safe.
+    """
 
     #: The host's native table (entries, leases, counters; L1 copies for a remote store).
     table: Any

@@ -223,6 +223,24 @@ class NearCache:
                 found[key] = as_read(value)
         return found
 
+    async def aload(self, key, l2):
+        """:meth:`load` for asyncio (``l2.aread``). Cancelled, it keeps no copy."""
+        token = self.l1.reserve(key)
+        value, remaining_ns, tags = await l2.aread(key)
+        if value is not MISSING:
+            self.fill(token, key, value, remaining_ns, tags)
+        return value
+
+    async def aload_many(self, keys, l2):
+        """:meth:`load_many` for asyncio (``l2.aread_many``)."""
+        tokens = [self.l1.reserve(k) for k in keys]
+        found = {}
+        for key, token, (value, remaining_ns, tags) in zip(keys, tokens, await l2.aread_many(keys)):
+            if value is not MISSING:
+                self.fill(token, key, value, remaining_ns, tags)
+                found[key] = value
+        return found
+
     def fill(self, token, key, value, remaining_ns, tags=()):
         """Keep an L1 copy (with its entry's ``tags``) unless an invalidation voided
         ``token``; True when stored."""
@@ -496,3 +514,55 @@ class NearStore:
 
     def flush(self):
         return self.inner.flush(drop_copies=lambda _all: self.near.drop_all(keep_marker=True))
+
+    # ---- asyncio: L1 inline, the store that holds the entries through its async variants ----
+    # A write cancelled while it waits still drops this host's copy (``finally``): it
+    # may have reached the store.
+
+    async def aget(self, key, default=None):
+        value = self.table.get(key, MISSING)
+        if value is MISSING:
+            value = await self.near.aload(key, self.inner)
+            if value is MISSING:
+                self._count("misses")
+                return default
+        self._count("hits")
+        return value
+
+    async def aget_many(self, keys):
+        found = self.table.get_many(keys) if keys else {}
+        missing = [k for k in keys if k not in found]
+        if missing:
+            found.update(await self.near.aload_many(missing, self.inner))
+        count_lookups(self._count, keys, found)
+        return found
+
+    async def acontains(self, key):
+        return self.table.contains(key) or await self.inner.acontains(key)
+
+    async def aput(self, key, value, ns, tags):
+        try:
+            await self.inner.aput(key, value, ns, tags)
+        finally:
+            self.near.invalidate(key)
+
+    async def aput_many(self, items, ns, tags):
+        try:
+            await self.inner.aput_many(items, ns, tags)
+        finally:
+            self._dropped(k for k, _ in items)
+
+    async def adelete(self, key):
+        try:
+            return await self.inner.adelete(key)
+        finally:
+            self.near.invalidate(key)
+
+    async def ainvalidate_tag(self, tag):
+        return await self.inner.ainvalidate_tag(tag, drop_copies=self._dropped)
+
+    async def aflush(self):
+        return await self.inner.aflush(drop_copies=lambda _all: self.near.drop_all(keep_marker=True))
+
+    async def aclose(self):
+        await self.inner.aclose()

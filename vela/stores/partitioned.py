@@ -14,11 +14,16 @@ partition: read the old owner, named) and "retry" (wait a moment). All of them
 are retried until the request's deadline (``topology_opts['timeout']``), after
 which the call raises :class:`vela.BridgeUnavailable`; nothing waits longer.
 
+A call that talks to bridges is written once, as steps (requests, pauses) that the
+sync API runs on blocking sockets and the async API (``aget``, ``aput``, ...) on
+asyncio streams to the same data ports (vela.bridge.alinks): see ``_drive``.
+
 With ``near_cache=True``, values read from other hosts are kept in the local
 table as L1 copies (vela.stores.near): the owner's bridge publishes the keys that
 change and every bridge drops its host's copies of them.
 """
 
+import asyncio
 import json
 import os
 import socket
@@ -26,6 +31,7 @@ import threading
 import time
 
 from .. import _native
+from ..bridge.alinks import AsyncLinks
 from ..bridge.links import Links, bounded
 from ..bridge.presence import Presence
 from ..errors import BridgeUnavailable, CacheFull, LockTimeout, PartialWrite, ValueTooLarge
@@ -42,6 +48,7 @@ _monotonic = time.monotonic
 _ERRORS = {"CacheFull": CacheFull, "ValueTooLarge": ValueTooLarge, "LockTimeout": LockTimeout,
            "TypeError": TypeError, "OverflowError": OverflowError}
 _REMOTE = object()  # get_routed: the owner must be asked
+_REQ, _ALL, _SLEEP = "request", "request_all", "sleep"  # the steps of a call (see _drive)
 # The reply for a key neither the new nor the old owner of a partition holds.
 _RETRY_PAUSE = 0.002
 _SLICE = 0.5  # seconds before a silent owner is looked up again
@@ -110,19 +117,6 @@ def _copy_tags(tag_ids):
     return [copy_tag(t) for t in tag_ids]
 
 
-class _PartitionL2(L2):
-    def __init__(self, cache):
-        self.cache = cache
-
-    def read(self, key):
-        enc = _native.encode_key(key)
-        reply = self.cache._key_request("get", enc, partition_of(enc, self.cache._view().parts))
-        if reply.get("miss"):
-            return MISSING, 0, ()
-        value = self.cache._table.decode_value(reply["val"], reply["codec"])
-        return value, reply["ttl"], _copy_tags(reply.get("tags", ()))
-
-
 class _ClusterNear(NearCache):
     """L1 copies are healthy while the host's bridge publishes (it applies invalidations)."""
 
@@ -154,6 +148,7 @@ class PartitionedStore:
         self._l2 = _PartitionL2(self)
         # The owners, read past the L1 copies (uncounted): see NearStore.source.
         self.source = self._l2 if self._near is not None else None
+        self._alinks = None  # the asyncio requests' links (vela.bridge.alinks), made on first use
         self._seq = None
         self._cached_view = None
         # (routes, view seq, monotonic deadline) for the one-call get: see _view
@@ -178,7 +173,70 @@ class PartitionedStore:
                 self._route = (routes, seq, until)
         return self._cached_view
 
-    def _routable_view(self, deadline):
+    # ---- the steps of a call ----------------------------------------------------------
+    # A call that talks to bridges is written once, as a generator of steps: it yields
+    # (_REQ, addr, fields, epoch, deadline) for a request (sent back: the reply, or the
+    # BridgeUnavailable thrown in), (_ALL, [(addr, fields)], epoch, deadline) for requests
+    # to several bridges at once (sent back: replies or BridgeUnavailables), and
+    # (_SLEEP, seconds). ``_drive`` runs them on this thread's blocking sockets (the sync
+    # API), ``_adrive`` on asyncio streams (the async API, vela.bridge.alinks). Every
+    # ``*_steps`` takes the call's deadline (monotonic) last.
+
+    def _drive(self, steps):
+        """The result of a call's steps, run with blocking sockets."""
+        links = self._links
+        reply, error = None, None
+        try:
+            while True:
+                try:
+                    step = steps.send(reply) if error is None else steps.throw(error)
+                except StopIteration as done:
+                    return done.value
+                reply, error = None, None
+                if step[0] is _SLEEP:
+                    time.sleep(step[1])
+                elif step[0] is _REQ:
+                    try:
+                        reply = links.request(*step[1:])
+                    except BridgeUnavailable as exc:
+                        error = exc
+                else:
+                    reply = links.request_all(*step[1:])
+        finally:
+            steps.close()
+
+    async def _adrive(self, steps):
+        """The result of a call's steps, run on asyncio streams. A cancelled call closes
+        its steps (their ``finally`` clauses run: L1 copies of what may have been written
+        are dropped) and the connection of the request in flight (AsyncLinks)."""
+        alinks = self._alinks
+        if alinks is None:
+            alinks = self._alinks = AsyncLinks(self._links)
+        reply, error = None, None
+        try:
+            while True:
+                try:
+                    step = steps.send(reply) if error is None else steps.throw(error)
+                except StopIteration as done:
+                    return done.value
+                reply, error = None, None
+                if step[0] is _SLEEP:
+                    await asyncio.sleep(step[1])
+                elif step[0] is _REQ:
+                    try:
+                        reply = await alinks.request(*step[1:])
+                    except BridgeUnavailable as exc:
+                        error = exc
+                else:
+                    reply = await alinks.request_all(*step[1:])
+        finally:
+            steps.close()
+
+    def _arun(self, steps_of, *args):
+        """``steps_of(*args, deadline)`` run on asyncio streams, the deadline the call's timeout from now."""
+        return self._adrive(steps_of(*args, _monotonic() + self._links.timeout))
+
+    def _view_steps(self, deadline):
         """The view, once there is one to route by (waits for the bridge up to the deadline)."""
         while True:
             view = self._view()
@@ -188,21 +246,26 @@ class PartitionedStore:
                 raise BridgeUnavailable(
                     f"cache {self.name!r}: the vela-bridge of this host publishes no partition table "
                     f"(not running, or not ready yet; waited {self._links.timeout:g} s)")
-            time.sleep(0.02)
+            yield _SLEEP, 0.02
 
-    def _locate(self, key):
+    def _routable_view(self, deadline):
+        return self._drive(self._view_steps(deadline))
+
+    def _locate_steps(self, key, deadline):
         """(encoded key, partition, view, True when this host serves the key itself)."""
         enc = _native.encode_key(key)
         view = self._view()
         if not view.fresh():
-            view = self._routable_view(self._links.deadline())
+            view = yield from self._view_steps(deadline)
         p = partition_of(enc, view.parts)
         return enc, p, view, view.local(p)
 
-    def _key_request(self, op, enc, p, **fields):
+    def _locate(self, key):
+        return self._drive(self._locate_steps(key, self._links.deadline()))
+
+    def _key_steps(self, op, enc, p, fields, deadline):
         """A request about one key, to its owner, following moved/fallback/retry answers."""
-        deadline = self._links.deadline()
-        view = self._routable_view(deadline)
+        view = yield from self._view_steps(deadline)
         addr = view.addrs.get(view.owners[p])
         fields = dict(fields, op=op, k=enc, clk=self._table.next_version())  # (see _checked)
         # An owner that does not answer may be gone: look at the table again every slice.
@@ -211,25 +274,25 @@ class PartitionedStore:
         once = op in ("incr", "add", "cas")
         while True:
             if addr is None:  # (an owner the table names before its address: ask again)
-                self._pause_or_raise(deadline, BridgeUnavailable(
+                yield from self._pause_steps(deadline, BridgeUnavailable(
                     f"cache {self.name!r}: no address for the owner of partition {p}"))
-                view = self._routable_view(deadline)
+                view = yield from self._view_steps(deadline)
                 addr = view.addrs.get(view.owners[p])
                 continue
             try:
-                reply = self._links.request(addr, fields, view.epoch,
-                                            deadline if once else min(deadline, time.monotonic() + _SLICE))
+                reply = yield (_REQ, addr, fields, view.epoch,
+                               deadline if once else min(deadline, time.monotonic() + _SLICE))
             except BridgeUnavailable as exc:
-                self._pause_or_raise(deadline, exc)  # (a refused connection fails at once)
-                view = self._routable_view(deadline)
+                yield from self._pause_steps(deadline, exc)  # (a refused connection fails at once)
+                view = yield from self._view_steps(deadline)
                 addr = view.addrs.get(view.owners[p])
                 continue
             if "moved" in reply:
                 addr = reply["moved"]  # the table changed: ask the owner the answering member knows
             elif "fb" in reply:
                 try:
-                    fb = self._links.request(reply["fb"], dict(fields, fb=True), view.epoch,
-                                             min(deadline, time.monotonic() + _SLICE))
+                    fb = yield (_REQ, reply["fb"], dict(fields, fb=True), view.epoch,
+                                min(deadline, time.monotonic() + _SLICE))
                 except BridgeUnavailable:
                     if time.monotonic() >= deadline:
                         raise
@@ -248,10 +311,13 @@ class PartitionedStore:
             if time.monotonic() >= deadline:
                 raise BridgeUnavailable(f"cache {self.name!r}: the owner of partition {p} was not found within "
                                         f"{self._links.timeout:g} s (the partition table keeps changing?)")
-            time.sleep(_RETRY_PAUSE)
+            yield _SLEEP, _RETRY_PAUSE
             view = self._view()
             if "moved" not in reply and view.fresh():
                 addr = view.addrs.get(view.owners[p], addr)
+
+    def _key_request(self, op, enc, p, **fields):
+        return self._drive(self._key_steps(op, enc, p, fields, self._links.deadline()))
 
     def _checked(self, reply):
         # Requests carry this table's clock ("clk") and replies the owner's ("ver"): each
@@ -265,24 +331,26 @@ class PartitionedStore:
             raise _ERRORS.get(err, BridgeUnavailable)(reply.get("msg", err))
         return reply
 
-    def _everyone(self, op, deadline=None, **fields):
+    def _everyone_steps(self, op, fields, deadline):
         """The same request to every member of the ring; their replies. A member that does
         not answer is asked again while the partition table still names it (one that died
         leaves the table within the failure timeout), up to the call's deadline."""
-        deadline = deadline or self._links.deadline()
         replies = {}
         while True:
-            view = self._routable_view(deadline)
+            view = yield from self._view_steps(deadline)
             members = [n for n in view.members if n in view.addrs and n not in replies]
             fields["clk"] = self._table.next_version()
-            results = self._links.request_all([(view.addrs[n], dict(fields, op=op)) for n in members],
-                                              view.epoch, deadline)
+            results = yield (_ALL, [(view.addrs[n], dict(fields, op=op)) for n in members], view.epoch,
+                             deadline)
             results = [self._unsettled(n, r) for n, r in zip(members, results)]
             failed = [r for r in results if isinstance(r, BridgeUnavailable)]
             replies.update((n, self._checked(r)) for n, r in zip(members, results) if isinstance(r, dict))
             if not failed:
                 return list(replies.values())
-            self._pause_or_raise(deadline, failed[0])
+            yield from self._pause_steps(deadline, failed[0])
+
+    def _everyone(self, op, deadline=None, **fields):
+        return self._drive(self._everyone_steps(op, fields, deadline or self._links.deadline()))
 
     def _unsettled(self, node, reply):
         """A member's reply to a request about many keys or a total; a BridgeUnavailable
@@ -294,32 +362,29 @@ class PartitionedStore:
                                      f"{reply.get('retry') or 'its partition table changed'}")
         return reply
 
-    def _pause_or_raise(self, deadline, error):
+    def _pause_steps(self, deadline, error):
         """Before asking again: a short pause, or ``error`` once the deadline has passed."""
         if time.monotonic() >= deadline:
             raise error
-        time.sleep(_RETRY_PAUSE)
+        yield _SLEEP, _RETRY_PAUSE
 
-    def _per_owner(self, items, size_of, request_of, answered=None):
+    def _per_owner_steps(self, items, size_of, request_of, answered, deadline):
         """``items`` (tuples, the encoded key second) sent to their owners: one request per
         owner and batch (request_of(batch) its fields), all at once; [(batch, reply)]. The
         items of an owner that cannot be reached are sent again by a fresh look at the
         partition table (a dead owner is replaced within the failure timeout), up to the
-        call's deadline."""
-        deadline = self._links.deadline()
-        answered = [] if answered is None else answered  # (the caller's list: what was answered if this raises)
+        call's deadline. ``answered``: the caller's list (what was answered if this raises)."""
         pending = items
         while pending:
-            view = self._routable_view(deadline)
+            view = yield from self._view_steps(deadline)
             by_owner = {}
             for item in pending:
                 by_owner.setdefault(view.owners[partition_of(item[1], view.parts)], []).append(item)
             batches = [(n, batch) for n, its in by_owner.items() for batch in _batches(its, size_of)]
             reachable = [(n, batch) for n, batch in batches if n in view.addrs]
             clk = self._table.next_version()
-            results = self._links.request_all([(view.addrs[n], dict(request_of(batch), clk=clk))
-                                               for n, batch in reachable],
-                                              view.epoch, deadline)
+            results = yield (_ALL, [(view.addrs[n], dict(request_of(batch), clk=clk)) for n, batch in reachable],
+                             view.epoch, deadline)
             pending, error = [], None
             for (n, batch), reply in zip(reachable, results):
                 reply = self._unsettled(n, reply)
@@ -333,7 +398,7 @@ class PartitionedStore:
                     pending += batch
                     error = error or BridgeUnavailable(f"cache {self.name!r}: no address for member {n}")
             if pending:
-                self._pause_or_raise(deadline, error)
+                yield from self._pause_steps(deadline, error)
         return answered
 
     def _encoded(self, value):
@@ -352,35 +417,62 @@ class PartitionedStore:
 
     # ---- reading ------------------------------------------------------------------
 
-    def get(self, key, default=None):
-        """The value stored under ``key`` (on its owner), or ``default``."""
+    def _here(self, key):
+        """The value of a key this host holds (MISSING when absent), else _REMOTE."""
         routes, seq, until = self._route
         if until > _monotonic():  # a key this host holds: one native call
-            value = self._table.get_routed(key, routes, seq, MISSING, _REMOTE)
-            if value is not _REMOTE:
-                return default if value is MISSING else value
-        value = self._lookup(key)
+            return self._table.get_routed(key, routes, seq, MISSING, _REMOTE)
+        return _REMOTE
+
+    def get(self, key, default=None):
+        """The value stored under ``key`` (on its owner), or ``default``."""
+        value = self._here(key)
+        if value is _REMOTE:
+            value = self._lookup(key)
         return default if value is MISSING else value
 
-    @bounded
-    def _lookup(self, key):
-        enc, p, view, local = self._locate(key)
+    async def aget(self, key, default=None):
+        value = self._here(key)
+        if value is _REMOTE:
+            value = await self._arun(self._lookup_steps, key)
+        return default if value is MISSING else value
+
+    def _lookup_steps(self, key, deadline):
+        enc, p, view, local = yield from self._locate_steps(key, deadline)
         if local:
             return self._table.get(key, MISSING)
         if self._copies(view, p):
             value = self._table.get_hit(key, MISSING)  # an L1 copy
             if value is not MISSING:
                 return value
-            return self._near.load(key, self._l2)
-        reply = self._key_request("get", enc, p)
+            # A near-cache miss (vela.stores.near.NearCache.load): reserve, read the
+            # owner, keep the copy unless an invalidation voided the reservation.
+            token = self._table.reserve(key)
+            reply = yield from self._key_steps("get", enc, p, {}, deadline)
+            if reply.get("miss"):
+                return MISSING
+            value = self._decode(reply)
+            self._near.fill(token, key, value, reply["ttl"], _copy_tags(reply.get("tags", ())))
+            return value
+        reply = yield from self._key_steps("get", enc, p, {}, deadline)
         return MISSING if reply.get("miss") else self._decode(reply)
 
     @bounded
-    def contains(self, key):
-        enc, p, view, local = self._locate(key)
+    def _lookup(self, key):
+        return self._drive(self._lookup_steps(key, self._links.deadline()))
+
+    def _contains_steps(self, key, deadline):
+        enc, p, view, local = yield from self._locate_steps(key, deadline)
         if local:
             return self._table.contains(key)
-        return bool(self._key_request("has", enc, p)["ok"])
+        return bool((yield from self._key_steps("has", enc, p, {}, deadline))["ok"])
+
+    @bounded
+    def contains(self, key):
+        return self._drive(self._contains_steps(key, self._links.deadline()))
+
+    def acontains(self, key):
+        return self._arun(self._contains_steps, key)
 
     @bounded
     def ttl(self, key):
@@ -392,24 +484,25 @@ class PartitionedStore:
             found, remaining = reply["ok"], reply.get("ttl", -1)
         return found, remaining
 
-    def _grouped(self, op, keys):
+    def _grouped_steps(self, op, keys, deadline):
         """One ``op`` request per owner for the keys, sent at once: ``{key: reply item}``;
         keys an owner could not simply serve are left out (the caller asks for them one
         by one)."""
         items = [(key, _native.encode_key(key)) for key in keys]
         out = {}
-        for batch, reply in self._per_owner(items, lambda item: len(item[1]),
-                                            lambda batch: {"op": op, "ks": [enc for _, enc in batch]}):
+        answered = yield from self._per_owner_steps(
+            items, lambda item: len(item[1]), lambda batch: {"op": op, "ks": [enc for _, enc in batch]}, [],
+            deadline)
+        for batch, reply in answered:
             redo = set(reply.get("redo", ()))
             out.update((key, item) for i, ((key, _), item) in enumerate(zip(batch, reply["ok"]))
                        if i not in redo)
         return out
 
-    @bounded
-    def get_many(self, keys):
+    def _get_many_steps(self, keys, deadline):
         """``{key: value}`` for the keys present; one request per owner, sent together."""
         found, remote = {}, []
-        view = self._routable_view(self._links.deadline())
+        view = yield from self._view_steps(deadline)
         for key in keys:
             p = partition_of(_native.encode_key(key), view.parts)
             local = view.local(p)
@@ -426,10 +519,10 @@ class PartitionedStore:
         # invalidation is not kept (vela.stores.near).
         tokens = {key: self._table.reserve(key) for key in remote
                   if self._copies(view, partition_of(_native.encode_key(key), view.parts))}
-        answered = self._grouped("getm", remote)
+        answered = yield from self._grouped_steps("getm", remote, deadline)
         for key in remote:
             if key not in answered:
-                value = self._lookup(key)  # moved, or in a partition being handed over
+                value = yield from self._lookup_steps(key, deadline)  # moved, or in a partition being handed over
                 if value is not MISSING:
                     found[key] = value
             elif answered[key] is not None:
@@ -441,6 +534,13 @@ class PartitionedStore:
                 found[key] = as_read(value)
         return found
 
+    @bounded
+    def get_many(self, keys):
+        return self._drive(self._get_many_steps(keys, self._links.deadline()))
+
+    def aget_many(self, keys):
+        return self._arun(self._get_many_steps, keys)
+
     # ---- writing ------------------------------------------------------------------
 
     def put(self, key, value, ns, tags):
@@ -449,7 +549,12 @@ class PartitionedStore:
         val, codec = self._encoded(value)
         if not self._put_here(key, val, codec, ns, tag_ids):
             self._put_remote(key, val, codec, ns, tag_ids)
-            self._written((key,))
+
+    async def aput(self, key, value, ns, tags):
+        tag_ids = self._encode_tags(tags)
+        val, codec = self._encoded(value)
+        if not self._put_here(key, val, codec, ns, tag_ids):
+            await self._arun(self._put_remote_steps, key, val, codec, ns, tag_ids)
 
     @bounded
     def add(self, key, value, ns, tags):
@@ -495,10 +600,16 @@ class PartitionedStore:
         """True when this host may keep L1 copies of partition p's keys (vela.stores.near)."""
         return self._near is not None and view.l1(p)
 
+    def _put_remote_steps(self, key, val, codec, ns, tag_ids, deadline):
+        try:
+            enc, p, view, local = yield from self._locate_steps(key, deadline)
+            yield from self._key_steps("put", enc, p, dict(val=val, codec=codec, ttl=ns, tags=tag_ids), deadline)
+        finally:  # (also when it failed or was cancelled: the owner may have written it)
+            self._written((key,))
+
     @bounded
     def _put_remote(self, key, val, codec, ns, tag_ids):
-        enc, p, view, local = self._locate(key)
-        self._key_request("put", enc, p, val=val, codec=codec, ttl=ns, tags=tag_ids)
+        self._drive(self._put_remote_steps(key, val, codec, ns, tag_ids, self._links.deadline()))
 
     def _routes(self):
         """(routes, view seq) to write in place by, or None while the view is too old or
@@ -518,6 +629,12 @@ class PartitionedStore:
     def put_many(self, items, ns, tags):
         """Store every item; each is checked before any is sent. One request per owner
         (and per 5,000 items or 4 MiB), all sent at once."""
+        self._drive(self._put_many_steps(items, ns, tags, self._links.deadline()))
+
+    def aput_many(self, items, ns, tags):
+        return self._arun(self._put_many_steps, items, ns, tags)
+
+    def _put_many_steps(self, items, ns, tags, deadline):
         tag_ids = self._encode_tags(tags)
         encoded = [(k, _native.encode_key(k)) + self._encoded(v) for k, v in items]
         self._check_sizes(encoded, len(tag_ids))  # before anything is stored
@@ -527,21 +644,22 @@ class PartitionedStore:
                        if not self._put_here(item[0], item[2], item[3], ns, tag_ids, routes)]
         answered, stored_again = [], []
         try:
-            self._per_owner(encoded, lambda item: len(item[1]) + len(item[2]),
-                            lambda batch: {"op": "putm", "items": [[e, v, c] for _, e, v, c in batch], "ttl": ns,
-                                           "tags": tag_ids}, answered)
+            yield from self._per_owner_steps(
+                encoded, lambda item: len(item[1]) + len(item[2]),
+                lambda batch: {"op": "putm", "items": [[e, v, c] for _, e, v, c in batch], "ttl": ns,
+                               "tags": tag_ids}, answered, deadline)
             again = [batch[i] for batch, reply in answered for i in reply.get("redo", ())]
             for k, enc, val, codec in again:
-                self._key_request("put", enc, partition_of(enc, self._view().parts), val=val, codec=codec,
-                                  ttl=ns, tags=tag_ids)
+                yield from self._key_steps("put", enc, partition_of(enc, self._view().parts),
+                                           dict(val=val, codec=codec, ttl=ns, tags=tag_ids), deadline)
                 stored_again.append(k)
         except BridgeUnavailable as exc:
-            self._written(item[0] for item in encoded)
             partial = self._partial(items, encoded, answered, stored_again, exc)
             if not partial.stored:
                 raise  # nothing was written: the owners' unavailability is the whole story
             raise partial from exc
-        self._written(item[0] for item in encoded)
+        finally:  # (also when cancelled: owners may have written some)
+            self._written(item[0] for item in encoded)
 
     def _check_sizes(self, encoded, ntags):
         """ValueTooLarge for the first item bigger than max_entry_size (as the owner's table would say)."""
@@ -565,18 +683,33 @@ class PartitionedStore:
         return PartialWrite(f"put_many stored {len(stored)} of {len(stored) + len(failed)} keys: {exc} "
                             "(.stored and .failed name them)", stored, failed)
 
-    def delete(self, key):
+    def _delete_here(self, key):
+        """True/False when ``key`` is in a partition of this host (deleted in place), else None."""
         routes = self._routes()
-        removed = self._table.delete_routed(key, *routes) if routes is not None else None
+        return self._table.delete_routed(key, *routes) if routes is not None else None
+
+    def delete(self, key):
+        removed = self._delete_here(key)
         if removed is None:  # not a partition of this host: its owner deletes
             removed = self._delete_remote(key)
-            self._written((key,))
         return removed
+
+    async def adelete(self, key):
+        removed = self._delete_here(key)
+        if removed is None:
+            removed = await self._arun(self._delete_remote_steps, key)
+        return removed
+
+    def _delete_remote_steps(self, key, deadline):
+        try:
+            enc, p, view, local = yield from self._locate_steps(key, deadline)
+            return bool((yield from self._key_steps("del", enc, p, {}, deadline))["ok"])
+        finally:
+            self._written((key,))
 
     @bounded
     def _delete_remote(self, key):
-        enc, p, view, local = self._locate(key)
-        return bool(self._key_request("del", enc, p)["ok"])
+        return self._drive(self._delete_remote_steps(key, self._links.deadline()))
 
     @bounded
     def delete_many(self, keys):
@@ -591,15 +724,13 @@ class PartitionedStore:
                 remote.append(key)
             else:
                 removed += here
-        answered = self._grouped("delm", remote)
+        answered = self._drive(self._grouped_steps("delm", remote, self._links.deadline()))
         self._written(remote)
         removed += sum(bool(answered[k]) if k in answered else self._delete_one(k) for k in remote)
         return removed
 
     def _delete_one(self, key):
-        removed = self._delete_remote(key)
-        self._written((key,))
-        return removed
+        return self._delete_remote(key)
 
     @bounded
     def touch(self, key, ns):
@@ -681,20 +812,24 @@ class PartitionedStore:
 
     # Both steps share the call's deadline.
 
-    @bounded
-    def invalidate_tag(self, tag):
-        tag_id = self._encode_tags([tag])[0]
-        deadline = self._links.deadline()
-        removed = sum(r["ok"] for r in self._everyone("tag", deadline, tag=tag_id))
-        self._everyone("near", deadline, tag=tag_id)
+    def _total_steps(self, op, fields, deadline):
+        removed = sum(r["ok"] for r in (yield from self._everyone_steps(op, dict(fields), deadline)))
+        yield from self._everyone_steps("near", dict(fields), deadline)
         return removed
 
     @bounded
+    def invalidate_tag(self, tag):
+        return self._drive(self._total_steps("tag", {"tag": self._encode_tags([tag])[0]}, self._links.deadline()))
+
+    def ainvalidate_tag(self, tag):
+        return self._arun(self._total_steps, "tag", {"tag": self._encode_tags([tag])[0]})
+
+    @bounded
     def flush(self):
-        deadline = self._links.deadline()
-        removed = sum(r["ok"] for r in self._everyone("flush", deadline))
-        self._everyone("near", deadline)
-        return removed
+        return self._drive(self._total_steps("flush", {}, self._links.deadline()))
+
+    def aflush(self):
+        return self._arun(self._total_steps, "flush", {})
 
     @bounded
     def expire(self):
@@ -738,6 +873,8 @@ class PartitionedStore:
             self._opened.close()
         finally:
             self._links.close()
+            if self._alinks is not None:
+                self._alinks.close()
 
     def destroy(self):
         self.close()

@@ -905,14 +905,18 @@ class RedisStore:
 
     def _store(self, entries, ns, tags, owner=b"", lease_key=None):
         """Write entries [(enc, raw)] of one shard in one Lua call (publishes their invalidation)."""
+        self._run("store", *self._store_call(entries, ns, tags, owner, lease_key))
+
+    def _store_call(self, entries, ns, tags, owner=b"", lease_key=None):
+        """(keys, args) of the "store" script for entries [(enc, raw)] of one shard (the
+        async API sends it too)."""
         keys, vals = [], []
         for enc, raw in entries:
             keys += (self._vkey(enc), self._mkey(enc))
             vals += (enc, raw)
         if lease_key is not None:
             keys.append(lease_key)
-        args = [self._prefix(entries[0][0]), _px(ns), owner, len(tags), *tags, *vals]
-        self._run("store", keys, args)
+        return keys, [self._prefix(entries[0][0]), _px(ns), owner, len(tags), *tags, *vals]
 
     def _check_open(self):
         if self._closed:

@@ -19,6 +19,7 @@ import fcntl
 import os
 import struct
 import threading
+import time
 
 from .. import _native, options
 from ..errors import BridgeUnavailable
@@ -147,13 +148,49 @@ class BridgeClient:
             if self._socket is not None:  # a REQ socket that timed out is stuck: start afresh
                 self._socket.close(0)
                 self._socket = None
-            raise BridgeUnavailable(
-                f"the vela-bridge of this host did not answer at {self.endpoint} within "
-                f"{self.timeout_ms / 1000:g} s ({exc}); the change is in the change log and reaches the "
-                "other hosts when the bridge runs, but the cluster-wide count is unknown") from exc
+            raise self._unanswered(exc) from exc
+        return self._accepted(reply)
+
+    def _unanswered(self, why):
+        return BridgeUnavailable(
+            f"the vela-bridge of this host did not answer at {self.endpoint} within "
+            f"{self.timeout_ms / 1000:g} s ({why or type(why).__name__}); the change is in the change log and "
+            "reaches the other hosts when the bridge runs, but the cluster-wide count is unknown")
+
+    @staticmethod
+    def _accepted(reply):
         if not isinstance(reply, dict) or "error" in reply:
             raise BridgeUnavailable(f"the bridge refused the request: {reply!r}")
         return reply
+
+    async def acall(self, request):
+        """``call`` for asyncio: a ``zmq.asyncio`` REQ socket of its own, closed when the
+        call ends, times out or is cancelled (a REQ socket left waiting is stuck)."""
+        import msgpack
+        import zmq
+        import zmq.asyncio
+
+        from ..bridge.alinks import within
+
+        request = dict(request, cache=self.cache_name)
+        # (on the process's one context, the sync sockets' own: no second set of I/O threads)
+        sock = zmq.asyncio.Context.shadow(zmq.Context.instance().underlying).socket(zmq.REQ)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+            deadline = time.monotonic() + self.timeout_ms / 1000
+
+            async def exchange():
+                await sock.send(msgpack.packb(request, use_bin_type=True))
+                return msgpack.unpackb(await sock.recv(), raw=False)
+
+            try:
+                reply = await within(deadline, exchange())
+            except (zmq.ZMQError, TimeoutError) as exc:
+                raise self._unanswered(exc) from exc
+        finally:
+            sock.close(0)
+        return self._accepted(reply)
 
     def total(self, request):
         """The other members' count for a flush or tag invalidation this host just did
@@ -161,7 +198,16 @@ class BridgeClient:
         BridgeUnavailable when a member did not confirm it: a read there may still find
         what it removes, until the member takes it (its bridge's next turn, or a snapshot)."""
         keep_mark(self.cache_name, request["op"], request["version"], request.get("tag", 0))
-        reply = self.call(request)
+        return self._confirmed(request, self.call(request))
+
+    async def atotal(self, request):
+        """``total`` for asyncio: the wait for the bridge never blocks the event loop.
+        Cancelled while it waits, the change stands on this host and is kept for the
+        bridge (as when the bridge does not answer)."""
+        keep_mark(self.cache_name, request["op"], request["version"], request.get("tag", 0))
+        return self._confirmed(request, await self.acall(request))
+
+    def _confirmed(self, request, reply):
         if reply.get("missing"):
             raise BridgeUnavailable(
                 f"cache {self.cache_name!r}: member(s) {', '.join(map(str, reply['missing']))} did not confirm "
@@ -188,6 +234,18 @@ class ReplicatedStore(LocalStore):
     def flush(self):
         count, version = self.table.flush_versioned()
         self.client.total({"op": "flush", "version": version})
+        return count
+
+    # asyncio: this host's table inline (microseconds), the bridge's confirmation awaited.
+
+    async def ainvalidate_tag(self, tag):
+        count, version, tag_id = self.table.invalidate_tag_versioned(tag)
+        await self.client.atotal({"op": "tag", "tag": tag_id, "version": version})
+        return count
+
+    async def aflush(self):
+        count, version = self.table.flush_versioned()
+        await self.client.atotal({"op": "flush", "version": version})
         return count
 
     def close(self):
