@@ -22,9 +22,9 @@ travels as remaining time, so clock skew never keeps an entry past it.
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 __all__ = ["Stamped", "MAGIC", "stamping", "unstamping", "reading_stamps", "as_read"]
@@ -84,25 +84,26 @@ def _decode(data: bytes, loads: Callable[[bytes], Any]) -> Stamped:
 
 
 # Set while get_or_fetch reads: the loaders then hand it the stamp, not the bare value.
-_reading = threading.local()
+# A context variable, not a thread-local: an asyncio task that reads with stamps across
+# an await must not hand stamps to the other tasks of its thread meanwhile.
+_reading: ContextVar[bool] = ContextVar("vela_reading_stamps", default=False)
 
 
 @contextmanager
 def reading_stamps() -> Iterator[None]:
-    """Within it (this thread), a stamped value reads as its :class:`Stamped`."""
-    before = getattr(_reading, "on", False)
-    _reading.on = True
+    """Within it (this thread or asyncio task), a stamped value reads as its :class:`Stamped`."""
+    token = _reading.set(True)
     try:
         yield
     finally:
-        _reading.on = before
+        _reading.reset(token)
 
 
 def as_read(value: Any) -> Any:
     """``value``, read within :func:`reading_stamps`, as a read here returns it: a store
     that keeps a copy of what it read (a near cache) reads with the stamp, so that the
     copy keeps it, then hands its caller this."""
-    if type(value) is Stamped and not getattr(_reading, "on", False):
+    if type(value) is Stamped and not _reading.get():
         return value.value
     return value
 
@@ -124,5 +125,5 @@ def unstamping(loads: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
         if not data or data[0] or not data.startswith(MAGIC):
             return loads(data)
         stamped = _decode(data, loads)
-        return stamped if getattr(_reading, "on", False) else stamped.value
+        return stamped if _reading.get() else stamped.value
     return loads_or_unstamp

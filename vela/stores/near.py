@@ -226,19 +226,22 @@ class NearCache:
     async def aload(self, key, l2):
         """:meth:`load` for asyncio (``l2.aread``). Cancelled, it keeps no copy."""
         token = self.l1.reserve(key)
-        value, remaining_ns, tags = await l2.aread(key)
+        with reading_stamps():  # (this task only: the copy keeps a stamped value's stamp)
+            value, remaining_ns, tags = await l2.aread(key)
         if value is not MISSING:
             self.fill(token, key, value, remaining_ns, tags)
-        return value
+        return as_read(value)
 
     async def aload_many(self, keys, l2):
         """:meth:`load_many` for asyncio (``l2.aread_many``)."""
         tokens = [self.l1.reserve(k) for k in keys]
         found = {}
-        for key, token, (value, remaining_ns, tags) in zip(keys, tokens, await l2.aread_many(keys)):
+        with reading_stamps():
+            read = await l2.aread_many(keys)
+        for key, token, (value, remaining_ns, tags) in zip(keys, tokens, read):
             if value is not MISSING:
                 self.fill(token, key, value, remaining_ns, tags)
-                found[key] = value
+                found[key] = as_read(value)
         return found
 
     def fill(self, token, key, value, remaining_ns, tags=()):
