@@ -537,9 +537,42 @@ def test_async_api(cache):
         await cache.aset("akey", "avalue")
         assert await cache.aget("akey") == "avalue"
         assert await cache.aadd("akey", "other") is False
+        assert await cache.aadd("fresh", "x") is True
         assert await cache.aget_or_set("akey2", lambda: 5) == 5
+        assert await cache.aget_or_set("akey2", lambda: 6) == 5
         assert await cache.ahas_key("akey2") is True
         assert await cache.adelete("akey") is True
+        assert await cache.adelete("akey") is False
+        assert await cache.aset_many({"m1": 1, "m2": 2}) == []
+        assert await cache.aget_many(["m1", "m2", "absent"]) == {"m1": 1, "m2": 2}
+        assert await cache.aincr("m1", 10) == 11 and await cache.adecr("m1") == 10
+        assert await cache.atouch("m2", 60) is True
+        await cache.adelete_many(["m1", "m2"])
+        assert await cache.aget_many(["m1", "m2"]) == {}
+        await cache.aset("gone", 1, timeout=0)  # Django: expires at once
+        assert await cache.aget("gone", "default") == "default"
+        with pytest.raises(ValueError, match="not found"):
+            await cache.aincr("absent")
+        await cache.aclear()
+        assert await cache.ahas_key("akey2") is False
+        await cache.aclose()
+    asyncio.run(run())
+
+
+def test_async_api_is_vela_s_own_not_the_sync_call_in_a_thread(cache, monkeypatch):
+    """Django's defaults run the sync method in a thread; Vela's await its coroutines."""
+    for name in ("get", "set", "delete", "has_key", "get_many", "set_many", "clear", "get_or_set"):
+        monkeypatch.setattr(type(cache), name, lambda *a, **k: pytest.fail("a sync method was called"))
+
+    async def run():
+        await cache.aset("k", {"v": 1})
+        assert await cache.aget("k") == {"v": 1}
+        assert await cache.ahas_key("k") is True
+        await cache.aset_many({"a": 1})
+        assert await cache.aget_many(["a", "k"]) == {"a": 1, "k": {"v": 1}}
+        assert await cache.aget_or_set("f", lambda: "fetched") == "fetched"
+        assert await cache.adelete("k") is True
+        await cache.aclear()
     asyncio.run(run())
 
 

@@ -25,8 +25,17 @@ and stays open. ``get_or_set`` with a callable default runs it once per host
 while concurrent callers wait (Vela's stampede protection), and ``add`` is
 atomic across processes. The underlying :class:`vela.Cache` is ``.vela_cache``
 (for ``invalidate_tag``, ``stats``, ...).
+
+The async methods (``aget``, ``aset``, ...) are Vela's own, not Django's default of
+running the sync method in a thread: ``aget``/``aset``/``adelete``/``ahas_key``/
+``aget_many``/``aset_many``/``aclear``/``aget_or_set`` await the matching
+:class:`vela.Cache` coroutine (inline on the host's table; Redis and partitioned
+caches wait without blocking the loop); the others (``aadd``, ``atouch``, ``aincr``,
+``adecr``, ``adelete_many``) run the sync call inline on the host's table and in a
+worker thread for a remote store.
 """
 
+import asyncio
 import math
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidCacheKey
@@ -183,6 +192,85 @@ class VelaCache(BaseCache):
 
     def clear(self):
         self.vela_cache.flush()
+
+    # ---- the async API: Vela's coroutines, not a thread per call -----------------
+
+    async def aget(self, key, default=None, version=None):
+        key = self.make_and_validate_key(key, version=version)
+        return await self.vela_cache.aget(key, default)
+
+    async def aset(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        key = self.make_and_validate_key(key, version=version)
+        ttl = self._ttl(timeout)
+        if ttl is None:
+            await self.vela_cache.adelete(key)
+            return
+        try:
+            await self.vela_cache.aput(key, value, ttl=ttl)
+        except TypeError as e:
+            raise (_serializer_error(e) or e) from None
+
+    async def adelete(self, key, version=None):
+        key = self.make_and_validate_key(key, version=version)
+        return await self.vela_cache.adelete(key)
+
+    async def ahas_key(self, key, version=None):
+        key = self.make_and_validate_key(key, version=version)
+        return await self.vela_cache.aexists(key)
+
+    async def aget_many(self, keys, version=None):
+        made = {self.make_and_validate_key(k, version=version): k for k in keys}
+        found = await self.vela_cache.aget_many(list(made))
+        return {made[k]: v for k, v in found.items()}
+
+    async def aset_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):
+        items = {self.make_and_validate_key(k, version=version): v for k, v in data.items()}
+        ttl = self._ttl(timeout)
+        if not items or ttl is None:
+            return await self._off_loop(self.set_many, data, timeout, version)
+        try:
+            await self.vela_cache.aput_many(items, ttl=ttl)
+        except TypeError as e:
+            raise (_serializer_error(e) or e) from None
+        return []
+
+    async def aclear(self):
+        await self.vela_cache.aflush()
+
+    async def aget_or_set(self, key, default, timeout=DEFAULT_TIMEOUT, version=None):
+        ttl = self._ttl(timeout)
+        if not callable(default) or ttl is None:
+            return await self._off_loop(self.get_or_set, key, default, timeout, version)
+        made = self.make_and_validate_key(key, version=version)
+        try:
+            return await self.vela_cache.aget_or_fetch(made, lambda _key: default(), ttl=ttl)
+        except TypeError as e:
+            raise (_serializer_error(e) or e) from None
+
+    async def aadd(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        return await self._off_loop(self.add, key, value, timeout, version)
+
+    async def atouch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
+        return await self._off_loop(self.touch, key, timeout, version)
+
+    async def aincr(self, key, delta=1, version=None):
+        return await self._off_loop(self.incr, key, delta, version)
+
+    async def adecr(self, key, delta=1, version=None):
+        return await self._off_loop(self.decr, key, delta, version)
+
+    async def adelete_many(self, keys, version=None):
+        return await self._off_loop(self.delete_many, keys, version)
+
+    async def aclose(self, **kwargs):
+        """Nothing to do (see :meth:`close`)."""
+
+    async def _off_loop(self, method, *args):
+        """A sync method with no Vela coroutine: inline on the host's table (microseconds),
+        in a worker thread where the store is remote (Redis, partitioned)."""
+        if getattr(self.vela_cache._store, "remote", True):
+            return await asyncio.to_thread(method, *args)
+        return method(*args)
 
     def close(self, **kwargs):
         """Nothing to do: the process's handle stays open for the next request."""

@@ -39,7 +39,7 @@ from ..ring import partition_of
 from ..segments.table import OpenTable
 from ..stamp import as_read, reading_stamps
 from .base import ALONE, BUSY, HIT, MINE, MISSING
-from .near import L2, NearCache, copy_tag
+from .near import NearCache, copy_tag
 
 __all__ = ["PartitionedStore"]
 
@@ -117,6 +117,22 @@ def _copy_tags(tag_ids):
     return [copy_tag(t) for t in tag_ids]
 
 
+class _OwnerReads:
+    """The owners of the keys, read past this host's L1 copies (uncounted): where
+    vela.refresh checks whether a key was refreshed (see NearStore.source)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def read(self, key):
+        store = self.store
+        enc = _native.encode_key(key)
+        reply = store._key_request("get", enc, partition_of(enc, store._view().parts))
+        if reply.get("miss"):
+            return MISSING, 0, ()
+        return store._decode(reply), reply["ttl"], _copy_tags(reply.get("tags", ()))
+
+
 class _ClusterNear(NearCache):
     """L1 copies are healthy while the host's bridge publishes (it applies invalidations)."""
 
@@ -145,9 +161,7 @@ class PartitionedStore:
         self.segment = opened.segment
         self.table = self._table = opened.table
         self._near = _ClusterNear(self, near_l1_ttl) if near_l1_ttl is not None else None
-        self._l2 = _PartitionL2(self)
-        # The owners, read past the L1 copies (uncounted): see NearStore.source.
-        self.source = self._l2 if self._near is not None else None
+        self.source = _OwnerReads(self) if self._near is not None else None
         self._alinks = None  # the asyncio requests' links (vela.bridge.alinks), made on first use
         self._seq = None
         self._cached_view = None
@@ -451,9 +465,10 @@ class PartitionedStore:
             reply = yield from self._key_steps("get", enc, p, {}, deadline)
             if reply.get("miss"):
                 return MISSING
-            value = self._decode(reply)
+            with reading_stamps():  # (a copy keeps a stamped value's stamp)
+                value = self._decode(reply)
             self._near.fill(token, key, value, reply["ttl"], _copy_tags(reply.get("tags", ())))
-            return value
+            return as_read(value)
         reply = yield from self._key_steps("get", enc, p, {}, deadline)
         return MISSING if reply.get("miss") else self._decode(reply)
 

@@ -90,6 +90,15 @@ _SLOTS = 16384  # hash slots of a Redis Cluster
 # What flush leaves in a shard: the numbering of invalidations and the hosts' listeners.
 _BOOKKEEPING = (b"iseq", b"hosts", b"hb:", b"ack:")
 
+
+def flushed(prefix, keys, everything=False):
+    """What a flush unlinks of a shard's ``keys``: (its entries, which it counts; the
+    rest: tag sets, leases, and the hosts' bookkeeping only when ``everything``)."""
+    values = [k for k in keys if k.startswith(prefix + b"v:")]
+    others = [k for k in keys if not k.startswith(prefix + b"v:")
+              and (everything or not k[len(prefix):].startswith(_BOOKKEEPING))]
+    return values, others
+
 _OPTIONS = {
     "url", "cluster", "socket_timeout", "connect_timeout", "retries", "retry_backoff",
     "l1_segment", "degraded_l1_ttl", "heartbeat", "lease_ttl", "listener", "client_options", "shards",
@@ -1315,9 +1324,7 @@ class RedisStore:
         """Remove the entries, shard by shard; the hosts' bookkeeping too when ``everything``."""
         count = 0
         for prefix, keys in self._keys_by_shard().items():
-            values = [k for k in keys if k.startswith(prefix + b"v:")]
-            others = [k for k in keys if not k.startswith(prefix + b"v:")
-                      and (everything or not k[len(prefix):].startswith(_BOOKKEEPING))]
+            values, others = flushed(prefix, keys, everything)
             for i in range(0, len(values), 1000):
                 count += self._call(("UNLINK", *values[i:i + 1000]))
             for i in range(0, len(others), 1000):

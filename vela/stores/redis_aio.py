@@ -32,7 +32,7 @@ from .. import _native
 from ..errors import BackendUnavailable, OptionError, VelaError
 from .base import MISSING, count_lookups
 from .near import FLUSH_ALL
-from .redis import _BATCH, _SCRIPTS, _UNREACHABLE, RedisStore, _remaining_ns, _tag_bytes, _tag_names
+from .redis import _BATCH, _SCRIPTS, _UNREACHABLE, RedisStore, _remaining_ns, _tag_bytes, _tag_names, flushed
 
 __all__ = ["AsyncRedisStore"]
 
@@ -198,7 +198,7 @@ class AsyncRedisStore(RedisStore):
     async def adelete(self, key):
         self._check_open()
         enc = _native.encode_key(key)
-        removed = await self._arun("delete", [self._vkey(enc), self._mkey(enc)], [self._P, enc]) == 1
+        removed = await self._arun("delete", [self._vkey(enc), self._mkey(enc)], [self._prefix(enc), enc]) == 1
         if removed:
             self._bump("deletes")
         return removed
@@ -225,8 +225,7 @@ class AsyncRedisStore(RedisStore):
             return [k async for k in client.scan_iter(match=self._P + b"*", count=1000)]
 
         keys = await self._acall(scan)
-        values = [k for k in keys if k.startswith(self._P + b"v:")]
-        others = [k for k in keys if not k.startswith(self._P + b"v:") and not k.startswith(self._bookkeeping)]
+        values, others = flushed(self._P, keys)  # (one shard: cluster URLs take the sync API)
         count = 0
         for i in range(0, len(values), 1000):
             count += await self._acommand("UNLINK", *values[i:i + 1000])
