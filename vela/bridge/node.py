@@ -592,9 +592,12 @@ class Bridge:
         self._publish_view()  # no table: workers stop writing in place before it is emptied
         self.epoch += 1
 
-    def _ring_ready(self, now):
-        """A new bridge waits to hear from the cluster before it takes any partition."""
-        if self.leaving_self or not self.seeds:
+    def _knows_cluster(self, now):
+        """Whether this bridge knows the cluster well enough to speak for it: it has no
+        seeds, or it heard a member and had a few heartbeats to learn the others from its
+        hellos, or it waited a failure timeout. Before that, it takes no partition and
+        answers no cluster-wide count (it would count without members it has not learnt)."""
+        if not self.seeds:
             return True
         heard = any(m.state == ALIVE for m in self.members.values())
         return (heard and now - self.started > 3 * self.heartbeat) or now - self.started > self.failure_timeout
@@ -627,7 +630,7 @@ class Bridge:
                 parts.regained(reachable, settle=2 * self.failure_timeout, since=now - spell)
 
     def _update_rings(self, now):
-        if not self.partitioned or not self._ring_ready(now):
+        if not self.partitioned or not (self.leaving_self or self._knows_cluster(now)):
             return
         self._check_quorum(now)
         if not self.quorum.writable:
@@ -769,10 +772,9 @@ class Bridge:
         self.counters["rpcs"] += 1
         # The worker removed this host's entries and counted them; record the marks.
         replica.apply_rpc(op, req["version"], req.get("tag"))
-        if self.seeds and not any(m.state == ALIVE for m in self.members.values()) \
-                and time.monotonic() - self.started < self.failure_timeout:
-            # Just started: the members are not known yet (an answer now would count this
-            # host alone and say nothing of the others). The mark goes out all the same.
+        if not self._knows_cluster(time.monotonic()):
+            # Just started: an answer now would count this host alone and say nothing of
+            # the members not learnt yet. The mark goes out all the same.
             sock.send_multipart([identity, b"", msgpack.packb({"error": "this bridge has not heard from "
                                                                         "the cluster yet"})])
             return
