@@ -883,7 +883,8 @@ class Bridge:
             "members": [{"node_id": m.node_id, "addr": m.addr, "state": m.state,
                          "last_seen_ago": round(now - m.last_seen, 3) if m.last_seen else None,
                          "messages": m.received} for m in sorted(self.members.values(), key=lambda m: m.node_id)],
-            "caches": dict({name: dict(r.stats, ready=r.ready and r.ready_since is not None,
+            "caches": dict({name: dict(r.stats, ready=r.ready and r.ready_since is not None
+                                       and self._knows_cluster(now),
                                        log_lag_bytes=r.table.log_state()["head"] - r.pos,
                                        tombstones=len(r.tombs))
                             for name, r in self.replicas.items()},
