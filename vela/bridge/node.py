@@ -128,6 +128,11 @@ class Bridge:
             self.router.curve_server = True
             self.router.curve_publickey, self.router.curve_secretkey = self.curve
         self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE + 4096)
+        # A peer that dials again (its link went silent, below) takes its identity over
+        # at once: by default the ROUTER would ignore the new link while the old one,
+        # which may never hear a FIN, still holds it.
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._keep_live(self.router)
         self.router.bind(listen)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
@@ -199,6 +204,7 @@ class Bridge:
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.IDENTITY, f"{self.node_id}:{self.inc}".encode())
+            self._keep_live(sock)
             if self.curve:
                 sock.curve_serverkey = self.curve[0]
                 sock.curve_publickey, sock.curve_secretkey = self.curve
@@ -211,6 +217,18 @@ class Bridge:
                 return None
             self.dealers[addr] = sock
         return sock
+
+    def _keep_live(self, sock):
+        """Links between bridges that carry nothing back for the failure timeout are
+        closed and dialled again (ZeroMQ heartbeats; a dial that does not connect within
+        it is given up and tried afresh). After packet loss, TCP retries a link's
+        unacknowledged data at intervals that doubled meanwhile (0.2 s, 0.4 s, ... up to
+        2 minutes), so a link can stay silent for many seconds after the network healed:
+        a new connection starts with none of that. What the old link still held is lost,
+        and the receiver sees the gap in the stream as for any lost message."""
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self.heartbeat * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.failure_timeout * 1000)))
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(self.failure_timeout * 1000)))
 
     # ---- sending ------------------------------------------------------------------------
 
@@ -690,6 +708,8 @@ class Bridge:
         replica.apply(msg["recs"])
 
     def _on_resync(self, member, msg):
+        # (Bridges now skip a batch number instead, Replica.read_local; an older peer
+        # may still send this.)
         replica = self._replica(msg)
         if replica is not None:
             self._request_snapshot(replica, member)
@@ -802,9 +822,6 @@ class Bridge:
         for replica in self.replicas.values():
             replica.take_kept_marks()
             records = replica.read_local()
-            if replica.lagged:
-                replica.lagged = False
-                self._broadcast(self._message("resync", c=replica.name))
             if not records:
                 continue
             # One batch per loop turn; big ones are split so no message nears the size bound.
@@ -859,8 +876,10 @@ class Bridge:
                 if member is None or member.state == DEAD:
                     del replica.snap_wait[node_id]  # it is gone; it resyncs when it is back
                     replica.synced = {s for s in replica.synced if s[0] != node_id}
-                elif now - last > (6 * self.failure_timeout if started else 2 * self.heartbeat):
-                    waiting[1] = now  # not answered (or stalled): ask again
+                elif now - last > (2 * self.failure_timeout if started else 2 * self.heartbeat):
+                    # Not answered, or stalled: chunks come one a loop turn, so a stream
+                    # silent that long lost some with a link dialled again (_keep_live).
+                    waiting[1] = now  # ask again
                     waiting[0] = req = next(self.snap_ids)
                     waiting[2] = False
                     self._send(member.addr, self._message("snapreq", c=replica.name, req=req))
