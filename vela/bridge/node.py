@@ -795,8 +795,8 @@ class Bridge:
         if not self._knows_cluster(time.monotonic()):
             # Just started: an answer now would count this host alone and say nothing of
             # the members not learnt yet. The mark goes out all the same.
-            sock.send_multipart([identity, b"", msgpack.packb({"error": "this bridge has not heard from "
-                                                                        "the cluster yet"})])
+            sock.send_multipart([identity, b"", msgpack.packb({"error": "this bridge does not know its "
+                                                                        "cluster yet (it just started)"})])
             return
         rid = next(self.rpc_ids)
         # Every member not declared dead (a dead one takes the mark from a snapshot when
