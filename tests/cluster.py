@@ -589,6 +589,13 @@ class Cluster:
 
         return eventually(check, timeout, what=f"every host sees every other alive ({self.describe(hosts)})")
 
+    def wait_ready(self, hosts=None, timeout=10.0):
+        """Until every given host's bridge says the cache is ready: synced from a peer, and
+        it knows the cluster well enough to answer a flush or tag invalidation for it."""
+        hosts = hosts or self.hosts
+        eventually(lambda: all(((h.status() or {}).get("caches") or {}).get(self.name, {}).get("ready")
+                               for h in hosts), timeout, what=f"every bridge is ready ({self.describe(hosts)})")
+
     def wait_converged(self, hosts=None, timeout=15.0, expect=None):
         """Until every host has identical contents (and, with ``expect``, that many
         entries); returns the common dump. On failure says how the hosts differ."""

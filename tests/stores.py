@@ -121,9 +121,9 @@ class Store:
         os.makedirs(self.data_dir("A"), exist_ok=True)
         os.makedirs(self.data_dir("B"), exist_ok=True)
         self.cache = self.open()
-        if self.topology == "partitioned":
+        if self.bridged:  # (partitioned: its partition table; replicated: synced, and it knows the cluster)
             eventually(lambda: (self.cache.cluster() or {}).get("ready"), 20,
-                       what=f"{self.kind}: the partition table of host A")
+                       what=f"{self.kind}: the bridge of host A is ready")
 
     def _start_cluster(self):
         self.cluster = Cluster(self.workdir, n=0, start=False, name=self.name, topology=self.topology)

@@ -10,15 +10,13 @@ After the fault healed and the bridges settled, every host reads every key, and
 tests/history.py checks: no acknowledged write lost, no delete undone, no entry
 alive whose tag was invalidated after it was written, every host reads the same.
 """
-import random
 import time
-import uuid
 
 import pytest
 
 from cluster import FAILURE_TIMEOUT, Cluster, eventually
 from faults.clock import libfaketime
-from faults.net import ip, unavailable
+from faults.net import Network, unavailable
 from history import check
 
 pytest.importorskip("zmq")
@@ -189,46 +187,15 @@ def test_bridge_stopped_past_the_failure_timeout_loses_nothing(tmp_path):
 # the network
 
 
-class FarHost:
-    """A network namespace for one whole host (agent, workers, bridge), joined to the
-    test's by a veth pair on a subnet of its own (parallel runs do not meet)."""
-
-    def __init__(self):
-        tag = uuid.uuid4().hex[:6]
-        self.ns = f"vpf{tag}"
-        self.host_if, self.ns_if = f"vpfh{tag}", f"vpfn{tag}"
-        rnd = random.Random(tag)
-        net = f"10.{rnd.randrange(100, 200)}.{rnd.randrange(1, 250)}"
-        self.host_addr, self.ns_addr = f"{net}.1", f"{net}.2"
-        self.made = False
-
-    def __enter__(self):
-        ip("netns", "add", self.ns)
-        self.made = True
-        ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-        ip("link", "set", self.ns_if, "netns", self.ns)
-        ip("addr", "add", f"{self.host_addr}/24", "dev", self.host_if)
-        ip("link", "set", self.host_if, "up")
-        ip("-n", self.ns, "addr", "add", f"{self.ns_addr}/24", "dev", self.ns_if)
-        ip("-n", self.ns, "link", "set", self.ns_if, "up")
-        ip("-n", self.ns, "link", "set", "lo", "up")
-        return self
-
-    def cut(self):
-        ip("link", "set", self.host_if, "down")
-
-    def heal(self):
-        ip("link", "set", self.host_if, "up")
-
-    def __exit__(self, *exc):
-        ip("link", "del", self.host_if, check=False)
-        if self.made:
-            ip("netns", "del", self.ns, check=False)
+def far_cluster(tmp_path, net, backups=1, far_env=None):
+    """A, B in the test's namespace, the far host C in ``net``'s host 0."""
+    return make_cluster(tmp_path, backups, netns=net.ns(0), listen_host=net.root_addr, far_host=net.addr(0),
+                        far_env=far_env)
 
 
 def _cut_off(c, far, net, seconds):
     """Cut ``far`` off until both sides saw the other dead, plus ``seconds``."""
-    net.cut()
+    net.unplug(0)
     try:
         eventually(lambda: c[0].member_states().get(far.node_id) == "dead", 3 * FAILURE_TIMEOUT + 3,
                    what="A sees the far host dead")
@@ -236,15 +203,15 @@ def _cut_off(c, far, net, seconds):
                    what="the far host sees everyone dead")
         time.sleep(seconds)
     finally:
-        net.heal()
+        net.plug(0)
 
 
 @pytest.mark.parametrize("backups", [1, 0])
 def test_split_one_against_two_undoes_no_delete_or_invalidation(tmp_path, backups):
     reason = unavailable()
     assert reason is None, f"these tests need root, ip and iptables: {reason}"
-    with FarHost() as net:
-        c = make_cluster(tmp_path, backups, netns=net.ns, listen_host=net.host_addr, far_host=net.ns_addr)
+    with Network(1) as net:
+        c = far_cluster(tmp_path, net, backups)
         try:
             far = c[2]
             report = run_fault(c, lambda: _cut_off(c, far, net, 1.5))
@@ -256,8 +223,8 @@ def test_split_one_against_two_undoes_no_delete_or_invalidation(tmp_path, backup
 def test_host_cut_off_twice_undoes_nothing(tmp_path):
     reason = unavailable()
     assert reason is None, f"these tests need root, ip and iptables: {reason}"
-    with FarHost() as net:
-        c = make_cluster(tmp_path, 1, netns=net.ns, listen_host=net.host_addr, far_host=net.ns_addr)
+    with Network(1) as net:
+        c = far_cluster(tmp_path, net)
         try:
             far = c[2]
 
@@ -280,9 +247,8 @@ def test_a_host_whose_clock_is_3_s_behind_cut_off_loses_nothing(tmp_path):
     reason = unavailable() or (None if libfaketime() else "libfaketime is not installed (apt-get install faketime)")
     assert reason is None, f"this test needs root, ip, iptables and libfaketime: {reason}"
     skew = {"LD_PRELOAD": libfaketime(), "FAKETIME": "-3s"}  # (its monotonic clock too: sleep needs that)
-    with FarHost() as net:
-        c = make_cluster(tmp_path, 1, netns=net.ns, listen_host=net.host_addr, far_host=net.ns_addr,
-                         far_env=skew)
+    with Network(1) as net:
+        c = far_cluster(tmp_path, net, far_env=skew)
         try:
             far = c[2]
             assert far.call("exec_loop", code="import time; cache.put('clock', time.time())") is None

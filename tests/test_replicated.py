@@ -26,6 +26,7 @@ def cluster3(tmp_path):
     c = Cluster(tmp_path, n=3)
     try:
         c.wait_members()
+        c.wait_ready()  # (a bridge that just started answers flush and invalidate_tag "not ready")
         yield c
     finally:
         c.close()

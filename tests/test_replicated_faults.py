@@ -4,6 +4,7 @@ sides changing things meanwhile. Deletes, tag invalidations and flushes made on
 either side are not undone; every host ends with the same contents. Real bridges
 on simulated hosts (tests/cluster.py).
 """
+import contextlib
 import os
 import stat
 import subprocess
@@ -13,6 +14,8 @@ import uuid
 import pytest
 
 from cluster import FAILURE_TIMEOUT, Cluster, eventually
+from faults.net import Network
+from faults.net import unavailable as net_unavailable
 
 pytest.importorskip("zmq")
 
@@ -209,6 +212,7 @@ def test_a_host_whose_clock_is_3_s_behind_loses_no_write_and_undoes_no_delete_it
         a.wait_bridge()
         b.wait_bridge()
         c.wait_members()
+        c.wait_ready()  # (B's invalidate_tag below needs its bridge to know the cluster)
         # the skew is real: B's worker reads a clock 3 s behind
         b.call("exec_loop", code=f"import time; d = {time.time()} - time.time(); assert 2.5 < d < 4, d")
         a.put_many([(f"del{i}", "a") for i in range(20)] + [(f"over{i}", "a") for i in range(20)]
@@ -257,3 +261,103 @@ def test_kept_marks_stay_small_while_no_bridge_takes_them(monkeypatch):
         assert os.path.getsize(path) == 0 and client.take_marks(path) == []
     finally:
         os.unlink(path)
+
+
+# --------------------------------------------------------------------------------------
+# a link stalled in TCP's retransmission backoff
+
+NET_SECRET = b"replicated-faults-netns-secret-0123456789"
+# While every packet between two hosts is dropped, TCP retries an unacknowledged
+# segment after 0.2 s, then 0.4, 0.8, ... doubling: its tries fall about 0.2, 0.6,
+# 1.4, 3, 6.2, 12.6 and 25.4 s after the loss began. A cut of 16 s ends between the
+# last two: left to TCP, both links stay silent for some 9 s after the network
+# healed (the peers see each other dead all that time, and a flush or tag
+# invalidation made meanwhile returns without them).
+STALL_CUT = 16.0
+# What the bridges may take after the heal: a failure timeout to give up a silent
+# link, a reconnection, a heartbeat to see the gap, a snapshot.
+AFTER_HEAL = 3 * FAILURE_TIMEOUT + 2.0
+
+
+@contextlib.contextmanager
+def hosts_in_namespaces(tmp_path, **cluster_kw):
+    """Hosts A and B, each in a network namespace of its own (tests/faults/net.py), their
+    bridges joined and every change applied on both: (net, cluster, a, b). The bridges'
+    logs are printed when the test fails."""
+    reason = net_unavailable()
+    if reason:
+        pytest.skip(reason=reason)
+    with Network(2) as net:
+        c = Cluster(tmp_path, n=0, secret=NET_SECRET, start=False, **cluster_kw)
+        try:
+            a = c.add_host(start=False, listen_host=net.addr(0), netns=net.ns(0))
+            b = c.add_host(start=False, listen_host=net.addr(1), netns=net.ns(1))
+            a.start_bridge(join=[b], secret_file=c.secret_file, wait=False)
+            b.start_bridge(join=[a], secret_file=c.secret_file, wait=False)
+            a.wait_bridge()
+            b.wait_bridge()
+            c.wait_members()
+            c.wait_ready()  # (no snapshot still asked for: a heal alone would ask again)
+            yield net, c, a, b
+        except BaseException:
+            print(c.logs())
+            raise
+        finally:
+            c.close()
+
+
+def cut_until_dead(net, a, b):
+    """Every packet between A and B dropped, until each sees the other dead."""
+    net.cut(1, [0])
+    for h, other in ((a, b), (b, a)):
+        eventually(lambda h=h, other=other: h.member_states().get(other.node_id) == "dead",
+                   3 * FAILURE_TIMEOUT + 3, what=f"{h.label} sees the other host dead")
+
+
+def test_hosts_converge_soon_after_a_loss_that_left_tcp_backing_off(tmp_path):
+    with hosts_in_namespaces(tmp_path) as (net, c, a, b):
+        a.put_many([(f"grp{i}", i) for i in range(20)], tags=["grp"])
+        a.put_many([(f"doomed{i}", i) for i in range(20)])
+        c.wait_converged(expect=40)
+        try:
+            cut_until_dead(net, a, b)
+            a.put_many([(f"a{i}", i) for i in range(50)])
+            b.put_many([(f"b{i}", i) for i in range(50)])
+            for i in range(20):
+                a.delete(f"doomed{i}")
+            b.call("try", method="invalidate_tag", args=["grp"])
+            time.sleep(STALL_CUT)
+        finally:
+            net.heal()
+        healed = time.monotonic()
+        dump = c.wait_converged(timeout=AFTER_HEAL, expect=100)
+        assert _keys(dump, b"grp") == [] and _keys(dump, b"doomed") == []
+        print(f"converged {time.monotonic() - healed:.1f} s after the heal")
+
+
+def test_a_wrapped_log_reaches_a_peer_that_was_unreachable_when_the_bridge_saw_it(tmp_path):
+    """B's bridge is stopped while B's workers delete keys and write until the change
+    log wrapped, and A is cut off from B. The bridge that resumes cannot send its lost
+    records; it must make A pull a snapshot of B once A is reachable again, whenever
+    that is: a message saying so, sent when B saw A dead, would reach nobody."""
+    with hosts_in_namespaces(tmp_path, capacity="8MiB") as (net, c, a, b):  # change log: 1 MiB
+        a.put_many([(f"doomed{i}", i) for i in range(20)])
+        c.wait_converged(expect=20)
+        try:
+            cut_until_dead(net, a, b)
+            b.pause()
+            try:
+                for i in range(20):
+                    b.delete(f"doomed{i}")
+                n = _wrap_the_log(b)
+            finally:
+                b.resume()
+            eventually(lambda: _log_taken(b.call("log_state")), 10, what="B's bridge took the wrapped log")
+        finally:
+            net.heal()
+        dump = c.wait_converged(timeout=30, expect=n)
+        assert _keys(dump, b"doomed") == [], "deletes lost with the log were not carried"
+
+
+def _log_taken(state):
+    return state["bridge_pos"] == state["head"]

@@ -2,11 +2,13 @@
 
 Every host's bridge and workers run inside the host's network namespace (``ip netns
 exec``); the root side of each veth is a port of a Linux bridge that also carries an
-address for the test process (it reads, captures and replays from there). Faults are
-iptables rules inside a host's own namespace, so they touch nothing outside this run:
-a namespace has its own tables. Names carry a token unique to the run (parallel runs
-on the same machine never collide) and ``close`` removes everything, whatever state
-the run is in.
+address for the test process (it reads, captures and replays from there; hosts that
+a test runs in its own namespace listen there too). Faults are iptables rules inside
+a host's own namespace, so they touch nothing outside this run: a namespace has its
+own tables; or a host's link taken down (``unplug``). Names and the subnet carry a
+token unique to the run (parallel runs on the same machine never collide) and
+``close`` removes everything, whatever state the run is in. The one implementation
+of simulated hosts for the fault runs and the tests (``with Network(1) as net:``).
 """
 import random
 import shutil
@@ -109,10 +111,24 @@ class Network:
             self.iptables(i, "-A", chain, "!", "-o" if chain == "OUTPUT" else "-i", "lo",
                           "-m", "statistic", "--mode", "random", "--probability", probability, "-j", "DROP")
 
+    def unplug(self, i):
+        """Host i's link taken down: nothing reaches it, nothing leaves it (the test's
+        namespace included)."""
+        ip("link", "set", f"{self.outer_prefix}{i}", "down")
+
+    def plug(self, i):
+        ip("link", "set", f"{self.outer_prefix}{i}", "up")
+
     def heal(self, i=None):
         for j in range(self.hosts) if i is None else [i]:
             self.iptables(j, "-F", "INPUT")
             self.iptables(j, "-F", "OUTPUT")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         for link in reversed(self.links):

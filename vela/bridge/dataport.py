@@ -131,6 +131,7 @@ class DataPort:
         self.counters = counters
         self.ids = itertools.count(1)
         self.conns = {}  # file descriptor -> Connection (the poller reports descriptors)
+        self.by_id = {}  # connection id -> Connection (held replies name their connection by id)
         self.fd = self.listener.fileno()
         poller.register(self.fd, zmq.POLLIN)
 
@@ -166,6 +167,7 @@ class DataPort:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(sock, next(self.ids))
             self.conns[conn.fd] = conn
+            self.by_id[conn.id] = conn
             self.poller.register(conn.fd, zmq.POLLIN)
             conn.outbuf += frame([b"", conn.nonce])  # the challenge
             self._write(conn)
@@ -211,11 +213,10 @@ class DataPort:
 
     def reply(self, conn_id, frames):
         """A reply sent later (it waited for a backup) on connection ``conn_id``, if open."""
-        for conn in self.conns.values():
-            if conn.id == conn_id:
-                conn.outbuf += frame(frames)
-                self._write(conn)
-                return
+        conn = self.by_id.get(conn_id)
+        if conn is not None:
+            conn.outbuf += frame(frames)
+            self._write(conn)
 
     def _write(self, conn):
         try:
@@ -231,6 +232,7 @@ class DataPort:
 
     def _close(self, conn):
         self.conns.pop(conn.fd, None)
+        self.by_id.pop(conn.id, None)
         try:
             self.poller.unregister(conn.fd)
         except KeyError:

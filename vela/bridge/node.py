@@ -128,6 +128,11 @@ class Bridge:
             self.router.curve_server = True
             self.router.curve_publickey, self.router.curve_secretkey = self.curve
         self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE + 4096)
+        # A peer that dials again (its link went silent, below) takes its identity over
+        # at once: by default the ROUTER would ignore the new link while the old one,
+        # which may never hear a FIN, still holds it.
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._keep_live(self.router)
         self.router.bind(listen)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
@@ -199,6 +204,7 @@ class Bridge:
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.IDENTITY, f"{self.node_id}:{self.inc}".encode())
+            self._keep_live(sock)
             if self.curve:
                 sock.curve_serverkey = self.curve[0]
                 sock.curve_publickey, sock.curve_secretkey = self.curve
@@ -211,6 +217,18 @@ class Bridge:
                 return None
             self.dealers[addr] = sock
         return sock
+
+    def _keep_live(self, sock):
+        """Links between bridges that carry nothing back for the failure timeout are
+        closed and dialled again (ZeroMQ heartbeats; a dial that does not connect within
+        it is given up and tried afresh). After packet loss, TCP retries a link's
+        unacknowledged data at intervals that doubled meanwhile (0.2 s, 0.4 s, ... up to
+        2 minutes), so a link can stay silent for many seconds after the network healed:
+        a new connection starts with none of that. What the old link still held is lost,
+        and the receiver sees the gap in the stream as for any lost message."""
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self.heartbeat * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.failure_timeout * 1000)))
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(self.failure_timeout * 1000)))
 
     # ---- sending ------------------------------------------------------------------------
 
@@ -592,9 +610,12 @@ class Bridge:
         self._publish_view()  # no table: workers stop writing in place before it is emptied
         self.epoch += 1
 
-    def _ring_ready(self, now):
-        """A new bridge waits to hear from the cluster before it takes any partition."""
-        if self.leaving_self or not self.seeds:
+    def _knows_cluster(self, now):
+        """Whether this bridge knows the cluster well enough to speak for it: it has no
+        seeds, or it heard a member and had a few heartbeats to learn the others from its
+        hellos, or it waited a failure timeout. Before that, it takes no partition and
+        answers no cluster-wide count (it would count without members it has not learnt)."""
+        if not self.seeds:
             return True
         heard = any(m.state == ALIVE for m in self.members.values())
         return (heard and now - self.started > 3 * self.heartbeat) or now - self.started > self.failure_timeout
@@ -627,7 +648,7 @@ class Bridge:
                 parts.regained(reachable, settle=2 * self.failure_timeout, since=now - spell)
 
     def _update_rings(self, now):
-        if not self.partitioned or not self._ring_ready(now):
+        if not self.partitioned or not (self.leaving_self or self._knows_cluster(now)):
             return
         self._check_quorum(now)
         if not self.quorum.writable:
@@ -687,6 +708,8 @@ class Bridge:
         replica.apply(msg["recs"])
 
     def _on_resync(self, member, msg):
+        # (Bridges now skip a batch number instead, Replica.read_local; an older peer
+        # may still send this.)
         replica = self._replica(msg)
         if replica is not None:
             self._request_snapshot(replica, member)
@@ -769,12 +792,11 @@ class Bridge:
         self.counters["rpcs"] += 1
         # The worker removed this host's entries and counted them; record the marks.
         replica.apply_rpc(op, req["version"], req.get("tag"))
-        if self.seeds and not any(m.state == ALIVE for m in self.members.values()) \
-                and time.monotonic() - self.started < self.failure_timeout:
-            # Just started: the members are not known yet (an answer now would count this
-            # host alone and say nothing of the others). The mark goes out all the same.
-            sock.send_multipart([identity, b"", msgpack.packb({"error": "this bridge has not heard from "
-                                                                        "the cluster yet"})])
+        if not self._knows_cluster(time.monotonic()):
+            # Just started: an answer now would count this host alone and say nothing of
+            # the members not learnt yet. The mark goes out all the same.
+            sock.send_multipart([identity, b"", msgpack.packb({"error": "this bridge does not know its "
+                                                                        "cluster yet (it just started)"})])
             return
         rid = next(self.rpc_ids)
         # Every member not declared dead (a dead one takes the mark from a snapshot when
@@ -800,9 +822,6 @@ class Bridge:
         for replica in self.replicas.values():
             replica.take_kept_marks()
             records = replica.read_local()
-            if replica.lagged:
-                replica.lagged = False
-                self._broadcast(self._message("resync", c=replica.name))
             if not records:
                 continue
             # One batch per loop turn; big ones are split so no message nears the size bound.
@@ -857,8 +876,10 @@ class Bridge:
                 if member is None or member.state == DEAD:
                     del replica.snap_wait[node_id]  # it is gone; it resyncs when it is back
                     replica.synced = {s for s in replica.synced if s[0] != node_id}
-                elif now - last > (6 * self.failure_timeout if started else 2 * self.heartbeat):
-                    waiting[1] = now  # not answered (or stalled): ask again
+                elif now - last > (2 * self.failure_timeout if started else 2 * self.heartbeat):
+                    # Not answered, or stalled: chunks come one a loop turn, so a stream
+                    # silent that long lost some with a link dialled again (_keep_live).
+                    waiting[1] = now  # ask again
                     waiting[0] = req = next(self.snap_ids)
                     waiting[2] = False
                     self._send(member.addr, self._message("snapreq", c=replica.name, req=req))
@@ -881,7 +902,8 @@ class Bridge:
             "members": [{"node_id": m.node_id, "addr": m.addr, "state": m.state,
                          "last_seen_ago": round(now - m.last_seen, 3) if m.last_seen else None,
                          "messages": m.received} for m in sorted(self.members.values(), key=lambda m: m.node_id)],
-            "caches": dict({name: dict(r.stats, ready=r.ready and r.ready_since is not None,
+            "caches": dict({name: dict(r.stats, ready=r.ready and r.ready_since is not None
+                                       and self._knows_cluster(now),
                                        log_lag_bytes=r.table.log_state()["head"] - r.pos,
                                        tombstones=len(r.tombs))
                             for name, r in self.replicas.items()},

@@ -46,7 +46,6 @@ class Replica:
         self.synced = set()                     # (node, incarnation) we asked for a snapshot
         self.snap_again = set()                 # origins to ask again when theirs is done
         self.serving = []                       # snapshot streams in progress
-        self.lagged = False                     # the log ran over us: peers must resync
         # Entries each flush / tag invalidation removed here, whichever way it came
         # first (the stream or the caller's request for a count): counts stay exact.
         self.removed_by = OrderedDict()
@@ -114,8 +113,11 @@ class Replica:
         records, pos, lapped = self.table.log_read(self.pos, LOG_BATCH)
         dropped = self.table.log_state()["dropped"]
         if lapped or dropped != self.dropped:
-            # Changes were lost to us: peers must pull a snapshot of this host.
-            self.lagged = True
+            # Changes were lost to us: peers must pull a snapshot of this host. A batch
+            # number that no batch carries tells them, as a lost batch would: each sees
+            # the gap in the next batch or heartbeat it gets from us, however long it is
+            # unreachable now (a message saying so could be lost without a trace).
+            self.seq += 1
             self.dropped = dropped
             self.pos = self.table.log_state()["head"]
             self.table.log_commit(self.pos)
