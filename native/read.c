@@ -90,7 +90,22 @@ vela_err vela_read_locked(vela_table *t, uint32_t ref, const vela_reader *reader
  * a write or two, few enough that a busy stripe costs little. */
 #define LOCK_FREE_ATTEMPTS 3
 
-vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader, int *found)
+/* The locked path of a lookup: copy the value out (reader) and/or note its version. */
+typedef struct locked_look {
+    const vela_reader *reader;
+    uint64_t *version;
+} locked_look;
+
+static int look_locked(void *ctx, vela_entry *e, int64_t now)
+{
+    const locked_look *look = ctx;
+    if (look->version)
+        *look->version = e->version;
+    return look->reader ? copy_entry((void *)look->reader, e, now) : 0;
+}
+
+/* vela_lookup, also giving the found entry's version (0 when none is found). */
+static vela_err lookup(vela_table *t, const vela_key *k, const vela_reader *reader, int *found, uint64_t *version)
 {
     uint32_t s = vela_stripe_of(t, k->hash);
     vela_view view;
@@ -106,6 +121,8 @@ vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader
         if (r == VELA_READ_ABSENT || !reader) {
             if (vela_read_valid(t, s, seq)) {
                 *found = r == VELA_READ_FOUND;
+                if (version)
+                    *version = *found ? view.version : 0;
                 return VELA_OK;
             }
             continue;
@@ -118,38 +135,26 @@ vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader
         if (copied < 0)
             return VELA_ECALLER;
         *found = 1;
+        if (version)
+            *version = view.version;
         return VELA_OK;
     }
-    return vela_with_entry(t, k, reader ? copy_entry : NULL, (void *)reader, found);
+    /* expired (to reclaim) or an access mark due: the locked path does both */
+    locked_look look = {reader, version};
+    if (version)
+        *version = 0;
+    return vela_with_entry(t, k, reader || version ? look_locked : NULL, &look, found);
 }
 
-static int note_version(void *ctx, vela_entry *e, int64_t now)
+vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader, int *found)
 {
-    (void)now;
-    *(uint64_t *)ctx = e->version;
-    return 0;
+    return lookup(t, k, reader, found, NULL);
 }
 
 vela_err vela_version_of(vela_table *t, const vela_key *k, uint64_t *version)
 {
-    uint32_t s = vela_stripe_of(t, k->hash);
-    vela_view view;
-    for (int attempt = 0; attempt < LOCK_FREE_ATTEMPTS; attempt++) {
-        uint32_t seq = vela_read_begin(t, s);
-        if (seq & 1)
-            continue;
-        vela_read_result r = vela_find_unlocked(t, s, k, &view);
-        if (r == VELA_READ_LOCKED)
-            break;
-        if (r != VELA_READ_RETRY && vela_read_valid(t, s, seq)) {
-            *version = r == VELA_READ_FOUND ? view.version : 0;
-            return VELA_OK;
-        }
-    }
-    /* expired (to reclaim) or an access mark due: the locked path does both */
     int found = 0;
-    *version = 0;
-    return vela_with_entry(t, k, note_version, version, &found);
+    return lookup(t, k, NULL, &found, version);
 }
 
 vela_err vela_with_entry(vela_table *t, const vela_key *k, vela_scan_fn fn, void *ctx, int *found)

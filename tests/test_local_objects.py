@@ -138,6 +138,7 @@ def test_replicated_writes_from_another_host_replace_kept_values(tmp_path):
     cluster = Cluster(tmp_path, n=2, cache_opts={"local_objects": True})
     try:
         cluster.wait_members()
+        cluster.wait_ready()  # (flush and invalidate_tag need a bridge that knows its cluster)
         a, b = cluster
         a.put("rec", {"v": 1}, tags=["t"])
         eventually(lambda: b.get("rec") == {"v": 1}, 5, what="A's write on B")
