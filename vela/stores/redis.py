@@ -133,6 +133,14 @@ local function add_tag(tag, enc, px)
     redis.call('PEXPIRE', tk, px)
   end
 end
+-- the tag sets of an entry (its meta set mk) follow its new expiry px
+local function tags_follow(mk, enc, px)
+  local tags = redis.call('SMEMBERS', mk)
+  if #tags > 0 then
+    if px > 0 then redis.call('PEXPIRE', mk, px) else redis.call('PERSIST', mk) end
+    for i = 1, #tags do add_tag(tags[i], enc, px) end
+  end
+end
 local function announce(body)
   local n = redis.call('INCR', P .. 'iseq')
   redis.call('PUBLISH', P .. 'inv', '#' .. string.format('%d', n) .. ':' .. body)
@@ -222,11 +230,7 @@ _LUA_CAS = _LUA_HELPERS + """
 if redis.call('GET', KEYS[1]) ~= ARGV[3] then return 0 end
 local px = tonumber(ARGV[5])
 if px > 0 then redis.call('SET', KEYS[1], ARGV[4], 'PX', px) else redis.call('SET', KEYS[1], ARGV[4]) end
-local tags = redis.call('SMEMBERS', KEYS[2])
-if #tags > 0 then
-  if px > 0 then redis.call('PEXPIRE', KEYS[2], px) else redis.call('PERSIST', KEYS[2]) end
-  for i = 1, #tags do add_tag(tags[i], ARGV[2], px) end
-end
+tags_follow(KEYS[2], ARGV[2], px)
 publish({ARGV[2]})
 return 1
 """
@@ -249,11 +253,7 @@ _LUA_TOUCH = _LUA_HELPERS + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local px = tonumber(ARGV[3])
 if px > 0 then redis.call('PEXPIRE', KEYS[1], px) else redis.call('PERSIST', KEYS[1]) end
-local tags = redis.call('SMEMBERS', KEYS[2])
-if #tags > 0 then
-  if px > 0 then redis.call('PEXPIRE', KEYS[2], px) else redis.call('PERSIST', KEYS[2]) end
-  for i = 1, #tags do add_tag(tags[i], ARGV[2], px) end
-end
+tags_follow(KEYS[2], ARGV[2], px)
 publish({ARGV[2]})
 return 1
 """
