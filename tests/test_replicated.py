@@ -404,3 +404,17 @@ def test_deletes_survive_a_change_log_that_wrapped(tmp_path):
         assert b.call("count_present", keys=[f"doomed{i}" for i in range(50)]) == 0
     finally:
         c.close()
+
+
+def test_a_tag_invalidation_right_after_the_bridges_start_waits_for_them(tmp_path):
+    """A bridge that just started does not know its cluster yet and answers "retry":
+    the worker asks again until its bridge_timeout, instead of failing the call."""
+    c = Cluster(tmp_path, n=2)
+    try:
+        c.wait_members()  # (not wait_ready: the call may meet the bridge still learning)
+        a, b = c
+        a.put("k", 1, tags=["t"])
+        assert a.invalidate_tag("t") == 1
+        eventually(lambda: b.get("k") is None and a.get("k") is None, 5, what="the invalidation on both hosts")
+    finally:
+        c.close()

@@ -796,7 +796,8 @@ class Bridge:
             # Just started: an answer now would count this host alone and say nothing of
             # the members not learnt yet. The mark goes out all the same.
             sock.send_multipart([identity, b"", msgpack.packb({"error": "this bridge does not know its "
-                                                                        "cluster yet (it just started)"})])
+                                                                        "cluster yet (it just started)",
+                                                               "retry": True})])
             return
         rid = next(self.rpc_ids)
         # Every member not declared dead (a dead one takes the mark from a snapshot when

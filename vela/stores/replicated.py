@@ -15,6 +15,7 @@ carries them in its snapshots, so the other hosts learn them even when the log
 record was lost.
 """
 
+import asyncio
 import fcntl
 import os
 import struct
@@ -30,6 +31,8 @@ _OPTIONS = {"bridge", "bridge_timeout"}
 SHM_DIR = "/dev/shm"
 
 
+# Between two asks of a bridge that answered "retry" (just started, learning its cluster).
+NOT_READY_POLL = 0.05
 MARK = struct.Struct("<QQQ")  # record op (OP_FLUSH or OP_TAG), tag id (0 for a flush), version
 _MARK_OPS = {"flush": _native.OP_FLUSH, "tag": _native.OP_TAG}
 
@@ -131,10 +134,16 @@ class BridgeClient:
         self._socket = None
 
     def call(self, request):
-        """One request to the bridge; its reply (a dict)."""
+        """One request to the bridge; its reply (a dict). A bridge that just started
+        answers "retry" until it knows its cluster: asked again until the timeout."""
         request = dict(request, cache=self.cache_name)
-        with self._lock:
-            return self._call(request)
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while True:
+            with self._lock:
+                reply = self._call(request)
+            if not self._retry(reply, deadline):
+                return self._accepted(reply)
+            time.sleep(NOT_READY_POLL)
 
     def _call(self, request):
         import msgpack
@@ -149,7 +158,13 @@ class BridgeClient:
                 self._socket.close(0)
                 self._socket = None
             raise self._unanswered(exc) from exc
-        return self._accepted(reply)
+        return reply
+
+    @staticmethod
+    def _retry(reply, deadline):
+        """True when the bridge asks to be asked again (it does not know its cluster yet)
+        and there is time left for another try."""
+        return isinstance(reply, dict) and reply.get("retry") is True and time.monotonic() + NOT_READY_POLL < deadline
 
     def _unanswered(self, why):
         return BridgeUnavailable(
@@ -184,10 +199,14 @@ class BridgeClient:
                 await sock.send(msgpack.packb(request, use_bin_type=True))
                 return msgpack.unpackb(await sock.recv(), raw=False)
 
-            try:
-                reply = await within(deadline, exchange())
-            except (zmq.ZMQError, TimeoutError) as exc:
-                raise self._unanswered(exc) from exc
+            while True:
+                try:
+                    reply = await within(deadline, exchange())
+                except (zmq.ZMQError, TimeoutError) as exc:
+                    raise self._unanswered(exc) from exc
+                if not self._retry(reply, deadline):
+                    break
+                await asyncio.sleep(NOT_READY_POLL)
         finally:
             sock.close(0)
         return self._accepted(reply)
