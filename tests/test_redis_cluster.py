@@ -15,6 +15,8 @@ from conftest import new_name, run_in_child
 from redis_server import RedisCluster, free_port
 from stores import Store
 from test_contract import *  # noqa: F401,F403 - the contract cases, run below against the cluster
+
+del test_async_api  # noqa: F821 - the async API serves single-node URLs; a cluster URL is refused (tested below)
 from vela import _native
 from vela.stores.redis import Shards
 
@@ -53,6 +55,18 @@ def count_per_master(cluster, pattern):
 
 def values_pattern(name):
     return f"vela:{{{name}:*}}:v:*"
+
+
+# ---- the async API --------------------------------------------------------------------------
+
+
+def test_the_async_api_on_a_cluster_url_is_refused_naming_the_sync_api(cache):
+    import asyncio
+
+    cache.put("k", 1)
+    with pytest.raises(vela.VelaError, match="is a cluster URL \\(use the sync API\\)"):
+        asyncio.run(cache.aget("k"))
+    assert cache.get("k") == 1  # the sync API works on
 
 
 # ---- spreading ------------------------------------------------------------------------------
