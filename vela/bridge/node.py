@@ -132,7 +132,9 @@ class Bridge:
         # at once: by default the ROUTER would ignore the new link while the old one,
         # which may never hear a FIN, still holds it.
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self._keep_live(self.router)
+        # (No heartbeat timeout on this side: while the bridge works through a burst, its
+        # I/O thread stops reading a peer at the high-water mark, and a timeout would then
+        # cut a busy link and lose what it carried. The dialling side redials.)
         self.router.bind(listen)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
