@@ -461,3 +461,24 @@ def test_async_calls_in_a_cluster_with_curve_keys_use_the_encrypted_routers(tmp_
         assert b.get(keys[0]) is None
     finally:
         c.close()
+
+
+class _RefusingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A loop's default executor that fails any call given to it."""
+
+    def submit(self, *args, **kwargs):
+        raise AssertionError("the loop's default executor was used")
+
+
+def test_aget_or_fetch_never_uses_the_loop_s_default_executor(store):
+    """The application shares the default executor (asyncio.to_thread): Vela's waits for a
+    lease, and a remote store's lease calls, run in Vela's own threads (vela.waits)."""
+    key = f"dx-{uuid.uuid4().hex[:6]}"
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(_RefusingExecutor(max_workers=1))
+        calls = []
+        value = await store.cache.aget_or_fetch(key, lambda k: calls.append(k) or "v", ttl=60)
+        again = await store.cache.aget_or_fetch(key, lambda k: "other", ttl=60)
+        return value, again, calls
+    assert run(main()) == ("v", "v", [key])

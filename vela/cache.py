@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, Final, NoReturn, Optional, ParamSpec, Tuple, TypeVar, Union, overload
 
-from . import _native, options, refresh, serializers, telemetry
+from . import _native, options, refresh, serializers, telemetry, waits
 from ._extras import need
 from .errors import OptionError
 from .locks import Lock, Throttle
@@ -542,7 +542,7 @@ class Cache:
             return result
 
         try:
-            return await loop.run_in_executor(None, begin)
+            return await waits.run(begin)
         except asyncio.CancelledError:
             with lock:
                 outcome["abandoned"] = True

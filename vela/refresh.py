@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
-from . import _native, options
+from . import _native, options, waits
 from .errors import OptionError
 from .stamp import Stamped, reading_stamps
 from .stores.base import MINE, MISSING
@@ -182,7 +182,7 @@ async def off_loop(store: Any, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``: inline on a local store (microseconds), in a worker thread on a
     remote one (a request)."""
     if store.remote:
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        return await waits.run(fn, *args)
     return fn(*args)
 
 
@@ -191,7 +191,7 @@ def release(loop: asyncio.AbstractEventLoop, store: Any, key: Any, lease: Any) -
     if lease is None:
         return
     if store.remote:
-        loop.run_in_executor(None, store.fetch_abort, key, lease)
+        loop.run_in_executor(waits.pool(), store.fetch_abort, key, lease)
     else:
         store.fetch_abort(key, lease)
 

@@ -31,17 +31,16 @@ running the sync method in a thread: ``aget``/``aset``/``adelete``/``ahas_key``/
 ``aget_many``/``aset_many``/``aclear``/``aget_or_set`` await the matching
 :class:`vela.Cache` coroutine (inline on the host's table; Redis and partitioned
 caches wait without blocking the loop); the others (``aadd``, ``atouch``, ``aincr``,
-``adecr``, ``adelete_many``) run the sync call inline on the host's table and in a
-worker thread for a remote store.
+``adecr``, ``adelete_many``) run the sync call inline on the host's table and in one
+of Vela's worker threads (:mod:`vela.waits`) for a remote store.
 """
 
-import asyncio
 import math
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidCacheKey
 from django.core.exceptions import ImproperlyConfigured
 
-from .. import _native
+from .. import _native, waits
 from ._handles import shared_handle as _shared_handle
 
 __all__ = ["VelaCache"]
@@ -269,7 +268,7 @@ class VelaCache(BaseCache):
         """A sync method with no Vela coroutine: inline on the host's table (microseconds),
         in a worker thread where the store is remote (Redis, partitioned)."""
         if getattr(self.vela_cache._store, "remote", True):
-            return await asyncio.to_thread(method, *args)
+            return await waits.run(method, *args)
         return method(*args)
 
     def close(self, **kwargs):
