@@ -12,8 +12,6 @@ import pytest
 import vela
 from conftest import FORK, run_children
 
-zmq = pytest.importorskip("zmq")
-
 from test_partitioned_repair import _key_of, parts  # noqa: E402,F401  (the delegate fixture)
 from vela import _native  # noqa: E402
 from vela.bridge import protocol  # noqa: E402
