@@ -183,6 +183,32 @@ def test_bridge_stopped_past_the_failure_timeout_loses_nothing(tmp_path):
         c.close()
 
 
+def test_a_put_that_waited_at_a_stopped_owner_is_not_made_after_it_resumes(tmp_path):
+    """A put waits in the socket of its owner's bridge, SIGSTOPped; the others declare
+    it dead and take its partitions, and the key is written again (acknowledged). The
+    put that waited must not be made when the bridge resumes: made then, it would get
+    a newer version than the acknowledged write and win over it everywhere."""
+    c = make_cluster(tmp_path, backups=1)
+    try:
+        a, b = c[0], c[1]
+        key = next(k for k in (f"w{i}" for i in range(1000)) if a.call("owner", key=k)[0] == b.node_id)
+        assert a.call("try", method="put", args=[key, "before"]) == ["ok", None]
+        b.pause()
+        try:
+            a.call("try", method="put", args=[key, "waited"])  # (answered by the new owner, or it times out)
+            eventually(lambda: a.member_states().get(b.node_id) == "dead", 3 * FAILURE_TIMEOUT + 3,
+                       what="A sees B dead")
+            eventually(lambda: a.call("try", method="put", args=[key, "after"]) == ["ok", None], 15,
+                       what="the key written again while B is stopped")
+        finally:
+            b.resume()
+        wait_settled(c)
+        assert [h.get(key) for h in c] == ["after"] * 3, c.logs()[-4000:]
+        assert "stalled" in b.bridge_output()
+    finally:
+        c.close()
+
+
 # --------------------------------------------------------------------------------------
 # the network
 

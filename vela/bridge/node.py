@@ -117,6 +117,7 @@ class Bridge:
         self.last_status = None
         self.running = True
         self.started = time.monotonic()
+        self.turn_started = self.started  # when the loop's current turn began (a stall shows here)
         self.counters = {"messages_in": 0, "messages_out": 0, "bytes_in": 0, "bytes_out": 0,
                          "dropped_out": 0, "malformed": 0, "unauthenticated": 0, "batches_out": 0,
                          "batches_in": 0, "rpcs": 0, "apply_errors": 0, "requests": 0, "replayed": 0,
@@ -527,6 +528,7 @@ class Bridge:
         the data port connection it came on, ``context`` the request's. None when the
         reply waits for the backup to confirm the write (``respond(frames)`` sends it)."""
         self.counters["requests"] += 1
+        self._check_stall()
         parts = self.partitioned.get(msg["c"])
         wait = None
         if parts is None:
@@ -599,12 +601,25 @@ class Bridge:
         if parts is not None:
             parts.on_inval(member.node_id, msg["inc"], msg["seq"], msg["ks"])
 
+    def _check_stall(self):
+        """Start over if the loop stalled long enough for the others to have declared
+        this bridge dead (their silence counts from our last heartbeat, up to one before
+        the stall began). Looked at every turn and before every request is served: a
+        request that waited in a socket through the stall (its worker gave up on it, and
+        may have written the key to the partition's new owner since) must not be made
+        now, with a newer version, by a member that no longer owns its key."""
+        now = time.monotonic()
+        stalled = now - self.turn_started
+        if stalled > max(self.failure_timeout - 2 * self.heartbeat, self.failure_timeout / 4) and self.partitioned:
+            self.turn_started = now
+            self._start_over(stalled)
+
     def _start_over(self, stalled):
-        """After a stall longer than the failure timeout (SIGSTOP, a frozen VM), the
-        others have taken our partitions and written to them. Come back as a new
+        """After a stall long enough for the others to declare us dead (SIGSTOP, a frozen
+        VM), they may have taken our partitions and written to them. Come back as a new
         incarnation, as a restarted bridge does: the table is kept and reconciled with
         the others' (vela.bridge.partitions), writes made in place meanwhile included."""
-        log.warning("this bridge stalled for %.1f s: the others have taken its partitions; "
+        log.warning("this bridge stalled for %.1f s: the others may have taken its partitions; "
                     "rejoining as a new incarnation (keeping the table, reconciling it)", stalled)
         self.inc = protocol.new_incarnation(self.inc)
         for name, parts in list(self.partitioned.items()):
@@ -974,16 +989,14 @@ class Bridge:
         next_beat = 0.0
         next_view = 0.0
         published_epoch = ring_checked = None
-        last_turn = time.monotonic()
+        self.turn_started = time.monotonic()
         try:
             while self.running:
                 if self.stop_asked:
                     self.stop_asked = False
                     self.stop()
-                turn = time.monotonic()
-                if turn - last_turn > self.failure_timeout and self.partitioned:
-                    self._start_over(turn - last_turn)
-                last_turn = turn
+                self._check_stall()
+                self.turn_started = time.monotonic()
                 for sock, events in self.poller.poll(timeout=BATCH_DELAY * 1000):
                     if self.dataport is not None and self.dataport.owns(sock):
                         self.dataport.on_event(sock, events)
