@@ -157,8 +157,9 @@ def test_replicated_counters_are_registers_of_the_value_each_incr_returned():
 
 # ---- runs under faults ---------------------------------------------------------------------
 
-# (scenario, topology) pairs CI runs, each a real run of CI_DURATION seconds of workload
-# (about 30 s with setup and convergence, on 2 cores). Edit this list to choose.
+# (scenario, topology) pairs CI runs, each a real run of CI_DURATION seconds of workload, or
+# of the scenario's min_duration (about 20 s with setup and convergence, on 2 cores). Edit
+# this list to choose.
 CI_SCENARIOS = [
     # Clean in every run made of them on this code (the README's table says which other
     # cells still show anomalies; they join this list when they pass every time).
@@ -171,7 +172,7 @@ CI_SCENARIOS = [
     ("split-1|2", "partitioned"),
     ("clock-3s-behind+isolate", "partitioned"),
 ]
-CI_DURATION = 15.0
+CI_DURATION = 10.0
 
 
 @pytest.mark.parametrize("scenario,topology", CI_SCENARIOS, ids=[f"{s}-{t}" for s, t in CI_SCENARIOS])

@@ -14,7 +14,7 @@ from .runner import FAILURE_TIMEOUT, converge
 
 class Scenario:
     name = "none"
-    min_duration = 20.0
+    min_duration = 10.0  # seconds of workload at least (6 writers at 120 ops/s: about 7,000 operations)
     skew = None  # (host index, seconds): that host's wall clock offset for the whole run
 
     def before_start(self, run):
@@ -40,6 +40,8 @@ class BridgeKill(Scenario):
 
     def __init__(self, name, down):
         self.name, self.down = name, down
+        # The first restart (``down``, then a bridge's start) is over before the second kill.
+        self.min_duration = max(Scenario.min_duration, (down + 3.0) / 0.4)
 
     def nemesis(self, run):
         b = 1
@@ -58,6 +60,7 @@ class BridgePause(Scenario):
     """SIGSTOP host B's bridge past the failure timeout, then SIGCONT."""
 
     name = "bridge-pause"
+    min_duration = 12.0  # the pause (a failure timeout and 2 s) ends well before the workload
 
     def nemesis(self, run):
         run.sleep_until(run.duration * 0.3)
