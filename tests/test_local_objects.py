@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import vela
 from cluster import Cluster, eventually
-from conftest import new_name, run_in_child
+from conftest import FORK, Child, collect, new_name, run_in_child
 from vela import refresh
 from vela.stamp import Stamped
 
@@ -146,6 +146,41 @@ def test_a_write_between_two_reads_of_one_get_many_is_seen_by_the_next(kept):
     second = k.get_many(keys)
     assert second == {key: {"n": -1 if i % 2 == 0 else i} for i, key in enumerate(keys)}
     assert all((second[key] is first[key]) == (i % 2 == 1) for i, key in enumerate(keys))
+
+
+WRITES = 2000
+
+
+def _writer(name, acknowledged):
+    """Put {"n": 1..WRITES} under "counter", publishing each n once its put returned."""
+    with vela.Cache(name) as c:
+        for n in range(1, WRITES + 1):
+            c.put("counter", {"n": n})
+            acknowledged.value = n
+    return n
+
+
+def test_no_read_returns_a_value_older_than_a_write_acknowledged_before_it(kept):
+    """Linearizable reads across processes: a kept object never outlives its version."""
+    k, _ = kept
+    k.put("counter", {"n": 0})
+    acknowledged = FORK.Value("q", 0, lock=False)
+    writer = Child(_writer, k.name, acknowledged)
+    reads = kept_hits = 0
+    last = None
+    while True:
+        done = acknowledged.value
+        for got in (k.get("counter"), k.get_many(["counter"])["counter"],
+                    k.get_or_fetch("counter", _unexpected_fetch)):
+            assert got["n"] >= done, f"read n={got['n']} after the put of n={done} returned"
+            kept_hits += got is last
+            last = got
+            reads += 1
+        if done == WRITES:
+            break
+    assert collect([writer], 60) == [WRITES]
+    assert k.get_many(["counter"]) == {"counter": {"n": WRITES}}
+    assert reads >= 3 and kept_hits >= 2  # (the reads after the last write at least hit the kept object)
 
 
 def test_expiry_is_seen(kept):
