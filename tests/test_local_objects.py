@@ -7,8 +7,11 @@ Writers of "another process" are real forked processes; a stale stamp is judged 
 the clock of vela.cache moved ahead (no sleeping until a value goes stale).
 """
 import asyncio
+import gc
 import os
+import sys
 import time
+import weakref
 
 import pytest
 from hypothesis import given, settings
@@ -240,6 +243,41 @@ def test_a_closed_handle_raises_cache_closed(cache_name):
                  lambda: k.get_or_fetch("rec", _unexpected_fetch)):
         with pytest.raises(vela.CacheClosed):
             read()
+
+
+class Profile:
+    """A value a weak reference can follow (a dict cannot)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __eq__(self, other):
+        return type(other) is Profile and other.name == self.name
+
+
+def test_reads_leak_no_reference_and_forget_what_changed(cache_name):
+    k = vela.Cache(cache_name, capacity="8MiB", local_objects=True)
+    key = "rec-" + "x" * 20  # (a key object of its own, its references counted)
+    k.put(key, Profile("a"))
+    k.get_or_fetch("stamped", lambda _: Profile("s"), ttl=30, stale_ttl=30)
+    kept = k.get(key)
+    stamp = refresh.read(k._store, "stamped")
+    counts = sys.getrefcount(kept), sys.getrefcount(stamp), sys.getrefcount(key)
+    for _ in range(1000):
+        k.get(key), k.get_many([key, "stamped", "absent"]), k.get_or_fetch(key, _unexpected_fetch)
+        k.get_or_fetch("stamped", _unexpected_fetch, ttl=30, stale_ttl=30), refresh.read(k._store, "stamped")
+    assert (sys.getrefcount(kept), sys.getrefcount(stamp), sys.getrefcount(key)) == counts
+    replaced = weakref.ref(kept)
+    del kept
+    k.put(key, Profile("b"))
+    assert k.get_many([key]) == {key: Profile("b")}
+    gc.collect()
+    assert replaced() is None  # the old version's object is no longer kept
+    gone, stale = weakref.ref(k.get(key)), weakref.ref(stamp.value)
+    del stamp
+    k.close()
+    gc.collect()
+    assert gone() is None and stale() is None  # closing forgets every kept object
 
 
 def test_at_most_n_values_are_kept_the_oldest_go_first(cache_name):
