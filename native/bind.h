@@ -17,8 +17,9 @@ typedef struct {
     PyObject *dumps;
     int dumps_codec;
     PyObject *loaders[VELA_CODEC_COUNT];
-    /* local objects (bind_objects.c): key -> (version, decoded value), at most
-     * objects_max of them; NULL when the handle keeps none. objects_stamp: the
+    /* local objects (bind_objects.c): an OrderedDict key -> (version, decoded
+     * value), at most objects_max of them, the oldest kept first; NULL when the
+     * handle keeps none. objects_stamp: the
      * helpers of vela.stamp they are read with, (Stamped, as_read, READING). */
     PyObject *objects;
     Py_ssize_t objects_max;

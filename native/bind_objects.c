@@ -42,23 +42,29 @@ static PyObject *Table_keep_objects(TableObject *self, PyObject *args)
     Py_INCREF(stamp);
     Py_XSETREF(self->objects_stamp, stamp);
     self->objects_max = n;
-    if (n && !(self->objects = PyDict_New()))
+    if (n && !(self->objects = PyODict_New()))
         return NULL;
     Py_RETURN_NONE;
 }
 
 /* Remember value as the decoding of `version`, making room by forgetting the
- * value kept longest (dict order is insertion order). */
+ * value kept longest. The objects are an OrderedDict: its first key is found in
+ * O(1), where a dict's first live entry lies past the holes that removing the
+ * oldest leaves (a scan that grew with the number kept). */
 static int keep(TableObject *self, PyObject *key, uint64_t version, PyObject *value)
 {
     if (!self->objects)
         return 0; /* closed meanwhile (by another thread, while the value decoded) */
     if (PyDict_GET_SIZE(self->objects) >= self->objects_max && !PyDict_Contains(self->objects, key)) {
-        Py_ssize_t pos = 0;
-        PyObject *oldest, *held;
-        if (PyDict_Next(self->objects, &pos, &oldest, &held)) {
-            Py_INCREF(oldest);
-            int err = PyDict_DelItem(self->objects, oldest);
+        PyObject *order = PyObject_GetIter(self->objects);
+        if (!order)
+            return -1;
+        PyObject *oldest = PyIter_Next(order);
+        Py_DECREF(order);
+        if (!oldest && PyErr_Occurred())
+            return -1;
+        if (oldest) {
+            int err = PyODict_DelItem(self->objects, oldest);
             Py_DECREF(oldest);
             if (err < 0)
                 return -1;
@@ -67,7 +73,7 @@ static int keep(TableObject *self, PyObject *key, uint64_t version, PyObject *va
     PyObject *entry = Py_BuildValue("(KO)", (unsigned long long)version, value);
     if (!entry)
         return -1;
-    int err = PyDict_SetItem(self->objects, key, entry);
+    int err = PyODict_SetItem(self->objects, key, entry);
     Py_DECREF(entry);
     return err;
 }
@@ -127,7 +133,7 @@ static int object_of(TableObject *self, PyObject *key, const vela_key *k, PyObje
     if (!version) {
         if (count == 1)
             VELA_COUNT(t, VELA_STAT_MISSES);
-        return held && PyDict_DelItem(self->objects, key) < 0 ? -1 : 0;
+        return held && PyODict_DelItem(self->objects, key) < 0 ? -1 : 0;
     }
     if (held) {
         uint64_t kept = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(held, 0));

@@ -294,6 +294,17 @@ def test_at_most_n_values_are_kept_the_oldest_go_first(cache_name):
         assert k.get_many(["b", "c"]) == {"b": ["b"], "c": ["c"]}
 
 
+def test_the_last_n_decoded_stay_kept_under_churn(cache_name):
+    with vela.Cache(cache_name, capacity="8MiB", local_objects=50) as k:
+        keys = [f"k{i}" for i in range(150)]
+        k.put_many({key: [key] for key in keys})
+        for _ in range(3):  # (every read of the first two rounds forgets the oldest kept)
+            first = k.get_many(keys)
+        again = k.get_many(keys[100:]) | k.get_many(keys[:100])
+        assert again == first
+        assert [again[key] is first[key] for key in keys] == [False] * 100 + [True] * 50
+
+
 def test_traced_gets_keep_objects_too(kept):
     k, _ = kept
     seen = []
