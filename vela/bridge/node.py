@@ -64,6 +64,7 @@ class Member:
         self.state = SUSPECT
         self.last_seen = 0.0
         self.received = 0
+        self.held = None  # the partitioned caches it holds entries of (None: no hello yet)
 
 
 class Bridge:
@@ -271,6 +272,7 @@ class Bridge:
             extra["data"] = self.data_advertise
         if self.partitioned:  # the last invalidation message of each cache (a lost last one shows)
             extra["iseqs"] = {name: parts.inval_seq for name, parts in self.partitioned.items()}
+            extra["held"] = [name for name, parts in self.partitioned.items() if parts.holds_entries()]
         return self._message("hello", addr=self.advertise, members=members, seqs=seqs,
                              repoch=self.ring_epoch, **extra)
 
@@ -427,6 +429,7 @@ class Bridge:
 
     def _on_hello(self, member, msg):
         self.ring_epoch = max(self.ring_epoch, msg.get("repoch", 0))
+        member.held = set(msg.get("held", ()))
 
         if msg.get("data") != member.data_addr:
             member.data_addr = msg.get("data")
@@ -676,15 +679,25 @@ class Bridge:
             return
         reachable = alive | {self.node_id}
         changed = False
-        for parts in self.partitioned.values():
-            first = parts.owners is None
-            if parts.set_ring(ring, reachable, settle=2 * self.failure_timeout if first and alive else 0.0):
+        for name, parts in self.partitioned.items():
+            settle = 2 * self.failure_timeout if parts.owners is None and self._may_hand_back(name, alive) else 0.0
+            if parts.set_ring(ring, reachable, settle=settle):
                 changed = True
             parts.check_incoming(reachable)
         if changed:
             self.ring_epoch += 1
             self.epoch += 1
             log.info("partition table %d: members %s", self.ring_epoch, sorted(ring))
+
+    def _may_hand_back(self, name, alive):
+        """Whether the first partition table of cache ``name`` must settle (take what the
+        former holders hand back before its copies are trusted): this bridge kept a
+        table from before, or a member it hears holds entries (or has not said yet).
+        A cluster whose members all start empty has nothing to wait for."""
+        if self.partitioned[name].prev is not None:
+            return bool(alive)
+        return any(m.held is None or name in m.held
+                   for n, m in self.members.items() if n in alive)
 
     def _pump_partitions(self, backups=True):
         for name, parts in self.partitioned.items():

@@ -174,6 +174,11 @@ class Partitions:
             return None
         return owners, backups
 
+    def holds_entries(self):
+        """Whether this host may hold entries another member's partitions need: it kept
+        a table from before, or has one and its segment holds entries."""
+        return self.prev is not None or (self.owners is not None and self.table.size() > 0)
+
     # ---- the ring ----------------------------------------------------------------
 
     def mine(self, p):

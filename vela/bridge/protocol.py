@@ -217,6 +217,9 @@ def _check_hello(msg):
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
             for k, v in iseqs.items()):
         raise Malformed("field 'iseqs' must map cache names to invalidation message numbers")
+    held = msg.get("held", [])
+    if not isinstance(held, list) or len(held) > 1024 or not all(isinstance(name, str) for name in held):
+        raise Malformed("field 'held' must list cache names")
     for m in _list(msg, "members", 4096):
         if not (isinstance(m, list) and len(m) == 2 and isinstance(m[0], int) and not isinstance(m[0], bool)
                 and 0 <= m[0] <= 4095):
