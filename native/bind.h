@@ -17,10 +17,13 @@ typedef struct {
     PyObject *dumps;
     int dumps_codec;
     PyObject *loaders[VELA_CODEC_COUNT];
-    /* local objects (bind_objects.c): key -> (version, decoded value), at most
-     * objects_max of them; NULL when the handle keeps none */
+    /* local objects (bind_objects.c): an OrderedDict key -> (version, decoded
+     * value), at most objects_max of them, the oldest kept first; NULL when the
+     * handle keeps none. objects_stamp: the
+     * helpers of vela.stamp they are read with, (Stamped, as_read, READING). */
     PyObject *objects;
     Py_ssize_t objects_max;
+    PyObject *objects_stamp;
 } TableObject;
 
 /* ---- errors and the handle (bind_common.c) --------------------------------- */
@@ -65,6 +68,8 @@ void bind_drop_raw(void *ctx, int copied);
 /* Find k and, with `value`, decode it. 1 found, 0 absent, -1 error.
  * count: 0 nothing, 1 a hit or a miss, 2 only a hit. */
 int bind_lookup(TableObject *self, const vela_key *k, PyObject **value, int count);
+/* bind_lookup, also giving the version of the entry decoded (0 when absent). */
+int bind_lookup_versioned(TableObject *self, const vela_key *k, PyObject **value, int count, uint64_t *version);
 /* The arguments of get(key, default=None) (FASTCALL|KEYWORDS); 0, or -1 with TypeError. */
 int bind_get_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **key, PyObject **dflt);
 

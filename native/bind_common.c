@@ -191,11 +191,16 @@ void bind_drop_raw(void *ctx, int copied)
  * 1 a hit or a miss, 2 only a hit. */
 int bind_lookup(TableObject *self, const vela_key *k, PyObject **value, int count)
 {
+    return bind_lookup_versioned(self, k, value, count, NULL);
+}
+
+int bind_lookup_versioned(TableObject *self, const vela_key *k, PyObject **value, int count, uint64_t *version)
+{
     vela_table *t = &self->t;
     raw_copy c = {NULL, 0};
     vela_reader reader = {bind_copy_raw, bind_drop_raw, &c};
     int found = 0;
-    vela_err err = vela_lookup(t, k, value ? &reader : NULL, &found);
+    vela_err err = vela_lookup_versioned(t, k, value ? &reader : NULL, &found, version);
     if (err != VELA_OK) {
         bind_raise(err);
         return -1;

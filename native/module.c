@@ -16,6 +16,7 @@ static void table_release(TableObject *self)
         self->open = 0;
     }
     Py_CLEAR(self->objects);
+    Py_CLEAR(self->objects_stamp);
 }
 
 static void Table_dealloc(TableObject *self)

@@ -151,6 +151,12 @@ vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader
     return lookup(t, k, reader, found, NULL);
 }
 
+vela_err vela_lookup_versioned(vela_table *t, const vela_key *k, const vela_reader *reader, int *found,
+                               uint64_t *version)
+{
+    return lookup(t, k, reader, found, version);
+}
+
 vela_err vela_version_of(vela_table *t, const vela_key *k, uint64_t *version)
 {
     int found = 0;

@@ -364,6 +364,10 @@ typedef struct vela_reader {
 /* Look k up: a few lock-free attempts (seqlock), then under the stripe lock.
  * reader NULL: only whether it is there. *found 1/0; VELA_ECALLER when copy failed. */
 vela_err vela_lookup(vela_table *t, const vela_key *k, const vela_reader *reader, int *found);
+/* vela_lookup, also giving the version of the entry it copied (read with the
+ * copy, in the same seqlock window or under the lock; 0 when none is found). */
+vela_err vela_lookup_versioned(vela_table *t, const vela_key *k, const vela_reader *reader, int *found,
+                               uint64_t *version);
 /* The write version of k's live entry, 0 when absent, expired or deleted: what a
  * process's decoded copy of the value is checked against (nothing copied). */
 vela_err vela_version_of(vela_table *t, const vela_key *k, uint64_t *version);

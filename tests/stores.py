@@ -3,7 +3,8 @@
 A ``Store`` is one cache of one kind, opened in the test process as a worker of
 host A (``store.cache``), with what the kind needs around it:
 
-- ``shm-local``, ``file-local``: the table alone;
+- ``shm-local``, ``file-local``: the table alone; ``shm-local-objects``: shm-local
+  opened with ``local_objects=True`` (every read through the kept objects);
 - ``shm-replicated``, ``file-replicated``, ``shm-partitioned``, ``file-partitioned``:
   two simulated hosts (``cluster.Host``: a namespace, an agent holding the cache
   open, a real ``vela-bridge``; file-backed hosts each have their own data dir and
@@ -30,7 +31,7 @@ from cluster import Cluster, Host, eventually
 from conftest import run_in_child
 
 STORE_KINDS = ("shm-local", "file-local", "shm-replicated", "file-replicated", "shm-partitioned",
-               "file-partitioned", "redis", "redis-near")
+               "file-partitioned", "redis", "redis-near", "shm-local-objects")
 
 CAPACITY = "16MiB"
 CAPACITY_BYTES = 16 << 20
@@ -65,6 +66,7 @@ class Store:
         self.backend, _, topology = kind.partition("-")
         self.topology = topology if topology in ("replicated", "partitioned") else "local"
         self.near = kind == "redis-near"
+        self.objects = kind.endswith("-objects")  # local_objects=True: reads return kept objects
         self.redis_url = redis_url
         self.name = f"k{uuid.uuid4().hex[:10]}"
         self.workdir = tempfile.mkdtemp(prefix=f"vela-contract-{kind}-")
@@ -106,6 +108,8 @@ class Store:
             opts.update(backend="file", backend_opts={"data_dir": self.data_dir(host)})
         elif self.backend == "redis":
             opts.update(backend="redis", backend_opts={"url": self.redis_url}, near_cache=self.near)
+        if self.objects:
+            opts.update(local_objects=True)
         if self.topology == "replicated":
             opts.update(topology="replicated", topology_opts={"bridge_timeout": BRIDGE_TIMEOUT})
         elif self.topology == "partitioned":

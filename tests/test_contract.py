@@ -2,7 +2,8 @@
 
 Stores (tests/stores.py): shm-local, file-local, shm-replicated, file-replicated,
 shm-partitioned, file-partitioned (two simulated hosts with real bridges), redis and
-redis-near (a real redis-server). Each store is set up once for the module; every
+redis-near (a real redis-server), and shm-local-objects (shm-local with
+``local_objects=True``). Each store is set up once for the module; every
 test starts from an empty cache with zeroed counters, as a worker of host A.
 
 Every case runs on every store; where the documented outcome differs by store the

@@ -92,8 +92,9 @@ class Cache:
     :param serializer: "pickle", "json", "msgpack" or an object with ``dumps``/``loads``.
     :param lock_timeout: seconds a call waits for a stripe lock before ``LockTimeout``.
     :param local_objects: keep decoded values in this process (True: up to 4096, or how
-        many): ``get`` of a key whose entry has not changed since returns the same
-        object, without copying or unpickling (local and replicated topologies).
+        many): a read (``get``, ``get_many``, a hit of ``get_or_fetch``) of a key whose
+        entry has not changed since returns the same object, without copying or
+        unpickling (local and replicated topologies).
     :raises vela.OptionError: an unknown option or a bad value (the message names it).
     :raises vela.LayoutMismatch: a layout option differs from the segment's.
     """

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["Stamped", "MAGIC", "stamping", "unstamping", "reading_stamps", "as_read"]
+__all__ = ["Stamped", "MAGIC", "READING", "stamping", "unstamping", "reading_stamps", "as_read"]
 
 # No pickle, JSON or msgpack payload starts with a NUL followed by more bytes; a custom
 # serializer's output would have to start with these 12 bytes to be mistaken for a stamp.
@@ -87,6 +87,9 @@ def _decode(data: bytes, loads: Callable[[bytes], Any]) -> Stamped:
 # A context variable, not a thread-local: an asyncio task that reads with stamps across
 # an await must not hand stamps to the other tasks of its thread meanwhile.
 _reading: ContextVar[bool] = ContextVar("vela_reading_stamps", default=False)
+# The variable itself, for the C core: a handle that keeps decoded values
+# (local_objects) sets it around the decodes it keeps, then reads them with as_read.
+READING = _reading
 
 
 @contextmanager

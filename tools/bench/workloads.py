@@ -34,6 +34,7 @@ class Workload:
     kind: str           # get | put | mix | get_many | fetch
     value_size: int     # bytes of a bytes value; 0 = the small dict, pickled
     hit: bool = True    # False: the keys looked up are never stored
+    batch: int = BATCH  # keys of one get_many call
 
     def value(self, i):
         if self.value_size == 0:
@@ -54,7 +55,8 @@ class Workload:
         """
         keys = KEYS if self.hit else MISS_KEYS
         if self.kind == "get_many":
-            batches = [keys[i:i + BATCH] for i in range(0, len(keys) - BATCH + 1, BATCH)]
+            n = self.batch
+            batches = [keys[i:i + n] for i in range(0, len(keys) - n + 1, n)]
             start = index * len(batches) // nprocs
             batches = batches[start:] + batches[:start]
             return (batches * (n_ops // len(batches) + 1))[:n_ops]
@@ -101,7 +103,7 @@ class Workload:
     def check(self, store):
         """Fail loudly if a store does not return what it should: a fast wrong answer counts for nothing."""
         if self.kind == "get_many":
-            batch = (KEYS if self.hit else MISS_KEYS)[:BATCH]
+            batch = (KEYS if self.hit else MISS_KEYS)[:self.batch]
             found = store.get_many(batch)
             expect = {k: self.value(KEYS.index(k)) for k in batch} if self.hit else {}
             if found != expect:
@@ -124,5 +126,8 @@ WORKLOADS = [
     Workload("mix_90_10", "90 % get / 10 % put, 100 B", "mix", 100),
     Workload("get_many_50", f"get_many of {BATCH} keys, 100 B (one op = one call)", "get_many", 100),
     Workload("fetch_hit", "get_or_fetch, hit, 100 B (peers: get)", "fetch", 100),
+    # The reads local_objects serves from kept objects (vela-objects against vela and the floor).
+    Workload("get_many_dict_20", "get_many of 20 keys, small dict (pickled)", "get_many", 0, batch=20),
+    Workload("fetch_hit_dict", "get_or_fetch, hit, small dict (pickled; peers: get)", "fetch", 0),
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import CacheFull
 from ..segments.table import OpenTable
+from ..stamp import READING, Stamped, as_read
 from .base import ALONE, HIT, MISSING
 
 __all__ = ["LocalStore"]
@@ -25,17 +26,17 @@ class LocalStore:
 
     def __init__(self, opened: OpenTable, local_objects: int = 0):
         """:param local_objects: how many decoded values this process keeps (0: none);
-        ``get`` then returns a kept value while its entry's version is unchanged."""
+        every read (get, get_many, get_or_fetch's hit) then returns a kept value while
+        its entry's version is unchanged."""
         self.opened = opened
         self.segment = opened.segment
         t = self.table = opened.table
         # The native methods themselves: vela.Cache.get is bound to self.get.
         if local_objects:
-            t.keep_objects(local_objects)
-            self.get = t.get_object
+            t.keep_objects(local_objects, (Stamped, as_read, READING))
+            self.get, self.get_many, self._get_hit = t.get_object, t.get_objects, t.get_object_hit
         else:
-            self.get = t.get
-        self.get_many = t.get_many
+            self.get, self.get_many, self._get_hit = t.get, t.get_many, t.get_hit
         self.contains = t.contains
         self.ttl = t.ttl
         self.put = t.put
@@ -55,7 +56,7 @@ class LocalStore:
     # ---- get_or_fetch ---------------------------------------------------------------
 
     def fetch_begin(self, key: Any, protect: bool, budget_ns: int):
-        value = self.table.get_hit(key, MISSING)  # lock-free; a hit ends here
+        value = self._get_hit(key, MISSING)  # lock-free; a hit ends here
         if value is not MISSING:
             return HIT, value, None, False
         if protect:
