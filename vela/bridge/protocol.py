@@ -408,8 +408,8 @@ def _check_rep(msg):
 def _check_hand(msg):
     _str(msg, "c")
     _int(msg, "sid", 0, 2**63)
-    if msg.get("role") not in ("own", "backup"):
-        raise Malformed("field 'role' must be own or backup")
+    if msg.get("role") not in ("own", "backup", "repair"):
+        raise Malformed("field 'role' must be own, backup or repair")
     if not isinstance(msg.get("last"), bool):
         raise Malformed("field 'last' must be a bool")
     _partitions(msg)
@@ -496,6 +496,20 @@ def _check_leaving(msg):
 
 def _check_brepair(msg):
     _str(msg, "c")
+    if "ps" in msg:  # only these partitions (anti-entropy); without: the whole backup copy
+        _partitions(msg)
+
+
+def _check_digest(msg):
+    """An owner's anti-entropy round: ``ps`` partitions, ``d`` [entries, digest] of each."""
+    _str(msg, "c")
+    _int(msg, "r", 1, 2**63)
+    _partitions(msg)
+    digests = _list(msg, "d", MAX_PARTITIONS)
+    if len(digests) != len(msg["ps"]) or not all(
+            isinstance(d, list) and len(d) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**64 for x in d) for d in digests):
+        raise Malformed("field 'd' must hold one [entries, digest] pair of u64 per partition")
 
 
 def _check_brack(msg):
@@ -521,4 +535,5 @@ _CHECKS = {
     "leaving": _check_leaving,
     "brepair": _check_brepair,
     "brack": _check_brack,
+    "digest": _check_digest,
 }
