@@ -319,13 +319,16 @@ static int parts_arg(PyObject *arg, uint32_t *parts)
     return 0;
 }
 
-/* One pass over the whole table (every stripe, each under its lock in turn). */
+/* One pass over the whole table (every stripe, each under its lock in turn), with
+ * the interpreter released: `fn` must not touch Python objects. */
 static vela_err scan_all(TableObject *self, vela_scan_fn fn, void *ctx)
 {
     uint64_t cursor = 0;
     vela_err err = VELA_OK;
+    Py_BEGIN_ALLOW_THREADS
     while (cursor != UINT64_MAX && err == VELA_OK)
         err = vela_scan(&self->t, &cursor, 1u << 16, fn, ctx);
+    Py_END_ALLOW_THREADS
     return err;
 }
 

@@ -304,7 +304,8 @@ def test_a_healthy_cluster_under_steady_writes_asks_for_no_repair(cluster3):
     assert all(r["writes"] > 200 and r["error_count"] == 0 for r in results), results
     after = {h.label: _caches(h, name) for h in cluster3}
     for label in after:
-        assert after[label]["digest_rounds"] >= before[label]["digest_rounds"] + 3, (label, before, after)
+        # (a round every 2 s, from each of the two other owners)
+        assert after[label]["digest_rounds"] >= before[label]["digest_rounds"] + 6, (label, before, after)
         assert after[label]["digest_repairs"] == before[label]["digest_repairs"], (label, cluster3.logs()[-3000:])
 
 
