@@ -19,6 +19,7 @@ zmq = pytest.importorskip("zmq")
 import vela  # noqa: E402
 from vela import _native  # noqa: E402
 from vela.bridge import protocol  # noqa: E402
+from vela.bridge.node import bridge_exposition  # noqa: E402
 from vela.bridge.partitions import Partitions  # noqa: E402
 from vela.bridge.quorum import Quorum  # noqa: E402
 from vela.ring import partition_of  # noqa: E402
@@ -282,7 +283,10 @@ t.apply_put(_native.encode_key({extra!r}), b"extra", 0, 0, [], t.next_version())
                what="the digests found the difference and the copy was repaired")
     dump = {bytes.fromhex(e[0]) for e in _partition_dump(a, p, parts)}
     assert _enc(missing) in dump and _enc(extra) not in dump and len(dump) == 5
-    assert _caches(a, cluster3.name)["digest_repairs"] > before
+    status = a.status()
+    repaired = status["caches"][cluster3.name]["digest_repairs"]
+    assert repaired > before
+    assert f'vela_bridge_digest_repairs_total{{cache="{cluster3.name}"}} {repaired}' in bridge_exposition(status)
     assert f"partitions [{p}] differs from member {b.node_id}" in a._tail(a.bridge_log, 10**8)
     assert a.call("local_get", key=newer) == [True, "v2"]
     # the repaired copy stays equal: no further repair
