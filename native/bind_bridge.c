@@ -365,53 +365,57 @@ static PyObject *Table_partition_counts(TableObject *self, PyObject *arg)
     return err == VELA_OK ? out : bind_raise(err);
 }
 
-/* Anti-entropy (vela/bridge/partitions.py): a digest of each partition that two
+/* Anti-entropy (vela/bridge/partitions.py): digests of each partition that two
  * hosts holding the same entries compute alike, whatever order their tables keep
  * them in -- the sum (mod 2^64) of a hash of each live entry's key and version.
  * Not counted: tombstones (kept for a while, not contents), and entries that
- * expire within `margin` ns (gone, or about to go, on one host and not yet on the
- * other: two hosts computing a moment apart still agree). */
+ * expire within a margin (gone, or about to go, on one host and not yet on the
+ * other). Two margins, two digests: an entry that crosses a margin between the
+ * moments two hosts compute changes one of them; a difference of contents that
+ * lasts changes both. */
 typedef struct {
     uint32_t parts;
-    int64_t margin;
-    uint64_t *counts;
-    uint64_t *sums;
+    int64_t margin[2];
+    uint64_t (*sums)[4]; /* per partition: entries, digest past margin[0]; the same past margin[1] */
 } partition_digest_ctx;
 
 static int digest_one(void *ctx, vela_entry *e, int64_t now)
 {
     partition_digest_ctx *c = ctx;
-    if (e->codec == VELA_CODEC_TOMBSTONE || (e->expire_at != 0 && e->expire_at - now <= c->margin))
+    if (e->codec == VELA_CODEC_TOMBSTONE)
         return 0;
-    uint32_t p = partition_of_entry(e, c->parts);
-    c->counts[p]++;
-    c->sums[p] += XXH3_64bits_withSeed(&e->version, sizeof e->version, e->hash); /* (key, version) */
+    uint64_t *sums = c->sums[partition_of_entry(e, c->parts)];
+    uint64_t h = XXH3_64bits_withSeed(&e->version, sizeof e->version, e->hash); /* (key, version) */
+    for (int i = 0; i < 2; i++)
+        if (e->expire_at == 0 || e->expire_at - now > c->margin[i]) {
+            sums[2 * i]++;
+            sums[2 * i + 1] += h;
+        }
     return 0;
 }
 
-/* partition_digests(parts, margin_ns) -> [(live entries, digest)] for each partition
- * (hash % parts); one scan of the table. */
+/* partition_digests(parts, margin_ns, far_margin_ns) -> [(entries, digest, entries_far,
+ * digest_far)] for each partition (hash % parts), of the live entries that expire past
+ * each margin (or never); one scan of the table. */
 static PyObject *Table_partition_digests(TableObject *self, PyObject *args)
 {
     PyObject *parts_obj;
-    long long margin;
-    if (!PyArg_ParseTuple(args, "OL", &parts_obj, &margin))
+    long long margin, far;
+    if (!PyArg_ParseTuple(args, "OLL", &parts_obj, &margin, &far))
         return NULL;
     READY_OR_NULL(self);
     uint32_t parts;
     if (parts_arg(parts_obj, &parts) < 0)
         return NULL;
-    if (margin < 0) {
-        PyErr_Format(PyExc_ValueError, "partition_digests: margin_ns must be >= 0, not %lld", margin);
+    if (margin < 0 || far < 0) {
+        PyErr_Format(PyExc_ValueError, "partition_digests: margins must be >= 0 ns, not %lld and %lld", margin,
+                     far);
         return NULL;
     }
-    partition_digest_ctx c = {parts, (int64_t)margin, calloc(parts, sizeof(uint64_t)),
-                              calloc(parts, sizeof(uint64_t))};
+    partition_digest_ctx c = {parts, {(int64_t)margin, (int64_t)far}, calloc(parts, sizeof *c.sums)};
+    if (!c.sums)
+        return PyErr_NoMemory();
     PyObject *out = NULL;
-    if (!c.counts || !c.sums) {
-        PyErr_NoMemory();
-        goto done;
-    }
     vela_err err = scan_all(self, digest_one, &c);
     if (err != VELA_OK) {
         bind_raise(err);
@@ -419,14 +423,15 @@ static PyObject *Table_partition_digests(TableObject *self, PyObject *args)
     }
     out = PyList_New((Py_ssize_t)parts);
     for (uint32_t i = 0; out && i < parts; i++) {
-        PyObject *pair = Py_BuildValue("(KK)", (unsigned long long)c.counts[i], (unsigned long long)c.sums[i]);
-        if (!pair)
+        const uint64_t *s = c.sums[i];
+        PyObject *item = Py_BuildValue("(KKKK)", (unsigned long long)s[0], (unsigned long long)s[1],
+                                       (unsigned long long)s[2], (unsigned long long)s[3]);
+        if (!item)
             Py_CLEAR(out);
         else
-            PyList_SET_ITEM(out, (Py_ssize_t)i, pair);
+            PyList_SET_ITEM(out, (Py_ssize_t)i, item);
     }
 done:
-    free(c.counts);
     free(c.sums);
     return out;
 }
@@ -468,7 +473,7 @@ PyMethodDef bind_bridge_methods[] = {
     {"get_raw", (PyCFunction)(void (*)(void))Table_get_raw, METH_FASTCALL, "bridge: get_raw(key_bytes) -> None | (bytes, codec, ttl_ns, tags, version)"},
     {"partition_counts", (PyCFunction)Table_partition_counts, METH_O, "partition_counts(parts) -> [entries]"},
     {"partition_digests", (PyCFunction)Table_partition_digests, METH_VARARGS,
-     "partition_digests(parts, margin_ns) -> [(entries, digest)] (anti-entropy)"},
+     "partition_digests(parts, margin_ns, far_margin_ns) -> [(entries, digest, entries_far, digest_far)]"},
     {"drop_partitions", (PyCFunction)Table_drop_partitions, METH_VARARGS, "drop_partitions(parts, flags) -> removed"},
     {"next_version", (PyCFunction)Table_next_version, METH_NOARGS, "a new version (HLC)"},
     {"set_cluster", (PyCFunction)Table_set_cluster, METH_O, "bridge: publish the cluster view"},

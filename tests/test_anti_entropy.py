@@ -58,11 +58,12 @@ def test_equal_tables_have_equal_digests_whatever_the_order_of_their_writes(tabl
     items = [(k, f"v{i}".encode(), 1000 + i) for i, k in enumerate(KEYS[:500])]
     _fill(a, items)
     _fill(b, reversed(items))
-    da, db = a.partition_digests(PARTS, 0), b.partition_digests(PARTS, 0)
+    da, db = a.partition_digests(PARTS, 0, 0), b.partition_digests(PARTS, 0, 0)
     assert da == db
-    assert [n for n, _ in da] == a.partition_counts(PARTS)
-    assert sum(n for n, _ in da) == 500
-    assert all(d == 0 for n, d in da if n == 0) and all(d != 0 for n, d in da if n)
+    assert [n for n, *_ in da] == a.partition_counts(PARTS)
+    assert sum(n for n, *_ in da) == 500
+    assert all(d == 0 for n, d, *_ in da if n == 0) and all(d != 0 for n, d, *_ in da if n)
+    assert all(near == far for near, far in ((x[:2], x[2:]) for x in da))  # (nothing expires)
 
 
 def test_one_differing_version_changes_the_digest_of_its_partition_only(tables):
@@ -73,9 +74,10 @@ def test_one_differing_version_changes_the_digest_of_its_partition_only(tables):
     changed = KEYS[7]
     assert b.apply_put(_enc(changed), b"v", 0, 0, [], 5000)  # same value, a newer version
     p = partition_of(_enc(changed), PARTS)
-    da, db = a.partition_digests(PARTS, 0), b.partition_digests(PARTS, 0)
+    da, db = a.partition_digests(PARTS, 0, 0), b.partition_digests(PARTS, 0, 0)
     assert [q for q in range(PARTS) if da[q] != db[q]] == [p]
-    assert da[p][0] == db[p][0]  # (as many entries: only the digest tells)
+    assert da[p][0] == db[p][0] and da[p][1] != db[p][1]  # (as many entries: only the digest tells)
+    assert da[p][3] != db[p][3]
 
 
 def test_tombstones_and_expired_or_expiring_entries_are_left_out(tables):
@@ -88,23 +90,26 @@ def test_tombstones_and_expired_or_expiring_entries_are_left_out(tables):
     b.apply_delete(_enc("deleted"), 9000)
     assert b.apply_put(_enc("expired"), b"x", 0, 1, [], 9001)  # (1 ns to live)
     assert b.apply_put(_enc("soon"), b"x", 0, 30 * 10**9, [], 9002)
-    assert a.partition_digests(PARTS, 60 * 10**9) == b.partition_digests(PARTS, 60 * 10**9)
-    # with a margin shorter than its time left, the expiring entry counts
+    minute = 60 * 10**9
+    assert a.partition_digests(PARTS, minute, minute) == b.partition_digests(PARTS, minute, minute)
+    # past a margin shorter than its time left, the expiring entry counts: in that digest only
     soon = partition_of(_enc("soon"), PARTS)
-    da, db = a.partition_digests(PARTS, 10**9), b.partition_digests(PARTS, 10**9)
-    assert [q for q in range(PARTS) if da[q] != db[q]] == [soon] and db[soon][0] == da[soon][0] + 1
+    da, db = a.partition_digests(PARTS, 10**9, minute), b.partition_digests(PARTS, 10**9, minute)
+    assert [q for q in range(PARTS) if da[q] != db[q]] == [soon]
+    assert db[soon][0] == da[soon][0] + 1 and db[soon][2:] == da[soon][2:]
     # entries that never expire always count
     assert b.apply_put(_enc("forever"), b"x", 0, 0, [], 9003)
     forever = partition_of(_enc("forever"), PARTS)
-    assert b.partition_digests(PARTS, 60 * 10**9)[forever][0] == a.partition_digests(PARTS, 0)[forever][0] + 1
+    counts = b.partition_digests(PARTS, minute, minute)[forever]
+    assert counts[0] == counts[2] == a.partition_digests(PARTS, 0, 0)[forever][0] + 1
 
 
 def test_partition_digests_refuses_bad_arguments(tables):
     a, _ = tables
-    with pytest.raises(ValueError, match="margin_ns"):
-        a.partition_digests(PARTS, -1)
+    with pytest.raises(ValueError, match="margins must be >= 0"):
+        a.partition_digests(PARTS, 0, -1)
     with pytest.raises(ValueError):
-        a.partition_digests(0, 0)
+        a.partition_digests(0, 0, 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -137,24 +142,28 @@ def _backed_up_from(parts, owner):
 
 def test_a_partition_is_repaired_after_two_consecutive_rounds_that_differ(parts):
     p, keys = _backed_up_from(parts, 2)
-    ours = parts.table.partition_digests(parts.parts, 0)[p]
-    other = [ours[0] + 1, 12345]
+    ours = list(parts._digests()[p])
+    other = [ours[0] + 1, 12345, ours[2] + 1, 12345]
     assert parts.on_digest(2, 7, 1, [p], [other]) == []          # once: maybe a write in flight
-    assert parts.on_digest(2, 7, 2, [p], [list(ours)]) == []      # equal again
+    assert parts.on_digest(2, 7, 2, [p], [ours]) == []            # equal again
     assert parts.on_digest(2, 7, 3, [p], [other]) == []
     assert parts.on_digest(2, 7, 5, [p], [other]) == []           # round 4 never came: not consecutive
     assert parts.on_digest(2, 7, 6, [p], [other]) == [p]
     assert parts.stats["digest_repairs"] == 1 and parts.stats["digest_rounds"] == 5
     assert parts.on_digest(2, 7, 7, [p], [other]) == []           # a new streak starts after a repair
     assert parts.on_digest(2, 8, 8, [p], [other]) == []           # a new incarnation: a new streak
-
+    # one of the two digests only (an entry crossed a margin): no difference
+    near_only = ours[:2] + [ours[2] + 1, 12345]
+    assert parts.on_digest(2, 8, 9, [p], [near_only]) == []
+    assert parts.on_digest(2, 8, 10, [p], [near_only]) == []
+    assert parts.stats["digest_repairs"] == 1
 
 def test_a_digest_of_partitions_we_do_not_back_up_for_its_sender_is_ignored(parts):
     p, _ = _backed_up_from(parts, 2)
     not_ours = next(q for q in range(parts.parts) if parts.backup_of[q] != parts.me)
     for rnd in (1, 2):
         # (3 is not the owner of p; 60000 is no partition; not_ours is another member's copy)
-        assert parts.on_digest(3, 7, rnd, [p, 60000, not_ours], [[1, 1], [1, 1], [1, 1]]) == []
+        assert parts.on_digest(3, 7, rnd, [p, 60000, not_ours], [[1, 1, 1, 1]] * 3) == []
     assert parts.stats["digest_repairs"] == 0
 
 
@@ -211,7 +220,7 @@ def test_an_owner_digests_only_quiet_partitions_with_a_synced_backup(parts):
     key = next(_enc(k) for k in KEYS if partition_of(_enc(k), parts.parts) == busy)
     parts.serve(dict(op="put", k=key, val=b"\x80v", codec=3, ttl=0, tags=[], e=1), lambda n: f"a{n}")
     sent = dict(parts.digest_messages(parts.digest_at, 2.0))
-    digests = parts.table.partition_digests(parts.parts, 0)
+    digests = parts._digests()
     assert set(sent) == {parts.backup_of[q] for q in mine}
     for b, fields in sent.items():
         want = [q for q in mine if parts.backup_of[q] == b and q != busy]  # busy: its record is not sent
@@ -327,16 +336,16 @@ def test_malformed_or_forged_digests_are_counted_and_dropped(cluster3):
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(a.listen)
     try:
-        sock.send_multipart(_as_member(b, "digest", c=name, r=1, ps=[1, 2], d=[[1, 2]]))  # lengths differ
-        sock.send_multipart(_as_member(b, "digest", c=name, r=2, ps=[3], d=[[1, -5]]))    # not a u64
-        forged = _as_member(b, "digest", c=name, r=3, ps=[3], d=[[1, 5]])
+        sock.send_multipart(_as_member(b, "digest", c=name, r=1, ps=[1, 2], d=[[1, 2, 1, 2]]))  # lengths differ
+        sock.send_multipart(_as_member(b, "digest", c=name, r=2, ps=[3], d=[[1, -5, 1, 5]]))    # not a u64
+        forged = _as_member(b, "digest", c=name, r=3, ps=[3], d=[[1, 5, 1, 5]])
         sock.send_multipart([b"\x00" * 32, forged[1]])                                 # a bad MAC
         # well-formed, but naming partitions that are none, or A's own: nothing to compare
         owners, _, parts = _roles(a)
         own = next(q for q in range(parts) if owners[q] == a.node_id)
         for rnd in (10, 11):
             sock.send_multipart(_as_member(b, "digest", c=name, r=rnd, ps=[60000, own],
-                                           d=[[1, 1], [2**64 - 1, 2**64 - 1]]))
+                                           d=[[1, 1, 1, 1], [2**64 - 1] * 4]))
         eventually(lambda: a.status()["counters"]["malformed"] >= counters["malformed"] + 2
                    and a.status()["counters"]["unauthenticated"] >= counters["unauthenticated"] + 1, 10,
                    what="the bad digests were counted")

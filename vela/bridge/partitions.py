@@ -61,11 +61,12 @@ from its owner's partition however it came to): every ``DIGEST_EVERY`` heartbeat
 owner sends each backup a "digest" of the partitions it backs up that are quiet --
 copied in full, no stream to it in flight, every backup record of the partition
 acknowledged: per partition, the live entries and the sum of a hash of each one's
-(key, version) (``Table.partition_digests``; tombstones and entries that expire
-within ``DIGEST_MARGIN`` do not count, so two hosts computing a moment apart agree).
-The backup compares them with its own; a partition that differs in two consecutive
-rounds (a write that raced the first is in both copies by the second) is copied
-again: "brepair" naming the partitions, answered by a "repair" stream that changes
+(key, version) (``Table.partition_digests``; tombstones do not count, nor entries
+that expire within a margin: two digests, with ``DIGEST_MARGINS`` of 1 s and 2 s).
+The backup compares them with its own. A partition differs when both digests do (an
+entry that expires between the moments the two hosts compute crosses one margin, and
+changes one digest); one that differs in two consecutive rounds (a write that raced
+the first is in both copies by the second) is copied again: "brepair" naming the partitions, answered by a "repair" stream that changes
 the copy in place -- the owner's entries and tombstones are taken (over a newer
 version of ours too, unless a record of the owner's wrote it), and at the stream's
 end the keys of those partitions that neither the copy nor a record since its first
@@ -99,7 +100,7 @@ STREAM_STALL = 30.0     # seconds a stream may go unacknowledged, or an incoming
 INVAL_BATCH = 10_000    # keys per invalidation message
 BREC_CHUNK = 2000       # backup records per message
 DIGEST_EVERY = 10       # heartbeats between two anti-entropy rounds (a digest per backup)
-DIGEST_MARGIN = 1.0     # seconds: entries that expire within it are left out of digests
+DIGEST_MARGINS = (1.0, 2.0)  # seconds: two digests, of the entries that expire past each (or never)
 
 
 class Stream:
@@ -680,7 +681,7 @@ class Partitions:
                 quiet.setdefault(b, []).append(p)
         if not quiet:
             return []
-        digests = self.table.partition_digests(self.parts, int(DIGEST_MARGIN * 1e9))
+        digests = self._digests()
         self.digest_round += 1
         return [(b, dict(c=self.name, r=self.digest_round, ps=ps, d=[list(digests[p]) for p in ps]))
                 for b, ps in quiet.items()]
@@ -698,8 +699,8 @@ class Partitions:
             if p >= self.parts or self.owners[p] != origin or self.backup_of[p] != self.me or p in repairing:
                 continue  # (tables that disagree for a moment: not ours to compare)
             if ours is None:
-                ours = self.table.partition_digests(self.parts, int(DIGEST_MARGIN * 1e9))
-            if list(ours[p]) != theirs:
+                ours = self._digests()
+            if list(ours[p][:2]) != theirs[:2] and list(ours[p][2:]) != theirs[2:]:
                 differ.add(p)
         self.stats["digest_rounds"] += 1
         before = self.digest_misses.get(origin)
@@ -710,6 +711,11 @@ class Partitions:
             log.warning("cache %s: the backup copy of partitions %s differs from member %d's (two digest "
                         "rounds): copying them again", self.name, again, origin)
         return again
+
+    def _digests(self):
+        """[(entries, digest, entries, digest)] of each partition: past each of DIGEST_MARGINS."""
+        near, far = (int(m * 1e9) for m in DIGEST_MARGINS)
+        return self.table.partition_digests(self.parts, near, far)
 
     def on_repair_partitions(self, node, ps):
         """Backup ``node`` found its copy of partitions ``ps`` different from ours: a "repair"

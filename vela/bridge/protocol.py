@@ -501,15 +501,16 @@ def _check_brepair(msg):
 
 
 def _check_digest(msg):
-    """An owner's anti-entropy round: ``ps`` partitions, ``d`` [entries, digest] of each."""
+    """An owner's anti-entropy round: ``ps`` partitions, ``d`` of each [entries, digest,
+    entries, digest] (past a near and a far margin, vela.bridge.partitions)."""
     _str(msg, "c")
     _int(msg, "r", 1, 2**63)
     _partitions(msg)
     digests = _list(msg, "d", MAX_PARTITIONS)
     if len(digests) != len(msg["ps"]) or not all(
-            isinstance(d, list) and len(d) == 2 and all(
+            isinstance(d, list) and len(d) == 4 and all(
                 isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**64 for x in d) for d in digests):
-        raise Malformed("field 'd' must hold one [entries, digest] pair of u64 per partition")
+        raise Malformed("field 'd' must hold four u64 [entries, digest, entries, digest] per partition")
 
 
 def _check_brack(msg):
