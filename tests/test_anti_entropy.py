@@ -305,16 +305,31 @@ t.apply_put(_native.encode_key({extra!r}), b"extra", 0, 0, [], t.next_version())
     assert _caches(a, cluster3.name)["digest_repairs"] == repairs
 
 
+EXPIRING_WRITES = """
+import random, time
+rng = random.Random(%(seed)d)
+end = time.monotonic() + 9.0
+while time.monotonic() < end:
+    cache.put("%(prefix)s" + str(rng.randrange(2000)), 1, ttl=rng.uniform(0.5, 3.0))
+"""
+
+
 def test_a_healthy_cluster_under_steady_writes_asks_for_no_repair(cluster3):
     name = cluster3.name
     before = {h.label: _caches(h, name) for h in cluster3}
-    loads = []
+    loads, expiring = [], []
     for i, h in enumerate(cluster3):
         side = h.side_agent()
         side.send("load", prefix=f"steady{i}:", keys=400, seconds=9.0, writer=i)
         loads.append(side)
+        # and entries that expire all the time, many while two hosts compute their digests
+        side = h.side_agent()
+        side.send("exec_loop", code=EXPIRING_WRITES % dict(seed=i, prefix=f"expiring{i}:"))
+        expiring.append(side)
     results = [side.recv(timeout=60) for side in loads]
     assert all(r["writes"] > 200 and r["error_count"] == 0 for r in results), results
+    for side in expiring:
+        side.recv(timeout=60)
     after = {h.label: _caches(h, name) for h in cluster3}
     for label in after:
         # (a round every 2 s, from each of the two other owners)
