@@ -1,8 +1,12 @@
 /*
  * bind_bridge.c -- the bridge's side: the change log reader, applying remote
- * changes (last writer wins), snapshots, raw reads, partitions, the cluster view.
+ * changes (last writer wins), snapshots, raw reads, partitions (counts, digests
+ * for anti-entropy, drops), the cluster view.
  */
 #include "bind.h"
+
+#define XXH_INLINE_ALL
+#include "xxhash.h"
 
 static int log_record(void *ctx, const vela_log_record *r, const uint64_t *tags, const uint8_t *key,
                       const uint8_t *value, int64_t now)
@@ -298,13 +302,43 @@ static PyObject *Table_cluster_seq(TableObject *self, PyObject *Py_UNUSED(ignore
     return PyLong_FromUnsignedLong(vela_cluster_seq(&self->t));
 }
 
+/* The partition of an entry: the ring's partition_of (vela/ring.py) over the
+ * hash the entry keeps of its encoded key, as vela_drop_partitions takes it. */
+static inline uint32_t partition_of_entry(const vela_entry *e, uint32_t parts)
+{
+    return (uint32_t)(e->hash % parts);
+}
+
+/* The `parts` argument of a per-partition method; 0, or -1 with the exception. */
+static int parts_arg(PyObject *arg, uint32_t *parts)
+{
+    unsigned long n = PyLong_AsUnsignedLong(arg);
+    if ((n == (unsigned long)-1 && PyErr_Occurred()) || bind_check_parts((unsigned int)n) < 0)
+        return -1;
+    *parts = (uint32_t)n;
+    return 0;
+}
+
+/* One pass over the whole table (every stripe, each under its lock in turn), with
+ * the interpreter released: `fn` must not touch Python objects. */
+static vela_err scan_all(TableObject *self, vela_scan_fn fn, void *ctx)
+{
+    uint64_t cursor = 0;
+    vela_err err = VELA_OK;
+    Py_BEGIN_ALLOW_THREADS
+    while (cursor != UINT64_MAX && err == VELA_OK)
+        err = vela_scan(&self->t, &cursor, 1u << 16, fn, ctx);
+    Py_END_ALLOW_THREADS
+    return err;
+}
+
 typedef struct { uint32_t parts; uint64_t *counts; } partition_count_ctx;
 
 static int count_one(void *ctx, vela_entry *e, int64_t Py_UNUSED(now))
 {
     partition_count_ctx *c = ctx;
     if (e->codec != VELA_CODEC_TOMBSTONE)
-        c->counts[e->hash % c->parts]++;
+        c->counts[partition_of_entry(e, c->parts)]++;
     return 0;
 }
 
@@ -312,18 +346,15 @@ static int count_one(void *ctx, vela_entry *e, int64_t Py_UNUSED(now))
 static PyObject *Table_partition_counts(TableObject *self, PyObject *arg)
 {
     READY_OR_NULL(self);
-    unsigned long parts = PyLong_AsUnsignedLong(arg);
-    if ((parts == (unsigned long)-1 && PyErr_Occurred()) || bind_check_parts((unsigned int)parts) < 0)
+    uint32_t parts;
+    if (parts_arg(arg, &parts) < 0)
         return NULL;
-    partition_count_ctx c = {(uint32_t)parts, calloc(parts, sizeof(uint64_t))};
+    partition_count_ctx c = {parts, calloc(parts, sizeof(uint64_t))};
     if (!c.counts)
         return PyErr_NoMemory();
-    uint64_t cursor = 0;
-    vela_err err = VELA_OK;
-    while (cursor != UINT64_MAX && err == VELA_OK)
-        err = vela_scan(&self->t, &cursor, 1u << 16, count_one, &c);
+    vela_err err = scan_all(self, count_one, &c);
     PyObject *out = err == VELA_OK ? PyList_New((Py_ssize_t)parts) : NULL;
-    for (unsigned long i = 0; out && i < parts; i++) {
+    for (uint32_t i = 0; out && i < parts; i++) {
         PyObject *v = PyLong_FromUnsignedLongLong(c.counts[i]);
         if (!v)
             Py_CLEAR(out);
@@ -332,6 +363,77 @@ static PyObject *Table_partition_counts(TableObject *self, PyObject *arg)
     }
     free(c.counts);
     return err == VELA_OK ? out : bind_raise(err);
+}
+
+/* Anti-entropy (vela/bridge/partitions.py): digests of each partition that two
+ * hosts holding the same entries compute alike, whatever order their tables keep
+ * them in -- the sum (mod 2^64) of a hash of each live entry's key and version.
+ * Not counted: tombstones (kept for a while, not contents), and entries that
+ * expire within a margin (gone, or about to go, on one host and not yet on the
+ * other). Two margins, two digests: an entry that crosses a margin between the
+ * moments two hosts compute changes one of them; a difference of contents that
+ * lasts changes both. */
+typedef struct {
+    uint32_t parts;
+    int64_t margin[2];
+    uint64_t (*sums)[4]; /* per partition: entries, digest past margin[0]; the same past margin[1] */
+} partition_digest_ctx;
+
+static int digest_one(void *ctx, vela_entry *e, int64_t now)
+{
+    partition_digest_ctx *c = ctx;
+    if (e->codec == VELA_CODEC_TOMBSTONE)
+        return 0;
+    uint64_t *sums = c->sums[partition_of_entry(e, c->parts)];
+    uint64_t h = XXH3_64bits_withSeed(&e->version, sizeof e->version, e->hash); /* (key, version) */
+    for (int i = 0; i < 2; i++)
+        if (e->expire_at == 0 || e->expire_at - now > c->margin[i]) {
+            sums[2 * i]++;
+            sums[2 * i + 1] += h;
+        }
+    return 0;
+}
+
+/* partition_digests(parts, margin_ns, far_margin_ns) -> [(entries, digest, entries_far,
+ * digest_far)] for each partition (hash % parts), of the live entries that expire past
+ * each margin (or never); one scan of the table. */
+static PyObject *Table_partition_digests(TableObject *self, PyObject *args)
+{
+    PyObject *parts_obj;
+    long long margin, far;
+    if (!PyArg_ParseTuple(args, "OLL", &parts_obj, &margin, &far))
+        return NULL;
+    READY_OR_NULL(self);
+    uint32_t parts;
+    if (parts_arg(parts_obj, &parts) < 0)
+        return NULL;
+    if (margin < 0 || far < 0) {
+        PyErr_Format(PyExc_ValueError, "partition_digests: margins must be >= 0 ns, not %lld and %lld", margin,
+                     far);
+        return NULL;
+    }
+    partition_digest_ctx c = {parts, {(int64_t)margin, (int64_t)far}, calloc(parts, sizeof *c.sums)};
+    if (!c.sums)
+        return PyErr_NoMemory();
+    PyObject *out = NULL;
+    vela_err err = scan_all(self, digest_one, &c);
+    if (err != VELA_OK) {
+        bind_raise(err);
+        goto done;
+    }
+    out = PyList_New((Py_ssize_t)parts);
+    for (uint32_t i = 0; out && i < parts; i++) {
+        const uint64_t *s = c.sums[i];
+        PyObject *item = Py_BuildValue("(KKKK)", (unsigned long long)s[0], (unsigned long long)s[1],
+                                       (unsigned long long)s[2], (unsigned long long)s[3]);
+        if (!item)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, (Py_ssize_t)i, item);
+    }
+done:
+    free(c.sums);
+    return out;
 }
 
 /* drop_partitions(parts, drop_bytes) -> removed: drop_bytes[p] != 0 drops partition p. */
@@ -370,6 +472,8 @@ PyMethodDef bind_bridge_methods[] = {
     {"scan", (PyCFunction)Table_scan, METH_VARARGS, "bridge: scan(cursor, max) for snapshots"},
     {"get_raw", (PyCFunction)(void (*)(void))Table_get_raw, METH_FASTCALL, "bridge: get_raw(key_bytes) -> None | (bytes, codec, ttl_ns, tags, version)"},
     {"partition_counts", (PyCFunction)Table_partition_counts, METH_O, "partition_counts(parts) -> [entries]"},
+    {"partition_digests", (PyCFunction)Table_partition_digests, METH_VARARGS,
+     "partition_digests(parts, margin_ns, far_margin_ns) -> [(entries, digest, entries_far, digest_far)]"},
     {"drop_partitions", (PyCFunction)Table_drop_partitions, METH_VARARGS, "drop_partitions(parts, flags) -> removed"},
     {"next_version", (PyCFunction)Table_next_version, METH_NOARGS, "a new version (HLC)"},
     {"set_cluster", (PyCFunction)Table_set_cluster, METH_O, "bridge: publish the cluster view"},

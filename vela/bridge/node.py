@@ -40,7 +40,7 @@ from ..errors import LayoutMismatch, VelaError
 from . import presence, protocol
 from ..stores.replicated import control_endpoint
 from .dataport import DataPort
-from .partitions import Partitions, error_reply
+from .partitions import DIGEST_EVERY, Partitions, error_reply
 from .quorum import Quorum
 from .replica import Replica
 
@@ -596,8 +596,20 @@ class Bridge:
 
     def _on_brepair(self, member, msg):
         parts = self._partitions(msg)
-        if parts is not None:
+        if parts is None:
+            return
+        if "ps" in msg:  # (anti-entropy: only these partitions differ)
+            parts.on_repair_partitions(member.node_id, msg["ps"])
+        else:
             parts.on_repair(member.node_id)
+
+    def _on_digest(self, member, msg):
+        parts = self._partitions(msg)
+        if parts is None:
+            return
+        again = parts.on_digest(member.node_id, msg["inc"], msg["r"], msg["ps"], msg["d"])
+        if again:
+            self._send(member.addr, self._message("brepair", c=msg["c"], ps=again))
 
     def _on_inval(self, member, msg):
         parts = self._partitions(msg)
@@ -713,6 +725,11 @@ class Bridge:
                     self._send(addr, self._message("brepair", c=name))
             for fields in invals:
                 self._broadcast(self._message("inval", c=name, **fields))
+            # (after the records: a backup takes them before it compares)
+            for node_id, fields in parts.digest_messages(time.monotonic(), DIGEST_EVERY * self.heartbeat):
+                addr = self._addr_of(node_id)
+                if addr is not None:
+                    self._send(addr, self._message("digest", **fields))
             if backups:
                 parts.sync_backups()
 
@@ -1129,7 +1146,7 @@ def bridge_exposition(status):
     metric("member_state", "gauge", "1 for the state each known member is in", states)
     for field in ("applied", "stale", "suppressed", "sent", "resyncs", "snapshots_served", "snapshots_applied",
                   "requests", "moved", "fallbacks", "handed_out", "handed_in", "promoted", "lost",
-                  "backup_records", "inval_gaps"):
+                  "backup_records", "inval_gaps", "digest_rounds", "digest_repairs"):
         samples = [({"cache": c}, s[field]) for c, s in status["caches"].items() if field in s]
         if samples:
             metric(f"{field}_total", "counter", f"replication/partition records or events: {field}", samples)

@@ -55,6 +55,23 @@ number (a gap: the stream is not acknowledged, and is sent again whole); backup
 records carry a sequence per (owner, incarnation, backup), repeated every
 heartbeat; a backup that sees a gap, or hears from an owner incarnation it never
 had a full copy from, asks for a full copy again ("brepair").
+
+Anti-entropy catches what no sequence number reveals (a backup copy that differs
+from its owner's partition however it came to): every ``DIGEST_EVERY`` heartbeats an
+owner sends each backup a "digest" of the partitions it backs up that are quiet --
+copied in full, no stream to it in flight, every backup record of the partition
+acknowledged: per partition, the live entries and the sum of a hash of each one's
+(key, version) (``Table.partition_digests``; tombstones do not count, nor entries
+that expire within a margin: two digests, with ``DIGEST_MARGINS`` of 1 s and 2 s).
+The backup compares them with its own. A partition differs when both digests do (an
+entry that expires between the moments the two hosts compute crosses one margin, and
+changes one digest); one that differs in two consecutive rounds (a write that raced
+the first is in both copies by the second) is copied again: "brepair" naming the partitions, answered by a "repair" stream that changes
+the copy in place -- the owner's entries and tombstones are taken (over a newer
+version of ours too, unless a record of the owner's wrote it), and at the stream's
+end the keys of those partitions that neither the copy nor a record since its first
+chunk carried are removed. The copy never lacks what the owner holds while it runs;
+each repair is counted (``digest_repairs``) and logged with its partitions.
 """
 
 import itertools
@@ -82,6 +99,8 @@ WRITES = frozenset(("put", "add", "repl", "cas", "putm", "del", "delm", "incr", 
 STREAM_STALL = 30.0     # seconds a stream may go unacknowledged, or an incoming partition unfed
 INVAL_BATCH = 10_000    # keys per invalidation message
 BREC_CHUNK = 2000       # backup records per message
+DIGEST_EVERY = 10       # heartbeats between two anti-entropy rounds (a digest per backup)
+DIGEST_MARGINS = (1.0, 2.0)  # seconds: two digests, of the entries that expire past each (or never)
 
 
 class Stream:
@@ -107,6 +126,20 @@ class Incoming:
         self.dead_tags = set()    # tags invalidated here since: entries with them are dropped
         self.flushed = False      # flushed here since: every incoming entry is dropped
         self.deadline = time.monotonic() + wait
+
+
+class Repair:
+    """A copy of partitions ``ps`` from their owner ``sender`` that corrects our backup
+    copy in place (anti-entropy): keys it carries (``copied``) and keys the owner's
+    backup records wrote since its first chunk (``recorded``) stay; at its end, the
+    others of those partitions go (the owner no longer holds them)."""
+
+    def __init__(self, sender, ps):
+        self.sender = sender
+        self.ps = ps
+        self.copied = set()
+        self.recorded = set()
+        self.started = time.monotonic()
 
 
 class Partitions:
@@ -142,6 +175,12 @@ class Partitions:
         self.repairs = set()        # owners to ask for a full backup copy again (a gap)
         self.hand_next = {}         # (sender, sid) -> next chunk number (-1: a gap, never acknowledged)
         self.taken_at = {}          # partition -> when a handoff of it to us last completed
+        self.unsent = {}            # backup node -> partitions with records not sent to it yet
+        self.rec_seq = {}           # backup node -> {partition: seq of the last record message carrying it}
+        self.digest_at = time.monotonic()  # when the next anti-entropy round is due
+        self.digest_round = 0       # rounds sent (numbered from 1)
+        self.digest_misses = {}     # owner -> (incarnation, round, partitions that differed in it)
+        self.repairing = {}         # (owner, sid) -> Repair: copies correcting ours in place
         self.prev = self._previous_view()
         self.leases = {}            # key -> (holder, deadline, connection): get_or_fetch in progress
         self.conn_id = None         # the data port connection of the request being served
@@ -150,7 +189,7 @@ class Partitions:
         self.stats = {"requests": 0, "moved": 0, "fallbacks": 0, "handed_out": 0, "handed_in": 0,
                       "dropped": 0, "promoted": 0, "lost": 0, "backup_records": 0, "errors": 0,
                       "local_writes": 0, "log_lapped": 0, "repairs": 0, "stream_gaps": 0, "kept": 0,
-                      "inval_gaps": 0}
+                      "inval_gaps": 0, "digest_rounds": 0, "digest_repairs": 0}
 
     def _previous_view(self):
         """(owners, backups) of the partition table the last bridge of this host published,
@@ -401,10 +440,13 @@ class Partitions:
         partitions taken (to acknowledge), else None. Without a table of our own, or
         after a gap in the stream, nothing is taken."""
         if self.owners is None or not self._in_sequence(sender, msg):
+            self.repairing.pop((sender, msg["sid"]), None)  # (incomplete: never ends in removals)
             return None
         self.take_marks(msg.get("marks", ()), msg.get("fm", 0))
         vers = msg["vers"]
         ps = set(msg["ps"])
+        if msg["role"] == "repair":
+            return self._take_repair(sender, msg, ps)
         if msg["role"] == "backup":
             if msg["chunk"] == 0:
                 # A fresh full copy: what we held of these partitions is replaced (but what
@@ -565,6 +607,9 @@ class Partitions:
             else:
                 self._apply(k, v, codec, ttl, tags, ver)
             self.stats["backup_records"] += 1
+            for rep in self.repairing.values():
+                if rep.sender == origin and partition_of(k, self.parts) in rep.ps:
+                    rep.recorded.add(k)  # the owner wrote it since the repair began: it stays
         return confirmed  # the caller acknowledges ``seq`` (it and every record before it are here)
 
     def on_brack(self, backup, seq):
@@ -595,6 +640,8 @@ class Partitions:
         self.on_repair(node)
         self.bgot = {k: v for k, v in self.bgot.items() if k[0] != node}
         self.hand_next = {k: v for k, v in self.hand_next.items() if k[0] != node}
+        self.repairing = {k: v for k, v in self.repairing.items() if k[0] != node}
+        self.digest_misses.pop(node, None)
         self.sync_backups()
 
     def brec_messages(self, brecs, beat):
@@ -611,7 +658,129 @@ class Partitions:
                 if chunk:
                     self.bseq[b] = self.bseq.get(b, 0) + 1
                 out.append((b, dict(c=self.name, recs=chunk, seq=self.bseq.get(b, 0), clk=self.table.next_version())))
+            if recs:
+                seqs = self.rec_seq.setdefault(b, {})
+                for p in self.unsent.pop(b, ()):
+                    seqs[p] = self.bseq[b]  # (quiet once the backup acknowledged it: digest_messages)
         return out
+
+    # ---- anti-entropy: digests of backup copies ------------------------------------------
+
+    def digest_messages(self, now, interval):
+        """[(backup node, fields)] of an anti-entropy round, due every ``interval`` seconds:
+        to each backup, the digests of the partitions it holds a copy of that are quiet
+        (copied in full, no stream to it in flight, every record of the partition sent
+        and acknowledged) -- where the two copies must be equal."""
+        if not self.backups or self.owners is None or now < self.digest_at:
+            return []
+        self.digest_at = now + interval
+        busy = {(s.target, p) for s in self.streams for p in s.ps}
+        quiet = {}
+        for p in range(self.parts):
+            b = self.backup_of[p]
+            if b is None or b == self.me or not self.mine(p) or p in self.incoming or p in self.outgoing \
+                    or self.backup_synced.get(p) != b or (b, p) in busy or p in self.unsent.get(b, ()):
+                continue
+            seq = self.rec_seq.get(b, {}).get(p)
+            if seq is None or self.backup_acked.get(b, -1) >= seq:
+                quiet.setdefault(b, []).append(p)
+        if not quiet:
+            return []
+        digests = self._digests()
+        self.digest_round += 1
+        return [(b, dict(c=self.name, r=self.digest_round, ps=ps, d=[list(digests[p]) for p in ps]))
+                for b, ps in quiet.items()]
+
+    def on_digest(self, origin, inc, rnd, ps, digests):
+        """Digests of round ``rnd`` of owner ``origin`` (incarnation ``inc``) for our backup
+        copies of partitions ``ps``: the partitions to copy again from it (they differed
+        in this round and in the one before), logged and counted."""
+        if self.owners is None or origin in self.repairs:
+            return []  # (no table yet, or a full copy is asked for already)
+        repairing = {p for r in self.repairing.values() if r.sender == origin for p in r.ps}
+        ours = None
+        differ = set()
+        for p, theirs in zip(ps, digests):
+            if p >= self.parts or self.owners[p] != origin or self.backup_of[p] != self.me or p in repairing:
+                continue  # (tables that disagree for a moment: not ours to compare)
+            if ours is None:
+                ours = self._digests()
+            if list(ours[p][:2]) != theirs[:2] and list(ours[p][2:]) != theirs[2:]:
+                differ.add(p)
+        self.stats["digest_rounds"] += 1
+        before = self.digest_misses.get(origin)
+        again = sorted(differ & before[2]) if before is not None and before[:2] == (inc, rnd - 1) else []
+        self.digest_misses[origin] = (inc, rnd, differ.difference(again))
+        if again:
+            self.stats["digest_repairs"] += 1
+            log.warning("cache %s: the backup copy of partitions %s differs from member %d's (two digest "
+                        "rounds): copying them again", self.name, again, origin)
+        return again
+
+    def _digests(self):
+        """[(entries, digest, entries, digest)] of each partition: past each of DIGEST_MARGINS."""
+        near, far = (int(m * 1e9) for m in DIGEST_MARGINS)
+        return self.table.partition_digests(self.parts, near, far)
+
+    def on_repair_partitions(self, node, ps):
+        """Backup ``node`` found its copy of partitions ``ps`` different from ours: a "repair"
+        stream of them corrects it in place (those we still own, with ``node`` their backup,
+        and not on their way to it already)."""
+        busy = {p for s in self.streams if s.target == node for p in s.ps}
+        ps = {p for p in ps if p < self.parts and self.mine(p) and self.backup_of[p] == node
+              and p not in self.incoming and p not in busy}
+        if ps:
+            self._start_stream(node, "repair", ps)
+
+    def _take_repair(self, sender, msg, ps):
+        """A chunk of a "repair" stream (on_hand): the owner's entries and tombstones of
+        the partitions we back up replace ours, also a newer version of ours that no record
+        of the owner's wrote (the copy was read after every record that came before it); at
+        the end, the keys it did not carry go. The partitions are acknowledged at the end."""
+        key = (sender, msg["sid"])
+        if msg["chunk"] == 0:
+            now = time.monotonic()
+            self.repairing = {k: r for k, r in self.repairing.items() if now - r.started < STREAM_STALL}
+            self.repairing[key] = Repair(sender, {p for p in ps if p < self.parts and self.owners[p] == sender
+                                                  and self.backup_of[p] == self.me})
+        rep = self.repairing.get(key)
+        if rep is None:
+            return None
+        for k, ver in msg.get("tombs", ()):
+            if partition_of(k, self.parts) in rep.ps:
+                self._repair_key(rep, k, ver, lambda k=k, ver=ver: self.table.apply_delete(k, ver))
+        for (k, v, codec, ttl, tags), ver in zip(msg["entries"], msg["vers"]):
+            if partition_of(k, self.parts) in rep.ps:
+                self._repair_key(rep, k, ver, lambda k=k, v=v, codec=codec, ttl=ttl, tags=tags, ver=ver:
+                                 self._apply(k, v, codec, ttl, tags, ver))
+        if not msg["last"]:
+            return None
+        del self.repairing[key]
+        self._drop_uncopied(rep)
+        return sorted(ps)
+
+    def _repair_key(self, rep, k, ver, take):
+        rep.copied.add(k)
+        take()
+        if k in rep.recorded:
+            return  # (a record of the owner's wrote it since: newer than the copy)
+        raw = self.table.get_raw(k, False)
+        if raw is not None and raw[4] > ver:
+            self.table.invalidate(_native.decode_key(k))  # ours is newer than the owner's: not the owner's
+            take()
+
+    def _drop_uncopied(self, rep):
+        """The end of a repair: the live keys of its partitions that neither its copy nor a
+        record since carried go (the owner does not hold them)."""
+        keep = rep.copied | rep.recorded
+        doomed = []
+        cursor = 0
+        while cursor is not None:
+            cursor, items = self.table.scan(cursor, CHUNK)
+            doomed += [k for k, _v, codec, ttl, _tags, _ver in items
+                       if codec < TOMBSTONE and ttl != -1 and k not in keep and partition_of(k, self.parts) in rep.ps]
+        for k in doomed:
+            self.table.invalidate(_native.decode_key(k))
 
     def take_repairs(self):
         repairs, self.repairs = self.repairs, set()
@@ -716,6 +885,7 @@ class Partitions:
         b = self.backup_of[p]
         if b is not None:
             self.brecs.setdefault(b, []).append(record)
+            self.unsent.setdefault(b, set()).add(p)
         self.invals.append(k)
         inc = self.incoming.get(p)
         if inc is not None and touched:

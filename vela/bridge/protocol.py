@@ -411,8 +411,8 @@ def _check_rep(msg):
 def _check_hand(msg):
     _str(msg, "c")
     _int(msg, "sid", 0, 2**63)
-    if msg.get("role") not in ("own", "backup"):
-        raise Malformed("field 'role' must be own or backup")
+    if msg.get("role") not in ("own", "backup", "repair"):
+        raise Malformed("field 'role' must be own, backup or repair")
     if not isinstance(msg.get("last"), bool):
         raise Malformed("field 'last' must be a bool")
     _partitions(msg)
@@ -499,6 +499,21 @@ def _check_leaving(msg):
 
 def _check_brepair(msg):
     _str(msg, "c")
+    if "ps" in msg:  # only these partitions (anti-entropy); without: the whole backup copy
+        _partitions(msg)
+
+
+def _check_digest(msg):
+    """An owner's anti-entropy round: ``ps`` partitions, ``d`` of each [entries, digest,
+    entries, digest] (past a near and a far margin, vela.bridge.partitions)."""
+    _str(msg, "c")
+    _int(msg, "r", 1, 2**63)
+    _partitions(msg)
+    digests = _list(msg, "d", MAX_PARTITIONS)
+    if len(digests) != len(msg["ps"]) or not all(
+            isinstance(d, list) and len(d) == 4 and all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**64 for x in d) for d in digests):
+        raise Malformed("field 'd' must hold four u64 [entries, digest, entries, digest] per partition")
 
 
 def _check_brack(msg):
@@ -524,4 +539,5 @@ _CHECKS = {
     "leaving": _check_leaving,
     "brepair": _check_brepair,
     "brack": _check_brack,
+    "digest": _check_digest,
 }
