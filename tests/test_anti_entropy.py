@@ -11,18 +11,16 @@ import uuid
 
 import pytest
 
+import zmq
+
+import vela
 from cluster import eventually
+from lone_member import parts  # noqa: F401 - a fixture
 from test_partitioned_faults import SECRET, make_cluster
-
-zmq = pytest.importorskip("zmq")
-
-import vela  # noqa: E402
-from vela import _native  # noqa: E402
-from vela.bridge import protocol  # noqa: E402
-from vela.bridge.node import bridge_exposition  # noqa: E402
-from vela.bridge.partitions import Partitions  # noqa: E402
-from vela.bridge.quorum import Quorum  # noqa: E402
-from vela.ring import partition_of  # noqa: E402
+from vela import _native
+from vela.bridge import protocol
+from vela.bridge.node import bridge_exposition
+from vela.ring import partition_of
 
 KEYS = [f"key:{i}" for i in range(3000)]
 PARTS = 271
@@ -114,24 +112,6 @@ def test_partition_digests_refuses_bad_arguments(tables):
 
 # --------------------------------------------------------------------------------------
 # one member's Partitions, in this process (no network): the rules
-
-
-class _Node:
-    node_id = 1
-    ring_epoch = 1
-    quorum = Quorum(2.0)
-
-
-@pytest.fixture
-def parts(monkeypatch):
-    monkeypatch.setenv("VELA_NAMESPACE", f"ae{uuid.uuid4().hex[:8]}")
-    cache = vela.Cache(f"p{uuid.uuid4().hex[:8]}", capacity="8MiB", topology="partitioned", sweep_interval=None)
-    try:
-        p = Partitions(cache.name, cache, _Node(), backups=1)
-        p.set_ring([1, 2, 3], {1, 2, 3})
-        yield p
-    finally:
-        cache.destroy()
 
 
 def _backed_up_from(parts, owner):

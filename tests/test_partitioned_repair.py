@@ -12,6 +12,7 @@ from unittest.mock import ANY
 from vela.bridge.quorum import Quorum
 
 from cluster import eventually
+from lone_member import parts  # noqa: F401 - a fixture
 from test_partitioned_faults import SECRET, make_cluster
 
 zmq = pytest.importorskip("zmq")
@@ -135,29 +136,6 @@ def test_a_bridge_restarted_at_once_keeps_its_table_and_totals_wait_for_it(clust
 
 # --------------------------------------------------------------------------------------
 # one member's Partitions, in this process (no network): the rules themselves
-
-
-class _Node:
-    node_id = 1
-    ring_epoch = 1
-    quorum = Quorum(2.0)
-
-
-@pytest.fixture
-def parts(monkeypatch):
-    import uuid
-
-    import vela
-    from vela.bridge.partitions import Partitions
-
-    monkeypatch.setenv("VELA_NAMESPACE", f"vr{uuid.uuid4().hex[:8]}")
-    cache = vela.Cache(f"p{uuid.uuid4().hex[:8]}", capacity="8MiB", topology="partitioned", sweep_interval=None)
-    try:
-        p = Partitions(cache.name, cache, _Node(), backups=1)
-        p.set_ring([1, 2, 3], {1, 2, 3})
-        yield p
-    finally:
-        cache.destroy()
 
 
 def _key_of(parts, pick):
