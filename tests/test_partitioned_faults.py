@@ -209,6 +209,35 @@ def test_a_put_that_waited_at_a_stopped_owner_is_not_made_after_it_resumes(tmp_p
         c.close()
 
 
+def test_a_bridge_restarted_while_it_hears_nobody_takes_no_partition(tmp_path):
+    """Restarted while the other two members are frozen, a bridge must not make a
+    partition table of itself alone (a majority of one): the members of its last table
+    may be writing its partitions elsewhere, and two writers lose increments at the
+    heal. It refuses writes until it hears a majority, then takes its table back."""
+    c = make_cluster(tmp_path, backups=1)
+    try:
+        a, b, far = c
+        key = next(k for k in (f"n{i}" for i in range(1000)) if a.call("owner", key=k)[0] == a.node_id)
+        assert a.call("try", method="incr", args=[key]) == ["ok", 1]
+        a.kill_bridge()
+        b.pause()
+        far.pause()
+        try:
+            a.restart_bridge(wait=False)
+            eventually(lambda: "hears 1 of the 3 members" in a.bridge_output(), 3 * FAILURE_TIMEOUT + 5,
+                       what="the restarted bridge finds no majority")
+            assert a.cluster().get("owners") is None  # no table of its own
+            assert a.call("try", method="incr", args=[key])[:2] == ["raised", "BridgeUnavailable"]
+            assert "partition table 1: members [1]" not in a.bridge_output()
+        finally:
+            b.resume()
+            far.resume()
+        wait_settled(c)
+        assert [h.call("try", method="incr", args=[key]) for h in c] == [["ok", 2], ["ok", 3], ["ok", 4]]
+    finally:
+        c.close()
+
+
 # --------------------------------------------------------------------------------------
 # the network
 

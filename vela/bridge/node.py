@@ -658,9 +658,9 @@ class Bridge:
         the partitions it owns are taken back before they serve read-modify-writes."""
         heard = {n for n, m in self.members.items() if m.state == ALIVE and n not in self.departed}
         # The cluster is the last partition table (a member the majority took out of it no
-        # longer counts: two of three, then one of those two dies, and the first goes on)
-        # and whoever speaks to us now.
-        rings = [set(parts.ring_members) for parts in self.partitioned.values() if parts.owners is not None]
+        # longer counts: two of three, then one of those two dies, and the first goes on;
+        # a restarted bridge's is the one it last published) and whoever speaks to us now.
+        rings = [ring for ring in (parts.last_ring() for parts in self.partitioned.values()) if ring]
         known = (rings[0] if rings else {n for n in self.members if n not in self.departed}) | heard
         was = self.quorum.writable
         spell = self.quorum.update(self.node_id, heard, known, now)

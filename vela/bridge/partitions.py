@@ -214,6 +214,17 @@ class Partitions:
             return None
         return owners, backups
 
+    def last_ring(self):
+        """The members of this cache's partition table: the current one, or the one this
+        host's last bridge published (a restarted bridge that hears nobody must not count
+        itself a majority of one: the others may be writing its partitions); empty
+        when there is neither."""
+        if self.owners is not None:
+            return set(self.ring_members)
+        if self.prev is not None:
+            return {n for n in self.prev[0] + self.prev[1] if n is not None}
+        return set()
+
     def holds_entries(self):
         """Whether this host may hold entries another member's partitions need: it kept
         a table from before, or has one and its segment holds entries."""
