@@ -171,6 +171,7 @@ CI_SCENARIOS = [
     ("bridge-kill-fast", "partitioned"),
     ("split-1|2", "partitioned"),
     ("clock-3s-behind+isolate", "partitioned"),
+    ("isolate+freeze+kill", "partitioned"),
 ]
 CI_DURATION = 10.0
 
