@@ -208,3 +208,39 @@ class Store:
             except OSError:
                 pass
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# ---- the fixtures of a module that runs its tests on several stores ------------------------
+
+
+def store_fixtures(kinds):
+    """``(redis_server, opened, store)``: pytest fixtures for a module whose tests run on
+    every store of ``kinds`` (assign them to those names at the module's top level).
+    ``opened``: one Store per kind for the module (a Redis server started if a kind
+    needs one); ``store``: that store, emptied, its counters zero, this process a
+    worker of host A."""
+    import pytest
+
+    from redis_server import RedisServer
+
+    @pytest.fixture(scope="module")
+    def redis_server():
+        server = RedisServer().start()
+        yield server
+        server.stop()
+
+    @pytest.fixture(scope="module", params=kinds)
+    def opened(request):
+        url = request.getfixturevalue("redis_server").url if request.param.startswith("redis") else None
+        opened = Store(request.param, redis_url=url)
+        yield opened
+        opened.close()
+
+    @pytest.fixture
+    def store(opened, monkeypatch):
+        monkeypatch.setenv("VELA_NAMESPACE", opened.namespaces["A"])
+        opened.cache.flush()
+        opened.cache.stats(reset=True)
+        return opened
+
+    return redis_server, opened, store

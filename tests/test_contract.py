@@ -31,8 +31,7 @@ import pytest
 import vela
 from cluster import ROOT, eventually
 from conftest import FORK, Child, run_children
-from redis_server import RedisServer
-from stores import CAPACITY_BYTES, STORE_KINDS, Store
+from stores import CAPACITY_BYTES, STORE_KINDS, Store, store_fixtures
 
 # ---- the table of contract cases ------------------------------------------------------
 
@@ -51,28 +50,7 @@ def case(*names):
 # ---- fixtures -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module", params=STORE_KINDS)
-def opened(request):
-    url = request.getfixturevalue("redis_server").url if request.param.startswith("redis") else None
-    store = Store(request.param, redis_url=url)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def store(opened, monkeypatch):
-    """The store, empty, its counters zero, this process a worker of host A."""
-    monkeypatch.setenv("VELA_NAMESPACE", opened.namespaces["A"])
-    opened.cache.flush()
-    opened.cache.stats(reset=True)
-    return opened
+redis_server, opened, store = store_fixtures(STORE_KINDS)
 
 
 def on_b_eventually(store, key, expected, timeout=10.0):

@@ -22,8 +22,7 @@ import vela
 from vela.memoize import canonical, digest
 from apps import readme
 from conftest import FORK, run_children
-from redis_server import RedisServer
-from stores import Store
+from stores import store_fixtures
 
 BARRIER_TIMEOUT = 30
 
@@ -410,19 +409,7 @@ def test_ignore_replaces_the_default(cache):
 STORES = ("shm-local", "file-local", "shm-replicated", "shm-partitioned", "redis")
 
 
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module", params=STORES)
-def store(request):
-    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
-    opened = Store(request.param, redis_url=url)
-    yield opened
-    opened.close()
+redis_server, store = store_fixtures(STORES)[:2]  # (one store per kind for the module: its tests share it)
 
 
 def _catalog_functions(cache, tag):

@@ -22,8 +22,7 @@ import pytest
 import vela
 from cluster import eventually
 from conftest import FORK, Child, collect
-from redis_server import RedisServer
-from stores import Store
+from stores import Store, store_fixtures
 from vela import refresh
 from vela.stamp import MAGIC, Stamped
 
@@ -277,26 +276,7 @@ def test_memoize_early_refreshes_a_fresh_result_with_a_seeded_draw(cache):
 # ---- real processes, every store ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module", params=KINDS)
-def opened(request):
-    url = request.getfixturevalue("redis_server").url if request.param.startswith("redis") else None
-    store = Store(request.param, redis_url=url)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def store(opened, monkeypatch):
-    monkeypatch.setenv("VELA_NAMESPACE", opened.namespaces["A"])
-    opened.cache.flush()
-    return opened
+redis_server, opened, store = store_fixtures(KINDS)
 
 
 def _host(store, i):
