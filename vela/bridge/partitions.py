@@ -68,10 +68,10 @@ entry that expires between the moments the two hosts compute crosses one margin,
 changes one digest); one that differs in two consecutive rounds (a write that raced
 the first is in both copies by the second) is copied again: "brepair" naming the
 partitions, answered by a "repair" stream that changes the copy in place -- the
-owner's entries and tombstones are taken (over a newer
-version of ours too, unless a record of the owner's wrote it), and at the stream's
-end the keys of those partitions that neither the copy nor a record since its first
-chunk carried are removed. The copy never lacks what the owner holds while it runs;
+owner's entries and tombstones are taken (over a newer version of ours too, unless
+a record of the owner's wrote it), and at the stream's end the keys of those
+partitions that neither the copy nor a record since its first chunk carried are
+removed. The copy never lacks what the owner holds while it runs;
 each repair is counted (``digest_repairs``) and logged with its partitions.
 """
 
