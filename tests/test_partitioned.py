@@ -37,8 +37,8 @@ def tables_agree(hosts):
     return owners[0] and all(o == owners[0] for o in owners)
 
 
-def make_cluster(tmp_path, n=3, backups=0, **cache_opts):
-    extra = ["--backups", str(backups)] if backups else []
+def make_cluster(tmp_path, n=3, backups=0, async_backups=False, **cache_opts):
+    extra = (["--backups", str(backups)] if backups else []) + (["--async-backups"] if async_backups else [])
     return Cluster(tmp_path, n=n, topology="partitioned", cache_opts=cache_opts, bridge_extra=extra)
 
 
@@ -419,8 +419,40 @@ def _copies(hosts, keys):
     return out
 
 
-def test_a_host_writes_its_own_partitions_in_place(tmp_path):
+def test_with_backups_a_write_returns_once_the_backup_holds_it(tmp_path):
     c = make_cluster(tmp_path, backups=1)
+    try:
+        wait_ready(c)
+        a, b, cc = c
+        mine = owned_by(a, a.node_id, KEYS[:300])[:40]
+        other = owned_by(a, b.node_id, KEYS[300:600])[:10]
+        before = a.status()["caches"][c.name]
+        # one call per kind of write, to a key of this host and to keys of another
+        a.put(mine[0], "one")
+        a.put_many([(k, k) for k in mine[1:20] + other])
+        assert a.delete(mine[1]) is True
+        assert a.call("delete_many", keys=mine[2:4] + other[:2]) == 4
+        assert a.call("touch", key=mine[4], ttl=60) is True
+        # nothing was written in place: this host's bridge made the writes of its own partitions
+        after = a.status()["caches"][c.name]
+        assert after["local_writes"] == before["local_writes"]
+        assert after["requests"] - before["requests"] == 5
+        # and each call returned once the backup held what it wrote: no waiting here
+        expected = {k: k for k in mine[1:20] + other}
+        expected[mine[0]] = "one"
+        for k in mine[1:4] + other[:2]:
+            del expected[k]
+        copies = _copies(c, list(expected) + mine[1:4] + other[:2])
+        assert {k: len(copies[k]) for k in expected} == {k: 2 for k in expected}
+        assert all(len({(v, ver) for _, v, ver in copies[k]}) == 1 for k in expected)
+        assert all(copies[k] == [] for k in mine[1:4] + other[:2])
+        assert a.call("ttl", key=mine[4])[1] > 59
+    finally:
+        c.close()
+
+
+def test_with_async_backups_a_host_writes_its_own_partitions_in_place(tmp_path):
+    c = make_cluster(tmp_path, backups=1, async_backups=True)
     try:
         wait_ready(c)
         a, b, cc = c
@@ -456,7 +488,7 @@ def test_a_host_writes_its_own_partitions_in_place(tmp_path):
 
 
 def test_a_change_log_that_ran_over_the_bridge_copies_backups_again(tmp_path):
-    c = make_cluster(tmp_path, backups=1)
+    c = make_cluster(tmp_path, backups=1, async_backups=True)
     try:
         wait_ready(c)
         a, b, cc = c

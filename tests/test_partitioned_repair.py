@@ -287,14 +287,37 @@ def test_an_incr_is_acknowledged_only_once_its_backup_confirmed_the_record(parts
     reply = parts.serve(dict(op="incr", k=mine, delta=1, ttl=0, e=1), lambda n: f"a{n}")
     assert reply["ok"] == 1
     wait = parts.take_wait()
-    assert wait == (backup, parts.bseq.get(backup, 0) + 1) and not parts.backed_up(wait)
+    assert wait == {backup: parts.bseq.get(backup, 0) + 1} and not parts.backed_up(wait)
     (target, fields), = [m for m in parts.brec_messages(parts.take_outbound(10**9, 0)[0], False) if m[0] == backup]
-    assert fields["seq"] == wait[1] and fields["recs"][0][0] == mine
+    assert fields["seq"] == wait[backup] and fields["recs"][0][0] == mine
     parts.on_brack(backup, fields["seq"] - 1)
     assert not parts.backed_up(wait)
     parts.on_brack(backup, fields["seq"])
     assert parts.backed_up(wait)
     assert parts.take_wait() is None  # (asked once per request)
+
+
+def test_with_backups_every_write_waits_for_each_backup_it_went_to(parts):
+    # One putm and one delm over partitions backed up on both other members: the reply
+    # waits for the two, each up to the record message that carries its keys.
+    assert parts.sync_writes
+    keys = {b: [_key_of(parts, lambda p, b=b: parts.mine(p) and parts.backup_of[p] == b)] for b in (2, 3)}
+    both = keys[2] + keys[3]
+    reply = parts.serve(dict(op="putm", items=[[k, b"\x80v", 3] for k in both], ttl=0, tags=[], e=1),
+                        lambda n: f"a{n}")
+    assert reply["ok"] is True and reply["redo"] == []
+    wait = parts.take_wait()
+    assert wait == {2: parts.bseq.get(2, 0) + 1, 3: parts.bseq.get(3, 0) + 1}
+    sent = dict(parts.brec_messages(parts.take_outbound(10**9, 0)[0], False))
+    parts.on_brack(2, sent[2]["seq"])
+    assert not parts.backed_up(wait)  # the backup of the other key has not confirmed
+    parts.on_brack(3, sent[3]["seq"])
+    assert parts.backed_up(wait)
+    assert parts.serve(dict(op="delm", ks=both, e=1), lambda n: f"a{n}")["ok"] == [True, True]
+    assert set(parts.take_wait()) == {2, 3}
+    # without a backup write (a read) the reply goes at once
+    parts.serve(dict(op="get", k=both[0], e=1), lambda n: f"a{n}")
+    assert parts.take_wait() is None
 
 
 def test_a_backup_confirms_records_only_without_a_gap(parts):

@@ -4,6 +4,7 @@ redis-py and a local redis-server, in one run.
     python tools/bench/partitioned.py            # about 30 s
     python tools/bench/partitioned.py --quick    # a smoke run, noisier
     python tools/bench/partitioned.py --json out.json
+    python tools/bench/partitioned.py --backups 1 [--async-backups]   # puts with a backup copy
 
 Two hosts A and B (tests/cluster.py: each its own VELA_NAMESPACE and its own
 ``vela-bridge``); this process is a worker of host A. Prints, each measured in
@@ -17,7 +18,8 @@ this run, 100-byte values, one call at a time (latency = time per call):
   once their L1 copies are in A's table, against the local get (target: equal);
   and, for scale, a get on a cache of the local topology (no routing at all);
 - puts (reported, no target): ``cache.put`` of B's keys against redis-py ``SET``,
-  and of A's own keys (made in place, in A's table);
+  and of A's own keys (made in place, in A's table; with ``--backups 1`` a request
+  to A's bridge that returns once B holds the backup copy, unless ``--async-backups``);
 - remote gets/s through one bridge: 4 worker processes of A read B's keys as fast
   as they can for a few seconds; their total (B's bridge, one Python thread, is
   the bottleneck; reported, no target).
@@ -103,16 +105,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer samples (noisier)")
     p.add_argument("--json", default="bench-results-partitioned.json", help="where the results go")
+    p.add_argument("--backups", type=int, choices=(0, 1), default=0, help="the bridges' --backups")
+    p.add_argument("--async-backups", action="store_true", help="the bridges' --async-backups")
     args = p.parse_args(argv)
+    bridge_extra = ["--backups", str(args.backups)] + (["--async-backups"] if args.async_backups else [])
+    in_place = not args.backups or args.async_backups
     rounds, repeats, tp_seconds = (2, 3, 2.0) if args.quick else (5, 7, 4.0)
 
     import redis
 
     workdir = tempfile.mkdtemp(prefix="vela-bench-part-")
-    cluster = Cluster(workdir, n=2, capacity="256MiB", topology="partitioned")
+    cluster = Cluster(workdir, n=2, capacity="256MiB", topology="partitioned", bridge_extra=bridge_extra)
     server = RedisServer()
     results = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-               "value_bytes": len(VALUE)}
+               "value_bytes": len(VALUE), "bridge_args": bridge_extra}
     try:
         server.start()
         a, b = cluster
@@ -165,7 +171,8 @@ def main(argv=None):
         put_ratio = med["remote_put"] / med["redis_set"]
         print(f"  remote put   {med['remote_put'] / 1000:8.1f} us   redis-py SET {med['redis_set'] / 1000:8.1f} us"
               f"   ratio {put_ratio:.2f}x  (reported)")
-        print(f"  put of a key A owns {med['owned_put'] / 1000:.1f} us (in place)")
+        how = "in place" if in_place else "through A's bridge, once B holds the backup"
+        print(f"  put of a key A owns {med['owned_put'] / 1000:.1f} us ({how})")
         print(f"remote gets/s through B's bridge, 4 readers on A for {tp_seconds:g} s ...", flush=True)
         results["remote_gets_per_s"] = tp = throughput(a.namespace, cluster.name, remote, 4, tp_seconds)
         print(f"  {tp:,.0f} remote gets/s through one bridge", flush=True)

@@ -22,7 +22,8 @@ import time
 
 EXIT_USAGE = 2
 
-_DEFAULTS = {"heartbeat": 1.0, "failure_timeout": 5.0, "tombstone_ttl": 300.0, "backups": 0, "on_split": "refuse"}
+_DEFAULTS = {"heartbeat": 1.0, "failure_timeout": 5.0, "tombstone_ttl": 300.0, "backups": 0, "on_split": "refuse",
+             "async_backups": False}
 
 
 def _parser():
@@ -55,6 +56,12 @@ def _parser():
     run.add_argument("--backups", type=int, choices=(0, 1),
                      help="partitioned caches: keep a backup copy of each partition on a second member "
                           "(0 or 1, default 0; give every bridge the same)")
+    run.add_argument("--async-backups", action="store_true", default=None,
+                     help="partitioned caches with --backups 1: acknowledge puts and deletes before the "
+                          "backup holds them, and let workers write their host's partitions in place "
+                          "(faster writes; those of the last moments before a bridge is killed are "
+                          "served from the backup without them until the bridge is back, or lost if it "
+                          "never is). Default: every write is acknowledged once the backup holds it")
     run.add_argument("--on-split", choices=("refuse", "continue"),
                      help="partitioned caches, a member that does not hear a majority of the cluster: "
                           "refuse writes (default: nothing acknowledged is lost when the split heals) or "
@@ -154,7 +161,7 @@ def _load_config(path):
     data = _read_file("--config", path, _parse_config)
     known = {"cache", "listen", "advertise", "join", "node_id", "secret_file", "insecure", "curve_key_file",
              "heartbeat", "failure_timeout", "tombstone_ttl", "log_level", "metrics_listen", "backups",
-             "data_listen", "backend", "data_dir", "on_split"}
+             "data_listen", "backend", "data_dir", "on_split", "async_backups"}
     unknown = set(data) - known
     if unknown:
         raise OperatorError(f"--config {path}: unknown option(s) {', '.join(sorted(unknown))} "
@@ -230,7 +237,8 @@ def run(args):
                         secret=secret, heartbeat=opt("heartbeat"), failure_timeout=opt("failure_timeout"),
                         tombstone_ttl=opt("tombstone_ttl"), insecure=bool(opt("insecure")), curve=curve,
                         backups=int(opt("backups") or 0), data_listen=opt("data_listen"),
-                        on_split=opt("on_split"), backend=backend, backend_opts=backend_opts)
+                        on_split=opt("on_split"), async_backups=bool(opt("async_backups")),
+                        backend=backend, backend_opts=backend_opts)
     except (ValueError, OSError, zmq.ZMQError, VelaError) as exc:  # a bad option, an address in use, a layout
         raise OperatorError(str(exc)) from None
     if opt("metrics_listen"):

@@ -70,7 +70,8 @@ class Member:
 class Bridge:
     def __init__(self, caches, listen, advertise=None, join=(), node_id=None, secret=None,
                  heartbeat=1.0, failure_timeout=5.0, tombstone_ttl=300.0, control=None, insecure=False,
-                 curve=None, backups=0, data_listen=None, backend="shm", backend_opts=None, on_split="refuse"):
+                 curve=None, backups=0, data_listen=None, backend="shm", backend_opts=None, on_split="refuse",
+                 async_backups=False):
         self.listen = listen
         self.backend, self.backend_opts = backend, backend_opts
         self.advertise = advertise or listen
@@ -100,6 +101,7 @@ class Bridge:
         if backups not in (0, 1):
             raise ValueError(f"--backups must be 0 or 1, not {backups!r}")
         self.backups = backups
+        self.async_backups = async_backups
         self.ring_epoch = 0        # partition table version: max seen + 1 at every change here
         self.leaving = set()       # members handing their partitions off before they go
         self.leaving_self = False
@@ -167,7 +169,7 @@ class Bridge:
         cache._table.node_id = self.node_id
         if topology == _native.TOPOLOGY_PARTITIONED:
             self.presence_fds.append(presence.hold(name))  # its workers write in place while we run
-            self.partitioned[name] = Partitions(name, cache, self, self.backups)
+            self.partitioned[name] = Partitions(name, cache, self, self.backups, async_backups=self.async_backups)
         else:
             replica = Replica(name, cache._table, tombstone_ttl)
             replica.cache = cache  # keep the handle alive
@@ -638,7 +640,8 @@ class Bridge:
                     "rejoining as a new incarnation (keeping the table, reconciling it)", stalled)
         self.inc = protocol.new_incarnation(self.inc)
         for name, parts in list(self.partitioned.items()):
-            self.partitioned[name] = Partitions(name, parts.cache, self, self.backups, parts.parts)
+            self.partitioned[name] = Partitions(name, parts.cache, self, self.backups, parts.parts,
+                                                  async_backups=self.async_backups)
         self._publish_view()  # no table: workers stop writing in place before it is emptied
         self.epoch += 1
 

@@ -144,13 +144,18 @@ class Repair:
 
 
 class Partitions:
-    def __init__(self, name, cache, node, backups=0, parts=PARTITIONS):
+    def __init__(self, name, cache, node, backups=0, parts=PARTITIONS, async_backups=False):
         self.name = name
         self.cache = cache
         self.table = cache._table
         self.node = node
         self.me = node.node_id
         self.backups = backups
+        # Every write's reply waits until the backup holds it (workers write nothing in
+        # place then): an owner killed a moment after a reply cannot leave the member that
+        # takes its partitions over serving what the write replaced. async_backups: only
+        # incr/add/cas wait; the backup follows within BATCH_DELAY (lost if killed before).
+        self.sync_writes = bool(backups) and not async_backups
         self.parts = parts
         self.owners = None
         self.backup_of = [None] * parts
@@ -171,7 +176,7 @@ class Partitions:
         self.flush_mark = 0         # version of the last flush seen: older entries are gone
         self.bseq = {}              # backup node -> seq of the last backup record message sent to it
         self.backup_acked = {}      # backup node -> the last seq it confirmed (every record before it too)
-        self.wait = None            # (backup, seq) the reply to the request just served waits for
+        self.wait = {}              # backup -> seq the reply to the request just served waits for
         self.bgot = {}              # (owner, incarnation) -> seq of the last backup records received
         self.repairs = set()        # owners to ask for a full backup copy again (a gap)
         self.hand_next = {}         # (sender, sid) -> next chunk number (-1: a gap, never acknowledged)
@@ -631,12 +636,11 @@ class Partitions:
 
     def take_wait(self):
         """What the reply to the request just served waits for (None: nothing)."""
-        wait, self.wait = self.wait, None
-        return wait
+        wait, self.wait = self.wait, {}
+        return wait or None
 
     def backed_up(self, wait):
-        backup, seq = wait
-        return self.backup_acked.get(backup, -1) >= seq
+        return all(self.backup_acked.get(backup, -1) >= seq for backup, seq in wait.items())
 
     def on_repair(self, node):
         """Backup ``node`` lost some of our records (or restarted): copy it again in full."""
@@ -904,12 +908,12 @@ class Partitions:
             inc.touched.add(k)
 
     def _await_backup(self, p):
-        """The reply to this read-modify-write waits until the backup holds its record: an
-        owner cut off a moment later must not have acknowledged an increment the member
-        that takes the partition over (from the backup copy) never saw."""
+        """The reply to this write waits until the backup holds its record: an owner cut
+        off or killed a moment later must not have acknowledged a write (an increment, a
+        delete) the member that takes the partition over (from the backup copy) never saw."""
         b = self.backup_of[p]
         if b is not None and b != self.me and self.brecs.get(b):
-            self.wait = (b, self.bseq.get(b, 0) + 1 + (len(self.brecs[b]) - 1) // BREC_CHUNK)
+            self.wait[b] = self.bseq.get(b, 0) + 1 + (len(self.brecs[b]) - 1) // BREC_CHUNK
 
     def _changed_entry(self, k, p):
         """Record the entry now stored under ``k`` (after incr/touch) for backups."""
@@ -1035,6 +1039,8 @@ class Partitions:
         self.table.apply_put(k, msg["val"], msg["codec"], msg["ttl"], msg["tags"], version)
         self.table.bump("writes")
         self._changed(k, p, [k, msg["val"], msg["codec"], msg["ttl"], list(msg["tags"]), version])
+        if self.sync_writes:
+            self._await_backup(p)
         return {"ok": True}
 
     def _put_if(self, k, p, msg, cond):
@@ -1061,6 +1067,8 @@ class Partitions:
         version = self.table.next_version()
         removed = self.table.apply_delete(k, version)  # a tombstone: an older copy elsewhere stays out
         self._changed(k, p, [k, None, 0, 0, [], version])
+        if self.sync_writes:
+            self._await_backup(p)
         return {"ok": bool(removed)}
 
     def _op_incr(self, k, p, msg):
@@ -1078,6 +1086,8 @@ class Partitions:
         found = self.table.touch(_native.decode_key(k), msg["ttl"])
         if found:
             self._changed_entry(k, p)
+            if self.sync_writes:
+                self._await_backup(p)
         return {"ok": bool(found)}
 
     def _op_fetch(self, k, p, msg):
@@ -1193,7 +1203,8 @@ class Partitions:
                 "incoming": {str(p): inc.source for p, inc in self.incoming.items()},
                 "marks": self.mark_list(MARKS_PUBLISHED), "flushmark": self.flush_mark,
                 "outgoing": sorted(self.outgoing), "held": self.prev,  # (outgoing: held until handed off)
-                "writable": self.node.quorum.writable}  # (a minority: its workers write nothing in place)
+                "writable": self.node.quorum.writable,  # (a minority: its workers write nothing in place)
+                "sync_backups": self.sync_writes}  # (its workers write nothing in place either)
 
 
 def error_reply(exc):

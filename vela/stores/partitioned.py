@@ -91,6 +91,9 @@ class _View:
         self.addrs = {int(n): a for n, a in (view.get("addrs") or {}).items()}
         self.published = view.get("published", 0.0)
         self.writable = view.get("writable", True)  # False: the bridge hears no majority
+        # True: every write's reply waits for the backup copy, so none is made in place
+        # (the bridge would hold nothing back from a write it never saw).
+        self.sync_backups = view.get("sync_backups", False)
         # The bridge republishes at every heartbeat; a view much older means it is gone
         # (and, past half the failure timeout, the others may soon take its partitions:
         # its workers stop serving and writing them in place before that).
@@ -629,8 +632,10 @@ class PartitionedStore:
     def _routes(self):
         """(routes, view seq) to write in place by, or None while the view is too old or
         the host's bridge is not running (vela.bridge.presence: a killed one is known at
-        once; nothing written here would reach the backup)."""
-        self._view()
+        once; nothing written here would reach the backup), or when writes wait for the
+        backup (the bridge makes them)."""
+        if self._view().sync_backups:
+            return None
         routes, seq, until = self._route
         return (routes, seq) if until > _monotonic() and self._presence.running() else None
 
