@@ -436,7 +436,7 @@ def test_with_backups_a_write_returns_once_the_backup_holds_it(tmp_path):
         # nothing was written in place: this host's bridge made the writes of its own partitions
         after = a.status()["caches"][c.name]
         assert after["local_writes"] == before["local_writes"]
-        assert after["requests"] - before["requests"] == 5
+        assert after["requests"] - before["requests"] >= 5  # (one more per "retry" answer)
         # and each call returned once the backup held what it wrote: no waiting here
         expected = {k: k for k in mine[1:20] + other}
         expected[mine[0]] = "one"

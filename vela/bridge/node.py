@@ -717,7 +717,10 @@ class Bridge:
     def _pump_partitions(self, backups=True):
         for name, parts in self.partitioned.items():
             parts.pump_local()
-            brecs, invals = parts.take_outbound(time.monotonic(), BATCH_DELAY)
+            # A reply held for the backup sends the records at once (those of this turn
+            # travel together): a client writing one key at a time waits a round trip, not
+            # BATCH_DELAY more.
+            brecs, invals = parts.take_outbound(time.monotonic(), 0 if self.held_replies else BATCH_DELAY)
             for node_id, fields in parts.brec_messages(brecs, backups):
                 addr = self._addr_of(node_id)
                 if addr is not None:
