@@ -351,8 +351,15 @@ class Cache:
         """
         ns = options.ttl_ns(ttl, self.default_ttl)
         tags = options.tags(tags)
-        plan = (None if stale_ttl is None and early is None and stale_if_error is None  # (the hot path)
-                else refresh.plan(ns, stale_ttl, early, stale_if_error))
+        if stale_ttl is None and early is None and stale_if_error is None:  # (the hot path)
+            plan = None
+            hit = self._store.hit
+            if hit is not None and not telemetry.active:
+                value = hit(key, MISSING)  # a hit in this host's table: no lease to take
+                if value is not MISSING:
+                    return value
+        else:
+            plan = refresh.plan(ns, stale_ttl, early, stale_if_error)
         if not telemetry.active:
             return self._fetch(key, fetch_fn, ns, tags, plan)[0]
         with self._traced("fetch", {"key": key}) as call:

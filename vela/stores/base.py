@@ -24,8 +24,8 @@ its own routing, with the same ``near.NearCache``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Protocol
 
 from .. import _native
 
@@ -107,6 +107,11 @@ class Store(Protocol):
         ``initial`` (a checked int64) and takes ``ns``."""
 
     # ---- get_or_fetch: the stampede protocol (vela.Cache runs it) -------------------
+
+    #: ``hit(key, missing)``: the value of a live entry this process reads from its own
+    #: host's table with no lease or round trip (counted as a hit), else ``missing``;
+    #: get_or_fetch tries it before fetch_begin. None for a store whose reads need more.
+    hit: Optional[Callable[[Any, Any], Any]]
 
     def fetch_begin(self, key: Any, protect: bool, budget_ns: int) -> tuple[int, Any, Lease, bool]:
         """(status, value, lease, waited): ``HIT`` with the value (counted as a hit);

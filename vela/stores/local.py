@@ -34,9 +34,9 @@ class LocalStore:
         # The native methods themselves: vela.Cache.get is bound to self.get.
         if local_objects:
             t.keep_objects(local_objects, (Stamped, as_read, READING))
-            self.get, self.get_many, self._get_hit = t.get_object, t.get_objects, t.get_object_hit
+            self.get, self.get_many, self.hit = t.get_object, t.get_objects, t.get_object_hit
         else:
-            self.get, self.get_many, self._get_hit = t.get, t.get_many, t.get_hit
+            self.get, self.get_many, self.hit = t.get, t.get_many, t.get_hit
         self.contains = t.contains
         self.ttl = t.ttl
         self.put = t.put
@@ -56,7 +56,7 @@ class LocalStore:
     # ---- get_or_fetch ---------------------------------------------------------------
 
     def fetch_begin(self, key: Any, protect: bool, budget_ns: int):
-        value = self._get_hit(key, MISSING)  # lock-free; a hit ends here
+        value = self.hit(key, MISSING)  # lock-free; a hit ends here
         if value is not MISSING:
             return HIT, value, None, False
         if protect:

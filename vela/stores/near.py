@@ -380,6 +380,7 @@ class NearStore:
     """
 
     remote = True
+    hit = None  # (every read needs the store's logic: vela.stores.base.Store.hit)
 
     def __init__(self, inner, l1_ttl):
         self.inner = inner

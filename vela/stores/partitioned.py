@@ -156,6 +156,7 @@ class PartitionedStore:
     """
 
     remote = True
+    hit = None  # (every read needs the store's logic: vela.stores.base.Store.hit)
 
     def __init__(self, name, opened: OpenTable, links: Links, near_l1_ttl=None):
         self.name = name

@@ -628,6 +628,7 @@ class RedisStore:
     """
 
     remote = True
+    hit = None  # (every read needs the store's logic: vela.stores.base.Store.hit)
 
     def __init__(self, name, backend_opts, *, layout, serializer, stats_enabled, lock_timeout, sweep_interval,
                  stampede_timeout):
