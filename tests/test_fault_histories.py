@@ -169,6 +169,7 @@ CI_SCENARIOS = [
     ("bridge-pause", "replicated"),
     ("worker-kill", "replicated"),
     ("bridge-kill-fast", "partitioned"),
+    ("bridge-kill-slow", "partitioned"),  # (a write in place just before the kill: stale read, fixed)
     ("split-1|2", "partitioned"),
     ("clock-3s-behind+isolate", "partitioned"),
     ("isolate+freeze+kill", "partitioned"),
