@@ -10,6 +10,7 @@ After the fault healed and the bridges settled, every host reads every key, and
 tests/history.py checks: no acknowledged write lost, no delete undone, no entry
 alive whose tag was invalidated after it was written, every host reads the same.
 """
+import threading
 import time
 
 import pytest
@@ -27,11 +28,15 @@ SECRET = b"partitioned-faults-secret-0123456789"
 SECONDS = 5.0     # of recorded operations; the fault happens inside
 
 
-def make_cluster(tmp_path, backups, netns=None, listen_host="127.0.0.1", far_host=None, far_env=None):
+def make_cluster(tmp_path, backups, netns=None, listen_host="127.0.0.1", far_host=None, far_env=None,
+                 timeout=None):
     extra = ["--backups", str(backups)] if backups else []
     secret_file = str(tmp_path / "secret")  # the Cluster writes it there before any host opens
+    topology_opts = {"secret_file": secret_file}
+    if timeout is not None:
+        topology_opts["timeout"] = timeout
     c = Cluster(tmp_path, n=0, topology="partitioned", bridge_extra=extra, start=False, secret=SECRET,
-                cache_opts={"topology_opts": {"secret_file": secret_file}})
+                cache_opts={"topology_opts": topology_opts})
     try:
         a = c.add_host(start=False, listen_host=listen_host)
         b = c.add_host(start=False, listen_host=listen_host)
@@ -186,6 +191,50 @@ os.kill({a.bridge.pid}, signal.SIGKILL)
         wait_settled_without(c, a)
         for h in (b, far):
             assert dict(h.call("get_many", keys=mine)) == {k: v for k, v in expected.items() if v}
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["taken-over", "restarted-at-once"])
+def test_an_incr_asked_again_after_its_owner_died_is_counted_once(tmp_path, restart):
+    # A fault history's counter read one more than every incr made: the owner's bridge
+    # made an incr (and its backup got the record), then was SIGKILLed before its answer
+    # left; the worker asked the member that took the partition over, which counted it
+    # again. Every try of an incr now carries one request id, and the backup record
+    # carries the incr's outcome by that id.
+    c = make_cluster(tmp_path, backups=1, timeout=10)
+    try:
+        a, b, far = c
+        key = next(k for k in (f"n{i}" for i in range(2000))
+                   if a.call("owner", key=k)[0] == b.node_id
+                   and a.cluster()["backups"][a.call("owner", key=k)[1]] == far.node_id)
+        assert a.call("try", method="incr", args=[key]) == ["ok", 1]
+        far.pause()  # the backup: the owner's record of the next incr waits in its socket
+        answer = []
+        asking = threading.Thread(target=lambda: answer.append(a.call("try", method="incr", args=[key])))
+        asking.start()
+        try:
+            eventually(lambda: b.call("local_get", key=key) == [True, 2], 5, what="B made the incr")
+        finally:
+            b.kill_bridge()  # before the backup acknowledged it: no answer leaves B
+            far.resume()
+        if restart:
+            # (as systemd's Restart=always does; the others may not even see it gone): the
+            # incr is in B's table, but this bridge process never heard of it. It says it
+            # cannot tell rather than count it again.
+            b.restart_bridge()
+            asking.join(30)
+            assert answer == [["raised", "BridgeUnavailable", f"cache {c.name!r}: the incr may or may not have "
+                               f"been made: the bridge of member {b.node_id} restarted while it was on its way, "
+                               "before it answered (it is not made a second time)"]], c.logs()[-4000:]
+            wait_settled(c)
+        else:
+            # The backup, promoted, holds the incr and its outcome: the same answer.
+            asking.join(30)
+            assert answer == [["ok", 2]], c.logs()[-4000:]
+            wait_settled_without(c, b)
+            assert far.status()["caches"][c.name]["asked_again"] == 1
+        assert [h.get(key) for h in c if h.bridge_alive()] == [2] * (3 if restart else 2)
     finally:
         c.close()
 

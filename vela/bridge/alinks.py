@@ -21,6 +21,7 @@ import weakref
 
 from ..errors import BridgeUnavailable
 from . import dataport, protocol
+from .links import unreached
 
 __all__ = ["AsyncLinks"]
 
@@ -159,9 +160,12 @@ class AsyncLinks:
         """
         pool = self._pool(addr)
         conn = pool.pop() if pool else None
-        try:
-            if conn is None:
+        if conn is None:
+            try:
                 conn = await within(deadline, self._open(addr))
+            except (OSError, ValueError) as exc:
+                raise unreached(f"cannot reach the vela-bridge at {addr}: {exc or type(exc).__name__}") from None
+        try:
             rid, ctx, frames = self.links.message(conn, fields, epoch)
             reply = await within(deadline, self._exchange(conn, frames, ctx, rid))
         except BaseException as exc:

@@ -90,8 +90,7 @@ class Links:
                 else:
                     conn = _ZmqConn(addr, self.curve)
             except (OSError, ValueError) as exc:
-                raise BridgeUnavailable(f"cannot reach the vela-bridge at {addr}: {exc or type(exc).__name__}") \
-                    from None
+                raise unreached(f"cannot reach the vela-bridge at {addr}: {exc or type(exc).__name__}") from None
             conns[addr] = conn
         return conn
 
@@ -177,6 +176,14 @@ class Links:
             msg = self.reply_to(frames, ctx, rid)
             if msg is not None:
                 return msg
+
+
+def unreached(message):
+    """The BridgeUnavailable of a request that was never sent (no connection): whatever it
+    asked was not made (``sent`` is False; vela.bridge.outcomes)."""
+    exc = BridgeUnavailable(message)
+    exc.sent = False
+    return exc
 
 
 # Forks of this process so far: connections made before a fork belong to the parent.

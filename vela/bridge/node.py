@@ -642,6 +642,7 @@ class Bridge:
         for name, parts in list(self.partitioned.items()):
             self.partitioned[name] = Partitions(name, parts.cache, self, self.backups, parts.parts,
                                                   async_backups=self.async_backups)
+            self.partitioned[name].outcomes = parts.outcomes  # (this process made them: still true)
         self._publish_view()  # no table: workers stop writing in place before it is emptied
         self.epoch += 1
 

@@ -84,6 +84,7 @@ from .. import _native
 from ..errors import CacheFull, LockTimeout, ValueTooLarge
 from ..stores.near import Numbering, copy_tag
 from ..ring import PARTITIONS, assign, partition_of
+from .outcomes import ONCE, Outcomes
 from .protocol import PUT
 
 TOMBSTONE = _native.CODEC_TOMBSTONE  # the codec of a delete kept as a tombstone
@@ -189,13 +190,14 @@ class Partitions:
         self.repairing = {}         # (owner, sid) -> Repair: copies correcting ours in place
         self.prev = self._previous_view()
         self.leases = {}            # key -> (holder, deadline, connection): get_or_fetch in progress
+        self.outcomes = Outcomes()  # request id -> what an incr/add/repl/cas made answered
         self.conn_id = None         # the data port connection of the request being served
         self.sids = itertools.count(1)
         self.lease_ttl = 30.0        # a holder alive but stuck; a dead one is seen at once (its connection)
         self.stats = {"requests": 0, "moved": 0, "fallbacks": 0, "handed_out": 0, "handed_in": 0,
                       "dropped": 0, "promoted": 0, "lost": 0, "backup_records": 0, "errors": 0,
                       "local_writes": 0, "log_lapped": 0, "repairs": 0, "stream_gaps": 0, "kept": 0,
-                      "inval_gaps": 0, "digest_rounds": 0, "digest_repairs": 0}
+                      "inval_gaps": 0, "digest_rounds": 0, "digest_repairs": 0, "asked_again": 0}
 
     def _previous_view(self):
         """(owners, backups) of the partition table the last bridge of this host published,
@@ -398,6 +400,9 @@ class Partitions:
                 fields.update(marks=self.mark_list(), fm=self.flush_mark)
                 if s.role == "backup":
                     fields["bseq"] = self.bseq.get(s.target, 0)  # the records this copy covers
+                done = self.outcomes.of(s.ps)
+                if done:
+                    fields["done"] = done  # (a change asked for again there is not made twice)
             if not send(s.target, fields):
                 still.append(s)  # no room now (or not connected): the same chunk again next turn
                 continue
@@ -462,6 +467,7 @@ class Partitions:
         self.take_marks(msg.get("marks", ()), msg.get("fm", 0))
         vers = msg["vers"]
         ps = set(msg["ps"])
+        self.outcomes.take(msg.get("done", ()), ps)
         if msg["role"] == "repair":
             return self._take_repair(sender, msg, ps)
         if msg["role"] == "backup":
@@ -613,7 +619,8 @@ class Partitions:
             self.repairs.add(origin)
         self.bgot[(origin, inc)] = seq if got is None else max(got, seq)
         confirmed = bool(records) and not gap
-        for k, v, codec, ttl, tags, ver in records:
+        for record in records:
+            k, v, codec, ttl, tags, ver = record[:6]
             if self.mine(partition_of(k, self.parts)):
                 # Stale: we own it now (the sender does not know yet). Not confirmed: the
                 # owner we replaced must not acknowledge a write that is not in our copy.
@@ -623,6 +630,8 @@ class Partitions:
                 self.table.apply_delete(k, ver)  # a tombstone (a put the owner made after it may be here first)
             else:
                 self._apply(k, v, codec, ttl, tags, ver)
+            if len(record) == 8:  # (what a change made at most once answered)
+                self.outcomes.remember(record[6], partition_of(k, self.parts), record[7])
             self.stats["backup_records"] += 1
             for rep in self.repairing.values():
                 if rep.sender == origin and partition_of(k, self.parts) in rep.ps:
@@ -907,22 +916,37 @@ class Partitions:
         if inc is not None and touched:
             inc.touched.add(k)
 
-    def _await_backup(self, p):
+    def _await_backup(self, p, sent=False):
         """The reply to this write waits until the backup holds its record: an owner cut
         off or killed a moment later must not have acknowledged a write (an increment, a
-        delete) the member that takes the partition over (from the backup copy) never saw."""
+        delete) the member that takes the partition over (from the backup copy) never saw.
+        ``sent``: also for the records already sent (the write was made earlier)."""
         b = self.backup_of[p]
-        if b is not None and b != self.me and self.brecs.get(b):
+        if b is None or b == self.me:
+            return
+        if self.brecs.get(b):
             self.wait[b] = self.bseq.get(b, 0) + 1 + (len(self.brecs[b]) - 1) // BREC_CHUNK
+        elif sent and 0 < self.bseq.get(b, 0) > self.backup_acked.get(b, -1):
+            self.wait[b] = self.bseq[b]
 
-    def _changed_entry(self, k, p):
-        """Record the entry now stored under ``k`` (after incr/touch) for backups."""
+    def _made(self, msg, p, result):
+        """A change made at most once was made: its outcome is remembered by the request's
+        id, and goes to the backup with its record (the record's tail; vela.bridge.outcomes)."""
+        rid = msg.get("rid")
+        if rid is None:
+            return ()
+        self.outcomes.remember(rid, p, result)
+        return (rid, result)
+
+    def _changed_entry(self, k, p, made=()):
+        """Record the entry now stored under ``k`` (after incr/touch) for backups; ``made``:
+        the request id and outcome of a change made at most once (``_made``)."""
         raw = self.table.get_raw(k, False)  # (no lookup of the caller's: not counted)
         if raw is None:
-            self._changed(k, p, [k, None, 0, 0, [], self.table.next_version()])
+            self._changed(k, p, [k, None, 0, 0, [], self.table.next_version(), *made])
         else:
             v, codec, ttl, tags, version = raw
-            self._changed(k, p, [k, v, codec, ttl, list(tags), version])
+            self._changed(k, p, [k, v, codec, ttl, list(tags), version, *made])
 
     def take_outbound(self, now, delay):
         """(backup records per node, invalidation messages) to send now: those gathered since
@@ -990,6 +1014,19 @@ class Partitions:
             return self._moved(p, addr_of)
         if not self.mine(p):
             return self._moved(p, addr_of)
+        if op in ONCE and "rid" in msg:
+            made = self.outcomes.result(msg["rid"], p)
+            if made is not None:
+                # Asked again (the answer to the first try never reached the worker): it
+                # was made, here or by the member we took the partition over from.
+                self.stats["asked_again"] += 1
+                self._await_backup(p, sent=True)
+                return {"ok": made}
+            if "again" in msg and self.outcomes.unknown(msg["again"] / 1000):
+                return {"err": "BridgeUnavailable",
+                        "msg": f"cache {self.name!r}: the {ONCE[op]} may or may not have been made: the "
+                               f"bridge of member {self.me} restarted while it was on its way, before it "
+                               "answered (it is not made a second time)"}
         inc = self.incoming.get(p)
         if inc is not None and inc.source is not None and k not in inc.touched and not inc.flushed \
                 and not (msg.get("own") and op in ("get", "has", "ttl")) and (
@@ -1050,7 +1087,7 @@ class Partitions:
         stored = self.table.put_if_raw(k, cond, msg.get("xval", b""), msg.get("xcodec", 0), msg["val"],
                                        msg["codec"], msg["ttl"], msg["tags"])
         if stored:
-            self._changed_entry(k, p)
+            self._changed_entry(k, p, self._made(msg, p, True))
             self._await_backup(p)
         return {"ok": stored}
 
@@ -1078,7 +1115,7 @@ class Partitions:
             return {"err": "TypeError", "msg": str(exc)}
         except OverflowError as exc:
             return {"err": "OverflowError", "msg": str(exc)}
-        self._changed_entry(k, p)
+        self._changed_entry(k, p, self._made(msg, p, value))
         self._await_backup(p)
         return {"ok": value}
 

@@ -317,6 +317,25 @@ def _keys(msg):
         _key(k)
 
 
+def _rid(v):
+    if not isinstance(v, bytes) or not 8 <= len(v) <= 32:
+        raise Malformed("a request id is 8 to 32 bytes")
+
+
+def _outcome(v):
+    """What an incr (an int) or a conditional put (True) that was made answered."""
+    if v is not True and (isinstance(v, bool) or not isinstance(v, int) or not -2**63 <= v < 2**63):
+        raise Malformed("an outcome is True or an i64")
+
+
+def _once(msg):
+    """The request id of a change made at most once (vela.bridge.outcomes)."""
+    if "rid" in msg:
+        _rid(msg["rid"])
+    if "again" in msg:  # asked again, this many ms after the first try (which got no answer)
+        _int(msg, "again", 1, 2**31)
+
+
 def _put_fields(msg):
     _key(msg.get("k"))
     _value(msg.get("val"), msg.get("codec"))
@@ -324,6 +343,7 @@ def _put_fields(msg):
     _tags(msg.get("tags"))
     if "holder" in msg:
         _holder(msg)
+    _once(msg)
 
 
 def _cas_fields(msg):
@@ -352,6 +372,7 @@ def _incr_fields(msg):
     if "init" in msg:  # where a missing counter starts (0 when left out)
         _int(msg, "init", -2**63, 2**63 - 1)
     _ttl(msg)
+    _once(msg)
 
 
 def _touch_fields(msg):
@@ -427,6 +448,13 @@ def _check_hand(msg):
         _int(msg, "fm", 0, 2**64 - 1)
     if "bseq" in msg:
         _int(msg, "bseq", 0, 2**63)
+    if "done" in msg:  # outcomes of changes made at most once: [rid, partition, outcome]
+        for t in _list(msg, "done", MAX_RECORDS):
+            if not isinstance(t, list) or len(t) != 3:
+                raise Malformed("an outcome is [request id, partition, outcome]")
+            _rid(t[0])
+            _partition(t[1])
+            _outcome(t[2])
     entries = _list(msg, "entries", MAX_RECORDS)
     vers = _list(msg, "vers", MAX_RECORDS)
     for v in vers:
@@ -464,10 +492,14 @@ def _check_handack(msg):
     _partitions(msg)
 
 
+def _partition(p):
+    if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < MAX_PARTITIONS:
+        raise Malformed("bad partition number")
+
+
 def _partitions(msg):
     for p in _list(msg, "ps", MAX_PARTITIONS):
-        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < MAX_PARTITIONS:
-            raise Malformed("bad partition number")
+        _partition(p)
 
 
 def _check_brec(msg):
@@ -476,13 +508,17 @@ def _check_brec(msg):
     if "clk" in msg:
         _version(msg["clk"])
     for r in _list(msg, "recs", MAX_RECORDS):
-        if not isinstance(r, list) or len(r) != 6:
+        if not isinstance(r, list) or len(r) not in (6, 8):
             raise Malformed("a backup record is [key, value, codec, ttl, tags, version] "
-                            "or [key, None, 0, 0, [], version]")
+                            "or [key, None, 0, 0, [], version], then [request id, outcome] "
+                            "of a change made at most once")
         _key(r[0])
         _version(r[5])
         if r[1] is not None:
             _entry(*r[1:5])
+        if len(r) == 8:
+            _rid(r[6])
+            _outcome(r[7])
 
 
 def _check_inval(msg):

@@ -33,6 +33,7 @@ import time
 from .. import _native
 from ..bridge.alinks import AsyncLinks
 from ..bridge.links import Links, bounded
+from ..bridge.outcomes import ONCE
 from ..bridge.presence import Presence
 from ..errors import BridgeUnavailable, CacheFull, LockTimeout, PartialWrite, ValueTooLarge
 from ..ring import partition_of
@@ -287,9 +288,14 @@ class PartitionedStore:
         addr = view.addrs.get(view.owners[p])
         fields = dict(fields, op=op, k=enc, clk=self._table.next_version())  # (see _checked)
         # An owner that does not answer may be gone: look at the table again every slice.
-        # An incr, add or cas is not repeated at the same owner (it may have been applied:
-        # a second try would answer False for a change that was made).
-        once = op in ("incr", "add", "cas")
+        # An incr, add, replace or cas is not repeated at the same owner while it may still
+        # answer, and every try carries one request id: a member asked again for a change
+        # it (or the owner it took over from) made answers what was made, not twice
+        # (vela.bridge.outcomes).
+        once = op in ONCE
+        if once:
+            fields["rid"] = os.urandom(12)
+        unanswered = None  # when a try left that got no answer: the next ones say how long ago
         while True:
             if addr is None:  # (an owner the table names before its address: ask again)
                 yield from self._pause_steps(deadline, BridgeUnavailable(
@@ -297,10 +303,15 @@ class PartitionedStore:
                 view = yield from self._view_steps(deadline)
                 addr = view.addrs.get(view.owners[p])
                 continue
+            if unanswered is not None:
+                fields["again"] = int((time.monotonic() - unanswered) * 1000) + 1
+            sent = time.monotonic()
             try:
                 reply = yield (_REQ, addr, fields, view.epoch,
                                deadline if once else min(deadline, time.monotonic() + _SLICE))
             except BridgeUnavailable as exc:
+                if once and unanswered is None and getattr(exc, "sent", True):
+                    unanswered = sent  # (it may have been made: vela.bridge.outcomes)
                 yield from self._pause_steps(deadline, exc)  # (a refused connection fails at once)
                 view = yield from self._view_steps(deadline)
                 addr = view.addrs.get(view.owners[p])
