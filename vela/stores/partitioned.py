@@ -303,9 +303,10 @@ class PartitionedStore:
                 view = yield from self._view_steps(deadline)
                 addr = view.addrs.get(view.owners[p])
                 continue
-            if unanswered is not None:
-                fields["again"] = int((time.monotonic() - unanswered) * 1000) + 1
-            sent = time.monotonic()
+            if once:
+                sent = time.monotonic()
+                if unanswered is not None:
+                    fields["again"] = int((sent - unanswered) * 1000) + 1
             try:
                 reply = yield (_REQ, addr, fields, view.epoch,
                                deadline if once else min(deadline, time.monotonic() + _SLICE))
