@@ -84,4 +84,9 @@ extern PyMethodDef bind_bridge_methods[];    /* bind_bridge.c: the bridge's side
 extern PyMethodDef bind_route_methods[];     /* bind_route.c: partitioned routing */
 extern PyMethodDef bind_testhook_methods[];  /* bind_testhooks.c */
 
+/* bind_dataserver.c: adds the DataServer type (the bridge's native data port). */
+int bind_dataserver_add(PyObject *module);
+/* module.c: 1 when o is a Table (or a BridgeTable). */
+int bind_is_table(PyObject *o);
+
 #endif /* VELA_BIND_H */

@@ -249,6 +249,11 @@ static PyTypeObject BridgeTableType = {
     .tp_methods = bind_bridge_methods,
 };
 
+int bind_is_table(PyObject *o)
+{
+    return PyObject_TypeCheck(o, &TableType);
+}
+
 /* encode_key(key) -> bytes: the canonical encoding (the bridge routes by it). */
 static PyObject *mod_encode_key(PyObject *Py_UNUSED(m), PyObject *key)
 {
@@ -342,7 +347,7 @@ PyMODINIT_FUNC PyInit__native(void)
     if (!m)
         return NULL;
     if (PyModule_AddObjectRef(m, "Table", (PyObject *)&TableType) < 0 ||
-        PyModule_AddObjectRef(m, "BridgeTable", (PyObject *)&BridgeTableType) < 0) {
+        PyModule_AddObjectRef(m, "BridgeTable", (PyObject *)&BridgeTableType) < 0 || bind_dataserver_add(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

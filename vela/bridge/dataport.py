@@ -30,7 +30,6 @@ workers use the ROUTER instead (encrypted); the data port is then not opened.
 
 import errno
 import hmac
-import itertools
 import logging
 import os
 import socket
@@ -39,6 +38,7 @@ import time
 
 import zmq
 
+from .. import _native
 from . import protocol
 
 log = logging.getLogger("vela.bridge")
@@ -97,26 +97,17 @@ def next_reply(buf):
     return frames
 
 
-class Connection:
-    __slots__ = ("sock", "fd", "id", "inbuf", "outbuf", "nonce", "number")
-
-    def __init__(self, sock, conn_id):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.id = conn_id  # unlike a descriptor, never reused
-        self.inbuf = bytearray()
-        self.outbuf = bytearray()
-        self.nonce = os.urandom(NONCE)
-        self.number = 1  # of the next request
-
-
 class DataPort:
-    """The listener and its connections; ``handle(frames, conn_id, context) -> reply
-    frames or None``; ``closed(conn_id)`` when a connection goes away (its worker may
-    be dead). ``secret``: the cluster's (header tags are checked with it)."""
+    """The listener and its connections, served by a native thread (``_native.DataServer``,
+    native/dataserver.h): it accepts, sends each connection's challenge, checks every
+    header tag before buffering a body, and answers a get of a key in a partition this
+    member may serve from its table (``set_cache``) without a Python step. Everything
+    else comes to the bridge's loop (the poller wakes it): ``handle(frames, conn_id,
+    context) -> reply frames or None``; ``closed(conn_id)`` when a connection goes away
+    (its worker may be dead). ``secret``: the cluster's (tags and MACs are checked with
+    it). ``counters``: the bridge's, which ``sync_counters`` brings up to date."""
 
     def __init__(self, address, poller, handle, counters, closed=lambda conn_id: None, secret=b""):
-        self.secret = secret
         host, _, port = address.rpartition(":")
         self.listener = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET,
                                       socket.SOCK_STREAM)
@@ -125,126 +116,68 @@ class DataPort:
         self.listener.listen(512)
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
+        self.server = _native.DataServer(self.listener.fileno(), secret, MAX_CONNECTIONS, MAX_REQUEST)
         self.poller = poller
         self.handle = handle
         self.closed = closed
         self.counters = counters
-        self.ids = itertools.count(1)
-        self.conns = {}  # file descriptor -> Connection (the poller reports descriptors)
-        self.by_id = {}  # connection id -> Connection (held replies name their connection by id)
-        self.fd = self.listener.fileno()
+        self.counted = dict.fromkeys(_NATIVE_COUNTERS, 0)  # what sync_counters added so far
+        self.fd = self.server.fileno()
         poller.register(self.fd, zmq.POLLIN)
 
     def owns(self, item):
-        return item == self.fd or item in self.conns if isinstance(item, int) else False
+        return item == self.fd
 
     def on_event(self, fd, events):
-        if fd == self.fd:
-            self._accept()
-            return
-        conn = self.conns.get(fd)
-        if conn is None:
-            return
-        if events & zmq.POLLIN and not self._read(conn):
-            return
-        if conn.outbuf:
-            self._write(conn)
-
-    def _accept(self):
-        for _ in range(64):
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # out of descriptors, say: keep the bridge alive
-                log.warning("data port: accept failed: %s", exc)
-                return
-            if len(self.conns) >= MAX_CONNECTIONS:
-                sock.close()
-                self.counters["malformed"] += 1
+        for conn_id, ctx, mac, payload in self.server.take():
+            if ctx is None:
+                self.closed(conn_id)
                 continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(sock, next(self.ids))
-            self.conns[conn.fd] = conn
-            self.by_id[conn.id] = conn
-            self.poller.register(conn.fd, zmq.POLLIN)
-            conn.outbuf += frame([b"", conn.nonce])  # the challenge
-            self._write(conn)
-
-    def _read(self, conn):
-        try:
-            data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            data = b""
-        if not data:
-            self._close(conn)
-            return False
-        buf = conn.inbuf
-        buf += data
-        pos = 0
-        while len(buf) - pos >= REQUEST.size:
-            length, maclen, tag = REQUEST.unpack_from(buf, pos)
-            if length > MAX_REQUEST or maclen > 64:
-                self.counters["malformed"] += 1
-                self._close(conn)  # the stream cannot be trusted past a bad frame
-                return False
-            ctx = context(conn.nonce, conn.number)
-            if self.secret and not hmac.compare_digest(tag, header_tag(self.secret, ctx, length, maclen)):
-                # Not from a holder of the secret, or not this connection's next request
-                # (a replay): hang up before buffering what it declares.
-                self.counters["unauthenticated"] += 1
-                self._close(conn)
-                return False
-            end = pos + REQUEST.size + maclen + length
-            if len(buf) < end:
-                break
-            mac = bytes(buf[pos + REQUEST.size:pos + REQUEST.size + maclen])
-            payload = bytes(buf[pos + REQUEST.size + maclen:end])
-            pos = end
-            conn.number += 1
-            reply = self.handle([mac, payload], conn.id, ctx)
+            reply = self.handle([mac, payload], conn_id, ctx)
             if reply is not None:
-                conn.outbuf += frame(reply)
-        del buf[:pos]
-        return True
+                self.server.send(conn_id, frame(reply))
 
     def reply(self, conn_id, frames):
         """A reply sent later (it waited for a backup) on connection ``conn_id``, if open."""
-        conn = self.by_id.get(conn_id)
-        if conn is not None:
-            conn.outbuf += frame(frames)
-            self._write(conn)
+        self.server.send(conn_id, frame(frames))
 
-    def _write(self, conn):
-        try:
-            sent = conn.sock.send(conn.outbuf)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._close(conn)
-            return
-        del conn.outbuf[:sent]
-        # Wait for room only while there is something left to send.
-        self.poller.modify(conn.fd, zmq.POLLIN | (zmq.POLLOUT if conn.outbuf else 0))
+    def serve_for(self, seconds):
+        """Native answers go on for ``seconds`` from now, no longer: the bridge renews this
+        every turn of its loop, so a loop that stalled (and may have been declared dead,
+        its partitions taken over) decides about every request that waited through it."""
+        self.server.serve_for(seconds)
 
-    def _close(self, conn):
-        self.conns.pop(conn.fd, None)
-        self.by_id.pop(conn.id, None)
-        try:
-            self.poller.unregister(conn.fd)
-        except KeyError:
-            pass
-        conn.sock.close()
-        self.closed(conn.id)
+    def set_identity(self, node_id, incarnation):
+        """Who the native replies say they are from."""
+        self.server.set_identity(node_id, incarnation)
+
+    def set_cache(self, name, table, parts, servable, epoch):
+        """Gets of cache ``name`` in the partitions flagged in ``servable`` (bytes, one
+        per partition; None: none) are answered from ``table`` by the native thread."""
+        self.server.set_cache(name, table, parts, servable, epoch)
+
+    def served(self, name):
+        """Gets of cache ``name`` the native thread answered so far."""
+        return self.server.served(name)
+
+    def sync_counters(self):
+        """Adds what the native thread counted since the last call to ``counters``."""
+        now = self.server.counters()
+        for key, counter in _NATIVE_COUNTERS.items():
+            for name in counter:
+                self.counters[name] += now[key] - self.counted[key]
+            self.counted[key] = now[key]
 
     def close(self):
-        for conn in list(self.conns.values()):
-            self._close(conn)
         self.poller.unregister(self.fd)
+        self.server.close()
         self.listener.close()
+
+
+# The native thread's counters -> the bridge's counters each adds to (an answered get is
+# a message in and a request, as on the Python path).
+_NATIVE_COUNTERS = {"malformed": ("malformed",), "unauthenticated": ("unauthenticated",),
+                    "served": ("messages_in", "requests"), "bytes_in": ("bytes_in",)}
 
 
 def _timeval(seconds):

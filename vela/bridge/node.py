@@ -151,8 +151,11 @@ class Bridge:
         if self.partitioned and not self.curve:
             self.dataport = DataPort(data_listen or _next_port(listen), self.poller, self._handle_data,
                                      self.counters, self._connection_closed, self.secret)
+            self.dataport.set_identity(self.node_id, self.inc)
             host = self.advertise.split("://", 1)[-1].rsplit(":", 1)[0]
             self.data_advertise = f"vela://{host}:{self.dataport.port}"
+        for parts in self.partitioned.values():
+            self._watch_routes(parts)
         for seed in self.seeds:
             self._dealer(seed)
 
@@ -499,6 +502,25 @@ class Bridge:
             return None
         return member.data_addr if member.data_addr and not self.curve else member.addr
 
+    def _watch_routes(self, parts):
+        """The native data port answers gets of ``parts``'s cache where it may, from now on."""
+        parts.on_routes = self._native_routes
+        self._native_routes(parts, parts.servable())
+
+    def _native_routes(self, parts, servable):
+        if self.dataport is not None:
+            self.dataport.set_cache(parts.name, parts.table, parts.parts, servable, self.ring_epoch)
+
+    def _sync_native_counters(self):
+        """The counters, brought up to date with what the native data port answered."""
+        if self.dataport is None:
+            return
+        self.dataport.sync_counters()
+        for name, parts in self.partitioned.items():
+            served = self.dataport.served(name)
+            parts.stats["requests"] += served - parts.served_natively
+            parts.served_natively = served
+
     def _connection_closed(self, conn_id):
         """A worker's connection went away: the stampede leases it held go too (a
         holder that died is replaced at once, as on one host)."""
@@ -627,9 +649,13 @@ class Bridge:
         now, with a newer version, by a member that no longer owns its key."""
         now = time.monotonic()
         stalled = now - self.turn_started
-        if stalled > max(self.failure_timeout - 2 * self.heartbeat, self.failure_timeout / 4) and self.partitioned:
+        if stalled > self._stall_limit() and self.partitioned:
             self.turn_started = now
             self._start_over(stalled)
+
+    def _stall_limit(self):
+        """Seconds a turn of the loop may take before the bridge starts over."""
+        return max(self.failure_timeout - 2 * self.heartbeat, self.failure_timeout / 4)
 
     def _start_over(self, stalled):
         """After a stall long enough for the others to declare us dead (SIGSTOP, a frozen
@@ -639,10 +665,14 @@ class Bridge:
         log.warning("this bridge stalled for %.1f s: the others may have taken its partitions; "
                     "rejoining as a new incarnation (keeping the table, reconciling it)", stalled)
         self.inc = protocol.new_incarnation(self.inc)
+        if self.dataport is not None:
+            self.dataport.set_identity(self.node_id, self.inc)
         for name, parts in list(self.partitioned.items()):
-            self.partitioned[name] = Partitions(name, parts.cache, self, self.backups, parts.parts,
-                                                  async_backups=self.async_backups)
-            self.partitioned[name].outcomes = parts.outcomes  # (this process made them: still true)
+            fresh = self.partitioned[name] = Partitions(name, parts.cache, self, self.backups, parts.parts,
+                                                        async_backups=self.async_backups)
+            # (this process made them, and counted them: still true)
+            fresh.outcomes, fresh.served_natively = parts.outcomes, parts.served_natively
+            self._watch_routes(fresh)
         self._publish_view()  # no table: workers stop writing in place before it is emptied
         self.epoch += 1
 
@@ -703,6 +733,8 @@ class Bridge:
         if changed:
             self.ring_epoch += 1
             self.epoch += 1
+            for parts in self.partitioned.values():
+                self._native_routes(parts, parts.servable())  # (its replies carry the epoch)
             log.info("partition table %d: members %s", self.ring_epoch, sorted(ring))
 
     def _may_hand_back(self, name, alive):
@@ -949,6 +981,7 @@ class Bridge:
                 self._answer_rpc(rid)
 
     def status(self):
+        self._sync_native_counters()
         now = time.monotonic()
         return {
             "node_id": self.node_id, "incarnation": self.inc, "listen": self.listen,
@@ -1034,6 +1067,8 @@ class Bridge:
                     self.stop()
                 self._check_stall()
                 self.turn_started = time.monotonic()
+                if self.dataport is not None:
+                    self.dataport.serve_for(self._stall_limit())
                 for sock, events in self.poller.poll(timeout=BATCH_DELAY * 1000):
                     if self.dataport is not None and self.dataport.owns(sock):
                         self.dataport.on_event(sock, events)
@@ -1115,14 +1150,14 @@ class Bridge:
         for replica in self.replicas.values():
             replica.commit()
             replica.cache.close()
+        if self.dataport is not None:
+            self.dataport.close()  # (its thread reads the tables: stopped before they close)
         for parts in self.partitioned.values():
             parts.table.set_cluster(parts.closing_view())  # no table: workers see it at once
             parts.cache.close()
         for fd in self.presence_fds:
             os.close(fd)  # (after the view: a worker that sees us gone finds no table either)
         self.presence_fds = []
-        if self.dataport is not None:
-            self.dataport.close()
         for sock in list(self.dealers.values()) + list(self.controls) + [self.router]:
             sock.close(0)
         for path in self.control_paths:

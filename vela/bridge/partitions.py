@@ -162,6 +162,10 @@ class Partitions:
         self.backup_of = [None] * parts
         self.ring_members = ()
         self.incoming = {}          # partition -> Incoming
+        # on_routes(self, flags): called whenever the partitions whose gets may be answered
+        # from the table change (servable); the bridge's native data port serves those.
+        self.on_routes = None
+        self.served_natively = 0    # gets the native data port answered, counted in stats
         self.outgoing = {}          # partition -> sid of the stream handing it to its new owner
         self.streams = []           # Stream objects being sent or awaiting their ack
         self.backup_synced = {}     # partition -> node that holds our full backup copy
@@ -256,6 +260,7 @@ class Partitions:
         members = tuple(sorted(members))
         if members == self.ring_members and self.owners is not None:
             return False
+        self._routes_changed(pause=True)
         owners, backup_of = assign(members, self.parts, self.backups)
         old_owners, old_backups = self.owners, self.backup_of
         returning = old_owners is None and self.prev is not None
@@ -338,6 +343,7 @@ class Partitions:
         if any(drop):
             self.stats["dropped"] += self.table.drop_partitions(self.parts, bytes(drop))
         self.leases = {k: v for k, v in self.leases.items() if self.mine(partition_of(k, self.parts))}
+        self._routes_changed()
         return True
 
     def _start_stream(self, target, role, ps):
@@ -515,6 +521,7 @@ class Partitions:
             inc = self.incoming.get(p)
             if inc is not None and (inc.settling or inc.source == sender):
                 del self.incoming[p]
+        self._routes_changed()
         return [p for p in ps if self.mine(p)]
 
     def _apply(self, k, v, codec, ttl, tags, version):
@@ -544,15 +551,18 @@ class Partitions:
         if not others:
             return
         holder = assign(others, self.parts)[0]  # who held our partitions while we were cut off
+        self._routes_changed(pause=True)
         for p in range(self.parts):
             if self.owners[p] == self.me and p not in self.incoming and holder[p] in reachable \
                     and self.taken_at.get(p, -1.0) < since:
                 self.incoming[p] = Incoming(holder[p], settle, settling=True)
+        self._routes_changed()
 
     def check_incoming(self, reachable):
         """Give up on partitions whose source died or went silent: what did not
         arrive is lost (misses), the rest is served."""
         now = time.monotonic()
+        before = len(self.incoming)
         for p, inc in list(self.incoming.items()):
             if inc.settling and (now > inc.deadline or inc.source not in reachable):
                 del self.incoming[p]  # the settling time of a new table is over: nothing more comes
@@ -560,6 +570,8 @@ class Partitions:
                 log.warning("cache %s: partition %d: handoff from member %d did not complete", self.name, p,
                             inc.source)
                 del self.incoming[p]
+        if len(self.incoming) != before:
+            self._routes_changed()
 
     # ---- marks: tag invalidations and flushes --------------------------------------------
 
@@ -1180,6 +1192,21 @@ class Partitions:
 
     def owned_flags(self):
         return self.flags(self.mine)
+
+    def servable(self):
+        """A flag per partition whose gets may be answered from the table with no Python
+        step (the native data port): ours, and nothing on its way to us (a handoff, or
+        settling after a restart or a split: those reads go through ``_serve``). None
+        before the first partition table."""
+        if self.owners is None:
+            return None
+        return self.flags(lambda p: self.owners[p] == self.me and p not in self.incoming)
+
+    def _routes_changed(self, pause=False):
+        """Tells the bridge (``on_routes(self, servable)``) what may be served natively now;
+        ``pause``: nothing, while a change is being made (before it is whole)."""
+        if self.on_routes is not None:
+            self.on_routes(self, None if pause else self.servable())
 
     def owned_size(self):
         counts = self.table.partition_counts(self.parts)
