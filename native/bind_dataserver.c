@@ -4,6 +4,7 @@
  */
 #include "bind.h"
 #include "dataserver.h"
+#include "sha256.h"
 
 typedef struct {
     PyObject_HEAD
@@ -112,14 +113,16 @@ static PyObject *DataServer_send(DataServerObject *self, PyObject *args)
     return PyBool_FromLong(rc == 0);
 }
 
-/* serve_for(seconds): gets are answered natively until then (dataserver.h). */
-static PyObject *DataServer_serve_for(DataServerObject *self, PyObject *arg)
+/* serve_for(seconds, epoch): gets are answered natively until then, their replies
+ * carrying the partition table's epoch (dataserver.h). */
+static PyObject *DataServer_serve_for(DataServerObject *self, PyObject *args)
 {
+    double seconds;
+    unsigned long long epoch;
     RUNNING_OR_NULL(self);
-    double seconds = PyFloat_AsDouble(arg);
-    if (seconds == -1.0 && PyErr_Occurred())
+    if (!PyArg_ParseTuple(args, "dK", &seconds, &epoch))
         return NULL;
-    vela_ds_serve_for(self->ds, seconds > 0 ? (uint64_t)(seconds * 1e9) : 0);
+    vela_ds_serve_for(self->ds, seconds > 0 ? (uint64_t)(seconds * 1e9) : 0, epoch);
     Py_RETURN_NONE;
 }
 
@@ -134,16 +137,15 @@ static PyObject *DataServer_set_identity(DataServerObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* set_cache(name, table, parts, servable, epoch): servable is a flag per partition
- * (bytes of length parts) or None. */
+/* set_cache(name, table, parts, servable): servable is a flag per partition (bytes of
+ * length parts) or None. */
 static PyObject *DataServer_set_cache(DataServerObject *self, PyObject *args)
 {
     const char *name;
     PyObject *table, *servable;
     unsigned int parts;
-    unsigned long long epoch;
     RUNNING_OR_NULL(self);
-    if (!PyArg_ParseTuple(args, "sOIOK", &name, &table, &parts, &servable, &epoch))
+    if (!PyArg_ParseTuple(args, "sOIO", &name, &table, &parts, &servable))
         return NULL;
     if (!bind_is_table(table)) {
         PyErr_SetString(PyExc_TypeError, "set_cache: table must be a vela._native.Table");
@@ -162,7 +164,7 @@ static PyObject *DataServer_set_cache(DataServerObject *self, PyObject *args)
     const uint8_t *flags = servable == Py_None ? NULL : (const uint8_t *)PyBytes_AS_STRING(servable);
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = vela_ds_set_cache(self->ds, name, &((TableObject *)table)->t, parts, flags, epoch);
+    rc = vela_ds_set_cache(self->ds, name, &((TableObject *)table)->t, parts, flags);
     Py_END_ALLOW_THREADS
     if (rc < 0)
         return PyErr_NoMemory();
@@ -189,15 +191,34 @@ static PyObject *DataServer_served(DataServerObject *self, PyObject *name)
     return PyLong_FromUnsignedLongLong(vela_ds_served(self->ds, s));
 }
 
+/* hmac(secret, a, b) -> the HMAC-SHA256 of a || b the data port computes (the tests
+ * hold it to Python's hmac). */
+static PyObject *DataServer_hmac(PyObject *Py_UNUSED(cls), PyObject *args)
+{
+    Py_buffer secret, a, b;
+    if (!PyArg_ParseTuple(args, "y*y*y*", &secret, &a, &b))
+        return NULL;
+    vela_hmac_key key;
+    uint8_t out[VELA_SHA256_BYTES];
+    vela_hmac_key_init(&key, secret.buf, (size_t)secret.len);
+    vela_hmac2(&key, a.buf, (size_t)a.len, b.buf, (size_t)b.len, out);
+    PyBuffer_Release(&secret);
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return PyBytes_FromStringAndSize((const char *)out, sizeof out);
+}
+
 static PyMethodDef DataServer_methods[] = {
+    {"hmac", (PyCFunction)DataServer_hmac, METH_VARARGS | METH_STATIC, "hmac(secret, a, b) -> HMAC-SHA256 of a || b"},
     {"close", (PyCFunction)DataServer_close, METH_NOARGS, "stop the thread, close every connection"},
     {"fileno", (PyCFunction)DataServer_fileno, METH_NOARGS, "readable when take() has something"},
     {"take", (PyCFunction)DataServer_take, METH_NOARGS, "take() -> [(conn, context, mac, payload)]"},
     {"send", (PyCFunction)DataServer_send, METH_VARARGS, "send(conn, data) -> bool"},
-    {"serve_for", (PyCFunction)DataServer_serve_for, METH_O, "serve_for(seconds): answer gets natively until then"},
+    {"serve_for", (PyCFunction)DataServer_serve_for, METH_VARARGS,
+     "serve_for(seconds, epoch): answer gets natively until then"},
     {"set_identity", (PyCFunction)DataServer_set_identity, METH_VARARGS, "set_identity(node_id, incarnation)"},
     {"set_cache", (PyCFunction)DataServer_set_cache, METH_VARARGS,
-     "set_cache(name, table, parts, servable, epoch)"},
+     "set_cache(name, table, parts, servable)"},
     {"counters", (PyCFunction)DataServer_counters, METH_NOARGS, "the thread's counters"},
     {"served", (PyCFunction)DataServer_served, METH_O, "served(name) -> gets of that cache answered natively"},
     {NULL, NULL, 0, NULL},

@@ -49,7 +49,6 @@ typedef struct {
     vela_table *t;
     uint32_t parts;
     uint8_t *servable;
-    uint64_t epoch;
     uint64_t served;
 } cache_t;
 
@@ -67,6 +66,7 @@ struct vela_dataserver {
     uint32_t node_id;
     uint64_t incarnation, sent;
     uint64_t serve_until; /* CLOCK_MONOTONIC ns (atomic: renewed without the lock) */
+    uint64_t epoch;       /* the partition table's (atomic, as serve_until) */
     cache_t caches[MAX_CACHES];
     int ncaches;
     vela_ds_item *head, *tail;
@@ -340,7 +340,7 @@ static int serve_get(vela_dataserver *ds, conn_t *c, const uint8_t ctx[VELA_DS_C
     }
     vela_buf_free(&value);
     vela_mp_str(b, "ver"), vela_mp_uint(b, vela_next_version(t));
-    vela_mp_str(b, "epoch"), vela_mp_uint(b, cache->epoch);
+    vela_mp_str(b, "epoch"), vela_mp_uint(b, __atomic_load_n(&ds->epoch, __ATOMIC_RELAXED));
     vela_mp_str(b, "id"), vela_mp_uint(b, rid);
     vela_mp_str(b, "t"), vela_mp_str(b, "rep");
     vela_mp_str(b, "v"), vela_mp_uint(b, PROTOCOL);
@@ -591,8 +591,9 @@ int vela_ds_send(vela_dataserver *ds, uint64_t conn, const uint8_t *data, size_t
     return rc;
 }
 
-void vela_ds_serve_for(vela_dataserver *ds, uint64_t ns)
+void vela_ds_serve_for(vela_dataserver *ds, uint64_t ns, uint64_t epoch)
 {
+    __atomic_store_n(&ds->epoch, epoch, __ATOMIC_RELAXED);
     __atomic_store_n(&ds->serve_until, monotonic_ns() + ns, __ATOMIC_RELEASE);
 }
 
@@ -604,7 +605,7 @@ void vela_ds_set_identity(vela_dataserver *ds, uint32_t node_id, uint64_t incarn
 }
 
 int vela_ds_set_cache(vela_dataserver *ds, const char *name, vela_table *t, uint32_t parts,
-                      const uint8_t *servable, uint64_t epoch)
+                      const uint8_t *servable)
 {
     uint8_t *flags = NULL;
     if (servable && parts && !(flags = malloc(parts)))
@@ -620,7 +621,7 @@ int vela_ds_set_cache(vela_dataserver *ds, const char *name, vela_table *t, uint
         c = &ds->caches[ds->ncaches++];
     if (c) {
         free(c->servable);
-        c->t = t, c->parts = parts, c->servable = flags, c->epoch = epoch;
+        c->t = t, c->parts = parts, c->servable = flags;
     }
     pthread_mutex_unlock(&ds->lock);
     if (!c) {

@@ -57,16 +57,16 @@ int vela_ds_send(vela_dataserver *ds, uint64_t conn, const uint8_t *data, size_t
 /* The native thread answers gets until `ns` from now on CLOCK_MONOTONIC, and hands
  * them to the Python loop after: a loop that stalled (SIGSTOP, a frozen VM) may have
  * been declared dead and its partitions taken over, which only it can tell
- * (the bridge renews this every turn of its loop). */
-void vela_ds_serve_for(vela_dataserver *ds, uint64_t ns);
+ * (the bridge renews this every turn of its loop, with its partition table's epoch,
+ * which the replies carry). */
+void vela_ds_serve_for(vela_dataserver *ds, uint64_t ns, uint64_t epoch);
 /* Who answers: the bridge's node id and incarnation (the replies' "from" and "inc"). */
 void vela_ds_set_identity(vela_dataserver *ds, uint32_t node_id, uint64_t incarnation);
 /* A cache served here: its table (which must outlive the server), partitions,
- * which of them gets may be served from the table (`servable`, a flag per
- * partition; NULL: none), and the partition table's epoch. Called again to
- * change them; -1 on ENOMEM. */
+ * and which of them gets may be served from the table (`servable`, a flag per
+ * partition; NULL: none). Called again to change them; -1 on ENOMEM. */
 int vela_ds_set_cache(vela_dataserver *ds, const char *name, vela_table *t, uint32_t parts,
-                      const uint8_t *servable, uint64_t epoch);
+                      const uint8_t *servable);
 void vela_ds_counters(vela_dataserver *ds, uint64_t out[VELA_DS_COUNTERS]);
 /* Gets of the cache served natively so far (0 for a cache not set). */
 uint64_t vela_ds_served(vela_dataserver *ds, const char *name);

@@ -12,7 +12,8 @@ this run, 100-byte values, one call at a time (latency = time per call):
 
 - remote get: ``cache.get`` of keys that B owns (a request to B's bridge over TCP
   loopback and its answer) against redis-py ``GET`` of the same values from a
-  redis-server on TCP loopback (target: remote get <= 1.5x the redis GET);
+  redis-server on TCP loopback, the mean and the median (p50) of calls timed
+  one by one (target: both <= 1.0x the redis GET);
 - local get: ``cache.get`` of keys that A owns (read from A's table, lock-free);
 - near-cache hit: ``cache.get`` of B's keys on a handle with ``near_cache=True``
   once their L1 copies are in A's table, against the local get (target: equal);
@@ -21,9 +22,9 @@ this run, 100-byte values, one call at a time (latency = time per call):
   and of A's own keys (made in place, in A's table; with ``--backups 1`` a request
   to A's bridge that returns once B holds the backup copy, unless ``--async-backups``);
 - remote gets/s through one bridge: 4 worker processes of A read B's keys as fast
-  as they can for a few seconds; their total (B's bridge, one Python thread, is
-  the bottleneck), against 4 processes reading the same keys from the redis-server
-  with redis-py (reported, no target here).
+  as they can for a few seconds; their total (B's bridge answers them on its
+  native thread), against 4 processes reading the same keys from the redis-server
+  with redis-py (target: >= 1.0x).
 
 Repeats are interleaved and the medians are compared. The JSON (``--json``,
 default ./bench-results-partitioned.json) holds every figure and the raw repeats.
@@ -68,6 +69,17 @@ def _per_call_ns(fn, keys, rounds):
             fn(k)
         n += len(keys)
     return (time.perf_counter_ns() - start) / n
+
+
+def _p50_ns(fn, keys):
+    """The median time of one call, each timed alone."""
+    clock = time.perf_counter_ns
+    times = []
+    for k in keys:
+        start = clock()
+        fn(k)
+        times.append(clock() - start)
+    return statistics.median(times)
 
 
 def _reader(conn, open_get, keys, seconds):
@@ -161,11 +173,13 @@ def main(argv=None):
         plain = vela.Cache(cluster.name + "-plain", capacity="64MiB", topology="local")
         plain.put_many([(k, VALUE) for k in local])
         runs = {"remote_get": [], "redis_get": [], "local_get": [], "near_hit": [], "local_topology_get": [],
-                "remote_put": [], "redis_set": [], "owned_put": []}
+                "remote_put": [], "redis_set": [], "owned_put": [], "remote_get_p50": [], "redis_get_p50": []}
         print(f"{repeats} interleaved repeats of {rounds} x {len(remote)} gets each ...", flush=True)
         for _ in range(repeats):
             runs["remote_get"].append(_per_call_ns(cache.get, remote, max(1, rounds // 2)))
             runs["redis_get"].append(_per_call_ns(client.get, remote, max(1, rounds // 2)))
+            runs["remote_get_p50"].append(_p50_ns(cache.get, remote))
+            runs["redis_get_p50"].append(_p50_ns(client.get, remote))
             runs["local_get"].append(_per_call_ns(cache.get, local, rounds * 20))
             runs["near_hit"].append(_per_call_ns(near.get, remote, rounds * 20))
             runs["local_topology_get"].append(_per_call_ns(plain.get, local, rounds * 20))
@@ -178,9 +192,12 @@ def main(argv=None):
         results["runs_ns"] = runs
         results["median_ns"] = med
         remote_ratio = med["remote_get"] / med["redis_get"]
+        p50_ratio = med["remote_get_p50"] / med["redis_get_p50"]
         near_ratio = med["near_hit"] / med["local_get"]
         print(f"  remote get   {med['remote_get'] / 1000:8.1f} us   redis-py GET {med['redis_get'] / 1000:8.1f} us"
-              f"   ratio {remote_ratio:.2f}x  -> {'meets' if remote_ratio <= 1.5 else 'MISSES'} the <= 1.5x target")
+              f"   ratio {remote_ratio:.2f}x  -> {'meets' if remote_ratio <= 1.0 else 'MISSES'} the <= 1.0x target")
+        print(f"  p50          {med['remote_get_p50'] / 1000:8.1f} us   redis-py GET {med['redis_get_p50'] / 1000:8.1f} us"
+              f"   ratio {p50_ratio:.2f}x  -> {'meets' if p50_ratio <= 1.0 else 'MISSES'} the <= 1.0x target")
         print(f"  near hit     {med['near_hit']:8.0f} ns   local get    {med['local_get']:8.0f} ns"
               f"   ratio {near_ratio:.2f}x  -> {'meets' if near_ratio <= 1.2 else 'MISSES'} 'equal' (within 20%)")
         print(f"  (a get on a local-topology cache: {med['local_topology_get']:.0f} ns)")
@@ -195,10 +212,12 @@ def main(argv=None):
         results["redis_gets_per_s"] = tp_redis = throughput(_redis_get(server.port), remote, 4, tp_seconds)
         tp_ratio = tp / tp_redis
         print(f"  {tp:,.0f} remote gets/s through one bridge, {tp_redis:,.0f} from one redis-server: "
-              f"ratio {tp_ratio:.2f}x  (reported; target 1.0x)", flush=True)
-        results["ratios"] = {"remote_over_redis": remote_ratio, "near_over_local": near_ratio,
+              f"ratio {tp_ratio:.2f}x  -> {'meets' if tp_ratio >= 1.0 else 'MISSES'} the >= 1.0x target", flush=True)
+        results["ratios"] = {"remote_over_redis": remote_ratio, "remote_p50_over_redis_p50": p50_ratio,
+                             "near_over_local": near_ratio,
                              "remote_put_over_redis_set": put_ratio, "bridge_over_redis_server": tp_ratio}
-        results["targets"] = {"remote_over_redis": 1.5, "near_over_local": 1.0}
+        results["targets"] = {"remote_over_redis": 1.0, "remote_p50_over_redis_p50": 1.0, "near_over_local": 1.0,
+                              "bridge_over_redis_server": 1.0}
         cache.close()
         near.close()
         plain.destroy()
@@ -209,9 +228,9 @@ def main(argv=None):
         shutil.rmtree(workdir, ignore_errors=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
-    print(f"\nsummary: remote get {remote_ratio:.2f}x a redis-py GET (target <= 1.5x); near hit "
+    print(f"\nsummary: remote get {remote_ratio:.2f}x a redis-py GET, p50 {p50_ratio:.2f}x (target <= 1.0x); near hit "
           f"{near_ratio:.2f}x a local hit (target: equal); {tp:,.0f} remote gets/s through one bridge "
-          f"({tp_ratio:.2f}x one redis-server's)")
+          f"({tp_ratio:.2f}x one redis-server's; target >= 1.0x)")
     print(f"results in {args.json}")
     return 0
 

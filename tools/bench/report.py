@@ -104,8 +104,9 @@ RATIO_TARGETS = [  # (label, workload, Vela's store, peer, at least)
 ]
 
 
-def targets(results, mem, tele):
-    """Print and return every target: met, NOT met, or not measured in this run."""
+def targets(results, mem, tele, remote=None):
+    """Print and return every target: met, NOT met, or not measured in this run.
+    ``remote``: tools/bench/partitioned.py's results, when it ran."""
     rows = []
     for label, workload, store, peer, want in RATIO_TARGETS:
         vela, other = _fig(results, workload, store, 1), _fig(results, workload, peer, 1)
@@ -126,6 +127,14 @@ def targets(results, mem, tele):
     value = tele["ratio"] if tele else None
     rows.append(("get with telemetry idle within 5 % of cache._table.get", value,
                  value is not None and value <= 1.05, f"{value:.3f}x" if tele else "-"))
+    ratios = (remote or {}).get("ratios", {})
+    for label, key, want, below in (
+            ("partitioned remote get p50 <= 1.0x a redis-py GET", "remote_p50_over_redis_p50", 1.0, True),
+            ("partitioned remote gets/s through one bridge >= 1.0x one redis-server's", "bridge_over_redis_server",
+             1.0, False)):
+        value = ratios.get(key)
+        rows.append((label, value, value is not None and (value <= want if below else value >= want),
+                     _ratio(value)))
     print("\n== targets (from this run) ==")
     out = []
     for label, value, met, shown in rows:

@@ -16,7 +16,9 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,6 +51,8 @@ def parse_args():
     p.add_argument("--entries", type=int, help="entries of the memory figure (default 1,000,000, quick 200,000)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory figure")
     p.add_argument("--no-telemetry", action="store_true", help="skip the telemetry-idle figure")
+    p.add_argument("--no-remote", action="store_true",
+                   help="skip the partitioned remote-get figures (tools/bench/partitioned.py)")
     p.add_argument("--json", metavar="PATH", default="bench-results.json",
                    help="where to write the results (default ./bench-results.json)")
     args = p.parse_args()
@@ -65,6 +69,19 @@ def parse_args():
     if args.stores - set(peers.ORDER):
         p.error(f"unknown store(s): {', '.join(sorted(args.stores - set(peers.ORDER)))}")
     return args
+
+
+def remote_gets(quick):
+    """tools/bench/partitioned.py's figures (remote gets between two simulated hosts
+    against a redis-server, one bridge's gets/s against one redis-server's), run in a
+    child process that prints its own table."""
+    print("\n== partitioned: remote gets (tools/bench/partitioned.py) ==", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "partitioned.json")
+        cmd = [sys.executable, os.path.join(HERE, "partitioned.py"), "--json", out] + (["--quick"] if quick else [])
+        subprocess.run(cmd, check=True)
+        with open(out) as f:
+            return json.load(f)
 
 
 def make_stores(wanted, servers):
@@ -182,6 +199,7 @@ def main():
     mem = None if args.no_memory else memory.measure(args.entries)
     tele = None if args.no_telemetry else (telemetry_idle.measure(100_000, 3) if args.quick
                                            else telemetry_idle.measure())
+    remote = None if args.no_remote else remote_gets(args.quick)
     order = [s.name for s in stores]
     report.tables(results, order, args.procs)
     if mem:
@@ -190,14 +208,14 @@ def main():
     if tele:
         print("\n== telemetry idle ==")
         telemetry_idle.report(tele)
-    targets = report.targets(results, mem, tele)
+    targets = report.targets(results, mem, tele, remote)
     load_end = os.getloadavg()[0]
     print(f"\ntotal {time.monotonic() - began:.0f} s; load average at start {load_start:.2f}, at end {load_end:.2f}")
     doc = {"meta": dict(about, load_average=[load_start, load_end], baselines=base), "results": results,
            "ratios": report.ratios(results, order, args.procs),
            "scaling_vs_floor": {w: report.scaling_vs_floor(results, w, min(args.procs), max(args.procs))
                                 for w in results},
-           "memory": mem, "telemetry_idle": tele, "targets": targets}
+           "memory": mem, "telemetry_idle": tele, "partitioned": remote, "targets": targets}
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=1)
     print(f"results written to {args.json}")

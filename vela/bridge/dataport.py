@@ -1,12 +1,16 @@
-"""The data port: workers' requests over plain TCP, served in the bridge's loop.
+"""The data port: workers' requests over plain TCP, served by a native thread.
 
 A worker's request to a partition owner is a round trip it waits for, so every
 hop counts: a ZeroMQ socket passes each message through a background I/O thread
 on both ends, which on a small or virtualised machine costs more than the whole
-request. The data port is a plain TCP listener whose connections the bridge's
-own poller watches, so a request wakes one thread on each side, like a Redis
-GET. It carries the same messages as the ROUTER (``protocol.pack``: the HMAC,
-then the msgpack payload; the same validation).
+request. The data port is a plain TCP listener whose connections one native
+thread of the bridge watches (native/dataserver.h), so a request wakes one
+thread on each side, like a Redis GET. It carries the same messages as the
+ROUTER (``protocol.pack``: the HMAC, then the msgpack payload; the same
+validation). The thread answers a worker's get of a partition the bridge may
+serve from its table itself, reading the shared table, with no Python step (a
+bridge's Python loop is what limited it to a fraction of a redis-server's
+gets/s); every other request goes to the bridge's loop as it arrived.
 
 A connection starts with the bridge's challenge: a frame whose payload is a
 random 16-byte nonce. The worker's requests on it are numbered 1, 2, 3...;
@@ -141,20 +145,21 @@ class DataPort:
         """A reply sent later (it waited for a backup) on connection ``conn_id``, if open."""
         self.server.send(conn_id, frame(frames))
 
-    def serve_for(self, seconds):
-        """Native answers go on for ``seconds`` from now, no longer: the bridge renews this
-        every turn of its loop, so a loop that stalled (and may have been declared dead,
-        its partitions taken over) decides about every request that waited through it."""
-        self.server.serve_for(seconds)
+    def serve_for(self, seconds, epoch):
+        """Native answers go on for ``seconds`` from now, no longer, and carry partition
+        table ``epoch``: the bridge renews this every turn of its loop, so a loop that
+        stalled (and may have been declared dead, its partitions taken over) decides
+        about every request that waited through it."""
+        self.server.serve_for(seconds, epoch)
 
     def set_identity(self, node_id, incarnation):
         """Who the native replies say they are from."""
         self.server.set_identity(node_id, incarnation)
 
-    def set_cache(self, name, table, parts, servable, epoch):
+    def set_cache(self, name, table, parts, servable):
         """Gets of cache ``name`` in the partitions flagged in ``servable`` (bytes, one
         per partition; None: none) are answered from ``table`` by the native thread."""
-        self.server.set_cache(name, table, parts, servable, epoch)
+        self.server.set_cache(name, table, parts, servable)
 
     def served(self, name):
         """Gets of cache ``name`` the native thread answered so far."""

@@ -509,7 +509,7 @@ class Bridge:
 
     def _native_routes(self, parts, servable):
         if self.dataport is not None:
-            self.dataport.set_cache(parts.name, parts.table, parts.parts, servable, self.ring_epoch)
+            self.dataport.set_cache(parts.name, parts.table, parts.parts, servable)
 
     def _sync_native_counters(self):
         """The counters, brought up to date with what the native data port answered."""
@@ -733,8 +733,6 @@ class Bridge:
         if changed:
             self.ring_epoch += 1
             self.epoch += 1
-            for parts in self.partitioned.values():
-                self._native_routes(parts, parts.servable())  # (its replies carry the epoch)
             log.info("partition table %d: members %s", self.ring_epoch, sorted(ring))
 
     def _may_hand_back(self, name, alive):
@@ -1068,7 +1066,7 @@ class Bridge:
                 self._check_stall()
                 self.turn_started = time.monotonic()
                 if self.dataport is not None:
-                    self.dataport.serve_for(self._stall_limit())
+                    self.dataport.serve_for(self._stall_limit(), self.ring_epoch)
                 for sock, events in self.poller.poll(timeout=BATCH_DELAY * 1000):
                     if self.dataport is not None and self.dataport.owns(sock):
                         self.dataport.on_event(sock, events)

@@ -1249,7 +1249,7 @@ class Partitions:
         backed = sum(1 for b in self.backup_of if b == self.me)
         return dict(self.stats, partitions=self.parts, owned=owned, backup_of=backed,
                     incoming=len(self.incoming), outgoing=len(self.outgoing), streams=len(self.streams),
-                    leases=len(self.leases),
+                    leases=len(self.leases), native_gets=self.served_natively,
                     ready=self.owners is not None and not self.incoming)
 
     def closing_view(self):
