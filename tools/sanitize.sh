@@ -5,8 +5,9 @@
 #
 #   1. builds vela._native with -Wall -Wextra -Werror (VELA_WERROR=1) into a
 #      scratch directory: any warning fails the step;
-#   2. runs the crash and API tests against the core built with AddressSanitizer
-#      and UndefinedBehaviorSanitizer (tools/asan.sh with
+#   2. runs the crash, API and native data port tests (the last with bridges
+#      whose data port thread runs the sanitized core) against the core built
+#      with AddressSanitizer and UndefinedBehaviorSanitizer (tools/asan.sh with
 #      VELA_SANITIZE=address,undefined: libasan preloaded, every report printed,
 #      the normal build restored afterwards).
 # The exit status is non-zero when either step fails. Set PYTHON as for asan.sh.
@@ -31,6 +32,7 @@ if ! VELA_WERROR=1 "$PYTHON" setup.py -q build_ext --force --build-temp "$scratc
 fi
 echo "    clean ($((SECONDS - start)) s)"
 
-echo "==> crash and API tests under AddressSanitizer + UndefinedBehaviorSanitizer"
-PYTHON="$PYTHON" VELA_SANITIZE=address,undefined bash tools/asan.sh tests/test_crash.py tests/test_api.py tests/test_local_objects.py
+echo "==> crash, API and data port tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+PYTHON="$PYTHON" VELA_SANITIZE=address,undefined bash tools/asan.sh tests/test_crash.py tests/test_api.py tests/test_local_objects.py \
+    tests/test_dataserver.py
 echo "==> sanitize.sh: clean in $((SECONDS - start)) s"
