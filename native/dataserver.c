@@ -34,6 +34,10 @@
 #define PROTOCOL 1
 #define CONN_FD_BITS 24         /* a connection's id: a sequence number above its descriptor */
 #define MAX_CACHES 64
+/* Bytes of requests waiting for the Python loop past which the thread stops reading
+ * until the loop takes them (a flood of requests it cannot answer itself must not
+ * grow the bridge without bound: the loop's own pace holds them back in the sockets). */
+#define MAX_QUEUED (64u << 20)
 
 typedef struct {
     int fd;
@@ -70,6 +74,8 @@ struct vela_dataserver {
     cache_t caches[MAX_CACHES];
     int ncaches;
     vela_ds_item *head, *tail;
+    size_t queued;        /* bytes of the items in it */
+    pthread_cond_t taken; /* signalled when the Python loop takes them */
     uint64_t counters[VELA_DS_COUNTERS];
     vela_buf scratch; /* a reply being built */
 };
@@ -99,6 +105,7 @@ static void put_header(vela_buf *b, uint32_t len, uint8_t maclen)
 static void queue(vela_dataserver *ds, vela_ds_item *item)
 {
     item->next = NULL;
+    ds->queued += sizeof *item + item->mac_len + item->payload_len;
     int was_empty = ds->head == NULL;
     if (ds->tail)
         ds->tail->next = item;
@@ -438,8 +445,8 @@ static void on_readable(vela_dataserver *ds, conn_t *c)
         c->in.len += (size_t)n;
         if (take_requests(ds, c) < 0)
             return;
-        if (n < RECV_BYTES)
-            break;
+        if (n < RECV_BYTES || ds->queued > MAX_QUEUED)
+            break; /* (level-triggered: what is left is reported again) */
     }
     if (c->out.len)
         flush(ds, c);
@@ -480,6 +487,8 @@ static void *run(void *arg)
             else if (evs[i].events & EPOLLOUT)
                 flush(ds, c);
         }
+        while (ds->queued > MAX_QUEUED && !ds->stopping)
+            pthread_cond_wait(&ds->taken, &ds->lock);
         pthread_mutex_unlock(&ds->lock);
     }
     return NULL;
@@ -492,6 +501,7 @@ vela_dataserver *vela_ds_new(int listen_fd, const uint8_t *secret, size_t secret
     if (!ds)
         return NULL;
     pthread_mutex_init(&ds->lock, NULL);
+    pthread_cond_init(&ds->taken, NULL);
     ds->listen_fd = listen_fd;
     ds->max_conns = max_conns, ds->max_request = max_request;
     ds->has_secret = secret_len > 0;
@@ -530,6 +540,7 @@ void vela_ds_free(vela_dataserver *ds)
     if (ds->started) {
         pthread_mutex_lock(&ds->lock);
         ds->stopping = 1;
+        pthread_cond_signal(&ds->taken);
         pthread_mutex_unlock(&ds->lock);
         uint64_t one = 1;
         ssize_t rc = write(ds->wake_fd, &one, sizeof one);
@@ -553,6 +564,7 @@ void vela_ds_free(vela_dataserver *ds)
     for (size_t i = 0; i < sizeof fds / sizeof *fds; i++)
         if (fds[i] >= 0)
             close(fds[i]);
+    pthread_cond_destroy(&ds->taken);
     pthread_mutex_destroy(&ds->lock);
     free(ds);
 }
@@ -570,6 +582,8 @@ vela_ds_item *vela_ds_take(vela_dataserver *ds)
     pthread_mutex_lock(&ds->lock);
     vela_ds_item *items = ds->head;
     ds->head = ds->tail = NULL;
+    ds->queued = 0;
+    pthread_cond_signal(&ds->taken);
     pthread_mutex_unlock(&ds->lock);
     return items;
 }

@@ -5,6 +5,7 @@ whole, partitions being handed over, any request after the loop stalled) still g
 to the bridge's Python loop, which answers and counts exactly as before."""
 import hashlib
 import hmac
+import socket
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from cluster import Cluster, DataPortSession, eventually
 
 from vela import _native
-from vela.bridge import protocol
+from vela.bridge import dataport, protocol
 
 SECRET = b"native-data-port-s3cret-0123456789abcdef"
 
@@ -151,3 +152,49 @@ def test_a_get_that_waited_through_a_stall_is_not_answered_from_the_old_table(pa
     finally:
         session.close()
     eventually(lambda: a.get(key) == "old", 15, what="the key read again once the tables settle")
+
+
+def test_requests_waiting_for_the_python_loop_hold_the_thread_back_not_the_memory():
+    # 128 requests of 1 MiB that only the Python loop can answer, while the loop takes
+    # nothing: the thread stops reading past 64 MiB queued (the rest waits in the
+    # sockets, whose buffers are kept small here), and reads on as soon as the loop
+    # takes what waits.
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)  # (inherited by the accepted one)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    server = _native.DataServer(listener.fileno(), b"", 16, 2 << 20)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
+    client.connect(listener.getsockname())
+    try:
+        nonce = client.recv(dataport.HEADER.size + dataport.NONCE)[dataport.HEADER.size:]
+        assert len(nonce) == dataport.NONCE
+        payload = b"x" * (1 << 20)
+        data = b"".join(dataport.request_bytes(b"", dataport.context(nonce, n), [b"", payload])
+                        for n in range(1, 129))
+        client.setblocking(False)
+        sent, until = 0, time.monotonic() + 3
+        while sent < len(data) and time.monotonic() < until:
+            try:
+                sent += client.send(data[sent:sent + (1 << 20)])
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert 64 << 20 < sent < 68 << 20, sent  # held back: 64 MiB queued, and what the socket buffers hold
+        taken = []
+        until = time.monotonic() + 20
+        while len(taken) < 128 and time.monotonic() < until:
+            if sent < len(data):
+                try:
+                    sent += client.send(data[sent:sent + (1 << 20)])
+                except BlockingIOError:
+                    pass
+            taken += [item for item in server.take() if item[1] is not None]
+            time.sleep(0.005)
+        assert len(taken) == 128 and all(item[3] == payload for item in taken)
+        assert [item[1] for item in taken] == [dataport.context(nonce, n) for n in range(1, 129)]
+    finally:
+        client.close()
+        server.close()
+        listener.close()
