@@ -269,7 +269,8 @@ static int read_get(vela_dataserver *ds, const uint8_t *payload, uint32_t len, c
         int f = 0;
         while (f < NFIELDS && !is(&k, FIELDS[f]))
             f++;
-        if (f == NFIELDS || seen & (1u << f) || vela_mp_next(&r, &v[f]) < 0)
+        if (f == NFIELDS || seen & (1u << f) || vela_mp_next(&r, &v[f]) < 0 || v[f].type == VELA_MP_ARRAY ||
+            v[f].type == VELA_MP_MAP) /* (no field of a get is a container) */
             return -1;
         seen |= 1u << f;
     }

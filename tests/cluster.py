@@ -24,6 +24,7 @@ thing to compare between hosts (the remaining TTL is left out: it differs by the
 time between two reads).
 """
 
+import contextlib
 import json
 import os
 import select
@@ -630,6 +631,21 @@ class Cluster:
     def close(self):
         for host in self.hosts:
             host.close()
+
+
+@contextlib.contextmanager
+def partitioned_with_secret(workdir, secret, n=2):
+    """A partitioned cluster of ``n`` hosts whose bridges and workers share ``secret``,
+    every partition table ready; closed on the way out."""
+    secret_file = os.path.join(str(workdir), "secret")  # the Cluster writes it there before any host opens
+    c = Cluster(workdir, n=n, secret=secret, topology="partitioned",
+                cache_opts={"topology_opts": {"secret_file": secret_file}})
+    try:
+        c.wait_members()
+        c.wait_ready(timeout=15)
+        yield c
+    finally:
+        c.close()
 
 
 def diff_dumps(hosts, dumps):

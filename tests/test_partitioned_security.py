@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cluster import Cluster, DataPortSession, eventually
+from cluster import Cluster, DataPortSession, eventually, partitioned_with_secret
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -19,16 +19,8 @@ SECRET = b"another-s3cret-for-partitions-0123456789"
 
 @pytest.fixture
 def secure_partitioned(tmp_path):
-    secret_file = str(tmp_path / "secret")  # the Cluster writes it there before any host opens
-    c = Cluster(tmp_path, n=2, secret=SECRET, topology="partitioned",
-                cache_opts={"topology_opts": {"secret_file": secret_file}})
-    try:
-        c.wait_members()
-        eventually(lambda: all((h.status() or {}).get("caches", {}).get(c.name, {}).get("ready") for h in c),
-                   15, what="partition tables")
+    with partitioned_with_secret(tmp_path, SECRET) as c:
         yield c
-    finally:
-        c.close()
 
 
 def counters(host):
