@@ -33,7 +33,6 @@
 #define RECV_BYTES (64 << 10)
 #define PROTOCOL 1
 #define CONN_FD_BITS 24         /* a connection's id: a sequence number above its descriptor */
-#define MAX_CACHES 64
 /* Bytes of requests waiting for the Python loop past which the thread stops reading
  * until the loop takes them (a flood of requests it cannot answer itself must not
  * grow the bridge without bound: the loop's own pace holds them back in the sockets). */
@@ -71,7 +70,7 @@ struct vela_dataserver {
     uint64_t incarnation, sent;
     uint64_t serve_until; /* CLOCK_MONOTONIC ns (atomic: renewed without the lock) */
     uint64_t epoch;       /* the partition table's (atomic, as serve_until) */
-    cache_t caches[MAX_CACHES];
+    cache_t *caches; /* (one per partitioned cache of the bridge) */
     int ncaches;
     vela_ds_item *head, *tail;
     size_t queued;        /* bytes of the items in it */
@@ -560,6 +559,7 @@ void vela_ds_free(vela_dataserver *ds)
         free(ds->caches[i].name);
         free(ds->caches[i].servable);
     }
+    free(ds->caches);
     vela_buf_free(&ds->scratch);
     int fds[] = {ds->epoll_fd, ds->wake_fd, ds->notify_fd, ds->random_fd};
     for (size_t i = 0; i < sizeof fds / sizeof *fds; i++)
@@ -632,8 +632,15 @@ int vela_ds_set_cache(vela_dataserver *ds, const char *name, vela_table *t, uint
     for (int i = 0; i < ds->ncaches && !c; i++)
         if (strcmp(ds->caches[i].name, name) == 0)
             c = &ds->caches[i];
-    if (!c && ds->ncaches < MAX_CACHES && (ds->caches[ds->ncaches].name = strdup(name)) != NULL)
-        c = &ds->caches[ds->ncaches++];
+    if (!c) {
+        cache_t *caches = realloc(ds->caches, (size_t)(ds->ncaches + 1) * sizeof *caches);
+        if (caches) {
+            ds->caches = caches;
+            memset(&caches[ds->ncaches], 0, sizeof *caches);
+            if ((caches[ds->ncaches].name = strdup(name)) != NULL)
+                c = &caches[ds->ncaches++];
+        }
+    }
     if (c) {
         free(c->servable);
         c->t = t, c->parts = parts, c->servable = flags;

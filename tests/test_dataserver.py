@@ -191,3 +191,25 @@ def test_requests_waiting_for_the_python_loop_hold_the_thread_back_not_the_memor
         client.close()
         server.close()
         listener.close()
+
+
+def test_a_bridge_may_serve_any_number_of_caches(tmp_path):
+    import vela
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.setblocking(False)
+    server = _native.DataServer(listener.fileno(), b"", 16, 1 << 20)
+    cache = vela.Cache(f"ds-caches-{tmp_path.name}", capacity="4MiB")
+    try:
+        for i in range(200):
+            server.set_cache(f"cache-{i}", cache._table, 271, bytes([i % 2]) * 271)
+        server.set_cache("cache-7", cache._table, 271, None)  # (again: changed, not added)
+        assert [server.served(f"cache-{i}") for i in (0, 7, 199)] == [0, 0, 0]
+        with pytest.raises(ValueError, match="one flag per partition"):
+            server.set_cache("cache-0", cache._table, 271, b"\x01")
+    finally:
+        server.close()
+        cache.destroy()
+        listener.close()
