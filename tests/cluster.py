@@ -67,6 +67,25 @@ def _ephemeral_range():
 _GIVEN = set()  # ports free_port returned in this process: never twice
 
 
+def wait_stopped(pid, timeout=5.0):
+    """Until every thread of process ``pid`` is stopped (state T in /proc), or it died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+            states = []
+            for task in tasks:
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            return  # (gone)
+        if all(state in ("T", "t", "Z", "X") for state in states):
+            return  # (stopped, or dead)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} did not stop: thread states {states}")
+        time.sleep(0.001)
+
+
 def free_port():
     """A TCP port on loopback that nothing listens on right now, taken below the
     kernel's ephemeral range: the outgoing connections of every test (workers to
@@ -428,9 +447,12 @@ class Host:
             return self.bridge.wait(5)
 
     def pause(self):
-        """SIGSTOP the bridge (it stays connected but says nothing)."""
+        """SIGSTOP the bridge (it stays connected but says nothing). Returns once every
+        thread of it has stopped: the signal is asynchronous, and a bridge's data port
+        thread could otherwise answer one more request meanwhile."""
         self.bridge.send_signal(signal.SIGSTOP)
         self.paused = True
+        wait_stopped(self.bridge.pid)
 
     def resume(self):
         self.bridge.send_signal(signal.SIGCONT)
