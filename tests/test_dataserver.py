@@ -127,7 +127,7 @@ def test_requests_the_native_thread_does_not_read_whole_go_to_the_python_loop(pa
 def test_a_get_that_waited_through_a_stall_is_not_answered_from_the_old_table(pair):
     # A bridge stopped long enough to be declared dead may have lost its partitions to
     # the others: a request that waited in its socket meanwhile is for the Python loop,
-    # which starts over first (a fresh incarnation, no partition table yet).
+    # which starts over first (a fresh incarnation) and then decides.
     a, b = pair
     key = keys_of(a, b.node_id, 1)[0]
     a.put(key, "old")
@@ -141,7 +141,10 @@ def test_a_get_that_waited_through_a_stall_is_not_answered_from_the_old_table(pa
         finally:
             b.resume()
         reply = protocol.unpack(SECRET, session.client.recv(5), ctx)
-        assert "val" not in reply and "retry" in reply, reply
+        # The loop started over before it answered: "retry" (no table yet), a fallback,
+        # or the value from the table it has taken again, by the timing; the native
+        # thread answered nothing.
+        assert "retry" in reply or "fb" in reply or reply.get("val") == b"old", reply
         status = b.status()
         assert status["incarnation"] > inc and status["caches"][pair.name]["native_gets"] == before
     eventually(lambda: a.get(key) == "old", 15, what="the key read again once the tables settle")
