@@ -14,18 +14,19 @@ typedef struct {
 
 static int DataServer_init(DataServerObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"listen_fd", "secret", "max_connections", "max_request", NULL};
+    static char *kwlist[] = {"listen_fd", "secret", "max_connections", "max_request", "protocol", NULL};
     int fd;
     Py_buffer secret;
-    unsigned int max_conns, max_request;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iy*II", kwlist, &fd, &secret, &max_conns, &max_request))
+    unsigned int max_conns, max_request, version;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iy*III", kwlist, &fd, &secret, &max_conns, &max_request,
+                                     &version))
         return -1;
     if (self->ds) {
         PyBuffer_Release(&secret);
         PyErr_SetString(PyExc_RuntimeError, "DataServer: already initialised");
         return -1;
     }
-    self->ds = vela_ds_new(fd, secret.buf, (size_t)secret.len, max_conns, max_request);
+    self->ds = vela_ds_new(fd, secret.buf, (size_t)secret.len, max_conns, max_request, version);
     PyBuffer_Release(&secret);
     if (!self->ds || !(self->tables = PyDict_New())) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -229,7 +230,7 @@ static PyTypeObject DataServerType = {
     .tp_name = "vela._native.DataServer",
     .tp_basicsize = sizeof(DataServerObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "DataServer(listen_fd, secret, max_connections, max_request): the bridge's data port on a "
+    .tp_doc = "DataServer(listen_fd, secret, max_connections, max_request, protocol): the bridge's data port on a "
               "native thread (internal; vela/bridge/dataport.py).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)DataServer_init,

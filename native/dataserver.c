@@ -31,7 +31,6 @@
 #define HEADER 5                /* u32 payload length | u8 MAC length */
 #define REQUEST_HEADER (HEADER + 16) /* ... | the header tag */
 #define RECV_BYTES (64 << 10)
-#define PROTOCOL 1
 #define CONN_FD_BITS 24         /* a connection's id: a sequence number above its descriptor */
 /* Bytes of requests waiting for the Python loop past which the thread stops reading
  * until the loop takes them (a flood of requests it cannot answer itself must not
@@ -66,7 +65,7 @@ struct vela_dataserver {
     uint64_t next_seq;
     int has_secret;
     vela_hmac_key key;
-    uint32_t node_id;
+    uint32_t node_id, protocol; /* (protocol: the messages' version, protocol.py's) */
     uint64_t incarnation, sent;
     uint64_t serve_until; /* CLOCK_MONOTONIC ns (atomic: renewed without the lock) */
     uint64_t epoch;       /* the partition table's (atomic, as serve_until) */
@@ -278,7 +277,7 @@ static int read_get(vela_dataserver *ds, const uint8_t *payload, uint32_t len, c
     for (int f = F_V; f <= F_FROM; f++)
         if (f != F_C && v[f].type != VELA_MP_UINT)
             return -1;
-    if (!is(&v[F_T], "req") || !is(&v[F_OP], "get") || v[F_V].u != PROTOCOL || v[F_FROM].u > 4095 ||
+    if (!is(&v[F_T], "req") || !is(&v[F_OP], "get") || v[F_V].u != ds->protocol || v[F_FROM].u > 4095 ||
         v[F_N].u < 1 || v[F_N].u > (1ull << 63) || v[F_ID].u > (1ull << 63) || v[F_E].u > (1ull << 63) ||
         v[F_K].type != VELA_MP_BIN || v[F_K].len < 1 || v[F_K].len > VELA_MAX_KEY || v[F_C].type != VELA_MP_STR)
         return -1;
@@ -350,7 +349,7 @@ static int serve_get(vela_dataserver *ds, conn_t *c, const uint8_t ctx[VELA_DS_C
     vela_mp_str(b, "epoch"), vela_mp_uint(b, __atomic_load_n(&ds->epoch, __ATOMIC_RELAXED));
     vela_mp_str(b, "id"), vela_mp_uint(b, rid);
     vela_mp_str(b, "t"), vela_mp_str(b, "rep");
-    vela_mp_str(b, "v"), vela_mp_uint(b, PROTOCOL);
+    vela_mp_str(b, "v"), vela_mp_uint(b, ds->protocol);
     vela_mp_str(b, "n"), vela_mp_uint(b, ++ds->sent);
     vela_mp_str(b, "from"), vela_mp_uint(b, ds->node_id);
     vela_mp_str(b, "inc"), vela_mp_uint(b, ds->incarnation);
@@ -495,7 +494,7 @@ static void *run(void *arg)
 }
 
 vela_dataserver *vela_ds_new(int listen_fd, const uint8_t *secret, size_t secret_len, uint32_t max_conns,
-                             uint32_t max_request)
+                             uint32_t max_request, uint32_t protocol)
 {
     vela_dataserver *ds = calloc(1, sizeof *ds);
     if (!ds)
@@ -503,7 +502,7 @@ vela_dataserver *vela_ds_new(int listen_fd, const uint8_t *secret, size_t secret
     pthread_mutex_init(&ds->lock, NULL);
     pthread_cond_init(&ds->taken, NULL);
     ds->listen_fd = listen_fd;
-    ds->max_conns = max_conns, ds->max_request = max_request;
+    ds->max_conns = max_conns, ds->max_request = max_request, ds->protocol = protocol;
     ds->has_secret = secret_len > 0;
     vela_hmac_key_init(&ds->key, secret, secret_len);
     ds->epoll_fd = epoll_create1(EPOLL_CLOEXEC);

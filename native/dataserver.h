@@ -41,10 +41,10 @@ typedef struct vela_ds_item {
 enum vela_ds_counter { VELA_DS_MALFORMED, VELA_DS_UNAUTHENTICATED, VELA_DS_SERVED, VELA_DS_BYTES_IN,
                        VELA_DS_COUNTERS };
 
-/* A server over a listening socket (it stays the caller's to close), or NULL
- * with errno. */
+/* A server over a listening socket (it stays the caller's to close) for messages
+ * of version `protocol` (vela/bridge/protocol.py's), or NULL with errno. */
 vela_dataserver *vela_ds_new(int listen_fd, const uint8_t *secret, size_t secret_len, uint32_t max_conns,
-                             uint32_t max_request);
+                             uint32_t max_request, uint32_t protocol);
 int vela_ds_start(vela_dataserver *ds);
 /* Stops the thread and closes every connection; then frees. */
 void vela_ds_free(vela_dataserver *ds);

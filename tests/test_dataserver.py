@@ -160,7 +160,7 @@ def test_requests_waiting_for_the_python_loop_hold_the_thread_back_not_the_memor
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     listener.setblocking(False)
-    server = _native.DataServer(listener.fileno(), b"", 16, 2 << 20)
+    server = _native.DataServer(listener.fileno(), b"", 16, 2 << 20, protocol.PROTOCOL)
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
     client.connect(listener.getsockname())
@@ -203,7 +203,7 @@ def test_a_bridge_may_serve_any_number_of_caches(tmp_path):
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     listener.setblocking(False)
-    server = _native.DataServer(listener.fileno(), b"", 16, 1 << 20)
+    server = _native.DataServer(listener.fileno(), b"", 16, 1 << 20, protocol.PROTOCOL)
     cache = vela.Cache(f"ds-caches-{tmp_path.name}", capacity="4MiB")
     try:
         for i in range(200):

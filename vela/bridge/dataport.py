@@ -34,8 +34,6 @@ workers use the ROUTER instead (encrypted); the data port is then not opened.
 
 import errno
 import hmac
-import logging
-import os
 import socket
 import struct
 import time
@@ -45,7 +43,6 @@ import zmq
 from .. import _native
 from . import protocol
 
-log = logging.getLogger("vela.bridge")
 
 HEADER = struct.Struct(">IB")
 REQUEST = struct.Struct(">IB16s")  # HEADER, then the tag
@@ -120,7 +117,8 @@ class DataPort:
         self.listener.listen(512)
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
-        self.server = _native.DataServer(self.listener.fileno(), secret, MAX_CONNECTIONS, MAX_REQUEST)
+        self.server = _native.DataServer(self.listener.fileno(), secret, MAX_CONNECTIONS, MAX_REQUEST,
+                                         protocol.PROTOCOL)
         self.poller = poller
         self.handle = handle
         self.closed = closed
